@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# tools/dev.sh - the developer entry point behind the README's two commands.
+#
+#   tools/dev.sh run    install what is missing, build, run capsule-engine on localhost
+#   tools/dev.sh test   install what is missing, build, run the whole test suite
+#                       (a release build with -Werror, then an ASan+UBSan build of the C tests)
+#   tools/dev.sh deps | build | asan   the single steps
+#
+# Idempotent: packages already installed are not installed again; builds are incremental.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+JOBS=$(nproc)
+
+# Debian 12 packages the build, the tests and the benchmarks need.
+DEBS=(build-essential cmake ninja-build pkg-config git
+      liblmdb-dev lmdb-utils libuv1-dev libtpl-dev libxxhash-dev
+      libpython3.11-dev python3.11 python3.11-venv
+      libjansson-dev libwslay-dev libhttp-parser-dev libssl-dev libsqlite3-dev
+      clang-format curl procps)
+
+log() { printf '== %s\n' "$*" >&2; }
+
+need_sudo() { if [ "$(id -u)" -ne 0 ]; then echo sudo; fi; }
+
+deps() {
+    local missing=()
+    for p in "${DEBS[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing Debian packages: ${missing[*]}"
+        $(need_sudo) apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $(need_sudo) apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+build() {
+    log "building (build/)"
+    cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+    cmake --build build -j "$JOBS"
+}
+
+asan() {
+    log "building with ASan+UBSan (build-asan/)"
+    cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCAPSULE_SANITIZE=ON >/dev/null
+    cmake --build build-asan -j "$JOBS"
+}
+
+run_tests() {
+    log "tests (release build)"
+    (cd build && ctest --output-on-failure -j "$JOBS" --timeout 600)
+    log "tests (ASan+UBSan build)"
+    (cd build-asan && CAPSULE_SANITIZED=1 ctest --output-on-failure -j "$JOBS" --timeout 900 -LE nosan)
+}
+
+cmd=${1:-}
+case "$cmd" in
+deps) deps ;;
+build) deps; build ;;
+asan) deps; asan ;;
+test)
+    deps
+    build
+    asan
+    run_tests
+    ;;
+run)
+    deps
+    build
+    data=${CAPSULE_DATA_DIR:-$ROOT/build/data}
+    if [ -x build/bin/capsule-engine ]; then
+        log "capsule-engine on 127.0.0.1, data in $data"
+        exec build/bin/capsule-engine --data-dir "$data" "${@:2}"
+    fi
+    echo "capsule-engine is not built yet (issue 6); nothing to run." >&2
+    exit 1
+    ;;
+*)
+    echo "usage: tools/dev.sh run|test|deps|build|asan" >&2
+    exit 2
+    ;;
+esac
