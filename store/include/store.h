@@ -1,0 +1,122 @@
+/*
+ * store.h - the LMDB wrapper. store/ is the only code in capsule that includes lmdb.h.
+ *
+ * One store_env_t per data directory per process (LMDB's rule: never open the same environment
+ * twice in one process, never use an env across fork()). Named databases ("dbi") are opened once,
+ * in a write transaction, and stay valid until the env closes.
+ *
+ * Threads: the env is opened with MDB_NOTLS, so a read transaction may be used from any one thread
+ * at a time. At most one write transaction exists at a time (LMDB serialises them; a second
+ * store_txn_begin(write) blocks until the first ends).
+ *
+ * Map growth: when a write hits MDB_MAP_FULL, the write is aborted, the map is grown (doubled,
+ * bounded by store_env_opts_t.max_map_size) and the write re-run. store_env_write() does this for
+ * you: write all mutations through it. Growing waits until no transaction of this process is open.
+ *
+ * Returned data (store_val_t from get/cursor) points into the map and stays valid only until the
+ * transaction ends or the next write in it; copy what you keep.
+ */
+#ifndef STORE_H
+#define STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cap.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct store_env store_env_t;
+typedef struct store_txn store_txn_t;
+typedef struct store_cursor store_cursor_t;
+typedef unsigned int store_dbi_t;
+
+typedef struct store_val {
+    const void *data;
+    size_t len;
+} store_val_t;
+
+typedef struct store_env_opts {
+    size_t map_size;     /* initial map size in bytes; 0 = 1 GiB */
+    size_t max_map_size; /* growth stops here (CAP_EMAPFULL); 0 = 1 TiB */
+    unsigned max_dbs;    /* named databases; 0 = 32 */
+    int nosync;          /* 1: commits do not fsync (MDB_NOSYNC); call store_env_sync() */
+    int readonly;        /* 1: open read-only (tools); writes fail with CAP_EINVAL */
+} store_env_opts_t;
+
+/* Opens (creating if needed) the environment in directory `dir` (created if missing, mode 0700).
+ * Clears stale reader slots left by dead processes. Errors: -errno, CAP_ECORRUPT (the data file is
+ * not a valid LMDB environment; the message names the file), CAP_EVERSION. */
+int store_env_open(const char *dir, const store_env_opts_t *opts, store_env_t **out);
+void store_env_close(store_env_t *env); /* NULL is a no-op; no transaction may be open */
+int store_env_sync(store_env_t *env);   /* fsync now (for nosync mode) */
+const char *store_env_path(const store_env_t *env); /* borrowed; valid until close */
+/* Current map size, and bytes in use (last page * page size). */
+int store_env_info(store_env_t *env, size_t *map_size, size_t *used);
+
+/* Database flags for store_dbi_open. */
+enum {
+    STORE_DB_CREATE = 1 << 0, /* create if missing (needs a write txn) */
+    STORE_DB_DUPSORT = 1 << 1 /* sorted duplicate values per key */
+};
+/* Opens a named database inside `txn` (a write txn when creating). The handle stays valid for
+ * the life of the env once txn commits. */
+int store_dbi_open(store_txn_t *txn, const char *name, unsigned flags, store_dbi_t *out);
+/* Number of entries in a database. */
+int store_dbi_count(store_txn_t *txn, store_dbi_t dbi, uint64_t *out);
+
+/* Transactions. A read txn: store_txn_begin(env, 1, &t). */
+int store_txn_begin(store_env_t *env, int readonly, store_txn_t **out);
+int store_txn_commit(store_txn_t *txn); /* frees txn whatever the result */
+void store_txn_abort(store_txn_t *txn); /* frees txn; NULL is a no-op */
+store_env_t *store_txn_env(store_txn_t *txn);
+
+/* Runs fn(txn, arg) in a write transaction and commits it. If fn or the commit hits a full map,
+ * aborts, grows the map and runs fn again (fn must therefore be re-runnable: no side effects
+ * outside the txn). fn returning non-zero aborts the txn and that value is returned. */
+typedef int (*store_write_fn)(store_txn_t *txn, void *arg);
+int store_env_write(store_env_t *env, store_write_fn fn, void *arg);
+
+/* Put flags. */
+enum {
+    STORE_PUT_APPEND = 1 << 0,    /* key sorts after every existing key (MDB_APPEND) */
+    STORE_PUT_NOOVERWRITE = 1 << 1 /* fail with CAP_EEXIST if the key exists */
+};
+int store_put(store_txn_t *txn, store_dbi_t dbi, store_val_t key, store_val_t val, unsigned flags);
+int store_get(store_txn_t *txn, store_dbi_t dbi, store_val_t key, store_val_t *val);
+/* Deletes key (with val.data NULL: all its values; for DUPSORT with val: that value).
+ * CAP_ENOTFOUND if absent. */
+int store_del(store_txn_t *txn, store_dbi_t dbi, store_val_t key, const store_val_t *val);
+
+/* Cursors: positioned by an op, then stepped. Return 0 with key/val set, CAP_ENOTFOUND at the end
+ * (or when nothing matches), or an error. */
+typedef enum {
+    STORE_FIRST,
+    STORE_LAST,
+    STORE_NEXT,
+    STORE_PREV,
+    STORE_SET_RANGE, /* first key >= key */
+    STORE_SET_KEY,   /* exactly key */
+    STORE_GET_CURRENT,
+    STORE_NEXT_DUP,
+    STORE_NEXT_NODUP
+} store_cursor_op_t;
+int store_cursor_open(store_txn_t *txn, store_dbi_t dbi, store_cursor_t **out);
+int store_cursor_get(store_cursor_t *cur, store_val_t *key, store_val_t *val, store_cursor_op_t op);
+int store_cursor_del(store_cursor_t *cur); /* deletes the current entry */
+void store_cursor_close(store_cursor_t *cur); /* before its txn ends; NULL is a no-op */
+
+/* Big-endian u64 keys sort numerically: use them for sequence numbers with STORE_PUT_APPEND. */
+static inline store_val_t store_key_u64(uint8_t buf[8], uint64_t v)
+{
+    cap_put_be64(buf, v);
+    store_val_t k = {buf, 8};
+    return k;
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* STORE_H */

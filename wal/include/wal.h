@@ -1,0 +1,176 @@
+/*
+ * wal.h - capsule's write-ahead log on LMDB: framed, checksummed records, group commit,
+ * iteration by sequence / kind / key, truncation.
+ *
+ * THE ON-DISK FORMAT (byte by byte) and THE VALIDITY RULE are documented in wal/wal_format.h.
+ *
+ * Durability contract:
+ *   - WAL_SYNC (default): a producer is told a record is done only after the LMDB transaction
+ *     holding it has committed and been fsynced. An acknowledged record survives kill -9 and
+ *     power loss (as far as the disk honours fsync).
+ *   - WAL_NOSYNC: commits do not fsync; a background sync runs every sync_interval_ms (default
+ *     100). Acknowledged records survive kill -9 of the process (they are in the OS page cache)
+ *     but a machine crash can lose the records acknowledged in the last interval.
+ *   - A failed commit or fsync aborts the process with a log line (cap_fatal). It never
+ *     continues silently: the log is what makes a crash safe.
+ *   - Records appended together in one wal_log_append() call are committed in one transaction:
+ *     all or none of them are visible after a crash.
+ *
+ * Threads: wal_log_append*() may be called from any thread. A single writer thread owns all
+ * write transactions: it takes everything pending (bounded by max_batch_records / bytes), writes
+ * it in one transaction, commits, then calls each producer's done callback ON THE WRITER THREAD,
+ * in sequence order. A callback must be short and must not call wal_log_append_sync() (it may
+ * call wal_log_append()); to get back to a libuv loop, queue the result and uv_async_send().
+ * Iterators may be used from any one thread at a time.
+ */
+#ifndef WAL_H
+#define WAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cap.h"
+#include "store.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct wal_log wal_log_t;
+typedef struct wal_iter wal_iter_t;
+
+/* One field of a record: a tag chosen by the module that owns the record kind, an integer and a
+ * byte string (either may be unused: 0 / NULL,0). */
+typedef struct wal_field {
+    uint32_t tag;
+    uint64_t u;
+    const void *data;
+    size_t len;
+} wal_field_t;
+
+/* A record as a producer gives it. kind: 1..255, assigned per module (see ARCHITECTURE.md,
+ * "record kinds"). key: up to WAL_MAX_KEY bytes (a session id, a promise id), indexed so records
+ * can be read by key. The wal copies everything during wal_log_append(): the caller's memory may
+ * be freed when it returns. */
+typedef struct wal_rec {
+    uint8_t kind;
+    const void *key;
+    size_t key_len;
+    const wal_field_t *fields;
+    size_t nfields;
+} wal_rec_t;
+
+#define WAL_MAX_KEY 511
+#define WAL_DEFAULT_MAX_RECORD (64u << 20)
+
+/* A record as read back. Pointers are valid until the next wal_iter_next() or close; inside an
+ * apply callback, until the callback returns. fields/nfields are set only when decoding was asked
+ * for (wal_iter_opts_t.decode, and always in apply). */
+typedef struct wal_entry {
+    uint64_t seq;
+    uint8_t kind;
+    const void *key;
+    size_t key_len;
+    const wal_field_t *fields;
+    size_t nfields;
+    size_t frame_len; /* bytes stored for this record (header + key + body) */
+} wal_entry_t;
+
+/* Called on the writer thread inside the group-commit transaction, once per record, in sequence
+ * order, so a module can keep derived tables (materialised state, indexes) in the same LMDB
+ * transaction as the record: they can never disagree. Must only write through `txn`, and must be
+ * re-runnable (the batch is re-run after a map growth). A non-zero return is a broken invariant:
+ * the wal aborts the process with a log line naming the sequence number. */
+typedef int (*wal_apply_fn)(void *arg, store_txn_t *txn, const wal_entry_t *e);
+
+/* Called once per append, on the writer thread, after the records are durable (status 0) or
+ * when the log is closed before they could be written (CAP_ECLOSED). first_seq is the sequence
+ * number of the first record of the append; the others follow it consecutively. */
+typedef void (*wal_done_fn)(void *arg, int status, uint64_t first_seq);
+
+typedef enum { WAL_SYNC = 0, WAL_NOSYNC = 1 } wal_durability_t;
+
+typedef struct wal_opts {
+    wal_durability_t durability; /* default WAL_SYNC; the env must be opened with nosync to match */
+    uint32_t sync_interval_ms;   /* WAL_NOSYNC: background fsync period; 0 = 100 */
+    uint32_t max_batch_records;  /* records per transaction at most; 0 = 4096 */
+    size_t max_batch_bytes;      /* bytes per transaction at most (one record always fits);
+                                    0 = 64 MiB */
+    size_t max_record_bytes;     /* one record's encoded size at most; 0 = 64 MiB */
+    wal_apply_fn apply;          /* optional, see above */
+    void *apply_arg;
+} wal_opts_t;
+
+/* Opens the log inside an open env (borrowed: it must outlive the log). Creates the log's
+ * databases if missing, checks the log's format version, finds the last sequence number, and
+ * starts the writer thread (none when the env is read-only). Errors: CAP_EVERSION (a log written
+ * by another format version), CAP_ECORRUPT (the log's metadata is damaged; message says what),
+ * store errors. */
+int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out);
+/* Stops accepting appends, writes and acknowledges everything already queued, stops the writer
+ * and frees the log. NULL is a no-op. */
+void wal_log_close(wal_log_t *log);
+
+/* Queues records [recs, recs+n) to be committed together. On 0, done(arg, status, first_seq)
+ * will be called exactly once; *first_seq (optional) gets the sequence number assigned to
+ * recs[0] at once. On error nothing was queued and done is not called: CAP_EINVAL (n == 0, kind
+ * 0, key too long), CAP_ETOOBIG (a record over max_record_bytes), CAP_ECLOSED. */
+int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn done, void *arg,
+                   uint64_t *first_seq);
+/* The same, then waits until the records are durable. Not from a done or apply callback. */
+int wal_log_append_sync(wal_log_t *log, const wal_rec_t *recs, size_t n, uint64_t *first_seq);
+
+/* Deletes every record with seq < before_seq (and its index entries), in bounded transactions on
+ * the writer thread, interleaved with appends (writers are never stopped). Returns once done.
+ * The sequence never goes backwards: later appends continue after the highest ever assigned. */
+int wal_log_truncate(wal_log_t *log, uint64_t before_seq);
+
+typedef struct wal_stats {
+    uint64_t first_seq;    /* lowest stored sequence number (0 when empty) */
+    uint64_t last_seq;     /* highest acknowledged sequence number (0 when empty) */
+    uint64_t records;      /* records committed since open */
+    uint64_t commits;      /* transactions committed since open */
+    uint64_t bytes;        /* frame bytes committed since open */
+    uint64_t max_batch;    /* the largest batch since open, in records */
+    uint64_t pending;      /* records queued and not yet durable */
+} wal_stats_t;
+void wal_log_stats(wal_log_t *log, wal_stats_t *out);
+
+/* The env the log lives in (borrowed). */
+store_env_t *wal_log_env(wal_log_t *log);
+
+/* Iteration. Filters combine: from_seq and then kind and/or key. With a key the key index is
+ * used (no full scan). */
+typedef struct wal_iter_opts {
+    uint64_t from_seq; /* first sequence number to return (0 = the first stored) */
+    uint64_t to_seq;   /* last one to return (0 = no limit) */
+    int kind;          /* 0 = any kind */
+    const void *key;   /* NULL = any key */
+    size_t key_len;
+    int decode; /* 1: decode fields (tpl); 0: verify the checksum only (fast replay / verify) */
+} wal_iter_opts_t;
+/* Opens a read transaction (a snapshot: appends after open are not seen). */
+int wal_iter_open(wal_log_t *log, const wal_iter_opts_t *opts, wal_iter_t **out);
+/* 0 and *e filled; CAP_ENOTFOUND at the end; CAP_ECORRUPT when a stored frame fails its checks
+ * (e->seq is then the damaged record's sequence number, and the iterator may be stepped past it
+ * with another call). Never crashes on damaged data, and never hands tpl unverified bytes. */
+int wal_iter_next(wal_iter_t *it, wal_entry_t *e);
+/* A human-readable reason for the last CAP_ECORRUPT (borrowed, valid until the next call). */
+const char *wal_iter_error(const wal_iter_t *it);
+void wal_iter_close(wal_iter_t *it); /* NULL is a no-op */
+
+/* Codec, exposed for tools and tests: encode one record to a frame (caller frees with cap_free),
+ * and verify + decode a frame. wal_frame_decode's fields point into `frame` and into *scratch
+ * (freed with wal_scratch_free); both must outlive their use. */
+typedef struct wal_scratch wal_scratch_t;
+int wal_frame_encode(const wal_rec_t *rec, uint64_t seq, uint8_t **frame, size_t *len);
+int wal_frame_decode(const void *frame, size_t len, int decode, wal_scratch_t **scratch,
+                     wal_entry_t *e);
+void wal_scratch_free(wal_scratch_t *s);
+/* Finds a field by tag in a decoded entry; NULL if absent. */
+const wal_field_t *wal_entry_field(const wal_entry_t *e, uint32_t tag);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* WAL_H */
