@@ -1,0 +1,1684 @@
+/*
+ * promise.c - the promise store: the Resonate state machine, its durability on the wal, timers,
+ * the outbox.
+ *
+ * How an operation runs: under s->mu it reads the in-memory documents, computes the transition
+ * into a working set (an op context holding copies of the documents it changes and the messages
+ * it queues), encodes every changed document as one PROM_REC_DOC record (plus message records)
+ * and appends them all in ONE wal_log_append (so they commit atomically). Only when the append
+ * was accepted are the copies installed in memory (so a refused append changes nothing). The
+ * result is copied out while still under the mutex; then the mutex is released and the caller
+ * waits until its records are durable. An op that changed nothing waits until every record this
+ * store appended before it is durable (it may have read their effects).
+ *
+ * Invariants:
+ *   - s->last_seq is the seq of the last record appended; s->durable_seq the highest seq known
+ *     durable (done callbacks come in seq order, so everything below it is durable too).
+ *   - No result leaves an operation before durable_seq >= every seq it could have observed.
+ *   - The apply callback (writer thread) touches only its txn and the dbi handles, which are
+ *     fixed after open; it never takes s->mu.
+ *   - Timer heap entries are hints: an entry fires only if the document's current next deadline
+ *     still equals it; every installed document with a deadline has an entry for it.
+ *   - Materialise on touch: a mutating op that touches a pending promise past its deadline first
+ *     writes its timeout (with all effects) in the same record batch; reads project instead.
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "prom_int.h"
+
+#define PROM_MAX_BATCH_DOCS 256
+
+/* ---------- a string-keyed open-addressing map (no deletion) ---------- */
+typedef struct smap_ent {
+    const char *key; /* borrowed from the value */
+    void *val;
+} smap_ent_t;
+typedef struct smap {
+    smap_ent_t *e;
+    size_t cap, n;
+} smap_t;
+
+static size_t smap_slot(const smap_t *m, const char *key)
+{
+    size_t mask = m->cap - 1;
+    size_t i = (size_t)cap_hash64(key, strlen(key)) & mask;
+    while (m->e[i].key && strcmp(m->e[i].key, key) != 0)
+        i = (i + 1) & mask;
+    return i;
+}
+static void *smap_get(const smap_t *m, const char *key)
+{
+    if (!m->cap)
+        return NULL;
+    return m->e[smap_slot(m, key)].val;
+}
+static void smap_put(smap_t *m, const char *key, void *val)
+{
+    if ((m->n + 1) * 2 > m->cap) {
+        smap_t g = {cap_calloc(m->cap ? m->cap * 2 : 64, sizeof(smap_ent_t)),
+                    m->cap ? m->cap * 2 : 64, 0};
+        for (size_t i = 0; i < m->cap; i++)
+            if (m->e[i].key) {
+                g.e[smap_slot(&g, m->e[i].key)] = m->e[i];
+                g.n++;
+            }
+        cap_free(m->e);
+        *m = g;
+    }
+    size_t i = smap_slot(m, key);
+    if (!m->e[i].key)
+        m->n++;
+    m->e[i].key = key;
+    m->e[i].val = val;
+}
+
+/* branch -> ids of the promises on it (for preload) */
+typedef struct branch {
+    char *name;
+    char **ids;
+    size_t n, cap;
+} branch_t;
+
+typedef struct theap_ent {
+    int64_t at;
+    char *id;
+} theap_ent_t;
+
+typedef struct prom__wait {
+    prom_store_t *s;
+    pthread_cond_t cv;
+    int done;
+    int status;
+    size_t nrec;
+} prom__wait_t;
+
+struct prom_store {
+    store_env_t *env;
+    wal_log_t *wal;
+    prom_opts_t opts;
+    store_dbi_t dbi_docs, dbi_outbox;
+
+    pthread_mutex_t mu; /* the state machine */
+    smap_t docs;        /* id -> prom__doc_t* */
+    smap_t branches;    /* branch -> branch_t* */
+    theap_ent_t *heap;
+    size_t nheap, capheap;
+    size_t narmed;     /* documents with a deadline */
+    prom__msg_t *outq; /* FIFO of messages, [outhead, outlen) */
+    size_t outhead, outlen, outcap;
+    uint64_t next_mid;
+    uint64_t last_seq;
+
+    pthread_mutex_t dmu; /* durability */
+    pthread_cond_t dcv;
+    uint64_t durable_seq;
+    int nreaders;
+    int failed;
+};
+
+/* ---------- clock ---------- */
+int64_t prom_store_now(prom_store_t *s)
+{
+    return s->opts.clock ? s->opts.clock(s->opts.clock_arg) : cap_wall_ms();
+}
+
+/* ---------- names ---------- */
+const char *prom_state_name(prom_state_t st)
+{
+    switch (st) {
+    case PROM_PENDING:
+        return "pending";
+    case PROM_RESOLVED:
+        return "resolved";
+    case PROM_REJECTED:
+        return "rejected";
+    case PROM_REJECTED_CANCELED:
+        return "rejected_canceled";
+    case PROM_REJECTED_TIMEDOUT:
+        return "rejected_timedout";
+    }
+    return "?";
+}
+const char *prom_task_state_name(prom_task_state_t st)
+{
+    switch (st) {
+    case PROM_TASK_PENDING:
+        return "pending";
+    case PROM_TASK_ACQUIRED:
+        return "acquired";
+    case PROM_TASK_SUSPENDED:
+        return "suspended";
+    case PROM_TASK_HALTED:
+        return "halted";
+    case PROM_TASK_FULFILLED:
+        return "fulfilled";
+    }
+    return "?";
+}
+
+const char *prom_promise_tag(const prom_promise_t *p, const char *key)
+{
+    for (size_t i = 0; i < p->ntags; i++)
+        if (strcmp(p->tags[i].key, key) == 0)
+            return p->tags[i].value;
+    return NULL;
+}
+static const char *kvs_get(const prom_kv_t *kv, size_t n, const char *key)
+{
+    for (size_t i = 0; i < n; i++)
+        if (kv[i].key && strcmp(kv[i].key, key) == 0)
+            return kv[i].value;
+    return NULL;
+}
+static int tag_true(const prom_promise_t *p, const char *key)
+{
+    const char *v = prom_promise_tag(p, key);
+    return v && strcmp(v, "true") == 0;
+}
+/* External promises are awaitable (resonate-protocol.md §2.6). */
+static int doc_external(const prom__doc_t *d)
+{
+    const char *scope = prom_promise_tag(&d->p, "resonate:scope");
+    return (scope && strcmp(scope, "global") == 0) || tag_true(&d->p, "resonate:external") ||
+           d->has_task || prom_promise_tag(&d->p, "resonate:target") ||
+           tag_true(&d->p, "resonate:timer");
+}
+
+void prom_result_clear(prom_result_t *res)
+{
+    if (!res)
+        return;
+    if (res->promise) {
+        prom_promise_clear(res->promise);
+        cap_free(res->promise);
+    }
+    if (res->task) {
+        cap_free(res->task->id);
+        cap_free(res->task->pid);
+        cap_free(res->task);
+    }
+    for (size_t i = 0; i < res->npromises; i++)
+        prom_promise_clear(&res->promises[i]);
+    cap_free(res->promises);
+    cap_free(res->cursor);
+    memset(res, 0, sizeof(*res));
+}
+
+/* ---------- validation ---------- */
+static int address_valid(const char *a)
+{
+    static const char *const schemes[] = {"http://",     "https://",     "poll://any@",
+                                          "poll://uni@", "local://any@", "local://uni@",
+                                          "gcps://",     "bash://"};
+    if (!a)
+        return 0;
+    for (size_t i = 0; i < sizeof(schemes) / sizeof(schemes[0]); i++) {
+        size_t n = strlen(schemes[i]);
+        if (strncmp(a, schemes[i], n) == 0 && a[n] != 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* Parses a non-negative decimal integer; 0 on success. */
+static int parse_i64(const char *s, int64_t *out)
+{
+    if (!s || !*s)
+        return -1;
+    int64_t v = 0;
+    for (const char *c = s; *c; c++) {
+        if (*c < '0' || *c > '9' || v > (INT64_MAX - 9) / 10)
+            return -1;
+        v = v * 10 + (*c - '0');
+    }
+    *out = v;
+    return 0;
+}
+
+/* Length of the origin of id under the lineage rule. */
+static size_t origin_len(prom_lineage_t mode, const char *id)
+{
+    const char *c = strchr(id, mode == PROM_LINEAGE_DOT ? '.' : ':');
+    return c ? (size_t)(c - id) : strlen(id);
+}
+static int same_origin(prom_lineage_t mode, const char *a, const char *b)
+{
+    if (mode == PROM_LINEAGE_OFF)
+        return 1;
+    size_t la = origin_len(mode, a), lb = origin_len(mode, b);
+    return la == lb && memcmp(a, b, la) == 0;
+}
+/* id == tag, or id extends tag by the rule's separator. */
+static int id_extends(prom_lineage_t mode, const char *id, const char *tag)
+{
+    size_t n = strlen(tag);
+    if (strcmp(id, tag) == 0)
+        return 1;
+    if (strncmp(id, tag, n) != 0)
+        return 0;
+    char sep = '.';
+    if (mode == PROM_LINEAGE_COLON && !strchr(tag, ':'))
+        sep = ':';
+    return id[n] == sep;
+}
+
+/* The 400 checks of a create; NULL when valid, else the message. */
+static const char *create_invalid(const prom_store_t *s, const prom_create_t *c)
+{
+    if (!c || !c->id || !c->id[0])
+        return "The id must not be empty";
+    if (c->timeout_at < 0)
+        return "timeoutAt must not be negative";
+    for (size_t i = 0; i < c->ntags; i++)
+        if (!c->tags[i].key || !c->tags[i].value)
+            return "A tag must have a key and a value";
+    const char *target = kvs_get(c->tags, c->ntags, "resonate:target");
+    if (target && !address_valid(target))
+        return "Invalid resonate:target address";
+    const char *delay = kvs_get(c->tags, c->ntags, "resonate:delay");
+    if (delay) {
+        int64_t d;
+        if (parse_i64(delay, &d) != 0 || !target || d >= c->timeout_at)
+            return "Invalid resonate:delay";
+    }
+    prom_lineage_t mode = s->opts.lineage;
+    if (mode != PROM_LINEAGE_OFF) {
+        static const char *const keys[] = {"resonate:origin", "resonate:branch", "resonate:parent"};
+        for (size_t i = 0; i < 3; i++) {
+            const char *t = kvs_get(c->tags, c->ntags, keys[i]);
+            if (t && !id_extends(mode, c->id, t))
+                return "The id does not extend its lineage tags";
+        }
+        const char *o = kvs_get(c->tags, c->ntags, "resonate:origin");
+        if (o && strchr(o, mode == PROM_LINEAGE_DOT ? '.' : ':'))
+            return "The origin tag contains the lineage separator";
+    }
+    return NULL;
+}
+static int settle_state_valid(prom_state_t st)
+{
+    return st == PROM_RESOLVED || st == PROM_REJECTED || st == PROM_REJECTED_CANCELED;
+}
+
+/* ---------- the op context: a working set of changed documents ---------- */
+typedef struct octx {
+    prom_store_t *s;
+    int64_t now;
+    prom__doc_t **docs; /* new states (owned), one per id */
+    size_t n, cap;
+    prom__msg_t *msgs; /* queued messages (owned) */
+    size_t nmsgs, capmsgs;
+    uint64_t del_first, del_last; /* outbox take: delete this range */
+    int has_del;
+} octx_t;
+
+static const prom__doc_t *ctx_find(octx_t *c, const char *id)
+{
+    for (size_t i = 0; i < c->n; i++)
+        if (strcmp(c->docs[i]->p.id, id) == 0)
+            return c->docs[i];
+    return smap_get(&c->s->docs, id);
+}
+static void ctx_push(octx_t *c, prom__doc_t *d)
+{
+    if (c->n == c->cap) {
+        c->cap = c->cap ? c->cap * 2 : 4;
+        c->docs = cap_realloc(c->docs, c->cap * sizeof(*c->docs));
+    }
+    c->docs[c->n++] = d;
+}
+/* A mutable document (copied into the working set on first touch); NULL if absent. */
+static prom__doc_t *ctx_mut(octx_t *c, const char *id)
+{
+    for (size_t i = 0; i < c->n; i++)
+        if (strcmp(c->docs[i]->p.id, id) == 0)
+            return c->docs[i];
+    const prom__doc_t *d = smap_get(&c->s->docs, id);
+    if (!d)
+        return NULL;
+    prom__doc_t *m = prom__doc_clone(d);
+    ctx_push(c, m);
+    return m;
+}
+static void ctx_msg(octx_t *c, int kind, const char *address, const char *id, int64_t version)
+{
+    if (c->nmsgs == c->capmsgs) {
+        c->capmsgs = c->capmsgs ? c->capmsgs * 2 : 4;
+        c->msgs = cap_realloc(c->msgs, c->capmsgs * sizeof(*c->msgs));
+    }
+    prom__msg_t *m = &c->msgs[c->nmsgs++];
+    m->mid = 0;
+    m->kind = kind;
+    m->address = cap_strdup(address ? address : "");
+    m->id = cap_strdup(id);
+    m->version = version;
+}
+static void ctx_free(octx_t *c)
+{
+    for (size_t i = 0; i < c->n; i++)
+        prom__doc_free(c->docs[i]);
+    cap_free(c->docs);
+    for (size_t i = 0; i < c->nmsgs; i++)
+        prom__msg_clear(&c->msgs[i]);
+    cap_free(c->msgs);
+    c->docs = NULL;
+    c->msgs = NULL;
+    c->n = c->nmsgs = 0;
+}
+
+static int64_t doc_deadline(const prom__doc_t *d)
+{
+    int64_t t = INT64_MAX;
+    if (!d)
+        return t;
+    if (d->p.state == PROM_PENDING)
+        t = d->p.timeout_at;
+    if (d->has_task && d->ttimer && d->ttimer < t)
+        t = d->ttimer;
+    return t;
+}
+
+/* ---------- timer heap ---------- */
+static void heap_push(prom_store_t *s, int64_t at, const char *id)
+{
+    if (s->nheap == s->capheap) {
+        s->capheap = s->capheap ? s->capheap * 2 : 256;
+        s->heap = cap_realloc(s->heap, s->capheap * sizeof(*s->heap));
+    }
+    size_t i = s->nheap++;
+    theap_ent_t e = {at, cap_strdup(id)};
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (s->heap[p].at <= at)
+            break;
+        s->heap[i] = s->heap[p];
+        i = p;
+    }
+    s->heap[i] = e;
+}
+static theap_ent_t heap_pop(prom_store_t *s)
+{
+    theap_ent_t top = s->heap[0];
+    theap_ent_t last = s->heap[--s->nheap];
+    size_t i = 0;
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        int64_t mat = last.at;
+        if (l < s->nheap && s->heap[l].at < mat) {
+            m = l;
+            mat = s->heap[l].at;
+        }
+        if (r < s->nheap && s->heap[r].at < mat)
+            m = r;
+        if (m == i)
+            break;
+        s->heap[i] = s->heap[m];
+        i = m;
+    }
+    if (s->nheap)
+        s->heap[i] = last;
+    return top;
+}
+static void heap_rebuild(prom_store_t *s)
+{
+    while (s->nheap)
+        cap_free(heap_pop(s).id);
+    s->narmed = 0;
+    for (size_t i = 0; i < s->docs.cap; i++) {
+        prom__doc_t *d = s->docs.e[i].val;
+        if (d && doc_deadline(d) != INT64_MAX) {
+            heap_push(s, doc_deadline(d), d->p.id);
+            s->narmed++;
+        }
+    }
+}
+
+/* Installs d (owned) as the current state of its id; keeps the indexes. */
+static void store_install(prom_store_t *s, prom__doc_t *d)
+{
+    prom__doc_t *old = smap_get(&s->docs, d->p.id);
+    int64_t od = doc_deadline(old), nd = doc_deadline(d);
+    smap_put(&s->docs, d->p.id, d);
+    if (od != INT64_MAX)
+        s->narmed--;
+    if (nd != INT64_MAX) {
+        s->narmed++;
+        if (nd != od)
+            heap_push(s, nd, d->p.id);
+    }
+    if (!old) {
+        const char *b = prom_promise_tag(&d->p, "resonate:branch");
+        if (b) {
+            branch_t *br = smap_get(&s->branches, b);
+            if (!br) {
+                br = cap_calloc(1, sizeof(*br));
+                br->name = cap_strdup(b);
+                smap_put(&s->branches, br->name, br);
+            }
+            if (br->n == br->cap) {
+                br->cap = br->cap ? br->cap * 2 : 4;
+                br->ids = cap_realloc(br->ids, br->cap * sizeof(char *));
+            }
+            br->ids[br->n++] = cap_strdup(d->p.id);
+        }
+    }
+    prom__doc_free(old);
+    if (s->nheap > 2 * s->narmed + 4096)
+        heap_rebuild(s);
+}
+
+/* ---------- durability ---------- */
+static void on_done(void *arg, int status, uint64_t first_seq)
+{
+    prom__wait_t *w = arg;
+    prom_store_t *s = w->s;
+    pthread_mutex_lock(&s->dmu);
+    if (status == 0) {
+        uint64_t last = first_seq + w->nrec - 1;
+        if (last > s->durable_seq)
+            s->durable_seq = last;
+    } else {
+        s->failed = 1;
+    }
+    w->status = status;
+    w->done = 1;
+    pthread_cond_signal(&w->cv);
+    if (s->nreaders)
+        pthread_cond_broadcast(&s->dcv);
+    pthread_mutex_unlock(&s->dmu);
+}
+
+static int wait_seq(prom_store_t *s, uint64_t target)
+{
+    int rc = 0;
+    pthread_mutex_lock(&s->dmu);
+    if (s->durable_seq < target) {
+        s->nreaders++;
+        while (s->durable_seq < target && !s->failed)
+            pthread_cond_wait(&s->dcv, &s->dmu);
+        s->nreaders--;
+        if (s->durable_seq < target)
+            rc = CAP_ECLOSED;
+    }
+    pthread_mutex_unlock(&s->dmu);
+    return rc;
+}
+
+/* Appends the working set as one batch and installs it. Called under s->mu. On 0, *w is armed
+ * (the caller waits with wait_own after unlocking) or w->nrec == 0 (nothing to write). */
+static int ctx_commit(octx_t *c, prom__wait_t *w)
+{
+    prom_store_t *s = c->s;
+    size_t nrec = c->n + c->nmsgs + (c->has_del ? 1 : 0);
+    int rc = 0;
+    w->s = s;
+    w->done = 0;
+    w->status = 0;
+    w->nrec = nrec;
+    if (nrec == 0)
+        goto out;
+    wal_rec_t *recs = cap_calloc(nrec, sizeof(wal_rec_t));
+    wal_field_t *fields = cap_calloc(nrec * 2, sizeof(wal_field_t));
+    uint8_t **bufs = cap_calloc(nrec, sizeof(uint8_t *));
+    uint8_t(*keys)[8] = cap_calloc(nrec, 8);
+    size_t k = 0;
+    for (size_t i = 0; i < c->n; i++, k++) {
+        size_t len;
+        prom__doc_encode(c->docs[i], &bufs[k], &len);
+        fields[2 * k] = (wal_field_t){1, 0, bufs[k], len};
+        recs[k] = (wal_rec_t){PROM_REC_DOC, c->docs[i]->p.id, strlen(c->docs[i]->p.id),
+                              &fields[2 * k], 1};
+    }
+    uint64_t mid = s->next_mid;
+    for (size_t i = 0; i < c->nmsgs; i++, k++) {
+        size_t len;
+        c->msgs[i].mid = mid++;
+        prom__msg_encode(&c->msgs[i], &bufs[k], &len);
+        fields[2 * k] = (wal_field_t){1, 0, bufs[k], len};
+        cap_put_be64(keys[k], c->msgs[i].mid);
+        recs[k] = (wal_rec_t){PROM_REC_MSG_ADD, keys[k], 8, &fields[2 * k], 1};
+    }
+    if (c->has_del) {
+        fields[2 * k] = (wal_field_t){1, c->del_first, NULL, 0};
+        fields[2 * k + 1] = (wal_field_t){2, c->del_last, NULL, 0};
+        recs[k] = (wal_rec_t){PROM_REC_MSG_DEL, NULL, 0, &fields[2 * k], 2};
+        k++;
+    }
+    uint64_t first = 0;
+    pthread_cond_init(&w->cv, NULL);
+    rc = wal_log_append(s->wal, recs, nrec, on_done, w, &first);
+    for (size_t i = 0; i < nrec; i++)
+        cap_free(bufs[i]);
+    cap_free(bufs);
+    cap_free(keys);
+    cap_free(fields);
+    cap_free(recs);
+    if (rc != 0) {
+        pthread_cond_destroy(&w->cv);
+        w->nrec = 0;
+        goto out;
+    }
+    s->last_seq = first + nrec - 1;
+    s->next_mid = mid;
+    for (size_t i = 0; i < c->n; i++)
+        store_install(s, c->docs[i]);
+    c->n = 0;
+    for (size_t i = 0; i < c->nmsgs; i++) {
+        if (s->outhead + s->outlen == s->outcap) {
+            if (s->outhead > s->outcap / 2) {
+                memmove(s->outq, s->outq + s->outhead, s->outlen * sizeof(prom__msg_t));
+                s->outhead = 0;
+            } else {
+                s->outcap = s->outcap ? s->outcap * 2 : 64;
+                s->outq = cap_realloc(s->outq, s->outcap * sizeof(prom__msg_t));
+            }
+        }
+        s->outq[s->outhead + s->outlen++] = c->msgs[i];
+    }
+    c->nmsgs = 0;
+out:
+    return rc;
+}
+
+/* Waits for the op's own batch (or, when it wrote nothing, for everything appended so far). */
+static int ctx_wait(prom_store_t *s, prom__wait_t *w, uint64_t seen)
+{
+    if (w->nrec == 0)
+        return wait_seq(s, seen);
+    pthread_mutex_lock(&s->dmu);
+    while (!w->done)
+        pthread_cond_wait(&w->cv, &s->dmu);
+    pthread_mutex_unlock(&s->dmu);
+    pthread_cond_destroy(&w->cv);
+    return w->status;
+}
+
+/* ---------- transitions ---------- */
+static void task_clear_lease(prom__doc_t *d)
+{
+    cap_free(d->tpid);
+    d->tpid = NULL;
+    d->tttl = 0;
+}
+
+static int doc_alive(const prom__doc_t *d, int64_t now)
+{
+    return d->p.state == PROM_PENDING && now < d->p.timeout_at;
+}
+
+/* Makes a task pending and dispatches it (execute to its target). */
+static void task_dispatch(octx_t *c, prom__doc_t *d)
+{
+    d->tstate = PROM_TASK_PENDING;
+    task_clear_lease(d);
+    d->ttimer = c->now + c->s->opts.retry_ms;
+    ctx_msg(c, PROM_MSG_EXECUTE, prom_promise_tag(&d->p, "resonate:target"), d->p.id, d->tversion);
+}
+
+/* Settles d (already in the working set) with every effect. */
+static void do_settle(octx_t *c, prom__doc_t *d, prom_state_t st, const prom_value_t *value,
+                      int64_t settled_at)
+{
+    d->p.state = st;
+    prom__value_clear(&d->p.value);
+    prom__value_copy(&d->p.value, value);
+    d->p.settled_at = settled_at;
+    if (d->has_task && d->tstate != PROM_TASK_FULFILLED) {
+        d->tstate = PROM_TASK_FULFILLED;
+        task_clear_lease(d);
+        d->ttimer = 0;
+    }
+    for (size_t i = 0; i < d->nawaiters; i++) {
+        prom__doc_t *a = ctx_mut(c, d->awaiters[i]);
+        if (a && a->has_task) {
+            if (a->tstate == PROM_TASK_SUSPENDED) {
+                if (doc_alive(a, c->now)) {
+                    a->tresumes++;
+                    task_dispatch(c, a);
+                }
+            } else if (a->tstate != PROM_TASK_FULFILLED) {
+                a->tresumes++;
+            }
+        }
+        cap_free(d->awaiters[i]);
+    }
+    cap_free(d->awaiters);
+    d->awaiters = NULL;
+    d->nawaiters = 0;
+    for (size_t i = 0; i < d->nlisteners; i++) {
+        ctx_msg(c, PROM_MSG_UNBLOCK, d->listeners[i], d->p.id, 0);
+        cap_free(d->listeners[i]);
+    }
+    cap_free(d->listeners);
+    d->listeners = NULL;
+    d->nlisteners = 0;
+}
+
+static prom_state_t timeout_state(const prom__doc_t *d)
+{
+    return tag_true(&d->p, "resonate:timer") ? PROM_RESOLVED : PROM_REJECTED_TIMEDOUT;
+}
+
+/* Materialises the timeout of id if it is due; returns the current document (NULL if absent). */
+static const prom__doc_t *materialise(octx_t *c, const char *id)
+{
+    const prom__doc_t *d = ctx_find(c, id);
+    if (d && d->p.state == PROM_PENDING && c->now >= d->p.timeout_at) {
+        prom__doc_t *m = ctx_mut(c, id);
+        do_settle(c, m, timeout_state(m), NULL, m->p.timeout_at);
+        d = m;
+    }
+    return d;
+}
+
+/* ---------- result building (under s->mu) ---------- */
+static void project(const prom__doc_t *d, int64_t now, prom_promise_t *out)
+{
+    prom_promise_copy(out, &d->p);
+    if (d->p.state == PROM_PENDING && now >= d->p.timeout_at) {
+        out->state = timeout_state(d);
+        out->settled_at = d->p.timeout_at;
+    }
+}
+static void res_promise(prom_result_t *res, const prom__doc_t *d, int64_t now)
+{
+    res->promise = cap_calloc(1, sizeof(prom_promise_t));
+    project(d, now, res->promise);
+}
+static void res_task(prom_result_t *res, const prom__doc_t *d, int64_t now)
+{
+    prom_task_t *t = cap_calloc(1, sizeof(*t));
+    t->id = cap_strdup(d->p.id);
+    t->state = d->tstate;
+    t->version = d->tversion;
+    t->resumes = d->tresumes;
+    if (d->p.state == PROM_PENDING && now >= d->p.timeout_at)
+        t->state = PROM_TASK_FULFILLED; /* projected */
+    if (t->state == PROM_TASK_ACQUIRED) {
+        t->pid = d->tpid ? cap_strdup(d->tpid) : NULL;
+        t->ttl = d->tttl;
+    }
+    res->task = t;
+}
+static int cmp_promise_id(const void *a, const void *b)
+{
+    return strcmp(((const prom_promise_t *)a)->id, ((const prom_promise_t *)b)->id);
+}
+/* Every promise on d's branch but d, ordered by id. */
+static void res_preload(octx_t *c, prom_result_t *res, const prom__doc_t *d)
+{
+    const char *b = prom_promise_tag(&d->p, "resonate:branch");
+    const branch_t *br = b ? smap_get(&c->s->branches, b) : NULL;
+    size_t n = 0;
+    /* promises created in this op are not yet in the branch index */
+    size_t extra = 0;
+    for (size_t i = 0; i < c->n; i++)
+        if (!smap_get(&c->s->docs, c->docs[i]->p.id))
+            extra++;
+    size_t cap = (br ? br->n : 0) + extra;
+    prom_promise_t *ps = cap ? cap_calloc(cap, sizeof(*ps)) : NULL;
+    for (size_t i = 0; br && i < br->n; i++) {
+        if (strcmp(br->ids[i], d->p.id) == 0)
+            continue;
+        project(ctx_find(c, br->ids[i]), c->now, &ps[n++]);
+    }
+    for (size_t i = 0; i < c->n; i++) {
+        const prom__doc_t *x = c->docs[i];
+        const char *xb = prom_promise_tag(&x->p, "resonate:branch");
+        if (smap_get(&c->s->docs, x->p.id) || x == d || !xb || !b || strcmp(xb, b) != 0)
+            continue;
+        project(x, c->now, &ps[n++]);
+    }
+    if (n > 1)
+        qsort(ps, n, sizeof(*ps), cmp_promise_id);
+    while (n > c->s->opts.preload_limit)
+        prom_promise_clear(&ps[--n]);
+    res->promises = ps;
+    res->npromises = n;
+}
+
+/* ---------- running an op ---------- */
+static void op_begin(prom_store_t *s, octx_t *c, prom_result_t *res)
+{
+    memset(c, 0, sizeof(*c));
+    memset(res, 0, sizeof(*res));
+    c->s = s;
+    pthread_mutex_lock(&s->mu);
+    c->now = prom_store_now(s);
+}
+/* Commits, unlocks, waits. On a commit failure the result is cleared. */
+static int op_end(octx_t *c, prom_result_t *res)
+{
+    prom_store_t *s = c->s;
+    prom__wait_t w;
+    int rc = ctx_commit(c, &w);
+    uint64_t seen = s->last_seq;
+    ctx_free(c);
+    pthread_mutex_unlock(&s->mu);
+    if (rc == 0)
+        rc = ctx_wait(s, &w, seen);
+    if (rc != 0)
+        prom_result_clear(res);
+    return rc;
+}
+static void set_status(prom_result_t *res, int status, const char *msg)
+{
+    res->status = status;
+    res->message = status == PROM_S_OK ? NULL : msg;
+}
+
+/* promise.create inside an op; returns the status and the current document. */
+static int do_create(octx_t *c, const prom_create_t *req, const prom__doc_t **out)
+{
+    const prom__doc_t *d = ctx_find(c, req->id);
+    if (d) {
+        *out = d;
+        return PROM_S_OK;
+    }
+    prom__doc_t *n = cap_calloc(1, sizeof(*n));
+    n->p.id = cap_strdup(req->id);
+    prom__value_copy(&n->p.param, req->param);
+    prom__kvs_copy(&n->p.tags, &n->p.ntags, req->tags, req->ntags);
+    n->p.timeout_at = req->timeout_at;
+    const char *target = prom_promise_tag(&n->p, "resonate:target");
+    n->has_task = target != NULL;
+    ctx_push(c, n);
+    if (c->now >= req->timeout_at) {
+        n->p.state = timeout_state(n);
+        n->p.created_at = n->p.settled_at = req->timeout_at;
+        n->tstate = PROM_TASK_FULFILLED;
+    } else {
+        n->p.state = PROM_PENDING;
+        n->p.created_at = c->now;
+        if (n->has_task) {
+            int64_t delay = 0;
+            const char *ds = prom_promise_tag(&n->p, "resonate:delay");
+            if (ds && parse_i64(ds, &delay) == 0 && delay > c->now) {
+                n->tstate = PROM_TASK_PENDING;
+                n->ttimer = delay;
+            } else {
+                task_dispatch(c, n);
+            }
+        }
+    }
+    *out = n;
+    return PROM_S_OK;
+}
+
+/* promise.settle inside an op. */
+static int do_settle_op(octx_t *c, const prom_settle_t *req, const prom__doc_t **out)
+{
+    const prom__doc_t *d = materialise(c, req->id);
+    if (!d)
+        return PROM_S_NOTFOUND;
+    if (d->p.state == PROM_PENDING) {
+        prom__doc_t *m = ctx_mut(c, req->id);
+        do_settle(c, m, req->state, req->value, c->now);
+        d = m;
+    }
+    *out = d;
+    return PROM_S_OK;
+}
+
+int prom_promise_get(prom_store_t *s, const char *id, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const prom__doc_t *d = id ? ctx_find(&c, id) : NULL;
+    if (!d) {
+        set_status(res, PROM_S_NOTFOUND, "Promise not found");
+    } else {
+        set_status(res, PROM_S_OK, NULL);
+        res_promise(res, d, c.now);
+    }
+    return op_end(&c, res);
+}
+
+int prom_promise_create(prom_store_t *s, const prom_create_t *req, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const char *bad = create_invalid(s, req);
+    if (bad) {
+        set_status(res, PROM_S_BAD, bad);
+    } else {
+        const prom__doc_t *d;
+        set_status(res, do_create(&c, req, &d), NULL);
+        res_promise(res, d, c.now);
+    }
+    return op_end(&c, res);
+}
+
+int prom_promise_settle(prom_store_t *s, const prom_settle_t *req, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const prom__doc_t *d = NULL;
+    if (!req || !req->id || !req->id[0] || !settle_state_valid(req->state)) {
+        set_status(res, PROM_S_BAD, "Invalid settle request");
+    } else if (do_settle_op(&c, req, &d) == PROM_S_NOTFOUND) {
+        set_status(res, PROM_S_NOTFOUND, "Promise not found");
+    } else {
+        set_status(res, PROM_S_OK, NULL);
+        res_promise(res, d, c.now);
+    }
+    return op_end(&c, res);
+}
+
+int prom_promise_register_callback(prom_store_t *s, const char *awaited, const char *awaiter,
+                                   prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const prom__doc_t *ad, *wd;
+    if (!awaited || !awaiter || !awaited[0] || !awaiter[0] || strcmp(awaited, awaiter) == 0) {
+        set_status(res, PROM_S_BAD, "Awaited and awaiter must be two different ids");
+    } else if (!same_origin(s->opts.lineage, awaited, awaiter)) {
+        set_status(res, PROM_S_BAD, "Awaited and awaiter have different origins");
+    } else if (!(ad = ctx_find(&c, awaited))) {
+        set_status(res, PROM_S_NOTFOUND, "Awaited promise not found");
+    } else if (!(wd = ctx_find(&c, awaiter))) {
+        set_status(res, PROM_S_UNPROCESSABLE, "Awaiter promise not found");
+    } else if (!wd->has_task) {
+        set_status(res, PROM_S_UNPROCESSABLE, "Awaiter promise has no task");
+    } else if (!doc_external(ad)) {
+        set_status(res, PROM_S_UNPROCESSABLE, "Awaited promise is not awaitable");
+    } else {
+        ad = materialise(&c, awaited);
+        wd = materialise(&c, awaiter);
+        if (ad->p.state == PROM_PENDING && wd->p.state == PROM_PENDING) {
+            int have = 0;
+            for (size_t i = 0; i < ad->nawaiters; i++)
+                have |= strcmp(ad->awaiters[i], awaiter) == 0;
+            if (!have) {
+                prom__doc_t *m = ctx_mut(&c, awaited);
+                m->awaiters = cap_realloc(m->awaiters, (m->nawaiters + 1) * sizeof(char *));
+                m->awaiters[m->nawaiters++] = cap_strdup(awaiter);
+                ad = m;
+            }
+        } else if (ad->p.state != PROM_PENDING && wd->tstate == PROM_TASK_SUSPENDED &&
+                   doc_alive(wd, c.now)) {
+            prom__doc_t *m = ctx_mut(&c, awaiter);
+            m->tresumes++;
+            task_dispatch(&c, m);
+            ad = ctx_find(&c, awaited);
+        }
+        set_status(res, PROM_S_OK, NULL);
+        res_promise(res, ad, c.now);
+    }
+    return op_end(&c, res);
+}
+
+int prom_promise_register_listener(prom_store_t *s, const char *awaited, const char *address,
+                                   prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const prom__doc_t *d;
+    if (!awaited || !awaited[0] || !address_valid(address)) {
+        set_status(res, PROM_S_BAD, "Invalid address");
+    } else if (!(d = ctx_find(&c, awaited))) {
+        set_status(res, PROM_S_NOTFOUND, "Promise not found");
+    } else if (!doc_external(d)) {
+        set_status(res, PROM_S_UNPROCESSABLE, "Awaited promise is not awaitable");
+    } else {
+        d = materialise(&c, awaited);
+        if (d->p.state == PROM_PENDING) {
+            int have = 0;
+            for (size_t i = 0; i < d->nlisteners; i++)
+                have |= strcmp(d->listeners[i], address) == 0;
+            if (!have) {
+                prom__doc_t *m = ctx_mut(&c, awaited);
+                m->listeners = cap_realloc(m->listeners, (m->nlisteners + 1) * sizeof(char *));
+                m->listeners[m->nlisteners++] = cap_strdup(address);
+                d = m;
+            }
+        }
+        set_status(res, PROM_S_OK, NULL);
+        res_promise(res, d, c.now);
+    }
+    return op_end(&c, res);
+}
+
+static int search_match(const prom_search_t *q, const prom_promise_t *p)
+{
+    if (q->state >= 0) {
+        if (q->state == PROM_REJECTED) {
+            if (p->state != PROM_REJECTED && p->state != PROM_REJECTED_CANCELED &&
+                p->state != PROM_REJECTED_TIMEDOUT)
+                return 0;
+        } else if ((int)p->state != q->state) {
+            return 0;
+        }
+    }
+    for (size_t i = 0; i < q->ntags; i++) {
+        const char *v = prom_promise_tag(p, q->tags[i].key);
+        if (!v || strcmp(v, q->tags[i].value) != 0)
+            return 0;
+    }
+    return 1;
+}
+
+int prom_promise_search(prom_store_t *s, const prom_search_t *req, prom_result_t *res)
+{
+    store_txn_t *txn = NULL;
+    store_cursor_t *cur = NULL;
+    prom_promise_t *ps = NULL;
+    size_t n = 0;
+    int rc = 0;
+    memset(res, 0, sizeof(*res));
+    int limit = req->limit ? req->limit : 100;
+    if (limit < 1 || limit > 1000 || req->state < -1 || req->state > PROM_REJECTED_TIMEDOUT) {
+        set_status(res, PROM_S_BAD, "Invalid search request");
+        goto out;
+    }
+    /* every acknowledged change is durable, hence committed: search reads the committed tables
+     * (ordered by id), after waiting for what this store appended so far */
+    pthread_mutex_lock(&s->mu);
+    uint64_t seen = s->last_seq;
+    int64_t now = prom_store_now(s);
+    pthread_mutex_unlock(&s->mu);
+    rc = wait_seq(s, seen);
+    if (rc)
+        goto out;
+    rc = store_txn_begin(s->env, 1, &txn);
+    if (rc)
+        goto out;
+    rc = store_cursor_open(txn, s->dbi_docs, &cur);
+    if (rc)
+        goto out;
+    ps = cap_calloc((size_t)limit, sizeof(*ps));
+    store_val_t k = {req->cursor, req->cursor ? strlen(req->cursor) : 0}, v;
+    int r = req->cursor ? store_cursor_get(cur, &k, &v, STORE_SET_RANGE)
+                        : store_cursor_get(cur, &k, &v, STORE_FIRST);
+    if (r == 0 && req->cursor && k.len == strlen(req->cursor) &&
+        memcmp(k.data, req->cursor, k.len) == 0)
+        r = store_cursor_get(cur, &k, &v, STORE_NEXT);
+    while (r == 0 && n < (size_t)limit) {
+        prom__doc_t *d;
+        rc = prom__doc_decode(v.data, v.len, &d);
+        if (rc)
+            goto out;
+        prom_promise_t p;
+        project(d, now, &p);
+        prom__doc_free(d);
+        if (search_match(req, &p))
+            ps[n++] = p;
+        else
+            prom_promise_clear(&p);
+        r = store_cursor_get(cur, &k, &v, STORE_NEXT);
+    }
+    if (r != 0 && r != CAP_ENOTFOUND) {
+        rc = r;
+        goto out;
+    }
+    set_status(res, PROM_S_OK, NULL);
+    if (n == (size_t)limit && r == 0)
+        res->cursor = cap_strdup(ps[n - 1].id);
+    res->promises = ps;
+    res->npromises = n;
+    ps = NULL;
+out:
+    store_cursor_close(cur);
+    store_txn_abort(txn);
+    if (ps) {
+        for (size_t i = 0; i < n; i++)
+            prom_promise_clear(&ps[i]);
+        cap_free(ps);
+    }
+    return rc;
+}
+
+/* ---------- tasks ---------- */
+int prom_task_get(prom_store_t *s, const char *id, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const prom__doc_t *d = id ? ctx_find(&c, id) : NULL;
+    if (!d || !d->has_task) {
+        set_status(res, PROM_S_NOTFOUND, "Task not found");
+    } else {
+        set_status(res, PROM_S_OK, NULL);
+        res_task(res, d, c.now);
+    }
+    return op_end(&c, res);
+}
+
+static void task_acquire(octx_t *c, prom__doc_t *m, const char *pid, int64_t ttl)
+{
+    m->tstate = PROM_TASK_ACQUIRED;
+    m->tversion++;
+    cap_free(m->tpid);
+    m->tpid = cap_strdup(pid);
+    m->tttl = ttl;
+    m->ttimer = c->now + ttl;
+    m->tresumes = 0;
+}
+
+int prom_task_create(prom_store_t *s, const char *pid, int64_t ttl, const prom_create_t *create,
+                     prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const char *bad = create_invalid(s, create);
+    const prom__doc_t *d;
+    if (!bad && (!pid || !pid[0] || ttl <= 0))
+        bad = "pid must not be empty and ttl must be positive";
+    if (!bad && !kvs_get(create->tags, create->ntags, "resonate:target"))
+        bad = "The promise must have a resonate:target";
+    if (!bad && kvs_get(create->tags, create->ntags, "resonate:delay"))
+        bad = "task.create does not take resonate:delay";
+    if (bad) {
+        set_status(res, PROM_S_BAD, bad);
+    } else if ((d = ctx_find(&c, create->id)) && !d->has_task) {
+        set_status(res, PROM_S_UNPROCESSABLE, "Promise exists without a task");
+    } else if (d) {
+        d = materialise(&c, create->id);
+        if (d->tstate == PROM_TASK_PENDING) {
+            prom__doc_t *m = ctx_mut(&c, create->id);
+            task_acquire(&c, m, pid, ttl);
+            d = m;
+        } else if (d->tstate != PROM_TASK_FULFILLED) {
+            d = NULL;
+        }
+        if (d) {
+            set_status(res, PROM_S_OK, NULL);
+            res_task(res, d, c.now);
+            res_promise(res, d, c.now);
+            res_preload(&c, res, d);
+        } else {
+            set_status(res, PROM_S_CONFLICT, "Task already exists");
+        }
+    } else {
+        do_create(&c, create, &d);
+        prom__doc_t *m = ctx_mut(&c, create->id);
+        if (m->p.state == PROM_PENDING) {
+            /* drop the execute do_create queued: task.create acquires at once */
+            for (size_t i = 0; i < c.nmsgs; i++)
+                prom__msg_clear(&c.msgs[i]);
+            c.nmsgs = 0;
+            m->tversion = 0;
+            task_acquire(&c, m, pid, ttl);
+        }
+        set_status(res, PROM_S_OK, NULL);
+        res_task(res, m, c.now);
+        res_promise(res, m, c.now);
+        res_preload(&c, res, m);
+    }
+    return op_end(&c, res);
+}
+
+/* The common prefix of the versioned task ops: 404 / 409 checks after materialising. Returns the
+ * document or NULL with res set. */
+static const prom__doc_t *task_check(octx_t *c, prom_result_t *res, const char *id, int64_t version,
+                                     prom_task_state_t want)
+{
+    const prom__doc_t *d = ctx_find(c, id);
+    if (!d || !d->has_task) {
+        set_status(res, PROM_S_NOTFOUND, "Task not found");
+        return NULL;
+    }
+    d = materialise(c, id);
+    if (d->tstate != want) {
+        set_status(res, PROM_S_CONFLICT,
+                   want == PROM_TASK_PENDING ? "Task is not pending" : "Task is not acquired");
+        return NULL;
+    }
+    if (d->tversion != version) {
+        set_status(res, PROM_S_CONFLICT, "Version mismatch");
+        return NULL;
+    }
+    return d;
+}
+
+int prom_task_acquire(prom_store_t *s, const char *id, int64_t version, const char *pid,
+                      int64_t ttl, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    if (!id || !id[0] || !pid || !pid[0] || ttl <= 0) {
+        set_status(res, PROM_S_BAD, "id and pid must not be empty and ttl must be positive");
+    } else if (task_check(&c, res, id, version, PROM_TASK_PENDING)) {
+        prom__doc_t *m = ctx_mut(&c, id);
+        task_acquire(&c, m, pid, ttl);
+        set_status(res, PROM_S_OK, NULL);
+        res_task(res, m, c.now);
+        res_promise(res, m, c.now);
+        res_preload(&c, res, m);
+    }
+    return op_end(&c, res);
+}
+
+int prom_task_release(prom_store_t *s, const char *id, int64_t version, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    if (!id || !id[0]) {
+        set_status(res, PROM_S_BAD, "id must not be empty");
+    } else if (task_check(&c, res, id, version, PROM_TASK_ACQUIRED)) {
+        task_dispatch(&c, ctx_mut(&c, id));
+        set_status(res, PROM_S_OK, NULL);
+    }
+    return op_end(&c, res);
+}
+
+int prom_task_fulfill(prom_store_t *s, const char *id, int64_t version, const prom_settle_t *settle,
+                      prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    if (!id || !id[0] || !settle || !settle->id || strcmp(settle->id, id) != 0 ||
+        !settle_state_valid(settle->state)) {
+        set_status(res, PROM_S_BAD, "The settle action must name the task's promise");
+    } else if (task_check(&c, res, id, version, PROM_TASK_ACQUIRED)) {
+        prom__doc_t *m = ctx_mut(&c, id);
+        do_settle(&c, m, settle->state, settle->value, c.now);
+        set_status(res, PROM_S_OK, NULL);
+        res_promise(res, m, c.now);
+    }
+    return op_end(&c, res);
+}
+
+int prom_task_suspend(prom_store_t *s, const char *id, int64_t version, const char *const *awaited,
+                      size_t n, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const char *bad = NULL;
+    if (!id || !id[0] || n == 0)
+        bad = "Suspend needs at least one awaited promise";
+    for (size_t i = 0; !bad && i < n; i++) {
+        if (!awaited[i] || !awaited[i][0] || strcmp(awaited[i], id) == 0)
+            bad = "A task cannot await itself";
+        else if (!same_origin(s->opts.lineage, awaited[i], id))
+            bad = "Awaited promise has a different origin";
+        for (size_t j = 0; !bad && j < i; j++)
+            if (strcmp(awaited[i], awaited[j]) == 0)
+                bad = "Duplicate awaited promise";
+    }
+    if (bad) {
+        set_status(res, PROM_S_BAD, bad);
+        goto done;
+    }
+    if (!task_check(&c, res, id, version, PROM_TASK_ACQUIRED))
+        goto done;
+    for (size_t i = 0; i < n; i++) {
+        const prom__doc_t *a = ctx_find(&c, awaited[i]);
+        if (!a) {
+            set_status(res, PROM_S_UNPROCESSABLE, "Awaited promise not found");
+            goto done;
+        }
+        if (!doc_external(a)) {
+            set_status(res, PROM_S_UNPROCESSABLE, "Awaited promise is not awaitable");
+            goto done;
+        }
+    }
+    int settled = 0;
+    for (size_t i = 0; i < n; i++)
+        settled |= materialise(&c, awaited[i])->p.state != PROM_PENDING;
+    if (settled) {
+        set_status(res, PROM_S_PRELOAD, "An awaited promise is already settled");
+        res_preload(&c, res, ctx_find(&c, id));
+        goto done;
+    }
+    for (size_t i = 0; i < n; i++) {
+        prom__doc_t *a = ctx_mut(&c, awaited[i]);
+        int have = 0;
+        for (size_t j = 0; j < a->nawaiters; j++)
+            have |= strcmp(a->awaiters[j], id) == 0;
+        if (!have) {
+            a->awaiters = cap_realloc(a->awaiters, (a->nawaiters + 1) * sizeof(char *));
+            a->awaiters[a->nawaiters++] = cap_strdup(id);
+        }
+    }
+    prom__doc_t *m = ctx_mut(&c, id);
+    m->tstate = PROM_TASK_SUSPENDED;
+    task_clear_lease(m);
+    m->ttimer = 0;
+    set_status(res, PROM_S_OK, NULL);
+done:
+    return op_end(&c, res);
+}
+
+static int fence_begin(octx_t *c, prom_result_t *res, const char *id, int64_t version,
+                       const char *action_id)
+{
+    if (!id || !id[0] || !action_id || !action_id[0] || strcmp(id, action_id) == 0) {
+        set_status(res, PROM_S_BAD, "The fenced action must not name the task's promise");
+        return -1;
+    }
+    if (!task_check(c, res, id, version, PROM_TASK_ACQUIRED))
+        return -1;
+    return 0;
+}
+
+int prom_task_fence_create(prom_store_t *s, const char *id, int64_t version,
+                           const prom_create_t *create, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const char *bad = create_invalid(s, create);
+    const prom__doc_t *d;
+    prom_lineage_t mode = s->opts.lineage;
+    if (!bad && mode != PROM_LINEAGE_OFF && id &&
+        origin_len(mode, create->id) != strlen(create->id) && !same_origin(mode, id, create->id))
+        bad = "The fenced action has a different origin";
+    if (bad)
+        set_status(res, PROM_S_BAD, bad);
+    else if (fence_begin(&c, res, id, version, create->id) == 0) {
+        res->action_status = do_create(&c, create, &d);
+        res_promise(res, d, c.now);
+        set_status(res, PROM_S_OK, NULL);
+        res_preload(&c, res, ctx_find(&c, id));
+    }
+    return op_end(&c, res);
+}
+
+int prom_task_fence_settle(prom_store_t *s, const char *id, int64_t version,
+                           const prom_settle_t *settle, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const prom__doc_t *d = NULL;
+    if (!settle || !settle_state_valid(settle->state) ||
+        (settle->id && id && !same_origin(s->opts.lineage, id, settle->id)))
+        set_status(res, PROM_S_BAD, "Invalid fenced settle");
+    else if (fence_begin(&c, res, id, version, settle->id) == 0) {
+        res->action_status = do_settle_op(&c, settle, &d);
+        if (d)
+            res_promise(res, d, c.now);
+        set_status(res, PROM_S_OK, NULL);
+        res_preload(&c, res, ctx_find(&c, id));
+    }
+    return op_end(&c, res);
+}
+
+int prom_task_heartbeat(prom_store_t *s, const char *pid, const prom_task_ref_t *tasks, size_t n,
+                        prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const char *bad = (!pid || !pid[0] || n == 0) ? "Heartbeat needs a pid and tasks" : NULL;
+    for (size_t i = 0; !bad && i < n; i++)
+        if (!tasks[i].id || !tasks[i].id[0] ||
+            !same_origin(s->opts.lineage, tasks[i].id, tasks[0].id))
+            bad = "Heartbeat tasks must share one origin";
+    if (bad) {
+        set_status(res, PROM_S_BAD, bad);
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            const prom__doc_t *d = ctx_find(&c, tasks[i].id);
+            if (d && d->has_task && d->tstate == PROM_TASK_ACQUIRED &&
+                d->tversion == tasks[i].version && d->tpid && strcmp(d->tpid, pid) == 0 &&
+                doc_alive(d, c.now)) {
+                prom__doc_t *m = ctx_mut(&c, tasks[i].id);
+                m->ttimer = c.now + m->tttl;
+            }
+        }
+        set_status(res, PROM_S_OK, NULL);
+    }
+    return op_end(&c, res);
+}
+
+int prom_task_halt(prom_store_t *s, const char *id, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const prom__doc_t *d = id ? ctx_find(&c, id) : NULL;
+    if (!d || !d->has_task) {
+        set_status(res, PROM_S_NOTFOUND, "Task not found");
+    } else if (materialise(&c, id)->tstate == PROM_TASK_FULFILLED) {
+        set_status(res, PROM_S_CONFLICT, "Task is fulfilled");
+    } else {
+        prom__doc_t *m = ctx_mut(&c, id);
+        if (m->tstate != PROM_TASK_HALTED) {
+            m->tstate = PROM_TASK_HALTED;
+            task_clear_lease(m);
+            m->ttimer = 0;
+        }
+        set_status(res, PROM_S_OK, NULL);
+    }
+    return op_end(&c, res);
+}
+
+int prom_task_continue(prom_store_t *s, const char *id, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    const prom__doc_t *d = id ? ctx_find(&c, id) : NULL;
+    if (!d || !d->has_task) {
+        set_status(res, PROM_S_NOTFOUND, "Task not found");
+    } else if (materialise(&c, id)->tstate != PROM_TASK_HALTED) {
+        set_status(res, PROM_S_CONFLICT, "Task is not halted");
+    } else {
+        task_dispatch(&c, ctx_mut(&c, id));
+        set_status(res, PROM_S_OK, NULL);
+    }
+    return op_end(&c, res);
+}
+
+/* ---------- timers ---------- */
+/* Fires d's due timer into the working set. */
+static void fire(octx_t *c, const char *id)
+{
+    const prom__doc_t *d = ctx_find(c, id);
+    if (d->p.state == PROM_PENDING && c->now >= d->p.timeout_at) {
+        materialise(c, id);
+        return;
+    }
+    prom__doc_t *m = ctx_mut(c, id);
+    if (m->tstate == PROM_TASK_PENDING) {
+        m->ttimer = c->now + c->s->opts.retry_ms;
+        ctx_msg(c, PROM_MSG_EXECUTE, prom_promise_tag(&m->p, "resonate:target"), m->p.id,
+                m->tversion);
+    } else if (m->tstate == PROM_TASK_ACQUIRED) {
+        task_dispatch(c, m); /* lease expired */
+    } else {
+        m->ttimer = 0;
+    }
+}
+
+int prom_store_tick(prom_store_t *s, int64_t now, size_t *fired)
+{
+    size_t total = 0;
+    int rc = 0;
+    for (;;) {
+        octx_t c;
+        prom_result_t dummy;
+        memset(&c, 0, sizeof(c));
+        memset(&dummy, 0, sizeof(dummy));
+        c.s = s;
+        c.now = now;
+        pthread_mutex_lock(&s->mu);
+        size_t nf = 0;
+        while (s->nheap && s->heap[0].at <= now && c.n < PROM_MAX_BATCH_DOCS) {
+            theap_ent_t e = heap_pop(s);
+            int in_ctx = 0;
+            for (size_t i = 0; i < c.n; i++)
+                in_ctx |= strcmp(c.docs[i]->p.id, e.id) == 0;
+            const prom__doc_t *d = smap_get(&s->docs, e.id);
+            if (!in_ctx && d && doc_deadline(d) == e.at) {
+                fire(&c, e.id);
+                nf++;
+            }
+            cap_free(e.id);
+        }
+        int more = s->nheap && s->heap[0].at <= now;
+        prom__wait_t w;
+        rc = ctx_commit(&c, &w);
+        uint64_t seen = s->last_seq;
+        if (rc != 0)
+            heap_rebuild(s); /* the popped entries must come back */
+        ctx_free(&c);
+        pthread_mutex_unlock(&s->mu);
+        if (rc == 0)
+            rc = ctx_wait(s, &w, seen);
+        if (rc != 0)
+            break;
+        total += nf;
+        if (!more)
+            break;
+    }
+    if (fired)
+        *fired = total;
+    return rc;
+}
+
+int64_t prom_store_next_deadline(prom_store_t *s)
+{
+    pthread_mutex_lock(&s->mu);
+    /* drop stale tops so the answer is exact */
+    while (s->nheap) {
+        const prom__doc_t *d = smap_get(&s->docs, s->heap[0].id);
+        if (d && doc_deadline(d) == s->heap[0].at)
+            break;
+        cap_free(heap_pop(s).id);
+    }
+    int64_t t = s->nheap ? s->heap[0].at : INT64_MAX;
+    pthread_mutex_unlock(&s->mu);
+    return t;
+}
+
+/* ---------- outbox ---------- */
+int prom_outbox_take(prom_store_t *s, size_t max, prom_msg_t **msgs, size_t *n)
+{
+    octx_t c;
+    prom_result_t dummy;
+    op_begin(s, &c, &dummy);
+    size_t k = s->outlen < max ? s->outlen : max;
+    prom_msg_t *out = k ? cap_calloc(k, sizeof(*out)) : NULL;
+    for (size_t i = 0; i < k; i++) {
+        prom__msg_t *m = &s->outq[s->outhead + i];
+        out[i].mid = m->mid;
+        out[i].kind = (prom_msg_kind_t)m->kind;
+        out[i].address = cap_strdup(m->address);
+        out[i].id = cap_strdup(m->id);
+        out[i].version = m->version;
+        if (m->kind == PROM_MSG_UNBLOCK) {
+            const prom__doc_t *d = smap_get(&s->docs, m->id);
+            if (d) {
+                out[i].promise = cap_calloc(1, sizeof(prom_promise_t));
+                project(d, c.now, out[i].promise);
+            }
+        }
+    }
+    if (k) {
+        c.has_del = 1;
+        c.del_first = s->outq[s->outhead].mid;
+        c.del_last = s->outq[s->outhead + k - 1].mid;
+    }
+    prom__wait_t w;
+    int rc = ctx_commit(&c, &w);
+    if (rc == 0 && k) {
+        for (size_t i = 0; i < k; i++)
+            prom__msg_clear(&s->outq[s->outhead + i]);
+        s->outhead += k;
+        s->outlen -= k;
+    }
+    uint64_t seen = s->last_seq;
+    ctx_free(&c);
+    pthread_mutex_unlock(&s->mu);
+    if (rc == 0)
+        rc = ctx_wait(s, &w, seen);
+    if (rc != 0) {
+        prom_msgs_free(out, k);
+        return rc;
+    }
+    *msgs = out;
+    *n = k;
+    return 0;
+}
+
+void prom_msgs_free(prom_msg_t *msgs, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        cap_free(msgs[i].address);
+        cap_free(msgs[i].id);
+        if (msgs[i].promise) {
+            prom_promise_clear(msgs[i].promise);
+            cap_free(msgs[i].promise);
+        }
+    }
+    cap_free(msgs);
+}
+
+size_t prom_outbox_len(prom_store_t *s)
+{
+    pthread_mutex_lock(&s->mu);
+    size_t n = s->outlen;
+    pthread_mutex_unlock(&s->mu);
+    return n;
+}
+
+/* ---------- apply (writer thread) ---------- */
+static int prom_apply(void *arg, store_txn_t *txn, const wal_entry_t *e)
+{
+    prom_store_t *s = arg;
+    int rc = 0;
+    if (e->kind < PROM_REC_FIRST || e->kind > PROM_REC_LAST) {
+        if (s->opts.wal.apply)
+            rc = s->opts.wal.apply(s->opts.wal.apply_arg, txn, e);
+        goto out;
+    }
+    const wal_field_t *f1 = wal_entry_field(e, 1);
+    if (e->kind == PROM_REC_DOC || e->kind == PROM_REC_MSG_ADD) {
+        if (!f1 || !e->key_len) {
+            rc = CAP_ECORRUPT;
+            goto out;
+        }
+        store_val_t k = {e->key, e->key_len}, v = {f1->data, f1->len};
+        rc = store_put(txn, e->kind == PROM_REC_DOC ? s->dbi_docs : s->dbi_outbox, k, v, 0);
+    } else if (e->kind == PROM_REC_MSG_DEL) {
+        const wal_field_t *f2 = wal_entry_field(e, 2);
+        if (!f1 || !f2) {
+            rc = CAP_ECORRUPT;
+            goto out;
+        }
+        if (f2->u < f1->u || f2->u - f1->u > (1u << 24)) {
+            rc = CAP_ECORRUPT;
+            goto out;
+        }
+        for (uint64_t id = f1->u; id <= f2->u && rc == 0; id++) {
+            uint8_t kb[8];
+            int r = store_del(txn, s->dbi_outbox, store_key_u64(kb, id), NULL);
+            if (r != 0 && r != CAP_ENOTFOUND)
+                rc = r;
+        }
+    }
+out:
+    return rc;
+}
+
+/* ---------- open / close ---------- */
+static int open_dbis(store_txn_t *txn, void *arg)
+{
+    prom_store_t *s = arg;
+    int rc = store_dbi_open(txn, "prom.docs", STORE_DB_CREATE, &s->dbi_docs);
+    if (rc == 0)
+        rc = store_dbi_open(txn, "prom.outbox", STORE_DB_CREATE, &s->dbi_outbox);
+    return rc;
+}
+
+static int load(prom_store_t *s)
+{
+    store_txn_t *txn = NULL;
+    store_cursor_t *cur = NULL;
+    store_val_t k, v;
+    int rc = store_txn_begin(s->env, 1, &txn);
+    if (rc)
+        goto out;
+    rc = store_cursor_open(txn, s->dbi_docs, &cur);
+    if (rc)
+        goto out;
+    int r = store_cursor_get(cur, &k, &v, STORE_FIRST);
+    while (r == 0) {
+        prom__doc_t *d;
+        rc = prom__doc_decode(v.data, v.len, &d);
+        if (rc) {
+            cap_log(CAP_LOG_ERROR, "promise", "prom.docs: a stored document does not decode");
+            goto out;
+        }
+        store_install(s, d);
+        r = store_cursor_get(cur, &k, &v, STORE_NEXT);
+    }
+    store_cursor_close(cur);
+    cur = NULL;
+    rc = store_cursor_open(txn, s->dbi_outbox, &cur);
+    if (rc)
+        goto out;
+    r = store_cursor_get(cur, &k, &v, STORE_FIRST);
+    while (r == 0) {
+        if (k.len != 8) {
+            rc = CAP_ECORRUPT;
+            goto out;
+        }
+        if (s->outlen == s->outcap) {
+            s->outcap = s->outcap ? s->outcap * 2 : 64;
+            s->outq = cap_realloc(s->outq, s->outcap * sizeof(prom__msg_t));
+        }
+        uint64_t mid = cap_get_be64(k.data);
+        rc = prom__msg_decode(v.data, v.len, mid, &s->outq[s->outlen]);
+        if (rc)
+            goto out;
+        s->outlen++;
+        s->next_mid = mid + 1;
+        r = store_cursor_get(cur, &k, &v, STORE_NEXT);
+    }
+    rc = r == CAP_ENOTFOUND ? 0 : r;
+out:
+    store_cursor_close(cur);
+    store_txn_abort(txn);
+    return rc;
+}
+
+int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **out)
+{
+    prom_store_t *s = cap_calloc(1, sizeof(*s));
+    int rc;
+    s->env = env;
+    if (opts)
+        s->opts = *opts;
+    if (s->opts.retry_ms <= 0)
+        s->opts.retry_ms = 30000;
+    if (!s->opts.preload_limit)
+        s->opts.preload_limit = 1000;
+    s->next_mid = 1;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_mutex_init(&s->dmu, NULL);
+    pthread_cond_init(&s->dcv, NULL);
+    rc = store_env_write(env, open_dbis, s);
+    if (rc)
+        goto out;
+    rc = load(s);
+    if (rc)
+        goto out;
+    wal_opts_t wo = s->opts.wal;
+    wo.apply = prom_apply;
+    wo.apply_arg = s;
+    rc = wal_log_open(env, &wo, &s->wal);
+    if (rc)
+        goto out;
+    *out = s;
+out:
+    if (rc)
+        prom_store_close(s);
+    return rc;
+}
+
+void prom_store_close(prom_store_t *s)
+{
+    if (!s)
+        return;
+    wal_log_close(s->wal);
+    for (size_t i = 0; i < s->docs.cap; i++)
+        prom__doc_free(s->docs.e[i].val);
+    cap_free(s->docs.e);
+    for (size_t i = 0; i < s->branches.cap; i++) {
+        branch_t *b = s->branches.e[i].val;
+        if (!b)
+            continue;
+        for (size_t j = 0; j < b->n; j++)
+            cap_free(b->ids[j]);
+        cap_free(b->ids);
+        cap_free(b->name);
+        cap_free(b);
+    }
+    cap_free(s->branches.e);
+    while (s->nheap)
+        cap_free(heap_pop(s).id);
+    cap_free(s->heap);
+    for (size_t i = 0; i < s->outlen; i++)
+        prom__msg_clear(&s->outq[s->outhead + i]);
+    cap_free(s->outq);
+    pthread_mutex_destroy(&s->mu);
+    pthread_mutex_destroy(&s->dmu);
+    pthread_cond_destroy(&s->dcv);
+    cap_free(s);
+}
+
+wal_log_t *prom_store_wal(prom_store_t *s)
+{
+    return s->wal;
+}
