@@ -55,6 +55,13 @@ int store_env_sync(store_env_t *env);   /* fsync now (for nosync mode) */
 const char *store_env_path(const store_env_t *env); /* borrowed; valid until close */
 /* Current map size, and bytes in use (last page * page size). */
 int store_env_info(store_env_t *env, size_t *map_size, size_t *used);
+/* How the env was opened: 1 if with opts.nosync / opts.readonly, else 0. Any thread. */
+int store_env_nosync(const store_env_t *env);
+int store_env_readonly(const store_env_t *env);
+/* Largest key (and DUPSORT value) the env accepts, in bytes (LMDB's compile-time limit, 511). */
+size_t store_env_max_key(const store_env_t *env);
+/* Times the map has been grown by this process since open (for tests and stats). */
+uint64_t store_env_grow_count(const store_env_t *env);
 
 /* Database flags for store_dbi_open. */
 enum {
@@ -81,7 +88,7 @@ int store_env_write(store_env_t *env, store_write_fn fn, void *arg);
 
 /* Put flags. */
 enum {
-    STORE_PUT_APPEND = 1 << 0,    /* key sorts after every existing key (MDB_APPEND) */
+    STORE_PUT_APPEND = 1 << 0,     /* key sorts after every existing key (MDB_APPEND) */
     STORE_PUT_NOOVERWRITE = 1 << 1 /* fail with CAP_EEXIST if the key exists */
 };
 int store_put(store_txn_t *txn, store_dbi_t dbi, store_val_t key, store_val_t val, unsigned flags);
@@ -101,11 +108,12 @@ typedef enum {
     STORE_SET_KEY,   /* exactly key */
     STORE_GET_CURRENT,
     STORE_NEXT_DUP,
-    STORE_NEXT_NODUP
+    STORE_NEXT_NODUP,
+    STORE_GET_BOTH_RANGE /* DUPSORT: exactly key, first value >= val (both inputs) */
 } store_cursor_op_t;
 int store_cursor_open(store_txn_t *txn, store_dbi_t dbi, store_cursor_t **out);
 int store_cursor_get(store_cursor_t *cur, store_val_t *key, store_val_t *val, store_cursor_op_t op);
-int store_cursor_del(store_cursor_t *cur); /* deletes the current entry */
+int store_cursor_del(store_cursor_t *cur);    /* deletes the current entry */
 void store_cursor_close(store_cursor_t *cur); /* before its txn ends; NULL is a no-op */
 
 /* Big-endian u64 keys sort numerically: use them for sequence numbers with STORE_PUT_APPEND. */

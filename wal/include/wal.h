@@ -60,7 +60,7 @@ typedef struct wal_rec {
     size_t nfields;
 } wal_rec_t;
 
-#define WAL_MAX_KEY 511
+#define WAL_MAX_KEY            511
 #define WAL_DEFAULT_MAX_RECORD (64u << 20)
 
 /* A record as read back. Pointers are valid until the next wal_iter_next() or close; inside an
@@ -126,13 +126,13 @@ int wal_log_append_sync(wal_log_t *log, const wal_rec_t *recs, size_t n, uint64_
 int wal_log_truncate(wal_log_t *log, uint64_t before_seq);
 
 typedef struct wal_stats {
-    uint64_t first_seq;    /* lowest stored sequence number (0 when empty) */
-    uint64_t last_seq;     /* highest acknowledged sequence number (0 when empty) */
-    uint64_t records;      /* records committed since open */
-    uint64_t commits;      /* transactions committed since open */
-    uint64_t bytes;        /* frame bytes committed since open */
-    uint64_t max_batch;    /* the largest batch since open, in records */
-    uint64_t pending;      /* records queued and not yet durable */
+    uint64_t first_seq; /* lowest stored sequence number (0 when empty) */
+    uint64_t last_seq;  /* highest acknowledged sequence number (0 when empty) */
+    uint64_t records;   /* records committed since open */
+    uint64_t commits;   /* transactions committed since open */
+    uint64_t bytes;     /* frame bytes committed since open */
+    uint64_t max_batch; /* the largest batch since open, in records */
+    uint64_t pending;   /* records queued and not yet durable */
 } wal_stats_t;
 void wal_log_stats(wal_log_t *log, wal_stats_t *out);
 

@@ -1,0 +1,664 @@
+/*
+ * log.c - the write-ahead log: open/close, group commit on one writer thread, truncation.
+ *
+ * Invariants:
+ *   - Sequence numbers are assigned under log->mu in the same critical section that enqueues the
+ *     append, so the queue is always in sequence order and MDB_APPEND always holds.
+ *   - Only the writer thread opens write transactions on the log's databases. It takes a batch
+ *     (whole appends only: an append's records share one transaction), writes it through
+ *     store_env_write (re-run after map growth), commits (fsync in WAL_SYNC), and only then calls
+ *     the done callbacks, in sequence order, without holding log->mu.
+ *   - A failed commit or fsync is cap_fatal: the process never acknowledges past a failure.
+ *   - Truncation runs on the writer thread, at most WAL_TRUNC_CHUNK records per transaction,
+ *     alternating with batches, so appends never wait for a whole truncation.
+ *   - committed_seq only grows; "high" in wal.meta is written with every truncation chunk, so a
+ *     reopened log never reuses a sequence number that was acknowledged.
+ */
+#include "wal_int.h"
+
+#include <errno.h>
+#include <string.h>
+#include <time.h>
+
+#define WAL_DEFAULT_BATCH_RECORDS 4096u
+#define WAL_DEFAULT_BATCH_BYTES   ((size_t)64 << 20)
+#define WAL_DEFAULT_SYNC_MS       100u
+#define WAL_MAX_RECORD_LIMIT      ((size_t)1 << 31)
+#define WAL_TRUNC_CHUNK           1024u
+
+struct wal_frame_ref {
+    uint8_t *p;
+    size_t len;
+};
+
+struct wal_append {
+    struct wal_append *next;
+    uint64_t first_seq;
+    wal_done_fn done;
+    void *arg;
+    size_t bytes;
+    size_t n;
+    struct wal_frame_ref f[];
+};
+
+struct wal_trunc {
+    struct wal_trunc *next;
+    uint64_t before;
+    int done;
+    int status;
+    pthread_cond_t cv;
+};
+
+struct wal_log {
+    store_env_t *env;
+    struct wal_dbs dbs;
+    wal_opts_t opts;
+    int readonly;
+
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv; /* writer waits here */
+    struct wal_append *head, *tail;
+    struct wal_trunc *trunc_head, *trunc_tail;
+    uint64_t next_seq;      /* next to assign */
+    uint64_t committed_seq; /* highest durable (acknowledged) */
+    int closing;
+    wal_stats_t st;
+    int have_writer;
+    pthread_t writer;
+
+    /* writer-thread only */
+    wal_scratch_t *scratch;
+    int dirty; /* commits since the last fsync (WAL_NOSYNC) */
+    uint64_t last_sync_ns;
+};
+
+struct wal_dbs wal__log_dbs(wal_log_t *log)
+{
+    return log->dbs;
+}
+
+store_env_t *wal_log_env(wal_log_t *log)
+{
+    return log->env;
+}
+
+/* ---- open ---- */
+
+static int wal__meta_check(store_txn_t *txn, store_dbi_t meta, int create)
+{
+    store_val_t v;
+    store_val_t k = {WAL_META_FORMAT, sizeof(WAL_META_FORMAT) - 1};
+    int rc = store_get(txn, meta, k, &v);
+    if (rc == CAP_ENOTFOUND && create) {
+        uint8_t buf[4];
+        cap_put_le32(buf, WAL_FORMAT_VERSION);
+        store_val_t nv = {buf, 4};
+        return store_put(txn, meta, k, nv, 0);
+    }
+    if (rc == CAP_ENOTFOUND) {
+        cap_log(CAP_LOG_ERROR, "wal", "%s: wal.meta has no format version",
+                store_env_path(store_txn_env(txn)));
+        return CAP_ECORRUPT;
+    }
+    if (rc)
+        return rc;
+    if (v.len != 4) {
+        cap_log(CAP_LOG_ERROR, "wal", "%s: wal.meta format entry is %zu bytes, expected 4",
+                store_env_path(store_txn_env(txn)), v.len);
+        return CAP_ECORRUPT;
+    }
+    uint32_t ver = cap_get_le32(v.data);
+    if (ver != WAL_FORMAT_VERSION) {
+        cap_log(CAP_LOG_ERROR, "wal", "%s: log format version %u, this build reads %u",
+                store_env_path(store_txn_env(txn)), ver, WAL_FORMAT_VERSION);
+        return CAP_EVERSION;
+    }
+    return 0;
+}
+
+struct wal_open_ctx {
+    struct wal_dbs dbs;
+};
+
+static int wal__open_fn(store_txn_t *txn, void *arg)
+{
+    struct wal_open_ctx *c = arg;
+    int rc = store_dbi_open(txn, WAL_DB_LOG, STORE_DB_CREATE, &c->dbs.log);
+    if (rc == 0)
+        rc = store_dbi_open(txn, WAL_DB_KEY, STORE_DB_CREATE | STORE_DB_DUPSORT, &c->dbs.key);
+    if (rc == 0)
+        rc = store_dbi_open(txn, WAL_DB_META, STORE_DB_CREATE, &c->dbs.meta);
+    if (rc == 0)
+        rc = wal__meta_check(txn, c->dbs.meta, 1);
+    return rc;
+}
+
+/* Reads first/last stored seq and "high" in a read txn. */
+static int wal__scan_bounds(wal_log_t *log, uint64_t *first, uint64_t *last, uint64_t *high)
+{
+    store_txn_t *txn = NULL;
+    store_cursor_t *cur = NULL;
+    store_val_t k, v;
+    int rc = store_txn_begin(log->env, 1, &txn);
+    if (rc)
+        return rc;
+    *first = *last = *high = 0;
+    if (log->readonly) {
+        /* Read-only: the databases must already exist. */
+        rc = store_dbi_open(txn, WAL_DB_LOG, 0, &log->dbs.log);
+        if (rc == 0)
+            rc = store_dbi_open(txn, WAL_DB_KEY, STORE_DB_DUPSORT, &log->dbs.key);
+        if (rc == 0)
+            rc = store_dbi_open(txn, WAL_DB_META, 0, &log->dbs.meta);
+        if (rc == CAP_ENOTFOUND)
+            cap_log(CAP_LOG_ERROR, "wal", "%s holds no capsule log", store_env_path(log->env));
+        if (rc == 0)
+            rc = wal__meta_check(txn, log->dbs.meta, 0);
+        if (rc)
+            goto out;
+    }
+    store_val_t hk = {WAL_META_HIGH, sizeof(WAL_META_HIGH) - 1};
+    rc = store_get(txn, log->dbs.meta, hk, &v);
+    if (rc == 0) {
+        if (v.len != 8) {
+            cap_log(CAP_LOG_ERROR, "wal", "%s: wal.meta high entry is %zu bytes, expected 8",
+                    store_env_path(log->env), v.len);
+            rc = CAP_ECORRUPT;
+            goto out;
+        }
+        *high = cap_get_be64(v.data);
+    } else if (rc != CAP_ENOTFOUND) {
+        goto out;
+    }
+    rc = store_cursor_open(txn, log->dbs.log, &cur);
+    if (rc)
+        goto out;
+    rc = store_cursor_get(cur, &k, &v, STORE_FIRST);
+    if (rc == CAP_ENOTFOUND) {
+        rc = 0;
+        goto out;
+    }
+    if (rc)
+        goto out;
+    if (k.len != 8)
+        goto badkey;
+    *first = cap_get_be64(k.data);
+    rc = store_cursor_get(cur, &k, &v, STORE_LAST);
+    if (rc)
+        goto out;
+    if (k.len != 8)
+        goto badkey;
+    *last = cap_get_be64(k.data);
+    goto out;
+badkey:
+    cap_log(CAP_LOG_ERROR, "wal", "%s: wal.log holds a %zu-byte key (sequence keys are 8 bytes)",
+            store_env_path(log->env), k.len);
+    rc = CAP_ECORRUPT;
+out:
+    store_cursor_close(cur);
+    store_txn_abort(txn);
+    return rc;
+}
+
+static void *wal__writer_main(void *arg);
+
+int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out)
+{
+    wal_log_t *log = NULL;
+    int rc;
+
+    if (!env || !out)
+        return CAP_EINVAL;
+    log = cap_calloc(1, sizeof(*log));
+    log->env = env;
+    if (opts)
+        log->opts = *opts;
+    if (log->opts.durability != WAL_SYNC && log->opts.durability != WAL_NOSYNC) {
+        rc = CAP_EINVAL;
+        goto fail;
+    }
+    if (!log->opts.sync_interval_ms)
+        log->opts.sync_interval_ms = WAL_DEFAULT_SYNC_MS;
+    if (!log->opts.max_batch_records)
+        log->opts.max_batch_records = WAL_DEFAULT_BATCH_RECORDS;
+    if (!log->opts.max_batch_bytes)
+        log->opts.max_batch_bytes = WAL_DEFAULT_BATCH_BYTES;
+    if (!log->opts.max_record_bytes)
+        log->opts.max_record_bytes = WAL_DEFAULT_MAX_RECORD;
+    if (log->opts.max_record_bytes > WAL_MAX_RECORD_LIMIT ||
+        log->opts.max_record_bytes < WAL_FRAME_HDR + 64) {
+        cap_log(CAP_LOG_ERROR, "wal", "max_record_bytes %zu out of range [96, 2 GiB]",
+                log->opts.max_record_bytes);
+        rc = CAP_EINVAL;
+        goto fail;
+    }
+    log->readonly = store_env_readonly(env);
+    if (!log->readonly && (log->opts.durability == WAL_NOSYNC) != store_env_nosync(env)) {
+        cap_log(CAP_LOG_ERROR, "wal", "%s: durability %s needs an env opened with nosync=%d",
+                store_env_path(env), log->opts.durability == WAL_NOSYNC ? "nosync" : "sync",
+                log->opts.durability == WAL_NOSYNC);
+        rc = CAP_EINVAL;
+        goto fail;
+    }
+    if (!log->readonly) {
+        struct wal_open_ctx c;
+        rc = store_env_write(env, wal__open_fn, &c);
+        if (rc)
+            goto fail;
+        log->dbs = c.dbs;
+    }
+    uint64_t first, last, high;
+    rc = wal__scan_bounds(log, &first, &last, &high);
+    if (rc)
+        goto fail;
+    log->committed_seq = last > high ? last : high;
+    log->next_seq = log->committed_seq + 1;
+    log->st.first_seq = first;
+    log->st.last_seq = last;
+    pthread_mutex_init(&log->mu, NULL);
+    pthread_cond_init(&log->work_cv, NULL);
+    log->last_sync_ns = cap_now_ns();
+    if (!log->readonly) {
+        rc = pthread_create(&log->writer, NULL, wal__writer_main, log);
+        if (rc) {
+            pthread_cond_destroy(&log->work_cv);
+            pthread_mutex_destroy(&log->mu);
+            rc = -rc;
+            goto fail;
+        }
+        log->have_writer = 1;
+    }
+    *out = log;
+    return 0;
+fail:
+    cap_free(log);
+    return rc;
+}
+
+/* ---- appends ---- */
+
+static void wal__append_free(struct wal_append *a)
+{
+    for (size_t i = 0; i < a->n; i++)
+        cap_free(a->f[i].p);
+    cap_free(a);
+}
+
+int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn done, void *arg,
+                   uint64_t *first_seq)
+{
+    struct wal_append *a;
+    int rc = 0;
+
+    if (!log || !recs || n == 0 || n > UINT32_MAX)
+        return CAP_EINVAL;
+    if (log->readonly)
+        return CAP_EINVAL;
+    a = cap_calloc(1, sizeof(*a) + n * sizeof(a->f[0]));
+    a->done = done;
+    a->arg = arg;
+    for (size_t i = 0; i < n; i++) {
+        rc = wal__frame_build(&recs[i], log->opts.max_record_bytes, &a->f[i].p, &a->f[i].len);
+        if (rc)
+            goto out;
+        a->n++;
+        a->bytes += a->f[i].len;
+    }
+    pthread_mutex_lock(&log->mu);
+    if (log->closing) {
+        pthread_mutex_unlock(&log->mu);
+        rc = CAP_ECLOSED;
+        goto out;
+    }
+    a->first_seq = log->next_seq;
+    log->next_seq += n;
+    for (size_t i = 0; i < n; i++)
+        wal__frame_seal(a->f[i].p, a->first_seq + i);
+    if (log->tail)
+        log->tail->next = a;
+    else
+        log->head = a;
+    log->tail = a;
+    log->st.pending += n;
+    pthread_cond_signal(&log->work_cv);
+    pthread_mutex_unlock(&log->mu);
+    if (first_seq)
+        *first_seq = a->first_seq;
+    a = NULL;
+out:
+    if (a)
+        wal__append_free(a);
+    return rc;
+}
+
+struct wal_waiter {
+    wal_log_t *log;
+    pthread_cond_t cv;
+    int done;
+    int status;
+};
+
+static void wal__waiter_done(void *arg, int status, uint64_t first_seq)
+{
+    struct wal_waiter *w = arg;
+    (void)first_seq;
+    pthread_mutex_lock(&w->log->mu);
+    w->status = status;
+    w->done = 1;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->log->mu);
+}
+
+int wal_log_append_sync(wal_log_t *log, const wal_rec_t *recs, size_t n, uint64_t *first_seq)
+{
+    struct wal_waiter w = {.log = log};
+    pthread_cond_init(&w.cv, NULL);
+    int rc = wal_log_append(log, recs, n, wal__waiter_done, &w, first_seq);
+    if (rc == 0) {
+        pthread_mutex_lock(&log->mu);
+        while (!w.done)
+            pthread_cond_wait(&w.cv, &log->mu);
+        pthread_mutex_unlock(&log->mu);
+        rc = w.status;
+    }
+    pthread_cond_destroy(&w.cv);
+    return rc;
+}
+
+/* ---- the writer ---- */
+
+struct wal_batch {
+    wal_log_t *log;
+    struct wal_append *head; /* a detached list, in sequence order */
+};
+
+static int wal__batch_fn(store_txn_t *txn, void *arg)
+{
+    struct wal_batch *b = arg;
+    wal_log_t *log = b->log;
+    uint8_t kbuf[8];
+    int rc = 0;
+
+    for (struct wal_append *a = b->head; a; a = a->next) {
+        for (size_t i = 0; i < a->n; i++) {
+            uint64_t seq = a->first_seq + i;
+            store_val_t fv = {a->f[i].p, a->f[i].len};
+            rc = store_put(txn, log->dbs.log, store_key_u64(kbuf, seq), fv, STORE_PUT_APPEND);
+            if (rc)
+                return rc;
+            const void *key;
+            size_t key_len;
+            if (wal__frame_peek_key(a->f[i].p, a->f[i].len, &key, &key_len) == 0 && key_len) {
+                store_val_t kk = {key, key_len}, sv = {kbuf, 8};
+                rc = store_put(txn, log->dbs.key, kk, sv, 0);
+                if (rc)
+                    return rc;
+            }
+            if (log->opts.apply) {
+                wal_entry_t e;
+                const char *why = NULL;
+                rc = wal__frame_decode(a->f[i].p, a->f[i].len, 1, &log->scratch, &e, &why);
+                if (rc)
+                    cap_fatal("wal", "seq %llu: own frame does not decode: %s",
+                              (unsigned long long)seq, why ? why : cap_strerror(rc));
+                rc = log->opts.apply(log->opts.apply_arg, txn, &e);
+                if (rc == CAP_EMAPFULL)
+                    return rc;
+                if (rc)
+                    cap_fatal("wal", "seq %llu: apply callback failed: %s (%d)",
+                              (unsigned long long)seq, cap_strerror(rc), rc);
+            }
+        }
+    }
+    return 0;
+}
+
+struct wal_trunc_ctx {
+    wal_log_t *log;
+    uint64_t before;
+    uint64_t high;
+    uint64_t first_left; /* out: first seq left (0 when empty) */
+    int finished;        /* out */
+    uint64_t deleted;    /* out */
+};
+
+static int wal__trunc_fn(store_txn_t *txn, void *arg)
+{
+    struct wal_trunc_ctx *c = arg;
+    wal_log_t *log = c->log;
+    store_cursor_t *cur = NULL;
+    store_val_t k, v;
+    uint8_t hb[8];
+    int rc;
+
+    c->first_left = 0;
+    c->finished = 0;
+    c->deleted = 0;
+    rc = store_cursor_open(txn, log->dbs.log, &cur);
+    if (rc)
+        return rc;
+    for (;;) {
+        rc = store_cursor_get(cur, &k, &v, STORE_FIRST);
+        if (rc == CAP_ENOTFOUND) {
+            c->finished = 1;
+            rc = 0;
+            break;
+        }
+        if (rc)
+            break;
+        uint64_t seq = k.len == 8 ? cap_get_be64(k.data) : 0;
+        if (k.len == 8 && seq >= c->before) {
+            c->first_left = seq;
+            c->finished = 1;
+            break;
+        }
+        if (c->deleted == WAL_TRUNC_CHUNK) {
+            c->first_left = seq;
+            break;
+        }
+        const void *key;
+        size_t key_len;
+        if (k.len == 8 && wal__frame_peek_key(v.data, v.len, &key, &key_len) == 0 && key_len) {
+            uint8_t sb[8];
+            store_val_t kk = {key, key_len}, sv = {sb, 8};
+            cap_put_be64(sb, seq);
+            rc = store_del(txn, log->dbs.key, kk, &sv);
+            if (rc && rc != CAP_ENOTFOUND)
+                break;
+        }
+        rc = store_cursor_del(cur);
+        if (rc)
+            break;
+        c->deleted++;
+    }
+    store_cursor_close(cur);
+    if (rc)
+        return rc;
+    store_val_t hk = {WAL_META_HIGH, sizeof(WAL_META_HIGH) - 1}, hv = {hb, 8};
+    cap_put_be64(hb, c->high);
+    return store_put(txn, log->dbs.meta, hk, hv, 0);
+}
+
+static void wal__sync(wal_log_t *log)
+{
+    int rc = store_env_sync(log->env);
+    if (rc)
+        cap_fatal("wal", "%s: fsync failed: %s; the log cannot promise durability, stopping",
+                  store_env_path(log->env), cap_strerror(rc));
+    log->dirty = 0;
+    log->last_sync_ns = cap_now_ns();
+}
+
+/* Called with mu held; returns with mu held. */
+static void wal__run_batch(wal_log_t *log)
+{
+    struct wal_append *head = log->head, *last = head, *a;
+    size_t recs = head->n, bytes = head->bytes;
+    while (last->next && recs + last->next->n <= log->opts.max_batch_records &&
+           bytes + last->next->bytes <= log->opts.max_batch_bytes) {
+        last = last->next;
+        recs += last->n;
+        bytes += last->bytes;
+    }
+    log->head = last->next;
+    if (!log->head)
+        log->tail = NULL;
+    last->next = NULL;
+    pthread_mutex_unlock(&log->mu);
+
+    struct wal_batch b = {log, head};
+    int rc = store_env_write(log->env, wal__batch_fn, &b);
+    if (rc)
+        cap_fatal("wal", "%s: committing %zu record(s) from seq %llu failed: %s (%d)",
+                  store_env_path(log->env), recs, (unsigned long long)head->first_seq,
+                  cap_strerror(rc), rc);
+    if (log->opts.durability == WAL_NOSYNC)
+        log->dirty = 1;
+
+    pthread_mutex_lock(&log->mu);
+    uint64_t top = last->first_seq + last->n - 1;
+    log->committed_seq = top;
+    log->st.last_seq = top;
+    if (!log->st.first_seq)
+        log->st.first_seq = head->first_seq;
+    log->st.records += recs;
+    log->st.commits++;
+    log->st.bytes += bytes;
+    if (recs > log->st.max_batch)
+        log->st.max_batch = recs;
+    log->st.pending -= recs;
+    pthread_mutex_unlock(&log->mu);
+
+    while (head) {
+        a = head;
+        head = a->next;
+        if (a->done)
+            a->done(a->arg, 0, a->first_seq);
+        wal__append_free(a);
+    }
+    pthread_mutex_lock(&log->mu);
+}
+
+/* One truncation chunk. Called with mu held; returns with mu held. */
+static void wal__run_trunc(wal_log_t *log)
+{
+    struct wal_trunc *t = log->trunc_head;
+    struct wal_trunc_ctx c = {.log = log, .before = t->before, .high = log->committed_seq};
+    pthread_mutex_unlock(&log->mu);
+    int rc = store_env_write(log->env, wal__trunc_fn, &c);
+    if (rc)
+        cap_fatal("wal", "%s: truncation transaction failed: %s (%d)", store_env_path(log->env),
+                  cap_strerror(rc), rc);
+    if (log->opts.durability == WAL_NOSYNC)
+        log->dirty = 1;
+    pthread_mutex_lock(&log->mu);
+    log->st.first_seq = c.first_left;
+    if (c.finished) {
+        log->trunc_head = t->next;
+        if (!log->trunc_head)
+            log->trunc_tail = NULL;
+        t->status = 0;
+        t->done = 1;
+        pthread_cond_signal(&t->cv);
+    }
+}
+
+static void *wal__writer_main(void *arg)
+{
+    wal_log_t *log = arg;
+    pthread_mutex_lock(&log->mu);
+    for (;;) {
+        if (log->head) {
+            wal__run_batch(log);
+        }
+        if (log->trunc_head) {
+            wal__run_trunc(log);
+            continue;
+        }
+        if (log->head)
+            continue;
+        if (log->opts.durability == WAL_NOSYNC && log->dirty) {
+            uint64_t due = log->last_sync_ns + (uint64_t)log->opts.sync_interval_ms * 1000000u;
+            uint64_t now = cap_now_ns();
+            if (now >= due || log->closing) {
+                pthread_mutex_unlock(&log->mu);
+                wal__sync(log);
+                pthread_mutex_lock(&log->mu);
+                continue;
+            }
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            uint64_t wait = due - now;
+            ts.tv_sec += (time_t)(wait / 1000000000u);
+            ts.tv_nsec += (long)(wait % 1000000000u);
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&log->work_cv, &log->mu, &ts);
+            continue;
+        }
+        if (log->closing)
+            break;
+        pthread_cond_wait(&log->work_cv, &log->mu);
+    }
+    pthread_mutex_unlock(&log->mu);
+    return NULL;
+}
+
+/* ---- truncate, stats, close ---- */
+
+int wal_log_truncate(wal_log_t *log, uint64_t before_seq)
+{
+    if (!log)
+        return CAP_EINVAL;
+    if (log->readonly)
+        return CAP_EINVAL;
+    struct wal_trunc t = {.before = before_seq};
+    pthread_cond_init(&t.cv, NULL);
+    pthread_mutex_lock(&log->mu);
+    if (log->closing) {
+        pthread_mutex_unlock(&log->mu);
+        pthread_cond_destroy(&t.cv);
+        return CAP_ECLOSED;
+    }
+    if (log->trunc_tail)
+        log->trunc_tail->next = &t;
+    else
+        log->trunc_head = &t;
+    log->trunc_tail = &t;
+    pthread_cond_signal(&log->work_cv);
+    while (!t.done)
+        pthread_cond_wait(&t.cv, &log->mu);
+    pthread_mutex_unlock(&log->mu);
+    pthread_cond_destroy(&t.cv);
+    return t.status;
+}
+
+void wal_log_stats(wal_log_t *log, wal_stats_t *out)
+{
+    if (log->readonly) {
+        *out = log->st;
+        return;
+    }
+    pthread_mutex_lock(&log->mu);
+    *out = log->st;
+    pthread_mutex_unlock(&log->mu);
+}
+
+void wal_log_close(wal_log_t *log)
+{
+    if (!log)
+        return;
+    if (log->have_writer) {
+        pthread_mutex_lock(&log->mu);
+        log->closing = 1;
+        pthread_cond_signal(&log->work_cv);
+        pthread_mutex_unlock(&log->mu);
+        pthread_join(log->writer, NULL);
+    }
+    pthread_cond_destroy(&log->work_cv);
+    pthread_mutex_destroy(&log->mu);
+    wal_scratch_free(log->scratch);
+    cap_free(log);
+}

@@ -1,0 +1,87 @@
+/*
+ * wal_format.h - the WAL's on-disk format, byte by byte, and the rule for when a frame is valid.
+ * Internal to wal/ (tools read frames through wal_frame_decode in wal.h).
+ *
+ * WHERE RECORDS LIVE. The log is three named LMDB databases inside the engine's environment:
+ *
+ *   "wal.log"   key: sequence number, 8 bytes big-endian (so LMDB's byte order is numeric order;
+ *               written with MDB_APPEND). value: one frame (below). Sequence numbers start at 1,
+ *               are assigned in append order and never reused, even after truncation.
+ *   "wal.key"   DUPSORT index. key: the record's key bytes (1..511; records with an empty key
+ *               are not indexed). values: 8-byte big-endian sequence numbers of the records with
+ *               that key, sorted numerically.
+ *   "wal.meta"  "format" -> 4 bytes little-endian u32, WAL_FORMAT_VERSION of the log's layout;
+ *               "high"   -> 8 bytes big-endian u64, the highest sequence number committed when
+ *                           the last truncation ran (so a log truncated to nothing does not
+ *                           restart at 1). The next sequence number after open is
+ *                           max(last key of wal.log, "high") + 1.
+ *
+ * A FRAME (all integers little-endian):
+ *
+ *   offset size  field
+ *        0    4  magic       0x4C415743 (the bytes "CWAL")
+ *        4    1  version     codec version, WAL_CODEC_VERSION (1)
+ *        5    1  kind        record kind, 1..255 (0 is invalid)
+ *        6    2  key_len     0..511 (WAL_MAX_KEY)
+ *        8    8  seq         sequence number; equals the wal.log key holding the frame
+ *       16    4  body_len    bytes of body
+ *       20    4  reserved    0
+ *       24    8  checksum    see below
+ *       32    key_len        key bytes
+ *   32+key_len body_len      body: a tpl image of format "A(uUB)", one array element per field:
+ *                            u = tag (u32), U = integer (u64), B = byte string (u32 length).
+ *
+ *   checksum = XXH3_64bits(C), where C is 32 bytes: frame bytes 0..23 followed by the
+ *   little-endian u64 XXH3_64bits(frame bytes 32..end) (the hash of key and body). Two hashes
+ *   instead of one so that a producer hashes its key and body in its own thread and the sequence
+ *   number, assigned later under the log's lock, costs one 32-byte hash to seal.
+ *
+ * THE VALIDITY RULE. A frame is valid only if, in this order:
+ *   1. its length is at least 32 and equals 32 + key_len + body_len;
+ *   2. magic matches, version is one this build knows, kind != 0, key_len <= 511, reserved == 0;
+ *   3. the checksum matches;
+ *   4. (when reading from the log) seq equals the wal.log key it is stored under.
+ * Only then is the body given to tpl, and only after tpl_peek confirms the format "A(uUB)", the
+ * image loads with exactly body_len bytes, and the array count is at most body_len / 16 (the
+ * smallest encoded element). Anything else is CAP_ECORRUPT with the sequence number.
+ */
+#ifndef WAL_FORMAT_H
+#define WAL_FORMAT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define WAL_FRAME_MAGIC     0x4C415743u
+#define WAL_CODEC_VERSION   1u
+#define WAL_FORMAT_VERSION  1u
+#define WAL_FRAME_HDR       32u
+#define WAL_BODY_FMT        "A(uUB)"
+#define WAL_MIN_FIELD_BYTES 16u /* u32 tag + u64 integer + u32 byte-string length */
+
+#define WAL_DB_LOG      "wal.log"
+#define WAL_DB_KEY      "wal.key"
+#define WAL_DB_META     "wal.meta"
+#define WAL_META_FORMAT "format"
+#define WAL_META_HIGH   "high"
+
+/* The header as a struct, to pin the layout down (the code reads and writes it byte by byte with
+ * the little-endian helpers of cap.h, never by casting). */
+struct wal_frame_hdr {
+    uint32_t magic;
+    uint8_t version;
+    uint8_t kind;
+    uint16_t key_len;
+    uint64_t seq;
+    uint32_t body_len;
+    uint32_t reserved;
+    uint64_t checksum;
+};
+_Static_assert(sizeof(struct wal_frame_hdr) == WAL_FRAME_HDR, "frame header is 32 bytes");
+_Static_assert(offsetof(struct wal_frame_hdr, kind) == 5, "kind at 5");
+_Static_assert(offsetof(struct wal_frame_hdr, key_len) == 6, "key_len at 6");
+_Static_assert(offsetof(struct wal_frame_hdr, seq) == 8, "seq at 8");
+_Static_assert(offsetof(struct wal_frame_hdr, body_len) == 16, "body_len at 16");
+_Static_assert(offsetof(struct wal_frame_hdr, reserved) == 20, "reserved at 20");
+_Static_assert(offsetof(struct wal_frame_hdr, checksum) == 24, "checksum at 24");
+
+#endif /* WAL_FORMAT_H */
