@@ -1,0 +1,976 @@
+"""_capsule_ns: namespace deltas and restore for the capsule worker (the basis of durability).
+
+The worker runs every cell with globals = __main__.__dict__ and calls, on its execution thread,
+with the GIL, between cells (never concurrently with user code):
+
+    ns = Namespace(globals_dict, hash_fn)   # hash_fn(bytes) -> 64-bit int (the worker: XXH3)
+    ns.before_cell(cell_id, source, code)   # source tracking (ast) of the cell about to run
+    blob, info = ns.after_cell(code)        # the delta of that cell (also after it raised)
+    blob, info = ns.snapshot()              # everything, for checkpoints
+    result = ns.apply(blob)                 # a fresh worker replays snapshot + deltas
+
+What a delta holds, per name the cell added, rebound, mutated in place or deleted:
+  - 'del'  the name is gone;
+  - 'src'  re-created by re-executing source: a def/class statement (decorators included), an
+           import statement (one per bound name: `import a.b`, `import a.b as c`,
+           `from m import x as y`), or `name = lambda ...`;
+  - 'mod'  a module bound some other way (`m = importlib.import_module(...)`): imported by name;
+  - 'pkl'  a pickle of one alias group: the names whose values share reachable objects are
+           pickled together (a tuple of their values), so `b is a` holds again after a restore;
+  - 'bad'  cannot be saved: the reason ("type (reason)"); apply removes the name and lists it
+           in "failed" (never a silently stale or missing value).
+
+How a cell's changes are found without pickling the whole namespace:
+  - added / deleted names: a set difference of the globals' keys (C speed);
+  - rebound names: an identity scan of all names against the values recorded last time
+    (catches `_` set by the worker, globals()[...] writes, `global x` in functions);
+  - mutated in place: only *candidates* are fingerprinted (hash_fn of their pickle, compared with
+    the one recorded): the names in the cell's code (co_names/co_varnames, recursively through
+    nested code objects), the names used by the code of session functions and methods reachable
+    from those names (transitively), and the other members of their alias groups. A cell that
+    names exec/eval/globals/vars/locals/__main__/sys.modules/__dict__ makes every name a
+    candidate.
+
+Invariants kept between calls (the recorded state describes globals as of the last
+after_cell/snapshot/apply):
+  - _vals[name] is the object bound to name then (a strong reference, so ids stay unique);
+  - _fp[name] is the fingerprint of pickle(_vals[name]), or None (unpicklable / source / module);
+  - _reach[name] holds the ids of the identity-bearing objects reachable from a pickled value
+    (atoms such as str/int, classes, functions and modules excluded); _idx maps id -> owner
+    name(s); _grp[name] is the alias group (connected component over shared ids), absent for
+    singletons;
+  - _src[name] = (seq, kind, text) for names re-created from source; seq orders re-execution.
+
+Blob format (opaque to C): byte 0 = FORMAT_VERSION (1); byte 1 = b'D' (delta) or b'S'
+(snapshot: applying it also deletes every name it does not mention); bytes 2..9 = hash_fn(body)
+as unsigned 64-bit little endian, checked before anything is trusted; bytes 10.. = body, a
+pickle (protocol 5) of a list of entry tuples made only of str/bytes/int/tuple/list, loaded with
+an unpickler that refuses every global. Inner 'pkl' payloads are ordinary pickles: loading them
+runs code, so blobs must come from capsule's own log (never from a client).
+
+Known limits (documented in ARCHITECTURE.md): state changed inside a class object (class
+attributes) or function attributes is not fingerprinted; mutation by code reached only through
+C extensions or other modules' globals, or by background threads between cells, is seen only if
+those names are candidates; aliasing is tracked through at most REACH_LIMIT objects per name.
+"""
+
+import ast
+import gc
+import importlib
+import io
+import itertools
+import linecache
+import operator
+import pickle
+import pickletools
+import sys
+import textwrap
+import types
+
+__all__ = ["Namespace", "FORMAT_VERSION", "EXCLUDED", "RESERVED_PREFIX"]
+
+FORMAT_VERSION = 1
+_KIND_DELTA = 0x44  # 'D'
+_KIND_SNAPSHOT = 0x53  # 'S'
+_HEADER = 10
+_PROTOCOL = 5
+_MASK64 = (1 << 64) - 1
+
+# Names never in deltas: the module's own attributes and the builtins. The worker may add its
+# own names through Namespace(..., exclude=...) or by prefixing them with RESERVED_PREFIX.
+EXCLUDED = frozenset({"__builtins__", "__name__", "__doc__", "__package__", "__loader__",
+                      "__spec__", "__file__", "__cached__"})
+RESERVED_PREFIX = "__capsule"
+
+# Per-name cap on the objects walked for alias detection (memory of the id index).
+REACH_LIMIT = 200_000
+
+# Names whose presence in a cell means it may touch any global.
+_ESCAPE = frozenset({"exec", "eval", "globals", "vars", "locals", "__main__", "modules",
+                     "__dict__", "__globals__", "f_globals", "setattr", "delattr",
+                     "__setattr__", "__delattr__"})
+
+# Objects without identity that matters (never grouped, never walked).
+_ATOMS = frozenset({str, bytes, int, float, complex, bool, type(None), type(Ellipsis),
+                    type(NotImplemented), range, types.CodeType, types.ModuleType,
+                    types.FrameType, types.TracebackType, types.GetSetDescriptorType,
+                    types.MemberDescriptorType, types.WrapperDescriptorType,
+                    types.MethodDescriptorType, types.ClassMethodDescriptorType,
+                    types.MappingProxyType, types.CellType})
+
+_ASYNC_FLAGS = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0x2000)
+_SRC_HINTS = ("def", "class", "import", "lambda")
+
+
+def _type_name(v):
+    t = type(v)
+    mod = getattr(t, "__module__", "builtins")
+    return t.__qualname__ if mod == "builtins" else f"{mod}.{t.__qualname__}"
+
+
+def _reason(value, exc):
+    """'type name (reason)' for a value that could not be pickled."""
+    tn = _type_name(value)
+    if isinstance(value, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
+        why = "a suspended frame cannot be saved; re-create it after a restore"
+    elif isinstance(value, io.IOBase):
+        name = getattr(value, "name", None)
+        mode = getattr(value, "mode", None)
+        what = f"open file {name!r}" if name is not None else "open stream"
+        if mode:
+            what += f" mode {mode!r}"
+        why = f"{what}: file handles cannot be saved"
+    elif tn.startswith("socket.") or tn.startswith("ssl."):
+        why = "open socket: connections cannot be saved"
+    elif tn.startswith("_thread.") or tn.startswith("threading."):
+        why = "thread primitive: locks and threads cannot be saved"
+    elif isinstance(value, types.FunctionType) and value.__name__ == "<lambda>":
+        why = ("lambda: source not recoverable (bind it at top level as `name = lambda ...`)")
+    elif isinstance(exc, RecursionError):
+        why = "too deeply nested to pickle"
+    else:
+        why = f"{type(exc).__name__}: {exc}"
+    return f"{tn} ({why})"
+
+
+class _BlobUnpickler(pickle.Unpickler):
+    """Loads the outer body of a blob: plain data only, no globals."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"global {module}.{name} not allowed in a blob body")
+
+
+def _session_refs(data, modname):
+    """The top-level names of modname that pickle `data` references by global (class, function).
+    Only called when modname's bytes occur in data."""
+    refs = set()
+    memo = {}
+    nmemo = 0
+    pushed = [None, None]
+    prev_str = False
+    for op, arg, _pos in pickletools.genops(data):
+        name = op.name
+        if name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+            pushed.append(arg)
+            prev_str = True
+            continue
+        if name == "MEMOIZE":
+            memo[nmemo] = pushed[-1] if prev_str else None
+            nmemo += 1
+            continue
+        if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if prev_str else None
+            continue
+        if name in ("FRAME", "PROTO"):
+            continue
+        if name in ("GET", "BINGET", "LONG_BINGET"):
+            v = memo.get(arg)
+            pushed.append(v)
+            prev_str = v is not None
+            continue
+        if name == "STACK_GLOBAL":
+            if pushed[-2] == modname and isinstance(pushed[-1], str):
+                refs.add(pushed[-1].split(".")[0])
+        elif name in ("GLOBAL", "INST"):
+            mod, _, qual = arg.partition(" ")
+            if mod == modname:
+                refs.add(qual.split(".")[0])
+        pushed.append(None)
+        prev_str = False
+        if len(pushed) > 64:
+            del pushed[:-8]
+    return refs
+
+
+def _code_names_uncached(code, out):
+    out.update(code.co_names)
+    out.update(code.co_varnames)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            _code_names_uncached(c, out)
+
+
+def _binders(source):
+    """name -> [(kind, node, text)] in textual order, for every top-level binding in the cell
+    (also inside if/for/while/try/with/match at top level). kind: 'def', 'class', 'import',
+    'lambda' (re-creatable from text) or 'other' (any other binding)."""
+    try:
+        tree = compile(source, "<capsule-ns>", "exec", ast.PyCF_ONLY_AST | _ASYNC_FLAGS)
+    except (SyntaxError, ValueError, TypeError):
+        return {}
+    lines = source.splitlines(keepends=True)
+    out = {}
+
+    def add(name, kind, node, text):
+        out.setdefault(name, []).append((kind, node, text))
+
+    def stores(node):
+        """Names bound by a simple statement (not descending into nested scopes)."""
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                if n is not node:
+                    continue
+            if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+                yield n.id
+            elif isinstance(n, ast.alias):
+                pass
+            todo.extend(ast.iter_child_nodes(n))
+
+    def lambda_text(name, value):
+        seg = ast.get_source_segment(source, value)
+        if seg is None:
+            seg = ast.unparse(value)
+        return f"{name} = (\n{seg}\n)\n"
+
+    def walk(body):
+        for st in body:
+            if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                start = min([d.lineno for d in st.decorator_list] + [st.lineno])
+                text = textwrap.dedent("".join(lines[start - 1:st.end_lineno]))
+                add(st.name, "class" if isinstance(st, ast.ClassDef) else "def", st, text)
+            elif isinstance(st, ast.Import):
+                for a in st.names:
+                    bound = a.asname or a.name.split(".")[0]
+                    add(bound, "import", (a.name, a.asname, None),
+                        ast.unparse(ast.Import(names=[a])) + "\n")
+            elif isinstance(st, ast.ImportFrom):
+                for a in st.names:
+                    if a.name == "*":
+                        continue
+                    bound = a.asname or a.name
+                    if st.level:
+                        add(bound, "other", st, None)
+                        continue
+                    add(bound, "import", (st.module, a.asname, a.name),
+                        ast.unparse(ast.ImportFrom(module=st.module, names=[a], level=0)) + "\n")
+            elif (isinstance(st, ast.Assign) and isinstance(st.value, ast.Lambda)
+                  and all(isinstance(t, ast.Name) for t in st.targets)):
+                for t in st.targets:
+                    add(t.id, "lambda", st.value, lambda_text(t.id, st.value))
+            elif (isinstance(st, ast.AnnAssign) and isinstance(st.value, ast.Lambda)
+                  and isinstance(st.target, ast.Name)):
+                add(st.target.id, "lambda", st.value, lambda_text(st.target.id, st.value))
+            elif isinstance(st, (ast.If, ast.For, ast.AsyncFor, ast.While, ast.Try, ast.With,
+                                 ast.AsyncWith)) or type(st).__name__ in ("Match", "TryStar"):
+                heads = []
+                if isinstance(st, (ast.For, ast.AsyncFor)):
+                    heads.append(st.target)
+                if isinstance(st, (ast.With, ast.AsyncWith)):
+                    heads.extend(i.optional_vars for i in st.items if i.optional_vars)
+                for h in heads:
+                    for n in stores(h):
+                        add(n, "other", st, None)
+                for n in stores_expr_heads(st):
+                    add(n, "other", st, None)
+                walk(getattr(st, "body", []))
+                walk(getattr(st, "orelse", []))
+                walk(getattr(st, "finalbody", []))
+                for h in getattr(st, "handlers", []):
+                    if h.name:
+                        add(h.name, "other", h, None)
+                    walk(h.body)
+                for c in getattr(st, "cases", []):
+                    for n in stores(c.pattern):
+                        add(n, "other", c, None)
+                    walk(c.body)
+            else:
+                for n in stores(st):
+                    add(n, "other", st, None)
+                if isinstance(st, ast.Global):
+                    pass
+
+    def stores_expr_heads(st):
+        # walrus in an if/while test binds a global
+        test = getattr(st, "test", None)
+        if test is None:
+            return ()
+        return [n.target.id for n in ast.walk(test) if isinstance(n, ast.NamedExpr)]
+
+    walk(tree.body)
+    # names bound by pattern captures are Name-less (MatchAs.name): add them
+    for node in ast.walk(tree):
+        if type(node).__name__ in ("MatchAs", "MatchStar") and getattr(node, "name", None):
+            out.setdefault(node.name, []).append(("other", node, None))
+    return out
+
+
+def _unwrap_functions(v):
+    seen = 0
+    while v is not None and seen < 100:
+        if isinstance(v, types.FunctionType):
+            yield v
+        v = getattr(v, "__wrapped__", None) if not isinstance(v, type) else None
+        seen += 1
+
+
+class Namespace:
+    """Tracks one session namespace (a globals dict) and produces/applies delta blobs.
+
+    globals_dict: the namespace (the worker: __main__.__dict__); borrowed for the lifetime of the
+    object. hash_fn(bytes) -> int, a 64-bit fingerprint. exclude: extra names the worker injects
+    (never in deltas). Not thread-safe: call only between cells, from one thread, with the GIL.
+    """
+
+    def __init__(self, globals_dict, hash_fn, exclude=()):
+        self._g = globals_dict
+        self._hash = hash_fn
+        self._skip = set(EXCLUDED) | set(exclude)
+        self._modname = globals_dict.get("__name__", "__main__")
+        self._modname_b = self._modname.encode("utf-8", "surrogatepass")
+        self._vals = {}
+        self._fp = {}
+        self._reach = {}
+        self._codes = {}
+        self._idx = {}
+        self._grp = {}
+        self._src = {}
+        self._mods = {}
+        self._bad = {}
+        self._seq = 0
+        self._pending = {}
+        self._cell_file = None
+        self._code_cache = {}
+        names = self._current_keys()
+        self._record(names, names, {}, {})
+
+    # ---------------------------------------------------------------- public API
+
+    def before_cell(self, cell_id, source, code):
+        """Records the cell's def/class/import/lambda statements (source tracking)."""
+        self._cell_id = cell_id
+        self._cell_file = getattr(code, "co_filename", None)
+        self._pending = {}
+        if source and any(h in source for h in _SRC_HINTS):
+            self._pending = _binders(source)
+
+    def after_cell(self, code):
+        """Returns (delta_blob, info) for what the cell changed; updates the recorded state."""
+        g = self._g
+        keys = self._current_keys()
+        old = self._vals.keys()
+        added = keys - old
+        if not added and len(keys) == len(old):
+            deleted = set()
+            common = list(old)
+        else:
+            deleted = old - keys
+            common = list(keys & old)
+        vals = self._vals
+        rebound = set(itertools.compress(
+            common, map(operator.is_not, map(g.__getitem__, common), map(vals.__getitem__, common))))
+
+        cands = self._candidates(code, keys)
+        pickles = {}
+        mutated = set()
+        for n in cands:
+            if n in added or n in rebound or n in self._src or n in self._mods:
+                continue
+            data, err = self._pickle1(g[n], pickles, n)
+            old_fp = self._fp.get(n)
+            if data is None:
+                if old_fp is not None:
+                    mutated.add(n)
+            elif old_fp is None or self._hash(data) & _MASK64 != old_fp:
+                mutated.add(n)
+
+        dirty = added | rebound | mutated
+        entries, unpick = self._record(dirty, keys, pickles, {}, deleted=deleted)
+        blob = self._encode(_KIND_DELTA, entries)
+        self._pending = {}
+        info = {"added": sorted(added), "changed": sorted(rebound), "mutated": sorted(mutated),
+                "deleted": sorted(deleted), "unpicklable": unpick, "size": len(blob)}
+        return blob, info
+
+    def snapshot(self):
+        """Returns (blob, info): every name, groups re-pickled, sources in definition order."""
+        keys = self._current_keys()
+        deleted = self._vals.keys() - keys
+        self._pending = {}
+        entries, unpick = self._record(keys, keys, {}, {}, deleted=deleted, full=True)
+        blob = self._encode(_KIND_SNAPSHOT, entries)
+        info = {"added": sorted(keys), "changed": [], "mutated": [], "deleted": [],
+                "unpicklable": unpick, "size": len(blob)}
+        return blob, info
+
+    def apply(self, blob):
+        """Applies a delta or snapshot blob into the globals. Raises ValueError (and changes
+        nothing) when the blob is malformed. Returns {"restored", "deleted", "failed"}."""
+        kind, entries = self._decode(blob)
+        g = self._g
+        restored, deleted, failed = [], [], {}
+        mentioned = set()
+        for e in entries:
+            if e[0] == "pkl":
+                mentioned.update(e[1])
+            else:
+                mentioned.add(e[1])
+        if kind == _KIND_SNAPSHOT:
+            for n in sorted(self._current_keys() - mentioned):
+                del g[n]
+                deleted.append(n)
+        hints = {}
+        work = []
+        for e in entries:
+            tag = e[0]
+            if tag == "del":
+                g.pop(e[1], None)
+                deleted.append(e[1])
+            elif tag == "bad":
+                g.pop(e[1], None)
+                failed[e[1]] = e[2]
+            elif tag == "src":
+                work.append((0, e[2], e))
+            elif tag == "mod":
+                work.append((1, 0, e))
+            else:
+                work.append((2, 0, e))
+        work.sort(key=lambda w: (w[0], w[1]))
+        pending = [w[2] for w in work]
+        errors = {}
+        while pending:
+            progress = False
+            nxt = []
+            for e in pending:
+                try:
+                    names = self._apply_entry(e, hints)
+                except Exception as exc:  # user code (decorators, __setstate__) may raise
+                    errors[id(e)] = f"{type(exc).__name__}: {exc}"
+                    nxt.append(e)
+                    continue
+                restored.extend(names)
+                progress = True
+            pending = nxt
+            if not progress:
+                break
+        for e in pending:
+            names = e[1] if e[0] == "pkl" else (e[1],)
+            for n in names:
+                g.pop(n, None)
+                failed[n] = f"could not restore: {errors.get(id(e), 'unknown error')}"
+        self._pending = {}
+        keys = self._current_keys()
+        gone = self._vals.keys() - keys
+        fresh = set(restored) & keys
+        self._record(fresh, keys, {}, hints, deleted=gone)
+        for n in failed:
+            # A failed name stays absent; later deltas may bind it again.
+            self._bad.pop(n, None)
+        return {"restored": sorted(set(restored)), "deleted": sorted(set(deleted)),
+                "failed": failed}
+
+    # ---------------------------------------------------------------- internals
+
+    def _current_keys(self):
+        g = self._g
+        keys = g.keys() - self._skip
+        odd = [k for k in keys - self._vals.keys()
+               if not isinstance(k, str) or k.startswith(RESERVED_PREFIX)]
+        if odd:
+            self._skip.update(odd)
+            keys.difference_update(odd)
+        return keys
+
+    def _code_names(self, code):
+        hit = self._code_cache.get(id(code))
+        if hit is not None and hit[0] is code:
+            return hit[1]
+        out = set()
+        _code_names_uncached(code, out)
+        names = frozenset(out)
+        if len(self._code_cache) > 4096:
+            self._code_cache.clear()
+        self._code_cache[id(code)] = (code, names)
+        return names
+
+    def _candidates(self, code, keys):
+        """Names the cell could have mutated in place (see the module docstring)."""
+        if code is None:
+            return set(keys)
+        first = self._code_names(code)
+        if first & _ESCAPE:
+            return set(keys)
+        cands = set(first & keys)
+        todo = list(cands)
+        while todo:
+            n = todo.pop()
+            more = []
+            for c in self._codes.get(n, ()):
+                names = self._code_names(c)
+                if names & _ESCAPE:
+                    return set(keys)
+                more.extend(names & keys)
+            grp = self._grp.get(n)
+            if grp:
+                more.extend(grp)
+            for m in more:
+                if m not in cands and m in keys:
+                    cands.add(m)
+                    todo.append(m)
+        return cands
+
+    def _pickle1(self, value, cache, name):
+        hit = cache.get(name)
+        if hit is not None:
+            return hit
+        try:
+            res = (pickle.dumps(value, _PROTOCOL), None)
+        except Exception as exc:  # user __reduce__ code may raise anything
+            res = (None, _reason(value, exc))
+        cache[name] = res
+        return res
+
+    def _walk(self, root, want_ids):
+        """(ids, codes): identity-bearing objects reachable from root, and the code objects of
+        session functions/classes reachable from it."""
+        g = self._g
+        modname = self._modname
+        ids = set()
+        codes = set()
+        seen_cls = set()
+        stack = [root]
+        atoms = _ATOMS
+        ftype = types.FunctionType
+        btype = types.BuiltinFunctionType
+        referents = gc.get_referents
+        while stack:
+            o = stack.pop()
+            t = type(o)
+            if t in atoms:
+                continue
+            if t is ftype:
+                if o.__globals__ is g:
+                    codes.add(o.__code__)
+                continue
+            if isinstance(o, type):
+                if o not in seen_cls and getattr(o, "__module__", None) == modname:
+                    seen_cls.add(o)
+                    self._class_codes(o, codes)
+                continue
+            if t is btype:
+                s = o.__self__
+                if s is not None and not isinstance(s, types.ModuleType):
+                    stack.append(s)
+                continue
+            if o is g or isinstance(o, types.ModuleType):
+                continue
+            i = id(o)
+            if i in ids:
+                continue
+            if not (t is tuple and not o):
+                ids.add(i)
+                if len(ids) > REACH_LIMIT:
+                    break
+            stack.extend(referents(o))
+        return (ids if want_ids else set()), codes
+
+    def _class_codes(self, cls, codes):
+        """Adds the code of the session-defined methods (incl. static/class methods, property
+        accessors) of cls and its session bases."""
+        g = self._g
+        for k in cls.__mro__:
+            if getattr(k, "__module__", None) != self._modname:
+                continue
+            for attr in list(vars(k).values()):
+                try:
+                    fs = (attr, getattr(attr, "__func__", None), getattr(attr, "fget", None),
+                          getattr(attr, "fset", None), getattr(attr, "fdel", None))
+                except Exception:  # exotic descriptors may raise anything
+                    continue
+                for f in fs:
+                    if type(f) is types.FunctionType and f.__globals__ is g:
+                        codes.add(f.__code__)
+
+    def _idx_remove(self, name):
+        idx = self._idx
+        for i in self._reach.pop(name, ()):
+            o = idx.get(i)
+            if o is None:
+                continue
+            if type(o) is str:
+                if o == name:
+                    del idx[i]
+            else:
+                o.discard(name)
+                if len(o) == 1:
+                    idx[i] = next(iter(o))
+                elif not o:
+                    del idx[i]
+
+    def _idx_add(self, name, ids):
+        idx = self._idx
+        for i in ids:
+            o = idx.get(i)
+            if o is None:
+                idx[i] = name
+            elif type(o) is str:
+                if o != name:
+                    idx[i] = {o, name}
+            else:
+                o.add(name)
+        if ids:
+            self._reach[name] = frozenset(ids)
+
+    def _component(self, name, keys):
+        seen = {name}
+        todo = [name]
+        idx = self._idx
+        while todo:
+            n = todo.pop()
+            for i in self._reach.get(n, ()):
+                o = idx.get(i)
+                if o is None:
+                    continue
+                for m in ((o,) if type(o) is str else o):
+                    if m not in seen and m in keys:
+                        seen.add(m)
+                        todo.append(m)
+        return seen
+
+    def _match_source(self, name, value):
+        """(kind, text) if the cell's own statement that bound name can re-create value."""
+        binders = self._pending.get(name)
+        if not binders:
+            return None
+        cell_file = self._cell_file
+        last = True
+        for kind, node, text in reversed(binders):
+            if kind == "other":
+                return None
+            if kind == "def":
+                start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+                fns = list(_unwrap_functions(value))
+                for f in fns:
+                    c = f.__code__
+                    if c.co_filename == cell_file and c.co_firstlineno in (start, node.lineno):
+                        return ("def", text)
+                if not fns and last:
+                    return ("def", text)
+            elif kind == "class":
+                if isinstance(value, type) and value.__name__ == node.name:
+                    if last:
+                        return ("class", text)
+                    for attr in vars(value).values():
+                        f = getattr(attr, "__func__", attr)
+                        if (type(f) is types.FunctionType and f.__code__.co_filename == cell_file
+                                and node.lineno <= f.__code__.co_firstlineno <= node.end_lineno):
+                            return ("class", text)
+                elif last and not isinstance(value, type):
+                    return ("class", text)
+            elif kind == "import":
+                modname, asname, attr = node
+                if attr is None:
+                    target = sys.modules.get(modname if asname else modname.split(".")[0])
+                    if target is not None and target is value:
+                        return ("import", text)
+                else:
+                    m = sys.modules.get(modname)
+                    if m is not None and (getattr(m, attr, _MISSING) is value
+                                          or sys.modules.get(f"{modname}.{attr}") is value):
+                        return ("import", text)
+            elif kind == "lambda":
+                if (type(value) is types.FunctionType and value.__name__ == "<lambda>"
+                        and value.__code__.co_filename == cell_file
+                        and value.__code__.co_firstlineno == node.lineno):
+                    return ("lambda", text)
+            last = False
+        return None
+
+    def _recover_source(self, name, value):
+        """Source for a session function bound without a tracked statement, from linecache
+        (the worker registers each cell there), or None."""
+        if type(value) is not types.FunctionType or value.__globals__ is not self._g:
+            return None
+        if value.__closure__:
+            return None
+        c = value.__code__
+        lines = linecache.getlines(c.co_filename)
+        if not lines:
+            return None
+        source = "".join(lines)
+        try:
+            tree = compile(source, c.co_filename, "exec", ast.PyCF_ONLY_AST | _ASYNC_FLAGS)
+        except (SyntaxError, ValueError):
+            return None
+        if value.__name__ == "<lambda>":
+            hits = [n for n in ast.walk(tree)
+                    if isinstance(n, ast.Lambda) and n.lineno == c.co_firstlineno]
+            if len(hits) != 1:
+                return None
+            seg = ast.get_source_segment(source, hits[0])
+            return ("lambda", f"{name} = (\n{seg}\n)\n") if seg else None
+        for n in ast.walk(tree):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == value.__name__:
+                start = min([d.lineno for d in n.decorator_list] + [n.lineno])
+                if c.co_firstlineno in (start, n.lineno) and not n.decorator_list:
+                    if name == n.name:
+                        return ("def", textwrap.dedent("".join(lines[n.lineno - 1:n.end_lineno])))
+                    # Bound under another name only: define it under that name, keep its own.
+                    orig = n.name
+                    n.name = name
+                    return ("def", f"{ast.unparse(n)}\n{name}.__name__ = {orig!r}\n"
+                            f"{name}.__qualname__ = {orig!r}\n")
+        return None
+
+    def _record(self, names, keys, pickles, hints, deleted=(), full=False):
+        """Re-records `names` (dirty, or all when full) and returns (entries, unpicklable) for a
+        blob that brings a namespace from the previous recorded state to the current one."""
+        g = self._g
+        entries = []
+        unpick = {}
+        affected = set()
+        for n in deleted:
+            affected.update(self._grp.get(n, ()))
+            self._forget(n)
+            entries.append(("del", n))
+        pkl_names = []
+        for n in sorted(names):
+            v = g[n]
+            affected.update(self._grp.get(n, ()))
+            affected.add(n)
+            kind = None
+            if n in hints:
+                seq, skind, text = hints[n]
+                kind = ("src", skind, text, seq)
+            elif n in self._src and self._vals.get(n, _MISSING) is v:
+                s = self._src[n]
+                kind = ("src", s[1], s[2], s[0])
+            else:
+                m = self._match_source(n, v)
+                if m is None and type(v) is types.FunctionType and v.__globals__ is g and not (
+                        v.__name__ != n and g.get(v.__name__) is v):
+                    m = self._recover_source(n, v)
+                if m is not None:
+                    self._seq += 1
+                    kind = ("src", m[0], m[1], self._seq)
+                elif isinstance(v, types.ModuleType):
+                    mn = getattr(v, "__name__", None)
+                    if (isinstance(mn, str) and sys.modules.get(mn) is v
+                            and getattr(v, "__spec__", None) is not None and mn != "__main__"):
+                        kind = ("mod", mn)
+                    else:
+                        kind = ("bad", f"{_type_name(v)} (module not importable by name)")
+            self._idx_remove(n)
+            self._src.pop(n, None)
+            self._mods.pop(n, None)
+            self._bad.pop(n, None)
+            self._vals[n] = v
+            self._fp[n] = None
+            if kind is None:
+                pkl_names.append(n)
+                ids, codes = self._walk(v, True)
+                self._codes[n] = codes
+                self._idx_add(n, ids)
+                continue
+            _ids, codes = self._walk(v, False)
+            self._codes[n] = codes
+            if kind[0] == "src":
+                self._src[n] = (kind[3], kind[1], kind[2])
+            elif kind[0] == "mod":
+                self._mods[n] = kind[1]
+            else:
+                self._bad[n] = kind[1]
+                unpick[n] = kind[1]
+
+        # Alias groups of everything touched.
+        for n in affected:
+            self._grp.pop(n, None)
+        groups = []
+        placed = set()
+        for n in sorted(affected):
+            if n in placed or n not in keys or n not in self._vals or n in self._src \
+                    or n in self._mods or n in self._bad:
+                continue
+            comp = self._component(n, keys)
+            placed.update(comp)
+            if len(comp) > 1:
+                fz = frozenset(comp)
+                for m in comp:
+                    self._grp[m] = fz
+            groups.append(sorted(comp))
+        dirty_pkl = set(pkl_names)
+        pkl_entries = []
+        for grp in groups:
+            if not dirty_pkl.intersection(grp):
+                continue
+            pkl_entries.extend(self._pickle_group(grp, pickles, unpick))
+
+        src_entries = sorted(
+            (("src", n, s[0], s[1], s[2]) for n, s in self._src.items()
+             if n in names),
+            key=lambda e: e[2])
+        for n in sorted(names):
+            if n in self._mods:
+                entries.append(("mod", n, self._mods[n]))
+            elif n in self._bad:
+                entries.append(("bad", n, self._bad[n]))
+        if src_entries:
+            self._seq = max(self._seq, src_entries[-1][2])
+        dels = [e for e in entries if e[0] == "del"]
+        rest = [e for e in entries if e[0] != "del"]
+        return dels + src_entries + rest + pkl_entries, unpick
+
+    def _forget(self, n):
+        self._idx_remove(n)
+        for d in (self._vals, self._fp, self._codes, self._src, self._mods, self._bad,
+                  self._grp):
+            d.pop(n, None)
+
+    def _check_refs(self, data):
+        if self._modname_b in data:
+            refs = _session_refs(data, self._modname)
+            bad = [r for r in refs if r not in self._src]
+            if bad:
+                return ", ".join(sorted(bad))
+        return None
+
+    def _mark_bad(self, n, reason, unpick):
+        self._idx_remove(n)
+        self._bad[n] = reason
+        self._fp[n] = None
+        unpick[n] = reason
+
+    def _pickle_group(self, grp, pickles, unpick):
+        """Entries for one alias group: one 'pkl' of all members, or, when some members cannot
+        be saved, 'bad' entries for those and one 'pkl' of the rest."""
+        g = self._g
+        out = []
+        members = list(grp)
+        while members:
+            if len(members) == 1:
+                n = members[0]
+                data, err = self._pickle1(g[n], pickles, n)
+                if data is not None:
+                    missing = self._check_refs(data)
+                    if missing:
+                        err = self._missing_reason(g[n], missing)
+                        data = None
+                if data is None:
+                    self._mark_bad(n, err, unpick)
+                    out.append(("bad", n, err))
+                else:
+                    self._fp[n] = self._hash(data) & _MASK64
+                    out.append(("pkl", (n,), data))
+                return out
+            try:
+                data = pickle.dumps(tuple(g[n] for n in members), _PROTOCOL)
+                missing = self._check_refs(data)
+            except Exception:
+                data, missing = None, True
+            if data is not None and not missing:
+                for n in members:
+                    d1, _err = self._pickle1(g[n], pickles, n)
+                    self._fp[n] = None if d1 is None else self._hash(d1) & _MASK64
+                out.append(("pkl", tuple(members), data))
+                return out
+            keep = []
+            for n in members:
+                d1, err = self._pickle1(g[n], pickles, n)
+                if d1 is not None:
+                    miss = self._check_refs(d1)
+                    if miss:
+                        d1, err = None, self._missing_reason(g[n], miss)
+                if d1 is None:
+                    self._mark_bad(n, err, unpick)
+                    out.append(("bad", n, err))
+                else:
+                    keep.append(n)
+            if len(keep) == len(members):
+                # Each pickles alone but not together: give up on shared identity for them.
+                for n in keep:
+                    d1, _err = self._pickle1(g[n], pickles, n)
+                    self._fp[n] = self._hash(d1) & _MASK64
+                    out.append(("pkl", (n,), d1))
+                return out
+            members = keep
+        return out
+
+    def _missing_reason(self, value, missing):
+        if isinstance(value, (types.FunctionType, type)) and value.__name__ == "<lambda>":
+            return _reason(value, None)
+        return (f"{_type_name(value)} (refers to {self._modname}.{missing}, which has no "
+                "tracked source to re-create it)")
+
+    def _apply_entry(self, e, hints):
+        g = self._g
+        tag = e[0]
+        if tag == "src":
+            _tag, name, seq, skind, text = e
+            fname = f"<capsule-restore {name}>"
+            code = compile(text, fname, "exec", 0, True)
+            linecache.cache[fname] = (len(text), None, text.splitlines(keepends=True), fname)
+            exec(code, g)
+            if name not in g:
+                raise NameError(f"{skind} source did not bind {name!r}")
+            hints[name] = (seq, skind, text)
+            self._seq = max(self._seq, seq)
+            return (name,)
+        if tag == "mod":
+            g[e[1]] = importlib.import_module(e[2])
+            return (e[1],)
+        names, data = e[1], e[2]
+        value = pickle.loads(data)
+        if len(names) == 1:
+            g[names[0]] = value
+        else:
+            if not isinstance(value, tuple) or len(value) != len(names):
+                raise ValueError("group pickle does not match its names")
+            for n, v in zip(names, value):
+                g[n] = v
+        return tuple(names)
+
+    def _encode(self, kind, entries):
+        body = pickle.dumps(entries, _PROTOCOL)
+        h = self._hash(body) & _MASK64
+        return bytes((FORMAT_VERSION, kind)) + h.to_bytes(8, "little") + body
+
+    def _decode(self, blob):
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise ValueError(f"namespace blob must be bytes, not {type(blob).__name__}")
+        blob = bytes(blob)
+        if len(blob) < _HEADER + 1:
+            raise ValueError(f"namespace blob too short ({len(blob)} bytes)")
+        if blob[0] != FORMAT_VERSION:
+            raise ValueError(f"unsupported namespace blob version {blob[0]} "
+                             f"(this worker reads {FORMAT_VERSION})")
+        kind = blob[1]
+        if kind not in (_KIND_DELTA, _KIND_SNAPSHOT):
+            raise ValueError(f"unknown namespace blob kind {kind:#x}")
+        body = blob[_HEADER:]
+        want = int.from_bytes(blob[2:_HEADER], "little")
+        if self._hash(body) & _MASK64 != want:
+            raise ValueError("namespace blob checksum mismatch (corrupted or truncated)")
+        try:
+            entries = _BlobUnpickler(io.BytesIO(body)).load()
+        except Exception as exc:
+            raise ValueError(f"namespace blob body unreadable: {exc}") from None
+        if not isinstance(entries, list):
+            raise ValueError("namespace blob body is not an entry list")
+        for e in entries:
+            if not isinstance(e, tuple) or not e or not isinstance(e[0], str):
+                raise ValueError(f"malformed namespace blob entry {e!r:.80}")
+            tag = e[0]
+            ok = False
+            if tag == "del":
+                ok = len(e) == 2 and isinstance(e[1], str)
+            elif tag == "bad":
+                ok = len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], str)
+            elif tag == "mod":
+                ok = len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], str)
+            elif tag == "src":
+                ok = (len(e) == 5 and isinstance(e[1], str) and isinstance(e[2], int)
+                      and isinstance(e[3], str) and isinstance(e[4], str))
+            elif tag == "pkl":
+                ok = (len(e) == 3 and isinstance(e[1], tuple) and e[1]
+                      and all(isinstance(n, str) for n in e[1]) and isinstance(e[2], bytes))
+            if not ok:
+                raise ValueError(f"malformed namespace blob entry {e!r:.80}")
+            names = e[1] if tag == "pkl" else (e[1],)
+            for n in names:
+                if n in self._skip or n.startswith(RESERVED_PREFIX):
+                    raise ValueError(f"namespace blob names a reserved name {n!r}")
+        return kind, entries
+
+
+_MISSING = object()
