@@ -1391,6 +1391,8 @@ int prom_store_tick(prom_store_t *s, int64_t now, size_t *fired)
         memset(&dummy, 0, sizeof(dummy));
         c.s = s;
         c.now = now;
+        theap_ent_t *skipped = NULL;
+        size_t nskip = 0, capskip = 0;
         pthread_mutex_lock(&s->mu);
         size_t nf = 0;
         while (s->nheap && s->heap[0].at <= now && c.n < PROM_MAX_BATCH_DOCS) {
@@ -1399,20 +1401,34 @@ int prom_store_tick(prom_store_t *s, int64_t now, size_t *fired)
             for (size_t i = 0; i < c.n; i++)
                 in_ctx |= strcmp(c.docs[i]->p.id, e.id) == 0;
             const prom__doc_t *d = smap_get(&s->docs, e.id);
-            if (!in_ctx && d && doc_deadline(d) == e.at) {
+            if (in_ctx) {
+                /* changed by another timer's effects in this batch: retry it next round */
+                if (nskip == capskip) {
+                    capskip = capskip ? capskip * 2 : 8;
+                    skipped = cap_realloc(skipped, capskip * sizeof(*skipped));
+                }
+                skipped[nskip++] = e;
+                continue;
+            }
+            if (d && doc_deadline(d) == e.at) {
                 fire(&c, e.id);
                 nf++;
             }
             cap_free(e.id);
         }
-        int more = s->nheap && s->heap[0].at <= now;
+        int more = nskip || (s->nheap && s->heap[0].at <= now);
         prom__wait_t w;
         rc = ctx_commit(&c, &w);
         uint64_t seen = s->last_seq;
+        for (size_t i = 0; i < nskip; i++) {
+            heap_push(s, skipped[i].at, skipped[i].id);
+            cap_free(skipped[i].id);
+        }
         if (rc != 0)
             heap_rebuild(s); /* the popped entries must come back */
         ctx_free(&c);
         pthread_mutex_unlock(&s->mu);
+        cap_free(skipped);
         if (rc == 0)
             rc = ctx_wait(s, &w, seen);
         if (rc != 0)
