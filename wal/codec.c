@@ -252,7 +252,8 @@ static int wal__body_decode(const uint8_t *body, size_t body_len, wal_scratch_t 
     rc = 0;
 out:
     cap_free(fmt);
-    tpl_free(tn);
+    if (tn) /* tpl_free(NULL) crashes */
+        tpl_free(tn);
     return rc;
 }
 
