@@ -1,0 +1,349 @@
+"""_capsule_rt - the Python half of the capsule worker (embedded in capsule-pyworker).
+
+The C worker (pyworker/worker/) owns the protocol, the threads and the file descriptors; this
+module owns what is easier in Python: compiling a cell (top-level await, the last expression's
+value, `;` suppression), running it plainly or on the session's persistent asyncio loop, the
+stdout/stderr/stdin replacements, tracebacks that show the cell's source, and the calls into the
+namespace module `_capsule_ns`.
+
+Invariants:
+  - every function here runs on the worker's main (execution) thread with the GIL;
+  - run_cell never raises: every outcome is a result tuple (see run_cell);
+  - names the worker injects into __main__ (the list INJECTED) never reach a delta: the helper
+    name used to capture the last expression is removed before the namespace is diffed.
+"""
+
+import ast
+import asyncio
+import builtins
+import io
+import json
+import linecache
+import os
+import signal
+import sys
+import time
+import traceback
+
+import _capsule
+
+INJECTED = ("__builtins__", "__name__", "__doc__", "__package__", "__loader__", "__spec__",
+            "__annotations__")
+_LAST = "__capsule_last__"
+_RT_FILE = __file__ if "__file__" in globals() else "<capsule-rt>"
+
+_main = None          # the __main__ globals dict (persistent namespace)
+_loop = None          # the session's persistent asyncio loop
+_ns = None            # _capsule_ns.Namespace, or None
+_ns_error = None      # why there is no namespace module
+_limits = {}
+
+
+class _Out(io.TextIOBase):
+    """sys.stdout / sys.stderr: every write goes out at once as a STREAM frame."""
+
+    def __init__(self, n):
+        self._n = n
+        self.buffer = _OutBuffer(n)
+
+    def write(self, s):
+        if not isinstance(s, str):
+            raise TypeError("write() argument must be str, not %s" % type(s).__name__)
+        if s:
+            _capsule.write(self._n, s)
+        return len(s)
+
+    def writable(self):
+        return True
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return self._n
+
+    @property
+    def encoding(self):
+        return "utf-8"
+
+    @property
+    def errors(self):
+        return "strict"
+
+    @property
+    def name(self):
+        return "<stdout>" if self._n == 1 else "<stderr>"
+
+
+class _OutBuffer(io.RawIOBase):
+    def __init__(self, n):
+        self._n = n
+
+    def write(self, b):
+        b = bytes(b)
+        if b:
+            _capsule.write(self._n, b)
+        return len(b)
+
+    def writable(self):
+        return True
+
+    def fileno(self):
+        return self._n
+
+
+class _In(io.TextIOBase):
+    """sys.stdin: each line read is an input request to the engine ('' at EOF)."""
+
+    def readable(self):
+        return True
+
+    def readline(self, size=-1):
+        r = _capsule.input("", False)
+        return "" if r is None else r + "\n"
+
+    def read(self, size=-1):
+        parts = []
+        while True:
+            line = self.readline()
+            if not line:
+                return "".join(parts)
+            parts.append(line)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return 0
+
+    @property
+    def encoding(self):
+        return "utf-8"
+
+
+def _input(prompt="", _password=False):
+    r = _capsule.input(str(prompt), bool(_password))
+    if r is None:
+        raise EOFError("EOF when reading a line")
+    return r
+
+
+def _getpass(prompt="Password: ", stream=None):
+    return _input(prompt, True)
+
+
+def _on_sigint(signum, frame):
+    # The C side trips SIGINT only to interrupt a cell; a stale signal between cells is ignored.
+    if _capsule.cancel_requested():
+        raise KeyboardInterrupt
+
+
+def init(main_dict, limits):
+    """Called once by the C worker after Py_Initialize (in a zygote: before gc.freeze)."""
+    global _main, _loop, _ns, _ns_error, _limits
+    _main = main_dict
+    _limits = dict(limits)
+    sys.stdout = sys.__stdout__ = _Out(1)
+    sys.stderr = sys.__stderr__ = _Out(2)
+    sys.stdin = sys.__stdin__ = _In()
+    builtins.input = _input
+    try:
+        import getpass
+        getpass.getpass = _getpass
+    except ImportError:
+        pass
+    signal.signal(signal.SIGINT, _on_sigint)
+    os.register_at_fork(after_in_child=_capsule.forked_child)
+    _loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(_loop)
+    try:
+        import _capsule_ns
+        _ns = _capsule_ns.Namespace(_main, _capsule.hash64)
+    except Exception as e:  # the namespace module is optional until it lands
+        _ns = None
+        _ns_error = "namespace module unavailable: %s: %s" % (type(e).__name__, e)
+
+
+def set_limits(limits):
+    global _limits
+    _limits = dict(limits)
+
+
+def _suppressed(source):
+    """IPython's rule: a ';' ending the last non-comment line suppresses the value."""
+    for line in reversed(source.rstrip().splitlines()):
+        s = line.split("#", 1)[0].rstrip() if "#" in line else line.rstrip()
+        if s:
+            return s.endswith(";")
+    return False
+
+
+def _compile(source, filename):
+    tree = ast.parse(source, filename, "exec")
+    has_last = False
+    if tree.body and isinstance(tree.body[-1], ast.Expr) and not _suppressed(source):
+        last = tree.body[-1]
+        assign = ast.Assign(targets=[ast.Name(id=_LAST, ctx=ast.Store())], value=last.value)
+        ast.copy_location(assign, last)
+        ast.fix_missing_locations(assign)
+        tree.body[-1] = assign
+        has_last = True
+    code = compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+                   dont_inherit=True)
+    return code, has_last
+
+
+def _jsonable(v):
+    if v is None or isinstance(v, (bool, int, float, str, list, tuple, dict)):
+        try:
+            return json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            return None
+    return None
+
+
+def _limit_message(e):
+    """Names the limit an exception comes from, or None."""
+    import errno
+    if isinstance(e, MemoryError) and _limits.get("mem"):
+        return "memory limit (%d MiB) exceeded" % (_limits["mem"] >> 20)
+    if isinstance(e, OSError):
+        if e.errno == errno.EFBIG and _limits.get("fsize"):
+            return "file size limit (%d bytes) exceeded: %s" % (_limits["fsize"], e)
+        if e.errno in (errno.EMFILE, errno.ENFILE) and _limits.get("nofile"):
+            return "open files limit (%d) exceeded: %s" % (_limits["nofile"], e)
+        if e.errno == errno.EAGAIN and _limits.get("nproc") and isinstance(e, BlockingIOError):
+            return "process limit (%d) exceeded: %s" % (_limits["nproc"], e)
+    return None
+
+
+def _format_tb(e):
+    tb = e.__traceback__
+    # drop the runtime's own frames so the traceback starts at the cell
+    while tb is not None and tb.tb_frame.f_code.co_filename == _RT_FILE:
+        tb = tb.tb_next
+    try:
+        return "".join(traceback.format_exception(type(e), e, tb))
+    except Exception:
+        return "%s: %s\n" % (type(e).__name__, e)
+
+
+def _run_async(code):
+    coro = eval(code, _main)
+    task = _loop.create_task(coro)
+    try:
+        _loop.run_until_complete(task)
+    except BaseException:
+        if not task.done():
+            task.cancel()
+            try:
+                _loop.run_until_complete(task)
+            except BaseException:
+                pass
+        raise
+    finally:
+        if asyncio.events._get_running_loop() is not None:
+            asyncio.events._set_running_loop(None)
+
+
+def _delta(code):
+    if _ns is None:
+        return None, _ns_error
+    try:
+        blob, info = _ns.after_cell(code)
+        return _delta_tuple(blob, info), None
+    except BaseException as e:
+        return None, "namespace delta failed: %s: %s" % (type(e).__name__, e)
+
+
+def _delta_tuple(blob, info):
+    unp = info.get("unpicklable", {})
+    return (bytes(blob), list(info.get("added", ())), list(info.get("changed", ())),
+            list(info.get("mutated", ())), list(info.get("deleted", ())),
+            [(str(k), str(v)) for k, v in unp.items()])
+
+
+def run_cell(cell_no, cell_id, source):
+    """Runs one cell. Returns (status, repr|None, json|None, etype|None, emsg|None, tb|None,
+    delta tuple|None, delta_error|None); status 0 ok, 1 error, 2 cancelled."""
+    filename = "<cell %d>" % cell_no
+    lines = source.splitlines(True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    linecache.cache[filename] = (len(source), None, lines, filename)
+    status, rep, js, etype, emsg, tb = 0, None, None, None, None, None
+    code = None
+    try:
+        code, has_last = _compile(source, filename)
+    except BaseException as e:  # SyntaxError and friends: nothing ran
+        return (1, None, None, type(e).__name__, str(e), _format_tb(e), None,
+                "the cell did not compile")
+    if _ns is not None:
+        try:
+            _ns.before_cell(cell_id or str(cell_no), source, code)
+        except BaseException as e:
+            _capsule.write(2, "capsule: namespace before_cell failed: %r\n" % (e,))
+    try:
+        if code.co_flags & 0x80:  # CO_COROUTINE: top-level await / async for / async with
+            _run_async(code)
+        else:
+            exec(code, _main)
+        if has_last:
+            value = _main.pop(_LAST, None)
+            if value is not None:
+                _main["___"] = _main.get("__")
+                _main["__"] = _main.get("_")
+                _main["_"] = value
+                rep = repr(value)
+                js = _jsonable(value)
+    except BaseException as e:
+        _main.pop(_LAST, None)
+        cancelled = _capsule.cancel_requested() and isinstance(
+            e, (KeyboardInterrupt, asyncio.CancelledError))
+        status = 2 if cancelled else 1
+        etype = type(e).__name__
+        emsg = _limit_message(e) or str(e)
+        tb = _format_tb(e)
+        e = None
+    delta, derr = _delta(code)
+    return (status, rep, js, etype, emsg, tb, delta, derr)
+
+
+def snapshot():
+    """Returns (delta tuple, None) or (None, error)."""
+    if _ns is None:
+        return None, _ns_error
+    try:
+        blob, info = _ns.snapshot()
+        return _delta_tuple(blob, info), None
+    except BaseException as e:
+        return None, "snapshot failed: %s: %s" % (type(e).__name__, e)
+
+
+def apply(blob):
+    """Returns (error|None, restored, deleted, failed pairs)."""
+    if _ns is None:
+        return _ns_error, [], [], []
+    try:
+        r = _ns.apply(blob)
+    except BaseException as e:
+        return "apply failed: %s: %s" % (type(e).__name__, e), [], [], []
+    return (None, list(r.get("restored", ())), list(r.get("deleted", ())),
+            [(str(k), str(v)) for k, v in r.get("failed", {}).items()])
+
+
+def warmup(source):
+    """Zygote warm-up code: run in __main__ before gc.freeze()."""
+    exec(compile(source, "<warmup>", "exec"), _main)

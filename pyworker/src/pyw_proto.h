@@ -1,0 +1,121 @@
+/*
+ * pyw_proto.h - the worker protocol's frame layout and body codec, shared by the worker
+ * executable and the client library (no Python, no libuv here).
+ *
+ * A frame on the wire (all integers little-endian):
+ *   u32 length   bytes that follow this field: 9 + body length; 9 <= length <= max frame
+ *   u8  type     PYW_F_* below
+ *   u64 id       the execution id (cell frames) or the request id (others)
+ *   body         length - 9 bytes: a sequence of fields
+ * Body fields: u8, u32, u64 as fixed-size integers; "str" = u32 byte count + bytes (no NUL on
+ * the wire); "names" = u32 count + that many str; "pairs" = u32 count + count * (str, str).
+ * Invariants: the decoder never reads past the body; a frame whose fields overrun its body, or
+ * with bytes left over, is malformed (CAP_EPROTO). Any length field is checked against what
+ * remains before anything is allocated.
+ */
+#ifndef PYW_PROTO_H
+#define PYW_PROTO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Also in pyworker.h (the client's public header); the client checks they agree. */
+#ifndef PYW_PROTOCOL_VERSION
+#define PYW_PROTOCOL_VERSION  1
+#define PYW_DEFAULT_MAX_FRAME (64u << 20)
+#endif
+
+#define PYW_HDR_SIZE 13 /* u32 length + u8 type + u64 id */
+#define PYW_MIN_LEN  9  /* smallest legal value of the length field */
+
+/* Frame types. Client -> worker: */
+enum {
+    PYW_F_EXECUTE = 0x01,     /* str cell_id, str source */
+    PYW_F_INPUT_REPLY = 0x02, /* u8 eof, str text */
+    PYW_F_CANCEL = 0x03,      /* (empty) id = execution to interrupt */
+    PYW_F_SNAPSHOT = 0x04,    /* (empty) */
+    PYW_F_APPLY = 0x05,       /* str blob */
+    PYW_F_PING = 0x06,        /* (empty) */
+    PYW_F_SHUTDOWN = 0x07,    /* (empty) */
+    PYW_F_FORK = 0x08,        /* to a zygote: str options; SCM_RIGHTS carries the worker socket */
+    /* Worker -> client: */
+    PYW_F_READY = 0x80,         /* u32 protocol, u32 pid, u32 max_frame, str python version */
+    PYW_F_STREAM = 0x81,        /* u8 stream (1 stdout, 2 stderr), str data */
+    PYW_F_INPUT_REQ = 0x82,     /* u8 password, str prompt */
+    PYW_F_RESULT = 0x83,        /* u8 status, u32 cell_no, u64 duration_ns, str repr, str json,
+                                 * str etype, str emsg, str traceback, u8 flags (bit0 repr, bit1
+                                 * json, bit2 error), str delta_error */
+    PYW_F_DELTA = 0x84,         /* u8 ok, str error, str blob, names added, changed, mutated,
+                                 * deleted, pairs unpicklable; sent before the RESULT of its cell */
+    PYW_F_APPLIED = 0x85,       /* u8 ok, str error, names restored, names deleted, pairs failed */
+    PYW_F_PONG = 0x86,          /* (empty) */
+    PYW_F_ERROR = 0x87,         /* u32 code (negated CAP_E* / errno), str message */
+    PYW_F_FORKED = 0x88,        /* from a zygote: u32 pid of the new worker */
+    PYW_F_SNAPSHOT_DATA = 0x89, /* answer to SNAPSHOT: the DELTA body layout */
+};
+
+/* Result status on the wire (same values as pyw_status_t OK/ERROR/CANCELLED). */
+enum { PYW_RS_OK = 0, PYW_RS_ERROR = 1, PYW_RS_CANCELLED = 2 };
+
+/* A growable output buffer. */
+typedef struct pyw_buf {
+    uint8_t *p;
+    size_t len, cap;
+} pyw_buf_t;
+
+void pyw__buf_init(pyw_buf_t *b);
+void pyw__buf_free(pyw_buf_t *b);
+/* Starts a frame (reserves the header); finish with pyw__frame_end. */
+void pyw__frame_begin(pyw_buf_t *b, uint8_t type, uint64_t id);
+/* Writes the length field of the frame begun at offset `start`. */
+void pyw__frame_end(pyw_buf_t *b, size_t start);
+void pyw__put_u8(pyw_buf_t *b, uint8_t v);
+void pyw__put_u32(pyw_buf_t *b, uint32_t v);
+void pyw__put_u64(pyw_buf_t *b, uint64_t v);
+void pyw__put_str(pyw_buf_t *b, const void *s, size_t n);
+void pyw__put_cstr(pyw_buf_t *b, const char *s); /* NULL writes an empty string */
+
+/* A bounds-checked reader over one frame body. Errors stick: after the first failure every get
+ * returns CAP_EPROTO and leaves outputs untouched. */
+typedef struct pyw_rd {
+    const uint8_t *p;
+    size_t left;
+    int err;
+} pyw_rd_t;
+
+void pyw__rd_init(pyw_rd_t *r, const void *body, size_t len);
+int pyw__get_u8(pyw_rd_t *r, uint8_t *out);
+int pyw__get_u32(pyw_rd_t *r, uint32_t *out);
+int pyw__get_u64(pyw_rd_t *r, uint64_t *out);
+/* A str as a pointer into the body (not NUL-terminated) and its length. */
+int pyw__get_str(pyw_rd_t *r, const uint8_t **s, size_t *n);
+/* A str copied into a fresh NUL-terminated cap_malloc'd string (*out, caller frees). */
+int pyw__get_strdup(pyw_rd_t *r, char **out);
+/* names: *out is a cap_malloc'd array of n cap_malloc'd strings (free with pyw__names_free). */
+int pyw__get_names(pyw_rd_t *r, char ***out, size_t *n);
+void pyw__names_free(char **v, size_t n);
+/* pairs: 2n strings, name then reason. */
+int pyw__get_pairs(pyw_rd_t *r, char ***out, size_t *n);
+/* 0 when the whole body was consumed without error, else CAP_EPROTO. */
+int pyw__rd_end(pyw_rd_t *r);
+
+/* Parses a header: returns 0 and the fields, CAP_EPROTO if length < PYW_MIN_LEN, CAP_ETOOBIG if
+ * length > max_frame (the caller may then skip length bytes to resynchronise). */
+int pyw__hdr_parse(const uint8_t hdr[PYW_HDR_SIZE], uint32_t max_frame, uint32_t *length,
+                   uint8_t *type, uint64_t *id);
+
+/* Worker options, shared by the cold worker's command line (--opts) and the zygote's FORK frame:
+ * comma-separated key=value, keys mem, cpu, nofile, fsize, nproc (decimal, 0 = unlimited),
+ * maxframe (bytes), cgroup (a directory path; no commas). Unknown keys, bad numbers, overflow or
+ * an empty key are CAP_EINVAL. */
+typedef struct pyw_wopts {
+    uint64_t mem, fsize;
+    uint32_t cpu, nofile, nproc, max_frame;
+    char cgroup[256];
+} pyw_wopts_t;
+
+int pyw__wopts_parse(const char *s, pyw_wopts_t *out);
+/* Formats opts into buf (size n); returns 0 or CAP_ETOOBIG. */
+int pyw__wopts_format(const pyw_wopts_t *o, char *buf, size_t n);
+
+#endif /* PYW_PROTO_H */

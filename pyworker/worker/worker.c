@@ -1,0 +1,1309 @@
+/*
+ * worker.c - capsule-pyworker: the worker executable embedding Debian's libpython3.11.
+ *
+ * Two modes:
+ *   capsule-pyworker --fd N [--opts LIST]      a session worker on the inherited socket N
+ *   capsule-pyworker --zygote --fd N [--warmup CODE]
+ *                                              a fork server: forks session workers on request
+ *
+ * Threads of a session worker (none exist in a zygote, which must be single-threaded to fork):
+ *   - the main thread is Python's main thread: it runs cells, snapshots and applies from a job
+ *     queue (so SIGINT-driven KeyboardInterrupt, signal handlers and asyncio work as in a script);
+ *   - the protocol thread reads frames, answers PING, queues work, routes input replies and
+ *     cancels (a cancel sets a flag and sends SIGINT to the main thread: blocking syscalls return
+ *     EINTR and the Python handler raises KeyboardInterrupt);
+ *   - the fd reader thread forwards what C code and child processes write to fds 1 and 2 (pipes).
+ * Invariants: frames are written whole under send_mu; the protocol and reader threads block SIGINT
+ * and never take the GIL; a process forked by user code (os.fork) is not the worker: it closes the
+ * socket and its sys.stdout writes go to fd 1 (the capture pipe) instead; malformed frames are
+ * answered with ERROR frames and skipped, never fatal.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cap.h"
+#include "pyw_proto.h"
+
+#include "pyw_embedded.h" /* generated: pyw_src_rt[], pyw_src_ns[] (NULL when absent) */
+
+/* ---- process state ---- */
+static int g_sock = -1;                 /* the engine socket */
+static int g_logfd = 2;                 /* the original stderr, kept for our own diagnostics */
+static int g_pipe_rd[3] = {-1, -1, -1}; /* read ends of the fd 1 / fd 2 capture pipes */
+static uint32_t g_max_frame = PYW_DEFAULT_MAX_FRAME;
+static pyw_wopts_t g_opts;
+static pthread_t g_main_thread;
+static atomic_int g_is_worker;    /* 1 in a session worker (not the zygote, not a forked child) */
+static atomic_int g_forked_child; /* 1 in a process forked by user code */
+static pthread_mutex_t g_send_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* fd capture: the reader thread sets busy while it holds bytes not yet sent */
+static pthread_mutex_t g_cap_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_cap_cv = PTHREAD_COND_INITIALIZER;
+static int g_cap_busy;
+
+/* the job queue (main thread consumes) */
+typedef struct job {
+    struct job *next;
+    uint8_t type;
+    uint64_t id;
+    char *cell_id;
+    char *data;
+    size_t len;
+} job_t;
+static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_cv = PTHREAD_COND_INITIALIZER;
+static job_t *g_head, **g_tail = &g_head;
+static uint64_t g_running_id;    /* execution id of the running cell, 0 if none */
+static int g_running;            /* a cell is running */
+static atomic_int g_cancel_flag; /* the running cell was asked to stop */
+/* input: one request outstanding at a time (input_mu serialises requesters) */
+static pthread_mutex_t g_input_mu = PTHREAD_MUTEX_INITIALIZER;
+static int g_input_waiting, g_input_done, g_input_eof;
+static uint64_t g_input_id;
+static char *g_input_text;
+static size_t g_input_len;
+
+static void wlog(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void wlog(const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    int n = snprintf(buf, sizeof buf, "capsule[%d] WARN pyworker: ", (int)getpid());
+    va_start(ap, fmt);
+    n += vsnprintf(buf + n, sizeof buf - (size_t)n, fmt, ap);
+    va_end(ap);
+    if (n > (int)sizeof buf - 2)
+        n = (int)sizeof buf - 2;
+    buf[n++] = '\n';
+    ssize_t w = write(g_logfd, buf, (size_t)n);
+    (void)w;
+}
+
+/* ---- sending ---- */
+
+static int write_all(int fd, const uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Sends a finished frame buffer. Thread-safe. A dead engine makes the worker exit. */
+static void send_buf(pyw_buf_t *b)
+{
+    if (atomic_load(&g_forked_child) || g_sock < 0)
+        return;
+    pthread_mutex_lock(&g_send_mu);
+    int rc = write_all(g_sock, b->p, b->len);
+    pthread_mutex_unlock(&g_send_mu);
+    if (rc < 0 && !atomic_load(&g_forked_child))
+        _exit(0); /* the engine is gone: nothing to serve */
+}
+
+static void send_error(uint64_t id, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void send_error(uint64_t id, int code, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    pyw_buf_t b;
+    pyw__buf_init(&b);
+    pyw__frame_begin(&b, PYW_F_ERROR, id);
+    pyw__put_u32(&b, (uint32_t)-code);
+    pyw__put_cstr(&b, msg);
+    pyw__frame_end(&b, 0);
+    send_buf(&b);
+    pyw__buf_free(&b);
+}
+
+static void send_empty(uint8_t type, uint64_t id)
+{
+    pyw_buf_t b;
+    pyw__buf_init(&b);
+    pyw__frame_begin(&b, type, id);
+    pyw__frame_end(&b, 0);
+    send_buf(&b);
+    pyw__buf_free(&b);
+}
+
+/* ---- fd 1 / fd 2 capture ---- */
+
+static size_t pipe_pending(void)
+{
+    size_t total = 0;
+    for (int i = 1; i <= 2; i++) {
+        int n = 0;
+        if (g_pipe_rd[i] >= 0 && ioctl(g_pipe_rd[i], FIONREAD, &n) == 0 && n > 0)
+            total += (size_t)n;
+    }
+    return total;
+}
+
+/* Waits (bounded, 20 ms) until the capture pipes are empty and forwarded, so fd-level output
+ * written before a sys.stdout write or a result reaches the engine first. */
+static void capture_drain(void)
+{
+    if (g_pipe_rd[1] < 0)
+        return;
+    uint64_t deadline = cap_now_ns() + 20000000ull;
+    pthread_mutex_lock(&g_cap_mu);
+    while ((g_cap_busy || pipe_pending() > 0) && cap_now_ns() < deadline) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 200000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&g_cap_cv, &g_cap_mu, &ts);
+    }
+    pthread_mutex_unlock(&g_cap_mu);
+}
+
+static void send_stream(uint64_t id, int stream, const void *data, size_t len)
+{
+    pyw_buf_t b;
+    /* split to stay far below the frame limit */
+    const size_t chunk = 1u << 20;
+    pyw__buf_init(&b);
+    for (size_t off = 0; off < len || (len == 0 && off == 0); off += chunk) {
+        size_t n = len - off < chunk ? len - off : chunk;
+        b.len = 0;
+        pyw__frame_begin(&b, PYW_F_STREAM, id);
+        pyw__put_u8(&b, (uint8_t)stream);
+        pyw__put_str(&b, (const uint8_t *)data + off, n);
+        pyw__frame_end(&b, 0);
+        send_buf(&b);
+        if (len == 0)
+            break;
+    }
+    pyw__buf_free(&b);
+}
+
+static uint64_t current_exec_id(void)
+{
+    pthread_mutex_lock(&g_mu);
+    uint64_t id = g_running ? g_running_id : 0;
+    pthread_mutex_unlock(&g_mu);
+    return id;
+}
+
+static void *reader_main(void *arg)
+{
+    (void)arg;
+    char buf[65536];
+    struct pollfd pf[2] = {{g_pipe_rd[1], POLLIN, 0}, {g_pipe_rd[2], POLLIN, 0}};
+    for (;;) {
+        int n = poll(pf, 2, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        for (int i = 0; i < 2; i++) {
+            if (!(pf[i].revents & (POLLIN | POLLHUP)))
+                continue;
+            pthread_mutex_lock(&g_cap_mu);
+            g_cap_busy = 1;
+            pthread_mutex_unlock(&g_cap_mu);
+            ssize_t r = read(pf[i].fd, buf, sizeof buf);
+            if (r > 0)
+                send_stream(current_exec_id(), i + 1, buf, (size_t)r);
+            pthread_mutex_lock(&g_cap_mu);
+            g_cap_busy = 0;
+            pthread_cond_broadcast(&g_cap_cv);
+            pthread_mutex_unlock(&g_cap_mu);
+        }
+    }
+    return NULL;
+}
+
+/* Replaces fds 1 and 2 with pipes read by the reader thread; keeps the old stderr for logs. */
+static int capture_start(void)
+{
+    int rc = 0;
+    g_logfd = fcntl(2, F_DUPFD_CLOEXEC, 10);
+    if (g_logfd < 0)
+        g_logfd = 2;
+    for (int i = 1; i <= 2; i++) {
+        int p[2];
+        if (pipe2(p, O_CLOEXEC) < 0) {
+            rc = -errno;
+            goto out;
+        }
+        if (dup2(p[1], i) < 0) {
+            rc = -errno;
+            close(p[0]);
+            close(p[1]);
+            goto out;
+        }
+        close(p[1]);
+        g_pipe_rd[i] = p[0];
+    }
+out:
+    return rc;
+}
+
+/* ---- the _capsule module (called by _capsule_rt) ---- */
+
+static PyObject *capmod_write(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int stream;
+    PyObject *obj;
+    const char *data;
+    Py_ssize_t len;
+    if (!PyArg_ParseTuple(args, "iO", &stream, &obj))
+        return NULL;
+    if (PyUnicode_Check(obj)) {
+        data = PyUnicode_AsUTF8AndSize(obj, &len);
+        if (!data)
+            return NULL;
+    } else if (PyBytes_Check(obj)) {
+        data = PyBytes_AS_STRING(obj);
+        len = PyBytes_GET_SIZE(obj);
+    } else {
+        PyErr_SetString(PyExc_TypeError, "str or bytes expected");
+        return NULL;
+    }
+    if (stream != 1 && stream != 2)
+        stream = 2;
+    if (atomic_load(&g_forked_child) || !atomic_load(&g_is_worker)) {
+        /* not the worker: plain fd writes (a forked child's go through the capture pipes) */
+        Py_BEGIN_ALLOW_THREADS;
+        (void)write_all(stream, (const uint8_t *)data, (size_t)len);
+        Py_END_ALLOW_THREADS;
+        Py_RETURN_NONE;
+    }
+    /* `obj` keeps `data` alive; the GIL is released for the socket write */
+    Py_INCREF(obj);
+    Py_BEGIN_ALLOW_THREADS;
+    capture_drain();
+    send_stream(current_exec_id(), stream, data, (size_t)len);
+    Py_END_ALLOW_THREADS;
+    Py_DECREF(obj);
+    Py_RETURN_NONE;
+}
+
+static PyObject *capmod_input(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *prompt;
+    Py_ssize_t plen;
+    int password;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "s#p", &prompt, &plen, &password))
+        return NULL;
+    if (atomic_load(&g_forked_child) || !atomic_load(&g_is_worker)) {
+        PyErr_SetString(PyExc_EOFError, "no input in this process");
+        return NULL;
+    }
+    char *text = NULL;
+    size_t tlen = 0;
+    int eof = 0, cancelled = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    pthread_mutex_lock(&g_input_mu);
+    capture_drain();
+    uint64_t id = current_exec_id();
+    pthread_mutex_lock(&g_mu);
+    g_input_waiting = 1;
+    g_input_done = 0;
+    g_input_id = id;
+    pthread_mutex_unlock(&g_mu);
+    pyw_buf_t b;
+    pyw__buf_init(&b);
+    pyw__frame_begin(&b, PYW_F_INPUT_REQ, id);
+    pyw__put_u8(&b, (uint8_t)(password != 0));
+    pyw__put_str(&b, prompt, (size_t)plen);
+    pyw__frame_end(&b, 0);
+    send_buf(&b);
+    pyw__buf_free(&b);
+    pthread_mutex_lock(&g_mu);
+    while (!g_input_done && !atomic_load(&g_cancel_flag))
+        pthread_cond_wait(&g_cv, &g_mu);
+    if (g_input_done) {
+        text = g_input_text;
+        tlen = g_input_len;
+        eof = g_input_eof;
+        g_input_text = NULL;
+    } else {
+        cancelled = 1;
+    }
+    g_input_waiting = 0;
+    pthread_mutex_unlock(&g_mu);
+    pthread_mutex_unlock(&g_input_mu);
+    Py_END_ALLOW_THREADS;
+    if (cancelled) {
+        PyErr_SetNone(PyExc_KeyboardInterrupt);
+    } else if (eof) {
+        ret = Py_NewRef(Py_None);
+    } else {
+        ret = PyUnicode_DecodeUTF8(text ? text : "", (Py_ssize_t)tlen, "replace");
+    }
+    cap_free(text);
+    return ret;
+}
+
+static PyObject *capmod_cancel_requested(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(atomic_load(&g_cancel_flag));
+}
+
+static PyObject *capmod_forked_child(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    if (atomic_load(&g_is_worker)) {
+        atomic_store(&g_forked_child, 1);
+        if (g_sock >= 0)
+            close(g_sock);
+        g_sock = -1;
+        for (int i = 1; i <= 2; i++)
+            if (g_pipe_rd[i] >= 0)
+                close(g_pipe_rd[i]);
+        g_pipe_rd[1] = g_pipe_rd[2] = -1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *capmod_hash64(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint64_t h = cap_hash64(view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+static PyMethodDef capmod_methods[] = {
+    {"write", capmod_write, METH_VARARGS, "write(stream, str|bytes): send an output chunk"},
+    {"input", capmod_input, METH_VARARGS, "input(prompt, password) -> str, or None at EOF"},
+    {"cancel_requested", capmod_cancel_requested, METH_NOARGS, "the running cell was cancelled"},
+    {"forked_child", capmod_forked_child, METH_NOARGS, "os.register_at_fork child hook"},
+    {"hash64", capmod_hash64, METH_O, "XXH3-64 of a bytes-like object"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef capmod_def = {
+    PyModuleDef_HEAD_INIT,
+    "_capsule",
+    "capsule worker internals",
+    -1,
+    capmod_methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+};
+
+static PyObject *capmod_init(void)
+{
+    return PyModule_Create(&capmod_def);
+}
+
+/* ---- interpreter start-up ---- */
+
+static PyObject *g_rt; /* the _capsule_rt module */
+
+static int py_status_check(PyStatus st, const char *what)
+{
+    if (PyStatus_Exception(st)) {
+        wlog("%s: %s", what, st.err_msg ? st.err_msg : "failed");
+        return CAP_EWORKER;
+    }
+    return 0;
+}
+
+/* Creates module `name` from embedded source and registers it in sys.modules. */
+static int load_embedded(const char *name, const char *src, const char *filename)
+{
+    int rc = CAP_EWORKER;
+    PyObject *code = NULL, *mod = NULL, *res = NULL;
+    code = Py_CompileString(src, filename, Py_file_input);
+    if (!code)
+        goto out;
+    mod = PyImport_ExecCodeModuleEx(name, code, filename);
+    if (!mod)
+        goto out;
+    rc = 0;
+out:
+    if (rc)
+        PyErr_Print();
+    Py_XDECREF(res);
+    Py_XDECREF(mod);
+    Py_XDECREF(code);
+    return rc;
+}
+
+static int py_start(void)
+{
+    int rc;
+    PyConfig config;
+    PyConfig_InitIsolatedConfig(&config);
+    config.install_signal_handlers = 0;
+    config.site_import = 0;
+    config.parse_argv = 0;
+    config.write_bytecode = 0;
+    config.user_site_directory = 0;
+    static const wchar_t *paths[] = {
+        L"/usr/lib/python311.zip",          L"/usr/lib/python3.11",
+        L"/usr/lib/python3.11/lib-dynload", L"/usr/local/lib/python3.11/dist-packages",
+        L"/usr/lib/python3/dist-packages",
+    };
+    config.module_search_paths_set = 1;
+    for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++) {
+        if ((rc = py_status_check(PyWideStringList_Append(&config.module_search_paths, paths[i]),
+                                  "module search path")))
+            goto out;
+    }
+    if ((rc = py_status_check(PyConfig_SetString(&config, &config.home, L"/usr"), "home")))
+        goto out;
+    if ((rc = py_status_check(
+             PyConfig_SetString(&config, &config.executable, L"/usr/bin/python3.11"), "exe")))
+        goto out;
+    if ((rc = py_status_check(
+             PyConfig_SetString(&config, &config.program_name, L"/usr/bin/python3.11"),
+             "program name")))
+        goto out;
+    if (PyImport_AppendInittab("_capsule", capmod_init) < 0) {
+        rc = CAP_EWORKER;
+        goto out;
+    }
+    if ((rc = py_status_check(Py_InitializeFromConfig(&config), "Py_InitializeFromConfig")))
+        goto out;
+    if (pyw_src_ns && (rc = load_embedded("_capsule_ns", pyw_src_ns, "<capsule-ns>"))) {
+        /* the namespace module failed to import: the runtime reports it with every delta */
+        PyErr_Clear();
+        rc = 0;
+    }
+    if ((rc = load_embedded("_capsule_rt", pyw_src_rt, "<capsule-rt>")))
+        goto out;
+    g_rt = PyImport_ImportModule("_capsule_rt");
+    if (!g_rt) {
+        PyErr_Print();
+        rc = CAP_EWORKER;
+        goto out;
+    }
+    PyObject *main_mod = PyImport_AddModule("__main__"); /* borrowed */
+    PyObject *limits = PyDict_New();
+    PyObject *r = PyObject_CallMethod(g_rt, "init", "ON", PyModule_GetDict(main_mod), limits);
+    if (!r) {
+        PyErr_Print();
+        rc = CAP_EWORKER;
+        goto out;
+    }
+    Py_DECREF(r);
+out:
+    PyConfig_Clear(&config);
+    return rc;
+}
+
+/* ---- limits ---- */
+
+static int write_file(const char *path, const char *s)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc = write_all(fd, (const uint8_t *)s, strlen(s));
+    close(fd);
+    return rc;
+}
+
+/* Joins the cgroup named in the options (the client created it and set pids.max). */
+static int join_cgroup(void)
+{
+    char path[300], pid[32];
+    if (!g_opts.cgroup[0])
+        return 0;
+    snprintf(path, sizeof path, "%s/cgroup.procs", g_opts.cgroup);
+    snprintf(pid, sizeof pid, "%d\n", (int)getpid());
+    return write_file(path, pid);
+}
+
+static int set_limit(int res, uint64_t soft, uint64_t hard)
+{
+    struct rlimit rl = {.rlim_cur = soft, .rlim_max = hard};
+    return setrlimit(res, &rl) < 0 ? -errno : 0;
+}
+
+static int apply_limits(void)
+{
+    int rc = 0;
+    if (g_opts.mem && (rc = set_limit(RLIMIT_AS, g_opts.mem, g_opts.mem)))
+        goto out;
+    if (g_opts.cpu && (rc = set_limit(RLIMIT_CPU, g_opts.cpu, (uint64_t)g_opts.cpu + 2)))
+        goto out;
+    if (g_opts.nofile && (rc = set_limit(RLIMIT_NOFILE, g_opts.nofile, g_opts.nofile)))
+        goto out;
+    if (g_opts.fsize && (rc = set_limit(RLIMIT_FSIZE, g_opts.fsize, g_opts.fsize)))
+        goto out;
+    /* without a cgroup the client asked for RLIMIT_NPROC (it checked we are not root) */
+    if (g_opts.nproc && !g_opts.cgroup[0] &&
+        (rc = set_limit(RLIMIT_NPROC, g_opts.nproc, g_opts.nproc)))
+        goto out;
+    /* Tell the runtime the limits so it can name them in error messages. */
+    PyGILState_STATE gs = PyGILState_Ensure();
+    PyObject *d = Py_BuildValue("{s:K,s:I,s:I,s:K,s:I}", "mem", (unsigned long long)g_opts.mem,
+                                "cpu", g_opts.cpu, "nofile", g_opts.nofile, "fsize",
+                                (unsigned long long)g_opts.fsize, "nproc", g_opts.nproc);
+    PyObject *r = d ? PyObject_CallMethod(g_rt, "set_limits", "O", d) : NULL;
+    if (!r)
+        PyErr_Clear();
+    Py_XDECREF(r);
+    Py_XDECREF(d);
+    PyGILState_Release(gs);
+out:
+    return rc;
+}
+
+/* ---- the protocol thread ---- */
+
+static int read_full(int fd, void *p, size_t n)
+{
+    uint8_t *q = p;
+    while (n) {
+        ssize_t r = read(fd, q, n);
+        if (r == 0)
+            return CAP_ECLOSED;
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        q += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+static int skip_bytes(int fd, uint64_t n)
+{
+    uint8_t buf[4096];
+    while (n) {
+        size_t k = n < sizeof buf ? (size_t)n : sizeof buf;
+        int rc = read_full(fd, buf, k);
+        if (rc)
+            return rc;
+        n -= k;
+    }
+    return 0;
+}
+
+static void job_push(job_t *j)
+{
+    pthread_mutex_lock(&g_mu);
+    *g_tail = j;
+    g_tail = &j->next;
+    pthread_cond_broadcast(&g_cv);
+    pthread_mutex_unlock(&g_mu);
+}
+
+static void job_free(job_t *j)
+{
+    if (!j)
+        return;
+    cap_free(j->cell_id);
+    cap_free(j->data);
+    cap_free(j);
+}
+
+static void send_result_simple(uint64_t id, int status, const char *etype, const char *emsg)
+{
+    pyw_buf_t b;
+    pyw__buf_init(&b);
+    pyw__frame_begin(&b, PYW_F_RESULT, id);
+    pyw__put_u8(&b, (uint8_t)status);
+    pyw__put_u32(&b, 0);
+    pyw__put_u64(&b, 0);
+    pyw__put_cstr(&b, NULL);
+    pyw__put_cstr(&b, NULL);
+    pyw__put_cstr(&b, etype);
+    pyw__put_cstr(&b, emsg);
+    pyw__put_cstr(&b, NULL);
+    pyw__put_u8(&b, 4);
+    pyw__put_cstr(&b, "the cell did not run");
+    pyw__frame_end(&b, 0);
+    send_buf(&b);
+    pyw__buf_free(&b);
+}
+
+static void handle_cancel(uint64_t id)
+{
+    job_t *dropped = NULL;
+    pthread_mutex_lock(&g_mu);
+    if (g_running && g_running_id == id) {
+        atomic_store(&g_cancel_flag, 1);
+        pthread_cond_broadcast(&g_cv); /* wakes an input() wait */
+        pthread_kill(g_main_thread, SIGINT);
+    } else {
+        for (job_t **pp = &g_head; *pp; pp = &(*pp)->next) {
+            if ((*pp)->type == PYW_F_EXECUTE && (*pp)->id == id) {
+                dropped = *pp;
+                *pp = dropped->next;
+                if (g_tail == &dropped->next)
+                    g_tail = pp;
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&g_mu);
+    if (dropped) {
+        send_result_simple(id, PYW_RS_CANCELLED, "KeyboardInterrupt", "cancelled before it ran");
+        job_free(dropped);
+    }
+}
+
+/* Handles one well-framed message. Malformed bodies get an ERROR frame. */
+static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
+{
+    pyw_rd_t r;
+    pyw__rd_init(&r, body, len);
+    switch (type) {
+    case PYW_F_EXECUTE: {
+        job_t *j = cap_calloc(1, sizeof *j);
+        const uint8_t *src;
+        size_t n;
+        j->type = type;
+        j->id = id;
+        if (pyw__get_strdup(&r, &j->cell_id) || pyw__get_str(&r, &src, &n) || pyw__rd_end(&r)) {
+            job_free(j);
+            send_error(id, CAP_EPROTO, "malformed EXECUTE body");
+            return;
+        }
+        j->data = cap_malloc(n + 1);
+        memcpy(j->data, src, n);
+        j->data[n] = 0;
+        j->len = n;
+        if (memchr(j->data, 0, n)) {
+            job_free(j);
+            send_error(id, CAP_EINVAL, "cell source contains a NUL byte");
+            return;
+        }
+        job_push(j);
+        return;
+    }
+    case PYW_F_APPLY: {
+        const uint8_t *blob;
+        size_t n;
+        if (pyw__get_str(&r, &blob, &n) || pyw__rd_end(&r)) {
+            send_error(id, CAP_EPROTO, "malformed APPLY body");
+            return;
+        }
+        job_t *j = cap_calloc(1, sizeof *j);
+        j->type = type;
+        j->id = id;
+        j->data = cap_memdup(blob, n ? n : 1);
+        j->len = n;
+        job_push(j);
+        return;
+    }
+    case PYW_F_SNAPSHOT:
+    case PYW_F_SHUTDOWN: {
+        if (pyw__rd_end(&r)) {
+            send_error(id, CAP_EPROTO, "unexpected body");
+            return;
+        }
+        job_t *j = cap_calloc(1, sizeof *j);
+        j->type = type;
+        j->id = id;
+        job_push(j);
+        return;
+    }
+    case PYW_F_PING:
+        send_empty(PYW_F_PONG, id);
+        return;
+    case PYW_F_CANCEL:
+        handle_cancel(id);
+        return;
+    case PYW_F_INPUT_REPLY: {
+        uint8_t eof;
+        const uint8_t *text;
+        size_t n;
+        if (pyw__get_u8(&r, &eof) || pyw__get_str(&r, &text, &n) || pyw__rd_end(&r)) {
+            send_error(id, CAP_EPROTO, "malformed INPUT_REPLY body");
+            return;
+        }
+        int ok = 0;
+        pthread_mutex_lock(&g_mu);
+        if (g_input_waiting && !g_input_done && g_input_id == id) {
+            cap_free(g_input_text);
+            g_input_text = cap_memdup(text, n ? n : 1);
+            g_input_len = n;
+            g_input_eof = eof != 0;
+            g_input_done = 1;
+            pthread_cond_broadcast(&g_cv);
+            ok = 1;
+        }
+        pthread_mutex_unlock(&g_mu);
+        if (!ok)
+            send_error(id, CAP_ECONFLICT, "no input request pending for execution %llu",
+                       (unsigned long long)id);
+        return;
+    }
+    default:
+        send_error(id, CAP_EPROTO, "unknown frame type 0x%02x", type);
+        return;
+    }
+}
+
+static void *proto_main(void *arg)
+{
+    (void)arg;
+    uint8_t *body = NULL;
+    for (;;) {
+        uint8_t lenb[4];
+        int rc = read_full(g_sock, lenb, 4);
+        if (rc)
+            break;
+        uint32_t len = cap_get_le32(lenb);
+        if (len < PYW_MIN_LEN) {
+            if (skip_bytes(g_sock, len))
+                break;
+            send_error(0, CAP_EPROTO, "frame length %u below the minimum %u", len, PYW_MIN_LEN);
+            continue;
+        }
+        if (len > g_max_frame) {
+            if (skip_bytes(g_sock, len))
+                break;
+            send_error(0, CAP_ETOOBIG, "frame of %u bytes exceeds the limit of %u", len,
+                       g_max_frame);
+            continue;
+        }
+        body = cap_realloc(body, len);
+        if (read_full(g_sock, body, len))
+            break;
+        dispatch(body[0], cap_get_le64(body + 1), body + 9, len - 9);
+    }
+    /* the engine closed the socket (or died): exit at once, nothing left to serve */
+    _exit(0);
+    return NULL;
+}
+
+/* ---- the main (execution) thread ---- */
+
+static void put_names(pyw_buf_t *b, PyObject *list)
+{
+    Py_ssize_t n = list && PyList_Check(list) ? PyList_GET_SIZE(list) : 0;
+    pyw__put_u32(b, (uint32_t)n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t k = 0;
+        const char *s = PyUnicode_AsUTF8AndSize(PyList_GET_ITEM(list, i), &k); /* borrowed */
+        if (!s) {
+            PyErr_Clear();
+            s = "?";
+            k = 1;
+        }
+        pyw__put_str(b, s, (size_t)k);
+    }
+}
+
+static void put_pairs(pyw_buf_t *b, PyObject *list)
+{
+    Py_ssize_t n = list && PyList_Check(list) ? PyList_GET_SIZE(list) : 0;
+    pyw__put_u32(b, (uint32_t)n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(list, i); /* borrowed */
+        for (int k = 0; k < 2; k++) {
+            PyObject *s =
+                PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 2 ? PyTuple_GET_ITEM(t, k) : NULL;
+            const char *c = s && PyUnicode_Check(s) ? PyUnicode_AsUTF8(s) : "?";
+            if (!c) {
+                PyErr_Clear();
+                c = "?";
+            }
+            pyw__put_cstr(b, c);
+        }
+    }
+}
+
+static const char *opt_str(PyObject *o, Py_ssize_t *n)
+{
+    if (!o || o == Py_None || !PyUnicode_Check(o)) {
+        *n = 0;
+        return NULL;
+    }
+    const char *s = PyUnicode_AsUTF8AndSize(o, n);
+    if (!s)
+        PyErr_Clear();
+    return s;
+}
+
+/* Encodes a delta tuple (blob, added, changed, mutated, deleted, unpicklable) or its absence. */
+static void put_delta(pyw_buf_t *b, PyObject *delta, PyObject *err)
+{
+    int ok = delta && PyTuple_Check(delta) && PyTuple_GET_SIZE(delta) == 6 &&
+             PyBytes_Check(PyTuple_GET_ITEM(delta, 0));
+    Py_ssize_t n;
+    const char *e = opt_str(err, &n);
+    pyw__put_u8(b, (uint8_t)ok);
+    pyw__put_str(b, e ? e : (ok ? "" : "no delta"), e ? (size_t)n : (ok ? 0 : 8));
+    if (ok) {
+        PyObject *blob = PyTuple_GET_ITEM(delta, 0);
+        pyw__put_str(b, PyBytes_AS_STRING(blob), (size_t)PyBytes_GET_SIZE(blob));
+        for (int i = 1; i <= 4; i++)
+            put_names(b, PyTuple_GET_ITEM(delta, i));
+        put_pairs(b, PyTuple_GET_ITEM(delta, 5));
+    } else {
+        pyw__put_str(b, "", 0);
+        for (int i = 0; i < 5; i++)
+            pyw__put_u32(b, 0);
+    }
+}
+
+static void run_execute(job_t *j, uint32_t cell_no)
+{
+    pyw_buf_t b;
+    uint64_t t0 = cap_now_ns();
+    PyObject *res = PyObject_CallMethod(g_rt, "run_cell", "Iss", cell_no, j->cell_id, j->data);
+    uint64_t dt = cap_now_ns() - t0;
+    /* a cancel that arrives from here on must not interrupt anything else */
+    pthread_mutex_lock(&g_mu);
+    g_running = 0;
+    atomic_store(&g_cancel_flag, 0);
+    pthread_mutex_unlock(&g_mu);
+    fflush(stdout);
+    fflush(stderr);
+    Py_BEGIN_ALLOW_THREADS;
+    capture_drain();
+    Py_END_ALLOW_THREADS;
+    pyw__buf_init(&b);
+    if (!res || !PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 8) {
+        PyObject *et, *ev, *etb;
+        PyErr_Fetch(&et, &ev, &etb);
+        PyObject *s = ev ? PyObject_Str(ev) : NULL;
+        const char *msg = s ? PyUnicode_AsUTF8(s) : "internal error in the worker runtime";
+        if (!msg) {
+            PyErr_Clear();
+            msg = "internal error";
+        }
+        wlog("run_cell failed: %s", msg);
+        pyw__frame_begin(&b, PYW_F_RESULT, j->id);
+        pyw__put_u8(&b, PYW_RS_ERROR);
+        pyw__put_u32(&b, cell_no);
+        pyw__put_u64(&b, dt);
+        pyw__put_cstr(&b, NULL);
+        pyw__put_cstr(&b, NULL);
+        pyw__put_cstr(&b, et ? ((PyTypeObject *)et)->tp_name : "SystemError");
+        pyw__put_cstr(&b, msg);
+        pyw__put_cstr(&b, NULL);
+        pyw__put_u8(&b, 4);
+        pyw__put_cstr(&b, "the worker runtime failed");
+        pyw__frame_end(&b, 0);
+        Py_XDECREF(s);
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(etb);
+        goto out;
+    }
+    /* the delta first, then the result */
+    PyObject *delta = PyTuple_GET_ITEM(res, 6), *derr = PyTuple_GET_ITEM(res, 7); /* borrowed */
+    if (delta != Py_None) {
+        pyw__frame_begin(&b, PYW_F_DELTA, j->id);
+        put_delta(&b, delta, NULL);
+        pyw__frame_end(&b, 0);
+    }
+    size_t start = b.len;
+    long status = PyLong_AsLong(PyTuple_GET_ITEM(res, 0));
+    Py_ssize_t n;
+    const char *s;
+    uint8_t flags = 0;
+    pyw__frame_begin(&b, PYW_F_RESULT, j->id);
+    pyw__put_u8(&b, (uint8_t)status);
+    pyw__put_u32(&b, cell_no);
+    pyw__put_u64(&b, dt);
+    for (int i = 1; i <= 5; i++) {
+        s = opt_str(PyTuple_GET_ITEM(res, i), &n);
+        if (s && i == 1)
+            flags |= 1;
+        if (s && i == 2)
+            flags |= 2;
+        if (s && i == 3)
+            flags |= 4;
+        pyw__put_str(&b, s ? s : "", s ? (size_t)n : 0);
+    }
+    pyw__put_u8(&b, flags);
+    s = opt_str(derr, &n);
+    pyw__put_str(&b, s ? s : "", s ? (size_t)n : 0);
+    pyw__frame_end(&b, start);
+out:
+    Py_XDECREF(res);
+    PyErr_Clear();
+    Py_BEGIN_ALLOW_THREADS;
+    send_buf(&b);
+    Py_END_ALLOW_THREADS;
+    pyw__buf_free(&b);
+}
+
+static void run_snapshot(job_t *j)
+{
+    pyw_buf_t b;
+    pyw__buf_init(&b);
+    PyObject *res = PyObject_CallMethod(g_rt, "snapshot", NULL);
+    pyw__frame_begin(&b, PYW_F_SNAPSHOT_DATA, j->id);
+    if (res && PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 2) {
+        put_delta(&b, PyTuple_GET_ITEM(res, 0), PyTuple_GET_ITEM(res, 1));
+    } else {
+        PyErr_Clear();
+        put_delta(&b, NULL, NULL);
+    }
+    pyw__frame_end(&b, 0);
+    Py_XDECREF(res);
+    Py_BEGIN_ALLOW_THREADS;
+    send_buf(&b);
+    Py_END_ALLOW_THREADS;
+    pyw__buf_free(&b);
+}
+
+static void run_apply(job_t *j)
+{
+    pyw_buf_t b;
+    pyw__buf_init(&b);
+    PyObject *blob = PyBytes_FromStringAndSize(j->data, (Py_ssize_t)j->len);
+    PyObject *res = blob ? PyObject_CallMethod(g_rt, "apply", "O", blob) : NULL;
+    pyw__frame_begin(&b, PYW_F_APPLIED, j->id);
+    if (res && PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 4) {
+        Py_ssize_t n;
+        const char *e = opt_str(PyTuple_GET_ITEM(res, 0), &n);
+        pyw__put_u8(&b, e == NULL);
+        pyw__put_str(&b, e ? e : "", e ? (size_t)n : 0);
+        put_names(&b, PyTuple_GET_ITEM(res, 1));
+        put_names(&b, PyTuple_GET_ITEM(res, 2));
+        put_pairs(&b, PyTuple_GET_ITEM(res, 3));
+    } else {
+        PyErr_Clear();
+        pyw__put_u8(&b, 0);
+        pyw__put_cstr(&b, "the worker runtime failed to apply");
+        put_names(&b, NULL);
+        put_names(&b, NULL);
+        put_pairs(&b, NULL);
+    }
+    pyw__frame_end(&b, 0);
+    Py_XDECREF(res);
+    Py_XDECREF(blob);
+    Py_BEGIN_ALLOW_THREADS;
+    send_buf(&b);
+    Py_END_ALLOW_THREADS;
+    pyw__buf_free(&b);
+}
+
+static void send_ready(void)
+{
+    pyw_buf_t b;
+    pyw__buf_init(&b);
+    pyw__frame_begin(&b, PYW_F_READY, 0);
+    pyw__put_u32(&b, PYW_PROTOCOL_VERSION);
+    pyw__put_u32(&b, (uint32_t)getpid());
+    pyw__put_u32(&b, g_max_frame);
+    pyw__put_cstr(&b, Py_GetVersion());
+    pyw__frame_end(&b, 0);
+    send_buf(&b);
+    pyw__buf_free(&b);
+}
+
+/* Everything after the interpreter is up, in a cold worker or in a freshly forked one. Holds the
+ * GIL on entry; never returns. */
+static _Noreturn void worker_run(void)
+{
+    int rc;
+    uint32_t cell_no = 0;
+    pthread_t th;
+    sigset_t block, old;
+
+    signal(SIGPIPE, SIG_IGN);
+    signal(SIGXFSZ, SIG_IGN); /* writes past RLIMIT_FSIZE fail with EFBIG instead of killing */
+    if (g_opts.max_frame)
+        g_max_frame = g_opts.max_frame;
+    if ((rc = apply_limits())) {
+        send_error(0, rc, "cannot apply the resource limits: %s", cap_strerror(rc));
+        _exit(3);
+    }
+    if ((rc = capture_start())) {
+        wlog("cannot capture fds 1 and 2: %s", cap_strerror(rc));
+        _exit(3);
+    }
+    g_main_thread = pthread_self();
+    atomic_store(&g_is_worker, 1);
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
+    if (pthread_create(&th, NULL, reader_main, NULL) != 0 ||
+        pthread_create(&th, NULL, proto_main, NULL) != 0) {
+        wlog("cannot start the worker threads");
+        _exit(3);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    send_ready();
+
+    for (;;) {
+        job_t *j;
+        Py_BEGIN_ALLOW_THREADS;
+        pthread_mutex_lock(&g_mu);
+        while (!g_head)
+            pthread_cond_wait(&g_cv, &g_mu);
+        j = g_head;
+        g_head = j->next;
+        if (!g_head)
+            g_tail = &g_head;
+        if (j->type == PYW_F_EXECUTE) {
+            g_running = 1;
+            g_running_id = j->id;
+            atomic_store(&g_cancel_flag, 0);
+        }
+        pthread_mutex_unlock(&g_mu);
+        Py_END_ALLOW_THREADS;
+        switch (j->type) {
+        case PYW_F_EXECUTE:
+            run_execute(j, ++cell_no);
+            break;
+        case PYW_F_SNAPSHOT:
+            run_snapshot(j);
+            break;
+        case PYW_F_APPLY:
+            run_apply(j);
+            break;
+        case PYW_F_SHUTDOWN:
+            fflush(NULL);
+            Py_BEGIN_ALLOW_THREADS;
+            capture_drain();
+            Py_END_ALLOW_THREADS;
+            _exit(0);
+        }
+        job_free(j);
+        if (atomic_load(&g_forked_child))
+            _exit(0); /* a process forked by the cell finished the cell: it is not the worker */
+    }
+}
+
+/* ---- zygote ---- */
+
+/* Reads one frame from the zygote's control socket; an SCM_RIGHTS fd, if any, into *fd. */
+static int zygote_read(uint8_t *type, uint64_t *id, uint8_t **body, uint32_t *blen, int *fd)
+{
+    uint8_t lenb[4];
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = {lenb, 4};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = u.buf;
+    msg.msg_controllen = sizeof u.buf;
+    *fd = -1;
+    ssize_t r;
+    do {
+        r = recvmsg(g_sock, &msg, MSG_WAITALL | MSG_CMSG_CLOEXEC);
+    } while (r < 0 && errno == EINTR);
+    if (r <= 0)
+        return CAP_ECLOSED;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            memcpy(fd, CMSG_DATA(c), sizeof(int));
+    if (r < 4 && read_full(g_sock, lenb + r, (size_t)(4 - r)))
+        return CAP_ECLOSED;
+    uint32_t len = cap_get_le32(lenb);
+    if (len < PYW_MIN_LEN || len > (1u << 20)) {
+        if (skip_bytes(g_sock, len))
+            return CAP_ECLOSED;
+        return CAP_EPROTO;
+    }
+    uint8_t *b = cap_malloc(len);
+    if (read_full(g_sock, b, len)) {
+        cap_free(b);
+        return CAP_ECLOSED;
+    }
+    *type = b[0];
+    *id = cap_get_le64(b + 1);
+    *body = b;
+    *blen = len;
+    return 0;
+}
+
+static _Noreturn void zygote_run(void)
+{
+    /* single-threaded from here on: fork is safe */
+    signal(SIGPIPE, SIG_IGN);
+    PyObject *gc = PyImport_ImportModule("gc");
+    PyObject *r = gc ? PyObject_CallMethod(gc, "freeze", NULL) : NULL;
+    if (!r)
+        PyErr_Clear();
+    Py_XDECREF(r);
+    Py_XDECREF(gc);
+    send_ready();
+    for (;;) {
+        uint8_t type = 0, *body = NULL;
+        uint64_t id = 0;
+        uint32_t blen = 0;
+        int fd = -1;
+        int rc = zygote_read(&type, &id, &body, &blen, &fd);
+        if (rc == CAP_ECLOSED)
+            _exit(0);
+        if (rc) {
+            send_error(0, rc, "malformed frame");
+            goto next;
+        }
+        if (type == PYW_F_SHUTDOWN)
+            _exit(0);
+        if (type == PYW_F_PING) {
+            send_empty(PYW_F_PONG, id);
+            goto next;
+        }
+        if (type != PYW_F_FORK) {
+            send_error(id, CAP_EPROTO, "unknown frame type 0x%02x for a zygote", type);
+            goto next;
+        }
+        pyw_rd_t rd;
+        char *opts = NULL;
+        pyw_wopts_t wo;
+        pyw__rd_init(&rd, body + 9, blen - 9);
+        if (fd < 0 || pyw__get_strdup(&rd, &opts) || pyw__rd_end(&rd) ||
+            pyw__wopts_parse(opts, &wo)) {
+            send_error(id, CAP_EPROTO, "malformed FORK (options or socket missing)");
+            cap_free(opts);
+            goto next;
+        }
+        cap_free(opts);
+        PyOS_BeforeFork();
+        pid_t a = fork();
+        if (a == 0) {
+            /* the intermediate child: fork the worker, report its pid, exit (so the worker is
+             * reparented to the subreaper: the engine) */
+            pid_t w = fork();
+            if (w == 0) {
+                PyOS_AfterFork_Child();
+                close(g_sock);
+                g_sock = fd;
+                g_opts = wo;
+                if (join_cgroup() != 0)
+                    _exit(4);
+                worker_run();
+            }
+            pyw_buf_t b;
+            pyw__buf_init(&b);
+            if (w < 0) {
+                pyw__frame_begin(&b, PYW_F_ERROR, id);
+                pyw__put_u32(&b, (uint32_t)errno);
+                pyw__put_cstr(&b, "fork failed");
+            } else {
+                pyw__frame_begin(&b, PYW_F_FORKED, id);
+                pyw__put_u32(&b, (uint32_t)w);
+            }
+            pyw__frame_end(&b, 0);
+            (void)write_all(g_sock, b.p, b.len);
+            _exit(0);
+        }
+        PyOS_AfterFork_Parent();
+        if (a < 0) {
+            send_error(id, -errno, "fork failed");
+        } else {
+            int st;
+            while (waitpid(a, &st, 0) < 0 && errno == EINTR)
+                ;
+        }
+    next:
+        if (fd >= 0)
+            close(fd);
+        cap_free(body);
+    }
+}
+
+/* ---- main ---- */
+
+static void usage(void)
+{
+    fprintf(stderr, "usage: capsule-pyworker --fd N [--opts LIST]\n"
+                    "       capsule-pyworker --zygote --fd N [--warmup CODE]\n");
+}
+
+int main(int argc, char **argv)
+{
+    int fd = -1, zygote = 0, rc;
+    const char *opts = "", *warm = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--zygote") == 0) {
+            zygote = 1;
+        } else if (strcmp(argv[i], "--fd") == 0 && i + 1 < argc) {
+            char *end;
+            long v = strtol(argv[++i], &end, 10);
+            if (*end || v < 0 || v > 65535) {
+                usage();
+                return 2;
+            }
+            fd = (int)v;
+        } else if (strcmp(argv[i], "--opts") == 0 && i + 1 < argc) {
+            opts = argv[++i];
+        } else if (strcmp(argv[i], "--warmup") == 0 && i + 1 < argc) {
+            warm = argv[++i];
+        } else {
+            usage();
+            return 2;
+        }
+    }
+    if (fd < 0 || fcntl(fd, F_GETFD) < 0) {
+        usage();
+        return 2;
+    }
+    if ((rc = pyw__wopts_parse(opts, &g_opts))) {
+        fprintf(stderr, "capsule-pyworker: bad --opts '%s'\n", opts);
+        return 2;
+    }
+    g_sock = fd;
+    (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
+    if (!zygote && (rc = join_cgroup())) {
+        fprintf(stderr, "capsule-pyworker: cannot join cgroup %s: %s\n", g_opts.cgroup,
+                cap_strerror(rc));
+        return 3;
+    }
+    if ((rc = py_start()))
+        return 3;
+    if (zygote) {
+        if (warm) {
+            PyObject *r = PyObject_CallMethod(g_rt, "warmup", "s", warm);
+            if (!r) {
+                PyErr_Print();
+                return 4;
+            }
+            Py_DECREF(r);
+        }
+        zygote_run();
+    }
+    worker_run();
+}

@@ -1,0 +1,205 @@
+/*
+ * test_exec.c - execution modes through a real worker: plain cells, top-level await, async
+ * for/with, blocking sleep in a thread while the protocol stays responsive, asyncio.run inside a
+ * plain cell, the last expression's value (repr, JSON, `;`, _ / __ / ___), a persistent
+ * namespace, exceptions with tracebacks that show the cell's source lines.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "check.h"
+#include "pyworker.h"
+
+static pyw_sync_run_t *run(pyw_sync_t *s, const char *src)
+{
+    pyw_sync_run_t *r = NULL;
+    CHECK_OK(pyw_sync_execute(s, src, NULL, 0, 0, 0, &r));
+    if (r->status != PYW_STATUS_OK)
+        fprintf(stderr, "cell failed: %s: %s\n%s\n", r->etype ? r->etype : "?",
+                r->emsg ? r->emsg : "", r->traceback ? r->traceback : "");
+    return r;
+}
+
+static void expect_value(pyw_sync_t *s, const char *src, const char *repr, const char *json)
+{
+    pyw_sync_run_t *r = run(s, src);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    if (repr)
+        CHECK_STREQ(r->repr, repr);
+    else
+        CHECK(r->repr == NULL);
+    if (json)
+        CHECK_STREQ(r->json, json);
+    else
+        CHECK(r->json == NULL);
+    pyw_sync_run_free(r);
+}
+
+static void test_values(pyw_sync_t *s)
+{
+    expect_value(s, "2+2", "4", "4");
+    expect_value(s, "x = 40\nx + 2", "42", "42");
+    expect_value(s, "x + 1;", NULL, NULL);             /* ';' suppresses */
+    expect_value(s, "x + 1  ; # comment", NULL, NULL); /* also before a comment */
+    expect_value(s, "x = 5", NULL, NULL);              /* assignment: no value */
+    expect_value(s, "None", NULL, NULL);               /* None is not displayed */
+    expect_value(s, "{'a': [1, 2.5, None]}", "{'a': [1, 2.5, None]}", "{\"a\": [1, 2.5, null]}");
+    expect_value(s, "'hi'", "'hi'", "\"hi\"");
+    expect_value(s, "object", "<class 'object'>", NULL); /* not JSON-able: repr only */
+    /* _, __, ___ hold the last three values */
+    expect_value(s, "1", "1", "1");
+    expect_value(s, "2", "2", "2");
+    expect_value(s, "3", "3", "3");
+    expect_value(s, "(_, __, ___)", "(3, 2, 1)", "[3, 2, 1]");
+    /* the namespace persists and merges */
+    expect_value(s, "def f(a):\n    return a * 2\n", NULL, NULL);
+    expect_value(s, "f(21)", "42", "42");
+    expect_value(s, "import math\nmath.floor(2.5)", "2", "2");
+    /* Debian's installed packages are importable; the interpreter is Debian's, not pyenv's */
+    expect_value(s, "import sys\nsys.executable", "'/usr/bin/python3.11'",
+                 "\"/usr/bin/python3.11\"");
+    expect_value(s, "sys.flags.isolated", "1", "1");
+    expect_value(s, "__name__", "'__main__'", "\"__main__\"");
+}
+
+static void test_modes(pyw_sync_t *s)
+{
+    /* top-level await on the persistent loop */
+    expect_value(s, "import asyncio\nawait asyncio.sleep(0.01)\n7", "7", "7");
+    expect_value(s, "loop1 = asyncio.get_running_loop()\nawait asyncio.sleep(0)", NULL, NULL);
+    expect_value(s, "await asyncio.sleep(0)\nasyncio.get_running_loop() is loop1", "True", "true");
+    /* async for / async with */
+    expect_value(s,
+                 "async def agen():\n    for i in range(3):\n        await asyncio.sleep(0)\n"
+                 "        yield i\n"
+                 "acc = []\nasync for v in agen():\n    acc.append(v)\nacc",
+                 "[0, 1, 2]", "[0, 1, 2]");
+    expect_value(s,
+                 "import contextlib\n@contextlib.asynccontextmanager\nasync def cm():\n"
+                 "    yield 'inside'\nasync with cm() as v:\n    got = v\ngot",
+                 "'inside'", "\"inside\"");
+    /* a blocking sleep in a thread inside an async cell */
+    expect_value(s, "import time\nawait asyncio.to_thread(time.sleep, 0.05)\n'slept'", "'slept'",
+                 "\"slept\"");
+    /* asyncio.run inside a plain cell works as in a script */
+    expect_value(s,
+                 "async def main():\n    await asyncio.sleep(0)\n    return 9\nasyncio.run(main())",
+                 "9", "9");
+    /* a plain threaded cell */
+    expect_value(s,
+                 "import threading\nres = []\nt = threading.Thread(target=lambda: res.append(1))\n"
+                 "t.start(); t.join()\nres",
+                 "[1]", "[1]");
+}
+
+/* A cell blocks in time.sleep; the protocol thread still answers pings meanwhile. */
+static int g_pongs;
+static int g_done;
+static void on_pong(pyw_worker_t *w, uint64_t id)
+{
+    (void)w;
+    (void)id;
+    g_pongs++;
+}
+static void on_result(pyw_worker_t *w, const pyw_result_t *r)
+{
+    (void)w;
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    g_done = 1;
+}
+static void on_ready(pyw_worker_t *w)
+{
+    (void)w;
+}
+
+static void test_responsive(void)
+{
+    uv_loop_t loop;
+    pyw_callbacks_t cb = {0};
+    pyw_options_t opt = {0};
+    pyw_worker_t *w;
+    cb.on_pong = on_pong;
+    cb.on_result = on_result;
+    cb.on_ready = on_ready;
+    opt.cb = &cb;
+    uv_loop_init(&loop);
+    CHECK_OK(pyw_worker_spawn(&loop, &opt, &w));
+    while (!pyw_worker_is_ready(w))
+        uv_run(&loop, UV_RUN_ONCE);
+    const char *src = "import time\ntime.sleep(0.5)";
+    CHECK_OK(pyw_worker_execute(w, 1, NULL, src, strlen(src), 0));
+    uint64_t t0 = cap_now_ns();
+    for (int i = 0; i < 5; i++) {
+        int before = g_pongs;
+        uint64_t p0 = cap_now_ns();
+        CHECK_OK(pyw_worker_ping(w, 100 + (uint64_t)i));
+        while (g_pongs == before)
+            uv_run(&loop, UV_RUN_ONCE);
+        /* answered by the protocol thread while the cell sleeps */
+        CHECK(cap_now_ns() - p0 < 100000000ull);
+    }
+    CHECK(!g_done);
+    while (!g_done)
+        uv_run(&loop, UV_RUN_ONCE);
+    CHECK(cap_now_ns() - t0 >= 400000000ull);
+    pyw_worker_close(w);
+    while (uv_run(&loop, UV_RUN_DEFAULT))
+        ;
+    CHECK_OK(uv_loop_close(&loop));
+}
+
+static void test_errors(pyw_sync_t *s)
+{
+    pyw_sync_run_t *r;
+    CHECK_OK(
+        pyw_sync_execute(s, "def g():\n    return 1 / 0\n\nvalue = 3\ng()\n", NULL, 0, 0, 0, &r));
+    CHECK_EQ(r->status, PYW_STATUS_ERROR);
+    CHECK_STREQ(r->etype, "ZeroDivisionError");
+    CHECK_STREQ(r->emsg, "division by zero");
+    CHECK(r->traceback != NULL);
+    char cell[32];
+    snprintf(cell, sizeof cell, "File \"<cell %u>\", line 5", r->cell_no);
+    CHECK(strstr(r->traceback, cell));
+    CHECK(strstr(r->traceback, "line 2, in g"));
+    CHECK(strstr(r->traceback, "return 1 / 0")); /* the source line is shown */
+    CHECK(strstr(r->traceback, "g()"));
+    CHECK(!strstr(r->traceback, "capsule-rt")); /* runtime frames are hidden */
+    pyw_sync_run_free(r);
+    /* the statements before the error took effect */
+    expect_value(s, "value", "3", "3");
+    /* syntax errors */
+    CHECK_OK(pyw_sync_execute(s, "def (:\n", NULL, 0, 0, 0, &r));
+    CHECK_EQ(r->status, PYW_STATUS_ERROR);
+    CHECK_STREQ(r->etype, "SyntaxError");
+    pyw_sync_run_free(r);
+    /* an exception inside an async cell */
+    CHECK_OK(pyw_sync_execute(s, "await asyncio.sleep(0)\nraise ValueError('bad value')", NULL, 0,
+                              0, 0, &r));
+    CHECK_EQ(r->status, PYW_STATUS_ERROR);
+    CHECK_STREQ(r->etype, "ValueError");
+    CHECK_STREQ(r->emsg, "bad value");
+    CHECK(strstr(r->traceback, "raise ValueError('bad value')"));
+    pyw_sync_run_free(r);
+    /* SystemExit does not end the session */
+    CHECK_OK(pyw_sync_execute(s, "import sys\nsys.exit(3)", NULL, 0, 0, 0, &r));
+    CHECK_EQ(r->status, PYW_STATUS_ERROR);
+    CHECK_STREQ(r->etype, "SystemExit");
+    pyw_sync_run_free(r);
+    expect_value(s, "1+1", "2", "2");
+    CHECK_OK(pyw_sync_ping(s));
+}
+
+int main(void)
+{
+    pyw_sync_t *s;
+    CHECK_OK(pyw_sync_open(NULL, NULL, &s));
+    CHECK(pyw_worker_python_version(pyw_sync_worker(s)) != NULL);
+    CHECK(strncmp(pyw_worker_python_version(pyw_sync_worker(s)), "3.11", 4) == 0);
+    test_values(s);
+    test_modes(s);
+    test_errors(s);
+    pyw_sync_close(s);
+    test_responsive();
+    printf("ok\n");
+    return 0;
+}
