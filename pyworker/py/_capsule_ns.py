@@ -305,6 +305,19 @@ def _unwrap_functions(v):
         seen += 1
 
 
+class _Live:
+    """Membership in the tracked names of the last recorded state, when the keys are unchanged
+    (saves building a set of every name on the fast path)."""
+
+    __slots__ = ("_vals",)
+
+    def __init__(self, g, vals):
+        self._vals = vals
+
+    def __contains__(self, name):
+        return name in self._vals
+
+
 class Namespace:
     """Tracks one session namespace (a globals dict) and produces/applies delta blobs.
 
@@ -332,8 +345,10 @@ class Namespace:
         self._pending = {}
         self._cell_file = None
         self._code_cache = {}
+        self._klist, self._idl = [], []
         names = self._current_keys()
         self._record(names, names, {}, {})
+        self._sync_ids()
 
     # ---------------------------------------------------------------- public API
 
@@ -348,18 +363,25 @@ class Namespace:
     def after_cell(self, code):
         """Returns (delta_blob, info) for what the cell changed; updates the recorded state."""
         g = self._g
-        keys = self._current_keys()
-        old = self._vals.keys()
-        added = keys - old
-        if not added and len(keys) == len(old):
-            deleted = set()
-            common = list(old)
+        vals = self._vals
+        # Fast path: the same keys in the same order: nothing was added or deleted, and the
+        # rebound names are found by an identity scan against the values list kept from last
+        # time (_idl, strong references), all in C (no __eq__ of user objects is called).
+        klist = list(g)
+        idl = list(g.values())
+        if klist == self._klist:
+            added, deleted = set(), set()
+            rebound = {k for k in itertools.compress(klist, map(operator.is_not, idl, self._idl))
+                       if k in vals}
+            keys = _Live(g, vals)
         else:
+            keys = self._current_keys()
+            old = vals.keys()
+            added = keys - old
             deleted = old - keys
             common = list(keys & old)
-        vals = self._vals
-        rebound = set(itertools.compress(
-            common, map(operator.is_not, map(g.__getitem__, common), map(vals.__getitem__, common))))
+            rebound = set(itertools.compress(common, map(
+                operator.is_not, map(g.__getitem__, common), map(vals.__getitem__, common))))
 
         cands = self._candidates(code, keys)
         pickles = {}
@@ -379,6 +401,10 @@ class Namespace:
         entries, unpick = self._record(dirty, keys, pickles, {}, deleted=deleted)
         blob = self._encode(_KIND_DELTA, entries)
         self._pending = {}
+        if keys.__class__ is _Live:
+            self._klist, self._idl = klist, idl
+        else:
+            self._sync_ids()
         info = {"added": sorted(added), "changed": sorted(rebound), "mutated": sorted(mutated),
                 "deleted": sorted(deleted), "unpicklable": unpick, "size": len(blob)}
         return blob, info
@@ -390,6 +416,7 @@ class Namespace:
         self._pending = {}
         entries, unpick = self._record(keys, keys, {}, {}, deleted=deleted, full=True)
         blob = self._encode(_KIND_SNAPSHOT, entries)
+        self._sync_ids()
         info = {"added": sorted(keys), "changed": [], "mutated": [], "deleted": [],
                 "unpicklable": unpick, "size": len(blob)}
         return blob, info
@@ -454,6 +481,7 @@ class Namespace:
         gone = self._vals.keys() - keys
         fresh = set(restored) & keys
         self._record(fresh, keys, {}, hints, deleted=gone)
+        self._sync_ids()
         for n in failed:
             # A failed name stays absent; later deltas may bind it again.
             self._bad.pop(n, None)
@@ -461,6 +489,10 @@ class Namespace:
                 "failed": failed}
 
     # ---------------------------------------------------------------- internals
+
+    def _sync_ids(self):
+        self._klist = list(self._g)
+        self._idl = list(self._g.values())
 
     def _current_keys(self):
         g = self._g
@@ -485,22 +517,23 @@ class Namespace:
         return names
 
     def _candidates(self, code, keys):
-        """Names the cell could have mutated in place (see the module docstring)."""
+        """Names the cell could have mutated in place (see the module docstring). keys: the live
+        tracked names (anything supporting `in`)."""
         if code is None:
-            return set(keys)
+            return set(self._current_keys())
         first = self._code_names(code)
-        if first & _ESCAPE:
-            return set(keys)
-        cands = set(first & keys)
+        if not first.isdisjoint(_ESCAPE):
+            return set(self._current_keys())
+        cands = {n for n in first if n in keys}
         todo = list(cands)
         while todo:
             n = todo.pop()
             more = []
             for c in self._codes.get(n, ()):
                 names = self._code_names(c)
-                if names & _ESCAPE:
-                    return set(keys)
-                more.extend(names & keys)
+                if not names.isdisjoint(_ESCAPE):
+                    return set(self._current_keys())
+                more.extend(names)
             grp = self._grp.get(n)
             if grp:
                 more.extend(grp)

@@ -58,6 +58,11 @@ void pyw__frame_end(pyw_buf_t *b, size_t start)
     cap_put_le32(b->p + start, (uint32_t)(b->len - start - 4));
 }
 
+void pyw__put_raw(pyw_buf_t *b, const void *p, size_t n)
+{
+    buf_put(b, p, n);
+}
+
 void pyw__put_u8(pyw_buf_t *b, uint8_t v)
 {
     buf_put(b, &v, 1);

@@ -69,6 +69,7 @@ void pyw__buf_free(pyw_buf_t *b);
 void pyw__frame_begin(pyw_buf_t *b, uint8_t type, uint64_t id);
 /* Writes the length field of the frame begun at offset `start`. */
 void pyw__frame_end(pyw_buf_t *b, size_t start);
+void pyw__put_raw(pyw_buf_t *b, const void *p, size_t n);
 void pyw__put_u8(pyw_buf_t *b, uint8_t v);
 void pyw__put_u32(pyw_buf_t *b, uint32_t v);
 void pyw__put_u64(pyw_buf_t *b, uint64_t v);

@@ -171,27 +171,6 @@ static size_t pipe_pending(void)
     return total;
 }
 
-/* Waits (bounded, 20 ms) until the capture pipes are empty and forwarded, so fd-level output
- * written before a sys.stdout write or a result reaches the engine first. */
-static void capture_drain(void)
-{
-    if (g_pipe_rd[1] < 0)
-        return;
-    uint64_t deadline = cap_now_ns() + 20000000ull;
-    pthread_mutex_lock(&g_cap_mu);
-    while ((g_cap_busy || pipe_pending() > 0) && cap_now_ns() < deadline) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 200000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        pthread_cond_timedwait(&g_cap_cv, &g_cap_mu, &ts);
-    }
-    pthread_mutex_unlock(&g_cap_mu);
-}
-
 static void send_stream(uint64_t id, int stream, const void *data, size_t len)
 {
     pyw_buf_t b;
@@ -220,22 +199,110 @@ static uint64_t current_exec_id(void)
     return id;
 }
 
+/* sys.stdout/sys.stderr writes are coalesced per line: a write containing a newline (or 64 KiB
+ * pending) goes out at once, a partial line within PEND_FLUSH_NS (the reader thread's timer).
+ * Only one stream has pending bytes at a time (the other is flushed first), so order holds. */
+#define PEND_FLUSH_NS 1000000ull
+static pyw_buf_t g_pend[3];
+static uint64_t g_pend_since;
+static int g_wake[2] = {-1, -1}; /* wakes the reader thread to arm its flush timer */
+
+static void pend_flush_locked(void)
+{
+    for (int i = 1; i <= 2; i++) {
+        if (g_pend[i].len) {
+            send_stream(current_exec_id(), i, g_pend[i].p, g_pend[i].len);
+            g_pend[i].len = 0;
+        }
+    }
+}
+
+/* Waits (bounded, 20 ms) until the capture pipes are empty and forwarded, so fd-level output
+ * written before a sys.stdout write or a result reaches the engine first. Holds g_cap_mu. */
+static void drain_locked(void)
+{
+    if (g_pipe_rd[1] < 0)
+        return;
+    uint64_t deadline = cap_now_ns() + 20000000ull;
+    while ((g_cap_busy || pipe_pending() > 0) && cap_now_ns() < deadline) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 200000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&g_cap_cv, &g_cap_mu, &ts);
+    }
+}
+
+/* Everything written so far (fds and sys.stdout/err) is sent: before input requests and
+ * results. */
+static void capture_drain(void)
+{
+    pthread_mutex_lock(&g_cap_mu);
+    drain_locked();
+    pend_flush_locked();
+    pthread_mutex_unlock(&g_cap_mu);
+}
+
+/* A sys.stdout (1) / sys.stderr (2) write. */
+static void capture_write(int stream, const char *data, size_t len)
+{
+    pthread_mutex_lock(&g_cap_mu);
+    drain_locked();
+    int other = stream == 1 ? 2 : 1;
+    if (g_pend[other].len)
+        pend_flush_locked();
+    int was_empty = g_pend[stream].len == 0;
+    pyw__put_raw(&g_pend[stream], data, len);
+    if (memchr(data, '\n', len) || g_pend[stream].len >= 65536) {
+        pend_flush_locked();
+    } else if (was_empty) {
+        g_pend_since = cap_now_ns();
+        char c = 0;
+        ssize_t w = write(g_wake[1], &c, 1);
+        (void)w;
+    }
+    pthread_mutex_unlock(&g_cap_mu);
+}
+
 static void *reader_main(void *arg)
 {
     (void)arg;
     char buf[65536];
-    struct pollfd pf[2] = {{g_pipe_rd[1], POLLIN, 0}, {g_pipe_rd[2], POLLIN, 0}};
+    struct pollfd pf[3] = {
+        {g_pipe_rd[1], POLLIN, 0}, {g_pipe_rd[2], POLLIN, 0}, {g_wake[0], POLLIN, 0}};
     for (;;) {
-        int n = poll(pf, 2, -1);
+        struct timespec ts, *tp = NULL;
+        pthread_mutex_lock(&g_cap_mu);
+        if (g_pend[1].len || g_pend[2].len) {
+            uint64_t el = cap_now_ns() - g_pend_since;
+            if (el >= PEND_FLUSH_NS) {
+                pend_flush_locked();
+            } else {
+                ts.tv_sec = 0;
+                ts.tv_nsec = (long)(PEND_FLUSH_NS - el);
+                tp = &ts;
+            }
+        }
+        pthread_mutex_unlock(&g_cap_mu);
+        int n = ppoll(pf, 3, tp, NULL);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
+        if (pf[2].revents & POLLIN) {
+            char c[64];
+            ssize_t r = read(g_wake[0], c, sizeof c);
+            (void)r;
+        }
         for (int i = 0; i < 2; i++) {
             if (!(pf[i].revents & (POLLIN | POLLHUP)))
                 continue;
             pthread_mutex_lock(&g_cap_mu);
+            pend_flush_locked();
             g_cap_busy = 1;
             pthread_mutex_unlock(&g_cap_mu);
             ssize_t r = read(pf[i].fd, buf, sizeof buf);
@@ -260,6 +327,10 @@ static int capture_start(void)
     for (int i = 1; i <= 2; i++) {
         int p[2];
         if (pipe2(p, O_CLOEXEC) < 0) {
+            rc = -errno;
+            goto out;
+        }
+        if (i == 1 && pipe2(g_wake, O_CLOEXEC | O_NONBLOCK) < 0) {
             rc = -errno;
             goto out;
         }
@@ -310,8 +381,7 @@ static PyObject *capmod_write(PyObject *self, PyObject *args)
     /* `obj` keeps `data` alive; the GIL is released for the socket write */
     Py_INCREF(obj);
     Py_BEGIN_ALLOW_THREADS;
-    capture_drain();
-    send_stream(current_exec_id(), stream, data, (size_t)len);
+    capture_write(stream, data, (size_t)len);
     Py_END_ALLOW_THREADS;
     Py_DECREF(obj);
     Py_RETURN_NONE;

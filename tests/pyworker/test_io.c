@@ -1,0 +1,199 @@
+/*
+ * test_io.c - streaming output and input through a real worker: stdout vs stderr ordering,
+ * fd-level writes (os.write, a child process, C stdio), output interleaved with input prompts,
+ * input() in plain, threaded and async cells, sys.stdin reads, EOF, and chunks arriving while the
+ * cell still runs.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "check.h"
+#include "pyworker.h"
+
+static pyw_sync_run_t *run_in(pyw_sync_t *s, const char *src, const char *const *in, size_t n)
+{
+    pyw_sync_run_t *r = NULL;
+    CHECK_OK(pyw_sync_execute(s, src, in, n, 0, 0, &r));
+    if (r->status != PYW_STATUS_OK)
+        fprintf(stderr, "cell failed: %s: %s\n%s\n", r->etype ? r->etype : "?",
+                r->emsg ? r->emsg : "", r->traceback ? r->traceback : "");
+    return r;
+}
+
+static void test_ordering(pyw_sync_t *s)
+{
+    pyw_sync_run_t *r = run_in(s,
+                               "import sys, os\n"
+                               "print('one')\n"
+                               "print('two', file=sys.stderr)\n"
+                               "os.write(1, b'three\\n')\n"
+                               "print('four')\n"
+                               "os.write(2, b'five\\n')\n"
+                               "sys.stdout.write('six\\n')\n",
+                               NULL, 0);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK_STREQ(r->out, "one\nthree\nfour\nsix\n");
+    CHECK_STREQ(r->err, "two\nfive\n");
+    /* the transcript keeps the global order across both streams and both paths */
+    const char *t = r->transcript;
+    const char *order[] = {"one", "two", "three", "four", "five", "six"};
+    for (size_t i = 0; i < 6; i++) {
+        const char *p = strstr(t, order[i]);
+        CHECK(p != NULL);
+        t = p;
+    }
+    CHECK(strstr(r->transcript, "[2]two"));
+    pyw_sync_run_free(r);
+
+    /* a child process writing to the inherited fds, and sys.stdout.buffer */
+    r = run_in(s,
+               "import subprocess\n"
+               "subprocess.run(['/bin/sh', '-c', 'echo from-child; echo child-err >&2'])\n"
+               "sys.stdout.buffer.write(b'raw-bytes\\n')\n"
+               "print('after')",
+               NULL, 0);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK_STREQ(r->out, "from-child\nraw-bytes\nafter\n");
+    CHECK_STREQ(r->err, "child-err\n");
+    pyw_sync_run_free(r);
+
+    /* C-level stdio (ctypes printf + fflush via libc) arrives too */
+    r = run_in(s,
+               "import ctypes\nlibc = ctypes.CDLL(None)\n"
+               "libc.printf(b'c-printf %d\\n', 42)\nlibc.fflush(None)\n",
+               NULL, 0);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK_STREQ(r->out, "c-printf 42\n");
+    pyw_sync_run_free(r);
+
+    /* many lines arrive complete and in order */
+    r = run_in(s, "for i in range(2000):\n    print(i)", NULL, 0);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    char *p = r->out;
+    for (int i = 0; i < 2000; i++) {
+        char want[16];
+        int n = snprintf(want, sizeof want, "%d\n", i);
+        CHECK(strncmp(p, want, (size_t)n) == 0);
+        p += n;
+    }
+    CHECK(*p == 0);
+    pyw_sync_run_free(r);
+}
+
+static void test_input(pyw_sync_t *s)
+{
+    const char *in[] = {"Ada", "42"};
+    pyw_sync_run_t *r = run_in(s,
+                               "print('before')\n"
+                               "name = input('name? ')\n"
+                               "print('hello', name)\n"
+                               "n = int(input('n? '))\n"
+                               "n * 2",
+                               in, 2);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK_STREQ(r->repr, "84");
+    CHECK_STREQ(r->transcript, "[1]before\n[in:name? ][1]hello Ada\n[in:n? ]");
+    pyw_sync_run_free(r);
+
+    /* EOF -> EOFError */
+    r = run_in(s, "input('more? ')", NULL, 0);
+    CHECK_EQ(r->status, PYW_STATUS_ERROR);
+    CHECK_STREQ(r->etype, "EOFError");
+    CHECK(strstr(r->transcript, "[in:more? ]"));
+    pyw_sync_run_free(r);
+
+    /* sys.stdin reads are input requests too; '' at EOF */
+    const char *lines[] = {"l1", "l2", NULL};
+    r = run_in(s, "import sys\n[sys.stdin.readline(), sys.stdin.readline(), sys.stdin.readline()]",
+               lines, 3);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK_STREQ(r->repr, "['l1\\n', 'l2\\n', '']");
+    pyw_sync_run_free(r);
+
+    /* input() from another thread */
+    const char *t_in[] = {"threaded"};
+    r = run_in(s,
+               "import threading\nbox = []\n"
+               "th = threading.Thread(target=lambda: box.append(input('t? ')))\n"
+               "th.start(); th.join()\nbox[0]",
+               t_in, 1);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK_STREQ(r->repr, "'threaded'");
+    CHECK(strstr(r->transcript, "[in:t? ]"));
+    pyw_sync_run_free(r);
+
+    /* input() in an async cell */
+    const char *a_in[] = {"async-answer"};
+    r = run_in(
+        s, "import asyncio\nawait asyncio.sleep(0)\nv = input('a? ')\nawait asyncio.sleep(0)\nv",
+        a_in, 1);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK_STREQ(r->repr, "'async-answer'");
+    pyw_sync_run_free(r);
+
+    /* getpass asks with the password flag and does not echo */
+    const char *pw[] = {"secret"};
+    r = run_in(s, "import getpass\ngetpass.getpass('pw: ')", pw, 1);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK_STREQ(r->repr, "'secret'");
+    pyw_sync_run_free(r);
+}
+
+/* Output chunks arrive while the cell still runs (not batched until the result). */
+static int g_seen_chunk_before_result;
+static int g_chunk, g_result;
+static void on_output(pyw_worker_t *w, uint64_t id, int stream, const char *d, size_t n)
+{
+    (void)w;
+    (void)id;
+    (void)stream;
+    if (n >= 5 && memcmp(d, "first", 5) == 0 && !g_result)
+        g_chunk = 1;
+}
+static void on_result(pyw_worker_t *w, const pyw_result_t *r)
+{
+    (void)w;
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    g_result = 1;
+}
+
+static void test_streaming(void)
+{
+    uv_loop_t loop;
+    pyw_callbacks_t cb = {0};
+    pyw_options_t opt = {0};
+    pyw_worker_t *w;
+    cb.on_output = on_output;
+    cb.on_result = on_result;
+    opt.cb = &cb;
+    uv_loop_init(&loop);
+    CHECK_OK(pyw_worker_spawn(&loop, &opt, &w));
+    const char *src = "import time\nprint('first')\ntime.sleep(0.3)\nprint('second')";
+    CHECK_OK(pyw_worker_execute(w, 7, NULL, src, strlen(src), 0));
+    uint64_t t0 = 0;
+    while (!g_result) {
+        uv_run(&loop, UV_RUN_ONCE);
+        if (g_chunk && !t0) {
+            t0 = cap_now_ns();
+            g_seen_chunk_before_result = !g_result;
+        }
+    }
+    CHECK(g_seen_chunk_before_result);
+    CHECK(cap_now_ns() - t0 > 200000000ull); /* the first line came ~300 ms before the end */
+    pyw_worker_close(w);
+    while (uv_run(&loop, UV_RUN_DEFAULT))
+        ;
+    CHECK_OK(uv_loop_close(&loop));
+}
+
+int main(void)
+{
+    pyw_sync_t *s;
+    CHECK_OK(pyw_sync_open(NULL, NULL, &s));
+    test_ordering(s);
+    test_input(s);
+    pyw_sync_close(s);
+    test_streaming();
+    printf("ok\n");
+    return 0;
+}
