@@ -310,7 +310,8 @@ int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn 
         rc = CAP_ECLOSED;
         goto out;
     }
-    a->first_seq = log->next_seq;
+    uint64_t first = log->next_seq; /* `a` may be freed by the writer once mu is released */
+    a->first_seq = first;
     log->next_seq += n;
     for (size_t i = 0; i < n; i++)
         wal__frame_seal(a->f[i].p, a->first_seq + i);
@@ -323,7 +324,7 @@ int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn 
     pthread_cond_signal(&log->work_cv);
     pthread_mutex_unlock(&log->mu);
     if (first_seq)
-        *first_seq = a->first_seq;
+        *first_seq = first;
     a = NULL;
 out:
     if (a)
