@@ -265,6 +265,9 @@ int pyw_sync_open(pyw_zygote_t *z, const pyw_options_t *opt, pyw_sync_t **out);
  * after sending it. timeout_ms: the cell's timeout (0 none). Returns 0 and *out (even when the
  * cell failed or the worker died: see (*out)->status), or CAP_ECLOSED if the worker was gone
  * before the run. */
+/* An inputs[] entry that leaves its input request unanswered (to test cancelling a waiting
+ * input()). */
+extern const char pyw_sync_hold[];
 int pyw_sync_execute(pyw_sync_t *s, const char *source, const char *const *inputs, size_t n_inputs,
                      uint32_t cancel_after_ms, uint32_t timeout_ms, pyw_sync_run_t **out);
 /* Snapshot into *out (blob and names as in a run). */

@@ -145,8 +145,9 @@ def _getpass(prompt="Password: ", stream=None):
 
 
 def _on_sigint(signum, frame):
-    # The C side trips SIGINT only to interrupt a cell; a stale signal between cells is ignored.
-    if _capsule.cancel_requested():
+    # The C side trips SIGINT only to interrupt a cell, once per cancel; a stale or second
+    # signal (the interrupt was already delivered, e.g. to a waiting input()) is ignored.
+    if _capsule.take_interrupt():
         raise KeyboardInterrupt
 
 

@@ -46,6 +46,8 @@ static char *sb_take(sbuf_t *s)
     return p;
 }
 
+const char pyw_sync_hold[] = "(hold)";
+
 struct pyw_sync {
     uv_loop_t loop;
     pyw_worker_t *w;
@@ -127,7 +129,9 @@ static void s_on_input(pyw_worker_t *w, uint64_t id, const char *prompt, int pas
     sb_str(&s->transcript, "[in:");
     sb_str(&s->transcript, prompt);
     sb_str(&s->transcript, "]");
-    if (s->next_input < s->n_inputs && s->inputs[s->next_input]) {
+    if (s->next_input < s->n_inputs && s->inputs[s->next_input] == pyw_sync_hold) {
+        s->next_input++;
+    } else if (s->next_input < s->n_inputs && s->inputs[s->next_input]) {
         const char *t = s->inputs[s->next_input++];
         pyw_worker_input_reply(w, id, t, strlen(t), 0);
     } else {

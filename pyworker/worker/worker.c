@@ -77,6 +77,7 @@ static job_t *g_head, **g_tail = &g_head;
 static uint64_t g_running_id;    /* execution id of the running cell, 0 if none */
 static int g_running;            /* a cell is running */
 static atomic_int g_cancel_flag; /* the running cell was asked to stop */
+static atomic_int g_interrupt;   /* one KeyboardInterrupt owed to the running cell */
 /* input: one request outstanding at a time (input_mu serialises requesters) */
 static pthread_mutex_t g_input_mu = PTHREAD_MUTEX_INITIALIZER;
 static int g_input_waiting, g_input_done, g_input_eof;
@@ -436,6 +437,7 @@ static PyObject *capmod_input(PyObject *self, PyObject *args)
     pthread_mutex_unlock(&g_input_mu);
     Py_END_ALLOW_THREADS;
     if (cancelled) {
+        atomic_store(&g_interrupt, 0); /* delivered here: the SIGINT handler owes nothing */
         PyErr_SetNone(PyExc_KeyboardInterrupt);
     } else if (eof) {
         ret = Py_NewRef(Py_None);
@@ -451,6 +453,13 @@ static PyObject *capmod_cancel_requested(PyObject *self, PyObject *args)
     (void)self;
     (void)args;
     return PyBool_FromLong(atomic_load(&g_cancel_flag));
+}
+
+static PyObject *capmod_take_interrupt(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(atomic_exchange(&g_interrupt, 0));
 }
 
 static PyObject *capmod_forked_child(PyObject *self, PyObject *args)
@@ -485,6 +494,7 @@ static PyMethodDef capmod_methods[] = {
     {"write", capmod_write, METH_VARARGS, "write(stream, str|bytes): send an output chunk"},
     {"input", capmod_input, METH_VARARGS, "input(prompt, password) -> str, or None at EOF"},
     {"cancel_requested", capmod_cancel_requested, METH_NOARGS, "the running cell was cancelled"},
+    {"take_interrupt", capmod_take_interrupt, METH_NOARGS, "consume the owed interrupt"},
     {"forked_child", capmod_forked_child, METH_NOARGS, "os.register_at_fork child hook"},
     {"hash64", capmod_hash64, METH_O, "XXH3-64 of a bytes-like object"},
     {NULL, NULL, 0, NULL},
@@ -738,7 +748,8 @@ static void handle_cancel(uint64_t id)
 {
     job_t *dropped = NULL;
     pthread_mutex_lock(&g_mu);
-    if (g_running && g_running_id == id) {
+    if (g_running && g_running_id == id && !atomic_load(&g_cancel_flag)) {
+        atomic_store(&g_interrupt, 1);
         atomic_store(&g_cancel_flag, 1);
         pthread_cond_broadcast(&g_cv); /* wakes an input() wait */
         pthread_kill(g_main_thread, SIGINT);
@@ -967,6 +978,7 @@ static void run_execute(job_t *j, uint32_t cell_no)
     pthread_mutex_lock(&g_mu);
     g_running = 0;
     atomic_store(&g_cancel_flag, 0);
+    atomic_store(&g_interrupt, 0);
     pthread_mutex_unlock(&g_mu);
     fflush(stdout);
     fflush(stderr);
