@@ -18,6 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "pyworker", "py"))
 
+sys.dont_write_bytecode = True  # keep the source tree clean
 import _capsule_ns  # noqa: E402
 
 

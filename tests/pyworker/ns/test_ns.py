@@ -1,0 +1,593 @@
+"""Unit tests of _capsule_ns (run with /usr/bin/python3.11; registered as ctest pyworker.ns_unit).
+
+Each test runs cells in a Session (the worker's way: before_cell, exec, after_cell), then
+restores the deltas (or a snapshot plus deltas) into a FRESH namespace registered under the same
+module name, and compares name by name. TestFreshProcess does the same across two separate
+/usr/bin/python3.11 processes: one runs the cells and ships the blobs, a new one applies them."""
+
+import base64
+import gc
+import itertools
+import json
+import os
+import subprocess
+import sys
+import unittest
+
+import nshelp
+from nshelp import Session, canon, describe
+
+_capsule_ns = nshelp._capsule_ns
+_mod_counter = itertools.count()
+
+
+def fresh_name():
+    return f"capsule_ns_t{next(_mod_counter)}"
+
+
+class Base(unittest.TestCase):
+    def setUp(self):
+        self.modname = fresh_name()
+        self.s = Session(self.modname)
+        self.blobs = []
+
+    def tearDown(self):
+        sys.modules.pop(self.modname, None)
+
+    def run_cell(self, src, **kw):
+        blob, info = self.s.run(src, **kw)
+        self.blobs.append(blob)
+        self.assertEqual(info["size"], len(blob))
+        return info
+
+    def restore(self, blobs=None):
+        """A fresh namespace (same module name) that applies blobs; returns (session, results)."""
+        origin = self.s
+        r = Session(self.modname)
+        results = [r.apply(b) for b in (self.blobs if blobs is None else blobs)]
+        self.addCleanup(lambda: sys.modules.__setitem__(self.modname, origin.mod))
+        return r, results
+
+    def assertSameNamespace(self, r, skip=()):
+        names = [n for n in self.s.names() if n not in skip]
+        self.assertEqual([n for n in r.names() if n not in skip], names)
+        self.assertEqual(describe(r.g, names), describe(self.s.g, names))
+
+
+class TestValues(Base):
+    def test_ints_strings_roundtrip(self):
+        i1 = self.run_cell("a = 1\nb = 'two'\nc = 3.5\nd = None\ne = b'\\x00bytes'\nf = 10**40")
+        self.assertEqual(i1["added"], ["a", "b", "c", "d", "e", "f"])
+        i2 = self.run_cell("a = 2\nb += '!'")
+        self.assertEqual(i2["changed"], ["a", "b"])
+        self.assertEqual(i2["added"] + i2["mutated"] + i2["deleted"], [])
+        r, res = self.restore()
+        self.assertEqual(res[-1]["failed"], {})
+        self.assertSameNamespace(r)
+        self.assertEqual(r.g["b"], "two!")
+
+    def test_nested_containers_mutated_in_place(self):
+        self.run_cell("d = {'k': [1, {'s': {1, 2}}], 't': (1, [2])}\nl = [[0], [1]]\nu = 5")
+        i = self.run_cell("d['k'][1]['s'].add(3)")
+        self.assertEqual((i["mutated"], i["changed"]), (["d"], []))
+        i = self.run_cell("d['t'][1].append(9)\nl[1].append(2)")
+        self.assertEqual(i["mutated"], ["d", "l"])
+        i = self.run_cell("x = len(d)")
+        self.assertEqual((i["added"], i["mutated"]), (["x"], []))
+        r, _ = self.restore()
+        self.assertSameNamespace(r)
+        self.assertEqual(r.g["d"]["k"][1]["s"], {1, 2, 3})
+        self.assertEqual(r.g["d"]["t"][1], [2, 9])
+
+    def test_instance_attribute_mutation(self):
+        self.run_cell("class P:\n    def __init__(self, v):\n        self.v = v\np = P(1)")
+        i = self.run_cell("p.v = 5")
+        self.assertEqual(i["mutated"], ["p"])
+        r, _ = self.restore()
+        self.assertEqual(r.g["p"].v, 5)
+        self.assertIs(type(r.g["p"]), r.g["P"])
+
+    def test_underscore_names_tracked_builtins_not(self):
+        i = self.run_cell("_ = 4\n__ = 3\n___ = 2\n__doc__ = 'x'")
+        self.assertEqual(i["added"], ["_", "__", "___"])
+        self.s.g["__capsule_internal"] = object()  # worker-reserved prefix
+        i = self.run_cell("_ = 5")
+        self.assertEqual((i["changed"], i["added"]), (["_"], []))
+        r, _ = self.restore()
+        self.assertEqual([r.g[n] for n in ("_", "__", "___")], [5, 3, 2])
+        self.assertNotIn("__capsule_internal", r.g)
+        blob = self.s.ns.snapshot()[0]
+        self.assertNotIn(b"__builtins__", blob)
+
+    def test_exclude_parameter(self):
+        g = {"__name__": "x_ex", "injected": 1}
+        ns = _capsule_ns.Namespace(g, nshelp.h64, exclude=("injected", "later"))
+        g["later"] = 2
+        g["mine"] = 3
+        code = compile("mine = 3", "<c>", "exec")
+        ns.before_cell("1", "mine = 3", code)
+        _blob, info = ns.after_cell(code)
+        self.assertEqual(info["added"], ["mine"])
+        self.assertEqual(ns.snapshot()[1]["added"], ["mine"])
+
+    def test_deletion(self):
+        self.run_cell("x = [1]\ny = 2\ndef f():\n    return 1\nimport json")
+        i = self.run_cell("del x, f, json")
+        self.assertEqual(i["deleted"], ["f", "json", "x"])
+        r, res = self.restore()
+        self.assertEqual(res[-1]["deleted"], ["f", "json", "x"])
+        self.assertSameNamespace(r)
+        self.assertNotIn("x", r.g)
+        # Deleting a name the target holds (a delta applied onto a namespace that has it).
+        r2, _ = self.restore(self.blobs[:1])
+        self.assertIn("x", r2.g)
+        r2.apply(self.blobs[1])
+        self.assertNotIn("x", r2.g)
+        self.assertNotIn("f", r2.g)
+
+    def test_cell_that_raises_keeps_partial_changes(self):
+        self.run_cell("acc = []")
+        i = self.run_cell("acc.append(1)\nnew = 2\nraise ValueError('boom')",
+                          expect_error=ValueError)
+        self.assertEqual((i["added"], i["mutated"]), (["new"], ["acc"]))
+        r, _ = self.restore()
+        self.assertSameNamespace(r)
+
+    def test_async_cell(self):
+        self.run_cell("import asyncio\nres = []")
+        i = self.run_cell("await asyncio.sleep(0)\nres.append(1)\nafter = 'x'")
+        self.assertEqual((i["added"], i["mutated"]), (["after"], ["res"]))
+        r, _ = self.restore()
+        self.assertSameNamespace(r)
+
+
+class TestAliasing(Base):
+    def test_b_is_a(self):
+        i = self.run_cell("a = [1, 2]\nb = a\nt = (a, 3)")
+        self.assertEqual(i["added"], ["a", "b", "t"])
+        i = self.run_cell("b.append(3)")
+        self.assertEqual(i["mutated"], ["a", "b", "t"])
+        r, _ = self.restore()
+        self.assertIs(r.g["a"], r.g["b"])
+        self.assertIs(r.g["t"][0], r.g["a"])
+        r.g["a"].append(4)
+        self.assertEqual(r.g["b"], [1, 2, 3, 4])
+
+    def test_one_list_in_two_dicts(self):
+        self.run_cell("shared = [0]\nd1 = {'k': shared}\nd2 = {'k': shared}\ndel shared")
+        i = self.run_cell("d1['k'].append(1)")
+        self.assertEqual(i["mutated"], ["d1", "d2"])
+        r, _ = self.restore()
+        self.assertIs(r.g["d1"]["k"], r.g["d2"]["k"])
+        self.assertEqual(r.g["d2"]["k"], [0, 1])
+
+    def test_delta_changes_one_member_of_a_group(self):
+        self.run_cell("a = [1]\nb = a\nc = {'x': a}")
+        i = self.run_cell("b = [9]")  # b leaves the group; a and c still share
+        self.assertEqual((i["changed"], i["mutated"]), (["b"], []))
+        i = self.run_cell("a.append(2)")
+        self.assertEqual(i["mutated"], ["a", "c"])
+        i = self.run_cell("e = c['x']")  # joins a's group: the group is re-sent together
+        self.assertEqual(i["added"], ["e"])
+        i = self.run_cell("c['x'] = []")  # c leaves the group
+        self.assertEqual(i["mutated"], ["c"])
+        i = self.run_cell("e.append(3)")
+        self.assertEqual(i["mutated"], ["a", "e"])
+        r, _ = self.restore()
+        self.assertSameNamespace(r)
+        self.assertIs(r.g["e"], r.g["a"])
+        self.assertIsNot(r.g["c"]["x"], r.g["a"])
+        self.assertIsNot(r.g["b"], r.g["a"])
+
+    def test_group_survives_snapshot_plus_deltas(self):
+        self.run_cell("a = {'v': []}\nb = a['v']")
+        snap = self.s.ns.snapshot()[0]
+        self.run_cell("b.append(1)")
+        self.run_cell("c = b")
+        r, _ = self.restore([snap] + self.blobs[1:])
+        self.assertIs(r.g["a"]["v"], r.g["b"])
+        self.assertIs(r.g["c"], r.g["b"])
+        self.assertEqual(r.g["a"], {"v": [1]})
+
+
+class TestCandidates(Base):
+    def test_function_mutating_a_global(self):
+        self.run_cell("log = []\nother = []\ndef add(v):\n    log.append(v)")
+        i = self.run_cell("add(1)")
+        self.assertEqual(i["mutated"], ["log"])
+        self.run_cell("def outer():\n    add(2)")
+        i = self.run_cell("outer()")  # transitively: outer -> add -> log
+        self.assertEqual(i["mutated"], ["log"])
+        self.run_cell("hs = {'a': add}")
+        i = self.run_cell("hs['a'](3)")  # a function reached through a container
+        self.assertEqual(i["mutated"], ["log"])
+        r, _ = self.restore()
+        self.assertEqual(r.g["log"], [1, 2, 3])
+        r.g["hs"]["a"](4)
+        self.assertEqual(r.g["log"], [1, 2, 3, 4])
+
+    def test_method_mutating_a_global(self):
+        self.run_cell("seen = []\nclass C:\n    def hit(self):\n        seen.append(1)\nc = C()")
+        i = self.run_cell("c.hit()")
+        self.assertEqual(i["mutated"], ["seen"])
+
+    def test_escape_hatch_globals(self):
+        self.run_cell("x = [1]")
+        i = self.run_cell("globals()['x'].append(2)")
+        self.assertEqual(i["mutated"], ["x"])
+        i = self.run_cell("exec('x.append(3)')")
+        self.assertEqual(i["mutated"], ["x"])
+
+    def test_rebinding_found_without_the_name_in_code(self):
+        self.run_cell("x = 1")
+        self.s.g["x"] = 2  # e.g. the worker setting `_`, or C code
+        i = self.run_cell("pass")
+        self.assertEqual(i["changed"], ["x"])
+
+    def test_small_cell_does_not_fingerprint_everything(self):
+        self.run_cell(
+            "class Counted:\n"
+            "    n = 0\n"
+            "    def __reduce__(self):\n"
+            "        Counted.n += 1\n"
+            "        return (Counted, ())\n"
+            + "".join(f"v{i} = Counted()\n" for i in range(50)) + "x5 = 1")
+        before = self.s.g["Counted"].n
+        i = self.run_cell("x5 = 7")
+        self.assertEqual(i["changed"], ["x5"])
+        self.assertEqual(self.s.g["Counted"].n, before)  # no v* was pickled
+        self.run_cell("v3.tag = 1")
+        self.assertEqual(self.s.g["Counted"].n, before + 1)  # only v3
+
+
+class TestSource(Base):
+    def test_functions_lambdas_decorated(self):
+        self.run_cell(
+            "import functools\n"
+            "def deco(fn):\n"
+            "    @functools.wraps(fn)\n"
+            "    def w(*a):\n"
+            "        return fn(*a) * 10\n"
+            "    return w\n"
+            "@deco\n"
+            "def plus(a, b=1):\n"
+            "    return a + b\n"
+            "@functools.lru_cache(maxsize=None)\n"
+            "def fib(n):\n"
+            "    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+            "sq = lambda x: x * x\n"
+            "twice = (lambda f: lambda x: f(f(x)))\n"
+            "async def co():\n"
+            "    return 5\n")
+        i = self.run_cell("pick = (lambda v: v + 100) if True else None")
+        self.assertEqual(i["unpicklable"], {})
+        r, res = self.restore()
+        self.assertEqual(res[0]["failed"], {})
+        self.assertEqual(r.g["plus"](1), 20)
+        self.assertEqual(r.g["plus"].__name__, "plus")
+        self.assertEqual(r.g["fib"](30), 832040)
+        self.assertEqual(r.g["sq"](7), 49)
+        self.assertEqual(r.g["twice"](r.g["sq"])(3), 81)
+        self.assertEqual(r.g["pick"](1), 101)
+        import asyncio
+
+        self.assertEqual(asyncio.run(r.g["co"]()), 5)
+        import inspect
+
+        self.assertIn("return a + b", inspect.getsource(r.g["plus"]))
+
+    def test_redefinition_and_alias(self):
+        self.run_cell("def f():\n    return 1\nh = f")
+        self.run_cell("def f():\n    return 2")
+        r, _ = self.restore()
+        self.assertEqual((r.g["f"](), r.g["h"]()), (2, 1))
+        # h (bound to the old f) in a snapshot now: re-created from the cell's source.
+        blob, info = self.s.ns.snapshot()
+        r2, res = self.restore([blob])
+        self.assertEqual(res[0]["failed"], {})
+        self.assertEqual((r2.g["f"](), r2.g["h"]()), (2, 1))
+
+    def test_function_defined_in_if_branch(self):
+        self.run_cell("if 1 > 0:\n    def f():\n        return 'then'\nelse:\n"
+                      "    def f():\n        return 'else'")
+        r, _ = self.restore()
+        self.assertEqual(r.g["f"](), "then")
+
+    def test_classes_and_instances(self):
+        self.run_cell(
+            "import dataclasses\n"
+            "@dataclasses.dataclass\n"
+            "class Pt:\n"
+            "    x: int\n"
+            "    y: int = 0\n"
+            "    def norm(self):\n"
+            "        return self.x * self.x + self.y * self.y\n"
+            "class Sub(Pt):\n"
+            "    @property\n"
+            "    def neg(self):\n"
+            "        return Pt(-self.x, -self.y)\n"
+            "p = Pt(3, 4)\n"
+            "q = Sub(1, 2)\n"
+            "pts = [p, q, Pt(5)]\n")
+        self.run_cell("p.x = 6")
+        r, res = self.restore()
+        self.assertEqual(res[0]["failed"], {})
+        self.assertIs(type(r.g["p"]), r.g["Pt"])
+        self.assertEqual(r.g["p"], r.g["Pt"](6, 4))
+        self.assertEqual(r.g["q"].neg, r.g["Pt"](-1, -2))
+        self.assertIs(r.g["pts"][0], r.g["p"])
+        self.assertEqual(r.g["pts"][2].norm(), 25)
+        self.assertSameNamespace(r)
+
+    def test_class_redefined_old_instance_reported(self):
+        self.run_cell("class K:\n    pass\nk = K()")
+        i = self.run_cell("class K:\n    pass\nk.x = 1")
+        self.assertIn("k", i["unpicklable"])
+        self.assertTrue(i["unpicklable"]["k"].startswith(f"{self.modname}.K ("))
+        r, res = self.restore()
+        self.assertIn("k", res[-1]["failed"])
+        self.assertNotIn("k", r.g)
+
+    def test_imports(self):
+        i = self.run_cell("import os\nimport os.path as p\nfrom collections import OrderedDict as OD\n"
+                          "import xml.etree.ElementTree\nfrom json import dumps, loads as ld\n"
+                          "import importlib\nmm = importlib.import_module('string')\n"
+                          "try:\n    import no_such_module_xyz as nsm\nexcept ImportError:\n"
+                          "    nsm = None\n")
+        self.assertEqual(i["unpicklable"], {})
+        r, res = self.restore()
+        self.assertEqual(res[0]["failed"], {})
+        import collections
+        import json
+        import os
+        import string
+        import xml.etree.ElementTree as ET
+
+        self.assertIs(r.g["os"], os)
+        self.assertIs(r.g["p"], os.path)
+        self.assertIs(r.g["OD"], collections.OrderedDict)
+        self.assertIs(r.g["xml"].etree.ElementTree, ET)
+        self.assertIs(r.g["dumps"], json.dumps)
+        self.assertIs(r.g["ld"], json.loads)
+        self.assertIs(r.g["mm"], string)
+        self.assertIsNone(r.g["nsm"])
+        self.assertSameNamespace(r)
+
+    def test_function_without_source_reported(self):
+        self.s.g["__capsule_x"] = 0
+        i = self.run_cell("exec('def nosrc():\\n    return 1')\nok = 1")
+        self.assertIn("nosrc", i["unpicklable"])
+        self.assertIn("no tracked source", i["unpicklable"]["nosrc"])
+        i = self.run_cell("fs = [lambda: 1]")
+        self.assertIn("fs", i["unpicklable"])
+        r, res = self.restore()
+        self.assertEqual(set(res[0]["failed"]), {"nosrc"})
+        self.assertEqual(set(res[1]["failed"]), {"fs"})
+        self.assertEqual(r.g["ok"], 1)
+
+
+class TestUnpicklable(Base):
+    def test_generators_files_locks_sockets(self):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ns_{os.getpid()}.txt")
+        with open(path, "w") as fh:
+            fh.write("x")
+        self.addCleanup(os.unlink, path)
+        i = self.run_cell(
+            f"import threading, socket\ngen = (i for i in range(3))\nfh = open({path!r})\n"
+            "lk = threading.Lock()\nsk = socket.socket()\nkeep = [1]\n"
+            "def g2():\n    yield 1\nit = g2()\n")
+        u = i["unpicklable"]
+        self.assertEqual(set(u), {"gen", "fh", "lk", "sk", "it"})
+        self.assertTrue(u["gen"].startswith("generator ("), u["gen"])
+        self.assertTrue(u["fh"].startswith("_io.TextIOWrapper (open file"), u["fh"])
+        self.assertTrue(u["lk"].startswith("_thread.lock ("), u["lk"])
+        self.assertTrue(u["sk"].startswith("socket.socket ("), u["sk"])
+        self.s.g["fh"].close()
+        self.s.g["sk"].close()
+        r, res = self.restore()
+        self.assertEqual(set(res[0]["failed"]), set(u))
+        for n in u:
+            self.assertNotIn(n, r.g)
+        self.assertEqual(r.g["keep"], [1])
+        self.assertEqual(list(r.g["g2"]()), [1])
+
+    def test_unpicklable_member_of_a_group(self):
+        i = self.run_cell("import threading\na = [1]\nb = [a, threading.Lock()]")
+        self.assertEqual(set(i["unpicklable"]), {"b"})
+        i = self.run_cell("a.append(2)")
+        self.assertEqual(i["mutated"], ["a"])
+        r, res = self.restore()
+        self.assertEqual(r.g["a"], [1, 2])
+        self.assertIn("b", res[0]["failed"])
+        self.assertNotIn("b", r.g)
+
+    def test_value_that_was_unpicklable_becomes_picklable(self):
+        self.run_cell("import threading\nx = threading.Lock()")
+        i = self.run_cell("x = 3")
+        self.assertEqual((i["changed"], i["unpicklable"]), (["x"], {}))
+        r, _ = self.restore()
+        self.assertEqual(r.g["x"], 3)
+
+
+class TestSnapshots(Base):
+    CELLS = [
+        "a = 1\nl = [1]\nimport math\ndef f(x):\n    return math.sqrt(x) + a",
+        "l.append(2)\nb = l\nclass C:\n    def __init__(self):\n        self.items = l",
+        "c = C()\nd = {'c': c}\na = 2",
+        "c.items.append(3)\ndel b",
+        "l = [0]\ne = lambda z: z + 1",
+        "d['new'] = e(1)\ndel f",
+    ]
+
+    def test_delta_chain_onto_snapshot_at_every_point(self):
+        snaps = []
+        for src in self.CELLS:
+            self.run_cell(src)
+            snaps.append(self.s.ns.snapshot())
+        final = describe(self.s.g, self.s.names())
+        for k, (snap, info) in enumerate(snaps):
+            self.assertEqual(info["size"], len(snap))
+            r, res = self.restore([snap] + self.blobs[k + 1:])
+            self.assertEqual(describe(r.g, r.names()), final, f"snapshot after cell {k}")
+            self.assertIs(r.g["c"].items, r.g["d"]["c"].items)
+            for x in res:
+                self.assertEqual(x["failed"], {})
+        # and the plain chain
+        r, _ = self.restore()
+        self.assertEqual(describe(r.g, r.names()), final)
+
+    def test_snapshot_replaces_existing_names(self):
+        self.run_cell("a = 1\nb = 2")
+        snap = self.s.ns.snapshot()[0]
+        r, _ = self.restore([])
+        r.g["zzz"] = 1
+        r.g["a"] = 5
+        res = r.apply(snap)
+        self.assertEqual(res["deleted"], ["zzz"])
+        self.assertEqual((r.g["a"], r.g["b"]), (1, 2))
+        self.assertNotIn("zzz", r.g)
+
+    def test_restored_session_continues_with_deltas(self):
+        self.run_cell("a = [1]\nb = a\ndef f():\n    a.append(len(a))")
+        r, _ = self.restore()
+        blob, info = r.run("f()")
+        self.assertEqual(info["mutated"], ["a", "b"])
+        self.assertEqual(info["added"] + info["changed"], [])
+        blob2, info2 = r.run("pass")
+        self.assertEqual(info2["added"] + info2["changed"] + info2["mutated"], [])
+
+
+class TestMalformed(Base):
+    def test_rejected_blobs_change_nothing(self):
+        self.run_cell("x = [1, 2]\ndef f():\n    return 1")
+        good = self.blobs[0]
+        r, _ = self.restore([])
+        r.g["keep"] = 1
+        before = dict(r.g)
+        flipped = bytearray(good)
+        flipped[-3] ^= 0xFF
+        other_hash = good[:2] + (1).to_bytes(8, "little") + good[10:]
+        cases = {
+            "not bytes": "abc",
+            "empty": b"",
+            "short": good[:5],
+            "version": bytes([9]) + good[1:],
+            "kind": good[:1] + b"Z" + good[2:],
+            "checksum": bytes(flipped),
+            "hash": other_hash,
+            "truncated": good[:-4],
+        }
+        for label, blob in cases.items():
+            with self.assertRaises(ValueError, msg=label):
+                r.apply(blob)
+            self.assertEqual(r.g, before, label)
+
+    def _forge(self, ns, entries, kind=b"D"):
+        import pickle
+
+        body = pickle.dumps(entries, 5)
+        return bytes([1]) + kind + (nshelp.h64(body)).to_bytes(8, "little") + body
+
+    def test_malformed_bodies(self):
+        import pickle
+
+        r, _ = self.restore([])
+        before = dict(r.g)
+        bad_bodies = [
+            {"a": 1},
+            [("nope", "x")],
+            [("del",)],
+            [("del", 3)],
+            [("pkl", (), b"")],
+            [("pkl", ("a",), "str")],
+            [("src", "f", "1", "def", "x")],
+            [("mod", "m")],
+            [("del", "__builtins__")],
+            [("del", "__capsule_x")],
+            [("del", "ok"), ("bad", "x")],
+        ]
+        for body in bad_bodies:
+            with self.assertRaises(ValueError, msg=repr(body)):
+                r.apply(self._forge(r.ns, body))
+            self.assertEqual(r.g, before)
+        # a body that tries to load a global is refused before anything runs
+        evil = pickle.dumps([("del", "x")], 5).replace(b"\x8c\x03del", b"\x8c\x03del")
+        evil = b"\x80\x05cos\nsystem\n."  # GLOBAL os.system
+        blob = bytes([1]) + b"D" + nshelp.h64(evil).to_bytes(8, "little") + evil
+        with self.assertRaises(ValueError):
+            r.apply(blob)
+
+    def test_failing_entry_is_listed_not_dropped(self):
+        import pickle
+
+        r, _ = self.restore([])
+        blob = self._forge(r.ns, [
+            ("src", "f", 1, "def", "def f(:\n"),
+            ("src", "h", 2, "def", "@undefined_decorator\ndef h():\n    pass\n"),
+            ("mod", "m", "no_such_module_abc"),
+            ("pkl", ("v",), b"garbage"),
+            ("pkl", ("w",), pickle.dumps(5)),
+        ])
+        res = r.apply(blob)
+        self.assertEqual(res["restored"], ["w"])
+        self.assertEqual(set(res["failed"]), {"f", "h", "m", "v"})
+        self.assertIn("NameError", res["failed"]["h"])
+        self.assertEqual(r.g["w"], 5)
+
+    def test_out_of_order_sources_are_retried(self):
+        r, _ = self.restore([])
+        blob = self._forge(r.ns, [
+            ("src", "C", 1, "class", "class C:\n    size = N\n"),
+            ("pkl", ("N",), __import__("pickle").dumps(7)),
+        ])
+        res = r.apply(blob)
+        self.assertEqual(res["failed"], {})
+        self.assertEqual(r.g["C"].size, 7)
+
+
+class TestFreshProcess(unittest.TestCase):
+    """Restore into a fresh interpreter process, compared name by name."""
+
+    PY = "/usr/bin/python3.11"
+    CELLS = [
+        "import os\nimport os.path as p\nfrom collections import OrderedDict as OD\n"
+        "n = 42\ns = 'text'\nnested = {'a': [1, 2, {'b': {3, 4}}], 't': (1, 'x')}\n",
+        "a = [1]\nb = a\nshared = ['s']\nd1 = {'k': shared}\nd2 = {'k': shared}\n",
+        "def f(x):\n    return x + n\nsq = lambda x: x * x\n"
+        "import functools\n@functools.lru_cache()\ndef cached(x):\n    return x * 2\n"
+        "class Pt:\n    def __init__(self, x):\n        self.x = x\n    def get(self):\n"
+        "        return self.x\npts = [Pt(1), Pt(2)]\nod = OD(z=1)\n",
+        "nested['a'][2]['b'].add(5)\nb.append(2)\nd1['k'].append('t')\npts[0].x = 10\n",
+        "gen = (i for i in range(2))\nfh = open('/proc/self/status')\ndel s\n_ = 'last'\n",
+    ]
+    PROBES = ["b is a", "d1['k'] is d2['k']", "f(1)", "sq(4)", "cached(21)", "pts[0].get()",
+              "type(pts[1]) is Pt", "p.join('x', 'y')", "os.sep", "OD is type(od)",
+              "sorted(nested['a'][2]['b'])"]
+
+    def drive(self, mode, req):
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        p = subprocess.run([self.PY, os.path.join(nshelp.HERE, "ns_driver.py"), mode],
+                           input=json.dumps(req), capture_output=True, text=True, timeout=60,
+                           cwd=nshelp.HERE, env=env)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        return json.loads(p.stdout)
+
+    def test_restore_in_fresh_interpreter(self):
+        run = self.drive("run", {"cells": self.CELLS, "probes": self.PROBES, "snapshot_after": 2})
+        self.assertEqual(set(run["infos"][4]["unpicklable"]), {"gen", "fh"})
+        want_names = [n for n in run["names"] if n not in ("gen", "fh")]
+        for blobs in (run["blobs"], [run["snapshot"]] + run["blobs"][3:]):
+            res = self.drive("restore", {"blobs": blobs, "probes": self.PROBES})
+            self.assertEqual(res["names"], want_names)
+            for n in want_names:
+                self.assertEqual(res["desc"][n], run["desc"][n], n)
+            self.assertEqual(res["probes"], run["probes"])
+            self.assertEqual(set(res["results"][-1]["failed"]), {"gen", "fh"})
+        self.assertEqual(run["probes"]["b is a"], "bool:True")
+        self.assertEqual(run["probes"]["f(1)"], "int:43")
+
+
+if __name__ == "__main__":
+    gc.collect()
+    unittest.main(verbosity=1)
