@@ -974,6 +974,9 @@ static void run_execute(job_t *j, uint32_t cell_no)
     uint64_t t0 = cap_now_ns();
     PyObject *res = PyObject_CallMethod(g_rt, "run_cell", "Iss", cell_no, j->cell_id, j->data);
     uint64_t dt = cap_now_ns() - t0;
+    if (atomic_load(&g_forked_child))
+        _exit(0); /* a process forked by the cell: it is not the worker (locks may be held by
+                   * threads that do not exist here, so touch nothing) */
     /* a cancel that arrives from here on must not interrupt anything else */
     pthread_mutex_lock(&g_mu);
     g_running = 0;
