@@ -24,6 +24,7 @@ typedef struct ptest {
     fake_clock_t clock;
     prom_lineage_t lineage;
     int nosync;
+    int64_t retry_ms;
 } ptest_t;
 
 static inline void ptest_open(ptest_t *t)
@@ -36,6 +37,7 @@ static inline void ptest_open(ptest_t *t)
     po.clock = fake_clock_read;
     po.clock_arg = &t->clock;
     po.lineage = t->lineage;
+    po.retry_ms = t->retry_ms;
     po.wal.durability = t->nosync ? WAL_NOSYNC : WAL_SYNC;
     CHECK_OK(prom_store_open(t->env, &po, &t->ps));
 }
