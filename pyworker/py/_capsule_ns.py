@@ -342,6 +342,7 @@ class Namespace:
         self._mods = {}
         self._bad = {}
         self._seq = 0
+        self._resync = False
         self._pending = {}
         self._cell_file = None
         self._code_cache = {}
@@ -358,10 +359,29 @@ class Namespace:
         self._cell_file = getattr(code, "co_filename", None)
         self._pending = {}
         if source and any(h in source for h in _SRC_HINTS):
-            self._pending = _binders(source)
+            try:
+                self._pending = _binders(source)
+            except (RecursionError, MemoryError, ValueError):
+                # Too deep to parse: no source tracking for this cell (its functions and
+                # classes are then reported unpicklable rather than restored wrongly).
+                self._pending = {}
 
     def after_cell(self, code):
-        """Returns (delta_blob, info) for what the cell changed; updates the recorded state."""
+        """Returns (delta_blob, info) for what the cell changed; updates the recorded state.
+        If a previous after_cell/snapshot/apply failed half-way (the recorded state may be
+        wrong), this one returns a snapshot-kind blob instead (applying it resets the namespace
+        to the current state), with every name in "added"."""
+        try:
+            if self._resync:
+                self._pending = {}
+                return self._full(_KIND_SNAPSHOT)
+            return self._after_cell(code)
+        except BaseException:
+            self._resync = True
+            self._pending = {}
+            raise
+
+    def _after_cell(self, code):
         g = self._g
         vals = self._vals
         # Fast path: the same keys in the same order: nothing was added or deleted, and the
@@ -386,8 +406,15 @@ class Namespace:
         cands = self._candidates(code, keys)
         pickles = {}
         mutated = set()
+        cls_mutated = set()
         for n in cands:
-            if n in added or n in rebound or n in self._src or n in self._mods:
+            if n in added or n in rebound or n in self._mods:
+                continue
+            if n in self._src:
+                if self._fp.get(n) is not None:
+                    st = self._class_state(g[n])
+                    if st is not None and self._hash(st) & _MASK64 != self._fp[n]:
+                        cls_mutated.add(n)
                 continue
             data, err = self._pickle1(g[n], pickles, n)
             old_fp = self._fp.get(n)
@@ -398,7 +425,9 @@ class Namespace:
                 mutated.add(n)
 
         dirty = added | rebound | mutated
-        entries, unpick = self._record(dirty, keys, pickles, {}, deleted=deleted)
+        entries, unpick = self._record(dirty, keys, pickles, {}, deleted=deleted,
+                                       cls_state=cls_mutated)
+        mutated |= cls_mutated
         blob = self._encode(_KIND_DELTA, entries)
         self._pending = {}
         if keys.__class__ is _Live:
@@ -411,12 +440,20 @@ class Namespace:
 
     def snapshot(self):
         """Returns (blob, info): every name, groups re-pickled, sources in definition order."""
+        try:
+            return self._full(_KIND_SNAPSHOT)
+        except BaseException:
+            self._resync = True
+            raise
+
+    def _full(self, kind):
         keys = self._current_keys()
         deleted = self._vals.keys() - keys
         self._pending = {}
         entries, unpick = self._record(keys, keys, {}, {}, deleted=deleted, full=True)
-        blob = self._encode(_KIND_SNAPSHOT, entries)
+        blob = self._encode(kind, entries)
         self._sync_ids()
+        self._resync = False
         info = {"added": sorted(keys), "changed": [], "mutated": [], "deleted": [],
                 "unpicklable": unpick, "size": len(blob)}
         return blob, info
@@ -425,13 +462,20 @@ class Namespace:
         """Applies a delta or snapshot blob into the globals. Raises ValueError (and changes
         nothing) when the blob is malformed. Returns {"restored", "deleted", "failed"}."""
         kind, entries = self._decode(blob)
+        try:
+            return self._apply(kind, entries)
+        except BaseException:
+            self._resync = True
+            raise
+
+    def _apply(self, kind, entries):
         g = self._g
         restored, deleted, failed = [], [], {}
         mentioned = set()
         for e in entries:
             if e[0] == "pkl":
                 mentioned.update(e[1])
-            else:
+            elif e[0] != "cst":
                 mentioned.add(e[1])
         if kind == _KIND_SNAPSHOT:
             for n in sorted(self._current_keys() - mentioned):
@@ -451,6 +495,8 @@ class Namespace:
                 work.append((0, e[2], e))
             elif tag == "mod":
                 work.append((1, 0, e))
+            elif tag == "cst":
+                work.append((3, 0, e))
             else:
                 work.append((2, 0, e))
         work.sort(key=lambda w: (w[0], w[1]))
@@ -472,10 +518,15 @@ class Namespace:
             if not progress:
                 break
         for e in pending:
+            why = f"could not restore: {errors.get(id(e), 'unknown error')}"
+            if e[0] == "cst":
+                # The class itself is there; only its data attributes are missing.
+                failed[e[1]] = f"class attributes {why}"
+                continue
             names = e[1] if e[0] == "pkl" else (e[1],)
             for n in names:
                 g.pop(n, None)
-                failed[n] = f"could not restore: {errors.get(id(e), 'unknown error')}"
+                failed[n] = why
         self._pending = {}
         keys = self._current_keys()
         gone = self._vals.keys() - keys
@@ -595,7 +646,10 @@ class Namespace:
                 ids.add(i)
                 if len(ids) > REACH_LIMIT:
                     break
-            stack.extend(referents(o))
+            refs = referents(o)
+            if len(refs) > 16 and atoms.issuperset(map(type, refs)):
+                continue  # a container of atoms only (checked in C)
+            stack.extend(refs)
         return (ids if want_ids else set()), codes
 
     def _class_codes(self, cls, codes):
@@ -746,7 +800,7 @@ class Namespace:
                             f"{name}.__qualname__ = {orig!r}\n")
         return None
 
-    def _record(self, names, keys, pickles, hints, deleted=(), full=False):
+    def _record(self, names, keys, pickles, hints, deleted=(), full=False, cls_state=()):
         """Re-records `names` (dirty, or all when full) and returns (entries, unpicklable) for a
         blob that brings a namespace from the previous recorded state to the current one."""
         g = self._g
@@ -840,9 +894,38 @@ class Namespace:
                 entries.append(("bad", n, self._bad[n]))
         if src_entries:
             self._seq = max(self._seq, src_entries[-1][2])
+        # Data attributes of session classes: sent after the class (and the pickles), for
+        # classes (re)defined here and for classes whose state changed in place.
+        cst_entries = []
+        for n in sorted(set(names) | set(cls_state)):
+            if n in self._src and self._src[n][1] == "class":
+                st = self._class_state(g[n])
+                self._fp[n] = None if st is None else self._hash(st) & _MASK64
+                if st is not None and (n in cls_state or st != _EMPTY_STATE):
+                    cst_entries.append(("cst", n, st))
         dels = [e for e in entries if e[0] == "del"]
         rest = [e for e in entries if e[0] != "del"]
-        return dels + src_entries + rest + pkl_entries, unpick
+        return dels + src_entries + rest + pkl_entries + cst_entries, unpick
+
+    def _class_state(self, cls):
+        """The pickle of a session class's data attributes (not methods, descriptors or
+        dunders), each attribute that pickles on its own and refers to nothing unrestorable;
+        None for values that are not plain classes (other metaclasses, e.g. Enum, manage their
+        own attributes)."""
+        if not isinstance(cls, type) or type(cls) not in _PLAIN_METAS:
+            return None
+        state = {}
+        for k, v in list(vars(cls).items()):
+            if (k.startswith("__") and k.endswith("__")) or isinstance(v, _NOT_STATE):
+                continue
+            try:
+                data = pickle.dumps(v, _PROTOCOL)
+            except Exception:  # e.g. a lock as a class attribute: re-created by the source
+                continue
+            if self._check_refs(data):
+                continue
+            state[k] = data
+        return pickle.dumps(state, _PROTOCOL)
 
     def _forget(self, n):
         self._idx_remove(n)
@@ -942,6 +1025,15 @@ class Namespace:
         if tag == "mod":
             g[e[1]] = importlib.import_module(e[2])
             return (e[1],)
+        if tag == "cst":
+            cls = g.get(e[1])
+            if not isinstance(cls, type):
+                raise NameError(f"class {e[1]!r} is not defined")
+            state = pickle.loads(e[2])
+            values = {k: pickle.loads(d) for k, d in state.items()}
+            for k, v in values.items():
+                setattr(cls, k, v)
+            return ()
         names, data = e[1], e[2]
         value = pickle.loads(data)
         if len(names) == 1:
@@ -994,6 +1086,8 @@ class Namespace:
             elif tag == "src":
                 ok = (len(e) == 5 and isinstance(e[1], str) and isinstance(e[2], int)
                       and isinstance(e[3], str) and isinstance(e[4], str))
+            elif tag == "cst":
+                ok = len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], bytes)
             elif tag == "pkl":
                 ok = (len(e) == 3 and isinstance(e[1], tuple) and e[1]
                       and all(isinstance(n, str) for n in e[1]) and isinstance(e[2], bytes))
@@ -1007,3 +1101,13 @@ class Namespace:
 
 
 _MISSING = object()
+_EMPTY_STATE = pickle.dumps({}, _PROTOCOL)
+_PLAIN_METAS = (type,)
+try:
+    import abc as _abc
+
+    _PLAIN_METAS = (type, _abc.ABCMeta)
+except ImportError:  # pragma: no cover
+    pass
+_NOT_STATE = (types.FunctionType, staticmethod, classmethod, property,
+              types.MemberDescriptorType, types.GetSetDescriptorType, type(len))

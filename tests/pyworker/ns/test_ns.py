@@ -366,6 +366,69 @@ class TestSource(Base):
         self.assertEqual(r.g["ok"], 1)
 
 
+class TestClassState(Base):
+    def test_class_attributes_mutated_in_place(self):
+        i = self.run_cell("class Reg:\n    items = []\n    count = 0\n    def add(self, x):\n"
+                          "        Reg.items.append(x)\n        Reg.count += 1\nr = Reg()")
+        self.assertEqual(i["added"], ["Reg", "r"])
+        i = self.run_cell("r.add(5)")
+        self.assertEqual(i["mutated"], ["Reg"])
+        i = self.run_cell("Reg.count += 10")
+        self.assertEqual(i["mutated"], ["Reg"])
+        r, res = self.restore()
+        self.assertEqual(r.g["Reg"].items, [5])
+        self.assertEqual(r.g["Reg"].count, 11)
+        self.assertIs(type(r.g["r"]), r.g["Reg"])  # the class object was not re-created
+        snap = self.s.ns.snapshot()[0]
+        r2, _ = self.restore([snap])
+        self.assertEqual((r2.g["Reg"].items, r2.g["Reg"].count), ([5], 11))
+
+    def test_enum_and_abc_classes(self):
+        self.run_cell("import enum, abc\nclass Color(enum.Enum):\n    RED = 1\n    BLUE = 2\n"
+                      "class Base(abc.ABC):\n    @abc.abstractmethod\n    def f(self): ...\n"
+                      "class Impl(Base):\n    def f(self):\n        return 3\n"
+                      "c = Color.BLUE\nimpl = Impl()\nx: int = 5\n")
+        r, res = self.restore()
+        self.assertEqual(res[0]["failed"], {})
+        self.assertIs(r.g["c"], r.g["Color"].BLUE)
+        self.assertEqual(r.g["impl"].f(), 3)
+        self.assertEqual(r.g["__annotations__"], {"x": int})
+
+
+class TestRobustness(Base):
+    def test_failed_after_cell_is_followed_by_a_full_resync(self):
+        self.run_cell("class Boom:\n    armed = False\n    def __reduce__(self):\n"
+                      "        if Boom.armed:\n            raise KeyboardInterrupt\n"
+                      "        return (Boom, ())\nbm = Boom()\nkeep = [1]")
+        with self.assertRaises(KeyboardInterrupt):
+            self.s.run("Boom.armed = True\nkeep.append(2)\nbm.x = 1")
+        self.s.g["Boom"].armed = False
+        blob, info = self.s.run("keep.append(3)")
+        self.assertEqual(blob[1], ord("S"))
+        self.assertIn("keep", info["added"])
+        self.blobs.append(blob)
+        r, res = self.restore()  # the lost delta is covered by the snapshot-kind blob
+        self.assertEqual(r.g["keep"], [1, 2, 3])
+        blob, info = self.s.run("keep.append(4)")
+        self.assertEqual((blob[1], info["mutated"]), (ord("D"), ["keep"]))
+
+    def test_large_containers(self):
+        self.run_cell("big = list(range(200000))\nalias = big\nd = {i: str(i) for i in range(50000)}")
+        i = self.run_cell("big.append(-1)")
+        self.assertEqual(i["mutated"], ["alias", "big"])
+        r, _ = self.restore()
+        self.assertIs(r.g["big"], r.g["alias"])
+        self.assertEqual(len(r.g["big"]), 200001)
+        self.assertEqual(r.g["d"][49999], "49999")
+
+    def test_deeply_nested_value_reported(self):
+        i = self.run_cell("deep = []\ncur = deep\nfor _i in range(100000):\n"
+                          "    cur.append([])\n    cur = cur[0]\n")
+        self.assertIn("deep", i["unpicklable"])
+        r, res = self.restore()
+        self.assertIn("deep", res[0]["failed"])
+
+
 class TestUnpicklable(Base):
     def test_generators_files_locks_sockets(self):
         path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ns_{os.getpid()}.txt")
