@@ -17,24 +17,37 @@ What a delta holds, per name the cell added, rebound, mutated in place or delete
   - 'mod'  a module bound some other way (`m = importlib.import_module(...)`): imported by name;
   - 'pkl'  a pickle of one alias group: the names whose values share reachable objects are
            pickled together (a tuple of their values), so `b is a` holds again after a restore;
+  - 'cst'  the data attributes of a session class (`Reg.items`, `C.count`), set on the class
+           after it exists: sent with a (re)defined class and when they change in place (the
+           class object itself is then not re-created, so its instances stay its instances);
   - 'bad'  cannot be saved: the reason ("type (reason)"); apply removes the name and lists it
            in "failed" (never a silently stale or missing value).
+Entry order in a blob: del, src (by seq), mod and bad, pkl, cst. apply() retries entries that
+raise until no progress, so a class body naming a value pickled later still restores.
 
 How a cell's changes are found without pickling the whole namespace:
-  - added / deleted names: a set difference of the globals' keys (C speed);
-  - rebound names: an identity scan of all names against the values recorded last time
-    (catches `_` set by the worker, globals()[...] writes, `global x` in functions);
+  - added / deleted names: the keys list compared with last time's; on a change, set
+    differences (C speed);
+  - rebound names: an identity scan of all values against the list kept from last time
+    (operator.is_not over two lists, in C; catches `_` set by the worker, globals()[...]
+    writes, `global x` in functions);
   - mutated in place: only *candidates* are fingerprinted (hash_fn of their pickle, compared with
     the one recorded): the names in the cell's code (co_names/co_varnames, recursively through
     nested code objects), the names used by the code of session functions and methods reachable
-    from those names (transitively), and the other members of their alias groups. A cell that
-    names exec/eval/globals/vars/locals/__main__/sys.modules/__dict__ makes every name a
-    candidate.
+    from those names or from their contents (transitively), and the other members of their
+    alias groups. A session class among them has its data attributes fingerprinted. A cell that
+    names exec/eval/globals/vars/locals/__main__/sys.modules/__dict__/setattr makes every name
+    a candidate.
+
+If an after_cell, snapshot or apply fails half-way (a user __reduce__ raising
+KeyboardInterrupt, ...), the recorded state may be wrong: the next after_cell then returns a
+snapshot-kind blob (applying it resets the namespace), and deltas resume after it.
 
 Invariants kept between calls (the recorded state describes globals as of the last
 after_cell/snapshot/apply):
   - _vals[name] is the object bound to name then (a strong reference, so ids stay unique);
-  - _fp[name] is the fingerprint of pickle(_vals[name]), or None (unpicklable / source / module);
+  - _fp[name] is the fingerprint of pickle(_vals[name]) (for a source-made class: of its data
+    attributes), or None (unpicklable, function, module);
   - _reach[name] holds the ids of the identity-bearing objects reachable from a pickled value
     (atoms such as str/int, classes, functions and modules excluded); _idx maps id -> owner
     name(s); _grp[name] is the alias group (connected component over shared ids), absent for
@@ -48,9 +61,10 @@ pickle (protocol 5) of a list of entry tuples made only of str/bytes/int/tuple/l
 an unpickler that refuses every global. Inner 'pkl' payloads are ordinary pickles: loading them
 runs code, so blobs must come from capsule's own log (never from a client).
 
-Known limits (documented in ARCHITECTURE.md): state changed inside a class object (class
-attributes) or function attributes is not fingerprinted; mutation by code reached only through
-C extensions or other modules' globals, or by background threads between cells, is seen only if
+Known limits (documented in ARCHITECTURE.md): attributes set on functions, default-argument
+objects and class attributes of non-plain metaclasses (Enum, ...) are not fingerprinted; class
+attributes do not keep identity with other names; mutation by code reached only through C
+extensions or other modules' globals, or by background threads between cells, is seen only if
 those names are candidates; aliasing is tracked through at most REACH_LIMIT objects per name.
 """
 
@@ -214,8 +228,6 @@ def _binders(source):
                     continue
             if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
                 yield n.id
-            elif isinstance(n, ast.alias):
-                pass
             todo.extend(ast.iter_child_nodes(n))
 
     def lambda_text(name, value):
@@ -278,8 +290,6 @@ def _binders(source):
             else:
                 for n in stores(st):
                     add(n, "other", st, None)
-                if isinstance(st, ast.Global):
-                    pass
 
     def stores_expr_heads(st):
         # walrus in an if/while test binds a global
@@ -450,7 +460,7 @@ class Namespace:
         keys = self._current_keys()
         deleted = self._vals.keys() - keys
         self._pending = {}
-        entries, unpick = self._record(keys, keys, {}, {}, deleted=deleted, full=True)
+        entries, unpick = self._record(keys, keys, {}, {}, deleted=deleted)
         blob = self._encode(kind, entries)
         self._sync_ids()
         self._resync = False
@@ -800,8 +810,8 @@ class Namespace:
                             f"{name}.__qualname__ = {orig!r}\n")
         return None
 
-    def _record(self, names, keys, pickles, hints, deleted=(), full=False, cls_state=()):
-        """Re-records `names` (dirty, or all when full) and returns (entries, unpicklable) for a
+    def _record(self, names, keys, pickles, hints, deleted=(), cls_state=()):
+        """Re-records `names` (the dirty ones, or all for a snapshot) and returns (entries, unpicklable) for a
         blob that brings a namespace from the previous recorded state to the current one."""
         g = self._g
         entries = []

@@ -556,10 +556,21 @@ static int parse_frames(pyw_worker_t *w)
 {
     size_t off = 0;
     int rc = 0;
-    while (w->rlen - off >= PYW_HDR_SIZE) {
-        uint32_t len;
+    while (w->rlen - off >= 4) {
+        uint32_t len = cap_get_le32(w->rbuf + off);
         uint8_t type;
         uint64_t id;
+        /* judge the length as soon as it is there: never wait for an impossible frame */
+        if (len < PYW_MIN_LEN) {
+            rc = CAP_EPROTO;
+            break;
+        }
+        if (len > w->max_frame) {
+            rc = CAP_ETOOBIG;
+            break;
+        }
+        if (w->rlen - off < PYW_HDR_SIZE)
+            break;
         if ((rc = pyw__hdr_parse(w->rbuf + off, w->max_frame, &len, &type, &id)))
             break;
         if (w->rlen - off < 4 + (size_t)len)

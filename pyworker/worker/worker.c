@@ -828,10 +828,15 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
         return;
     }
     case PYW_F_PING:
-        send_empty(PYW_F_PONG, id);
-        return;
     case PYW_F_CANCEL:
-        handle_cancel(id);
+        if (pyw__rd_end(&r)) {
+            send_error(id, CAP_EPROTO, "unexpected body");
+            return;
+        }
+        if (type == PYW_F_PING)
+            send_empty(PYW_F_PONG, id);
+        else
+            handle_cancel(id);
         return;
     case PYW_F_INPUT_REPLY: {
         uint8_t eof;

@@ -1,0 +1,222 @@
+/*
+ * test_malformed.c - bad input on both sides of the protocol, with real processes:
+ *   - raw bad bytes written at a real worker (short length, oversized frame, unknown type,
+ *     truncated and over-long bodies, an input reply nobody asked for, a NUL in a cell, and a
+ *     burst of random frames): each gets an ERROR frame, and the worker keeps serving;
+ *   - a peer that is not a worker (writes garbage, exits at once, never answers): the client
+ *     kills it and reports why; a missing executable is -ENOENT.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "check.h"
+#include "pyworker.h"
+
+static uv_loop_t g_loop;
+static int g_errors, g_last_code, g_pongs, g_results, g_exited;
+static pyw_exit_t g_exit;
+static char g_exit_msg[256];
+
+static void on_error(pyw_worker_t *w, uint64_t id, int code, const char *msg)
+{
+    (void)w;
+    (void)id;
+    (void)msg;
+    g_errors++;
+    g_last_code = code;
+}
+static void on_pong(pyw_worker_t *w, uint64_t id)
+{
+    (void)w;
+    (void)id;
+    g_pongs++;
+}
+static void on_result(pyw_worker_t *w, const pyw_result_t *r)
+{
+    (void)w;
+    (void)r;
+    g_results++;
+}
+static void on_exit_cb(pyw_worker_t *w, const pyw_exit_t *e)
+{
+    (void)w;
+    g_exited = 1;
+    g_exit = *e;
+    snprintf(g_exit_msg, sizeof g_exit_msg, "%s", e->message);
+}
+
+static pyw_callbacks_t g_cb = {
+    .on_error = on_error, .on_pong = on_pong, .on_result = on_result, .on_exit = on_exit_cb};
+
+static void put32(uint8_t *p, uint32_t v)
+{
+    cap_put_le32(p, v);
+}
+
+/* Sends raw bytes and waits for one more ERROR frame, then checks the worker still answers. */
+static void expect_error(pyw_worker_t *w, const void *raw, size_t n, int code)
+{
+    int before = g_errors;
+    CHECK_OK(pyw_worker_send_raw(w, raw, n));
+    while (g_errors == before && !g_exited)
+        uv_run(&g_loop, UV_RUN_ONCE);
+    CHECK(!g_exited);
+    CHECK_EQ(g_last_code, code);
+    int p = g_pongs;
+    CHECK_OK(pyw_worker_ping(w, 77));
+    while (g_pongs == p && !g_exited)
+        uv_run(&g_loop, UV_RUN_ONCE);
+    CHECK(!g_exited);
+}
+
+static void frame(uint8_t *buf, size_t *n, uint8_t type, uint64_t id, const void *body, size_t bl)
+{
+    put32(buf, (uint32_t)(9 + bl));
+    buf[4] = type;
+    cap_put_le64(buf + 5, id);
+    memcpy(buf + 13, body, bl);
+    *n = 13 + bl;
+}
+
+static void test_raw(void)
+{
+    pyw_options_t opt = {0};
+    pyw_worker_t *w;
+    uint8_t buf[8192];
+    size_t n;
+    opt.cb = &g_cb;
+    opt.max_frame = 4096;
+    CHECK_OK(pyw_worker_spawn(&g_loop, &opt, &w));
+    while (!pyw_worker_is_ready(w))
+        uv_run(&g_loop, UV_RUN_ONCE);
+
+    /* length below the minimum: skipped, reported */
+    uint8_t shortf[7] = {3, 0, 0, 0, 'a', 'b', 'c'};
+    expect_error(w, shortf, sizeof shortf, CAP_EPROTO);
+    /* oversized frame (limit 4096): skipped whole, reported */
+    memset(buf, 'z', sizeof buf);
+    put32(buf, 6000);
+    expect_error(w, buf, 6004, CAP_ETOOBIG);
+    /* unknown frame type */
+    frame(buf, &n, 0x55, 1, "", 0);
+    expect_error(w, buf, n, CAP_EPROTO);
+    /* EXECUTE whose str length runs past the body */
+    uint8_t body[64];
+    put32(body, 0);        /* cell_id "" */
+    put32(body + 4, 1000); /* source claims 1000 bytes */
+    memcpy(body + 8, "2+2", 3);
+    frame(buf, &n, 0x01, 5, body, 11);
+    expect_error(w, buf, n, CAP_EPROTO);
+    /* EXECUTE with trailing garbage */
+    put32(body + 4, 3);
+    memcpy(body + 11, "junk", 4);
+    frame(buf, &n, 0x01, 6, body, 15);
+    expect_error(w, buf, n, CAP_EPROTO);
+    /* PING with a body */
+    frame(buf, &n, 0x06, 7, "x", 1);
+    expect_error(w, buf, n, CAP_EPROTO);
+    /* an input reply nobody asked for */
+    uint8_t ir[5] = {0, 0, 0, 0, 0};
+    frame(buf, &n, 0x02, 8, ir, 5);
+    expect_error(w, buf, n, CAP_ECONFLICT);
+    /* a worker->client frame type sent to the worker */
+    frame(buf, &n, 0x80, 9, "", 0);
+    expect_error(w, buf, n, CAP_EPROTO);
+    /* a cell with a NUL byte: the execution fails with an error, not a crash */
+    int before = g_results;
+    CHECK_OK(pyw_worker_execute(w, 10, NULL,
+                                "1\0"
+                                "2",
+                                3, 0));
+    while (g_results == before)
+        uv_run(&g_loop, UV_RUN_ONCE);
+    CHECK_EQ(g_last_code, CAP_EINVAL);
+    /* a frame bigger than the limit is refused by the client before sending */
+    char *big = malloc(8000);
+    memset(big, ' ', 8000);
+    CHECK_ERR(pyw_worker_execute(w, 11, NULL, big, 8000, 0), CAP_ETOOBIG);
+    free(big);
+
+    /* random frames (never SHUTDOWN): every one answered or ignored, the worker survives */
+    srand(1234);
+    for (int i = 0; i < 300; i++) {
+        size_t bl = (size_t)(rand() % 40);
+        uint8_t t;
+        do
+            t = (uint8_t)(rand() % 256);
+        while (t == 0x07 || t == 0x01); /* no shutdown; no random code execution */
+        for (size_t k = 0; k < bl; k++)
+            body[k] = (uint8_t)rand();
+        frame(buf, &n, t, 1000 + (uint64_t)i, body, bl);
+        CHECK_OK(pyw_worker_send_raw(w, buf, n));
+    }
+    int p = g_pongs;
+    CHECK_OK(pyw_worker_ping(w, 5));
+    while (g_pongs == p && !g_exited)
+        uv_run(&g_loop, UV_RUN_ONCE);
+    CHECK(!g_exited);
+    before = g_results;
+    CHECK_OK(pyw_worker_execute(w, 12, NULL, "40 + 2", 6, 0));
+    while (g_results == before && !g_exited)
+        uv_run(&g_loop, UV_RUN_ONCE);
+    CHECK(!g_exited);
+    pyw_worker_close(w);
+}
+
+/* A fake peer from a shell script (not a mock of the worker: a real process that misbehaves). */
+static void bad_peer(const char *dir, const char *name, const char *script, pyw_exit_reason_t want)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    CHECK(f);
+    fprintf(f, "#!/bin/sh\n%s\n", script);
+    fclose(f);
+    CHECK_EQ(chmod(path, 0755), 0);
+    pyw_options_t opt = {0};
+    pyw_worker_t *w;
+    opt.cb = &g_cb;
+    opt.worker_path = path;
+    opt.start_timeout_ms = 500;
+    g_exited = 0;
+    CHECK_OK(pyw_worker_spawn(&g_loop, &opt, &w));
+    while (!g_exited)
+        uv_run(&g_loop, UV_RUN_ONCE);
+    fprintf(stderr, "%s: reason %d: %s\n", name, g_exit.reason, g_exit_msg);
+    CHECK_EQ(g_exit.reason, want);
+    CHECK(!pyw_worker_is_ready(w));
+    pyw_worker_close(w);
+}
+
+static void test_bad_peers(void)
+{
+    char *dir = check_tmpdir("pyw-malformed");
+    bad_peer(dir, "garbage", "printf 'GARBAGE-GARBAGE-GARBAGE' >&3; sleep 30", PYW_EXIT_PROTOCOL);
+    bad_peer(dir, "huge", "printf '\\377\\377\\377\\177' >&3; sleep 30", PYW_EXIT_PROTOCOL);
+    bad_peer(dir, "exits", "exit 7", PYW_EXIT_START_FAILED);
+    bad_peer(dir, "silent", "sleep 30", PYW_EXIT_START_FAILED);
+    CHECK(strstr(g_exit_msg, "no READY"));
+    pyw_options_t opt = {0};
+    pyw_worker_t *w;
+    char missing[512];
+    snprintf(missing, sizeof missing, "%s/does-not-exist", dir);
+    opt.worker_path = missing;
+    CHECK_ERR(pyw_worker_spawn(&g_loop, &opt, &w), -ENOENT);
+    check_rmtree(dir);
+    free(dir);
+}
+
+int main(void)
+{
+    uv_loop_init(&g_loop);
+    test_raw();
+    test_bad_peers();
+    while (uv_run(&g_loop, UV_RUN_DEFAULT))
+        ;
+    CHECK_OK(uv_loop_close(&g_loop));
+    printf("ok\n");
+    return 0;
+}
