@@ -205,9 +205,10 @@ def _code_names_uncached(code, out):
 
 
 def _binders(source):
-    """name -> [(kind, node, text)] in textual order, for every top-level binding in the cell
-    (also inside if/for/while/try/with/match at top level). kind: 'def', 'class', 'import',
-    'lambda' (re-creatable from text) or 'other' (any other binding)."""
+    """name -> [(kind, node, text, line)] in textual order, for every top-level binding in the
+    cell (also inside if/for/while/try/with/match at top level). kind: 'def', 'class', 'import',
+    'lambda' (re-creatable from text) or 'other' (any other binding; text is set only for a
+    simple assignment statement at the cell's top level, e.g. `f = functools.cache(f)`)."""
     try:
         tree = compile(source, "<capsule-ns>", "exec", ast.PyCF_ONLY_AST | _ASYNC_FLAGS)
     except (SyntaxError, ValueError, TypeError):
@@ -215,8 +216,8 @@ def _binders(source):
     lines = source.splitlines(keepends=True)
     out = {}
 
-    def add(name, kind, node, text):
-        out.setdefault(name, []).append((kind, node, text))
+    def add(name, kind, node, text, line=0):
+        out.setdefault(name, []).append((kind, node, text, line or getattr(node, "lineno", 0)))
 
     def stores(node):
         """Names bound by a simple statement (not descending into nested scopes)."""
@@ -236,7 +237,7 @@ def _binders(source):
             seg = ast.unparse(value)
         return f"{name} = (\n{seg}\n)\n"
 
-    def walk(body):
+    def walk(body, top):
         for st in body:
             if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 start = min([d.lineno for d in st.decorator_list] + [st.lineno])
@@ -246,7 +247,7 @@ def _binders(source):
                 for a in st.names:
                     bound = a.asname or a.name.split(".")[0]
                     add(bound, "import", (a.name, a.asname, None),
-                        ast.unparse(ast.Import(names=[a])) + "\n")
+                        ast.unparse(ast.Import(names=[a])) + "\n", st.lineno)
             elif isinstance(st, ast.ImportFrom):
                 for a in st.names:
                     if a.name == "*":
@@ -256,7 +257,8 @@ def _binders(source):
                         add(bound, "other", st, None)
                         continue
                     add(bound, "import", (st.module, a.asname, a.name),
-                        ast.unparse(ast.ImportFrom(module=st.module, names=[a], level=0)) + "\n")
+                        ast.unparse(ast.ImportFrom(module=st.module, names=[a], level=0)) + "\n",
+                        st.lineno)
             elif (isinstance(st, ast.Assign) and isinstance(st.value, ast.Lambda)
                   and all(isinstance(t, ast.Name) for t in st.targets)):
                 for t in st.targets:
@@ -276,20 +278,28 @@ def _binders(source):
                         add(n, "other", st, None)
                 for n in stores_expr_heads(st):
                     add(n, "other", st, None)
-                walk(getattr(st, "body", []))
-                walk(getattr(st, "orelse", []))
-                walk(getattr(st, "finalbody", []))
+                walk(getattr(st, "body", []), False)
+                walk(getattr(st, "orelse", []), False)
+                walk(getattr(st, "finalbody", []), False)
                 for h in getattr(st, "handlers", []):
                     if h.name:
                         add(h.name, "other", h, None)
-                    walk(h.body)
+                    walk(h.body, False)
                 for c in getattr(st, "cases", []):
                     for n in stores(c.pattern):
-                        add(n, "other", c, None)
-                    walk(c.body)
+                        add(n, "other", c, None, c.pattern.lineno)
+                    walk(c.body, False)
             else:
+                text = None
+                if top and isinstance(st, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                    text = "".join(lines[st.lineno - 1:st.end_lineno])
+                    after = lines[st.end_lineno - 1].encode()[st.end_col_offset:].decode().strip()
+                    if st.col_offset or (after and not after.startswith("#")):
+                        text = None  # shares its line with other statements: not separable
+                    elif not text.endswith("\n"):
+                        text += "\n"
                 for n in stores(st):
-                    add(n, "other", st, None)
+                    add(n, "other", st, text)
 
     def stores_expr_heads(st):
         # walrus in an if/while test binds a global
@@ -298,11 +308,11 @@ def _binders(source):
             return ()
         return [n.target.id for n in ast.walk(test) if isinstance(n, ast.NamedExpr)]
 
-    walk(tree.body)
+    walk(tree.body, True)
     # names bound by pattern captures are Name-less (MatchAs.name): add them
     for node in ast.walk(tree):
         if type(node).__name__ in ("MatchAs", "MatchStar") and getattr(node, "name", None):
-            out.setdefault(node.name, []).append(("other", node, None))
+            add(node.name, "other", node, None)
     return out
 
 
@@ -351,7 +361,7 @@ class Namespace:
         self._src = {}
         self._mods = {}
         self._bad = {}
-        self._seq = 0
+        self._cellseq = 1  # sources made by cell k get seq k * _LINES + line
         self._resync = False
         self._pending = {}
         self._cell_file = None
@@ -366,6 +376,7 @@ class Namespace:
     def before_cell(self, cell_id, source, code):
         """Records the cell's def/class/import/lambda statements (source tracking)."""
         self._cell_id = cell_id
+        self._cellseq += 1
         self._cell_file = getattr(code, "co_filename", None)
         self._pending = {}
         if source and any(h in source for h in _SRC_HINTS):
@@ -726,51 +737,68 @@ class Namespace:
         return seen
 
     def _match_source(self, name, value):
-        """(kind, text) if the cell's own statement that bound name can re-create value."""
+        """(kind, text, line) if the cell's own statements that bound name can re-create value:
+        the last binding is a def/class/import/lambda that verifiably made it, or a def/class
+        followed only by simple top-level re-assignments of the name that wrap it
+        (`f = functools.cache(f)`), whose text is then appended."""
         binders = self._pending.get(name)
         if not binders:
             return None
         cell_file = self._cell_file
         last = True
-        for kind, node, text in reversed(binders):
+        chain = []
+        chain_line = 0
+        for kind, node, text, line in reversed(binders):
             if kind == "other":
-                return None
+                if text is None:
+                    return None
+                if not chain:
+                    chain_line = line  # the chain's result is bound at its last statement
+                chain.append(text)
+                last = False
+                continue
+            tail = "".join(reversed(chain))
             if kind == "def":
                 start = min([d.lineno for d in node.decorator_list] + [node.lineno])
                 fns = list(_unwrap_functions(value))
                 for f in fns:
                     c = f.__code__
                     if c.co_filename == cell_file and c.co_firstlineno in (start, node.lineno):
-                        return ("def", text)
+                        return ("def", text + tail, chain_line if chain else start)
                 if not fns and last:
-                    return ("def", text)
+                    return ("def", text, start)
             elif kind == "class":
+                start = min([d.lineno for d in node.decorator_list] + [node.lineno])
                 if isinstance(value, type) and value.__name__ == node.name:
                     if last:
-                        return ("class", text)
+                        return ("class", text, start)
                     for attr in vars(value).values():
                         f = getattr(attr, "__func__", attr)
                         if (type(f) is types.FunctionType and f.__code__.co_filename == cell_file
                                 and node.lineno <= f.__code__.co_firstlineno <= node.end_lineno):
-                            return ("class", text)
+                            return ("class", text + tail, chain_line if chain else start)
                 elif last and not isinstance(value, type):
-                    return ("class", text)
+                    return ("class", text, start)
+            elif chain:
+                return None
             elif kind == "import":
                 modname, asname, attr = node
                 if attr is None:
                     target = sys.modules.get(modname if asname else modname.split(".")[0])
                     if target is not None and target is value:
-                        return ("import", text)
+                        return ("import", text, line)
                 else:
                     m = sys.modules.get(modname)
                     if m is not None and (getattr(m, attr, _MISSING) is value
                                           or sys.modules.get(f"{modname}.{attr}") is value):
-                        return ("import", text)
+                        return ("import", text, line)
             elif kind == "lambda":
                 if (type(value) is types.FunctionType and value.__name__ == "<lambda>"
                         and value.__code__.co_filename == cell_file
                         and value.__code__.co_firstlineno == node.lineno):
-                    return ("lambda", text)
+                    return ("lambda", text, line)
+            if chain:
+                return None
             last = False
         return None
 
@@ -796,18 +824,19 @@ class Namespace:
             if len(hits) != 1:
                 return None
             seg = ast.get_source_segment(source, hits[0])
-            return ("lambda", f"{name} = (\n{seg}\n)\n") if seg else None
+            return ("lambda", f"{name} = (\n{seg}\n)\n", c.co_firstlineno) if seg else None
         for n in ast.walk(tree):
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == value.__name__:
                 start = min([d.lineno for d in n.decorator_list] + [n.lineno])
                 if c.co_firstlineno in (start, n.lineno) and not n.decorator_list:
                     if name == n.name:
-                        return ("def", textwrap.dedent("".join(lines[n.lineno - 1:n.end_lineno])))
+                        return ("def", textwrap.dedent("".join(lines[n.lineno - 1:n.end_lineno])),
+                                n.lineno)
                     # Bound under another name only: define it under that name, keep its own.
                     orig = n.name
                     n.name = name
                     return ("def", f"{ast.unparse(n)}\n{name}.__name__ = {orig!r}\n"
-                            f"{name}.__qualname__ = {orig!r}\n")
+                            f"{name}.__qualname__ = {orig!r}\n", n.lineno)
         return None
 
     def _record(self, names, keys, pickles, hints, deleted=(), cls_state=()):
@@ -839,8 +868,8 @@ class Namespace:
                         v.__name__ != n and g.get(v.__name__) is v):
                     m = self._recover_source(n, v)
                 if m is not None:
-                    self._seq += 1
-                    kind = ("src", m[0], m[1], self._seq)
+                    # re-executed in definition order: by cell, then by line in the cell
+                    kind = ("src", m[0], m[1], self._cellseq * _LINES + min(m[2], _LINES - 1))
                 elif isinstance(v, types.ModuleType):
                     mn = getattr(v, "__name__", None)
                     if (isinstance(mn, str) and sys.modules.get(mn) is v
@@ -902,8 +931,6 @@ class Namespace:
                 entries.append(("mod", n, self._mods[n]))
             elif n in self._bad:
                 entries.append(("bad", n, self._bad[n]))
-        if src_entries:
-            self._seq = max(self._seq, src_entries[-1][2])
         # Data attributes of session classes: sent after the class (and the pickles), for
         # classes (re)defined here and for classes whose state changed in place.
         cst_entries = []
@@ -1030,7 +1057,7 @@ class Namespace:
             if name not in g:
                 raise NameError(f"{skind} source did not bind {name!r}")
             hints[name] = (seq, skind, text)
-            self._seq = max(self._seq, seq)
+            self._cellseq = max(self._cellseq, seq // _LINES + 1)
             return (name,)
         if tag == "mod":
             g[e[1]] = importlib.import_module(e[2])
@@ -1111,6 +1138,7 @@ class Namespace:
 
 
 _MISSING = object()
+_LINES = 1 << 24  # source seq = cell number * _LINES + line
 _EMPTY_STATE = pickle.dumps({}, _PROTOCOL)
 _PLAIN_METAS = (type,)
 try:

@@ -287,6 +287,27 @@ class TestSource(Base):
         self.assertEqual(res[0]["failed"], {})
         self.assertEqual((r2.g["f"](), r2.g["h"]()), (2, 1))
 
+    def test_rebinding_chain_after_def(self):
+        i = self.run_cell("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+                          "import functools\nfib = functools.lru_cache()(fib)  # wrap it\n"
+                          "def g():\n    return 1\ng = 5; other = 6\n")
+        self.assertEqual(i["unpicklable"], {})
+        r, res = self.restore()
+        self.assertEqual(res[0]["failed"], {})
+        self.assertEqual(r.g["fib"](60), 1548008755920)
+        self.assertTrue(hasattr(r.g["fib"], "cache_info"))
+        self.assertEqual((r.g["g"], r.g["other"]), (5, 6))
+        i = self.run_cell("def w():\n    return 2\nx = 1; w = functools.wraps(w)(lambda: 3)")
+        self.assertIn("w", i["unpicklable"])  # not separable from `x = 1`: reported, not guessed
+
+    def test_sources_run_in_definition_order(self):
+        self.run_cell("import functools\ndef base():\n    return 1\n")
+        self.run_cell("@functools.lru_cache()\ndef top():\n    return base() + 1\n"
+                      "import math\nclass K:\n    pi = math.pi\n")
+        r, res = self.restore([self.s.ns.snapshot()[0]])
+        self.assertEqual(res[0]["failed"], {})
+        self.assertEqual((r.g["top"](), r.g["K"].pi), (2, 3.141592653589793))
+
     def test_function_defined_in_if_branch(self):
         self.run_cell("if 1 > 0:\n    def f():\n        return 'then'\nelse:\n"
                       "    def f():\n        return 'else'")
