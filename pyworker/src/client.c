@@ -653,6 +653,9 @@ static void on_pidfd(uv_poll_t *p, int status, int events)
     (void)events;
     uv_poll_stop(p);
     w->poll_on = 0;
+    /* the worker is dead but not yet reaped (so its pid, which is also its process group id,
+     * cannot be reused): take down what it left running in its group */
+    kill(-w->pid, SIGKILL);
     w->reap_tries = 1;
     on_reap_timer(&w->reap_timer);
 }
@@ -767,10 +770,15 @@ static void worker_handle_exit(pyw_worker_t *w, int st)
         w->cb.on_exit(w, &ex);
 }
 
+/* The worker leads its own process group (setpgid in the child / in the forked worker): kill the
+ * group, so subprocesses the session started go too (a cgroup, when there is one, catches those
+ * that left the group). */
 static void kill_tree(pyw_worker_t *w)
 {
-    if (w->pid > 0 && !w->exited)
+    if (w->pid > 0 && !w->exited) {
+        kill(-w->pid, SIGKILL);
         kill(w->pid, SIGKILL);
+    }
 }
 
 static void worker_kill_for(pyw_worker_t *w, pyw_exit_reason_t why, const char *note)

@@ -1299,6 +1299,7 @@ static _Noreturn void zygote_run(void)
             pid_t w = fork();
             if (w == 0) {
                 PyOS_AfterFork_Child();
+                setpgid(0, 0); /* its own process group, as a cold worker has */
                 close(g_sock);
                 g_sock = fd;
                 g_opts = wo;

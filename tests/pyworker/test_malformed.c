@@ -194,10 +194,11 @@ static void bad_peer(const char *dir, const char *name, const char *script, pyw_
 static void test_bad_peers(void)
 {
     char *dir = check_tmpdir("pyw-malformed");
-    bad_peer(dir, "garbage", "printf 'GARBAGE-GARBAGE-GARBAGE' >&3; sleep 30", PYW_EXIT_PROTOCOL);
-    bad_peer(dir, "huge", "printf '\\377\\377\\377\\177' >&3; sleep 30", PYW_EXIT_PROTOCOL);
+    bad_peer(dir, "garbage", "printf 'GARBAGE-GARBAGE-GARBAGE' >&3; exec sleep 30",
+             PYW_EXIT_PROTOCOL);
+    bad_peer(dir, "huge", "printf '\\377\\377\\377\\177' >&3; exec sleep 30", PYW_EXIT_PROTOCOL);
     bad_peer(dir, "exits", "exit 7", PYW_EXIT_START_FAILED);
-    bad_peer(dir, "silent", "sleep 30", PYW_EXIT_START_FAILED);
+    bad_peer(dir, "silent", "exec sleep 30", PYW_EXIT_START_FAILED);
     CHECK(strstr(g_exit_msg, "no READY"));
     pyw_options_t opt = {0};
     pyw_worker_t *w;
