@@ -437,12 +437,12 @@ class Namespace:
                     if st is not None and self._hash(st) & _MASK64 != self._fp[n]:
                         cls_mutated.add(n)
                 continue
-            data, err = self._pickle1(g[n], pickles, n)
+            rec = self._pickle1(g[n], pickles, n)
             old_fp = self._fp.get(n)
-            if data is None:
+            if rec[0] is None:
                 if old_fp is not None:
                     mutated.add(n)
-            elif old_fp is None or self._hash(data) & _MASK64 != old_fp:
+            elif old_fp is None or self._fp_of(rec) != old_fp:
                 mutated.add(n)
 
         dirty = added | rebound | mutated
@@ -616,15 +616,55 @@ class Namespace:
         return cands
 
     def _pickle1(self, value, cache, name):
+        """[data, error, fingerprint (lazy), pickler memo] for one value, cached per call."""
         hit = cache.get(name)
         if hit is not None:
             return hit
         try:
-            res = (pickle.dumps(value, _PROTOCOL), None)
+            buf = io.BytesIO()
+            p = pickle.Pickler(buf, _PROTOCOL)
+            p.dump(value)
+            rec = [buf.getvalue(), None, None, p.memo]
         except Exception as exc:  # user __reduce__ code may raise anything
-            res = (None, _reason(value, exc))
-        cache[name] = res
-        return res
+            rec = [None, _reason(value, exc), None, None]
+        cache[name] = rec
+        return rec
+
+    def _fp_of(self, rec):
+        if rec[2] is None and rec[0] is not None:
+            rec[2] = self._hash(rec[0]) & _MASK64
+        return rec[2]
+
+    def _memo_reach(self, memo):
+        """(ids, codes) from a pickler's memo: the objects the pickle holds (it memoizes every
+        object it saves except atoms), minus str/bytes and other atoms, classes, functions and
+        modules; codes of the session functions/classes it refers to. Cheaper than walking,
+        and it sees exactly what a restore will share. Temporaries made by __reduce__ may add
+        stray ids: that can only make a group larger, never split one."""
+        g = self._g
+        modname = self._modname
+        ids = set()
+        codes = set()
+        atoms = _ATOMS
+        ftype = types.FunctionType
+        for i, (_k, o) in memo.copy().items():
+            t = type(o)
+            if t in atoms or t is types.BuiltinFunctionType:
+                continue
+            if t is ftype:
+                if o.__globals__ is g:
+                    codes.add(o.__code__)
+                continue
+            if isinstance(o, type):
+                if getattr(o, "__module__", None) == modname:
+                    self._class_codes(o, codes)
+                continue
+            if t is tuple and not o:
+                continue
+            ids.add(i)
+            if len(ids) > REACH_LIMIT:
+                break
+        return ids, codes
 
     def _walk(self, root, want_ids):
         """(ids, codes): identity-bearing objects reachable from root, and the code objects of
@@ -885,7 +925,11 @@ class Namespace:
             self._fp[n] = None
             if kind is None:
                 pkl_names.append(n)
-                ids, codes = self._walk(v, True)
+                rec = self._pickle1(v, pickles, n)
+                if rec[0] is not None:
+                    ids, codes = self._memo_reach(rec[3])
+                else:  # reported unpicklable below; its code still counts for candidates
+                    ids, codes = self._walk(v, False)
                 self._codes[n] = codes
                 self._idx_add(n, ids)
                 continue
@@ -993,7 +1037,8 @@ class Namespace:
         while members:
             if len(members) == 1:
                 n = members[0]
-                data, err = self._pickle1(g[n], pickles, n)
+                rec = self._pickle1(g[n], pickles, n)
+                data, err = rec[0], rec[1]
                 if data is not None:
                     missing = self._check_refs(data)
                     if missing:
@@ -1003,7 +1048,7 @@ class Namespace:
                     self._mark_bad(n, err, unpick)
                     out.append(("bad", n, err))
                 else:
-                    self._fp[n] = self._hash(data) & _MASK64
+                    self._fp[n] = self._fp_of(rec)
                     out.append(("pkl", (n,), data))
                 return out
             try:
@@ -1013,13 +1058,12 @@ class Namespace:
                 data, missing = None, True
             if data is not None and not missing:
                 for n in members:
-                    d1, _err = self._pickle1(g[n], pickles, n)
-                    self._fp[n] = None if d1 is None else self._hash(d1) & _MASK64
+                    self._fp[n] = self._fp_of(self._pickle1(g[n], pickles, n))
                 out.append(("pkl", tuple(members), data))
                 return out
             keep = []
             for n in members:
-                d1, err = self._pickle1(g[n], pickles, n)
+                d1, err = self._pickle1(g[n], pickles, n)[:2]
                 if d1 is not None:
                     miss = self._check_refs(d1)
                     if miss:
@@ -1032,9 +1076,9 @@ class Namespace:
             if len(keep) == len(members):
                 # Each pickles alone but not together: give up on shared identity for them.
                 for n in keep:
-                    d1, _err = self._pickle1(g[n], pickles, n)
-                    self._fp[n] = self._hash(d1) & _MASK64
-                    out.append(("pkl", (n,), d1))
+                    rec = self._pickle1(g[n], pickles, n)
+                    self._fp[n] = self._fp_of(rec)
+                    out.append(("pkl", (n,), rec[0]))
                 return out
             members = keep
         return out

@@ -2,6 +2,10 @@
 1,000 small values when one changes, the issue's goal being <= 200 us. The peer, measured side
 by side in the same run, is the naive approach: pickle the whole namespace and hash it.
 
+Also: applying the snapshot of that namespace in a fresh one (peer: pickle.loads of the whole
+namespace), and after_cell when one 100,000-element list is mutated in place (peer: pickling and
+hashing that list, the floor of any fingerprinting approach).
+
 Prints a human table to stderr and one JSON object per figure to stdout (bench, metric, value,
 unit, peer, peer_value, ratio, goal, met), like the C benchmarks. --quick: fewer rounds.
 --check: also verify each delta names exactly the changed value (used by the ctest smoke run)."""
@@ -68,6 +72,40 @@ def main(argv):
         nshelp.h64(body)
         t5 = time.perf_counter_ns()
         t_peer.append(t5 - t4)
+    # Restore: apply the snapshot of that namespace in a fresh one, vs pickle.loads of it all.
+    snap, _sinfo = ns.snapshot()
+    full = pickle.dumps({k: v for k, v in g.items() if not k.startswith("__")}, 5)
+    t_apply, t_loads = [], []
+    for r in range(10 if quick else 50):
+        fresh = nshelp.Session("capsule_ns_bench")
+        t0 = time.perf_counter_ns()
+        res = fresh.ns.apply(snap)
+        t1 = time.perf_counter_ns()
+        pickle.loads(full)
+        t2 = time.perf_counter_ns()
+        if check:
+            assert not res["failed"] and len(res["restored"]) == N, res["failed"]
+        t_apply.append(t1 - t0)
+        t_loads.append(t2 - t1)
+    sys.modules["capsule_ns_bench"] = s.mod
+
+    # One big value (a 100,000-element list) mutated in place: the cost follows the dirty value.
+    s.run("big = list(range(100000))")
+    t_big, t_bigpeer = [], []
+    bcode = compile("big[7] = -big[7]", "<cell big>", "exec", dont_inherit=True)
+    for r in range(20 if quick else 200):
+        ns.before_cell("big", "big[7] = -big[7]", bcode)
+        exec(bcode, g)
+        t0 = time.perf_counter_ns()
+        blob, info = ns.after_cell(bcode)
+        t1 = time.perf_counter_ns()
+        nshelp.h64(pickle.dumps(g["big"], 5))
+        t2 = time.perf_counter_ns()
+        if check:
+            assert info["mutated"] == ["big"], info
+        t_big.append(t1 - t0)
+        t_bigpeer.append(t2 - t1)
+
     med = statistics.median(t_after) / 1000.0
     p99 = pct(t_after, 99) / 1000.0
     pmed = statistics.median(t_peer) / 1000.0
@@ -79,6 +117,11 @@ def main(argv):
         ("before_cell_p50", bmed, "us", None, None, None),
         ("delta_size_p50", statistics.median(sizes), "bytes", "full_pickle_bytes", len(body),
          None),
+        ("apply_snapshot_1000_names_p50", statistics.median(t_apply) / 1000.0, "us",
+         "pickle_loads_all_p50", statistics.median(t_loads) / 1000.0, None),
+        ("snapshot_size", len(snap), "bytes", "full_pickle_bytes", len(full), None),
+        ("after_cell_100k_list_mutated_p50", statistics.median(t_big) / 1000.0, "us",
+         "pickle_and_hash_that_list_p50", statistics.median(t_bigpeer) / 1000.0, None),
     ]
     print(f"_capsule_ns after_cell, {N} names, {rounds} cells (one change each)"
           f"{' [quick]' if quick else ''}", file=sys.stderr)
