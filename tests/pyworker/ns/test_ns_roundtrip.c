@@ -5,7 +5,7 @@
  * name by name, plus probes that call the restored functions, classes and imports and check
  * that aliasing survived (`b is a`). Also: what each delta reports (added / changed / mutated /
  * deleted / unpicklable), a rejected blob that changes nothing, and a restored worker that goes
- * on producing deltas.
+ * on producing deltas; the same restore into a worker forked from a zygote.
  *
  * Invariant checked throughout: the canonical description of every name (sets sorted,
  * instances by class and state) printed by the restored worker equals the original's, and every
@@ -118,12 +118,12 @@ static void expect_lists(const pyw_sync_run_t *r, const char *added, const char 
     }
 }
 
-/* Applies blobs[0..n) into a fresh worker; returns it and the names that failed (concatenated
- * "name:reason;" lists of every apply, owned by the caller). */
-static pyw_sync_t *restore(const blob_t *blobs, size_t n, char **failed_out)
+/* Applies blobs[0..n) into a fresh worker (cold, or forked from zygote z); returns it and the
+ * names that failed (concatenated "name:reason;" lists of every apply, owned by the caller). */
+static pyw_sync_t *restore(pyw_zygote_t *z, const blob_t *blobs, size_t n, char **failed_out)
 {
     pyw_sync_t *s = NULL;
-    CHECK_OK(pyw_sync_open(NULL, NULL, &s));
+    CHECK_OK(pyw_sync_open(z, NULL, &s));
     size_t cap = 1, len = 0;
     char *failed = calloc(1, 1);
     CHECK(failed != NULL);
@@ -225,7 +225,7 @@ int main(void)
 
     /* 1. the whole delta chain into a fresh worker */
     char *failed = NULL;
-    pyw_sync_t *rest = restore(deltas, NCELLS, &failed);
+    pyw_sync_t *rest = restore(NULL, deltas, NCELLS, &failed);
     check_same(orig, rest, failed);
     free(failed);
 
@@ -253,7 +253,7 @@ int main(void)
     chain[n++] = snap;
     for (size_t i = SNAP_AFTER + 1; i < NCELLS; i++)
         chain[n++] = deltas[i];
-    rest = restore(chain, n, &failed);
+    rest = restore(NULL, chain, n, &failed);
     check_same(orig, rest, failed);
     free(failed);
     pyw_sync_close(rest);
@@ -264,11 +264,21 @@ int main(void)
     blob_t last = blob_copy(r->delta_blob, r->delta_len);
     CHECK(r->unpicklable && strstr(r->unpicklable, "gen:") && strstr(r->unpicklable, "fh:"));
     pyw_sync_run_free(r);
-    rest = restore(&last, 1, &failed);
+    rest = restore(NULL, &last, 1, &failed);
     check_same(orig, rest, failed);
     free(failed);
     free(last.data);
     pyw_sync_close(rest);
+
+    /* 4. the whole chain into a worker forked from a zygote (how the engine starts sessions) */
+    pyw_zygote_t *z = NULL;
+    pyw_zygote_options_t zo = {0};
+    CHECK_OK(pyw_zygote_open(&zo, &z));
+    rest = restore(z, deltas, NCELLS, &failed);
+    check_same(orig, rest, failed);
+    free(failed);
+    pyw_sync_close(rest);
+    pyw_zygote_close(z);
 
     pyw_sync_close(orig);
     for (size_t i = 0; i < NCELLS; i++)
