@@ -381,6 +381,11 @@ static int64_t doc_deadline(const prom__doc_t *d)
 }
 
 /* ---------- timer heap ---------- */
+/* (deadline, id) order, so timers due together fire in a deterministic order. */
+static int heap_less(const theap_ent_t *a, const theap_ent_t *b)
+{
+    return a->at < b->at || (a->at == b->at && strcmp(a->id, b->id) < 0);
+}
 static void heap_push(prom_store_t *s, int64_t at, const char *id)
 {
     if (s->nheap == s->capheap) {
@@ -391,7 +396,7 @@ static void heap_push(prom_store_t *s, int64_t at, const char *id)
     theap_ent_t e = {at, cap_strdup(id)};
     while (i > 0) {
         size_t p = (i - 1) / 2;
-        if (s->heap[p].at <= at)
+        if (!heap_less(&e, &s->heap[p]))
             break;
         s->heap[i] = s->heap[p];
         i = p;
@@ -405,12 +410,12 @@ static theap_ent_t heap_pop(prom_store_t *s)
     size_t i = 0;
     for (;;) {
         size_t l = 2 * i + 1, r = l + 1, m = i;
-        int64_t mat = last.at;
-        if (l < s->nheap && s->heap[l].at < mat) {
+        const theap_ent_t *mv = &last;
+        if (l < s->nheap && heap_less(&s->heap[l], mv)) {
             m = l;
-            mat = s->heap[l].at;
+            mv = &s->heap[l];
         }
-        if (r < s->nheap && s->heap[r].at < mat)
+        if (r < s->nheap && heap_less(&s->heap[r], mv))
             m = r;
         if (m == i)
             break;
@@ -1386,49 +1391,31 @@ int prom_store_tick(prom_store_t *s, int64_t now, size_t *fired)
     int rc = 0;
     for (;;) {
         octx_t c;
-        prom_result_t dummy;
         memset(&c, 0, sizeof(c));
-        memset(&dummy, 0, sizeof(dummy));
         c.s = s;
         c.now = now;
-        theap_ent_t *skipped = NULL;
-        size_t nskip = 0, capskip = 0;
         pthread_mutex_lock(&s->mu);
         size_t nf = 0;
+        /* Timers fire in (deadline, id) order. A document already changed by an earlier timer's
+         * effects in this batch is judged by its new state: within a tick, deadlines only move
+         * past `now` (or vanish), so an entry still equal to its deadline is due exactly once. */
         while (s->nheap && s->heap[0].at <= now && c.n < PROM_MAX_BATCH_DOCS) {
             theap_ent_t e = heap_pop(s);
-            int in_ctx = 0;
-            for (size_t i = 0; i < c.n; i++)
-                in_ctx |= strcmp(c.docs[i]->p.id, e.id) == 0;
-            const prom__doc_t *d = smap_get(&s->docs, e.id);
-            if (in_ctx) {
-                /* changed by another timer's effects in this batch: retry it next round */
-                if (nskip == capskip) {
-                    capskip = capskip ? capskip * 2 : 8;
-                    skipped = cap_realloc(skipped, capskip * sizeof(*skipped));
-                }
-                skipped[nskip++] = e;
-                continue;
-            }
+            const prom__doc_t *d = ctx_find(&c, e.id);
             if (d && doc_deadline(d) == e.at) {
                 fire(&c, e.id);
                 nf++;
             }
             cap_free(e.id);
         }
-        int more = nskip || (s->nheap && s->heap[0].at <= now);
+        int more = s->nheap && s->heap[0].at <= now;
         prom__wait_t w;
         rc = ctx_commit(&c, &w);
         uint64_t seen = s->last_seq;
-        for (size_t i = 0; i < nskip; i++) {
-            heap_push(s, skipped[i].at, skipped[i].id);
-            cap_free(skipped[i].id);
-        }
         if (rc != 0)
             heap_rebuild(s); /* the popped entries must come back */
         ctx_free(&c);
         pthread_mutex_unlock(&s->mu);
-        cap_free(skipped);
         if (rc == 0)
             rc = ctx_wait(s, &w, seen);
         if (rc != 0)

@@ -269,11 +269,14 @@ static inline size_t m_tick(model_t *m)
     for (;;) {
         int best = -1;
         int64_t bd = INT64_MAX;
+        char bid[24] = "", cid[24];
         for (int i = 0; i < M_IDS; i++) {
             int64_t d = m_deadline(&m->p[i]);
-            if (d <= m->now && d < bd) {
+            m_id(cid, i);
+            if (d <= m->now && (d < bd || (d == bd && strcmp(cid, bid) < 0))) {
                 bd = d;
                 best = i;
+                memcpy(bid, cid, sizeof(bid));
             }
         }
         if (best < 0)
@@ -764,8 +767,8 @@ static inline int m_step(model_t *m, prom_store_t *ps, fake_clock_t *clk, uint64
     case 18: /* drain the outbox */
         m_take(m, ps);
         return op;
-    default: /* the clock moves (never backwards) */
-        m->now += RND(1000);
+    default:                                              /* the clock moves (never backwards) */
+        m->now += RND(100) == 0 ? RND(60000) : RND(1000); /* sometimes a jump: many timers due */
         clk->now = m->now;
         return op;
     }

@@ -118,6 +118,10 @@ int main(void)
             CHECK_EQ(ref_seq, ws.last_seq);
         }
         t.clock.now = m->now;
+        fprintf(stderr, "kill %d: seed %#llx, %llu ops acknowledged, wal %llu/%llu%s\n", k,
+                (unsigned long long)seed, (unsigned long long)last.ops,
+                (unsigned long long)last.last_seq, (unsigned long long)ws.last_seq,
+                ops > last.ops ? " (in-flight op durable)" : "");
         m_compare_all(m, t.ps);
         /* timers re-armed: a tick in the future fires what the model fires */
         m->now += 200000;
