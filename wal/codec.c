@@ -320,6 +320,14 @@ int wal_frame_decode(const void *frame, size_t len, int decode, wal_scratch_t **
     return wal__frame_decode(frame, len, decode, scratch, e, NULL);
 }
 
+store_val_t wal__index_key(uint8_t buf[16], const void *key, size_t key_len, uint64_t seq)
+{
+    cap_put_be64(buf, XXH3_64bits(key, key_len));
+    cap_put_be64(buf + 8, seq);
+    store_val_t v = {buf, 16};
+    return v;
+}
+
 const wal_field_t *wal_entry_field(const wal_entry_t *e, uint32_t tag)
 {
     for (size_t i = 0; i < e->nfields; i++)

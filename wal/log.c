@@ -125,7 +125,7 @@ static int wal__open_fn(store_txn_t *txn, void *arg)
     struct wal_open_ctx *c = arg;
     int rc = store_dbi_open(txn, WAL_DB_LOG, STORE_DB_CREATE, &c->dbs.log);
     if (rc == 0)
-        rc = store_dbi_open(txn, WAL_DB_KEY, STORE_DB_CREATE | STORE_DB_DUPSORT, &c->dbs.key);
+        rc = store_dbi_open(txn, WAL_DB_KEY, STORE_DB_CREATE, &c->dbs.key);
     if (rc == 0)
         rc = store_dbi_open(txn, WAL_DB_META, STORE_DB_CREATE, &c->dbs.meta);
     if (rc == 0)
@@ -147,7 +147,7 @@ static int wal__scan_bounds(wal_log_t *log, uint64_t *first, uint64_t *last, uin
         /* Read-only: the databases must already exist. */
         rc = store_dbi_open(txn, WAL_DB_LOG, 0, &log->dbs.log);
         if (rc == 0)
-            rc = store_dbi_open(txn, WAL_DB_KEY, STORE_DB_DUPSORT, &log->dbs.key);
+            rc = store_dbi_open(txn, WAL_DB_KEY, 0, &log->dbs.key);
         if (rc == 0)
             rc = store_dbi_open(txn, WAL_DB_META, 0, &log->dbs.meta);
         if (rc == CAP_ENOTFOUND)
@@ -378,6 +378,7 @@ static int wal__batch_fn(store_txn_t *txn, void *arg)
     struct wal_batch *b = arg;
     wal_log_t *log = b->log;
     uint8_t kbuf[8];
+    store_val_t empty = {"", 0};
     int rc = 0;
 
     for (struct wal_append *a = b->head; a; a = a->next) {
@@ -390,8 +391,8 @@ static int wal__batch_fn(store_txn_t *txn, void *arg)
             const void *key;
             size_t key_len;
             if (wal__frame_peek_key(a->f[i].p, a->f[i].len, &key, &key_len) == 0 && key_len) {
-                store_val_t kk = {key, key_len}, sv = {kbuf, 8};
-                rc = store_put(txn, log->dbs.key, kk, sv, 0);
+                uint8_t ib[16];
+                rc = store_put(txn, log->dbs.key, wal__index_key(ib, key, key_len, seq), empty, 0);
                 if (rc)
                     return rc;
             }
@@ -460,10 +461,8 @@ static int wal__trunc_fn(store_txn_t *txn, void *arg)
         const void *key;
         size_t key_len;
         if (k.len == 8 && wal__frame_peek_key(v.data, v.len, &key, &key_len) == 0 && key_len) {
-            uint8_t sb[8];
-            store_val_t kk = {key, key_len}, sv = {sb, 8};
-            cap_put_be64(sb, seq);
-            rc = store_del(txn, log->dbs.key, kk, &sv);
+            uint8_t ib[16];
+            rc = store_del(txn, log->dbs.key, wal__index_key(ib, key, key_len, seq), NULL);
             if (rc && rc != CAP_ENOTFOUND)
                 break;
         }

@@ -24,6 +24,10 @@ int wal__frame_decode(const void *frame, size_t len, int decode, wal_scratch_t *
  * frames). 0 and key/len set, or CAP_ECORRUPT. */
 int wal__frame_peek_key(const void *frame, size_t len, const void **key, size_t *key_len);
 
+/* The wal.key index entry of a record: XXH3-64(key) big-endian, then seq big-endian (16 bytes
+ * into buf; see wal_format.h). */
+store_val_t wal__index_key(uint8_t buf[16], const void *key, size_t key_len, uint64_t seq);
+
 /* The log's databases (shared with iter.c). */
 struct wal_dbs {
     store_dbi_t log, key, meta;

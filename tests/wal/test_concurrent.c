@@ -195,7 +195,7 @@ int main(void)
     store_dbi_t kdbi;
     uint64_t nidx;
     CHECK_OK(store_txn_begin(env, 1, &txn));
-    CHECK_OK(store_dbi_open(txn, "wal.key", STORE_DB_DUPSORT, &kdbi));
+    CHECK_OK(store_dbi_open(txn, "wal.key", 0, &kdbi));
     CHECK_OK(store_dbi_count(txn, kdbi, &nidx));
     CHECK_EQ(nidx, count);
     store_txn_abort(txn);

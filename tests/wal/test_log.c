@@ -355,7 +355,7 @@ static void test_truncate(void)
     store_dbi_t kdbi;
     uint64_t n;
     CHECK_OK(store_txn_begin(env, 1, &txn));
-    CHECK_OK(store_dbi_open(txn, "wal.key", STORE_DB_DUPSORT, &kdbi));
+    CHECK_OK(store_dbi_open(txn, "wal.key", 0, &kdbi));
     CHECK_OK(store_dbi_count(txn, kdbi, &n));
     CHECK_EQ(n, 1000);
     store_txn_abort(txn);
