@@ -14,7 +14,6 @@ Invariants:
 """
 
 import ast
-import asyncio
 import builtins
 import io
 import json
@@ -151,9 +150,12 @@ def _on_sigint(signum, frame):
         raise KeyboardInterrupt
 
 
-def init(main_dict, limits):
-    """Called once by the C worker after Py_Initialize (in a zygote: before gc.freeze)."""
-    global _main, _loop, _ns, _ns_error, _limits
+def init(main_dict, limits, preload):
+    """Called once by the C worker after Py_Initialize (in a zygote: before gc.freeze).
+    preload: import asyncio now (a zygote, whose children inherit it) rather than at the first
+    async cell (a cold worker, which starts faster). The event loop itself is always created in
+    the worker on first use: an epoll instance made before fork would be shared by every child."""
+    global _main, _ns, _ns_error, _limits
     _main = main_dict
     _limits = dict(limits)
     sys.stdout = sys.__stdout__ = _Out(1)
@@ -167,8 +169,8 @@ def init(main_dict, limits):
         pass
     signal.signal(signal.SIGINT, _on_sigint)
     os.register_at_fork(after_in_child=_capsule.forked_child)
-    _loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(_loop)
+    if preload:
+        import asyncio  # noqa: F401
     try:
         import _capsule_ns
         _ns = _capsule_ns.Namespace(_main, _capsule.hash64)
@@ -191,7 +193,19 @@ def _suppressed(source):
     return False
 
 
+_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+
+
 def _compile(source, filename):
+    """Returns (code, has_last). has_last: the code leaves the last expression's value in
+    __main__[_LAST] (exec mode), or it is an expression code object ("eval" mode, has_last 2)."""
+    stripped = source.strip()
+    if stripped and "\n" not in stripped and not stripped.endswith(";"):
+        # fast path for a one-line expression: no AST round trip
+        try:
+            return compile(source, filename, "eval", flags=_FLAGS, dont_inherit=True), 2
+        except SyntaxError:
+            pass
     tree = ast.parse(source, filename, "exec")
     has_last = False
     if tree.body and isinstance(tree.body[-1], ast.Expr) and not _suppressed(source):
@@ -207,6 +221,11 @@ def _compile(source, filename):
 
 
 def _jsonable(v):
+    t = type(v)
+    if t is int:
+        return str(v)
+    if t is bool:
+        return "true" if v else "false"
     if v is None or isinstance(v, (bool, int, float, str, list, tuple, dict)):
         try:
             return json.dumps(v, allow_nan=False)
@@ -242,15 +261,30 @@ def _format_tb(e):
 
 
 def _run_async(code):
-    coro = eval(code, _main)
-    task = _loop.create_task(coro)
+    _run_async_value(eval(code, _main))
+
+
+def _get_loop():
+    global _loop
+    if _loop is None:
+        import asyncio
+        _loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(_loop)
+    return _loop
+
+
+def _run_async_value(coro):
+    """Runs a coroutine on the session's loop; returns its value."""
+    import asyncio
+    loop = _get_loop()
+    task = loop.create_task(coro)
     try:
-        _loop.run_until_complete(task)
+        return loop.run_until_complete(task)
     except BaseException:
         if not task.done():
             task.cancel()
             try:
-                _loop.run_until_complete(task)
+                loop.run_until_complete(task)
             except BaseException:
                 pass
         raise
@@ -297,12 +331,17 @@ def run_cell(cell_no, cell_id, source):
         except BaseException as e:
             _capsule.write(2, "capsule: namespace before_cell failed: %r\n" % (e,))
     try:
-        if code.co_flags & 0x80:  # CO_COROUTINE: top-level await / async for / async with
+        if has_last == 2:  # an expression compiled in "eval" mode
+            value = eval(code, _main)
+            if code.co_flags & 0x80:  # CO_COROUTINE: it awaits
+                value = _run_async_value(value)
+        elif code.co_flags & 0x80:  # CO_COROUTINE: top-level await / async for / async with
             _run_async(code)
         else:
             exec(code, _main)
-        if has_last:
+        if has_last == 1:
             value = _main.pop(_LAST, None)
+        if has_last:
             if value is not None:
                 _main["___"] = _main.get("__")
                 _main["__"] = _main.get("_")
@@ -311,8 +350,9 @@ def run_cell(cell_no, cell_id, source):
                 js = _jsonable(value)
     except BaseException as e:
         _main.pop(_LAST, None)
-        cancelled = _capsule.cancel_requested() and isinstance(
-            e, (KeyboardInterrupt, asyncio.CancelledError))
+        aio = sys.modules.get("asyncio")
+        kinds = (KeyboardInterrupt, aio.CancelledError) if aio else (KeyboardInterrupt,)
+        cancelled = _capsule.cancel_requested() and isinstance(e, kinds)
         status = 2 if cancelled else 1
         etype = type(e).__name__
         emsg = _limit_message(e) or str(e)

@@ -551,7 +551,7 @@ out:
     return rc;
 }
 
-static int py_start(void)
+static int py_start(int preload)
 {
     int rc;
     PyConfig config;
@@ -602,7 +602,8 @@ static int py_start(void)
     }
     PyObject *main_mod = PyImport_AddModule("__main__"); /* borrowed */
     PyObject *limits = PyDict_New();
-    PyObject *r = PyObject_CallMethod(g_rt, "init", "ON", PyModule_GetDict(main_mod), limits);
+    PyObject *r = PyObject_CallMethod(g_rt, "init", "ONi", PyModule_GetDict(main_mod), limits,
+                                      preload);
     if (!r) {
         PyErr_Print();
         rc = CAP_EWORKER;
@@ -1383,7 +1384,7 @@ int main(int argc, char **argv)
                 cap_strerror(rc));
         return 3;
     }
-    if ((rc = py_start()))
+    if ((rc = py_start(zygote)))
         return 3;
     if (zygote) {
         if (warm) {

@@ -41,6 +41,11 @@ int main(void)
     opt.cancel_grace_ms = 500;
     CHECK_OK(pyw_sync_open(NULL, &opt, &s));
     int pid = pyw_worker_pid(pyw_sync_worker(s));
+    /* imports first, so each cancel lands in the blocking call, not in an import */
+    CHECK_OK(pyw_sync_execute(s, "import asyncio, time, threading\nawait asyncio.sleep(0)", NULL, 0,
+                              0, 0, &r));
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    pyw_sync_run_free(r);
 
     cancel_case(s, "while True: pass", "KeyboardInterrupt");
     cancel_case(s, "import time\ntime.sleep(1000)", "KeyboardInterrupt");
