@@ -82,6 +82,9 @@ typedef struct wal_entry {
  * re-runnable (the batch is re-run after a map growth). A non-zero return is a broken invariant:
  * the wal aborts the process with a log line naming the sequence number. */
 typedef int (*wal_apply_fn)(void *arg, store_txn_t *txn, const wal_entry_t *e);
+/* (Implementation notes: CAP_EMAPFULL from apply is not a broken invariant but the store asking
+ * for room: the batch is aborted, the map grown and the whole batch re-run. Open the databases
+ * apply writes to before wal_log_open(): a handle opened inside a batch that is re-run is lost.) */
 
 /* Called once per append, on the writer thread, after the records are durable (status 0) or
  * when the log is closed before they could be written (CAP_ECLOSED). first_seq is the sequence
@@ -124,6 +127,10 @@ int wal_log_append_sync(wal_log_t *log, const wal_rec_t *recs, size_t n, uint64_
  * the writer thread, interleaved with appends (writers are never stopped). Returns once done.
  * The sequence never goes backwards: later appends continue after the highest ever assigned. */
 int wal_log_truncate(wal_log_t *log, uint64_t before_seq);
+/* (Notes: not from a done or apply callback. It deletes what is committed while it runs; a record
+ * with seq < before_seq still queued when it finishes is kept. CAP_EINVAL on a read-only log,
+ * CAP_ECLOSED once closing. wal_log_append on a read-only log: CAP_EINVAL. wal_log_open on a
+ * read-only env that holds no log: CAP_ENOTFOUND.) */
 
 typedef struct wal_stats {
     uint64_t first_seq; /* lowest stored sequence number (0 when empty) */
@@ -149,7 +156,11 @@ typedef struct wal_iter_opts {
     size_t key_len;
     int decode; /* 1: decode fields (tpl); 0: verify the checksum only (fast replay / verify) */
 } wal_iter_opts_t;
-/* Opens a read transaction (a snapshot: appends after open are not seen). */
+/* Opens a read transaction (a snapshot: appends after open are not seen). The transaction holds
+ * the store's map-growth lock shared until wal_iter_close: keep iterators short while writers
+ * run, and never wait for an append or a truncation (wal_log_append_sync, wal_log_truncate)
+ * while holding one open, since a map growth would wait for the iterator. A kind filter scans
+ * (and verifies) every record in the sequence range; a key uses the index. */
 int wal_iter_open(wal_log_t *log, const wal_iter_opts_t *opts, wal_iter_t **out);
 /* 0 and *e filled; CAP_ENOTFOUND at the end; CAP_ECORRUPT when a stored frame fails its checks
  * (e->seq is then the damaged record's sequence number, and the iterator may be stepped past it
@@ -166,7 +177,10 @@ typedef struct wal_scratch wal_scratch_t;
 int wal_frame_encode(const wal_rec_t *rec, uint64_t seq, uint8_t **frame, size_t *len);
 int wal_frame_decode(const void *frame, size_t len, int decode, wal_scratch_t **scratch,
                      wal_entry_t *e);
-void wal_scratch_free(wal_scratch_t *s);
+void wal_scratch_free(wal_scratch_t *s); /* NULL is a no-op */
+/* (wal_frame_decode: scratch may be NULL when decode is 0; *scratch NULL is allocated on first
+ * use and may be reused across calls. Errors: CAP_ECORRUPT for any frame that fails the validity
+ * rule of wal_format.h. wal_frame_encode: CAP_EINVAL, CAP_ETOOBIG over WAL_DEFAULT_MAX_RECORD.) */
 /* Finds a field by tag in a decoded entry; NULL if absent. */
 const wal_field_t *wal_entry_field(const wal_entry_t *e, uint32_t tag);
 
