@@ -1,0 +1,70 @@
+/*
+ * eng_int.h - internals shared by the engine's files: the engine's derived tables, the codec of a
+ * recorded result, and the reads a restore needs.
+ *
+ * Tables (LMDB named databases, written only by eng__apply inside the wal's group-commit
+ * transaction, so they never disagree with the log and survive its truncation):
+ *   eng.results  key eid                        -> result TLV (eng__result_encode)
+ *   eng.deltas   key sid 0x00 BE64(ordinal)     -> namespace delta blob of that execution
+ *   eng.ckpt     key sid 0x00 BE64(ordinal)     -> full snapshot blob: the state after ordinal
+ *   eng.base     key sid                        -> BE64(parent ordinal) + parent sid (forks)
+ * A session's ordinals count its committed executions from 1, without gaps.
+ */
+#ifndef ENG_INT_H
+#define ENG_INT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "capsule.h"
+#include "store.h"
+#include "wal.h"
+
+/* Field tags of ENG_REC_FINISH. */
+enum { ENG_F_SID = 1, ENG_F_DELTA = 2, ENG_F_ORDINAL = 3, ENG_F_RESULT = 4 };
+/* Field tags of ENG_REC_CHECKPOINT. */
+enum { ENG_C_BLOB = 1, ENG_C_ORDINAL = 2 };
+/* Field tags of ENG_REC_SESSION. */
+enum { ENG_S_PARENT = 1, ENG_S_PORD = 2 };
+#define ENG_MAX_FORK_DEPTH 64
+
+/* Bounds a parser enforces. */
+#define ENG_MAX_ID 200 /* session and execution ids: bytes, [A-Za-z0-9._:-] */
+
+typedef struct eng_tables {
+    store_env_t *env;
+    store_dbi_t results, deltas, ckpt, base;
+} eng_tables_t;
+
+/* Creates/opens the tables (a write txn). */
+int eng__tables_open(store_env_t *env, eng_tables_t *t);
+/* The wal apply callback for kinds 0x40.. (arg: eng_tables_t *). Unknown kinds: ignored. */
+int eng__apply(void *arg, store_txn_t *txn, const wal_entry_t *e);
+
+/* 1 if id is a valid session/execution id. */
+int eng__id_valid(const char *id);
+
+/* Result TLV: repeated (u8 tag, u32 LE length, bytes). Encode: caller frees *out (cap_free). */
+void eng__result_encode(const eng_result_t *r, uint8_t **out, size_t *len);
+/* Strict decode: CAP_ECORRUPT on any truncated/overlong/unknown-tag/duplicate input. */
+int eng__result_decode(const void *p, size_t len, eng_result_t **out);
+/* Deep copy. */
+eng_result_t *eng__result_dup(const eng_result_t *r);
+
+/* A blob read from the tables (owned). */
+typedef struct eng_blob {
+    uint8_t *p;
+    size_t n;
+} eng_blob_t;
+void eng__blobs_free(eng_blob_t *b, size_t n);
+
+/* The highest committed ordinal of sid (0 if none). */
+int eng__last_ordinal(eng_tables_t *t, const char *sid, uint64_t *out);
+/* The blobs that rebuild sid's namespace as it was right after ordinal `upto` (0 = the latest),
+ * in apply order: the latest checkpoint of sid <= upto if any, else the parent's chain (eng.base,
+ * for a fork); then sid's deltas after that. CAP_ELIMIT beyond ENG_MAX_FORK_DEPTH. */
+int eng__chain_read(eng_tables_t *t, const char *sid, uint64_t upto, eng_blob_t **blobs, size_t *n);
+/* The recorded result of eid: 0, CAP_ENOTFOUND, CAP_ECORRUPT. */
+int eng__result_read(eng_tables_t *t, const char *eid, eng_result_t **out);
+
+#endif /* ENG_INT_H */

@@ -1,0 +1,2234 @@
+/*
+ * engine.c - the capsule engine: the loop, sessions over pyworker workers, the warm pool, the
+ * life of an execution with log-before-act, recovery on open, and the public API (capsule.h).
+ *
+ * Threads:
+ *   - the LOOP thread (own or the caller's) owns every session, execution and worker; nothing
+ *     else touches them. Public calls post a message (eng_msg_t) to a mutex-protected queue and
+ *     uv_async_send; the loop runs it.
+ *   - DURABILITY threads (dur_threads) run the blocking promise operations (prom_*): they wait for
+ *     their group commit off the loop, concurrently (so many sessions share one commit), then post
+ *     the completion back to the loop. The loop never waits for a commit.
+ *   - the WAL writer thread calls the done callback of the engine's own records (ENG_REC_*), which
+ *     only posts a message to the loop.
+ *
+ * The life of an execution (log before act):
+ *   1. submit: execution promise "capsule/x/<eid>" created (param: code, session, options); only
+ *      when that is durable is the execution eligible to run (a durability thread waits).
+ *   2. input(): input promise ".../in/<k>" created durably before the client is asked; if it is
+ *      already resolved (a re-run after a crash) the recorded reply is given to the worker at once.
+ *      A client's reply settles it durably before the worker gets it.
+ *   3. result: ONE wal record ENG_REC_FINISH (key eid) carries the result, the bounded output and
+ *      the namespace delta (when committed, with the session's next ordinal). Its apply writes
+ *      eng.results and eng.deltas in the same transaction. Only once it is durable is the client
+ *      told. Then the execution promise is settled (a derived fact: recovery settles it from
+ *      eng.results if a crash came in between).
+ *   A rolled-back execution (transaction policy) or a dead worker: the worker is replaced and the
+ *   namespace restored from the recorded chain (checkpoint + deltas) BEFORE the FINISH record is
+ *   written, so the result can report the names that failed to restore.
+ *
+ * Invariants:
+ *   - per session at most one execution runs (s->cur); the queue is bounded (max_queue).
+ *   - an execution runs only when its promise is durable; its result is told only when its FINISH
+ *     record is durable; FINISH records of a session are appended in execution order and each
+ *     after the previous one is durable, so a session's ordinals have no gaps.
+ *   - an execution stays in the engine's map (and is attachable) until its FINISH is durable;
+ *     from then on eng.results answers for it.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "eng_int.h"
+#include "promise.h"
+#include "pyworker.h"
+
+#define NBUCKET      4096
+#define PROM_FOREVER ((int64_t)1 << 62)
+
+typedef struct eng_msg eng_msg_t;
+typedef void (*eng_msg_fn)(eng_t *e, eng_msg_t *m);
+struct eng_msg {
+    eng_msg_t *next;
+    eng_msg_fn fn;
+};
+
+typedef struct session session_t;
+typedef struct exec exec_t;
+
+/* A worker and what it serves (the pyworker user pointer). */
+typedef struct wref {
+    eng_t *e;
+    pyw_worker_t *w;
+    session_t *s;      /* NULL while in the pool or detached */
+    struct wref *next; /* pool list */
+} wref_t;
+
+typedef struct listener {
+    eng_exec_cb_t cb;
+    void *arg;
+} listener_t;
+
+enum { X_CREATING, X_QUEUED, X_RUNNING, X_FINISHING, X_DONE };
+
+struct exec {
+    exec_t *hnext; /* map chain */
+    exec_t *qnext; /* session queue */
+    int refs;
+    char *eid;
+    session_t *s;
+    char *code;
+    size_t len;
+    eng_tx_t tx;
+    int st;
+    int created;
+    int cancel_req;
+    int restarted;
+    int retries;
+    uint64_t wid;
+    uint32_t in_k;    /* input requests so far */
+    uint32_t in_wait; /* the input request the client must answer (0 none) */
+    char *prompt;
+    int password;
+    int await_exit; /* result DIED: wait for the exit reason */
+    listener_t *ls;
+    size_t nls;
+    char *out;
+    size_t out_len, out_dropped;
+    eng_result_t r; /* filled at the result */
+    uint8_t *delta; /* kept while a restore precedes the FINISH (uncommitted: NULL) */
+    size_t delta_len;
+};
+
+enum { S_CREATING, S_COLD, S_RESTORING, S_READY, S_CLOSING };
+
+struct session {
+    session_t *hnext;
+    int refs;
+    char *sid;
+    eng_session_opts_t so;
+    int st;
+    wref_t *w;
+    uint64_t last_ord;
+    exec_t *qhead, *qtail;
+    uint32_t qlen;
+    exec_t *cur;
+    uint32_t applies;     /* apply requests outstanding during a restore */
+    char *rfailed;        /* names that failed to restore ("name:reason;...") */
+    exec_t *finish_after; /* execution whose FINISH waits for the restore */
+    int restore_again;    /* a restore was asked for while one ran */
+    struct waiter *snap_waiter;
+};
+
+typedef struct waiter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done;
+    int rc;
+    void *p;
+    size_t n;
+} waiter_t;
+
+struct eng {
+    eng_opts_t o;
+    char *dir, *worker_path, *warmup;
+    store_env_t *env;
+    prom_store_t *ps;
+    wal_log_t *wal;
+    eng_tables_t tb;
+    pyw_zygote_t *zy;
+    pyw_callbacks_t pcb;
+
+    uv_loop_t own_loop;
+    uv_loop_t *loop;
+    uv_thread_t thread;
+    int own;
+    uv_async_t async;
+    pthread_mutex_t mu;
+    eng_msg_t *mhead, *mtail;
+    int closing;    /* no more public commands */
+    int dead;       /* loop gone: messages only release */
+    int async_gone; /* (under mu) the async handle is closing: post only queues */
+    waiter_t *close_waiter;
+
+    /* durability threads */
+    pthread_t *dthr;
+    uint32_t ndthr;
+    pthread_mutex_t jmu;
+    pthread_cond_t jcv;
+    struct job *jhead, *jtail;
+    int jstop;
+
+    /* loop-side */
+    session_t *smap[NBUCKET];
+    exec_t *xmap[NBUCKET];
+    uint32_t nsessions;
+    wref_t *pool;
+    uint32_t npool;
+    uint64_t wid_next;
+    uint64_t ord_next;
+    uint64_t gen_ctr;
+
+    /* stats (under mu) */
+    eng_stats_t stats;
+};
+
+/* ---------- small helpers ---------- */
+static char *xstrdup(const char *s)
+{
+    return s ? cap_strdup(s) : NULL;
+}
+
+static void waiter_init(waiter_t *w)
+{
+    memset(w, 0, sizeof(*w));
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+}
+
+static void waiter_wake(waiter_t *w, int rc)
+{
+    pthread_mutex_lock(&w->mu);
+    w->rc = rc;
+    w->done = 1;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static int waiter_wait(waiter_t *w)
+{
+    pthread_mutex_lock(&w->mu);
+    while (!w->done)
+        pthread_cond_wait(&w->cv, &w->mu);
+    pthread_mutex_unlock(&w->mu);
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    return w->rc;
+}
+
+static uint32_t bucket(const char *k)
+{
+    return (uint32_t)(cap_hash64(k, strlen(k)) % NBUCKET);
+}
+
+static session_t *smap_get(eng_t *e, const char *sid)
+{
+    for (session_t *s = e->smap[bucket(sid)]; s; s = s->hnext)
+        if (strcmp(s->sid, sid) == 0)
+            return s;
+    return NULL;
+}
+
+static void smap_del(eng_t *e, session_t *s)
+{
+    session_t **pp = &e->smap[bucket(s->sid)];
+    while (*pp && *pp != s)
+        pp = &(*pp)->hnext;
+    if (*pp)
+        *pp = s->hnext;
+}
+
+static exec_t *xmap_get(eng_t *e, const char *eid)
+{
+    for (exec_t *x = e->xmap[bucket(eid)]; x; x = x->hnext)
+        if (strcmp(x->eid, eid) == 0)
+            return x;
+    return NULL;
+}
+
+static void xmap_put(eng_t *e, exec_t *x)
+{
+    uint32_t b = bucket(x->eid);
+    x->hnext = e->xmap[b];
+    e->xmap[b] = x;
+}
+
+static void xmap_del(eng_t *e, exec_t *x)
+{
+    exec_t **pp = &e->xmap[bucket(x->eid)];
+    while (*pp && *pp != x)
+        pp = &(*pp)->hnext;
+    if (*pp)
+        *pp = x->hnext;
+}
+
+static void result_clear(eng_result_t *r)
+{
+    cap_free(r->eid);
+    cap_free(r->sid);
+    cap_free(r->repr);
+    cap_free(r->json);
+    cap_free(r->etype);
+    cap_free(r->emsg);
+    cap_free(r->traceback);
+    cap_free(r->output);
+    cap_free(r->restore_failed);
+    memset(r, 0, sizeof(*r));
+}
+
+static void session_unref(session_t *s)
+{
+    if (!s || --s->refs > 0)
+        return;
+    cap_free(s->sid);
+    cap_free(s->rfailed);
+    cap_free(s);
+}
+
+static void exec_unref(exec_t *x)
+{
+    if (!x || --x->refs > 0)
+        return;
+    session_unref(x->s);
+    cap_free(x->eid);
+    cap_free(x->code);
+    cap_free(x->prompt);
+    cap_free(x->ls);
+    cap_free(x->out);
+    cap_free(x->delta);
+    result_clear(&x->r);
+    cap_free(x);
+}
+
+static void stats_add(eng_t *e, eng_stats_t d)
+{
+    pthread_mutex_lock(&e->mu);
+    e->stats.sessions += d.sessions;
+    e->stats.restored += d.restored;
+    e->stats.running += d.running;
+    e->stats.queued += d.queued;
+    e->stats.executions += d.executions;
+    e->stats.recovered_execs += d.recovered_execs;
+    e->stats.worker_deaths += d.worker_deaths;
+    e->stats.pool_idle = e->npool;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* ---------- posting to the loop ---------- */
+static void post(eng_t *e, eng_msg_t *m)
+{
+    m->next = NULL;
+    pthread_mutex_lock(&e->mu);
+    if (e->mtail)
+        e->mtail->next = m;
+    else
+        e->mhead = m;
+    e->mtail = m;
+    int gone = e->async_gone;
+    pthread_mutex_unlock(&e->mu);
+    if (!gone)
+        uv_async_send(&e->async);
+}
+
+static void drain(eng_t *e)
+{
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        eng_msg_t *m = e->mhead;
+        e->mhead = e->mtail = NULL;
+        pthread_mutex_unlock(&e->mu);
+        if (!m)
+            return;
+        while (m) {
+            eng_msg_t *n = m->next;
+            m->fn(e, m);
+            m = n;
+        }
+    }
+}
+
+static void on_async(uv_async_t *a)
+{
+    drain(a->data);
+}
+
+/* ---------- durability threads: blocking promise operations off the loop ---------- */
+typedef struct job job_t;
+typedef void (*job_fn)(eng_t *e, job_t *j);
+struct job {
+    eng_msg_t m; /* the completion, run on the loop */
+    job_t *jnext;
+    job_fn work;
+    int op; /* J_CREATE, J_SETTLE, J_GET */
+    char *id;
+    prom_kv_t hdr[8];
+    size_t nhdr;
+    prom_kv_t tags[3];
+    size_t ntags;
+    void *data;
+    size_t len;
+    prom_state_t state;
+    int rc;
+    prom_result_t res;
+    exec_t *x;
+    session_t *s;
+    waiter_t *w;
+    uint32_t k;
+    int aux;
+};
+enum { J_CREATE, J_SETTLE, J_GET };
+
+static void job_run(eng_t *e, job_t *j)
+{
+    prom_value_t v = {j->hdr, j->nhdr, j->data, j->len};
+    if (j->op == J_CREATE) {
+        prom_create_t c = {j->id, PROM_FOREVER, &v, j->tags, j->ntags};
+        j->rc = prom_promise_create(e->ps, &c, &j->res);
+    } else if (j->op == J_SETTLE) {
+        prom_settle_t st = {j->id, j->state, &v};
+        j->rc = prom_promise_settle(e->ps, &st, &j->res);
+    } else {
+        j->rc = prom_promise_get(e->ps, j->id, &j->res);
+    }
+    if (!j->rc && j->res.status != PROM_S_OK)
+        j->rc = j->res.status == PROM_S_NOTFOUND ? CAP_ENOTFOUND : CAP_ECONFLICT;
+}
+
+static job_t *job_new(int op, const char *id, eng_msg_fn done)
+{
+    job_t *j = cap_calloc(1, sizeof(*j));
+    j->op = op;
+    j->id = cap_strdup(id);
+    j->m.fn = done;
+    return j;
+}
+
+static void job_hdr(job_t *j, const char *k, const char *v)
+{
+    j->hdr[j->nhdr].key = cap_strdup(k);
+    j->hdr[j->nhdr].value = cap_strdup(v);
+    j->nhdr++;
+}
+
+static void job_tag(job_t *j, const char *k, const char *v)
+{
+    j->tags[j->ntags].key = cap_strdup(k);
+    j->tags[j->ntags].value = cap_strdup(v);
+    j->ntags++;
+}
+
+static void job_free(job_t *j)
+{
+    for (size_t i = 0; i < j->nhdr; i++) {
+        cap_free(j->hdr[i].key);
+        cap_free(j->hdr[i].value);
+    }
+    for (size_t i = 0; i < j->ntags; i++) {
+        cap_free(j->tags[i].key);
+        cap_free(j->tags[i].value);
+    }
+    prom_result_clear(&j->res);
+    exec_unref(j->x);
+    session_unref(j->s);
+    cap_free(j->id);
+    cap_free(j->data);
+    cap_free(j);
+}
+
+static void job_submit(eng_t *e, job_t *j)
+{
+    pthread_mutex_lock(&e->jmu);
+    j->jnext = NULL;
+    if (e->jtail)
+        e->jtail->jnext = j;
+    else
+        e->jhead = j;
+    e->jtail = j;
+    pthread_cond_signal(&e->jcv);
+    pthread_mutex_unlock(&e->jmu);
+}
+
+static void *dur_main(void *arg)
+{
+    eng_t *e = arg;
+    for (;;) {
+        pthread_mutex_lock(&e->jmu);
+        while (!e->jhead && !e->jstop)
+            pthread_cond_wait(&e->jcv, &e->jmu);
+        job_t *j = e->jhead;
+        if (!j) {
+            pthread_mutex_unlock(&e->jmu);
+            return NULL;
+        }
+        e->jhead = j->jnext;
+        if (!e->jhead)
+            e->jtail = NULL;
+        pthread_mutex_unlock(&e->jmu);
+        job_run(e, j);
+        post(e, &j->m);
+    }
+}
+
+/* A settle nobody waits for (a derived fact, or a closing session's). */
+static void job_free_done(eng_t *e, eng_msg_t *m)
+{
+    job_t *j = (job_t *)m;
+    if (j->rc && !e->dead)
+        cap_log(CAP_LOG_WARN, "engine", "settle of %s failed: %s", j->id, cap_strerror(j->rc));
+    job_free(j);
+}
+
+static char *exec_pid(const char *eid)
+{
+    size_t n = strlen(eid) + 16;
+    char *p = cap_malloc(n);
+    snprintf(p, n, "capsule/x/%s", eid);
+    return p;
+}
+
+static void settle_exec_promise(eng_t *e, const eng_result_t *r)
+{
+    char *pid = exec_pid(r->eid);
+    job_t *j = job_new(J_SETTLE, pid, job_free_done);
+    cap_free(pid);
+    j->state = r->status == ENG_ST_OK ? PROM_RESOLVED
+               : r->status == ENG_ST_CANCELLED || r->status == ENG_ST_REFUSED
+                   ? PROM_REJECTED_CANCELED
+                   : PROM_REJECTED;
+    char st[16];
+    snprintf(st, sizeof(st), "%d", (int)r->status);
+    job_hdr(j, "capsule:status", st);
+    if (r->repr) {
+        j->data = cap_strdup(r->repr);
+        j->len = strlen(r->repr);
+    }
+    job_submit(e, j);
+}
+
+/* ---------- workers and the pool ---------- */
+static int worker_spawn(eng_t *e, session_t *s, wref_t **out)
+{
+    wref_t *r = cap_calloc(1, sizeof(*r));
+    pyw_options_t po = {0};
+    po.worker_path = e->worker_path;
+    po.cb = &e->pcb;
+    po.data = r;
+    if (s) {
+        po.limits.mem_bytes = s->so.mem_bytes;
+        po.limits.cpu_seconds = s->so.cpu_seconds;
+    }
+    r->e = e;
+    int rc = pyw_zygote_spawn(e->zy, e->loop, &po, &r->w);
+    if (rc) {
+        cap_free(r);
+        return rc;
+    }
+    *out = r;
+    return 0;
+}
+
+static void worker_drop(wref_t *r)
+{
+    if (!r)
+        return;
+    pyw_worker_close(r->w);
+    cap_free(r);
+}
+
+static void pool_fill(eng_t *e)
+{
+    while (!e->closing && e->npool < e->o.pool_idle) {
+        wref_t *r;
+        int rc = worker_spawn(e, NULL, &r);
+        if (rc) {
+            cap_log(CAP_LOG_WARN, "engine", "pool: spawn failed: %s", cap_strerror(rc));
+            return;
+        }
+        r->next = e->pool;
+        e->pool = r;
+        e->npool++;
+    }
+    stats_add(e, (eng_stats_t){0});
+}
+
+static void pool_remove(eng_t *e, wref_t *r)
+{
+    wref_t **pp = &e->pool;
+    while (*pp && *pp != r)
+        pp = &(*pp)->next;
+    if (*pp) {
+        *pp = r->next;
+        e->npool--;
+    }
+}
+
+/* A worker for session s: a pooled one (a pop) unless s has its own limits. */
+static int worker_acquire(eng_t *e, session_t *s, wref_t **out)
+{
+    int rc = 0;
+    if (!s->so.mem_bytes && !s->so.cpu_seconds && e->pool) {
+        wref_t *r = e->pool;
+        e->pool = r->next;
+        e->npool--;
+        r->next = NULL;
+        *out = r;
+    } else {
+        rc = worker_spawn(e, s, out);
+    }
+    if (!rc)
+        (*out)->s = s;
+    pool_fill(e);
+    return rc;
+}
+
+/* ---------- executions ---------- */
+static void exec_notify_done(eng_t *e, exec_t *x, const eng_result_t *r)
+{
+    (void)e;
+    for (size_t i = 0; i < x->nls; i++)
+        if (x->ls[i].cb.on_done)
+            x->ls[i].cb.on_done(x->ls[i].arg, r);
+    x->nls = 0;
+}
+
+/* Refuses a request that never became an execution. */
+static void refuse(const eng_exec_cb_t *cb, void *arg, const char *eid, const char *sid, int err)
+{
+    eng_result_t r = {0};
+    r.eid = (char *)eid;
+    r.sid = (char *)sid;
+    r.status = ENG_ST_REFUSED;
+    r.err = err;
+    r.emsg = (char *)cap_strerror(err);
+    if (cb->on_done)
+        cb->on_done(arg, &r);
+}
+
+static void session_pump(eng_t *e, session_t *s);
+static void session_restore(eng_t *e, session_t *s);
+
+static void output_add(eng_t *e, exec_t *x, const char *d, size_t n)
+{
+    size_t room = e->o.max_output > x->out_len ? e->o.max_output - x->out_len : 0;
+    size_t take = n < room ? n : room;
+    if (take) {
+        x->out = cap_realloc(x->out, x->out_len + take + 1);
+        memcpy(x->out + x->out_len, d, take);
+        x->out_len += take;
+        x->out[x->out_len] = 0;
+    }
+    x->out_dropped += n - take;
+}
+
+typedef struct finish_msg {
+    eng_msg_t m;
+    eng_t *e;
+    exec_t *x;
+    int status;
+} finish_msg_t;
+
+static void finish_done(eng_t *e, eng_msg_t *m);
+
+static void finish_wal_done(void *arg, int status, uint64_t first_seq)
+{
+    (void)first_seq;
+    finish_msg_t *f = arg;
+    f->status = status;
+    post(f->e, &f->m);
+}
+
+/* Appends the FINISH record of x (its result x->r, output, and delta when committed). */
+static void finish_append(eng_t *e, exec_t *x)
+{
+    session_t *s = x->s;
+    eng_result_t *r = &x->r;
+    x->st = X_FINISHING;
+    cap_free(r->eid);
+    r->eid = cap_strdup(x->eid);
+    cap_free(r->sid);
+    r->sid = cap_strdup(s->sid);
+    r->restarted = x->restarted;
+    if (x->out_dropped) {
+        char mk[96];
+        int n = snprintf(mk, sizeof(mk), "\n[capsule: output truncated, %zu bytes dropped]\n",
+                         x->out_dropped);
+        x->out = cap_realloc(x->out, x->out_len + (size_t)n + 1);
+        memcpy(x->out + x->out_len, mk, (size_t)n + 1);
+        x->out_len += (size_t)n;
+        r->truncated = 1;
+    }
+    cap_free(r->output);
+    r->output = x->out ? cap_memdup(x->out, x->out_len + 1) : NULL;
+    r->output_len = x->out_len;
+    if (r->committed)
+        r->ordinal = ++s->last_ord;
+    if (s->rfailed && !r->committed && r->status != ENG_ST_REFUSED) {
+        cap_free(r->restore_failed);
+        r->restore_failed = s->rfailed;
+        s->rfailed = NULL;
+    }
+    uint8_t *enc;
+    size_t enclen;
+    eng__result_encode(r, &enc, &enclen);
+    wal_field_t f[4] = {
+        {ENG_F_SID, 0, s->sid, strlen(s->sid)},
+        {ENG_F_ORDINAL, r->committed ? r->ordinal : 0, NULL, 0},
+        {ENG_F_RESULT, 0, enc, enclen},
+        {ENG_F_DELTA, 0, x->delta, r->committed ? x->delta_len : 0},
+    };
+    wal_rec_t rec = {ENG_REC_FINISH, x->eid, strlen(x->eid), f, 4};
+    finish_msg_t *fm = cap_calloc(1, sizeof(*fm));
+    fm->m.fn = finish_done;
+    fm->e = e;
+    fm->x = x;
+    x->refs++;
+    int rc = wal_log_append(e->wal, &rec, 1, finish_wal_done, fm, NULL);
+    cap_free(enc);
+    cap_free(x->delta);
+    x->delta = NULL;
+    if (rc) {
+        /* the log is closed (engine closing): the execution stays pending and re-runs later */
+        cap_log(CAP_LOG_WARN, "engine", "FINISH of %s not appended: %s", x->eid, cap_strerror(rc));
+        fm->status = rc;
+        finish_done(e, &fm->m);
+    }
+}
+
+static void finish_done(eng_t *e, eng_msg_t *m)
+{
+    finish_msg_t *f = (finish_msg_t *)m;
+    exec_t *x = f->x;
+    session_t *s = x->s;
+    if (e->dead || f->status) {
+        cap_free(f);
+        exec_unref(x);
+        return;
+    }
+    x->st = X_DONE;
+    xmap_del(e, x);
+    exec_notify_done(e, x, &x->r);
+    settle_exec_promise(e, &x->r);
+    stats_add(e, (eng_stats_t){.executions = 1, .running = s->cur == x ? (uint32_t)-1 : 0});
+    if (s->cur == x) {
+        s->cur = NULL;
+        exec_unref(x); /* the session's reference */
+    }
+    cap_free(f);
+    exec_unref(x); /* the map's reference */
+    exec_unref(x); /* the append's reference */
+    session_pump(e, s);
+}
+
+/* Finishes an execution that did not run (cancelled in the queue, session closed). */
+static void finish_unrun(eng_t *e, exec_t *x, eng_status_t st, int err)
+{
+    x->r.status = st;
+    x->r.err = err;
+    cap_free(x->r.emsg);
+    x->r.emsg = cap_strdup(cap_strerror(err));
+    finish_append(e, x);
+}
+
+static void queue_remove(session_t *s, exec_t *x)
+{
+    exec_t **pp = &s->qhead, *prev = NULL;
+    while (*pp && *pp != x) {
+        prev = *pp;
+        pp = &(*pp)->qnext;
+    }
+    if (!*pp)
+        return;
+    *pp = x->qnext;
+    if (s->qtail == x)
+        s->qtail = prev;
+    x->qnext = NULL;
+    s->qlen--;
+}
+
+static void exec_create_done(eng_t *e, eng_msg_t *m)
+{
+    job_t *j = (job_t *)m;
+    exec_t *x = j->x;
+    session_t *s = x->s;
+    if (e->dead)
+        goto out;
+    if (j->rc) {
+        queue_remove(s, x);
+        stats_add(e, (eng_stats_t){.queued = (uint32_t)-1});
+        eng_result_t r = {0};
+        r.eid = x->eid;
+        r.sid = s->sid;
+        r.status = ENG_ST_REFUSED;
+        r.err = j->rc;
+        r.emsg = (char *)cap_strerror(j->rc);
+        xmap_del(e, x);
+        exec_notify_done(e, x, &r);
+        exec_unref(x); /* the queue's */
+        exec_unref(x); /* the map's */
+        goto out;
+    }
+    if (j->res.promise && j->res.promise->state != PROM_PENDING) {
+        /* settled before: its result is recorded; never run twice */
+        eng_result_t *r = NULL;
+        queue_remove(s, x);
+        stats_add(e, (eng_stats_t){.queued = (uint32_t)-1});
+        int rc = eng__result_read(&e->tb, x->eid, &r);
+        xmap_del(e, x);
+        if (rc == 0) {
+            exec_notify_done(e, x, r);
+            eng_result_free(r);
+        } else {
+            for (size_t i = 0; i < x->nls; i++)
+                refuse(&x->ls[i].cb, x->ls[i].arg, x->eid, s->sid, CAP_EEXIST);
+            x->nls = 0;
+        }
+        exec_unref(x);
+        exec_unref(x);
+        goto out;
+    }
+    x->created = 1;
+    x->st = X_QUEUED;
+    if (x->cancel_req || s->st == S_CLOSING) {
+        queue_remove(s, x);
+        stats_add(e, (eng_stats_t){.queued = (uint32_t)-1});
+        exec_unref(x); /* the queue's; the map keeps one until FINISH */
+        finish_unrun(e, x, ENG_ST_CANCELLED, x->cancel_req ? CAP_ECANCELED : CAP_ECLOSED);
+        goto out;
+    }
+    session_pump(e, s);
+out:
+    job_free(j);
+}
+
+/* Starts the next execution of s if it can run. */
+static void session_pump(eng_t *e, session_t *s)
+{
+    if (e->closing || s->st == S_CLOSING || s->st == S_CREATING)
+        return;
+    if (s->cur || !s->qhead)
+        return;
+    if (s->st == S_COLD) {
+        session_restore(e, s);
+        return;
+    }
+    if (s->st != S_READY || !s->qhead->created)
+        return;
+    exec_t *x = s->qhead;
+    s->qhead = x->qnext;
+    if (!s->qhead)
+        s->qtail = NULL;
+    x->qnext = NULL;
+    s->qlen--;
+    s->cur = x; /* the queue's reference moves to cur */
+    x->st = X_RUNNING;
+    x->wid = ++e->wid_next;
+    x->in_k = 0;
+    stats_add(e, (eng_stats_t){.queued = (uint32_t)-1, .running = 1});
+    int rc = pyw_worker_execute(s->w->w, x->wid, x->eid, x->code, x->len, s->so.timeout_ms);
+    if (rc) {
+        /* the worker is gone: its exit callback restores the session and re-runs x */
+        x->st = X_QUEUED;
+        s->cur = NULL;
+        x->qnext = s->qhead;
+        s->qhead = x;
+        if (!s->qtail)
+            s->qtail = x;
+        s->qlen++;
+        stats_add(e, (eng_stats_t){.queued = 1, .running = (uint32_t)-1});
+    }
+}
+
+static exec_t *cur_exec(session_t *s, uint64_t wid)
+{
+    return s && s->cur && s->cur->wid == wid && s->cur->st == X_RUNNING ? s->cur : NULL;
+}
+
+static void pcb_output(pyw_worker_t *w, uint64_t wid, int stream, const char *d, size_t n)
+{
+    wref_t *r = pyw_worker_data(w);
+    exec_t *x = cur_exec(r->s, wid);
+    if (!x)
+        return;
+    output_add(r->e, x, d, n);
+    for (size_t i = 0; i < x->nls; i++)
+        if (x->ls[i].cb.on_output)
+            x->ls[i].cb.on_output(x->ls[i].arg, x->eid, stream, d, n);
+}
+
+static char *input_pid(const char *eid, uint32_t k)
+{
+    size_t n = strlen(eid) + 32;
+    char *p = cap_malloc(n);
+    snprintf(p, n, "capsule/x/%s/in/%u", eid, k);
+    return p;
+}
+
+static void input_created(eng_t *e, eng_msg_t *m)
+{
+    job_t *j = (job_t *)m;
+    exec_t *x = j->x;
+    if (e->dead || x->st != X_RUNNING || x->wid != (uint64_t)j->aux || !x->s->w)
+        goto out;
+    if (j->rc) {
+        cap_log(CAP_LOG_ERROR, "engine", "input request of %s not recorded: %s", x->eid,
+                cap_strerror(j->rc));
+        pyw_worker_input_reply(x->s->w->w, x->wid, NULL, 0, 1);
+        goto out;
+    }
+    prom_promise_t *p = j->res.promise;
+    if (p && p->state == PROM_RESOLVED) {
+        /* answered before a crash: the recorded reply, in order */
+        const char *eof = prom_promise_tag(p, "capsule:eof");
+        int is_eof = 0;
+        for (size_t i = 0; i < p->value.nheaders; i++)
+            if (strcmp(p->value.headers[i].key, "capsule:eof") == 0)
+                is_eof = 1;
+        (void)eof;
+        pyw_worker_input_reply(x->s->w->w, x->wid, p->value.data, p->value.len, is_eof);
+        goto out;
+    }
+    x->in_wait = j->k;
+    for (size_t i = 0; i < x->nls; i++)
+        if (x->ls[i].cb.on_input)
+            x->ls[i].cb.on_input(x->ls[i].arg, x->eid, x->prompt ? x->prompt : "", x->password);
+out:
+    job_free(j);
+}
+
+static void pcb_input(pyw_worker_t *w, uint64_t wid, const char *prompt, int password)
+{
+    wref_t *r = pyw_worker_data(w);
+    exec_t *x = cur_exec(r->s, wid);
+    if (!x)
+        return;
+    x->in_k++;
+    cap_free(x->prompt);
+    x->prompt = cap_strdup(prompt ? prompt : "");
+    x->password = password;
+    char *pid = input_pid(x->eid, x->in_k);
+    job_t *j = job_new(J_CREATE, pid, input_created);
+    cap_free(pid);
+    job_tag(j, "capsule:kind", "input");
+    j->data = cap_strdup(x->prompt);
+    j->len = strlen(x->prompt);
+    j->x = x;
+    x->refs++;
+    j->k = x->in_k;
+    j->aux = (int)x->wid;
+    job_submit(r->e, j);
+}
+
+static eng_tx_t exec_tx(const exec_t *x)
+{
+    eng_tx_t t = x->tx ? x->tx : x->s->so.tx;
+    return t ? t : ENG_TX_ROLLBACK_ON_FAILURE;
+}
+
+/* Replaces s's worker by a fresh one restored from the log. */
+static void session_detach_worker(session_t *s)
+{
+    if (s->w) {
+        s->w->s = NULL;
+        worker_drop(s->w);
+        s->w = NULL;
+    }
+}
+
+static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
+{
+    wref_t *r = pyw_worker_data(w);
+    exec_t *x = cur_exec(r->s, pr->exec_id);
+    if (!x)
+        return;
+    eng_t *e = r->e;
+    session_t *s = x->s;
+    eng_result_t *res = &x->r;
+    result_clear(res);
+    res->status = (eng_status_t)pr->status;
+    res->repr = xstrdup(pr->repr);
+    res->json = xstrdup(pr->json);
+    res->etype = xstrdup(pr->etype);
+    res->emsg = xstrdup(pr->emsg);
+    res->traceback = xstrdup(pr->traceback);
+    x->in_wait = 0;
+    eng_tx_t tx = exec_tx(x);
+    int ok = pr->status == PYW_STATUS_OK;
+    int commit = pr->delta && pr->status != PYW_STATUS_DIED &&
+                 (tx == ENG_TX_COMMIT_ALWAYS || (tx == ENG_TX_ROLLBACK_ON_FAILURE && ok));
+    if (pr->status == PYW_STATUS_DIED) {
+        x->st = X_FINISHING;
+        x->await_exit = 1; /* on_exit has the reason, then the restore */
+        return;
+    }
+    if (commit) {
+        res->committed = 1;
+        x->delta = cap_memdup(pr->delta->blob, pr->delta->blob_len ? pr->delta->blob_len : 1);
+        x->delta_len = pr->delta->blob_len;
+        finish_append(e, x);
+        return;
+    }
+    /* not recorded: the namespace goes back to the recorded state before the result is told */
+    if (ok && pr->delta_error) {
+        cap_free(s->rfailed);
+        size_t n = strlen(pr->delta_error) + 32;
+        s->rfailed = cap_malloc(n);
+        snprintf(s->rfailed, n, "*:no delta (%s);", pr->delta_error);
+    }
+    x->st = X_FINISHING;
+    s->finish_after = x;
+    session_detach_worker(s);
+    s->st = S_COLD;
+    session_restore(e, s);
+}
+
+static void pcb_exit(pyw_worker_t *w, const pyw_exit_t *ex)
+{
+    wref_t *r = pyw_worker_data(w);
+    eng_t *e = r->e;
+    session_t *s = r->s;
+    if (!s) {
+        /* a pooled (or detached) worker died: replace it */
+        pool_remove(e, r);
+        worker_drop(r);
+        pool_fill(e);
+        return;
+    }
+    stats_add(e, (eng_stats_t){.worker_deaths = 1});
+    cap_log(CAP_LOG_INFO, "engine", "session %s: worker %d ended: %s", s->sid, pyw_worker_pid(w),
+            ex->message ? ex->message : "?");
+    exec_t *x = s->cur;
+    session_detach_worker(s);
+    s->st = S_COLD;
+    if (x && (x->await_exit || x->st == X_RUNNING)) {
+        if (s->so.retry_on_death && x->retries == 0 && s->st != S_CLOSING) {
+            x->retries++;
+            x->st = X_QUEUED;
+            x->await_exit = 0;
+            x->out_len = 0;
+            x->out_dropped = 0;
+            s->cur = NULL;
+            x->qnext = s->qhead;
+            s->qhead = x;
+            if (!s->qtail)
+                s->qtail = x;
+            s->qlen++;
+            stats_add(e, (eng_stats_t){.queued = 1, .running = (uint32_t)-1});
+            for (size_t i = 0; i < x->nls; i++)
+                if (x->ls[i].cb.on_restarted)
+                    x->ls[i].cb.on_restarted(x->ls[i].arg, x->eid);
+            session_restore(e, s);
+            return;
+        }
+        result_clear(&x->r);
+        x->r.status = ENG_ST_DIED;
+        x->r.err = CAP_EWORKER;
+        x->r.etype = cap_strdup("WorkerDied");
+        x->r.emsg = cap_strdup(ex->message ? ex->message : "the worker died");
+        x->st = X_FINISHING;
+        x->await_exit = 0;
+        s->finish_after = x;
+    }
+    if (s->finish_after || s->qhead)
+        session_restore(e, s);
+}
+
+/* ---------- restore: a fresh worker + the recorded chain ---------- */
+static void restore_done(eng_t *e, session_t *s)
+{
+    s->st = S_READY;
+    stats_add(e, (eng_stats_t){.restored = 1});
+    exec_t *x = s->finish_after;
+    if (x) {
+        s->finish_after = NULL;
+        finish_append(e, x);
+        return;
+    }
+    cap_free(s->rfailed);
+    s->rfailed = NULL;
+    session_pump(e, s);
+}
+
+static void session_restore(eng_t *e, session_t *s)
+{
+    if (s->st == S_RESTORING || s->st == S_CLOSING || e->closing)
+        return;
+    eng_blob_t *b = NULL;
+    size_t n = 0;
+    wref_t *r = NULL;
+    int rc = eng__chain_read(&e->tb, s->sid, 0, &b, &n);
+    if (!rc)
+        rc = worker_acquire(e, s, &r);
+    if (rc) {
+        cap_log(CAP_LOG_ERROR, "engine", "session %s: restore failed: %s", s->sid,
+                cap_strerror(rc));
+        eng__blobs_free(b, n);
+        s->st = S_COLD;
+        /* fail what waits, so nobody hangs */
+        exec_t *x = s->finish_after;
+        if (x) {
+            s->finish_after = NULL;
+            finish_append(e, x);
+        }
+        return;
+    }
+    s->w = r;
+    s->st = S_RESTORING;
+    s->applies = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (pyw_worker_apply(r->w, i + 1, b[i].p, b[i].n) == 0)
+            s->applies++;
+    }
+    eng__blobs_free(b, n);
+    if (s->applies == 0)
+        restore_done(e, s);
+}
+
+static void strcat_alloc(char **dst, const char *a, const char *b)
+{
+    size_t n0 = *dst ? strlen(*dst) : 0, n = n0 + strlen(a) + strlen(b) + 3;
+    *dst = cap_realloc(*dst, n);
+    snprintf(*dst + n0, n - n0, "%s:%s;", a, b);
+}
+
+static void pcb_applied(pyw_worker_t *w, const pyw_apply_result_t *ar)
+{
+    wref_t *r = pyw_worker_data(w);
+    session_t *s = r->s;
+    if (!s || s->st != S_RESTORING || s->w != r)
+        return;
+    if (ar->rc)
+        strcat_alloc(&s->rfailed, "*", ar->error ? ar->error : "apply rejected");
+    for (size_t i = 0; i < ar->n_failed; i++)
+        strcat_alloc(&s->rfailed, ar->failed[i].name, ar->failed[i].reason);
+    if (--s->applies == 0)
+        restore_done(r->e, s);
+}
+
+static void checkpoint_snapshot(eng_t *e, session_t *s, int rc, const pyw_delta_t *snap,
+                                const char *err);
+
+static void pcb_snapshot(pyw_worker_t *w, uint64_t req_id, int rc, const pyw_delta_t *snap,
+                         const char *error)
+{
+    (void)req_id;
+    wref_t *r = pyw_worker_data(w);
+    if (r->s)
+        checkpoint_snapshot(r->e, r->s, rc, snap, error);
+}
+
+/* ---------- commands (run on the loop) ---------- */
+typedef struct cmd {
+    eng_msg_t m;
+    eng_exec_req_t req;
+    char *sid, *eid, *code, *text, *sid2;
+    size_t len;
+    int eof, flag;
+    uint64_t u;
+    eng_exec_cb_t cb;
+    void *arg;
+    eng_session_opts_t so;
+    waiter_t *w;
+} cmd_t;
+
+static void cmd_free(cmd_t *c)
+{
+    cap_free(c->sid);
+    cap_free(c->eid);
+    cap_free(c->code);
+    cap_free(c->text);
+    cap_free(c->sid2);
+    cap_free(c);
+}
+
+static char *gen_id(eng_t *e, const char *prefix)
+{
+    char b[64];
+    snprintf(b, sizeof(b), "%s%llx-%llx", prefix, (unsigned long long)cap_wall_ms(),
+             (unsigned long long)++e->gen_ctr);
+    return cap_strdup(b);
+}
+
+static exec_t *exec_new(eng_t *e, session_t *s, const char *eid, const char *code, size_t len,
+                        eng_tx_t tx)
+{
+    (void)e;
+    exec_t *x = cap_calloc(1, sizeof(*x));
+    x->eid = cap_strdup(eid);
+    x->s = s;
+    s->refs++;
+    x->code = cap_memdup(code, len + 1);
+    x->code[len] = 0;
+    x->len = len;
+    x->tx = tx;
+    x->st = X_CREATING;
+    x->refs = 2; /* the map's and the queue's */
+    return x;
+}
+
+static void exec_listen(exec_t *x, const eng_exec_cb_t *cb, void *arg)
+{
+    x->ls = cap_realloc(x->ls, (x->nls + 1) * sizeof(*x->ls));
+    x->ls[x->nls].cb = *cb;
+    x->ls[x->nls].arg = arg;
+    x->nls++;
+}
+
+static void queue_push(session_t *s, exec_t *x)
+{
+    if (s->qtail)
+        s->qtail->qnext = x;
+    else
+        s->qhead = x;
+    s->qtail = x;
+    s->qlen++;
+}
+
+static void do_execute(eng_t *e, eng_msg_t *m)
+{
+    cmd_t *c = (cmd_t *)m;
+    if (e->dead)
+        goto out;
+    if (e->closing) {
+        refuse(&c->cb, c->arg, c->eid, c->sid, CAP_ECLOSED);
+        goto out;
+    }
+    exec_t *x = xmap_get(e, c->eid);
+    if (x) {
+        /* the same id again: attach to the running execution */
+        exec_listen(x, &c->cb, c->arg);
+        if (x->restarted && c->cb.on_restarted)
+            c->cb.on_restarted(c->arg, x->eid);
+        goto out;
+    }
+    eng_result_t *r = NULL;
+    if (eng__result_read(&e->tb, c->eid, &r) == 0) {
+        if (c->cb.on_done)
+            c->cb.on_done(c->arg, r);
+        eng_result_free(r);
+        goto out;
+    }
+    session_t *s = smap_get(e, c->sid);
+    if (!s || s->st == S_CLOSING) {
+        refuse(&c->cb, c->arg, c->eid, c->sid, s ? CAP_ECLOSED : CAP_ENOTFOUND);
+        goto out;
+    }
+    if (s->qlen >= e->o.max_queue) {
+        refuse(&c->cb, c->arg, c->eid, c->sid, CAP_EBUSY);
+        goto out;
+    }
+    x = exec_new(e, s, c->eid, c->code, c->len, c->req.tx);
+    exec_listen(x, &c->cb, c->arg);
+    xmap_put(e, x);
+    queue_push(s, x);
+    stats_add(e, (eng_stats_t){.queued = 1});
+    /* 1. the request is durable before the worker sees it */
+    char *pid = exec_pid(x->eid);
+    job_t *j = job_new(J_CREATE, pid, exec_create_done);
+    cap_free(pid);
+    job_tag(j, "capsule:kind", "exec");
+    job_tag(j, "capsule:session", s->sid);
+    char b[32];
+    snprintf(b, sizeof(b), "%llu", (unsigned long long)++e->ord_next);
+    job_hdr(j, "capsule:ord", b);
+    snprintf(b, sizeof(b), "%d", (int)x->tx);
+    job_hdr(j, "capsule:tx", b);
+    j->data = cap_memdup(x->code, x->len + 1);
+    j->len = x->len;
+    j->x = x;
+    x->refs++;
+    job_submit(e, j);
+    if (s->st == S_COLD)
+        session_restore(e, s); /* lazy restore overlaps the commit */
+out:
+    cmd_free(c);
+}
+
+static void input_settled(eng_t *e, eng_msg_t *m)
+{
+    job_t *j = (job_t *)m;
+    exec_t *x = j->x;
+    if (e->dead)
+        goto out;
+    if (j->rc) {
+        cap_log(CAP_LOG_ERROR, "engine", "input reply of %s not recorded: %s", x->eid,
+                cap_strerror(j->rc));
+        goto out;
+    }
+    /* durable: now the worker may have it */
+    if (x->st == X_RUNNING && x->wid == (uint64_t)j->aux && x->s->w)
+        pyw_worker_input_reply(x->s->w->w, x->wid, j->data, j->len, (int)j->k);
+out:
+    job_free(j);
+}
+
+static void do_input(eng_t *e, eng_msg_t *m)
+{
+    cmd_t *c = (cmd_t *)m;
+    exec_t *x = e->dead ? NULL : xmap_get(e, c->eid);
+    if (!x || x->st != X_RUNNING || !x->in_wait)
+        goto out;
+    char *pid = input_pid(x->eid, x->in_wait);
+    job_t *j = job_new(J_SETTLE, pid, input_settled);
+    cap_free(pid);
+    /* an EOF reply is recorded as resolved with header capsule:eof (replayed as EOF) */
+    j->state = PROM_RESOLVED;
+    if (c->eof)
+        job_hdr(j, "capsule:eof", "1");
+    j->k = (uint32_t) !!c->eof;
+    j->data = c->text ? cap_memdup(c->text, c->len + 1) : NULL;
+    j->len = c->text ? c->len : 0;
+    j->x = x;
+    x->refs++;
+    j->aux = (int)x->wid;
+    x->in_wait = 0;
+    job_submit(e, j);
+out:
+    cmd_free(c);
+}
+
+static void do_cancel(eng_t *e, eng_msg_t *m)
+{
+    cmd_t *c = (cmd_t *)m;
+    exec_t *x = e->dead ? NULL : xmap_get(e, c->eid);
+    if (!x)
+        goto out;
+    session_t *s = x->s;
+    if (x->st == X_RUNNING && s->w) {
+        pyw_worker_cancel(s->w->w, x->wid);
+    } else if (x->st == X_CREATING || x->st == X_QUEUED) {
+        if (!x->created) {
+            x->cancel_req = 1; /* finished when its promise is durable */
+        } else {
+            queue_remove(s, x);
+            stats_add(e, (eng_stats_t){.queued = (uint32_t)-1});
+            exec_unref(x);
+            finish_unrun(e, x, ENG_ST_CANCELLED, CAP_ECANCELED);
+        }
+    }
+out:
+    cmd_free(c);
+}
+
+/* -- sessions -- */
+static session_t *session_new(eng_t *e, const char *sid, const eng_session_opts_t *so)
+{
+    session_t *s = cap_calloc(1, sizeof(*s));
+    s->sid = cap_strdup(sid);
+    if (so)
+        s->so = *so;
+    s->refs = 1;
+    s->st = S_CREATING;
+    uint32_t b = bucket(sid);
+    s->hnext = e->smap[b];
+    e->smap[b] = s;
+    e->nsessions++;
+    stats_add(e, (eng_stats_t){.sessions = 1});
+    return s;
+}
+
+static void session_created(eng_t *e, eng_msg_t *m)
+{
+    job_t *j = (job_t *)m;
+    session_t *s = j->s;
+    waiter_t *w = j->w;
+    if (e->dead) {
+        waiter_wake(w, CAP_ECLOSED);
+        goto out;
+    }
+    int rc = j->rc;
+    if (!rc && j->res.promise && j->res.promise->state != PROM_PENDING)
+        rc = CAP_EEXIST; /* a closed session's id is not reused */
+    if (rc) {
+        smap_del(e, s);
+        e->nsessions--;
+        stats_add(e, (eng_stats_t){.sessions = (uint32_t)-1});
+        session_unref(s);
+        waiter_wake(w, rc);
+        goto out;
+    }
+    s->st = S_COLD;
+    eng__last_ordinal(&e->tb, s->sid, &s->last_ord);
+    session_restore(e, s); /* with an empty chain: a pop from the pool */
+    waiter_wake(w, 0);
+out:
+    job_free(j);
+}
+
+static void session_promise_create(eng_t *e, session_t *s, waiter_t *w)
+{
+    size_t n = strlen(s->sid) + 16;
+    char *pid = cap_malloc(n);
+    snprintf(pid, n, "capsule/s/%s", s->sid);
+    job_t *j = job_new(J_CREATE, pid, session_created);
+    cap_free(pid);
+    job_tag(j, "capsule:kind", "session");
+    char b[32];
+    snprintf(b, sizeof(b), "%d", (int)s->so.tx);
+    job_hdr(j, "capsule:tx", b);
+    snprintf(b, sizeof(b), "%u", s->so.timeout_ms);
+    job_hdr(j, "capsule:timeout_ms", b);
+    snprintf(b, sizeof(b), "%llu", (unsigned long long)s->so.mem_bytes);
+    job_hdr(j, "capsule:mem_bytes", b);
+    snprintf(b, sizeof(b), "%u", s->so.cpu_seconds);
+    job_hdr(j, "capsule:cpu_seconds", b);
+    snprintf(b, sizeof(b), "%d", s->so.retry_on_death);
+    job_hdr(j, "capsule:retry", b);
+    j->s = s;
+    s->refs++;
+    j->w = w;
+    job_submit(e, j);
+}
+
+static void do_session_open(eng_t *e, eng_msg_t *m)
+{
+    cmd_t *c = (cmd_t *)m;
+    waiter_t *w = c->w;
+    if (e->dead || e->closing) {
+        waiter_wake(w, CAP_ECLOSED);
+        goto out;
+    }
+    session_t *s = smap_get(e, c->sid);
+    if (s) {
+        waiter_wake(w, s->st == S_CLOSING ? CAP_ECLOSED : 0);
+        goto out;
+    }
+    if (e->nsessions >= e->o.max_sessions) {
+        waiter_wake(w, CAP_ELIMIT);
+        goto out;
+    }
+    s = session_new(e, c->sid, &c->so);
+    session_promise_create(e, s, w);
+out:
+    cmd_free(c);
+}
+
+static void session_closed(eng_t *e, eng_msg_t *m)
+{
+    job_t *j = (job_t *)m;
+    session_t *s = j->s;
+    if (!e->dead) {
+        smap_del(e, s);
+        e->nsessions--;
+        stats_add(e, (eng_stats_t){.sessions = (uint32_t)-1});
+        session_unref(s); /* the map's */
+    }
+    if (j->w)
+        waiter_wake(j->w, e->dead ? CAP_ECLOSED : j->rc);
+    job_free(j);
+}
+
+static void do_session_close(eng_t *e, eng_msg_t *m)
+{
+    cmd_t *c = (cmd_t *)m;
+    session_t *s = e->dead ? NULL : smap_get(e, c->sid);
+    if (!s || s->st == S_CLOSING || s->st == S_CREATING) {
+        waiter_wake(c->w, s ? CAP_EBUSY : CAP_ENOTFOUND);
+        goto out;
+    }
+    s->st = S_CLOSING;
+    session_detach_worker(s);
+    /* the running and the queued executions end, recorded as cancelled */
+    exec_t *x = s->cur;
+    if (x && (x->st == X_RUNNING || x->await_exit)) {
+        x->await_exit = 0;
+        result_clear(&x->r);
+        finish_unrun(e, x, ENG_ST_CANCELLED, CAP_ECLOSED);
+    } else if (x && s->finish_after == x) {
+        s->finish_after = NULL;
+        finish_append(e, x);
+    }
+    while (s->qhead) {
+        x = s->qhead;
+        if (!x->created) {
+            x->cancel_req = 1;
+            break; /* finished when its create completes (the session is closing) */
+        }
+        queue_remove(s, x);
+        stats_add(e, (eng_stats_t){.queued = (uint32_t)-1});
+        exec_unref(x);
+        finish_unrun(e, x, ENG_ST_CANCELLED, CAP_ECLOSED);
+    }
+    size_t n = strlen(s->sid) + 16;
+    char *pid = cap_malloc(n);
+    snprintf(pid, n, "capsule/s/%s", s->sid);
+    job_t *j = job_new(J_SETTLE, pid, session_closed);
+    cap_free(pid);
+    j->state = PROM_RESOLVED;
+    j->s = s;
+    s->refs++;
+    j->w = c->w;
+    job_submit(e, j);
+out:
+    cmd_free(c);
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void do_session_list(eng_t *e, eng_msg_t *m)
+{
+    cmd_t *c = (cmd_t *)m;
+    char **v = cap_calloc(e->nsessions + 1, sizeof(char *));
+    size_t n = 0;
+    for (size_t b = 0; b < NBUCKET && !e->dead; b++)
+        for (session_t *s = e->smap[b]; s; s = s->hnext)
+            if (s->st != S_CLOSING && s->st != S_CREATING && n < e->nsessions)
+                v[n++] = cap_strdup(s->sid);
+    qsort(v, n, sizeof(char *), cmp_str);
+    c->w->p = v;
+    c->w->n = n;
+    waiter_wake(c->w, 0);
+    cmd_free(c);
+}
+
+/* -- fork -- */
+typedef struct fork_ctx {
+    eng_msg_t m;
+    eng_t *e;
+    session_t *s;
+    waiter_t *w;
+    int status;
+} fork_ctx_t;
+
+static void fork_base_done(eng_t *e, eng_msg_t *m);
+
+static void fork_wal_done(void *arg, int status, uint64_t first_seq)
+{
+    (void)first_seq;
+    fork_ctx_t *f = arg;
+    f->status = status;
+    post(f->e, &f->m);
+}
+
+static void do_fork(eng_t *e, eng_msg_t *m)
+{
+    cmd_t *c = (cmd_t *)m;
+    waiter_t *w = c->w;
+    session_t *src = e->dead ? NULL : smap_get(e, c->sid);
+    if (!src) {
+        waiter_wake(w, e->dead ? CAP_ECLOSED : CAP_ENOTFOUND);
+        goto out;
+    }
+    if (smap_get(e, c->sid2)) {
+        waiter_wake(w, CAP_EEXIST);
+        goto out;
+    }
+    uint64_t ord = c->u ? c->u : src->last_ord;
+    if (ord > src->last_ord || (src->finish_after && src->finish_after->r.committed)) {
+        waiter_wake(w, CAP_EINVAL);
+        goto out;
+    }
+    if (e->nsessions >= e->o.max_sessions) {
+        waiter_wake(w, CAP_ELIMIT);
+        goto out;
+    }
+    session_t *s = session_new(e, c->sid2, &src->so);
+    /* the base (parent, ordinal) is durable before the session promise exists */
+    wal_field_t f[2] = {{ENG_S_PARENT, 0, src->sid, strlen(src->sid)}, {ENG_S_PORD, ord, NULL, 0}};
+    wal_rec_t rec = {ENG_REC_SESSION, s->sid, strlen(s->sid), f, 2};
+    fork_ctx_t *fc = cap_calloc(1, sizeof(*fc));
+    fc->m.fn = fork_base_done;
+    fc->e = e;
+    fc->s = s;
+    s->refs++;
+    fc->w = w;
+    int rc = wal_log_append(e->wal, &rec, 1, fork_wal_done, fc, NULL);
+    if (rc) {
+        fc->status = rc;
+        fork_base_done(e, &fc->m);
+    }
+out:
+    cmd_free(c);
+}
+
+static void fork_base_done(eng_t *e, eng_msg_t *m)
+{
+    fork_ctx_t *f = (fork_ctx_t *)m;
+    session_t *s = f->s;
+    if (e->dead || f->status) {
+        if (!e->dead) {
+            smap_del(e, s);
+            e->nsessions--;
+            session_unref(s);
+        }
+        waiter_wake(f->w, f->status ? f->status : CAP_ECLOSED);
+    } else {
+        session_promise_create(e, s, f->w);
+    }
+    session_unref(s);
+    cap_free(f);
+}
+
+/* -- checkpoint -- */
+typedef struct ckpt_ctx {
+    eng_msg_t m;
+    eng_t *e;
+    session_t *s;
+    waiter_t *w;
+    int status;
+    uint64_t seq;
+    size_t bytes;
+    int truncate;
+} ckpt_ctx_t;
+
+static void ckpt_done(eng_t *e, eng_msg_t *m);
+
+static void ckpt_wal_done(void *arg, int status, uint64_t first_seq)
+{
+    ckpt_ctx_t *c = arg;
+    c->status = status;
+    c->seq = first_seq;
+    post(c->e, &c->m);
+}
+
+static void do_checkpoint(eng_t *e, eng_msg_t *m)
+{
+    cmd_t *c = (cmd_t *)m;
+    session_t *s = e->dead ? NULL : smap_get(e, c->sid);
+    if (!s) {
+        waiter_wake(c->w, e->dead ? CAP_ECLOSED : CAP_ENOTFOUND);
+        goto out;
+    }
+    if (s->st != S_READY || s->cur || s->snap_waiter) {
+        waiter_wake(c->w, CAP_EBUSY);
+        goto out;
+    }
+    s->snap_waiter = c->w;
+    c->w->n = (size_t)c->flag; /* truncate? carried through the waiter */
+    if (pyw_worker_snapshot(s->w->w, 1) != 0) {
+        s->snap_waiter = NULL;
+        waiter_wake(c->w, CAP_EWORKER);
+    }
+out:
+    cmd_free(c);
+}
+
+static void checkpoint_snapshot(eng_t *e, session_t *s, int rc, const pyw_delta_t *snap,
+                                const char *err)
+{
+    waiter_t *w = s->snap_waiter;
+    if (!w)
+        return;
+    s->snap_waiter = NULL;
+    if (rc || !snap) {
+        cap_log(CAP_LOG_WARN, "engine", "session %s: snapshot failed: %s", s->sid, err ? err : "?");
+        waiter_wake(w, rc ? rc : CAP_EWORKER);
+        return;
+    }
+    wal_field_t f[2] = {{ENG_C_BLOB, 0, snap->blob, snap->blob_len},
+                        {ENG_C_ORDINAL, s->last_ord, NULL, 0}};
+    wal_rec_t rec = {ENG_REC_CHECKPOINT, s->sid, strlen(s->sid), f, 2};
+    ckpt_ctx_t *c = cap_calloc(1, sizeof(*c));
+    c->m.fn = ckpt_done;
+    c->e = e;
+    c->s = s;
+    s->refs++;
+    c->w = w;
+    c->bytes = snap->blob_len;
+    c->truncate = (int)w->n;
+    int arc = wal_log_append(e->wal, &rec, 1, ckpt_wal_done, c, NULL);
+    if (arc) {
+        c->status = arc;
+        ckpt_done(e, &c->m);
+    }
+}
+
+static void ckpt_done(eng_t *e, eng_msg_t *m)
+{
+    ckpt_ctx_t *c = (ckpt_ctx_t *)m;
+    waiter_t *w = c->w;
+    (void)e;
+    w->n = c->bytes;
+    w->p = (void *)(uintptr_t)(c->truncate ? c->seq : 0);
+    session_unref(c->s);
+    int st = c->status;
+    cap_free(c);
+    waiter_wake(w, st);
+}
+
+/* -- close -- */
+static void on_async_closed(uv_handle_t *h)
+{
+    eng_t *e = h->data;
+    waiter_wake(e->close_waiter, 0);
+}
+
+static void do_shutdown(eng_t *e, eng_msg_t *m)
+{
+    cap_free(m);
+    e->closing = 1;
+    /* kill every worker; running executions stay pending in the log and re-run at next open */
+    for (size_t b = 0; b < NBUCKET; b++)
+        for (session_t *s = e->smap[b]; s; s = s->hnext)
+            session_detach_worker(s);
+    while (e->pool) {
+        wref_t *r = e->pool;
+        e->pool = r->next;
+        worker_drop(r);
+    }
+    e->npool = 0;
+    drain(e);
+    e->dead = 1;
+    pthread_mutex_lock(&e->mu);
+    e->async_gone = 1;
+    pthread_mutex_unlock(&e->mu);
+    uv_close((uv_handle_t *)&e->async, on_async_closed);
+}
+
+/* ---------- stats ---------- */
+void eng_stats(eng_t *e, eng_stats_t *out)
+{
+    pthread_mutex_lock(&e->mu);
+    *out = e->stats;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* ---------- open / close ---------- */
+static void loop_main(void *arg)
+{
+    eng_t *e = arg;
+    uv_run(e->loop, UV_RUN_DEFAULT);
+}
+
+static int64_t hdr_i64(const prom_value_t *v, const char *k)
+{
+    for (size_t i = 0; i < v->nheaders; i++)
+        if (strcmp(v->headers[i].key, k) == 0)
+            return strtoll(v->headers[i].value, NULL, 10);
+    return 0;
+}
+
+static int cmp_exec_ord(const void *a, const void *b)
+{
+    const exec_t *x = *(exec_t *const *)a, *y = *(exec_t *const *)b;
+    return x->wid < y->wid ? -1 : x->wid > y->wid;
+}
+
+/* Finds open sessions and interrupted executions (before the loop runs: no locking needed). */
+static int recover(eng_t *e)
+{
+    prom_kv_t tag = {"capsule:kind", "session"};
+    prom_search_t q = {PROM_PENDING, &tag, 1, 1000, NULL};
+    prom_result_t res;
+    char *cursor = NULL;
+    int rc;
+    exec_t **xs = NULL;
+    size_t nx = 0, capx = 0;
+    for (;;) {
+        q.cursor = cursor;
+        rc = prom_promise_search(e->ps, &q, &res);
+        cap_free(cursor);
+        cursor = NULL;
+        if (rc)
+            goto out;
+        for (size_t i = 0; i < res.npromises; i++) {
+            prom_promise_t *p = &res.promises[i];
+            const char *sid = p->id + strlen("capsule/s/");
+            if (strncmp(p->id, "capsule/s/", 10) != 0 || !eng__id_valid(sid))
+                continue;
+            eng_session_opts_t so = {0};
+            so.tx = (eng_tx_t)hdr_i64(&p->param, "capsule:tx");
+            so.timeout_ms = (uint32_t)hdr_i64(&p->param, "capsule:timeout_ms");
+            so.mem_bytes = (uint64_t)hdr_i64(&p->param, "capsule:mem_bytes");
+            so.cpu_seconds = (uint32_t)hdr_i64(&p->param, "capsule:cpu_seconds");
+            so.retry_on_death = (int)hdr_i64(&p->param, "capsule:retry");
+            session_t *s = session_new(e, sid, &so);
+            s->st = S_COLD;
+            rc = eng__last_ordinal(&e->tb, sid, &s->last_ord);
+            if (rc) {
+                prom_result_clear(&res);
+                goto out;
+            }
+        }
+        cursor = xstrdup(res.cursor);
+        prom_result_clear(&res);
+        if (!cursor)
+            break;
+    }
+    tag.value = "exec";
+    for (;;) {
+        q.cursor = cursor;
+        rc = prom_promise_search(e->ps, &q, &res);
+        cap_free(cursor);
+        cursor = NULL;
+        if (rc)
+            goto out;
+        for (size_t i = 0; i < res.npromises; i++) {
+            prom_promise_t *p = &res.promises[i];
+            const char *eid = p->id + strlen("capsule/x/");
+            const char *sid = prom_promise_tag(p, "capsule:session");
+            eng_result_t *r = NULL;
+            if (eng__result_read(&e->tb, eid, &r) == 0) {
+                /* finished before the crash; only its settle was lost: repair it */
+                prom_result_t sr;
+                prom_value_t v = {0};
+                prom_settle_t st = {p->id, r->status == ENG_ST_OK ? PROM_RESOLVED : PROM_REJECTED,
+                                    &v};
+                prom_promise_settle(e->ps, &st, &sr);
+                prom_result_clear(&sr);
+                eng_result_free(r);
+                continue;
+            }
+            session_t *s = sid ? smap_get(e, sid) : NULL;
+            if (!s) {
+                prom_result_t sr;
+                prom_settle_t st = {p->id, PROM_REJECTED_CANCELED, NULL};
+                prom_promise_settle(e->ps, &st, &sr);
+                prom_result_clear(&sr);
+                continue;
+            }
+            exec_t *x = exec_new(e, s, eid, p->param.data ? p->param.data : "", p->param.len,
+                                 (eng_tx_t)hdr_i64(&p->param, "capsule:tx"));
+            x->created = 1;
+            x->restarted = 1;
+            x->st = X_QUEUED;
+            x->wid = (uint64_t)hdr_i64(&p->param, "capsule:ord"); /* order, reset when run */
+            if ((uint64_t)x->wid > e->ord_next)
+                e->ord_next = x->wid;
+            if (nx == capx) {
+                capx = capx ? capx * 2 : 64;
+                xs = cap_realloc(xs, capx * sizeof(*xs));
+            }
+            xs[nx++] = x;
+        }
+        cursor = xstrdup(res.cursor);
+        prom_result_clear(&res);
+        if (!cursor)
+            break;
+    }
+    qsort(xs, nx, sizeof(*xs), cmp_exec_ord);
+    for (size_t i = 0; i < nx; i++) {
+        xmap_put(e, xs[i]);
+        queue_push(xs[i]->s, xs[i]);
+        xs[i]->wid = 0;
+    }
+    stats_add(e, (eng_stats_t){.recovered_execs = nx, .queued = (uint32_t)nx});
+    rc = 0;
+out:
+    cap_free(xs);
+    cap_free(cursor);
+    return rc;
+}
+
+static void do_start(eng_t *e, eng_msg_t *m)
+{
+    cap_free(m);
+    pool_fill(e);
+    for (size_t b = 0; b < NBUCKET; b++)
+        for (session_t *s = e->smap[b]; s; s = s->hnext)
+            if (s->qhead || e->o.eager_restore)
+                session_restore(e, s);
+}
+
+int eng_open(const eng_opts_t *opts, eng_t **out)
+{
+    if (!opts || !opts->dir || !out)
+        return CAP_EINVAL;
+    eng_t *e = cap_calloc(1, sizeof(*e));
+    int rc;
+    e->o = *opts;
+    e->dir = cap_strdup(opts->dir);
+    e->worker_path = xstrdup(opts->worker_path);
+    e->warmup = xstrdup(opts->warmup);
+    if (!e->o.pool_idle)
+        e->o.pool_idle = 2;
+    if (!e->o.max_sessions)
+        e->o.max_sessions = 1024;
+    if (!e->o.max_queue)
+        e->o.max_queue = 64;
+    if (!e->o.max_output)
+        e->o.max_output = 1u << 20;
+    if (!e->o.dur_threads)
+        e->o.dur_threads = 16;
+    e->ord_next = (uint64_t)cap_wall_ms() * 1000;
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_mutex_init(&e->jmu, NULL);
+    pthread_cond_init(&e->jcv, NULL);
+    e->pcb.on_output = pcb_output;
+    e->pcb.on_input = pcb_input;
+    e->pcb.on_result = pcb_result;
+    e->pcb.on_applied = pcb_applied;
+    e->pcb.on_snapshot = pcb_snapshot;
+    e->pcb.on_exit = pcb_exit;
+
+    store_env_opts_t so = {0};
+    so.nosync = opts->nosync;
+    so.map_size = opts->map_size;
+    rc = store_env_open(e->dir, &so, &e->env);
+    if (rc)
+        goto fail;
+    rc = eng__tables_open(e->env, &e->tb);
+    if (rc)
+        goto fail;
+    prom_opts_t po = {0};
+    po.wal.durability = opts->nosync ? WAL_NOSYNC : WAL_SYNC;
+    po.wal.apply = eng__apply;
+    po.wal.apply_arg = &e->tb;
+    rc = prom_store_open(e->env, &po, &e->ps);
+    if (rc)
+        goto fail;
+    e->wal = prom_store_wal(e->ps);
+    pyw_zygote_options_t zo = {0};
+    zo.worker_path = e->worker_path;
+    zo.warmup = e->warmup;
+    rc = pyw_zygote_open(&zo, &e->zy);
+    if (rc)
+        goto fail;
+    rc = recover(e);
+    if (rc)
+        goto fail;
+
+    if (opts->loop) {
+        e->loop = opts->loop;
+    } else {
+        rc = uv_loop_init(&e->own_loop);
+        if (rc)
+            goto fail;
+        e->loop = &e->own_loop;
+        e->own = 1;
+    }
+    rc = uv_async_init(e->loop, &e->async, on_async);
+    if (rc)
+        goto fail;
+    e->async.data = e;
+    e->ndthr = e->o.dur_threads;
+    e->dthr = cap_calloc(e->ndthr, sizeof(pthread_t));
+    for (uint32_t i = 0; i < e->ndthr; i++)
+        if (pthread_create(&e->dthr[i], NULL, dur_main, e) != 0)
+            cap_fatal("engine", "cannot start a durability thread");
+    eng_msg_t *start = cap_calloc(1, sizeof(*start));
+    start->fn = do_start;
+    post(e, start);
+    if (e->own && uv_thread_create(&e->thread, loop_main, e) != 0)
+        cap_fatal("engine", "cannot start the loop thread");
+    *out = e;
+    return 0;
+fail:
+    cap_log(CAP_LOG_ERROR, "engine", "open %s failed: %s", opts->dir, cap_strerror(rc));
+    for (size_t b = 0; b < NBUCKET; b++) {
+        while (e->xmap[b]) {
+            exec_t *x = e->xmap[b];
+            e->xmap[b] = x->hnext;
+            exec_unref(x);
+            exec_unref(x);
+        }
+        while (e->smap[b]) {
+            session_t *s = e->smap[b];
+            e->smap[b] = s->hnext;
+            session_unref(s);
+        }
+    }
+    if (e->own)
+        uv_loop_close(&e->own_loop);
+    pyw_zygote_close(e->zy);
+    prom_store_close(e->ps);
+    store_env_close(e->env);
+    cap_free(e->dir);
+    cap_free(e->worker_path);
+    cap_free(e->warmup);
+    cap_free(e);
+    return rc;
+}
+
+void eng_close(eng_t *e)
+{
+    if (!e)
+        return;
+    waiter_t w;
+    waiter_init(&w);
+    pthread_mutex_lock(&e->mu);
+    e->close_waiter = &w;
+    pthread_mutex_unlock(&e->mu);
+    eng_msg_t *m = cap_calloc(1, sizeof(*m));
+    m->fn = do_shutdown;
+    post(e, m);
+    waiter_wait(&w);
+    if (e->own) {
+        uv_thread_join(&e->thread);
+        /* the workers' handles close in later loop turns */
+        uv_run(e->loop, UV_RUN_DEFAULT);
+    }
+    /* stop the durability threads (what they hold completes, then posts: drained below) */
+    pthread_mutex_lock(&e->jmu);
+    e->jstop = 1;
+    pthread_cond_broadcast(&e->jcv);
+    pthread_mutex_unlock(&e->jmu);
+    for (uint32_t i = 0; i < e->ndthr; i++)
+        pthread_join(e->dthr[i], NULL);
+    while (e->jhead) {
+        job_t *j = e->jhead;
+        e->jhead = j->jnext;
+        if (j->w)
+            waiter_wake(j->w, CAP_ECLOSED);
+        job_free(j);
+    }
+    prom_store_close(e->ps); /* acknowledges queued records: their callbacks post */
+    drain(e);
+    for (size_t b = 0; b < NBUCKET; b++) {
+        while (e->xmap[b]) {
+            exec_t *x = e->xmap[b];
+            e->xmap[b] = x->hnext;
+            exec_t *q = x;
+            (void)q;
+            x->nls = 0;
+            exec_unref(x); /* the map's */
+        }
+    }
+    for (size_t b = 0; b < NBUCKET; b++) {
+        while (e->smap[b]) {
+            session_t *s = e->smap[b];
+            e->smap[b] = s->hnext;
+            while (s->qhead) {
+                exec_t *x = s->qhead;
+                s->qhead = x->qnext;
+                exec_unref(x);
+            }
+            if (s->cur)
+                exec_unref(s->cur);
+            session_unref(s);
+        }
+    }
+    if (e->own)
+        uv_loop_close(&e->own_loop);
+    pyw_zygote_close(e->zy);
+    store_env_close(e->env);
+    cap_free(e->dthr);
+    pthread_mutex_destroy(&e->mu);
+    pthread_mutex_destroy(&e->jmu);
+    pthread_cond_destroy(&e->jcv);
+    cap_free(e->dir);
+    cap_free(e->worker_path);
+    cap_free(e->warmup);
+    cap_free(e);
+}
+
+/* ---------- public commands ---------- */
+static cmd_t *cmd_new(eng_msg_fn fn)
+{
+    cmd_t *c = cap_calloc(1, sizeof(*c));
+    c->m.fn = fn;
+    return c;
+}
+
+int eng_session_open(eng_t *e, const char *sid, const eng_session_opts_t *o, char **sid_out)
+{
+    if (!e || (sid && !eng__id_valid(sid)) ||
+        (o && (o->tx < ENG_TX_DEFAULT || o->tx > ENG_TX_ROLLBACK_ALWAYS)))
+        return CAP_EINVAL;
+    waiter_t w;
+    waiter_init(&w);
+    cmd_t *c = cmd_new(do_session_open);
+    pthread_mutex_lock(&e->mu);
+    c->sid = sid ? cap_strdup(sid) : NULL;
+    if (!c->sid) {
+        char b[64];
+        snprintf(b, sizeof(b), "s%llx-%llx", (unsigned long long)cap_wall_ms(),
+                 (unsigned long long)++e->gen_ctr);
+        c->sid = cap_strdup(b);
+    }
+    pthread_mutex_unlock(&e->mu);
+    char *id = cap_strdup(c->sid);
+    if (o)
+        c->so = *o;
+    c->w = &w;
+    post(e, &c->m);
+    int rc = waiter_wait(&w);
+    if (rc == 0 && sid_out)
+        *sid_out = id;
+    else
+        cap_free(id);
+    return rc;
+}
+
+int eng_session_close(eng_t *e, const char *sid)
+{
+    if (!e || !sid || !eng__id_valid(sid))
+        return CAP_EINVAL;
+    waiter_t w;
+    waiter_init(&w);
+    cmd_t *c = cmd_new(do_session_close);
+    c->sid = cap_strdup(sid);
+    c->w = &w;
+    post(e, &c->m);
+    return waiter_wait(&w);
+}
+
+int eng_session_list(eng_t *e, char ***sids, size_t *n)
+{
+    if (!e || !sids || !n)
+        return CAP_EINVAL;
+    waiter_t w;
+    waiter_init(&w);
+    cmd_t *c = cmd_new(do_session_list);
+    c->w = &w;
+    post(e, &c->m);
+    int rc = waiter_wait(&w);
+    if (rc == 0) {
+        *sids = w.p;
+        *n = w.n;
+    }
+    return rc;
+}
+
+int eng_session_fork(eng_t *e, const char *src, uint64_t ordinal, const char *new_sid)
+{
+    if (!e || !eng__id_valid(src) || !eng__id_valid(new_sid) || strcmp(src, new_sid) == 0)
+        return CAP_EINVAL;
+    waiter_t w;
+    waiter_init(&w);
+    cmd_t *c = cmd_new(do_fork);
+    c->sid = cap_strdup(src);
+    c->sid2 = cap_strdup(new_sid);
+    c->u = ordinal;
+    c->w = &w;
+    post(e, &c->m);
+    return waiter_wait(&w);
+}
+
+int eng_checkpoint(eng_t *e, const char *sid, int truncate, size_t *bytes)
+{
+    if (!e || !eng__id_valid(sid))
+        return CAP_EINVAL;
+    waiter_t w;
+    waiter_init(&w);
+    cmd_t *c = cmd_new(do_checkpoint);
+    c->sid = cap_strdup(sid);
+    c->flag = truncate;
+    c->w = &w;
+    post(e, &c->m);
+    int rc = waiter_wait(&w);
+    if (rc == 0) {
+        if (bytes)
+            *bytes = w.n;
+        uint64_t seq = (uint64_t)(uintptr_t)w.p;
+        /* every engine and promise fact lives in tables the log's apply keeps; records before
+         * the checkpoint are no longer needed to rebuild anything */
+        if (truncate && seq)
+            rc = wal_log_truncate(e->wal, seq);
+    }
+    return rc;
+}
+
+int eng_execute(eng_t *e, const eng_exec_req_t *req, const eng_exec_cb_t *cb, void *arg)
+{
+    if (!e || !req || !req->sid || !req->code || !eng__id_valid(req->sid) ||
+        (req->eid && !eng__id_valid(req->eid)) || req->tx < ENG_TX_DEFAULT ||
+        req->tx > ENG_TX_ROLLBACK_ALWAYS)
+        return CAP_EINVAL;
+    cmd_t *c = cmd_new(do_execute);
+    c->req = *req;
+    c->sid = cap_strdup(req->sid);
+    pthread_mutex_lock(&e->mu);
+    int closing = e->closing;
+    c->eid = req->eid ? cap_strdup(req->eid) : gen_id(e, "x");
+    pthread_mutex_unlock(&e->mu);
+    if (closing) {
+        cmd_free(c);
+        return CAP_ECLOSED;
+    }
+    c->len = req->len ? req->len : strlen(req->code);
+    c->code = cap_memdup(req->code, c->len + 1);
+    c->code[c->len] = 0;
+    if (cb)
+        c->cb = *cb;
+    c->arg = arg;
+    post(e, &c->m);
+    return 0;
+}
+
+int eng_input_reply(eng_t *e, const char *eid, const char *text, size_t len, int eof)
+{
+    if (!e || !eid || !eng__id_valid(eid))
+        return CAP_EINVAL;
+    cmd_t *c = cmd_new(do_input);
+    c->eid = cap_strdup(eid);
+    if (text && !eof) {
+        c->text = cap_memdup(text, len + 1);
+        c->text[len] = 0;
+        c->len = len;
+    }
+    c->eof = eof;
+    post(e, &c->m);
+    return 0;
+}
+
+int eng_cancel(eng_t *e, const char *eid)
+{
+    if (!e || !eid || !eng__id_valid(eid))
+        return CAP_EINVAL;
+    cmd_t *c = cmd_new(do_cancel);
+    c->eid = cap_strdup(eid);
+    post(e, &c->m);
+    return 0;
+}
+
+/* -- the blocking execute -- */
+typedef struct sync_ctx {
+    eng_t *e;
+    waiter_t w;
+    const char *const *inputs;
+    size_t n_inputs, next_input;
+    eng_result_t *r;
+} sync_ctx_t;
+
+static void sync_on_input(void *arg, const char *eid, const char *prompt, int password)
+{
+    (void)prompt;
+    (void)password;
+    sync_ctx_t *c = arg;
+    const char *t = c->next_input < c->n_inputs ? c->inputs[c->next_input] : NULL;
+    c->next_input++;
+    eng_input_reply(c->e, eid, t, t ? strlen(t) : 0, t == NULL);
+}
+
+static void sync_on_restarted(void *arg, const char *eid)
+{
+    (void)eid;
+    sync_ctx_t *c = arg;
+    c->next_input = 0;
+}
+
+static void sync_on_done(void *arg, const eng_result_t *r)
+{
+    sync_ctx_t *c = arg;
+    c->r = eng__result_dup(r);
+    waiter_wake(&c->w, 0);
+}
+
+int eng_execute_sync(eng_t *e, const eng_exec_req_t *req, const char *const *inputs,
+                     size_t n_inputs, eng_result_t **out)
+{
+    if (!out)
+        return CAP_EINVAL;
+    sync_ctx_t c = {0};
+    c.e = e;
+    c.inputs = inputs;
+    c.n_inputs = n_inputs;
+    waiter_init(&c.w);
+    eng_exec_cb_t cb = {0};
+    cb.on_input = sync_on_input;
+    cb.on_restarted = sync_on_restarted;
+    cb.on_done = sync_on_done;
+    int rc = eng_execute(e, req, &cb, &c);
+    if (rc) {
+        pthread_mutex_destroy(&c.w.mu);
+        pthread_cond_destroy(&c.w.cv);
+        return rc;
+    }
+    waiter_wait(&c.w);
+    *out = c.r;
+    return 0;
+}
+
+int eng_result_get(eng_t *e, const char *eid, eng_result_t **out)
+{
+    if (!e || !eid || !eng__id_valid(eid) || !out)
+        return CAP_EINVAL;
+    int rc = eng__result_read(&e->tb, eid, out);
+    if (rc != CAP_ENOTFOUND)
+        return rc;
+    char *pid = exec_pid(eid);
+    prom_result_t res;
+    rc = prom_promise_get(e->ps, pid, &res);
+    cap_free(pid);
+    if (rc == 0)
+        rc = res.status == PROM_S_OK ? CAP_EBUSY : CAP_ENOTFOUND;
+    prom_result_clear(&res);
+    /* finished between the two reads */
+    if (rc == CAP_EBUSY && eng__result_read(&e->tb, eid, out) == 0)
+        rc = 0;
+    return rc;
+}

@@ -1,0 +1,194 @@
+/*
+ * capsule.h - the embeddable capsule engine (prefix eng_): durable Python sessions.
+ *
+ * A session is a Python namespace living in a worker process (pyworker/). Every step of an
+ * execution is made durable in the log (promise/ + the engine's own wal records) BEFORE it is
+ * acted on, so after a crash (kill -9 of the embedding process, power loss in WAL_SYNC mode) the
+ * engine replays the log: every session comes back with its namespace, and executions that were
+ * in flight are re-run with the input replies already recorded.
+ *
+ * The guarantee, plainly: an execution result the engine acknowledged (on_done / eng_execute_sync
+ * returned it) and the namespace state it produced are recorded exactly once: after any crash,
+ * the result can be fetched by its id and the namespace contains its effects, and it never runs
+ * again. An execution interrupted by a crash before it was acknowledged is re-run after the
+ * restart; its side effects OUTSIDE the session (files, network, other processes) may therefore
+ * happen twice. Input replies already recorded are replayed to the re-run in order; only prompts
+ * that were never answered are asked again.
+ *
+ * Durable ids (see ARCHITECTURE.md, ## engine/):
+ *   session promise    "capsule/s/<sid>"          pending = open, resolved = closed
+ *   execution promise  "capsule/x/<eid>"          param = code + options; settled with the result
+ *   input promise      "capsule/x/<eid>/in/<k>"   param = prompt; resolved with the reply
+ *
+ * Threads: the engine runs a libuv loop, on its own thread (default) or on the caller's loop
+ * (eng_opts_t.loop, then the caller runs it). Every public function may be called from ANY thread:
+ * it posts a command to the loop (uv_async) and returns. Callbacks (eng_exec_cb_t) run on the loop
+ * thread; they must not block, and may call the public functions. The blocking functions
+ * (eng_open, eng_close, eng_session_open, eng_session_close, eng_session_list, eng_execute_sync,
+ * eng_result_get, eng_checkpoint, eng_session_fork) must NOT be called on the loop thread.
+ *
+ * Ownership: inputs are copied during the call. Results handed to callbacks are borrowed for the
+ * duration of the callback; results returned by eng_execute_sync / eng_result_get are owned by the
+ * caller and freed with eng_result_free.
+ */
+#ifndef CAPSULE_H
+#define CAPSULE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "cap.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct eng eng_t;
+
+/* Wal record kinds owned by the engine (0x40..0x4F). */
+enum {
+    ENG_REC_FINISH = 0x40,     /* key: eid. The commit point of an execution: result, output and
+                                  the namespace delta, in one record (one transaction). */
+    ENG_REC_CHECKPOINT = 0x41, /* key: sid. A full namespace snapshot after delta ordinal n. */
+    ENG_REC_SESSION = 0x42,    /* key: sid. A session's base (a fork's parent and ordinal). */
+};
+
+/* Transaction policy of an execution. */
+typedef enum {
+    ENG_TX_DEFAULT = 0,             /* the session's policy (itself defaulting to the next) */
+    ENG_TX_ROLLBACK_ON_FAILURE = 1, /* the delta is recorded only if the cell succeeded */
+    ENG_TX_COMMIT_ALWAYS = 2,       /* the delta is recorded whatever the outcome */
+    ENG_TX_ROLLBACK_ALWAYS = 3,     /* never recorded: the namespace is restored afterwards */
+} eng_tx_t;
+
+typedef struct eng_opts {
+    const char *dir;         /* data directory (LMDB env); required */
+    int nosync;              /* 1: WAL_NOSYNC (acknowledged = survives kill -9, not power loss) */
+    uv_loop_t *loop;         /* NULL: the engine runs its own loop thread */
+    const char *worker_path; /* NULL: pyworker's default (see pyworker.h) */
+    const char *warmup;      /* Python run once in the zygote; every worker inherits its names */
+    uint32_t pool_idle;      /* pre-warmed idle workers kept ready; 0 = 2 */
+    uint32_t max_sessions;   /* open sessions at most; 0 = 1024 */
+    uint32_t max_queue;      /* queued executions per session at most; 0 = 64 */
+    size_t max_output;       /* output bytes kept per execution; beyond: truncated with a marker;
+                                0 = 1 MiB */
+    uint32_t dur_threads;    /* threads that wait for promise commits; 0 = 16 */
+    int eager_restore;       /* 1: restore every open session at eng_open (default lazy) */
+    size_t map_size;         /* initial LMDB map; 0 = 1 GiB */
+} eng_opts_t;
+
+typedef struct eng_session_opts {
+    eng_tx_t tx;          /* default ENG_TX_ROLLBACK_ON_FAILURE */
+    uint32_t timeout_ms;  /* per-execution timeout; 0 = none */
+    uint64_t mem_bytes;   /* worker RLIMIT_AS; 0 = none (a limited session gets its own
+                             worker instead of a pooled one) */
+    uint32_t cpu_seconds; /* worker RLIMIT_CPU; 0 = none */
+    int retry_on_death;   /* 1: an execution whose worker died is re-run once */
+} eng_session_opts_t;
+
+/* How an execution ended. */
+typedef enum {
+    ENG_ST_OK = 0,
+    ENG_ST_ERROR = 1,     /* the cell raised (etype/emsg/traceback) */
+    ENG_ST_CANCELLED = 2, /* eng_cancel */
+    ENG_ST_TIMEOUT = 3,
+    ENG_ST_DIED = 4,   /* the worker died (emsg says why); the namespace was restored */
+    ENG_ST_REFUSED = 5 /* never ran: err says why (no such session, queue full, ...) */
+} eng_status_t;
+
+typedef struct eng_result {
+    char *eid;
+    char *sid;
+    eng_status_t status;
+    int err; /* ENG_ST_REFUSED: CAP_ENOTFOUND, CAP_EBUSY (queue full), CAP_ELIMIT, CAP_ECLOSED */
+    char *repr, *json, *etype, *emsg, *traceback; /* NULL when absent */
+    char *output; /* stdout+stderr in order, bounded (see truncated) */
+    size_t output_len;
+    int truncated;        /* output was cut at max_output; a marker line ends it */
+    int restarted;        /* the execution was interrupted by a crash and re-run */
+    int committed;        /* its namespace delta was recorded */
+    uint64_t ordinal;     /* when committed: the session's delta ordinal (for fork/rewind) */
+    char *restore_failed; /* after a rollback: "name:reason;..." that could not be restored */
+} eng_result_t;
+
+void eng_result_free(eng_result_t *r); /* NULL is a no-op */
+
+/* Callbacks of one execution; any may be NULL. All run on the loop thread. arg is the caller's. */
+typedef struct eng_exec_cb {
+    /* An output chunk (stream 1 stdout, 2 stderr), as the worker wrote it. */
+    void (*on_output)(void *arg, const char *eid, int stream, const char *data, size_t len);
+    /* The cell asks for input (the request is durable): answer with eng_input_reply. */
+    void (*on_input)(void *arg, const char *eid, const char *prompt, int password);
+    /* The execution was interrupted by a crash and is being re-run from the start: output
+     * already shown will be produced again. */
+    void (*on_restarted)(void *arg, const char *eid);
+    /* Exactly once: the execution finished and its result is durable (or it was refused). */
+    void (*on_done)(void *arg, const eng_result_t *r);
+} eng_exec_cb_t;
+
+typedef struct eng_exec_req {
+    const char *sid;  /* required */
+    const char *eid;  /* NULL: generated. Existing id: the recorded result, or attach */
+    const char *code; /* required */
+    size_t len;       /* 0: strlen(code) */
+    eng_tx_t tx;      /* ENG_TX_DEFAULT: the session's */
+} eng_exec_req_t;
+
+/* Opens (creating if needed) the engine in opts->dir: opens the store and the log, starts the
+ * zygote and the loop, finds the open sessions and the interrupted executions (which are re-run,
+ * their sessions restored at once), and serves requests. Blocking. Returns 0 and *out, or
+ * CAP_EINVAL, store/wal/promise errors, pyworker errors (zygote). */
+int eng_open(const eng_opts_t *opts, eng_t **out);
+/* Stops accepting commands, kills the workers (their running executions stay recorded as
+ * pending and are re-run at the next open), closes the log (every queued record is written) and
+ * frees everything. With a caller's loop, the caller must keep running the loop until this
+ * returns (call it from another thread). NULL is a no-op. Blocking. */
+void eng_close(eng_t *e);
+
+/* Opens session `sid` (NULL: a generated id) durably; an already open sid is returned as is.
+ * *sid_out (optional) gets the id (caller frees with cap_free). Returns 0, CAP_ELIMIT (max
+ * sessions), CAP_EINVAL (bad id), CAP_ECLOSED. Blocking. */
+int eng_session_open(eng_t *e, const char *sid, const eng_session_opts_t *o, char **sid_out);
+/* Closes a session durably (its queued executions are refused with CAP_ECLOSED; the running one
+ * is cancelled). Returns 0 or CAP_ENOTFOUND. Blocking. */
+int eng_session_close(eng_t *e, const char *sid);
+/* Open sessions' ids, sorted (caller frees each and the array with cap_free). Blocking. */
+int eng_session_list(eng_t *e, char ***sids, size_t *n);
+/* Creates session new_sid whose namespace is src's state right after delta ordinal `ordinal`
+ * (0 = src's latest): a fork, or, under the same name after closing src, a rewind. Blocking.
+ * Returns 0, CAP_ENOTFOUND, CAP_EEXIST, CAP_EINVAL (ordinal beyond src's). */
+int eng_session_fork(eng_t *e, const char *src, uint64_t ordinal, const char *new_sid);
+/* Records a full snapshot of the session's namespace (the restore starts from the latest one).
+ * *bytes (optional) gets the snapshot's size. Then truncates the log before the oldest
+ * checkpoint-covered record when truncate != 0. Blocking. */
+int eng_checkpoint(eng_t *e, const char *sid, int truncate, size_t *bytes);
+
+/* Submits an execution. Returns 0 (the outcome, including refusals, comes through cb->on_done
+ * exactly once) or CAP_EINVAL / CAP_ECLOSED (then no callback). cb is copied. */
+int eng_execute(eng_t *e, const eng_exec_req_t *req, const eng_exec_cb_t *cb, void *arg);
+/* Answers the pending input request of execution eid (text without newline, or eof). The reply
+ * is durable before the worker gets it. Returns 0 (posted) or CAP_EINVAL. */
+int eng_input_reply(eng_t *e, const char *eid, const char *text, size_t len, int eof);
+/* Cancels execution eid (queued: refused with CAP_ECANCELED; running: interrupted). */
+int eng_cancel(eng_t *e, const char *eid);
+
+/* Runs one execution and waits for its durable result. inputs: replies to successive input
+ * requests (running out = EOF). Returns 0 and *out (see (*out)->status), or CAP_EINVAL. */
+int eng_execute_sync(eng_t *e, const eng_exec_req_t *req, const char *const *inputs,
+                     size_t n_inputs, eng_result_t **out);
+/* The recorded result of execution eid. Returns 0 and *out, CAP_ENOTFOUND (unknown id) or
+ * CAP_EBUSY (known, not finished yet). Blocking (a read). */
+int eng_result_get(eng_t *e, const char *eid, eng_result_t **out);
+
+typedef struct eng_stats {
+    uint32_t sessions, restored, pool_idle, running, queued;
+    uint64_t executions, recovered_execs, worker_deaths;
+} eng_stats_t;
+void eng_stats(eng_t *e, eng_stats_t *out); /* any thread; a consistent-enough snapshot */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CAPSULE_H */

@@ -1,0 +1,298 @@
+/*
+ * test_basic.c - the engine through its public API with real workers and a real store: sessions,
+ * executions and a persistent namespace, errors, streamed output, input(), ordered queueing and
+ * the queue bound, cancel, list/close, idempotent execution ids, results fetched by id, the
+ * output bound, and a reopen that restores a session lazily from the log.
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "eng_test.h"
+
+typedef struct collect {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done, ndone, outputs, restarted;
+    char order[256];
+    eng_result_t *r[64];
+    char out[4096];
+} collect_t;
+
+static void c_output(void *arg, const char *eid, int stream, const char *d, size_t n)
+{
+    (void)eid;
+    (void)stream;
+    collect_t *c = arg;
+    pthread_mutex_lock(&c->mu);
+    size_t l = strlen(c->out);
+    if (l + n < sizeof(c->out)) {
+        memcpy(c->out + l, d, n);
+        c->out[l + n] = 0;
+    }
+    c->outputs++;
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void c_done(void *arg, const eng_result_t *r)
+{
+    collect_t *c = arg;
+    pthread_mutex_lock(&c->mu);
+    eng_result_t *cp = calloc(1, sizeof(*cp));
+    cp->status = r->status;
+    cp->err = r->err;
+    cp->eid = cap_strdup(r->eid ? r->eid : "");
+    cp->repr = r->repr ? cap_strdup(r->repr) : NULL;
+    if (c->ndone < 64)
+        c->r[c->ndone] = cp;
+    else {
+        cap_free(cp->eid);
+        cap_free(cp->repr);
+        free(cp);
+    }
+    c->ndone++;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void c_wait(collect_t *c, int n)
+{
+    pthread_mutex_lock(&c->mu);
+    while (c->ndone < n)
+        pthread_cond_wait(&c->cv, &c->mu);
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void c_free(collect_t *c)
+{
+    for (int i = 0; i < c->ndone && i < 64; i++) {
+        cap_free(c->r[i]->eid);
+        cap_free(c->r[i]->repr);
+        free(c->r[i]);
+    }
+}
+
+static void test_basics(eng_t *e)
+{
+    char *sid = NULL;
+    CHECK_OK(eng_session_open(e, NULL, NULL, &sid));
+    CHECK(sid && *sid);
+    etest_expect(e, sid, "2+2", "4");
+    etest_expect(e, sid, "x = 40", NULL);
+    etest_expect(e, sid, "x + 2", "42");
+    /* an error: reported, and (rollback_on_failure) the namespace is as before it */
+    eng_result_t *r = etest_run(e, sid, NULL, "x = 1000\nraise ValueError('boom')");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK_STREQ(r->etype, "ValueError");
+    CHECK(strstr(r->emsg, "boom"));
+    CHECK(!r->committed);
+    eng_result_free(r);
+    etest_expect(e, sid, "x", "40");
+    /* output is collected in order */
+    r = etest_run(e, sid, NULL, "import sys\nprint('a')\nprint('b', file=sys.stderr)\nprint('c')");
+    CHECK_EQ(r->status, ENG_ST_OK);
+    CHECK(r->output && strstr(r->output, "a\n") && strstr(r->output, "c\n"));
+    CHECK(strstr(r->output, "a\n") < strstr(r->output, "c\n"));
+    CHECK(r->committed);
+    CHECK(r->ordinal >= 2);
+    eng_result_free(r);
+    /* input(): replies in order, then EOF */
+    eng_exec_req_t rq = {0};
+    rq.sid = sid;
+    rq.code = "a = input('first? ')\nb = input('second? ')\na + '/' + b";
+    const char *ins[] = {"one", "two"};
+    CHECK_OK(eng_execute_sync(e, &rq, ins, 2, &r));
+    CHECK_EQ(r->status, ENG_ST_OK);
+    CHECK_STREQ(r->repr, "'one/two'");
+    eng_result_free(r);
+    rq.code = "input('x? ')";
+    CHECK_OK(eng_execute_sync(e, &rq, NULL, 0, &r));
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK_STREQ(r->etype, "EOFError");
+    eng_result_free(r);
+    /* unknown session: refused, not hung */
+    r = etest_run(e, "no-such-session", NULL, "1");
+    CHECK_EQ(r->status, ENG_ST_REFUSED);
+    CHECK_EQ(r->err, CAP_ENOTFOUND);
+    eng_result_free(r);
+    /* bad input to the API */
+    rq.sid = "bad id with spaces";
+    CHECK_ERR(eng_execute(e, &rq, NULL, NULL), CAP_EINVAL);
+    CHECK_ERR(eng_session_open(e, "bad/id", NULL, NULL), CAP_EINVAL);
+    cap_free(sid);
+}
+
+static void test_queue(eng_t *e)
+{
+    CHECK_OK(eng_session_open(e, "q1", NULL, NULL));
+    collect_t c = {0};
+    pthread_mutex_init(&c.mu, NULL);
+    pthread_cond_init(&c.cv, NULL);
+    eng_exec_cb_t cb = {0};
+    cb.on_output = c_output;
+    cb.on_done = c_done;
+    /* 20 executions submitted at once run one at a time, in order */
+    etest_expect(e, "q1", "seen = []", NULL);
+    char code[64];
+    for (int i = 0; i < 20; i++) {
+        snprintf(code, sizeof(code), "seen.append(%d)\nprint(%d)", i, i);
+        eng_exec_req_t rq = {0};
+        rq.sid = "q1";
+        rq.code = code;
+        CHECK_OK(eng_execute(e, &rq, &cb, &c));
+    }
+    c_wait(&c, 20);
+    for (int i = 0; i < 20; i++)
+        CHECK_EQ(c.r[i]->status, ENG_ST_OK);
+    etest_expect(e, "q1", "seen == list(range(20))", "True");
+    c_free(&c);
+    pthread_mutex_destroy(&c.mu);
+    pthread_cond_destroy(&c.cv);
+}
+
+static void test_queue_limit(void)
+{
+    char *dir = check_tmpdir("eng-qlim");
+    eng_opts_t o = {0};
+    o.dir = dir;
+    o.map_size = 64u << 20;
+    o.pool_idle = 1;
+    o.max_queue = 3;
+    o.max_sessions = 2;
+    eng_t *e = NULL;
+    CHECK_OK(eng_open(&o, &e));
+    CHECK_OK(eng_session_open(e, "a", NULL, NULL));
+    CHECK_OK(eng_session_open(e, "b", NULL, NULL));
+    CHECK_ERR(eng_session_open(e, "c", NULL, NULL), CAP_ELIMIT);
+    CHECK_OK(eng_session_open(e, "a", NULL, NULL)); /* already open: fine */
+    collect_t c = {0};
+    pthread_mutex_init(&c.mu, NULL);
+    pthread_cond_init(&c.cv, NULL);
+    eng_exec_cb_t cb = {0};
+    cb.on_done = c_done;
+    /* the first runs (sleeps) and leaves the queue; then 3 fit and the rest are refused */
+    eng_exec_req_t rq = {0};
+    rq.sid = "a";
+    rq.eid = "sleeper";
+    rq.code = "import time\ntime.sleep(1.0)\n'slept'";
+    CHECK_OK(eng_execute(e, &rq, &cb, &c));
+    usleep(300 * 1000);
+    rq.code = "1";
+    int refused = 0;
+    char eid[32];
+    for (int i = 0; i < 6; i++) {
+        snprintf(eid, sizeof(eid), "q-%d", i);
+        rq.eid = eid;
+        CHECK_OK(eng_execute(e, &rq, &cb, &c));
+    }
+    c_wait(&c, 7);
+    for (int i = 0; i < 7; i++)
+        if (c.r[i]->status == ENG_ST_REFUSED) {
+            CHECK_EQ(c.r[i]->err, CAP_EBUSY);
+            refused++;
+        }
+    CHECK_EQ(refused, 3);
+    c_free(&c);
+    /* cancel: a queued one and the running one */
+    memset(&c, 0, sizeof(c));
+    pthread_mutex_init(&c.mu, NULL);
+    pthread_cond_init(&c.cv, NULL);
+    rq.eid = "long";
+    rq.code = "import time\nfor i in range(100):\n    time.sleep(0.05)\n";
+    CHECK_OK(eng_execute(e, &rq, &cb, &c));
+    rq.eid = "queued";
+    rq.code = "'never'";
+    CHECK_OK(eng_execute(e, &rq, &cb, &c));
+    usleep(400 * 1000);
+    CHECK_OK(eng_cancel(e, "queued"));
+    CHECK_OK(eng_cancel(e, "long"));
+    c_wait(&c, 2);
+    for (int i = 0; i < 2; i++)
+        CHECK_EQ(c.r[i]->status, ENG_ST_CANCELLED);
+    eng_result_t *r = NULL;
+    CHECK_OK(eng_result_get(e, "queued", &r));
+    CHECK_EQ(r->status, ENG_ST_CANCELLED);
+    eng_result_free(r);
+    /* the session still works */
+    etest_expect(e, "a", "'alive'", "'alive'");
+    c_free(&c);
+    eng_close(e);
+    check_rmtree(dir);
+    cap_free(dir);
+}
+
+static void test_ids_and_reopen(const char *dir)
+{
+    eng_t *e = etest_open(dir, 0);
+    CHECK_OK(eng_session_open(e, "keep", NULL, NULL));
+    etest_expect(e, "keep", "import math\ncounter = 1\ndef f(v):\n    return v * 3\n", NULL);
+    eng_result_t *r = etest_run(e, "keep", "inc-1", "counter += 1\ncounter");
+    CHECK_EQ(r->status, ENG_ST_OK);
+    CHECK_STREQ(r->repr, "2");
+    eng_result_free(r);
+    /* the same id again: the recorded result, not a second run */
+    r = etest_run(e, "keep", "inc-1", "counter += 1\ncounter");
+    CHECK_STREQ(r->repr, "2");
+    eng_result_free(r);
+    etest_expect(e, "keep", "counter", "2");
+    CHECK_ERR(eng_result_get(e, "nope", &r), CAP_ENOTFOUND);
+    CHECK_OK(eng_result_get(e, "inc-1", &r));
+    CHECK_STREQ(r->repr, "2");
+    CHECK_STREQ(r->sid, "keep");
+    eng_result_free(r);
+    /* output bound: stored truncated with a marker */
+    r = etest_run(e, "keep", "big", "print('x' * (3 << 20))");
+    CHECK_EQ(r->status, ENG_ST_OK);
+    CHECK(r->truncated);
+    CHECK(r->output_len < (1u << 20) + 200);
+    CHECK(strstr(r->output, "[capsule: output truncated"));
+    eng_result_free(r);
+    CHECK_OK(eng_session_open(e, "gone", NULL, NULL));
+    CHECK_OK(eng_session_close(e, "gone"));
+    CHECK_ERR(eng_session_close(e, "gone"), CAP_ENOTFOUND);
+    char **ids;
+    size_t n;
+    CHECK_OK(eng_session_list(e, &ids, &n));
+    CHECK_EQ(n, 1);
+    CHECK_STREQ(ids[0], "keep");
+    cap_free(ids[0]);
+    cap_free(ids);
+    eng_close(e);
+
+    /* reopen: the session is back (restored lazily from the log), results are fetchable */
+    e = etest_open(dir, 0);
+    CHECK_OK(eng_session_list(e, &ids, &n));
+    CHECK_EQ(n, 1);
+    CHECK_STREQ(ids[0], "keep");
+    cap_free(ids[0]);
+    cap_free(ids);
+    CHECK_OK(eng_result_get(e, "inc-1", &r));
+    CHECK_STREQ(r->repr, "2");
+    eng_result_free(r);
+    etest_expect(e, "keep", "(counter, f(5), math.pi > 3)", "(2, 15, True)");
+    r = etest_run(e, "keep", "inc-1", "counter += 1\ncounter");
+    CHECK_STREQ(r->repr, "2");
+    eng_result_free(r);
+    /* a closed session's id is not reused */
+    CHECK_ERR(eng_session_open(e, "gone", NULL, NULL), CAP_EEXIST);
+    eng_close(e);
+}
+
+int main(void)
+{
+    char *dir = check_tmpdir("eng-basic");
+    eng_t *e = etest_open(dir, 0);
+    test_basics(e);
+    test_queue(e);
+    eng_close(e);
+    check_rmtree(dir);
+    cap_free(dir);
+    test_queue_limit();
+    dir = check_tmpdir("eng-reopen");
+    test_ids_and_reopen(dir);
+    check_rmtree(dir);
+    cap_free(dir);
+    fprintf(stderr, "engine.basic ok\n");
+    return 0;
+}
