@@ -44,7 +44,9 @@
 #include "cap.h"
 #include "pyw_proto.h"
 
-#include "pyw_embedded.h" /* generated: pyw_src_rt[], pyw_src_ns[] (NULL when absent) */
+#include <marshal.h>
+
+#include "pyw_embedded.h" /* generated: sources and marshalled code (NULL when absent) */
 
 /* ---- process state ---- */
 static int g_sock = -1;                 /* the engine socket */
@@ -530,12 +532,22 @@ static int py_status_check(PyStatus st, const char *what)
     return 0;
 }
 
-/* Creates module `name` from embedded source and registers it in sys.modules. */
-static int load_embedded(const char *name, const char *src, const char *filename)
+/* Creates module `name` from its embedded marshalled code when the bytecode magic matches this
+ * libpython, else from its embedded source, and registers it in sys.modules. */
+static int load_embedded(const char *name, const char *src, const unsigned char *code_bytes,
+                         size_t code_len, const char *filename)
 {
     int rc = CAP_EWORKER;
-    PyObject *code = NULL, *mod = NULL, *res = NULL;
-    code = Py_CompileString(src, filename, Py_file_input);
+    PyObject *code = NULL, *mod = NULL;
+    long magic = PyImport_GetMagicNumber();
+    if (code_bytes && code_len > 4 && magic != -1 && (long)cap_get_le32(code_bytes) == magic) {
+        code = PyMarshal_ReadObjectFromString((const char *)code_bytes + 4,
+                                              (Py_ssize_t)(code_len - 4));
+        if (!code)
+            PyErr_Clear();
+    }
+    if (!code)
+        code = Py_CompileString(src, filename, Py_file_input);
     if (!code)
         goto out;
     mod = PyImport_ExecCodeModuleEx(name, code, filename);
@@ -545,7 +557,6 @@ static int load_embedded(const char *name, const char *src, const char *filename
 out:
     if (rc)
         PyErr_Print();
-    Py_XDECREF(res);
     Py_XDECREF(mod);
     Py_XDECREF(code);
     return rc;
@@ -587,12 +598,14 @@ static int py_start(int preload)
     }
     if ((rc = py_status_check(Py_InitializeFromConfig(&config), "Py_InitializeFromConfig")))
         goto out;
-    if (pyw_src_ns && (rc = load_embedded("_capsule_ns", pyw_src_ns, "<capsule-ns>"))) {
+    if (pyw_src_ns && (rc = load_embedded("_capsule_ns", pyw_src_ns, pyw_code_ns, pyw_code_ns_len,
+                                          "<capsule-ns>"))) {
         /* the namespace module failed to import: the runtime reports it with every delta */
         PyErr_Clear();
         rc = 0;
     }
-    if ((rc = load_embedded("_capsule_rt", pyw_src_rt, "<capsule-rt>")))
+    if ((rc = load_embedded("_capsule_rt", pyw_src_rt, pyw_code_rt, pyw_code_rt_len,
+                            "<capsule-rt>")))
         goto out;
     g_rt = PyImport_ImportModule("_capsule_rt");
     if (!g_rt) {
@@ -602,8 +615,8 @@ static int py_start(int preload)
     }
     PyObject *main_mod = PyImport_AddModule("__main__"); /* borrowed */
     PyObject *limits = PyDict_New();
-    PyObject *r = PyObject_CallMethod(g_rt, "init", "ONi", PyModule_GetDict(main_mod), limits,
-                                      preload);
+    PyObject *r =
+        PyObject_CallMethod(g_rt, "init", "ONi", PyModule_GetDict(main_mod), limits, preload);
     if (!r) {
         PyErr_Print();
         rc = CAP_EWORKER;
