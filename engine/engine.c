@@ -1189,6 +1189,8 @@ static void do_execute(eng_t *e, eng_msg_t *m)
         exec_listen(x, &c->cb, c->arg);
         if (x->restarted && c->cb.on_restarted)
             c->cb.on_restarted(c->arg, x->eid);
+        if (x->in_wait && c->cb.on_input) /* a prompt already waiting for its answer */
+            c->cb.on_input(c->arg, x->eid, x->prompt ? x->prompt : "", x->password);
         goto out;
     }
     eng_result_t *r = NULL;

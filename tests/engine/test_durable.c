@@ -1,0 +1,172 @@
+/*
+ * test_durable.c - worker death for each cause (kill -9 during a cell, segfault, CPU limit,
+ * memory limit, death between executions, retry policy), the three transaction policies,
+ * checkpoint + log truncation + restore after reopen, fork and rewind at a recorded execution.
+ * Real workers and a real store throughout; every restore is checked by reading the namespace.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "eng_test.h"
+
+static uint64_t committed_ordinal(eng_t *e, const char *sid, const char *code)
+{
+    eng_result_t *r = etest_run(e, sid, NULL, code);
+    CHECK_EQ(r->status, ENG_ST_OK);
+    CHECK(r->committed);
+    uint64_t o = r->ordinal;
+    eng_result_free(r);
+    return o;
+}
+
+static void test_worker_death(eng_t *e, const char *dir)
+{
+    CHECK_OK(eng_session_open(e, "d", NULL, NULL));
+    etest_expect(e, "d", "keep = [1, 2, 3]", NULL);
+    /* kill -9 during a cell: reported with the reason, the namespace restored from the log */
+    eng_result_t *r = etest_run(
+        e, "d", NULL, "import os, signal\nlost = 1\nos.kill(os.getpid(), signal.SIGKILL)");
+    CHECK_EQ(r->status, ENG_ST_DIED);
+    CHECK_EQ(r->err, CAP_EWORKER);
+    CHECK(r->emsg && *r->emsg);
+    CHECK(!r->committed);
+    eng_result_free(r);
+    etest_expect(e, "d", "(keep, 'lost' in globals())", "([1, 2, 3], False)");
+    /* segfault */
+    r = etest_run(e, "d", NULL, "import ctypes\nctypes.string_at(0)");
+    CHECK_EQ(r->status, ENG_ST_DIED);
+    CHECK(strstr(r->emsg, "SIGSEGV") || strstr(r->emsg, "signal"));
+    eng_result_free(r);
+    etest_expect(e, "d", "keep", "[1, 2, 3]");
+    /* death between executions: noticed, the next execution runs on a restored worker */
+    etest_expect(e, "d",
+                 "import threading, os, signal\n"
+                 "threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()",
+                 NULL);
+    usleep(600 * 1000);
+    etest_expect(e, "d", "keep + [4]", "[1, 2, 3, 4]");
+    eng_stats_t st;
+    eng_stats(e, &st);
+    CHECK(st.worker_deaths >= 3);
+
+    /* limits: a session with its own worker limits */
+    eng_session_opts_t so = {0};
+    so.cpu_seconds = 1;
+    so.mem_bytes = 1u << 30;
+    CHECK_OK(eng_session_open(e, "lim", &so, NULL));
+    etest_expect(e, "lim", "v = 'kept'", NULL);
+    r = etest_run(e, "lim", NULL, "while True:\n    pass");
+    CHECK(r->status == ENG_ST_DIED || r->status == ENG_ST_TIMEOUT);
+    CHECK(r->emsg && *r->emsg);
+    eng_result_free(r);
+    etest_expect(e, "lim", "v", "'kept'");
+    r = etest_run(e, "lim", NULL, "big = bytearray(4 << 30)");
+    CHECK(r->status == ENG_ST_ERROR || r->status == ENG_ST_DIED);
+    if (r->status == ENG_ST_ERROR)
+        CHECK_STREQ(r->etype, "MemoryError");
+    eng_result_free(r);
+    etest_expect(e, "lim", "(v, 'big' in globals())", "('kept', False)");
+
+    /* retry policy: the cell dies once, then succeeds on the re-run */
+    so = (eng_session_opts_t){0};
+    so.retry_on_death = 1;
+    CHECK_OK(eng_session_open(e, "retry", &so, NULL));
+    char code[512];
+    snprintf(code, sizeof(code),
+             "import os, signal\np = '%s/once'\n"
+             "if not os.path.exists(p):\n    open(p, 'w').close()\n"
+             "    os.kill(os.getpid(), signal.SIGKILL)\n'second try'",
+             dir);
+    etest_expect(e, "retry", code, "'second try'");
+}
+
+static void test_tx(eng_t *e)
+{
+    eng_session_opts_t so = {0};
+    so.tx = ENG_TX_COMMIT_ALWAYS;
+    CHECK_OK(eng_session_open(e, "txc", &so, NULL));
+    eng_result_t *r = etest_run(e, "txc", NULL, "y = 5\nraise KeyError('k')");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK(r->committed);
+    eng_result_free(r);
+    etest_expect(e, "txc", "y", "5");
+
+    so.tx = ENG_TX_ROLLBACK_ALWAYS;
+    CHECK_OK(eng_session_open(e, "txr", &so, NULL));
+    etest_expect(e, "txr", "z = 1", NULL); /* rolled back too */
+    etest_expect(e, "txr", "'z' in globals()", "False");
+    /* per execution: commit this one */
+    eng_exec_req_t rq = {0};
+    rq.sid = "txr";
+    rq.code = "z = 2";
+    rq.tx = ENG_TX_COMMIT_ALWAYS;
+    CHECK_OK(eng_execute_sync(e, &rq, NULL, 0, &r));
+    CHECK(r->committed);
+    eng_result_free(r);
+    r = etest_run(e, "txr", NULL, "z = 3\nz");
+    CHECK_STREQ(r->repr, "3");
+    CHECK(!r->committed);
+    eng_result_free(r);
+    etest_expect(e, "txr", "z", "2");
+
+    /* rollback_on_failure (default) keeps a mutation of an existing object out too */
+    CHECK_OK(eng_session_open(e, "txf", NULL, NULL));
+    etest_expect(e, "txf", "L = [1]", NULL);
+    r = etest_run(e, "txf", NULL, "L.append(2)\n1/0");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    eng_result_free(r);
+    etest_expect(e, "txf", "L", "[1]");
+}
+
+static void test_checkpoint_fork(const char *dir)
+{
+    eng_t *e = etest_open(dir, 0);
+    CHECK_OK(eng_session_open(e, "cp", NULL, NULL));
+    uint64_t o1 = committed_ordinal(e, "cp", "a = 1");
+    uint64_t o2 = committed_ordinal(e, "cp", "a = 2\nb = 'two'");
+    size_t bytes = 0;
+    CHECK_OK(eng_checkpoint(e, "cp", 1, &bytes));
+    CHECK(bytes > 0);
+    uint64_t o3 = committed_ordinal(e, "cp", "a = 3\ndel b");
+    CHECK(o1 < o2 && o2 < o3);
+    /* fork at the latest, and rewind (fork) to the state after o1 and after o2 */
+    CHECK_OK(eng_session_fork(e, "cp", 0, "cp-now"));
+    CHECK_OK(eng_session_fork(e, "cp", o1, "cp-at1"));
+    CHECK_OK(eng_session_fork(e, "cp", o2, "cp-at2"));
+    CHECK_ERR(eng_session_fork(e, "cp", o3 + 5, "cp-bad"), CAP_EINVAL);
+    CHECK_ERR(eng_session_fork(e, "cp", 0, "cp-now"), CAP_EEXIST);
+    CHECK_ERR(eng_session_fork(e, "nope", 0, "x1"), CAP_ENOTFOUND);
+    etest_expect(e, "cp-now", "(a, 'b' in globals())", "(3, False)");
+    etest_expect(e, "cp-at1", "(a, 'b' in globals())", "(1, False)");
+    etest_expect(e, "cp-at2", "(a, b)", "(2, 'two')");
+    /* forks diverge independently */
+    etest_expect(e, "cp-at1", "a = 100", NULL);
+    etest_expect(e, "cp", "a", "3");
+    CHECK_OK(eng_checkpoint(e, "cp-at1", 0, &bytes));
+    etest_expect(e, "cp-at1", "c = a + 1", NULL);
+    eng_close(e);
+    /* after a reopen (the log truncated before the first checkpoint), all of it comes back */
+    e = etest_open(dir, 0);
+    etest_expect(e, "cp", "(a, 'b' in globals())", "(3, False)");
+    etest_expect(e, "cp-at1", "(a, c)", "(100, 101)");
+    etest_expect(e, "cp-at2", "(a, b)", "(2, 'two')");
+    eng_close(e);
+}
+
+int main(void)
+{
+    char *dir = check_tmpdir("eng-durable");
+    eng_t *e = etest_open(dir, 1);
+    test_worker_death(e, dir);
+    test_tx(e);
+    eng_close(e);
+    check_rmtree(dir);
+    cap_free(dir);
+    dir = check_tmpdir("eng-ckpt");
+    test_checkpoint_fork(dir);
+    check_rmtree(dir);
+    cap_free(dir);
+    fprintf(stderr, "engine.durable ok\n");
+    return 0;
+}
