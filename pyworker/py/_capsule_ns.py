@@ -16,13 +16,13 @@ What a delta holds, per name the cell added, rebound, mutated in place or delete
            `from m import x as y`), or `name = lambda ...`;
   - 'mod'  a module bound some other way (`m = importlib.import_module(...)`): imported by name;
   - 'pkl'  a pickle of one alias group: the names whose values share reachable objects are
-           pickled together (a tuple of their values), so `b is a` holds again after a restore;
-  - 'cst'  the data attributes of a session class (`Reg.items`, `C.count`), set on the class
-           after it exists: sent with a (re)defined class and when they change in place (the
-           class object itself is then not re-created, so its instances stay its instances);
+           pickled together (a tuple of their values), so `b is a` holds again after a restore.
+           A session class made from source takes part with its data attributes (`Reg.items`,
+           `C.count`): its element is a dict set on the existing class (not re-created, so its
+           instances stay its instances), so `C.seen is log` survives too;
   - 'bad'  cannot be saved: the reason ("type (reason)"); apply removes the name and lists it
            in "failed" (never a silently stale or missing value).
-Entry order in a blob: del, src (by seq), mod and bad, pkl, cst. apply() retries entries that
+Entry order in a blob: del, src (by seq), mod and bad, pkl. apply() retries entries that
 raise until no progress, so a class body naming a value pickled later still restores.
 
 How a cell's changes are found without pickling the whole namespace:
@@ -361,6 +361,7 @@ class Namespace:
         self._src = {}
         self._mods = {}
         self._bad = {}
+        self._cls = {}
         self._cellseq = 1  # sources made by cell k get seq k * _LINES + line
         self._resync = False
         self._pending = {}
@@ -434,8 +435,10 @@ class Namespace:
             if n in self._src:
                 if self._fp.get(n) is not None:
                     st = self._class_state(g[n])
-                    if st is not None and self._hash(st) & _MASK64 != self._fp[n]:
-                        cls_mutated.add(n)
+                    if st is not None:
+                        rec = self._pickle1(st, pickles, n)
+                        if self._fp_of(rec) != self._fp[n]:
+                            cls_mutated.add(n)
                 continue
             rec = self._pickle1(g[n], pickles, n)
             old_fp = self._fp.get(n)
@@ -496,7 +499,7 @@ class Namespace:
         for e in entries:
             if e[0] == "pkl":
                 mentioned.update(e[1])
-            elif e[0] != "cst":
+            else:
                 mentioned.add(e[1])
         if kind == _KIND_SNAPSHOT:
             for n in sorted(self._current_keys() - mentioned):
@@ -516,8 +519,6 @@ class Namespace:
                 work.append((0, e[2], e))
             elif tag == "mod":
                 work.append((1, 0, e))
-            elif tag == "cst":
-                work.append((3, 0, e))
             else:
                 work.append((2, 0, e))
         work.sort(key=lambda w: (w[0], w[1]))
@@ -540,12 +541,13 @@ class Namespace:
                 break
         for e in pending:
             why = f"could not restore: {errors.get(id(e), 'unknown error')}"
-            if e[0] == "cst":
-                # The class itself is there; only its data attributes are missing.
-                failed[e[1]] = f"class attributes {why}"
-                continue
             names = e[1] if e[0] == "pkl" else (e[1],)
+            classes = e[3] if e[0] == "pkl" else ()
             for n in names:
+                if n in classes:
+                    # The class itself is there; only its data attributes are missing.
+                    failed[n] = f"class attributes {why}"
+                    continue
                 g.pop(n, None)
                 failed[n] = why
         self._pending = {}
@@ -616,7 +618,8 @@ class Namespace:
         return cands
 
     def _pickle1(self, value, cache, name):
-        """[data, error, fingerprint (lazy), pickler memo] for one value, cached per call."""
+        """[data, error, fingerprint (lazy), pickler memo, value] for one value, cached per
+        call under name (for a session class: its data attributes dict)."""
         hit = cache.get(name)
         if hit is not None:
             return hit
@@ -624,9 +627,9 @@ class Namespace:
             buf = io.BytesIO()
             p = pickle.Pickler(buf, _PROTOCOL)
             p.dump(value)
-            rec = [buf.getvalue(), None, None, p.memo]
+            rec = [buf.getvalue(), None, None, p.memo, value]
         except Exception as exc:  # user __reduce__ code may raise anything
-            rec = [None, _reason(value, exc), None, None]
+            rec = [None, _reason(value, exc), None, None, value]
         cache[name] = rec
         return rec
 
@@ -891,6 +894,13 @@ class Namespace:
             self._forget(n)
             entries.append(("del", n))
         pkl_names = []
+        for n in sorted(set(cls_state) - set(names)):
+            # A session class whose data attributes changed in place: re-record those only.
+            affected.update(self._grp.get(n, ()))
+            affected.add(n)
+            self._idx_remove(n)
+            if self._track_class(n, g[n], pickles):
+                pkl_names.append(n)
         for n in sorted(names):
             v = g[n]
             affected.update(self._grp.get(n, ()))
@@ -921,6 +931,7 @@ class Namespace:
             self._src.pop(n, None)
             self._mods.pop(n, None)
             self._bad.pop(n, None)
+            self._cls.pop(n, None)
             self._vals[n] = v
             self._fp[n] = None
             if kind is None:
@@ -937,6 +948,8 @@ class Namespace:
             self._codes[n] = codes
             if kind[0] == "src":
                 self._src[n] = (kind[3], kind[1], kind[2])
+                if kind[1] == "class" and self._track_class(n, v, pickles):
+                    pkl_names.append(n)
             elif kind[0] == "mod":
                 self._mods[n] = kind[1]
             else:
@@ -949,8 +962,8 @@ class Namespace:
         groups = []
         placed = set()
         for n in sorted(affected):
-            if n in placed or n not in keys or n not in self._vals or n in self._src \
-                    or n in self._mods or n in self._bad:
+            if n in placed or n not in keys or n not in self._vals or n in self._mods \
+                    or n in self._bad or (n in self._src and n not in self._cls):
                 continue
             comp = self._component(n, keys)
             placed.update(comp)
@@ -975,24 +988,32 @@ class Namespace:
                 entries.append(("mod", n, self._mods[n]))
             elif n in self._bad:
                 entries.append(("bad", n, self._bad[n]))
-        # Data attributes of session classes: sent after the class (and the pickles), for
-        # classes (re)defined here and for classes whose state changed in place.
-        cst_entries = []
-        for n in sorted(set(names) | set(cls_state)):
-            if n in self._src and self._src[n][1] == "class":
-                st = self._class_state(g[n])
-                self._fp[n] = None if st is None else self._hash(st) & _MASK64
-                if st is not None and (n in cls_state or st != _EMPTY_STATE):
-                    cst_entries.append(("cst", n, st))
         dels = [e for e in entries if e[0] == "del"]
         rest = [e for e in entries if e[0] != "del"]
-        return dels + src_entries + rest + pkl_entries + cst_entries, unpick
+        return dels + src_entries + rest + pkl_entries, unpick
+
+    def _track_class(self, n, cls, pickles):
+        """Records the data attributes of a source-made class: fingerprint, and (when there are
+        any) alias-group membership through the objects they hold. True if it has some."""
+        st = self._class_state(cls)
+        if st is None:
+            self._fp[n] = None
+            return False
+        rec = self._pickle1(st, pickles, n)
+        self._fp[n] = self._fp_of(rec)
+        if not st or rec[0] is None:
+            return False
+        self._cls[n] = True
+        ids, _codes = self._memo_reach(rec[3])
+        ids.discard(id(st))
+        self._idx_add(n, ids)
+        return True
 
     def _class_state(self, cls):
-        """The pickle of a session class's data attributes (not methods, descriptors or
-        dunders), each attribute that pickles on its own and refers to nothing unrestorable;
-        None for values that are not plain classes (other metaclasses, e.g. Enum, manage their
-        own attributes)."""
+        """A session class's data attributes {name: value} (not methods, descriptors or
+        dunders): each attribute that pickles on its own and refers to nothing unrestorable
+        (the others are re-created by the class source). None for values that are not plain
+        classes (other metaclasses, e.g. Enum, manage their own attributes)."""
         if not isinstance(cls, type) or type(cls) not in _PLAIN_METAS:
             return None
         state = {}
@@ -1005,13 +1026,13 @@ class Namespace:
                 continue
             if self._check_refs(data):
                 continue
-            state[k] = data
-        return pickle.dumps(state, _PROTOCOL)
+            state[k] = v
+        return state
 
     def _forget(self, n):
         self._idx_remove(n)
         for d in (self._vals, self._fp, self._codes, self._src, self._mods, self._bad,
-                  self._grp):
+                  self._grp, self._cls):
             d.pop(n, None)
 
     def _check_refs(self, data):
@@ -1024,61 +1045,79 @@ class Namespace:
 
     def _mark_bad(self, n, reason, unpick):
         self._idx_remove(n)
+        if self._cls.pop(n, None):
+            # A class's data attributes that cannot be saved: the class source still restores
+            # the class (with its initial attributes); reported, not silently dropped.
+            unpick[n] = f"class attributes of {n} ({reason})"
+            return
         self._bad[n] = reason
         self._fp[n] = None
         unpick[n] = reason
 
+    def _rec_of(self, n, pickles):
+        hit = pickles.get(n)
+        if hit is not None:
+            return hit
+        v = self._g[n]
+        if n in self._cls:
+            v = self._class_state(v)
+        return self._pickle1(v, pickles, n)
+
     def _pickle_group(self, grp, pickles, unpick):
         """Entries for one alias group: one 'pkl' of all members, or, when some members cannot
         be saved, 'bad' entries for those and one 'pkl' of the rest."""
-        g = self._g
         out = []
         members = list(grp)
+        cls = self._cls
         while members:
             if len(members) == 1:
                 n = members[0]
-                rec = self._pickle1(g[n], pickles, n)
+                rec = self._rec_of(n, pickles)
                 data, err = rec[0], rec[1]
                 if data is not None:
                     missing = self._check_refs(data)
                     if missing:
-                        err = self._missing_reason(g[n], missing)
+                        err = self._missing_reason(rec[4], missing)
                         data = None
                 if data is None:
                     self._mark_bad(n, err, unpick)
-                    out.append(("bad", n, err))
+                    if n not in cls:
+                        out.append(("bad", n, err))
                 else:
                     self._fp[n] = self._fp_of(rec)
-                    out.append(("pkl", (n,), data))
+                    out.append(("pkl", (n,), data, (n,) if n in cls else ()))
                 return out
             try:
-                data = pickle.dumps(tuple(g[n] for n in members), _PROTOCOL)
+                data = pickle.dumps(tuple(self._rec_of(n, pickles)[4] for n in members),
+                                    _PROTOCOL)
                 missing = self._check_refs(data)
             except Exception:
                 data, missing = None, True
             if data is not None and not missing:
                 for n in members:
-                    self._fp[n] = self._fp_of(self._pickle1(g[n], pickles, n))
-                out.append(("pkl", tuple(members), data))
+                    self._fp[n] = self._fp_of(self._rec_of(n, pickles))
+                out.append(("pkl", tuple(members), data, tuple(n for n in members if n in cls)))
                 return out
             keep = []
             for n in members:
-                d1, err = self._pickle1(g[n], pickles, n)[:2]
+                rec = self._rec_of(n, pickles)
+                d1, err = rec[0], rec[1]
                 if d1 is not None:
                     miss = self._check_refs(d1)
                     if miss:
-                        d1, err = None, self._missing_reason(g[n], miss)
+                        d1, err = None, self._missing_reason(rec[4], miss)
                 if d1 is None:
                     self._mark_bad(n, err, unpick)
-                    out.append(("bad", n, err))
+                    if n not in cls:
+                        out.append(("bad", n, err))
                 else:
                     keep.append(n)
             if len(keep) == len(members):
                 # Each pickles alone but not together: give up on shared identity for them.
                 for n in keep:
-                    rec = self._pickle1(g[n], pickles, n)
+                    rec = self._rec_of(n, pickles)
                     self._fp[n] = self._fp_of(rec)
-                    out.append(("pkl", (n,), rec[0]))
+                    out.append(("pkl", (n,), rec[0], (n,) if n in cls else ()))
                 return out
             members = keep
         return out
@@ -1106,25 +1145,24 @@ class Namespace:
         if tag == "mod":
             g[e[1]] = importlib.import_module(e[2])
             return (e[1],)
-        if tag == "cst":
-            cls = g.get(e[1])
-            if not isinstance(cls, type):
-                raise NameError(f"class {e[1]!r} is not defined")
-            state = pickle.loads(e[2])
-            values = {k: pickle.loads(d) for k, d in state.items()}
-            for k, v in values.items():
-                setattr(cls, k, v)
-            return ()
-        names, data = e[1], e[2]
+        names, data, classes = e[1], e[2], e[3]
+        for n in classes:
+            if not isinstance(g.get(n), type):
+                raise NameError(f"class {n!r} is not defined")
         value = pickle.loads(data)
         if len(names) == 1:
-            g[names[0]] = value
-        else:
-            if not isinstance(value, tuple) or len(value) != len(names):
-                raise ValueError("group pickle does not match its names")
-            for n, v in zip(names, value):
+            value = (value,)
+        elif not isinstance(value, tuple) or len(value) != len(names):
+            raise ValueError("group pickle does not match its names")
+        for n, v in zip(names, value):
+            if n in classes:
+                if not isinstance(v, dict):
+                    raise ValueError(f"class attributes of {n!r} are not a dict")
+                for k, x in v.items():
+                    setattr(g[n], k, x)
+            else:
                 g[n] = v
-        return tuple(names)
+        return tuple(n for n in names if n not in classes)
 
     def _encode(self, kind, entries):
         body = pickle.dumps(entries, _PROTOCOL)
@@ -1167,11 +1205,10 @@ class Namespace:
             elif tag == "src":
                 ok = (len(e) == 5 and isinstance(e[1], str) and isinstance(e[2], int)
                       and isinstance(e[3], str) and isinstance(e[4], str))
-            elif tag == "cst":
-                ok = len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], bytes)
             elif tag == "pkl":
-                ok = (len(e) == 3 and isinstance(e[1], tuple) and e[1]
-                      and all(isinstance(n, str) for n in e[1]) and isinstance(e[2], bytes))
+                ok = (len(e) == 4 and isinstance(e[1], tuple) and e[1]
+                      and all(isinstance(n, str) for n in e[1]) and isinstance(e[2], bytes)
+                      and isinstance(e[3], tuple) and set(e[3]) <= set(e[1]))
             if not ok:
                 raise ValueError(f"malformed namespace blob entry {e!r:.80}")
             names = e[1] if tag == "pkl" else (e[1],)
@@ -1183,7 +1220,6 @@ class Namespace:
 
 _MISSING = object()
 _LINES = 1 << 24  # source seq = cell number * _LINES + line
-_EMPTY_STATE = pickle.dumps({}, _PROTOCOL)
 _PLAIN_METAS = (type,)
 try:
     import abc as _abc

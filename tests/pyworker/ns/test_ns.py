@@ -404,6 +404,17 @@ class TestClassState(Base):
         r2, _ = self.restore([snap])
         self.assertEqual((r2.g["Reg"].items, r2.g["Reg"].count), ([5], 11))
 
+    def test_class_attribute_shares_with_a_name(self):
+        self.run_cell("log = [0]\nclass K:\n    seen = None\nK.seen = log\nK.n = 1")
+        i = self.run_cell("log.append(1)")
+        self.assertEqual(i["mutated"], ["K", "log"])
+        r, res = self.restore()
+        self.assertEqual([x["failed"] for x in res], [{}, {}])
+        self.assertIs(r.g["K"].seen, r.g["log"])
+        self.assertEqual((r.g["log"], r.g["K"].n), ([0, 1], 1))
+        r2, _ = self.restore([self.s.ns.snapshot()[0]])
+        self.assertIs(r2.g["K"].seen, r2.g["log"])
+
     def test_enum_and_abc_classes(self):
         self.run_cell("import enum, abc\nclass Color(enum.Enum):\n    RED = 1\n    BLUE = 2\n"
                       "class Base(abc.ABC):\n    @abc.abstractmethod\n    def f(self): ...\n"
@@ -583,7 +594,9 @@ class TestMalformed(Base):
             [("del",)],
             [("del", 3)],
             [("pkl", (), b"")],
-            [("pkl", ("a",), "str")],
+            [("pkl", ("a",), "str", ())],
+            [("pkl", ("a",), b"x")],
+            [("pkl", ("a",), b"x", ("b",))],
             [("src", "f", "1", "def", "x")],
             [("mod", "m")],
             [("del", "__builtins__")],
@@ -609,8 +622,8 @@ class TestMalformed(Base):
             ("src", "f", 1, "def", "def f(:\n"),
             ("src", "h", 2, "def", "@undefined_decorator\ndef h():\n    pass\n"),
             ("mod", "m", "no_such_module_abc"),
-            ("pkl", ("v",), b"garbage"),
-            ("pkl", ("w",), pickle.dumps(5)),
+            ("pkl", ("v",), b"garbage", ()),
+            ("pkl", ("w",), pickle.dumps(5), ()),
         ])
         res = r.apply(blob)
         self.assertEqual(res["restored"], ["w"])
@@ -622,11 +635,113 @@ class TestMalformed(Base):
         r, _ = self.restore([])
         blob = self._forge(r.ns, [
             ("src", "C", 1, "class", "class C:\n    size = N\n"),
-            ("pkl", ("N",), __import__("pickle").dumps(7)),
+            ("pkl", ("N",), __import__("pickle").dumps(7), ()),
         ])
         res = r.apply(blob)
         self.assertEqual(res["failed"], {})
         self.assertEqual(r.g["C"].size, 7)
+
+
+def shape(g, names):
+    """Values with their aliasing: every mutable object is numbered at its first visit (names
+    in sorted order), later visits print the number, so equal shapes mean equal values AND the
+    same sharing between and inside names."""
+    seen = {}
+    hold = []  # keeps every visited object alive, so no id is reused during the walk
+
+    def walk(v):
+        hold.append(v)
+        t = type(v)
+        if t in (int, float, str, bytes, bool, type(None)):
+            return repr(v)
+        if id(v) in seen:
+            return f"@{seen[id(v)]}"
+        if t in (list, dict, set) or hasattr(v, "__dict__") and not isinstance(v, type):
+            seen[id(v)] = len(seen)
+        tag = f"#{seen[id(v)]}" if id(v) in seen else ""
+        if t in (list, tuple):
+            return f"{tag}{t.__name__}[" + ",".join(walk(x) for x in v) + "]"
+        if t is set:
+            return f"{tag}set{{" + ",".join(sorted(walk(x) for x in v)) + "}"
+        if t is dict:
+            return f"{tag}{{" + ",".join(f"{walk(k)}:{walk(x)}" for k, x in v.items()) + "}"
+        if callable(v):
+            return f"fn:{getattr(v, '__qualname__', '?')}"
+        if hasattr(v, "__dict__"):
+            return f"{tag}{t.__qualname__}(" + walk(vars(v)) + ")"
+        return repr(v)
+
+    return {n: walk(g[n]) for n in sorted(names)}
+
+
+class TestRandomized(Base):
+    """Random cells over a few names (assign, append, alias, nest, share, delete, mutate
+    instances, define and call functions); after every cell the delta chain, and a snapshot
+    taken at a random earlier point plus the later deltas, restore the same values and the same
+    sharing (compared with shape())."""
+
+    def gen_cell(self, rnd, live):
+        names = ["a", "b", "c", "d", "e"]
+        n = rnd.choice(names)
+        m = rnd.choice(names)
+        ops = [f"{n} = [{rnd.randint(0, 9)}]",
+               f"{n} = {{'k': {rnd.randint(0, 9)}}}",
+               f"{n} = {rnd.randint(0, 999)}"]
+        if m in live:
+            ops += [f"{n} = {m}", f"{n} = [{m}, {m}]", f"{n} = {{'in': {m}}}"]
+            if live[m] in ("list",):
+                ops += [f"{m}.append({rnd.randint(0, 9)})", f"{m}.append({m}[:])",
+                        f"{n} = {m}[-1]", f"{m}.append({n})" if n in live else "pass",
+                        f"{m}[0] = []"]
+            if live[m] == "dict":
+                ops += [f"{m}['x{rnd.randint(0, 3)}'] = {rnd.randint(0, 9)}",
+                        f"{n} = {m}.get('in', 0)", f"{m}['sub'] = {m}.get('in', [])"]
+            if live[m] == "obj":
+                ops += [f"{m}.v = [{m}.v]", f"{m}.bump()", f"{n} = {m}.v"]
+            ops += [f"del {m}", f"{n} = [1]\nraise TypeError('half way')"]
+        ops += [f"{n} = Box([{rnd.randint(0, 9)}])", "touch()", "rebind()",
+                "Box.count = getattr(Box, 'count', 0) + 1\nBox.seen = log"]
+        return rnd.choice(ops)
+
+    def test_random_chains(self):
+        import random
+
+        rnd = random.Random(1234)
+        self.run_cell("class Box:\n    def __init__(self, v):\n        self.v = v\n"
+                      "    def bump(self):\n        self.v = [self.v, 1]\n"
+                      "log = []\ndef touch():\n    log.append(len(log))\n"
+                      "def rebind():\n    global e\n    e = [len(log), log]\n")
+        snaps = [(1, self.s.ns.snapshot()[0])]
+        cells = 0
+        while cells < 120:
+            live = {}
+            for k in ("a", "b", "c", "d", "e"):
+                if k in self.s.g:
+                    v = self.s.g[k]
+                    live[k] = ("list" if type(v) is list else "dict" if type(v) is dict
+                               else "obj" if hasattr(v, "bump") else "atom")
+            src = self.gen_cell(rnd, live)
+            self.run_cell(src, expect_error=(NameError, AttributeError, TypeError, IndexError))
+            cells += 1
+            if rnd.random() < 0.15:
+                snaps.append((len(self.blobs), self.s.ns.snapshot()[0]))
+            if cells % 10:
+                continue
+            names = self.s.names()
+            want = shape(self.s.g, names)
+            box = self.s.g["Box"]
+            want_cls = (getattr(box, "count", None), shape(vars(box), ["seen"]) if "seen" in
+                        vars(box) else None)
+            at, snap = rnd.choice(snaps)
+            for chain in (self.blobs, [snap] + self.blobs[at:]):
+                r, res = self.restore(chain)
+                sys.modules[self.modname] = self.s.mod  # the origin goes on pickling
+                self.assertEqual(r.names(), names, src)
+                self.assertEqual(shape(r.g, names), want, f"after {cells} cells, last {src!r}")
+                rbox = r.g["Box"]
+                self.assertEqual((getattr(rbox, "count", None), shape(vars(rbox), ["seen"])
+                                  if "seen" in vars(rbox) else None), want_cls)
+                self.assertEqual([x["failed"] for x in res if x["failed"]], [])
 
 
 class TestFreshProcess(unittest.TestCase):
