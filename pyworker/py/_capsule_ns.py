@@ -62,10 +62,11 @@ an unpickler that refuses every global. Inner 'pkl' payloads are ordinary pickle
 runs code, so blobs must come from capsule's own log (never from a client).
 
 Known limits (documented in ARCHITECTURE.md): attributes set on functions, default-argument
-objects and class attributes of non-plain metaclasses (Enum, ...) are not fingerprinted; class
-attributes do not keep identity with other names; mutation by code reached only through C
-extensions or other modules' globals, or by background threads between cells, is seen only if
-those names are candidates; aliasing is tracked through at most REACH_LIMIT objects per name.
+objects and class attributes of non-plain metaclasses (Enum, ...) are not fingerprinted; a class
+attribute that cannot be pickled is left to the class source; mutation by code reached only
+through C extensions or other modules' globals, or by background threads between cells, is seen
+only if those names are candidates; aliasing is tracked through at most REACH_LIMIT objects per
+name (beyond it values still restore, shared identity deeper inside may not).
 """
 
 import ast

@@ -453,6 +453,21 @@ class TestRobustness(Base):
         self.assertEqual(len(r.g["big"]), 200001)
         self.assertEqual(r.g["d"][49999], "49999")
 
+    def test_reach_limit(self):
+        old = _capsule_ns.REACH_LIMIT
+        _capsule_ns.REACH_LIMIT = 50
+        self.addCleanup(setattr, _capsule_ns, "REACH_LIMIT", old)
+        i = self.run_cell("big = [[i] for i in range(200)]\nsame = big\nlate = big[199]")
+        self.assertEqual(i["unpicklable"], {})
+        self.assertLessEqual(len(self.s.ns._reach["big"]), 51)
+        i = self.run_cell("big[0].append(-1)")
+        self.assertEqual(i["mutated"], ["big", "same"])
+        r, res = self.restore()
+        self.assertEqual(res[0]["failed"], {})
+        self.assertIs(r.g["same"], r.g["big"])  # found within the limit
+        self.assertEqual(r.g["big"], self.s.g["big"])
+        self.assertEqual(r.g["late"], [199])  # past the limit: the value, maybe not the identity
+
     def test_deeply_nested_value_reported(self):
         i = self.run_cell("deep = []\ncur = deep\nfor _i in range(100000):\n"
                           "    cur.append([])\n    cur = cur[0]\n")
