@@ -525,6 +525,7 @@ class Namespace:
         work.sort(key=lambda w: (w[0], w[1]))
         pending = [w[2] for w in work]
         errors = {}
+        classes_set = set()
         while pending:
             progress = False
             nxt = []
@@ -536,6 +537,8 @@ class Namespace:
                     nxt.append(e)
                     continue
                 restored.extend(names)
+                if e[0] == "pkl":
+                    classes_set.update(e[3])
                 progress = True
             pending = nxt
             if not progress:
@@ -555,7 +558,8 @@ class Namespace:
         keys = self._current_keys()
         gone = self._vals.keys() - keys
         fresh = set(restored) & keys
-        self._record(fresh, keys, {}, hints, deleted=gone)
+        self._record(fresh, keys, {}, hints, deleted=gone,
+                     cls_state={n for n in classes_set if n in keys and n in self._src})
         self._sync_ids()
         for n in failed:
             # A failed name stays absent; later deltas may bind it again.

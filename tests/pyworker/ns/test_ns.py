@@ -414,6 +414,11 @@ class TestClassState(Base):
         self.assertEqual((r.g["log"], r.g["K"].n), ([0, 1], 1))
         r2, _ = self.restore([self.s.ns.snapshot()[0]])
         self.assertIs(r2.g["K"].seen, r2.g["log"])
+        # the restored worker recorded the class state it was given: no spurious change
+        blob, info = r.run("K")
+        self.assertEqual(info["mutated"] + info["changed"], [])
+        blob, info = r.run("K.n += 1")
+        self.assertEqual(info["mutated"], ["K"])
 
     def test_enum_and_abc_classes(self):
         self.run_cell("import enum, abc\nclass Color(enum.Enum):\n    RED = 1\n    BLUE = 2\n"
