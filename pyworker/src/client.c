@@ -467,7 +467,7 @@ static int handle_frame(pyw_worker_t *w, uint8_t type, uint64_t id, const uint8_
         pyw_exec_t *e = exec_find(w, id, 0);
         if (e) {
             cap_free(e->delta_frame);
-            e->delta_frame = cap_memdup(body, len ? len : 1);
+            e->delta_frame = pyw__memdup0(body, len);
             e->delta_len = len;
         }
         return 0;
@@ -1030,7 +1030,7 @@ int pyw_worker_send_raw(pyw_worker_t *w, const void *data, size_t len)
     if (w->exited || w->closed || w->eof)
         return CAP_ECLOSED;
     wreq_t *r = cap_malloc(sizeof *r);
-    r->p = cap_memdup(data, len ? len : 1);
+    r->p = pyw__memdup0(data, len);
     uv_buf_t ub = uv_buf_init((char *)r->p, (unsigned)len);
     (void)b;
     if (uv_write(&r->req, (uv_stream_t *)&w->pipe, &ub, 1, on_written) < 0) {

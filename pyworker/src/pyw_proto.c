@@ -93,6 +93,15 @@ void pyw__put_cstr(pyw_buf_t *b, const char *s)
     pyw__put_str(b, s ? s : "", s ? strlen(s) : 0);
 }
 
+void *pyw__memdup0(const void *p, size_t n)
+{
+    uint8_t *c = cap_malloc(n + 1);
+    if (n)
+        memcpy(c, p, n);
+    c[n] = 0;
+    return c;
+}
+
 void pyw__rd_init(pyw_rd_t *r, const void *body, size_t len)
 {
     r->p = body;

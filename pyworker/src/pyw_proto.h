@@ -76,6 +76,9 @@ void pyw__put_u64(pyw_buf_t *b, uint64_t v);
 void pyw__put_str(pyw_buf_t *b, const void *s, size_t n);
 void pyw__put_cstr(pyw_buf_t *b, const char *s); /* NULL writes an empty string */
 
+/* A cap_malloc'd copy of n bytes plus a NUL (n may be 0). */
+void *pyw__memdup0(const void *p, size_t n);
+
 /* A bounds-checked reader over one frame body. Errors stick: after the first failure every get
  * returns CAP_EPROTO and leaves outputs untouched. */
 typedef struct pyw_rd {

@@ -96,7 +96,7 @@ static char *join_pairs(const pyw_pair_t *v, size_t n)
 
 static void fill_delta(pyw_sync_run_t *r, const pyw_delta_t *d)
 {
-    r->delta_blob = cap_memdup(d->blob, d->blob_len ? d->blob_len : 1);
+    r->delta_blob = pyw__memdup0(d->blob, d->blob_len);
     r->delta_len = d->blob_len;
     r->added = join_names(d->added, d->n_added);
     r->changed = join_names(d->changed, d->n_changed);

@@ -45,6 +45,9 @@
 #include "pyw_proto.h"
 
 #include <marshal.h>
+#ifdef CAPSULE_SANITIZE
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include "pyw_embedded.h" /* generated: sources and marshalled code (NULL when absent) */
 
@@ -327,6 +330,10 @@ static int capture_start(void)
     g_logfd = fcntl(2, F_DUPFD_CLOEXEC, 10);
     if (g_logfd < 0)
         g_logfd = 2;
+#ifdef CAPSULE_SANITIZE
+    /* sanitizer reports must not vanish into the capture pipe of a dying worker */
+    __sanitizer_set_report_fd((void *)(intptr_t)g_logfd);
+#endif
     for (int i = 1; i <= 2; i++) {
         int p[2];
         if (pipe2(p, O_CLOEXEC) < 0) {
@@ -824,7 +831,7 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
         job_t *j = cap_calloc(1, sizeof *j);
         j->type = type;
         j->id = id;
-        j->data = cap_memdup(blob, n ? n : 1);
+        j->data = pyw__memdup0(blob, n);
         j->len = n;
         job_push(j);
         return;
@@ -864,7 +871,7 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
         pthread_mutex_lock(&g_mu);
         if (g_input_waiting && !g_input_done && g_input_id == id) {
             cap_free(g_input_text);
-            g_input_text = cap_memdup(text, n ? n : 1);
+            g_input_text = pyw__memdup0(text, n);
             g_input_len = n;
             g_input_eof = eof != 0;
             g_input_done = 1;
