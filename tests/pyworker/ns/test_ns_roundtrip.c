@@ -4,7 +4,8 @@
  * them (the whole chain, or the snapshot plus the later deltas) and both namespaces are compared
  * name by name, plus probes that call the restored functions, classes and imports and check
  * that aliasing survived (`b is a`). Also: what each delta reports (added / changed / mutated /
- * deleted / unpicklable), a rejected blob that changes nothing, and a restored worker that goes
+ * deleted / unpicklable), a cell that raises half-way, a delta that fails (the next blob is then
+ * a full snapshot-kind one), a rejected blob that changes nothing, and a restored worker that goes
  * on producing deltas; the same restore into a worker forked from a zygote.
  *
  * Invariant checked throughout: the canonical description of every name (sets sorted,
@@ -183,14 +184,15 @@ int main(void)
     pyw_sync_t *orig = NULL;
     CHECK_OK(pyw_sync_open(NULL, NULL, &orig));
 
-    blob_t deltas[NCELLS];
+    blob_t deltas[NCELLS + 2];
+    size_t ndeltas = 0;
     blob_t snap = {NULL, 0};
     for (size_t i = 0; i < NCELLS; i++) {
         pyw_sync_run_t *r = run_ok(orig, CELLS[i]);
         if (!r->delta_blob)
             fprintf(stderr, "no delta: %s\n", r->delta_error ? r->delta_error : "?");
         CHECK(r->delta_blob != NULL && r->delta_len > 0);
-        deltas[i] = blob_copy(r->delta_blob, r->delta_len);
+        deltas[ndeltas++] = blob_copy(r->delta_blob, r->delta_len);
         switch (i) {
         case 0:
             expect_lists(r, "OD,n,nested,os,p,s", "", "", "");
@@ -223,14 +225,37 @@ int main(void)
         }
     }
 
+    /* A cell that raises half-way still reports what it changed. */
+    pyw_sync_run_t *r = NULL;
+    CHECK_OK(pyw_sync_execute(orig, "b.append(99)\nraise ValueError('half way')", NULL, 0, 0, 30000,
+                              &r));
+    CHECK_EQ(r->status, PYW_STATUS_ERROR);
+    CHECK(r->delta_blob != NULL);
+    expect_lists(r, "", "", "a,b", "");
+    deltas[ndeltas++] = blob_copy(r->delta_blob, r->delta_len);
+    pyw_sync_run_free(r);
+    /* A delta that fails half-way (a __reduce__ raising KeyboardInterrupt): no delta, an error;
+     * the next cell's blob is then a full, snapshot-kind one, and the chain stays whole. */
+    r = run_ok(orig, "class Boom:\n    armed = True\n    def __reduce__(self):\n"
+                     "        if Boom.armed:\n            raise KeyboardInterrupt\n"
+                     "        return (Boom, ())\nbm = Boom()\n");
+    CHECK(r->delta_blob == NULL);
+    CHECK(r->delta_error != NULL && strstr(r->delta_error, "KeyboardInterrupt"));
+    pyw_sync_run_free(r);
+    r = run_ok(orig, "Boom.armed = False");
+    CHECK(r->delta_blob != NULL && r->delta_len > 2 && r->delta_blob[1] == 'S');
+    CHECK(r->added && strstr(r->added, "Boom") && strstr(r->added, "bm"));
+    deltas[ndeltas++] = blob_copy(r->delta_blob, r->delta_len);
+    pyw_sync_run_free(r);
+
     /* 1. the whole delta chain into a fresh worker */
     char *failed = NULL;
-    pyw_sync_t *rest = restore(NULL, deltas, NCELLS, &failed);
+    pyw_sync_t *rest = restore(NULL, deltas, ndeltas, &failed);
     check_same(orig, rest, failed);
     free(failed);
 
     /* the restored worker goes on: its next delta chains onto the restored state */
-    pyw_sync_run_t *r = run_ok(rest, "b.append(3)\nf = None");
+    r = run_ok(rest, "b.append(3)\nf = None");
     expect_lists(r, "", "f", "a,b", "");
     pyw_sync_run_free(r);
 
@@ -243,15 +268,15 @@ int main(void)
     pyw_sync_run_free(r);
     free(bad.data);
     char *out = output_of(rest, "print(b, f)");
-    CHECK_STREQ(out, "[1, 2, 3] None\n");
+    CHECK_STREQ(out, "[1, 2, 99, 3] None\n");
     free(out);
     pyw_sync_close(rest);
 
     /* 2. the snapshot taken after cell SNAP_AFTER, then the later deltas */
-    blob_t chain[NCELLS];
+    blob_t chain[NCELLS + 2];
     size_t n = 0;
     chain[n++] = snap;
-    for (size_t i = SNAP_AFTER + 1; i < NCELLS; i++)
+    for (size_t i = SNAP_AFTER + 1; i < ndeltas; i++)
         chain[n++] = deltas[i];
     rest = restore(NULL, chain, n, &failed);
     check_same(orig, rest, failed);
@@ -274,14 +299,14 @@ int main(void)
     pyw_zygote_t *z = NULL;
     pyw_zygote_options_t zo = {0};
     CHECK_OK(pyw_zygote_open(&zo, &z));
-    rest = restore(z, deltas, NCELLS, &failed);
+    rest = restore(z, deltas, ndeltas, &failed);
     check_same(orig, rest, failed);
     free(failed);
     pyw_sync_close(rest);
     pyw_zygote_close(z);
 
     pyw_sync_close(orig);
-    for (size_t i = 0; i < NCELLS; i++)
+    for (size_t i = 0; i < ndeltas; i++)
         free(deltas[i].data);
     free(snap.data);
     printf("ok\n");
