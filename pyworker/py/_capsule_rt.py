@@ -194,6 +194,7 @@ def _suppressed(source):
 
 
 _FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+_expr_cache = {}  # one-line expression source -> code object without nested code
 
 
 def _compile(source, filename):
@@ -201,11 +202,21 @@ def _compile(source, filename):
     __main__[_LAST] (exec mode), or it is an expression code object ("eval" mode, has_last 2)."""
     stripped = source.strip()
     if stripped and "\n" not in stripped and not stripped.endswith(";"):
-        # fast path for a one-line expression: no AST round trip
+        # fast path for a one-line expression: no AST round trip, and a repeated one reuses its
+        # code object (renamed to this cell when it has no nested code, else compiled again)
+        code = _expr_cache.get(source)
+        if code is not None:
+            return code.replace(co_filename=filename), 2
         try:
-            return compile(source, filename, "eval", flags=_FLAGS, dont_inherit=True), 2
+            code = compile(source, filename, "eval", flags=_FLAGS, dont_inherit=True)
         except SyntaxError:
-            pass
+            code = None
+        if code is not None:
+            if not any(type(c) is type(code) for c in code.co_consts):
+                if len(_expr_cache) >= 256:
+                    _expr_cache.clear()
+                _expr_cache[source] = code
+            return code, 2
     tree = ast.parse(source, filename, "exec")
     has_last = False
     if tree.body and isinstance(tree.body[-1], ast.Expr) and not _suppressed(source):

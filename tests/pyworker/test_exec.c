@@ -186,6 +186,17 @@ static void test_errors(pyw_sync_t *s)
     CHECK_STREQ(r->etype, "SystemExit");
     pyw_sync_run_free(r);
     expect_value(s, "1+1", "2", "2");
+    /* a repeated one-line expression (its code object is reused) still names its own cell */
+    for (int i = 0; i < 2; i++) {
+        CHECK_OK(pyw_sync_execute(s, "1 / 0", NULL, 0, 0, 0, &r));
+        CHECK_STREQ(r->etype, "ZeroDivisionError");
+        snprintf(cell, sizeof cell, "File \"<cell %u>\", line 1", r->cell_no);
+        CHECK(strstr(r->traceback, cell));
+        CHECK(strstr(r->traceback, "1 / 0"));
+        pyw_sync_run_free(r);
+    }
+    expect_value(s, "(lambda q: q * 3)(5)", "15", "15");
+    expect_value(s, "(lambda q: q * 3)(5)", "15", "15");
     CHECK_OK(pyw_sync_ping(s));
 }
 
