@@ -20,9 +20,12 @@ What a delta holds, per name the cell added, rebound, mutated in place or delete
            A session class made from source takes part with its data attributes (`Reg.items`,
            `C.count`): its element is a dict set on the existing class (not re-created, so its
            instances stay its instances), so `C.seen is log` survives too;
+  - 'ref'  the name is bound to the very object another name held before this delta, unchanged
+           (`b = a`, the worker's _ -> __ -> ___ rotation of a big value): no pickle needed;
   - 'bad'  cannot be saved: the reason ("type (reason)"); apply removes the name and lists it
            in "failed" (never a silently stale or missing value).
-Entry order in a blob: del, src (by seq), mod and bad, pkl. apply() retries entries that
+Entry order in a blob: ref, del, src (by seq), mod and bad, pkl (refs resolve against the
+values held before the blob, all of them before anything is bound). apply() retries entries that
 raise until no progress, so a class body naming a value pickled later still restores.
 
 How a cell's changes are found without pickling the whole namespace:
@@ -451,7 +454,7 @@ class Namespace:
 
         dirty = added | rebound | mutated
         entries, unpick = self._record(dirty, keys, pickles, {}, deleted=deleted,
-                                       cls_state=cls_mutated)
+                                       cls_state=cls_mutated, refs_ok=True)
         mutated |= cls_mutated
         blob = self._encode(_KIND_DELTA, entries)
         self._pending = {}
@@ -508,8 +511,23 @@ class Namespace:
                 deleted.append(n)
         hints = {}
         work = []
+        # References name the values held BEFORE this blob: all resolved first, then bound.
+        bound = []
+        for e in entries:
+            if e[0] == "ref":
+                if e[2] in g:
+                    bound.append((e[1], g[e[2]]))
+                else:
+                    g.pop(e[1], None)
+                    failed[e[1]] = (f"could not restore: it is the value {e[2]!r} held, which "
+                                    "is not in this namespace")
+        for n, v in bound:
+            g[n] = v
+            restored.append(n)
         for e in entries:
             tag = e[0]
+            if tag == "ref":
+                continue
             if tag == "del":
                 g.pop(e[1], None)
                 deleted.append(e[1])
@@ -887,13 +905,32 @@ class Namespace:
                             f"{name}.__qualname__ = {orig!r}\n", n.lineno)
         return None
 
-    def _record(self, names, keys, pickles, hints, deleted=(), cls_state=()):
+    def _record(self, names, keys, pickles, hints, deleted=(), cls_state=(), refs_ok=False):
         """Re-records `names` (the dirty ones, or all for a snapshot) and returns (entries, unpicklable) for a
-        blob that brings a namespace from the previous recorded state to the current one."""
+        blob that brings a namespace from the previous recorded state to the current one.
+        refs_ok: 'ref' entries allowed (deltas only: a snapshot must stand alone)."""
         g = self._g
         entries = []
         unpick = {}
         affected = set()
+        # A rebound name now holding the very object another name held before this call (b = a,
+        # the worker's _ -> __ -> ___ rotation) can be sent as a reference to that name's
+        # previous value instead of a pickle, if the object did not change (same fingerprint).
+        ref_cand = {}
+        idx = self._idx
+        for n in (names if refs_ok else ()):
+            if n in hints:
+                continue
+            v = g[n]
+            o = idx.get(id(v))
+            if o is None:
+                continue
+            for m in sorted((o,) if type(o) is str else o):
+                if (m != n and self._vals.get(m) is v and m not in self._cls
+                        and self._fp.get(m) is not None):
+                    ref_cand[n] = (m, self._fp[m])
+                    break
+        refs = {}
         for n in deleted:
             affected.update(self._grp.get(n, ()))
             self._forget(n)
@@ -944,6 +981,8 @@ class Namespace:
                 rec = self._pickle1(v, pickles, n)
                 if rec[0] is not None:
                     ids, codes = self._memo_reach(rec[3])
+                    if n in ref_cand and self._fp_of(rec) == ref_cand[n][1]:
+                        refs[n] = ref_cand[n][0]
                 else:  # reported unpicklable below; its code still counts for candidates
                     ids, codes = self._walk(v, False)
                 self._codes[n] = codes
@@ -979,8 +1018,16 @@ class Namespace:
             groups.append(sorted(comp))
         dirty_pkl = set(pkl_names)
         pkl_entries = []
+        ref_entries = []
         for grp in groups:
-            if not dirty_pkl.intersection(grp):
+            dirty_here = dirty_pkl.intersection(grp)
+            if not dirty_here:
+                continue
+            if all(d in refs for d in dirty_here):
+                # Every changed member is an unchanged object the target already holds.
+                for d in sorted(dirty_here):
+                    self._fp[d] = self._fp_of(self._rec_of(d, pickles))
+                    ref_entries.append(("ref", d, refs[d]))
                 continue
             pkl_entries.extend(self._pickle_group(grp, pickles, unpick))
 
@@ -995,7 +1042,7 @@ class Namespace:
                 entries.append(("bad", n, self._bad[n]))
         dels = [e for e in entries if e[0] == "del"]
         rest = [e for e in entries if e[0] != "del"]
-        return dels + src_entries + rest + pkl_entries, unpick
+        return ref_entries + dels + src_entries + rest + pkl_entries, unpick
 
     def _track_class(self, n, cls, pickles):
         """Records the data attributes of a source-made class: fingerprint, and (when there are
@@ -1203,7 +1250,7 @@ class Namespace:
             ok = False
             if tag == "del":
                 ok = len(e) == 2 and isinstance(e[1], str)
-            elif tag == "bad":
+            elif tag in ("bad", "ref"):
                 ok = len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], str)
             elif tag == "mod":
                 ok = len(e) == 3 and isinstance(e[1], str) and isinstance(e[2], str)

@@ -179,6 +179,35 @@ class TestAliasing(Base):
         self.assertIsNot(r.g["c"]["x"], r.g["a"])
         self.assertIsNot(r.g["b"], r.g["a"])
 
+    def test_references_instead_of_pickles(self):
+        big = self.run_cell("big = list(range(50000))")["size"]
+        self.assertGreater(big, 50000)
+        self.assertLess(self.run_cell("_ = big")["size"], 200)  # the worker's `_ = value`
+        i = self.run_cell("__ = _\n_ = 7")  # rotation: __ takes what _ held
+        self.assertLess(i["size"], 200)
+        self.assertEqual(i["changed"], ["_"])
+        self.assertEqual(i["added"], ["__"])
+        i = self.run_cell("___ = __\n__ = _\n_ = 8")
+        self.assertLess(i["size"], 200)
+        i = self.run_cell("keep = big\ndel big")
+        self.assertLess(i["size"], 200)
+        i = self.run_cell("x = [1]\ny = [2]")
+        i = self.run_cell("x, y = y, x")  # a swap: both refer to the other's previous value
+        self.assertLess(i["size"], 200)
+        i = self.run_cell("keep.append(-1)\nmore = keep")  # changed object: pickled, not referred
+        self.assertGreater(i["size"], 50000)
+        r, res = self.restore()
+        self.assertEqual([x["failed"] for x in res if x["failed"]], [])
+        self.assertIs(r.g["___"], r.g["keep"])
+        self.assertIs(r.g["more"], r.g["keep"])
+        self.assertEqual(r.g["keep"][-1], -1)
+        self.assertEqual((r.g["x"], r.g["y"], r.g["_"], r.g["__"]), ([2], [1], 8, 7))
+        self.assertNotIn("big", r.g)
+        self.assertSameNamespace(r)
+        # A reference whose source the target does not hold is listed, not guessed.
+        r2, res2 = self.restore([self.blobs[1]])
+        self.assertIn("_", res2[0]["failed"])
+
     def test_group_survives_snapshot_plus_deltas(self):
         self.run_cell("a = {'v': []}\nb = a['v']")
         snap = self.s.ns.snapshot()[0]
