@@ -1147,7 +1147,8 @@ static exec_t *exec_new(eng_t *e, session_t *s, const char *eid, const char *cod
     x->eid = cap_strdup(eid);
     x->s = s;
     s->refs++;
-    x->code = cap_memdup(code, len + 1);
+    x->code = cap_malloc(len + 1);
+    memcpy(x->code, code, len);
     x->code[len] = 0;
     x->len = len;
     x->tx = tx;
@@ -1791,7 +1792,8 @@ static int recover(eng_t *e)
         if (!cursor)
             break;
     }
-    qsort(xs, nx, sizeof(*xs), cmp_exec_ord);
+    if (nx)
+        qsort(xs, nx, sizeof(*xs), cmp_exec_ord);
     for (size_t i = 0; i < nx; i++) {
         xmap_put(e, xs[i]);
         queue_push(xs[i]->s, xs[i]);
@@ -2122,7 +2124,8 @@ int eng_execute(eng_t *e, const eng_exec_req_t *req, const eng_exec_cb_t *cb, vo
         return CAP_ECLOSED;
     }
     c->len = req->len ? req->len : strlen(req->code);
-    c->code = cap_memdup(req->code, c->len + 1);
+    c->code = cap_malloc(c->len + 1);
+    memcpy(c->code, req->code, c->len);
     c->code[c->len] = 0;
     if (cb)
         c->cb = *cb;
@@ -2138,7 +2141,8 @@ int eng_input_reply(eng_t *e, const char *eid, const char *text, size_t len, int
     cmd_t *c = cmd_new(do_input);
     c->eid = cap_strdup(eid);
     if (text && !eof) {
-        c->text = cap_memdup(text, len + 1);
+        c->text = cap_malloc(len + 1);
+        memcpy(c->text, text, len);
         c->text[len] = 0;
         c->len = len;
     }
