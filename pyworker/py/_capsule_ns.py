@@ -379,8 +379,9 @@ class Namespace:
     # ---------------------------------------------------------------- public API
 
     def before_cell(self, cell_id, source, code):
-        """Records the cell's def/class/import/lambda statements (source tracking)."""
-        self._cell_id = cell_id
+        """Records the cell's def/class/import/lambda statements (source tracking). cell_id is
+        the worker's name for the cell (informational: functions are matched to their
+        statements through code.co_filename, the cell's `<cell N>`, and line numbers)."""
         self._cellseq += 1
         self._cell_file = getattr(code, "co_filename", None)
         self._pending = {}
@@ -1031,9 +1032,9 @@ class Namespace:
                 continue
             pkl_entries.extend(self._pickle_group(grp, pickles, unpick))
 
+        src = self._src
         src_entries = sorted(
-            (("src", n, s[0], s[1], s[2]) for n, s in self._src.items()
-             if n in names),
+            (("src", n, src[n][0], src[n][1], src[n][2]) for n in names if n in src),
             key=lambda e: e[2])
         for n in sorted(names):
             if n in self._mods:
