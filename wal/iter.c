@@ -26,7 +26,9 @@ struct wal_iter {
     wal_iter_opts_t o;
     void *key; /* copy of o.key */
     int started;
-    int ended;
+    int tail;         /* key mode: past the index, scanning wal.log after `indexed` */
+    uint64_t indexed; /* the snapshot's "indexed" mark */
+    uint8_t ikey[16]; /* key mode: the index key XXH3-64(key) || from_seq */
     uint64_t first_stored;
     wal_scratch_t *scratch;
     char err[200];
@@ -64,6 +66,9 @@ int wal_iter_open(wal_log_t *log, const wal_iter_opts_t *opts, wal_iter_t **out)
     else if (rc && rc != CAP_ENOTFOUND)
         goto fail;
     if (it->o.key) {
+        rc = wal__meta_u64(it->txn, it->dbs.meta, WAL_META_INDEXED, &it->indexed);
+        if (rc)
+            goto fail;
         rc = store_cursor_open(it->txn, it->dbs.key, &it->kcur);
         if (rc)
             goto fail;
@@ -152,13 +157,13 @@ static int wal__iter_next_scan(wal_iter_t *it, wal_entry_t *e)
 static int wal__iter_next_key(wal_iter_t *it, wal_entry_t *e)
 {
     store_val_t k, v;
-    uint8_t kb[8], ib[16];
+    uint8_t kb[8];
     int rc;
 
     for (;;) {
         if (!it->started) {
             it->started = 1;
-            k = wal__index_key(ib, it->o.key, it->o.key_len, it->o.from_seq);
+            k = wal__index_key(it->ikey, it->o.key, it->o.key_len, it->o.from_seq);
             rc = store_cursor_get(it->kcur, &k, &v, STORE_SET_RANGE);
         } else {
             rc = store_cursor_get(it->kcur, &k, &v, STORE_NEXT);
@@ -167,9 +172,11 @@ static int wal__iter_next_key(wal_iter_t *it, wal_entry_t *e)
             return rc;
         if (k.len != 16)
             return wal__iter_corrupt(it, 0, "wal.key entry is not 16 bytes", e);
-        if (memcmp(k.data, ib, 8) != 0)
+        if (memcmp(k.data, it->ikey, 8) != 0)
             return CAP_ENOTFOUND; /* past this key's range */
         uint64_t seq = cap_get_be64((const uint8_t *)k.data + 8);
+        if (seq > it->indexed)
+            return CAP_ENOTFOUND; /* an entry past the snapshot's mark: the tail scan has it */
         if (it->o.to_seq && seq > it->o.to_seq)
             return CAP_ENOTFOUND;
         store_val_t lk = store_key_u64(kb, seq), lv;
@@ -192,8 +199,33 @@ static int wal__iter_next_key(wal_iter_t *it, wal_entry_t *e)
     }
 }
 
+/* Key mode: the index up to the `indexed` mark, then a scan of wal.log after it (bounded by the
+ * log's index_lag), keeping the records whose verified frame carries the key. */
+static int wal__iter_next_bykey(wal_iter_t *it, wal_entry_t *e)
+{
+    int rc;
+    if (!it->tail) {
+        rc = wal__iter_next_key(it, e);
+        if (rc != CAP_ENOTFOUND)
+            return rc;
+        it->tail = 1;
+        it->started = 0;
+        if (it->o.from_seq <= it->indexed)
+            it->o.from_seq = it->indexed + 1;
+        if (it->o.to_seq && it->o.to_seq < it->o.from_seq)
+            return CAP_ENOTFOUND;
+    }
+    for (;;) {
+        rc = wal__iter_next_scan(it, e);
+        if (rc)
+            return rc;
+        if (e->key_len == it->o.key_len && memcmp(e->key, it->o.key, e->key_len) == 0)
+            return 0;
+    }
+}
+
 int wal_iter_next(wal_iter_t *it, wal_entry_t *e)
 {
     it->err[0] = 0;
-    return it->kcur ? wal__iter_next_key(it, e) : wal__iter_next_scan(it, e);
+    return it->kcur ? wal__iter_next_bykey(it, e) : wal__iter_next_scan(it, e);
 }

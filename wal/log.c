@@ -9,6 +9,10 @@
  *     store_env_write (re-run after map growth), commits (fsync in WAL_SYNC), and only then calls
  *     the done callbacks, in sequence order, without holding log->mu.
  *   - A failed commit or fsync is cap_fatal: the process never acknowledges past a failure.
+ *   - The key index (wal.key) lags the log by at most opts.index_lag records: the writer indexes
+ *     committed records in sorted chunks when the lag reaches it or after 20 ms without
+ *     appends, and records the high-water mark ("indexed" in wal.meta) in the same transaction.
+ *     Readers by key use the index up to that mark and scan the (bounded) tail after it.
  *   - Truncation runs on the writer thread, at most WAL_TRUNC_CHUNK records per transaction,
  *     alternating with batches, so appends never wait for a whole truncation.
  *   - committed_seq only grows; "high" in wal.meta is written with every truncation chunk, so a
@@ -17,6 +21,7 @@
 #include "wal_int.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -25,6 +30,9 @@
 #define WAL_DEFAULT_SYNC_MS       100u
 #define WAL_MAX_RECORD_LIMIT      ((size_t)1 << 31)
 #define WAL_TRUNC_CHUNK           1024u
+#define WAL_DEFAULT_INDEX_LAG     8192u
+#define WAL_INDEX_CHUNK           16384u
+#define WAL_INDEX_IDLE_NS         (20u * 1000000u) /* index the tail after 20 ms without appends */
 
 struct wal_frame_ref {
     uint8_t *p;
@@ -66,9 +74,13 @@ struct wal_log {
     int have_writer;
     pthread_t writer;
 
+    uint64_t indexed_seq; /* every record <= this has its wal.key entry (changed by the writer) */
+
     /* writer-thread only */
     wal_scratch_t *scratch;
-    int dirty; /* commits since the last fsync (WAL_NOSYNC) */
+    uint8_t *index_buf;        /* WAL_INDEX_CHUNK 16-byte entries */
+    uint64_t last_activity_ns; /* end of the last batch */
+    int dirty;                 /* commits since the last fsync (WAL_NOSYNC) */
     uint64_t last_sync_ns;
 };
 
@@ -116,6 +128,25 @@ static int wal__meta_check(store_txn_t *txn, store_dbi_t meta, int create)
     return 0;
 }
 
+int wal__meta_u64(store_txn_t *txn, store_dbi_t meta, const char *name, uint64_t *out)
+{
+    store_val_t k = {name, strlen(name)}, v;
+    int rc = store_get(txn, meta, k, &v);
+    if (rc == CAP_ENOTFOUND) {
+        *out = 0;
+        return 0;
+    }
+    if (rc)
+        return rc;
+    if (v.len != 8) {
+        cap_log(CAP_LOG_ERROR, "wal", "%s: wal.meta %s entry is %zu bytes, expected 8",
+                store_env_path(store_txn_env(txn)), name, v.len);
+        return CAP_ECORRUPT;
+    }
+    *out = cap_get_be64(v.data);
+    return 0;
+}
+
 struct wal_open_ctx {
     struct wal_dbs dbs;
 };
@@ -134,7 +165,8 @@ static int wal__open_fn(store_txn_t *txn, void *arg)
 }
 
 /* Reads first/last stored seq and "high" in a read txn. */
-static int wal__scan_bounds(wal_log_t *log, uint64_t *first, uint64_t *last, uint64_t *high)
+static int wal__scan_bounds(wal_log_t *log, uint64_t *first, uint64_t *last, uint64_t *high,
+                            uint64_t *indexed)
 {
     store_txn_t *txn = NULL;
     store_cursor_t *cur = NULL;
@@ -142,7 +174,7 @@ static int wal__scan_bounds(wal_log_t *log, uint64_t *first, uint64_t *last, uin
     int rc = store_txn_begin(log->env, 1, &txn);
     if (rc)
         return rc;
-    *first = *last = *high = 0;
+    *first = *last = *high = *indexed = 0;
     if (log->readonly) {
         /* Read-only: the databases must already exist. */
         rc = store_dbi_open(txn, WAL_DB_LOG, 0, &log->dbs.log);
@@ -170,6 +202,9 @@ static int wal__scan_bounds(wal_log_t *log, uint64_t *first, uint64_t *last, uin
     } else if (rc != CAP_ENOTFOUND) {
         goto out;
     }
+    rc = wal__meta_u64(txn, log->dbs.meta, WAL_META_INDEXED, indexed);
+    if (rc)
+        goto out;
     rc = store_cursor_open(txn, log->dbs.log, &cur);
     if (rc)
         goto out;
@@ -247,14 +282,18 @@ int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out)
             goto fail;
         log->dbs = c.dbs;
     }
-    uint64_t first, last, high;
-    rc = wal__scan_bounds(log, &first, &last, &high);
+    uint64_t first, last, high, indexed;
+    rc = wal__scan_bounds(log, &first, &last, &high, &indexed);
     if (rc)
         goto fail;
     log->committed_seq = last > high ? last : high;
     log->next_seq = log->committed_seq + 1;
     log->st.first_seq = first;
     log->st.last_seq = last;
+    log->indexed_seq = indexed;
+    log->st.indexed_seq = indexed;
+    if (!log->opts.index_lag)
+        log->opts.index_lag = WAL_DEFAULT_INDEX_LAG;
     pthread_mutex_init(&log->mu, NULL);
     pthread_cond_init(&log->work_cv, NULL);
     log->last_sync_ns = cap_now_ns();
@@ -378,7 +417,6 @@ static int wal__batch_fn(store_txn_t *txn, void *arg)
     struct wal_batch *b = arg;
     wal_log_t *log = b->log;
     uint8_t kbuf[8];
-    store_val_t empty = {"", 0};
     int rc = 0;
 
     for (struct wal_append *a = b->head; a; a = a->next) {
@@ -388,14 +426,6 @@ static int wal__batch_fn(store_txn_t *txn, void *arg)
             rc = store_put(txn, log->dbs.log, store_key_u64(kbuf, seq), fv, STORE_PUT_APPEND);
             if (rc)
                 return rc;
-            const void *key;
-            size_t key_len;
-            if (wal__frame_peek_key(a->f[i].p, a->f[i].len, &key, &key_len) == 0 && key_len) {
-                uint8_t ib[16];
-                rc = store_put(txn, log->dbs.key, wal__index_key(ib, key, key_len, seq), empty, 0);
-                if (rc)
-                    return rc;
-            }
             if (log->opts.apply) {
                 wal_entry_t e;
                 const char *why = NULL;
@@ -528,6 +558,7 @@ static void wal__run_batch(wal_log_t *log)
         log->st.max_batch = recs;
     log->st.pending -= recs;
     pthread_mutex_unlock(&log->mu);
+    log->last_activity_ns = cap_now_ns();
 
     while (head) {
         a = head;
@@ -563,44 +594,140 @@ static void wal__run_trunc(wal_log_t *log)
     }
 }
 
+struct wal_index_ctx {
+    wal_log_t *log;
+    uint64_t from, target; /* index records in [from, target] */
+    uint64_t upto;         /* out: indexed through here */
+};
+
+static int wal__index_cmp(const void *a, const void *b)
+{
+    return memcmp(a, b, 16);
+}
+
+/* Writes the wal.key entries of the next chunk of committed, not yet indexed records, sorted (so
+ * each index leaf is dirtied once per chunk, not once per batch), and moves "indexed". */
+static int wal__index_fn(store_txn_t *txn, void *arg)
+{
+    struct wal_index_ctx *c = arg;
+    wal_log_t *log = c->log;
+    store_cursor_t *cur = NULL;
+    store_val_t k, v, empty = {"", 0};
+    uint8_t kb[8];
+    size_t n = 0;
+    int rc;
+
+    c->upto = c->target;
+    rc = store_cursor_open(txn, log->dbs.log, &cur);
+    if (rc)
+        return rc;
+    k = store_key_u64(kb, c->from);
+    for (rc = store_cursor_get(cur, &k, &v, STORE_SET_RANGE); rc == 0;
+         rc = store_cursor_get(cur, &k, &v, STORE_NEXT)) {
+        if (k.len != 8)
+            continue; /* readers report it */
+        uint64_t seq = cap_get_be64(k.data);
+        if (seq > c->target)
+            break;
+        if (n == WAL_INDEX_CHUNK) {
+            c->upto = seq - 1;
+            break;
+        }
+        const void *key;
+        size_t key_len;
+        /* unverified on purpose: a damaged frame is still indexed under the key it claims, so
+         * a read by that key reports the damage instead of missing the record */
+        if (wal__frame_peek_key(v.data, v.len, &key, &key_len) == 0 && key_len)
+            wal__index_key(log->index_buf + 16 * n++, key, key_len, seq);
+    }
+    store_cursor_close(cur);
+    if (rc && rc != CAP_ENOTFOUND)
+        return rc;
+    qsort(log->index_buf, n, 16, wal__index_cmp);
+    for (size_t i = 0; i < n; i++) {
+        store_val_t ik = {log->index_buf + 16 * i, 16};
+        rc = store_put(txn, log->dbs.key, ik, empty, 0);
+        if (rc)
+            return rc;
+    }
+    store_val_t mk = {WAL_META_INDEXED, sizeof(WAL_META_INDEXED) - 1}, mv = {kb, 8};
+    cap_put_be64(kb, c->upto);
+    return store_put(txn, log->dbs.meta, mk, mv, 0);
+}
+
+/* One index chunk. Called with mu held; returns with mu held. */
+static void wal__run_index(wal_log_t *log)
+{
+    struct wal_index_ctx c = {
+        .log = log, .from = log->indexed_seq + 1, .target = log->committed_seq};
+    pthread_mutex_unlock(&log->mu);
+    if (!log->index_buf)
+        log->index_buf = cap_malloc((size_t)WAL_INDEX_CHUNK * 16);
+    int rc = store_env_write(log->env, wal__index_fn, &c);
+    if (rc)
+        cap_fatal("wal", "%s: key index transaction failed: %s (%d)", store_env_path(log->env),
+                  cap_strerror(rc), rc);
+    if (log->opts.durability == WAL_NOSYNC)
+        log->dirty = 1;
+    pthread_mutex_lock(&log->mu);
+    log->indexed_seq = c.upto;
+    log->st.indexed_seq = c.upto;
+}
+
 static void *wal__writer_main(void *arg)
 {
     wal_log_t *log = arg;
     pthread_mutex_lock(&log->mu);
     for (;;) {
-        if (log->head) {
+        if (log->head)
             wal__run_batch(log);
-        }
         if (log->trunc_head) {
             wal__run_trunc(log);
             continue;
         }
+        if (log->committed_seq - log->indexed_seq >= log->opts.index_lag) {
+            wal__run_index(log);
+            continue;
+        }
         if (log->head)
             continue;
+        /* idle: a background fsync (nosync), indexing the tail, or sleep */
+        uint64_t now = cap_now_ns(), due = UINT64_MAX;
         if (log->opts.durability == WAL_NOSYNC && log->dirty) {
-            uint64_t due = log->last_sync_ns + (uint64_t)log->opts.sync_interval_ms * 1000000u;
-            uint64_t now = cap_now_ns();
-            if (now >= due || log->closing) {
+            uint64_t sync_due = log->last_sync_ns + (uint64_t)log->opts.sync_interval_ms * 1000000u;
+            if (now >= sync_due || log->closing) {
                 pthread_mutex_unlock(&log->mu);
                 wal__sync(log);
                 pthread_mutex_lock(&log->mu);
                 continue;
             }
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            uint64_t wait = due - now;
-            ts.tv_sec += (time_t)(wait / 1000000000u);
-            ts.tv_nsec += (long)(wait % 1000000000u);
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
-            pthread_cond_timedwait(&log->work_cv, &log->mu, &ts);
-            continue;
+            due = sync_due;
         }
         if (log->closing)
             break;
-        pthread_cond_wait(&log->work_cv, &log->mu);
+        if (log->committed_seq > log->indexed_seq) {
+            uint64_t idx_due = log->last_activity_ns + WAL_INDEX_IDLE_NS;
+            if (now >= idx_due) {
+                wal__run_index(log);
+                continue;
+            }
+            if (idx_due < due)
+                due = idx_due;
+        }
+        if (due == UINT64_MAX) {
+            pthread_cond_wait(&log->work_cv, &log->mu);
+            continue;
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t wait = due - now;
+        ts.tv_sec += (time_t)(wait / 1000000000u);
+        ts.tv_nsec += (long)(wait % 1000000000u);
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&log->work_cv, &log->mu, &ts);
     }
     pthread_mutex_unlock(&log->mu);
     return NULL;
@@ -660,5 +787,6 @@ void wal_log_close(wal_log_t *log)
     pthread_cond_destroy(&log->work_cv);
     pthread_mutex_destroy(&log->mu);
     wal_scratch_free(log->scratch);
+    cap_free(log->index_buf);
     cap_free(log);
 }

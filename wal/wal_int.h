@@ -28,6 +28,9 @@ int wal__frame_peek_key(const void *frame, size_t len, const void **key, size_t 
  * into buf; see wal_format.h). */
 store_val_t wal__index_key(uint8_t buf[16], const void *key, size_t key_len, uint64_t seq);
 
+/* Reads a big-endian u64 from wal.meta (0 when absent; CAP_ECORRUPT when not 8 bytes). */
+int wal__meta_u64(store_txn_t *txn, store_dbi_t meta, const char *name, uint64_t *out);
+
 /* The log's databases (shared with iter.c). */
 struct wal_dbs {
     store_dbi_t log, key, meta;

@@ -96,7 +96,8 @@ int main(void)
     store_env_opts_t eo = {.map_size = 256 << 10}; /* grows during the run too */
     struct shared sh = {0};
     CHECK_OK(store_env_open(dir, &eo, &env));
-    CHECK_OK(wal_log_open(env, NULL, &sh.log));
+    wal_opts_t wo = {.index_lag = 100}; /* the key index catches up during the run */
+    CHECK_OK(wal_log_open(env, &wo, &sh.log));
 
     pthread_t th[NTHREADS], rd;
     struct prod pr[NTHREADS];
@@ -197,7 +198,7 @@ int main(void)
     CHECK_OK(store_txn_begin(env, 1, &txn));
     CHECK_OK(store_dbi_open(txn, "wal.key", 0, &kdbi));
     CHECK_OK(store_dbi_count(txn, kdbi, &nidx));
-    CHECK_EQ(nidx, count);
+    CHECK(nidx <= count && nidx + 100 + 4 * NTHREADS >= count); /* the index lags <= a lag+batch */
     store_txn_abort(txn);
 
     wal_log_close(sh.log);

@@ -102,6 +102,9 @@ typedef struct wal_opts {
     size_t max_record_bytes;     /* one record's encoded size at most; 0 = 64 MiB */
     wal_apply_fn apply;          /* optional, see above */
     void *apply_arg;
+    uint32_t index_lag; /* (added) the key index may lag the log by this many records, written
+                           in sorted chunks off the commit path; reads by key scan the lagging
+                           tail. 0 = 8192; 1 = index after every batch */
 } wal_opts_t;
 
 /* Opens the log inside an open env (borrowed: it must outlive the log). Creates the log's
@@ -133,13 +136,14 @@ int wal_log_truncate(wal_log_t *log, uint64_t before_seq);
  * read-only env that holds no log: CAP_ENOTFOUND.) */
 
 typedef struct wal_stats {
-    uint64_t first_seq; /* lowest stored sequence number (0 when empty) */
-    uint64_t last_seq;  /* highest acknowledged sequence number (0 when empty) */
-    uint64_t records;   /* records committed since open */
-    uint64_t commits;   /* transactions committed since open */
-    uint64_t bytes;     /* frame bytes committed since open */
-    uint64_t max_batch; /* the largest batch since open, in records */
-    uint64_t pending;   /* records queued and not yet durable */
+    uint64_t first_seq;   /* lowest stored sequence number (0 when empty) */
+    uint64_t last_seq;    /* highest acknowledged sequence number (0 when empty) */
+    uint64_t records;     /* records committed since open */
+    uint64_t commits;     /* transactions committed since open */
+    uint64_t bytes;       /* frame bytes committed since open */
+    uint64_t max_batch;   /* the largest batch since open, in records */
+    uint64_t pending;     /* records queued and not yet durable */
+    uint64_t indexed_seq; /* (added) the key index covers every record <= this */
 } wal_stats_t;
 void wal_log_stats(wal_log_t *log, wal_stats_t *out);
 
