@@ -956,7 +956,7 @@ class Namespace:
                 s = self._src[n]
                 kind = ("src", s[1], s[2], s[0])
             else:
-                m = self._match_source(n, v)
+                m = self._match_source(n, v) if n in self._pending else None
                 if m is None and type(v) is types.FunctionType and v.__globals__ is g and not (
                         v.__name__ != n and g.get(v.__name__) is v):
                     m = self._recover_source(n, v)
@@ -970,7 +970,8 @@ class Namespace:
                         kind = ("mod", mn)
                     else:
                         kind = ("bad", f"{_type_name(v)} (module not importable by name)")
-            self._idx_remove(n)
+            if n in self._reach:
+                self._idx_remove(n)
             self._src.pop(n, None)
             self._mods.pop(n, None)
             self._bad.pop(n, None)
@@ -979,6 +980,11 @@ class Namespace:
             self._fp[n] = None
             if kind is None:
                 pkl_names.append(n)
+                if type(v) in _SCALARS:  # no identity, no code: only the pickle matters
+                    if n not in pickles:
+                        pickles[n] = [pickle.dumps(v, _PROTOCOL), None, None, None, v]
+                    self._codes[n] = _NO_CODES
+                    continue
                 rec = self._pickle1(v, pickles, n)
                 if rec[0] is not None:
                     ids, codes = self._memo_reach(rec[3])
@@ -1020,7 +1026,20 @@ class Namespace:
         dirty_pkl = set(pkl_names)
         pkl_entries = []
         ref_entries = []
+        hash_fn = self._hash
+        modname_b = self._modname_b
         for grp in groups:
+            if len(grp) == 1:
+                # Fast path (most names): a dirty singleton whose pickle names no session global.
+                n = grp[0]
+                if n not in dirty_pkl:
+                    continue
+                rec = pickles.get(n)
+                if (rec is not None and rec[0] is not None and n not in refs
+                        and n not in self._cls and modname_b not in rec[0]):
+                    self._fp[n] = rec[2] if rec[2] is not None else hash_fn(rec[0]) & _MASK64
+                    pkl_entries.append(("pkl", (n,), rec[0], ()))
+                    continue
             dirty_here = dirty_pkl.intersection(grp)
             if not dirty_here:
                 continue
@@ -1272,6 +1291,8 @@ class Namespace:
 
 
 _MISSING = object()
+_SCALARS = frozenset({str, bytes, int, float, complex, bool, type(None)})
+_NO_CODES = frozenset()
 _LINES = 1 << 24  # source seq = cell number * _LINES + line
 _PLAIN_METAS = (type,)
 try:
