@@ -1,0 +1,496 @@
+#!/usr/bin/python3.11
+"""test_engine.py - capsule-engine end to end: a real server process on a real data directory,
+real workers, real HTTP (http.client) and WebSocket (websockets) clients, real kill -9.
+
+usage: test_engine.py --server PATH [--only NAME]
+"""
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import websockets
+
+TOK_A, TOK_B = "alice-token-0001", "bob-token-0002"
+A = {"Authorization": "Bearer " + TOK_A}
+B = {"Authorization": "Bearer " + TOK_B}
+
+
+class Engine:
+    def __init__(self, path, data, tokfile, extra=()):
+        self.path, self.data, self.tokfile = path, data, tokfile
+        self.proc = subprocess.Popen(
+            [path, "--listen", "127.0.0.1:0", "--data-dir", data, "--tokens-file", tokfile,
+             "--pool-idle", "1", "--grace-ms", "5000", "--log-level", "warn", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if "listening on port" not in line:
+            raise AssertionError("engine did not start: " + line + self.proc.stderr.read())
+        self.port = int(line.split()[-1])
+
+    def term(self, timeout=30):
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=timeout)
+        return rc, self.proc.stderr.read()
+
+    def kill9(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stderr.read()
+
+
+def req(port, method, path, body=None, headers=A, timeout=30):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    h = dict(headers or {})
+    if body is not None:
+        body = json.dumps(body)
+        h["Content-Type"] = "application/json"
+    c.request(method, "/v1" + path, body=body, headers=h)
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    ct = r.getheader("Content-Type") or ""
+    return r.status, (json.loads(data) if data and ct.startswith("application/json") else data)
+
+
+def stream_events(port, sid, body, headers=A):
+    """Yields NDJSON events of an execution as they arrive."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("POST", f"/v1/sessions/{sid}/executions", body=json.dumps(body),
+              headers={**headers, "Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200 and r.getheader("Content-Type") == "application/x-ndjson"
+    while True:
+        line = r.readline()  # chunked decoding by http.client
+        if not line:
+            break
+        if line.strip():
+            yield json.loads(line)
+    c.close()
+
+
+def ws_url(port, sid):
+    return f"ws://127.0.0.1:{port}/v1/sessions/{sid}/ws"
+
+
+async def ws_open(port, sid, headers=A):
+    return await websockets.connect(ws_url(port, sid), extra_headers=headers, max_size=None)
+
+
+async def ws_until(ws, pred, timeout=20):
+    got = []
+    while True:
+        m = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        got.append(m)
+        if pred(m):
+            return got
+
+
+def wait_result(port, eid, headers=A, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        st, d = req(port, "GET", f"/executions/{eid}", headers=headers)
+        assert st == 200, (st, d)
+        if d["status"] not in ("running", "pending"):
+            return d
+        time.sleep(0.05)
+    raise AssertionError(f"execution {eid} did not finish")
+
+
+# ----------------------------------------------------------------------------------------------
+
+def t_help(server):
+    out = subprocess.run([server, "--help"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0
+    for name in ["--listen", "CAPSULE_LISTEN", "--data-dir", "CAPSULE_DATA_DIR", "CAPSULE_TOKENS",
+                 "--tokens-file", "--durability", "--grace-ms", "--max-conns", "--max-body-bytes",
+                 "--ws-max-msg", "--json-max-depth", "127.0.0.1:8765"]:
+        assert name in out.stdout, name
+    bad = subprocess.run([server, "--max-conns", "lots"], capture_output=True, text=True,
+                         timeout=10)
+    assert bad.returncode == 2 and "not a number" in bad.stderr
+    bad = subprocess.run([server, "--frobnicate"], capture_output=True, text=True, timeout=10)
+    assert bad.returncode == 2 and "unknown option" in bad.stderr
+    env = dict(os.environ, CAPSULE_LISTEN="0.0.0.0:0")
+    env.pop("CAPSULE_TOKENS", None)
+    bad = subprocess.run([server, "--data-dir", "/nonexistent-never"], capture_output=True,
+                         text=True, timeout=10, env=env)
+    assert bad.returncode == 1 and "refusing to listen" in bad.stderr, bad.stderr
+
+
+def t_meta(e):
+    assert req(e.port, "GET", "/healthz", headers={}) == (200, {"status": "ok"})
+    assert req(e.port, "GET", "/readyz", headers={}) == (200, {"status": "ready"})
+    st, doc = req(e.port, "GET", "/openapi.json", headers={})
+    assert st == 200 and doc["openapi"].startswith("3.")
+    for p in ["/sessions", "/sessions/{sid}", "/sessions/{sid}/executions", "/sessions/{sid}/ws",
+              "/executions/{eid}", "/executions/{eid}/input", "/executions/{eid}/cancel",
+              "/sessions/{sid}/checkpoint", "/pool", "/metrics", "/healthz", "/readyz"]:
+        assert p in doc["paths"], p
+    assert req(e.port, "GET", "/pool", headers={})[0] == 401
+    st, pool = req(e.port, "GET", "/pool")
+    assert st == 200 and "pool_idle" in pool
+    assert req(e.port, "GET", "/sessions", headers={"Authorization": "Bearer nope"})[0] == 401
+
+
+def t_sessions(e):
+    st, s = req(e.port, "POST", "/sessions", {"id": "sa", "tx": "commit_always",
+                                               "timeout_ms": 60000})
+    assert st == 201 and s == {"id": "sa", "state": "open"}, s
+    st, g = req(e.port, "POST", "/sessions", {})
+    assert st == 201 and g["id"].startswith("s")
+    st, lst = req(e.port, "GET", "/sessions")
+    ids = {x["id"] for x in lst["sessions"]}
+    assert {"sa", g["id"]} <= ids
+    assert req(e.port, "GET", "/sessions/sa")[0] == 200
+    # another token sees nothing of it
+    assert req(e.port, "GET", "/sessions/sa", headers=B)[0] == 404
+    assert "sa" not in {x["id"] for x in req(e.port, "GET", "/sessions", headers=B)[1]["sessions"]}
+    assert req(e.port, "DELETE", "/sessions/sa", headers=B)[0] == 404
+    # bad input
+    for body, code in [({"id": "bad id"}, 400), ({"idd": "x"}, 400), ({"tx": "sometimes"}, 400),
+                       ({"timeout_ms": -1}, 400), ({"timeout_ms": "1"}, 400),
+                       ({"fork_of": "nope"}, 404), ({"fork_ordinal": 1}, 400)]:
+        st, d = req(e.port, "POST", "/sessions", body)
+        assert st == code and d["error"]["code"], (body, st, d)
+    assert req(e.port, "GET", "/sessions/a:b")[0] == 404
+    # close
+    assert req(e.port, "DELETE", f"/sessions/{g['id']}")[0] == 204
+    assert req(e.port, "GET", f"/sessions/{g['id']}")[0] == 404
+    assert req(e.port, "DELETE", f"/sessions/{g['id']}")[0] == 404
+
+
+def t_execute(e):
+    assert req(e.port, "POST", "/sessions", {"id": "ex"})[0] == 201
+    st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": "print('hi')\n2+2"})
+    assert st == 200 and r["status"] == "ok" and r["repr"] == "4" and r["value"] == 4, r
+    assert r["output"] == "hi\n" and r["committed"] and r["session"] == "ex"
+    st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": "1/0"})
+    assert st == 200 and r["status"] == "error" and r["error"]["type"] == "ZeroDivisionError", r
+    # idempotent client ids: the second call returns the recorded result, nothing runs twice
+    body = {"code": "n = globals().get('n', 0) + 1\nn", "id": "once-1"}
+    r1 = req(e.port, "POST", "/sessions/ex/executions", body)[1]
+    r2 = req(e.port, "POST", "/sessions/ex/executions", body)[1]
+    assert r1["value"] == 1 and r2["value"] == 1 and r2["id"] == "once-1", (r1, r2)
+    assert req(e.port, "POST", "/sessions/ex/executions", {"code": "n"})[1]["value"] == 1
+    # by id
+    st, g = req(e.port, "GET", "/executions/once-1")
+    assert st == 200 and g["value"] == 1
+    assert req(e.port, "GET", "/executions/once-1", headers=B)[0] == 404
+    assert req(e.port, "GET", "/executions/never-was")[0] == 404
+    # 202 then poll
+    st, a = req(e.port, "POST", "/sessions/ex/executions",
+                {"code": "import time\ntime.sleep(0.2)\n'late'", "wait": False, "id": "bg-1"})
+    assert st == 202 and a["id"] == "bg-1"
+    st, run = req(e.port, "GET", "/executions/bg-1")
+    assert st == 200 and run["status"] in ("running", "ok"), run
+    assert wait_result(e.port, "bg-1")["value"] == "late"
+    # errors
+    for body, code in [({"code": 5}, 400), ({}, 400), ({"code": "1", "stream": "xml"}, 400),
+                       ({"code": "1", "extra": 1}, 400), ({"code": "1", "id": "a b"}, 400),
+                       ({"code": "1", "inputs": [1]}, 400)]:
+        st, d = req(e.port, "POST", "/sessions/ex/executions", body)
+        assert st == code, (body, st, d)
+    st, d = req(e.port, "POST", "/sessions/nope/executions", {"code": "1"})
+    assert st == 404 and d["error"]["code"] == "session_not_found", d
+    st, d = req(e.port, "POST", "/sessions/ex/executions", {"code": "1"}, headers=B)
+    assert st == 404
+    # checkpoint
+    st, c = req(e.port, "POST", "/sessions/ex/checkpoint", {"truncate": False})
+    assert st == 200 and c["bytes"] > 0, c
+    assert req(e.port, "POST", "/sessions/ex/checkpoint", {}, headers=B)[0] == 404
+    # fork from the checkpointed state
+    st, f = req(e.port, "POST", "/sessions", {"id": "ex-fork", "fork_of": "ex"})
+    assert st == 201, f
+    assert req(e.port, "POST", "/sessions/ex-fork/executions", {"code": "n"})[1]["value"] == 1
+
+
+def t_stream_and_input(e):
+    assert req(e.port, "POST", "/sessions", {"id": "st"})[0] == 201
+    evs = list(stream_events(e.port, "st", {
+        "code": "import time\nfor i in range(4):\n    print(i, flush=True)\n    time.sleep(0.02)\n'done'",
+        "stream": "ndjson"}))
+    assert evs[0]["type"] == "accepted" and evs[-1]["type"] == "result", evs
+    outs = [x for x in evs if x["type"] == "output"]
+    assert "".join(x["data"] for x in outs) == "0\n1\n2\n3\n"
+    off = 0
+    for x in outs:  # offsets are contiguous
+        assert x["offset"] == off
+        off += len(x["data"].encode())
+    eid = evs[0]["eid"]
+    assert all(x["eid"] == eid for x in evs) and evs[-1]["value"] == "done"
+    seqs = [x["seq"] for x in evs]
+    assert seqs == sorted(seqs)
+    # inputs given up front
+    st, r = req(e.port, "POST", "/sessions/st/executions",
+                {"code": "a = input('a? ')\nb = input('b? ')\n(a, b)", "inputs": ["x"]})
+    assert st == 200 and r["status"] == "error" and r["error"]["type"] == "EOFError", r
+    st, r = req(e.port, "POST", "/sessions/st/executions",
+                {"code": "a = input('a? ')\nb = input('b? ')\na + b", "inputs": ["x", "y"]})
+    assert r["value"] == "xy", r
+    # input answered through the REST route while the stream waits
+    gen = stream_events(e.port, "st", {"code": "s = input('who? ')\n'hello ' + s",
+                                       "stream": "ndjson", "id": "in-1"})
+    for ev in gen:
+        if ev["type"] == "input_request":
+            assert ev["prompt"] == "who? " and ev["eid"] == "in-1"
+            st, g = req(e.port, "GET", "/executions/in-1")
+            assert g["status"] == "running" and g["input_request"]["prompt"] == "who? "
+            assert req(e.port, "POST", "/executions/in-1/input", {"text": "bo"}, headers=B)[0] == 404
+            assert req(e.port, "POST", "/executions/in-1/input", {"text": "bob"})[0] == 202
+            assert req(e.port, "POST", "/executions/in-1/input", {"text": "again"})[0] == 409
+        if ev["type"] == "result":
+            assert ev["value"] == "hello bob", ev
+            break
+    # SSE framing
+    c = http.client.HTTPConnection("127.0.0.1", e.port, timeout=30)
+    c.request("POST", "/v1/sessions/st/executions",
+              body=json.dumps({"code": "print('s')\n3", "stream": "sse"}),
+              headers={**A, "Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.getheader("Content-Type") == "text/event-stream"
+    text = r.read().decode()
+    events = [dict(l.split(": ", 1) for l in blk.split("\n")) for blk in text.split("\n\n") if blk]
+    assert [x["event"] for x in events] == ["accepted", "output", "result"], events
+    assert json.loads(events[-1]["data"])["value"] == 3
+    # cancel
+    st, a = req(e.port, "POST", "/sessions/st/executions",
+                {"code": "import time\ntime.sleep(30)", "wait": False, "id": "long-1"})
+    time.sleep(0.3)
+    assert req(e.port, "POST", "/executions/long-1/cancel", headers=B)[0] == 404
+    assert req(e.port, "POST", "/executions/long-1/cancel")[0] == 202
+    assert wait_result(e.port, "long-1")["status"] == "cancelled"
+    assert req(e.port, "POST", "/executions/long-1/cancel")[0] == 404
+
+
+async def ws_main(e):
+    assert req(e.port, "POST", "/sessions", {"id": "w"})[0] == 201
+    ws = await ws_open(e.port, "w")
+    await ws.send(json.dumps({"type": "execute", "code": "print('a')\n2+2", "eid": "w1"}))
+    got = await ws_until(ws, lambda m: m["type"] == "result")
+    assert [m["type"] for m in got] == ["accepted", "output", "result"], got
+    assert all(m["eid"] == "w1" for m in got) and got[-1]["value"] == 4
+    # input over the socket
+    await ws.send(json.dumps({"type": "execute", "code": "input('q? ') * 2", "eid": "w2"}))
+    got = await ws_until(ws, lambda m: m["type"] == "input_request")
+    assert got[-1]["prompt"] == "q? " and got[-1]["eid"] == "w2"
+    await ws.send(json.dumps({"type": "input_reply", "eid": "w2", "text": "ab"}))
+    got = await ws_until(ws, lambda m: m["type"] == "result")
+    assert got[-1]["value"] == "abab", got
+    # cancel
+    await ws.send(json.dumps({"type": "execute", "code": "import time\ntime.sleep(30)",
+                              "eid": "w3"}))
+    await ws_until(ws, lambda m: m["type"] == "accepted")
+    await asyncio.sleep(0.3)
+    await ws.send(json.dumps({"type": "cancel", "eid": "w3"}))
+    got = await ws_until(ws, lambda m: m["type"] == "result")
+    assert got[-1]["status"] == "cancelled" and got[-1]["eid"] == "w3"
+    # bad messages: an error, the session goes on
+    for bad, code in [({"type": "frob"}, "invalid_message"), ({"code": "1"}, "invalid_message"),
+                      ({"type": "execute"}, "invalid_message"),
+                      ({"type": "execute", "code": "1", "extra": 2}, "invalid_message"),
+                      ({"type": "cancel", "eid": "nope"}, "execution_not_found"),
+                      ({"type": "input_reply", "eid": "w1", "text": "x"}, "execution_not_found")]:
+        await ws.send(json.dumps(bad))
+        m = json.loads(await ws.recv())
+        assert m["type"] == "error" and m["error"]["code"] == code, (bad, m)
+    await ws.send("not json")
+    m = json.loads(await ws.recv())
+    assert m["error"]["code"] == "malformed_json"
+    # resume after a disconnect, from the last output offset seen: nothing lost
+    code = "import time\nfor i in range(8):\n    print('line', i, flush=True)\n    time.sleep(0.1)\n'end'"
+    await ws.send(json.dumps({"type": "execute", "code": code, "eid": "w4"}))
+    seen = ""
+    while seen.count("\n") < 2:
+        m = json.loads(await ws.recv())
+        if m["type"] == "output":
+            assert m["offset"] == len(seen.encode())
+            seen += m["data"]
+    await ws.close()
+    await asyncio.sleep(0.25)
+    ws = await ws_open(e.port, "w")
+    await ws.send(json.dumps({"type": "resume", "eid": "w4", "output_offset": len(seen.encode())}))
+    got = await ws_until(ws, lambda m: m["type"] == "result")
+    for m in got:
+        if m["type"] == "output":
+            assert m["offset"] == len(seen.encode()), (m, seen)
+            seen += m["data"]
+    assert seen == "".join(f"line {i}\n" for i in range(8)), seen
+    assert got[-1]["value"] == "end" and got[-1]["output"] == seen
+    # resume of a finished execution answers from the log
+    await ws.send(json.dumps({"type": "resume", "eid": "w1", "output_offset": 0}))
+    got = await ws_until(ws, lambda m: m["type"] == "result")
+    assert got[0]["type"] == "output" and got[0]["data"] == "a\n" and got[-1]["value"] == 4
+    await ws.send(json.dumps({"type": "resume", "eid": "never"}))
+    m = json.loads(await ws.recv())
+    assert m["type"] == "error" and m["error"]["code"] == "execution_not_found", m
+    await ws.close()
+    # ownership and unknown sessions on the upgrade
+    for hdr, sid, code in [(B, "w", 404), (A, "nope", 404), ({}, "w", 401)]:
+        try:
+            await ws_open(e.port, sid, headers=hdr)
+            raise AssertionError("upgrade accepted")
+        except websockets.InvalidStatusCode as ex:
+            assert ex.status_code == code, (sid, ex)
+
+
+def t_websocket(e):
+    asyncio.run(ws_main(e))
+
+
+def t_metrics(e):
+    st, text = req(e.port, "GET", "/metrics")
+    assert st == 200
+    text = text.decode()
+    for name in ["capsule_sessions_open", "capsule_pool_idle_workers",
+                 "capsule_execution_seconds_bucket", "capsule_executions_total{status=\"ok\"}",
+                 "capsule_worker_deaths_total", "capsule_recovered_executions_total",
+                 "capsule_http_requests_total", "capsule_ws_sessions_open"]:
+        assert name in text, name
+    ok = [l for l in text.split("\n") if l.startswith('capsule_executions_total{status="ok"}')]
+    assert int(ok[0].split()[-1]) > 0
+
+
+async def crash_setup(e):
+    """An input request waiting, an execution printing, and an acknowledged result."""
+    ws = await ws_open(e.port, "k")
+    await ws.send(json.dumps({"type": "execute", "eid": "k-ack", "code": "v = 41 + 1\nv"}))
+    got = await ws_until(ws, lambda m: m["type"] == "result")
+    assert got[-1]["value"] == 42
+    await ws.send(json.dumps({"type": "execute", "eid": "k-in",
+                              "code": "name = input('name? ')\n'hi ' + name"}))
+    await ws_until(ws, lambda m: m["type"] == "input_request")
+    return ws
+
+
+async def crash_after(e):
+    ws = await ws_open(e.port, "k")
+    await ws.send(json.dumps({"type": "resume", "eid": "k-in", "output_offset": 0}))
+    got = await ws_until(ws, lambda m: m["type"] in ("input_request", "result", "error"))
+    assert got[-1]["type"] == "input_request" and got[-1]["prompt"] == "name? ", got
+    await ws.send(json.dumps({"type": "input_reply", "eid": "k-in", "text": "ann"}))
+    got = await ws_until(ws, lambda m: m["type"] == "result")
+    assert got[-1]["value"] == "hi ann", got
+    # the namespace survived: v is still there
+    await ws.send(json.dumps({"type": "execute", "eid": "k-v", "code": "v"}))
+    got = await ws_until(ws, lambda m: m["type"] == "result")
+    assert got[-1]["value"] == 42
+    await ws.close()
+
+
+def t_kill9(server, data, tokfile):
+    e = Engine(server, data, tokfile)
+    assert req(e.port, "POST", "/sessions", {"id": "k"})[0] == 201
+    loop = asyncio.new_event_loop()
+    ws = loop.run_until_complete(crash_setup(e))
+    # a stream in flight too
+    st, _ = req(e.port, "POST", "/sessions", {"id": "k2"})
+    st, a = req(e.port, "POST", "/sessions/k2/executions",
+                {"code": "import time\nfor i in range(5):\n    print(i, flush=True)\n    time.sleep(0.1)\n'fin'",
+                 "wait": False, "id": "k2-run"})
+    time.sleep(0.25)
+    e.kill9()
+    try:
+        loop.run_until_complete(ws.close())
+    except Exception:
+        pass
+    e = Engine(server, data, tokfile)
+    st, r = req(e.port, "GET", "/executions/k-ack")
+    assert st == 200 and r["value"] == 42 and not r["restarted"], r
+    loop.run_until_complete(crash_after(e))
+    loop.close()
+    # the interrupted stream was re-run to completion with all of its output
+    end = time.time() + 20
+    while True:
+        st, r = req(e.port, "GET", "/executions/k2-run")
+        if r.get("status") == "ok":
+            break
+        assert time.time() < end, r
+        time.sleep(0.1)
+    assert r["value"] == "fin" and r["output"] == "0\n1\n2\n3\n4\n" and r["restarted"], r
+    rc, err = e.term()
+    assert rc == 0, err
+
+
+def t_graceful(server, data, tokfile):
+    e = Engine(server, data, tokfile)
+    assert req(e.port, "POST", "/sessions", {"id": "g1"})[0] == 201
+    assert req(e.port, "POST", "/sessions", {"id": "g2"})[0] == 201
+    for sid, eid in [("g1", "g-1"), ("g2", "g-2")]:
+        assert req(e.port, "POST", f"/sessions/{sid}/executions",
+                   {"code": "import time\ntime.sleep(0.8)\n'g'", "wait": False, "id": eid})[0] == 202
+    time.sleep(0.2)
+    t0 = time.time()
+    rc, err = e.term()
+    assert rc == 0, err
+    assert time.time() - t0 >= 0.4  # it waited for the running executions
+    e = Engine(server, data, tokfile)
+    for eid in ("g-1", "g-2"):
+        st, r = req(e.port, "GET", f"/executions/{eid}")
+        assert st == 200 and r["status"] == "ok" and r["value"] == "g" and not r["restarted"], r
+    # second signal: exits at once; the interrupted execution is re-run at the next start
+    assert req(e.port, "POST", "/sessions/g1/executions",
+               {"code": "import time\ntime.sleep(3)\n'again'", "wait": False, "id": "g-3"})[0] == 202
+    time.sleep(0.3)
+    e.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    st, _ = None, None
+    e.proc.send_signal(signal.SIGTERM)
+    rc = e.proc.wait(timeout=5)
+    assert rc != 0
+    e.proc.stderr.read()
+    e = Engine(server, data, tokfile)
+    r = wait_result(e.port, "g-3", timeout=30)
+    assert r["status"] == "ok" and r["value"] == "again" and r["restarted"], r
+    rc, err = e.term()
+    assert rc == 0, err
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server", required=True)
+    ap.add_argument("--only")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="capsule-engine-test-")
+    try:
+        tokfile = os.path.join(tmp, "tokens")
+        with open(tokfile, "w") as f:
+            f.write(TOK_A + "\n" + TOK_B + "\n")
+
+        def want(name):
+            return not args.only or args.only == name
+
+        if want("t_help"):
+            t_help(args.server)
+            print("ok   t_help", flush=True)
+        e = Engine(args.server, os.path.join(tmp, "d1"), tokfile)
+        try:
+            for t in (t_meta, t_sessions, t_execute, t_stream_and_input, t_websocket, t_metrics):
+                if want(t.__name__):
+                    t0 = time.time()
+                    t(e)
+                    print(f"ok   {t.__name__} ({time.time() - t0:.2f} s)", flush=True)
+        finally:
+            rc, err = e.term()
+            if os.environ.get("VERBOSE"):
+                sys.stderr.write(err)
+        assert rc == 0, err
+        for t in (t_kill9, t_graceful):
+            if want(t.__name__):
+                t0 = time.time()
+                t(args.server, os.path.join(tmp, t.__name__), tokfile)
+                print(f"ok   {t.__name__} ({time.time() - t0:.2f} s)", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
