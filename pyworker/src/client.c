@@ -178,8 +178,11 @@ void pyw__cgroup_destroy(const char *dir)
             long pid = strtol(s, &e, 10);
             if (e == s)
                 break;
-            if (pid > 0)
+            if (pid > 0) {
+                int st;
                 kill((pid_t)pid, SIGKILL);
+                (void)waitpid((pid_t)pid, &st, WNOHANG); /* ours if reparented to us */
+            }
             while (*e == '\n')
                 e++;
         }
@@ -188,6 +191,63 @@ void pyw__cgroup_destroy(const char *dir)
     }
     if (rmdir(dir) < 0)
         cap_log(CAP_LOG_WARN, "pyworker", "cannot remove cgroup %s: %s", dir, strerror(errno));
+}
+
+/* Reads ppid and pgrp of a process from /proc/PID/stat; 0 or -1. */
+static int proc_ids(pid_t pid, pid_t *ppid, pid_t *pgrp)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t k = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (k <= 0)
+        return -1;
+    buf[k] = 0;
+    char *p = strrchr(buf, ')'); /* the command may contain spaces and parentheses */
+    int a, b;
+    char st;
+    if (!p || sscanf(p + 1, " %c %d %d", &st, &a, &b) != 3)
+        return -1;
+    *ppid = a;
+    *pgrp = b;
+    return 0;
+}
+
+/* After a worker died and its group was killed: what it started was reparented to us if we are a
+ * subreaper (a zygote user). Kill what is left of its process group and reap those that became
+ * our children, until none is left (bounded: 200 ms). */
+static void reap_group(pid_t pgid)
+{
+    pid_t me = getpid();
+    for (int round = 0; round < 200; round++) {
+        int left = 0;
+        DIR *d = opendir("/proc");
+        if (!d)
+            return;
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            char *end;
+            long pid = strtol(e->d_name, &end, 10);
+            pid_t ppid, pgrp;
+            if (*end || pid <= 0 || proc_ids((pid_t)pid, &ppid, &pgrp) != 0 || pgrp != pgid)
+                continue;
+            kill((pid_t)pid, SIGKILL);
+            if (ppid == me) {
+                int st;
+                if (waitpid((pid_t)pid, &st, WNOHANG) == (pid_t)pid)
+                    continue;
+            }
+            left++;
+        }
+        closedir(d);
+        if (!left)
+            return;
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
 }
 
 /* ---- handles and lifetime ---- */
@@ -719,6 +779,7 @@ static void worker_handle_exit(pyw_worker_t *w, int st)
     w->eof = 1;
     pyw__cgroup_destroy(w->cgroup);
     w->cgroup[0] = 0;
+    reap_group(w->pid);
     ex.exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
     ex.signal = WIFSIGNALED(st) ? WTERMSIG(st) : 0;
     if (w->killed) {
@@ -1054,6 +1115,7 @@ void pyw_worker_close(pyw_worker_t *w)
             ;
         w->exited = 1;
         pyw__cgroup_destroy(w->cgroup);
+        reap_group(w->pid);
     }
     while (w->execs) {
         pyw_exec_t *e = w->execs;

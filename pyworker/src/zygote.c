@@ -212,12 +212,25 @@ int pyw_zygote_spawn(pyw_zygote_t *z, uv_loop_t *loop, const pyw_options_t *opt,
     uint64_t id;
     size_t blen;
     uint64_t deadline = cap_now_ns() + 5000000000ull;
-    if ((rc = zread(z, deadline, &type, &id, &body, &blen))) {
-        rc = CAP_EWORKER;
-        goto out;
-    }
     pyw_rd_t r;
-    pyw__rd_init(&r, body, blen);
+    for (;;) {
+        if ((rc = zread(z, deadline, &type, &id, &body, &blen))) {
+            rc = CAP_EWORKER;
+            goto out;
+        }
+        pyw__rd_init(&r, body, blen);
+        uint32_t dead;
+        if (!(type == PYW_F_FORKED && id == 0))
+            break;
+        /* a spare that died unused: it is our child (subreaper); reap it */
+        if (pyw__get_u32(&r, &dead) == 0 && dead > 0) {
+            int st;
+            while (waitpid((pid_t)dead, &st, 0) < 0 && errno == EINTR)
+                ;
+        }
+        cap_free(body);
+        body = NULL;
+    }
     if (type == PYW_F_ERROR) {
         uint32_t code;
         rc = pyw__get_u32(&r, &code) ? CAP_EWORKER : -(int)code;
@@ -250,10 +263,34 @@ int pyw_zygote_pid(const pyw_zygote_t *z)
 
 void pyw_zygote_close(pyw_zygote_t *z)
 {
+    pid_t spare = -1;
     if (!z)
         return;
-    if (z->sock >= 0)
-        close(z->sock); /* the zygote exits on EOF */
+    if (z->sock >= 0) {
+        /* SHUTDOWN: the zygote names its unused spare (FORKED, id 0), kills it and exits; the
+         * spare is our child (subreaper), so we reap it */
+        pyw_buf_t b;
+        pyw__buf_init(&b);
+        pyw__frame_begin(&b, PYW_F_SHUTDOWN, 0);
+        pyw__frame_end(&b, 0);
+        ssize_t k = send(z->sock, b.p, b.len, MSG_NOSIGNAL);
+        pyw__buf_free(&b);
+        uint64_t deadline = cap_now_ns() + 2000000000ull;
+        while (k > 0) {
+            uint8_t type, *body = NULL;
+            uint64_t id;
+            size_t blen;
+            if (zread(z, deadline, &type, &id, &body, &blen))
+                break;
+            pyw_rd_t r;
+            uint32_t pid;
+            pyw__rd_init(&r, body, blen);
+            if (type == PYW_F_FORKED && id == 0 && pyw__get_u32(&r, &pid) == 0 && pid > 0)
+                spare = (pid_t)pid;
+            cap_free(body);
+        }
+        close(z->sock); /* the zygote exits on EOF too */
+    }
     if (z->pid > 0) {
         int st;
         uint64_t deadline = cap_now_ns() + 2000000000ull;
@@ -265,6 +302,12 @@ void pyw_zygote_close(pyw_zygote_t *z)
             }
             usleep(1000);
         }
+    }
+    if (spare > 0) {
+        int st;
+        kill(spare, SIGKILL);
+        while (waitpid(spare, &st, 0) < 0 && errno == EINTR)
+            ;
     }
     cap_free(z);
 }

@@ -1268,6 +1268,157 @@ static int zygote_read(uint8_t *type, uint64_t *id, uint8_t **body, uint32_t *bl
     return 0;
 }
 
+/* ---- the pre-forked spare worker ----
+ * The zygote keeps one spare: a process forked (through an intermediate, so it is already the
+ * engine's child) and past PyOS_AfterFork_Child, blocked on a SOCK_SEQPACKET pair until a FORK
+ * hands it the worker socket (SCM_RIGHTS) and the options. Forking two processes and the
+ * after-fork work are then off the critical path of a spawn; the next spare is made right after. */
+static pid_t g_spare_pid = -1;
+#define SPARE_IDLE_MS 5
+static int g_spare_sock = -1;
+
+static int send_with_fd(int sock, const void *data, size_t len, int fd)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    memset(&u, 0, sizeof u);
+    struct iovec iov = {(void *)data, len};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = u.buf;
+    msg.msg_controllen = sizeof u.buf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    ssize_t k;
+    do {
+        k = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (k < 0 && errno == EINTR);
+    return k == (ssize_t)len ? 0 : -EPIPE;
+}
+
+/* In the spare: wait for activation, then become the worker. Never returns. */
+static _Noreturn void spare_wait(int sp)
+{
+    char opts[600];
+    int fd = -1;
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = {opts, sizeof opts - 1};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = u.buf;
+    msg.msg_controllen = sizeof u.buf;
+    ssize_t k;
+    do {
+        k = recvmsg(sp, &msg, MSG_CMSG_CLOEXEC);
+    } while (k < 0 && errno == EINTR);
+    if (k <= 0)
+        _exit(0); /* the zygote is gone or retired this spare */
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            memcpy(&fd, CMSG_DATA(c), sizeof(int));
+    opts[k] = 0;
+    close(sp);
+    if (fd < 0 || pyw__wopts_parse(opts, &g_opts) != 0)
+        _exit(4);
+    g_sock = fd;
+    if (join_cgroup() != 0)
+        _exit(4);
+    worker_run();
+}
+
+/* Forks (zygote -> intermediate -> spare); the intermediate reports the spare's pid and exits. */
+static void spare_make(void)
+{
+    int sp[2];
+    pid_t pid = -1;
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0)
+        return;
+    PyOS_BeforeFork();
+    pid_t a = fork();
+    if (a == 0) {
+        pid_t b = fork();
+        if (b == 0) {
+            PyOS_AfterFork_Child();
+            setpgid(0, 0); /* its own process group, as a cold worker has */
+            close(g_sock);
+            close(sp[0]);
+            spare_wait(sp[1]);
+        }
+        ssize_t w = write(sp[1], &b, sizeof b);
+        _exit(w == (ssize_t)sizeof b ? 0 : 1);
+    }
+    PyOS_AfterFork_Parent();
+    close(sp[1]);
+    if (a > 0) {
+        int st;
+        while (waitpid(a, &st, 0) < 0 && errno == EINTR)
+            ;
+        ssize_t r;
+        do {
+            r = read(sp[0], &pid, sizeof pid);
+        } while (r < 0 && errno == EINTR);
+        if (r != (ssize_t)sizeof pid)
+            pid = -1;
+    }
+    if (pid > 0) {
+        g_spare_pid = pid;
+        g_spare_sock = sp[0];
+    } else {
+        close(sp[0]);
+    }
+}
+
+static void send_forked(uint64_t id, pid_t pid)
+{
+    pyw_buf_t b;
+    pyw__buf_init(&b);
+    pyw__frame_begin(&b, PYW_F_FORKED, id);
+    pyw__put_u32(&b, (uint32_t)pid);
+    pyw__frame_end(&b, 0);
+    send_buf(&b);
+    pyw__buf_free(&b);
+}
+
+/* Hands the FORK to the spare. Returns its pid, or -1 (no spare, or it is gone). */
+static pid_t spare_use(const char *opts, int fd)
+{
+    pid_t pid = g_spare_pid;
+    if (pid <= 0)
+        return -1;
+    int rc = send_with_fd(g_spare_sock, opts, strlen(opts), fd);
+    close(g_spare_sock);
+    g_spare_sock = -1;
+    g_spare_pid = -1;
+    if (rc != 0) {
+        /* the spare died: the client, its parent, must reap it (FORKED with id 0) */
+        kill(pid, SIGKILL);
+        send_forked(0, pid);
+        return -1;
+    }
+    return pid;
+}
+
+/* Leaving: the spare exits once its socket closes; tell the client its pid (FORKED with id 0)
+ * so that the client, its parent, reaps it. */
+static _Noreturn void zygote_exit(void)
+{
+    if (g_spare_pid > 0) {
+        send_forked(0, g_spare_pid);
+        kill(g_spare_pid, SIGKILL);
+    }
+    _exit(0);
+}
+
 static _Noreturn void zygote_run(void)
 {
     /* single-threaded from here on: fork is safe */
@@ -1278,21 +1429,30 @@ static _Noreturn void zygote_run(void)
         PyErr_Clear();
     Py_XDECREF(r);
     Py_XDECREF(gc);
+    spare_make();
     send_ready();
     for (;;) {
         uint8_t type = 0, *body = NULL;
         uint64_t id = 0;
         uint32_t blen = 0;
         int fd = -1;
+        /* Make the next spare after SPARE_IDLE_MS without requests: not at once, so that the
+         * fork does not compete for the CPU with the worker that was just handed out (a burst of
+         * requests is served by direct forks meanwhile). */
+        if (g_spare_pid <= 0) {
+            struct pollfd pf = {g_sock, POLLIN, 0};
+            if (poll(&pf, 1, SPARE_IDLE_MS) == 0)
+                spare_make();
+        }
         int rc = zygote_read(&type, &id, &body, &blen, &fd);
         if (rc == CAP_ECLOSED)
-            _exit(0);
+            zygote_exit();
         if (rc) {
             send_error(0, rc, "malformed frame");
             goto next;
         }
         if (type == PYW_F_SHUTDOWN)
-            _exit(0);
+            zygote_exit();
         if (type == PYW_F_PING) {
             send_empty(PYW_F_PONG, id);
             goto next;
@@ -1306,12 +1466,18 @@ static _Noreturn void zygote_run(void)
         pyw_wopts_t wo;
         pyw__rd_init(&rd, body + 9, blen - 9);
         if (fd < 0 || pyw__get_strdup(&rd, &opts) || pyw__rd_end(&rd) ||
-            pyw__wopts_parse(opts, &wo)) {
+            pyw__wopts_parse(opts, &wo) || strlen(opts) >= 512) {
             send_error(id, CAP_EPROTO, "malformed FORK (options or socket missing)");
             cap_free(opts);
             goto next;
         }
+        pid_t spare = spare_use(opts, fd);
         cap_free(opts);
+        if (spare > 0) {
+            send_forked(id, spare);
+            goto next; /* the next spare is made once the zygote has been idle a moment */
+        }
+        /* no spare: fork one for this request directly */
         PyOS_BeforeFork();
         pid_t a = fork();
         if (a == 0) {
@@ -1322,6 +1488,8 @@ static _Noreturn void zygote_run(void)
                 PyOS_AfterFork_Child();
                 setpgid(0, 0); /* its own process group, as a cold worker has */
                 close(g_sock);
+                if (g_spare_sock >= 0)
+                    close(g_spare_sock);
                 g_sock = fd;
                 g_opts = wo;
                 if (join_cgroup() != 0)

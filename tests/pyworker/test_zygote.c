@@ -4,10 +4,12 @@
  * its real exit status, and a kill -9 of a forked worker is reported at once. Also the zygote
  * survives the death of its workers and keeps forking.
  */
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -98,8 +100,11 @@ int main(void)
     CHECK(r->emsg && strstr(r->emsg, "process limit (3) exceeded"));
     pyw_sync_run_free(r);
 
-    /* the zygote keeps serving; many forks in a row */
+    /* the zygote keeps serving: forks in a burst (direct forks while no spare is ready) and
+     * spaced out (each served by the pre-forked spare) */
     for (int i = 0; i < 10; i++) {
+        if (i >= 5)
+            usleep(30000);
         pyw_sync_t *d;
         CHECK_OK(pyw_sync_open(z, NULL, &d));
         r = run(d, "WARM + '!'");
@@ -110,6 +115,10 @@ int main(void)
     pyw_sync_close(c);
     pyw_sync_close(b);
     pyw_zygote_close(z);
+    /* every worker, the zygote and its unused spare were reaped: no child is left */
+    int st;
+    CHECK_EQ(waitpid(-1, &st, WNOHANG), -1);
+    CHECK_EQ(errno, ECHILD);
 
     /* a warm-up that fails is reported, not hidden */
     zo.warmup = "raise RuntimeError('bad warmup')";
