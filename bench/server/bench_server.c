@@ -1,0 +1,380 @@
+/*
+ * bench_server.c - capsule-engine over the network, measured from a real client:
+ *   - "2+2" over one WebSocket, sync durability: send {"type":"execute"} until the "result"
+ *     message arrives (the result is durable when it is sent); p50 / p99. Goal: p50 <= 0.8 ms.
+ *     Peer, in the same run: the same cell through the engine's C API in-process
+ *     (eng_execute_sync, sync durability, its own data directory), so the ratio is what the
+ *     HTTP/WebSocket layer and the process hop cost.
+ *   - session create over REST (POST /v1/sessions, served from the warm pool): p50 / p99.
+ * The server is started as a child process (bin/capsule-engine next to this executable) on a
+ * fresh data directory; the client is a minimal blocking HTTP/WebSocket client written here.
+ *
+ * Human table on stderr, one JSON object per figure on stdout. --quick: small counts.
+ * Not measured here yet: the Jupyter peer (ipykernel + jupyter_client), 200 concurrent clients.
+ */
+#define _GNU_SOURCE /* memmem */
+#include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "capsule.h"
+#include "cap.h"
+
+static char bindir[PATH_MAX];
+
+typedef struct cli {
+    int fd;
+    char buf[1 << 16];
+    size_t len;
+} cli_t;
+
+static void die(const char *what)
+{
+    fprintf(stderr, "bench_server: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static int cli_connect(cli_t *c, int port)
+{
+    c->fd = socket(AF_INET, SOCK_STREAM, 0);
+    c->len = 0;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(0x7f000001);
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    return connect(c->fd, (struct sockaddr *)&a, sizeof(a));
+}
+
+static void cli_send(cli_t *c, const void *d, size_t n)
+{
+    const char *p = d;
+    while (n) {
+        ssize_t k = write(c->fd, p, n);
+        if (k < 0)
+            die("write");
+        p += k;
+        n -= (size_t)k;
+    }
+}
+
+static void cli_fill(cli_t *c)
+{
+    if (c->len == sizeof(c->buf))
+        die("response too big");
+    ssize_t k = read(c->fd, c->buf + c->len, sizeof(c->buf) - c->len);
+    if (k <= 0) {
+        errno = k == 0 ? ECONNRESET : errno;
+        die("read");
+    }
+    c->len += (size_t)k;
+}
+
+static void cli_consume(cli_t *c, size_t n)
+{
+    memmove(c->buf, c->buf + n, c->len - n);
+    c->len -= n;
+}
+
+/* One HTTP request on a keep-alive connection; returns the status; body copied to out. */
+static int http_do(cli_t *c, const char *method, const char *path, const char *body, char *out,
+                   size_t outn)
+{
+    char req[1024];
+    int n = snprintf(req, sizeof(req),
+                     "%s %s HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+                     "Content-Length: %zu\r\n\r\n%s",
+                     method, path, body ? strlen(body) : 0, body ? body : "");
+    cli_send(c, req, (size_t)n);
+    char *end;
+    while (!(end = memmem(c->buf, c->len, "\r\n\r\n", 4)))
+        cli_fill(c);
+    size_t head = (size_t)(end - c->buf) + 4;
+    int status = atoi(c->buf + 9);
+    char *cl = memmem(c->buf, head, "Content-Length: ", 16);
+    size_t blen = cl ? (size_t)atol(cl + 16) : 0;
+    while (c->len < head + blen)
+        cli_fill(c);
+    if (out) {
+        size_t k = blen < outn - 1 ? blen : outn - 1;
+        memcpy(out, c->buf + head, k);
+        out[k] = 0;
+    }
+    cli_consume(c, head + blen);
+    return status;
+}
+
+static void ws_upgrade(cli_t *c, const char *path)
+{
+    char req[512];
+    int n = snprintf(req, sizeof(req),
+                     "GET %s HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n",
+                     path);
+    cli_send(c, req, (size_t)n);
+    char *end;
+    while (!(end = memmem(c->buf, c->len, "\r\n\r\n", 4)))
+        cli_fill(c);
+    if (strncmp(c->buf, "HTTP/1.1 101", 12) != 0) {
+        fprintf(stderr, "bench_server: upgrade refused: %.*s\n", (int)c->len, c->buf);
+        exit(1);
+    }
+    cli_consume(c, (size_t)(end - c->buf) + 4);
+}
+
+static void ws_send_text(cli_t *c, const char *s)
+{
+    size_t n = strlen(s), k = 0;
+    uint8_t f[1024];
+    f[k++] = 0x81;
+    if (n < 126) {
+        f[k++] = (uint8_t)(0x80 | n);
+    } else {
+        f[k++] = 0x80 | 126;
+        f[k++] = (uint8_t)(n >> 8);
+        f[k++] = (uint8_t)n;
+    }
+    uint8_t m[4] = {0x11, 0x22, 0x33, 0x44};
+    memcpy(f + k, m, 4);
+    k += 4;
+    for (size_t i = 0; i < n; i++)
+        f[k + i] = (uint8_t)s[i] ^ m[i % 4];
+    cli_send(c, f, k + n);
+}
+
+/* Reads one text message (unfragmented server frames) into out. */
+static void ws_recv_text(cli_t *c, char *out, size_t outn)
+{
+    for (;;) {
+        while (c->len < 2)
+            cli_fill(c);
+        uint8_t *p = (uint8_t *)c->buf;
+        size_t hl = 2, len = p[1] & 0x7f;
+        if (len == 126) {
+            while (c->len < 4)
+                cli_fill(c);
+            len = (size_t)p[2] << 8 | p[3];
+            hl = 4;
+        } else if (len == 127) {
+            while (c->len < 10)
+                cli_fill(c);
+            len = 0;
+            for (int i = 0; i < 8; i++)
+                len = len << 8 | p[2 + i];
+            hl = 10;
+        }
+        while (c->len < hl + len)
+            cli_fill(c);
+        p = (uint8_t *)c->buf;
+        int op = p[0] & 0x0f;
+        if (op == 1) {
+            size_t k = len < outn - 1 ? len : outn - 1;
+            memcpy(out, c->buf + hl, k);
+            out[k] = 0;
+            cli_consume(c, hl + len);
+            return;
+        }
+        if (op == 8) {
+            fprintf(stderr, "bench_server: server closed the WebSocket\n");
+            exit(1);
+        }
+        cli_consume(c, hl + len); /* ping etc. */
+    }
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double pct(uint64_t *v, size_t n, double p)
+{
+    qsort(v, n, sizeof(*v), cmp_u64);
+    size_t i = (size_t)(p * (double)(n - 1) + 0.5);
+    return (double)v[i] / 1e6; /* ms */
+}
+
+static void emit(const char *metric, double value, const char *unit, const char *peer,
+                 double peer_value, double goal, int lower_better)
+{
+    printf("{\"bench\":\"server\",\"metric\":\"%s\",\"value\":%.4f,\"unit\":\"%s\",\"peer\":",
+           metric, value, unit);
+    if (peer)
+        printf("\"%s\",\"peer_value\":%.4f,\"ratio\":%.3f,", peer, peer_value,
+               peer_value > 0 ? value / peer_value : 0.0);
+    else
+        printf("null,\"peer_value\":null,\"ratio\":null,");
+    if (goal > 0)
+        printf("\"goal\":%.4f,\"met\":%s}\n", goal,
+               (lower_better ? value <= goal : value >= goal) ? "true" : "false");
+    else
+        printf("\"goal\":null,\"met\":null}\n");
+    fflush(stdout);
+}
+
+static pid_t start_server(const char *data, int *port)
+{
+    int pfd[2];
+    if (pipe(pfd) != 0)
+        die("pipe");
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(pfd[1], 1);
+        close(pfd[0]);
+        char exe[PATH_MAX + 32];
+        snprintf(exe, sizeof(exe), "%s/capsule-engine", bindir);
+        execl(exe, exe, "--listen", "127.0.0.1:0", "--data-dir", data, "--durability", "sync",
+              "--log-level", "warn", "--pool-idle", "4", (char *)NULL);
+        _exit(127);
+    }
+    close(pfd[1]);
+    char line[256];
+    size_t n = 0;
+    while (n < sizeof(line) - 1) {
+        ssize_t k = read(pfd[0], line + n, 1);
+        if (k <= 0)
+            break;
+        if (line[n++] == '\n')
+            break;
+    }
+    line[n] = 0;
+    close(pfd[0]);
+    char *p = strstr(line, "port ");
+    if (!p) {
+        fprintf(stderr, "bench_server: capsule-engine did not start (%s)\n", line);
+        exit(1);
+    }
+    *port = atoi(p + 5);
+    return pid;
+}
+
+int main(int argc, char **argv)
+{
+    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    size_t n_ws = quick ? 300 : 3000, n_create = quick ? 30 : 200, warm = quick ? 30 : 200;
+    char exe[PATH_MAX];
+    ssize_t el = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (el < 0)
+        die("readlink");
+    exe[el] = 0;
+    snprintf(bindir, sizeof(bindir), "%s", exe);
+    *strrchr(bindir, '/') = 0;
+    char tmpl[] = "/tmp/capsule-bench-server-XXXXXX";
+    if (!mkdtemp(tmpl))
+        die("mkdtemp");
+    char sdata[PATH_MAX], edata[PATH_MAX];
+    snprintf(sdata, sizeof(sdata), "%s/server", tmpl);
+    snprintf(edata, sizeof(edata), "%s/engine", tmpl);
+
+    /* ---- the server ---- */
+    int port;
+    pid_t pid = start_server(sdata, &port);
+    cli_t *c = cap_calloc(1, sizeof(*c));
+    if (cli_connect(c, port) != 0)
+        die("connect");
+    char body[8192];
+    if (http_do(c, "POST", "/v1/sessions", "{\"id\":\"bench\"}", body, sizeof(body)) != 201) {
+        fprintf(stderr, "bench_server: session create failed: %s\n", body);
+        return 1;
+    }
+    /* session create over REST, from the warm pool */
+    uint64_t *t = cap_calloc(n_ws > n_create ? n_ws : n_create, sizeof(uint64_t));
+    for (size_t i = 0; i < n_create; i++) {
+        char b[64];
+        snprintf(b, sizeof(b), "{\"id\":\"c%zu\"}", i);
+        uint64_t t0 = cap_now_ns();
+        int st = http_do(c, "POST", "/v1/sessions", b, body, sizeof(body));
+        t[i] = cap_now_ns() - t0;
+        if (st != 201) {
+            fprintf(stderr, "bench_server: create %zu: %d %s\n", i, st, body);
+            return 1;
+        }
+        snprintf(b, sizeof(b), "/v1/sessions/c%zu", i);
+        http_do(c, "DELETE", b, NULL, body, sizeof(body));
+    }
+    double c50 = pct(t, n_create, 0.5), c99 = pct(t, n_create, 0.99);
+
+    /* 2+2 over the WebSocket */
+    cli_t *w = cap_calloc(1, sizeof(*w));
+    if (cli_connect(w, port) != 0)
+        die("connect");
+    ws_upgrade(w, "/v1/sessions/bench/ws");
+    char msg[8192];
+    for (size_t i = 0; i < warm + n_ws; i++) {
+        uint64_t t0 = cap_now_ns();
+        ws_send_text(w, "{\"type\":\"execute\",\"code\":\"2+2\"}");
+        for (;;) {
+            ws_recv_text(w, msg, sizeof(msg));
+            if (strstr(msg, "\"type\":\"result\""))
+                break;
+        }
+        if (i >= warm)
+            t[i - warm] = cap_now_ns() - t0;
+        if (!strstr(msg, "\"value\":4")) {
+            fprintf(stderr, "bench_server: unexpected result %s\n", msg);
+            return 1;
+        }
+    }
+    double w50 = pct(t, n_ws, 0.5), w99 = pct(t, n_ws, 0.99);
+    close(w->fd);
+    close(c->fd);
+    kill(pid, SIGTERM);
+    int status;
+    waitpid(pid, &status, 0);
+
+    /* ---- the peer: the engine's C API in this process, same cell, same durability ---- */
+    eng_opts_t eo = {.dir = edata, .pool_idle = 4};
+    eng_t *e;
+    if (eng_open(&eo, &e) != 0) {
+        fprintf(stderr, "bench_server: eng_open failed\n");
+        return 1;
+    }
+    char *sid = NULL;
+    eng_session_open(e, "peer", NULL, &sid);
+    for (size_t i = 0; i < warm + n_ws; i++) {
+        eng_exec_req_t rq = {.sid = "peer", .code = "2+2"};
+        eng_result_t *r = NULL;
+        uint64_t t0 = cap_now_ns();
+        if (eng_execute_sync(e, &rq, NULL, 0, &r) != 0 || r->status != ENG_ST_OK) {
+            fprintf(stderr, "bench_server: peer execution failed\n");
+            return 1;
+        }
+        if (i >= warm)
+            t[i - warm] = cap_now_ns() - t0;
+        eng_result_free(r);
+    }
+    double p50 = pct(t, n_ws, 0.5), p99 = pct(t, n_ws, 0.99);
+    cap_free(sid);
+    eng_close(e);
+
+    fprintf(stderr, "\nbench_server (%s; sync durability; %zu executions, %zu creates)\n",
+            quick ? "quick" : "full", n_ws, n_create);
+    fprintf(stderr, "  %-44s %10s %10s\n", "", "p50 ms", "p99 ms");
+    fprintf(stderr, "  %-44s %10.3f %10.3f\n", "2+2 over WebSocket (capsule-engine)", w50, w99);
+    fprintf(stderr, "  %-44s %10.3f %10.3f\n", "2+2 via eng_execute_sync (in-process peer)", p50,
+            p99);
+    fprintf(stderr, "  %-44s %10.3f %10.3f\n", "session create over REST (warm pool)", c50, c99);
+    fprintf(stderr, "  server overhead p50: %.3fx the in-process engine; goal p50 <= 0.8 ms\n",
+            w50 / p50);
+    emit("ws_2plus2_sync_p50", w50, "ms", "engine C API in-process (sync)", p50, 0.8, 1);
+    emit("ws_2plus2_sync_p99", w99, "ms", "engine C API in-process (sync)", p99, 0, 1);
+    emit("rest_session_create_p50", c50, "ms", NULL, 0, 0, 1);
+    emit("rest_session_create_p99", c99, "ms", NULL, 0, 0, 1);
+    cap_free(t);
+    cap_free(c);
+    cap_free(w);
+    char cmd[PATH_MAX + 16];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpl);
+    if (system(cmd) != 0)
+        fprintf(stderr, "bench_server: could not remove %s\n", tmpl);
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+}
