@@ -351,9 +351,15 @@ class Namespace:
     """
 
     def __init__(self, globals_dict, hash_fn, exclude=()):
+        self._setup(globals_dict, hash_fn, set(EXCLUDED) | set(exclude))
+        names = self._current_keys()
+        self._record(names, names, {}, {})
+        self._sync_ids()
+
+    def _setup(self, globals_dict, hash_fn, skip):
         self._g = globals_dict
         self._hash = hash_fn
-        self._skip = set(EXCLUDED) | set(exclude)
+        self._skip = set(skip)
         self._modname = globals_dict.get("__name__", "__main__")
         self._modname_b = self._modname.encode("utf-8", "surrogatepass")
         self._vals = {}
@@ -372,9 +378,6 @@ class Namespace:
         self._cell_file = None
         self._code_cache = {}
         self._klist, self._idl = [], []
-        names = self._current_keys()
-        self._record(names, names, {}, {})
-        self._sync_ids()
 
     # ---------------------------------------------------------------- public API
 
@@ -468,18 +471,25 @@ class Namespace:
         return blob, info
 
     def snapshot(self):
-        """Returns (blob, info): every name, groups re-pickled, sources in definition order."""
-        try:
-            return self._full(_KIND_SNAPSHOT)
-        except BaseException:
-            self._resync = True
-            raise
+        """Returns (blob, info): every name, groups re-pickled, sources in definition order.
+        Leaves the recorded state alone: the next delta still reports everything that changed
+        since the previous delta (a chain that does not use this snapshot stays whole)."""
+        self._pending = {}
+        shadow = Namespace.__new__(Namespace)
+        shadow._setup(self._g, self._hash, self._skip)
+        # Source-made names keep their source while they hold the same object.
+        shadow._src = dict(self._src)
+        shadow._vals = {n: self._vals[n] for n in self._src if n in self._vals}
+        shadow._cellseq = self._cellseq
+        return shadow._full(_KIND_SNAPSHOT)
 
     def _full(self, kind):
+        """Records every name afresh and returns a blob that recreates them all."""
         keys = self._current_keys()
         deleted = self._vals.keys() - keys
         self._pending = {}
         entries, unpick = self._record(keys, keys, {}, {}, deleted=deleted)
+        entries = [e for e in entries if e[0] != "del"]  # a snapshot replaces everything
         blob = self._encode(kind, entries)
         self._sync_ids()
         self._resync = False

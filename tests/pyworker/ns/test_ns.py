@@ -580,6 +580,18 @@ class TestSnapshots(Base):
         r, _ = self.restore()
         self.assertEqual(describe(r.g, r.names()), final)
 
+    def test_snapshot_leaves_the_delta_chain_whole(self):
+        self.run_cell("class K:\n    pass\nk = K()\nk.v = 1")
+        self.run_cell("class K:\n    pass")  # k is now an instance of a class no name holds
+        blob, info = self.s.ns.snapshot()
+        self.assertIn("k", info["unpicklable"])
+        i = self.run_cell("k.v = 2")  # the next delta still says so (the snapshot changed nothing)
+        self.assertEqual(i["mutated"], ["k"])
+        self.assertIn("k", i["unpicklable"])
+        r, res = self.restore()
+        self.assertNotIn("k", r.g)
+        self.assertIn("k", res[-1]["failed"])
+
     def test_snapshot_replaces_existing_names(self):
         self.run_cell("a = 1\nb = 2")
         snap = self.s.ns.snapshot()[0]
@@ -791,6 +803,85 @@ class TestRandomized(Base):
                 self.assertEqual((getattr(rbox, "count", None), shape(vars(rbox), ["seen"])
                                   if "seen" in vars(rbox) else None), want_cls)
                 self.assertEqual([x["failed"] for x in res if x["failed"]], [])
+
+
+def outcome(fn):
+    try:
+        return ("ok", fn())
+    except Exception as exc:
+        return ("raised", type(exc).__name__)
+
+
+class TestRandomizedDefinitions(Base):
+    """Random cells that (re)define functions, lambdas, decorated functions, aliases, imports,
+    classes and their instances, class attributes and unpicklable values; after every few cells
+    the chain and a snapshot plus the later deltas restore every name that can be restored, the
+    others are listed as failed, and the restored functions, classes, instances and modules
+    behave as the originals."""
+
+    def gen_cell(self, rnd):
+        r = rnd.randint(0, 99)
+        g = self.s.g
+        ops = [f"def f0():\n    return {r}", f"f0 = lambda: {r}",
+               f"@functools.lru_cache()\ndef f1():\n    return {r}",
+               f"def f1():\n    return f0() + {r}\nf1 = functools.wraps(f1)(f1)",
+               "import json as m0", "import os.path as m0",
+               "from collections import OrderedDict as m0",
+               f"class K0:\n    k = {r}\n    def get(self):\n        return self.k + {r}",
+               f"lk = threading.Lock()", f"lk = {r}", f"gen = (i for i in range({r}))"]
+        if "f0" in g:
+            ops += ["f2 = f0", "del f0"]
+        if "K0" in g:
+            ops += ["i0 = K0()", f"K0.k = {r}", "i1 = [K0(), K0()]"]
+        if "i0" in g:
+            ops += [f"i0.k = {r}", "del i0"]
+        return rnd.choice(ops)
+
+    def check(self, r, res):
+        g = self.s.g
+        names = self.s.names()
+        failed = {}
+        for x in res:
+            failed.update(x["failed"])
+        missing = set(names) - set(r.names())
+        self.assertLessEqual(missing, set(failed))
+        self.assertEqual(set(r.names()) - set(names), set())
+        for n in sorted(set(names) - missing):
+            v, w = g[n], r.g[n]
+            if n in ("f0", "f1", "f2"):
+                self.assertEqual(outcome(w), outcome(v), n)
+            elif n == "K0":
+                self.assertEqual((w.k, w().get()), (v.k, v().get()))
+            elif n == "i0":
+                self.assertEqual((w.k, w.get(), type(w).__name__), (v.k, v.get(), "K0"))
+            elif n == "i1":
+                self.assertEqual([x.get() for x in w], [x.get() for x in v])
+            elif n == "m0":
+                self.assertIs(w, v)
+            elif n in ("lk", "gen"):
+                self.assertEqual(type(w), type(v))
+        for n in missing:  # listed with a reason, and really not restorable as it is
+            self.assertTrue(failed[n], n)
+
+    def test_random_definitions(self):
+        import random
+
+        rnd = random.Random(99)
+        self.run_cell("import functools, threading")
+        snaps = [(1, self.s.ns.snapshot()[0])]
+        for cells in range(1, 81):
+            self.run_cell(self.gen_cell(rnd))
+            if rnd.random() < 0.2:
+                snaps.append((len(self.blobs), self.s.ns.snapshot()[0]))
+            if cells % 8:
+                continue
+            at, snap = rnd.choice(snaps)
+            for chain in (self.blobs, [snap] + self.blobs[at:]):
+                r, res = self.restore(chain)
+                try:
+                    self.check(r, res)
+                finally:
+                    sys.modules[self.modname] = self.s.mod
 
 
 class TestFreshProcess(unittest.TestCase):
