@@ -829,10 +829,12 @@ class TestRandomizedDefinitions(Base):
                "from collections import OrderedDict as m0",
                f"class K0:\n    k = {r}\n    def get(self):\n        return self.k + {r}",
                f"lk = threading.Lock()", f"lk = {r}", f"gen = (i for i in range({r}))"]
+        ops += ["exec('def f3():\\n    return 3')", "hs = [f0, f1] if 'f1' in dir() else [f0]"
+                if "f0" in g else "hs = []"]
         if "f0" in g:
-            ops += ["f2 = f0", "del f0"]
+            ops += ["f2 = f0", "del f0", "hs.append(f0)" if "hs" in g else "pass"]
         if "K0" in g:
-            ops += ["i0 = K0()", f"K0.k = {r}", "i1 = [K0(), K0()]"]
+            ops += ["i0 = K0()", f"K0.k = {r}", "i1 = [K0(), K0()]", "del K0"]
         if "i0" in g:
             ops += [f"i0.k = {r}", "del i0"]
         return rnd.choice(ops)
@@ -848,7 +850,7 @@ class TestRandomizedDefinitions(Base):
         self.assertEqual(set(r.names()) - set(names), set())
         for n in sorted(set(names) - missing):
             v, w = g[n], r.g[n]
-            if n in ("f0", "f1", "f2"):
+            if n in ("f0", "f1", "f2", "f3"):
                 self.assertEqual(outcome(w), outcome(v), n)
             elif n == "K0":
                 self.assertEqual((w.k, w().get()), (v.k, v().get()))
@@ -860,6 +862,8 @@ class TestRandomizedDefinitions(Base):
                 self.assertIs(w, v)
             elif n in ("lk", "gen"):
                 self.assertEqual(type(w), type(v))
+            elif n == "hs":
+                self.assertEqual([outcome(x) for x in w], [outcome(x) for x in v])
         for n in missing:  # listed with a reason, and really not restorable as it is
             self.assertTrue(failed[n], n)
 
@@ -870,7 +874,7 @@ class TestRandomizedDefinitions(Base):
         self.run_cell("import functools, threading")
         snaps = [(1, self.s.ns.snapshot()[0])]
         for cells in range(1, 81):
-            self.run_cell(self.gen_cell(rnd))
+            self.run_cell(self.gen_cell(rnd), expect_error=NameError)
             if rnd.random() < 0.2:
                 snaps.append((len(self.blobs), self.s.ns.snapshot()[0]))
             if cells % 8:
