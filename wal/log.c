@@ -333,6 +333,8 @@ int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn 
         return CAP_EINVAL;
     if (log->readonly)
         return CAP_EINVAL;
+    if (n > log->opts.max_batch_records)
+        return CAP_ETOOBIG; /* its records must share one transaction: one batch at most */
     a = cap_calloc(1, sizeof(*a) + n * sizeof(a->f[0]));
     a->done = done;
     a->arg = arg;
@@ -342,6 +344,10 @@ int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn 
             goto out;
         a->n++;
         a->bytes += a->f[i].len;
+        if (n > 1 && a->bytes > log->opts.max_batch_bytes) {
+            rc = CAP_ETOOBIG;
+            goto out;
+        }
     }
     pthread_mutex_lock(&log->mu);
     if (log->closing) {

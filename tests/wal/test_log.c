@@ -238,8 +238,22 @@ static void test_multi_and_limits(void)
     CHECK_ERR(wal_log_append(log, mix, 2, NULL, NULL, NULL), CAP_ETOOBIG);
     bf.len = sizeof(blob);
     CHECK_ERR(wal_log_append(log, &br, 1, NULL, NULL, NULL), CAP_ETOOBIG);
+    close_log(log, env);
+
+    /* an append must fit one batch: by record count and (several records) by bytes */
+    wal_opts_t small = {.max_batch_records = 10, .max_batch_bytes = 2000};
+    log = open_log(dir, &env, &small, 0, 0);
+    wal_rec_t many[11];
+    for (int i = 0; i < 11; i++)
+        many[i] = r[i % 10];
+    CHECK_ERR(wal_log_append(log, many, 11, NULL, NULL, NULL), CAP_ETOOBIG);
+    CHECK_OK(wal_log_append_sync(log, many, 10, NULL)); /* exactly a batch */
+    bf.len = 1500;
+    wal_rec_t two[2] = {br, br};
+    CHECK_ERR(wal_log_append(log, two, 2, NULL, NULL, NULL), CAP_ETOOBIG);
+    CHECK_OK(wal_log_append_sync(log, two, 1, NULL)); /* one record always fits */
     wal_log_stats(log, &st);
-    CHECK_EQ(st.last_seq, s);
+    CHECK_EQ(st.last_seq, s + 11); /* and the refused appends took no sequence numbers */
     CHECK_EQ(st.pending, 0);
     close_log(log, env);
 

@@ -132,7 +132,9 @@ int wal_log_append_sync(wal_log_t *log, const wal_rec_t *recs, size_t n, uint64_
 int wal_log_truncate(wal_log_t *log, uint64_t before_seq);
 /* (Notes: not from a done or apply callback. It deletes what is committed while it runs; a record
  * with seq < before_seq still queued when it finishes is kept. CAP_EINVAL on a read-only log,
- * CAP_ECLOSED once closing. wal_log_append on a read-only log: CAP_EINVAL. wal_log_open on a
+ * CAP_ECLOSED once closing. wal_log_append on a read-only log: CAP_EINVAL; an append of more
+ * than max_batch_records records, or of several records over max_batch_bytes in all:
+ * CAP_ETOOBIG, since an append's records always share one transaction. wal_log_open on a
  * read-only env that holds no log: CAP_ENOTFOUND.) */
 
 typedef struct wal_stats {
