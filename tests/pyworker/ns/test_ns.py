@@ -669,7 +669,6 @@ class TestMalformed(Base):
                 r.apply(self._forge(r.ns, body))
             self.assertEqual(r.g, before)
         # a body that tries to load a global is refused before anything runs
-        evil = pickle.dumps([("del", "x")], 5).replace(b"\x8c\x03del", b"\x8c\x03del")
         evil = b"\x80\x05cos\nsystem\n."  # GLOBAL os.system
         blob = bytes([1]) + b"D" + nshelp.h64(evil).to_bytes(8, "little") + evil
         with self.assertRaises(ValueError):
