@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import websockets
@@ -389,18 +390,47 @@ async def crash_after(e):
     await ws.close()
 
 
+def t_limit_flags(server, data, tokfile):
+    e = Engine(server, data, tokfile, ("--max-body-bytes", "300", "--json-max-depth", "3",
+                                       "--max-conns", "4"))
+    try:
+        st, d = req(e.port, "POST", "/sessions", {"id": "x" * 100, "tx": "y" * 300})
+        assert st == 413 and d["error"]["code"] == "body_too_large", (st, d)
+        st, d = req(e.port, "POST", "/sessions", {"id": "d", "tx": [[[[1]]]]})
+        assert st == 400 and d["error"]["code"] == "json_too_deep", (st, d)
+    finally:
+        rc, err = e.term()
+    assert rc == 0, err
+
+
 def t_kill9(server, data, tokfile):
     e = Engine(server, data, tokfile)
     assert req(e.port, "POST", "/sessions", {"id": "k"})[0] == 201
     loop = asyncio.new_event_loop()
     ws = loop.run_until_complete(crash_setup(e))
-    # a stream in flight too
+    # an NDJSON stream in flight too, read by a client thread
     st, _ = req(e.port, "POST", "/sessions", {"id": "k2"})
-    st, a = req(e.port, "POST", "/sessions/k2/executions",
-                {"code": "import time\nfor i in range(5):\n    print(i, flush=True)\n    time.sleep(0.1)\n'fin'",
-                 "wait": False, "id": "k2-run"})
-    time.sleep(0.25)
+    seen = []
+
+    def reader():
+        try:
+            for ev in stream_events(e.port, "k2", {
+                    "code": "import time\nfor i in range(5):\n    print(i, flush=True)\n    time.sleep(0.1)\n'fin'",
+                    "stream": "ndjson", "id": "k2-run"}):
+                seen.append(ev)
+        except (OSError, http.client.HTTPException, ValueError):
+            pass  # the server died under it
+
+    th = threading.Thread(target=reader)
+    th.start()
+    end = time.time() + 10
+    while sum(1 for x in seen if x["type"] == "output") < 2:
+        assert time.time() < end, seen
+        time.sleep(0.01)
     e.kill9()
+    th.join(10)
+    streamed = "".join(x["data"] for x in seen if x["type"] == "output")
+    assert len(streamed) >= 4 and not any(x["type"] == "result" for x in seen), seen
     try:
         loop.run_until_complete(ws.close())
     except Exception:
@@ -419,6 +449,7 @@ def t_kill9(server, data, tokfile):
         assert time.time() < end, r
         time.sleep(0.1)
     assert r["value"] == "fin" and r["output"] == "0\n1\n2\n3\n4\n" and r["restarted"], r
+    assert r["output"].startswith(streamed), (streamed, r)  # every chunk streamed is there
     rc, err = e.term()
     assert rc == 0, err
 
@@ -430,11 +461,16 @@ def t_graceful(server, data, tokfile):
     for sid, eid in [("g1", "g-1"), ("g2", "g-2")]:
         assert req(e.port, "POST", f"/sessions/{sid}/executions",
                    {"code": "import time\ntime.sleep(0.8)\n'g'", "wait": False, "id": eid})[0] == 202
+    loop = asyncio.new_event_loop()
+    ws = loop.run_until_complete(ws_open(e.port, "g1"))
     time.sleep(0.2)
     t0 = time.time()
     rc, err = e.term()
     assert rc == 0, err
     assert time.time() - t0 >= 0.4  # it waited for the running executions
+    loop.run_until_complete(ws.wait_closed())
+    assert ws.close_code == 1001, ws.close_code  # told why, not reset
+    loop.close()
     e = Engine(server, data, tokfile)
     for eid in ("g-1", "g-2"):
         st, r = req(e.port, "GET", f"/executions/{eid}")
@@ -486,7 +522,7 @@ def main():
             if os.environ.get("VERBOSE"):
                 sys.stderr.write(err)
         assert rc == 0, err
-        for t in (t_kill9, t_graceful):
+        for t in (t_limit_flags, t_kill9, t_graceful):
             if want(t.__name__):
                 t0 = time.time()
                 t(args.server, os.path.join(tmp, t.__name__), tokfile)

@@ -1532,10 +1532,18 @@ void srv_server_close(srv_server_t *srv)
         srv->accepting = 0;
         uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
     }
-    for (conn_t *c = srv->conns; c; c = c->next) {
-        if (c->ws && !c->closing)
+    for (conn_t *c = srv->conns, *next; c; c = next) {
+        next = c->next;
+        if (c->closing || c->shutting)
+            continue; /* already closing, or lingering for at most LINGER_MS */
+        if (c->ws) {
+            /* The close frame is flushed before the FIN, then a short linger: the client learns
+             * why (1001) instead of seeing a reset. */
             srv__wsproto_close(c->ws->proto, 1001, "server shutting down");
-        conn_close(c);
+            conn_shutdown(c);
+        } else {
+            conn_close(c);
+        }
     }
     server_maybe_free(srv);
 }

@@ -116,9 +116,10 @@ typedef struct srv_stats {
 void srv_server_stats(const srv_server_t *srv, srv_stats_t *out);
 
 /*
- * Closes every connection (aborting pending requests, closing WebSocket sessions with 1001) and
- * the listener. The memory is released from libuv close callbacks: run the loop until it has no
- * more handles of this server. srv_server_close(NULL) is a no-op.
+ * Closes every connection (aborting pending requests; WebSocket sessions get close 1001, flushed,
+ * then at most 1 s for the client to hang up) and the listener. The memory is released from libuv
+ * close callbacks: run the loop until it has no more handles of this server.
+ * srv_server_close(NULL) is a no-op.
  */
 void srv_server_close(srv_server_t *srv);
 
