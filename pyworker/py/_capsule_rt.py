@@ -33,6 +33,8 @@ _RT_FILE = __file__ if "__file__" in globals() else "<capsule-rt>"
 
 _main = None          # the __main__ globals dict (persistent namespace)
 _loop = None          # the session's persistent asyncio loop
+_async_task = None    # the running async cell's task (for cancel)
+_cancel_sent = [False]
 _ns = None            # _capsule_ns.Namespace, or None
 _ns_error = None      # why there is no namespace module
 _limits = {}
@@ -146,8 +148,19 @@ def _getpass(prompt="Password: ", stream=None):
 def _on_sigint(signum, frame):
     # The C side trips SIGINT only to interrupt a cell, once per cancel; a stale or second
     # signal (the interrupt was already delivered, e.g. to a waiting input()) is ignored.
-    if _capsule.take_interrupt():
-        raise KeyboardInterrupt
+    if not _capsule.take_interrupt():
+        return
+    task = _async_task
+    if task is not None and not task.done() and not _cancel_sent[0]:
+        # An async cell: cancel its task (as asyncio.Runner does on SIGINT) rather than raise
+        # KeyboardInterrupt at an arbitrary point of the event loop's own code, and wake the
+        # loop (select() is retried after EINTR). If the task does not finish, the worker
+        # delivers the interrupt again and it is raised then.
+        _cancel_sent[0] = True
+        task.cancel()
+        _loop.call_soon_threadsafe(_noop)
+        return
+    raise KeyboardInterrupt
 
 
 def init(main_dict, limits, preload):
@@ -284,24 +297,41 @@ def _get_loop():
     return _loop
 
 
+def _noop():
+    pass
+
+
 def _run_async_value(coro):
     """Runs a coroutine on the session's loop; returns its value."""
+    global _async_task, _loop
     import asyncio
     loop = _get_loop()
     task = loop.create_task(coro)
+    _cancel_sent[0] = False
+    _async_task = task
     try:
         return loop.run_until_complete(task)
     except BaseException:
+        _capsule.cancel_ack()
+        _async_task = None
         if not task.done():
+            # bounded (20 ms): a task interrupted between two steps may never be scheduled
+            # again, and one that ignores cancellation stays behind on the loop
             task.cancel()
             try:
-                loop.run_until_complete(task)
+                loop.run_until_complete(asyncio.wait({task}, timeout=0.02))
             except BaseException:
                 pass
         raise
     finally:
-        if asyncio.events._get_running_loop() is not None:
+        _async_task = None
+        if loop.is_running() or asyncio.events._get_running_loop() is not None:
+            # a KeyboardInterrupt inside the loop's own bookkeeping left it marked running:
+            # the session continues on a fresh loop (tasks of the old one are dropped)
             asyncio.events._set_running_loop(None)
+            _loop = None
+            _capsule.write(2, "capsule: the event loop was left inconsistent by an interrupt; "
+                              "a new loop replaces it\n")
 
 
 def _delta(code):
@@ -360,6 +390,7 @@ def run_cell(cell_no, cell_id, source):
                 rep = repr(value)
                 js = _jsonable(value)
     except BaseException as e:
+        _capsule.cancel_ack()
         _main.pop(_LAST, None)
         aio = sys.modules.get("asyncio")
         kinds = (KeyboardInterrupt, aio.CancelledError) if aio else (KeyboardInterrupt,)

@@ -79,10 +79,13 @@ typedef struct job {
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_cv = PTHREAD_COND_INITIALIZER;
 static job_t *g_head, **g_tail = &g_head;
-static uint64_t g_running_id;    /* execution id of the running cell, 0 if none */
-static int g_running;            /* a cell is running */
-static atomic_int g_cancel_flag; /* the running cell was asked to stop */
-static atomic_int g_interrupt;   /* one KeyboardInterrupt owed to the running cell */
+static uint64_t g_running_id;     /* execution id of the running cell, 0 if none */
+static int g_running;             /* a cell is running */
+static atomic_int g_cancel_flag;  /* the running cell was asked to stop */
+static atomic_int g_interrupt;    /* one KeyboardInterrupt owed to the running cell */
+static atomic_int g_cancel_acked; /* the runtime caught the interrupt (no re-delivery) */
+static uint64_t g_interrupt_at;   /* when the last interrupt was sent (g_mu) */
+#define REARM_NS 50000000ull      /* re-deliver an unacknowledged interrupt after 50 ms */
 /* input: one request outstanding at a time (input_mu serialises requesters) */
 static pthread_mutex_t g_input_mu = PTHREAD_MUTEX_INITIALIZER;
 static int g_input_waiting, g_input_done, g_input_eof;
@@ -471,6 +474,17 @@ static PyObject *capmod_take_interrupt(PyObject *self, PyObject *args)
     return PyBool_FromLong(atomic_exchange(&g_interrupt, 0));
 }
 
+static PyObject *capmod_cancel_ack(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    if (atomic_load(&g_cancel_flag)) {
+        atomic_store(&g_cancel_acked, 1);
+        atomic_store(&g_interrupt, 0);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *capmod_forked_child(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -504,6 +518,7 @@ static PyMethodDef capmod_methods[] = {
     {"input", capmod_input, METH_VARARGS, "input(prompt, password) -> str, or None at EOF"},
     {"cancel_requested", capmod_cancel_requested, METH_NOARGS, "the running cell was cancelled"},
     {"take_interrupt", capmod_take_interrupt, METH_NOARGS, "consume the owed interrupt"},
+    {"cancel_ack", capmod_cancel_ack, METH_NOARGS, "the interrupt reached the runtime"},
     {"forked_child", capmod_forked_child, METH_NOARGS, "os.register_at_fork child hook"},
     {"hash64", capmod_hash64, METH_O, "XXH3-64 of a bytes-like object"},
     {NULL, NULL, 0, NULL},
@@ -772,6 +787,7 @@ static void handle_cancel(uint64_t id)
     if (g_running && g_running_id == id && !atomic_load(&g_cancel_flag)) {
         atomic_store(&g_interrupt, 1);
         atomic_store(&g_cancel_flag, 1);
+        g_interrupt_at = cap_now_ns();
         pthread_cond_broadcast(&g_cv); /* wakes an input() wait */
         pthread_kill(g_main_thread, SIGINT);
     } else {
@@ -896,6 +912,25 @@ static void *proto_main(void *arg)
     uint8_t *body = NULL;
     for (;;) {
         uint8_t lenb[4];
+        /* A KeyboardInterrupt raised where Python swallows it (a __del__, a GC callback) is lost:
+         * while a cancelled cell has not acknowledged it, deliver it again every REARM_NS. */
+        for (;;) {
+            int pending;
+            pthread_mutex_lock(&g_mu);
+            pending = g_running && atomic_load(&g_cancel_flag) && !atomic_load(&g_cancel_acked);
+            if (pending && !atomic_load(&g_interrupt) &&
+                cap_now_ns() - g_interrupt_at >= REARM_NS) {
+                atomic_store(&g_interrupt, 1);
+                g_interrupt_at = cap_now_ns();
+                pthread_kill(g_main_thread, SIGINT);
+            }
+            pthread_mutex_unlock(&g_mu);
+            if (!pending)
+                break;
+            struct pollfd pf = {g_sock, POLLIN, 0};
+            if (poll(&pf, 1, (int)(REARM_NS / 1000000)) != 0)
+                break;
+        }
         int rc = read_full(g_sock, lenb, 4);
         if (rc)
             break;
@@ -1006,8 +1041,10 @@ static void run_execute(job_t *j, uint32_t cell_no)
     /* a cancel that arrives from here on must not interrupt anything else */
     pthread_mutex_lock(&g_mu);
     g_running = 0;
+    int was_cancelled = atomic_load(&g_cancel_flag);
     atomic_store(&g_cancel_flag, 0);
     atomic_store(&g_interrupt, 0);
+    atomic_store(&g_cancel_acked, 0);
     pthread_mutex_unlock(&g_mu);
     fflush(stdout);
     fflush(stderr);
@@ -1017,6 +1054,8 @@ static void run_execute(job_t *j, uint32_t cell_no)
     pyw__buf_init(&b);
     if (!res || !PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 8) {
         PyObject *et, *ev, *etb;
+        /* a re-delivered interrupt that hit the runtime's own error path: still a cancel */
+        int interrupted = was_cancelled && PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
         PyErr_Fetch(&et, &ev, &etb);
         PyObject *s = ev ? PyObject_Str(ev) : NULL;
         const char *msg = s ? PyUnicode_AsUTF8(s) : "internal error in the worker runtime";
@@ -1024,9 +1063,10 @@ static void run_execute(job_t *j, uint32_t cell_no)
             PyErr_Clear();
             msg = "internal error";
         }
-        wlog("run_cell failed: %s", msg);
+        if (!interrupted)
+            wlog("run_cell failed: %s", msg);
         pyw__frame_begin(&b, PYW_F_RESULT, j->id);
-        pyw__put_u8(&b, PYW_RS_ERROR);
+        pyw__put_u8(&b, interrupted ? PYW_RS_CANCELLED : PYW_RS_ERROR);
         pyw__put_u32(&b, cell_no);
         pyw__put_u64(&b, dt);
         pyw__put_cstr(&b, NULL);
@@ -1035,7 +1075,8 @@ static void run_execute(job_t *j, uint32_t cell_no)
         pyw__put_cstr(&b, msg);
         pyw__put_cstr(&b, NULL);
         pyw__put_u8(&b, 4);
-        pyw__put_cstr(&b, "the worker runtime failed");
+        pyw__put_cstr(&b, interrupted ? "interrupted while finishing the cell: no delta"
+                                      : "the worker runtime failed");
         pyw__frame_end(&b, 0);
         Py_XDECREF(s);
         Py_XDECREF(et);
@@ -1196,6 +1237,7 @@ static _Noreturn void worker_run(void)
             g_running = 1;
             g_running_id = j->id;
             atomic_store(&g_cancel_flag, 0);
+            atomic_store(&g_cancel_acked, 0);
         }
         pthread_mutex_unlock(&g_mu);
         Py_END_ALLOW_THREADS;

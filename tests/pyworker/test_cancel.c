@@ -49,15 +49,25 @@ int main(void)
 
     cancel_case(s, "while True: pass", "KeyboardInterrupt");
     cancel_case(s, "import time\ntime.sleep(1000)", "KeyboardInterrupt");
-    cancel_case(s, "import asyncio\nawait asyncio.sleep(1000)", "KeyboardInterrupt");
+    /* async cells are stopped by cancelling their task, as asyncio.Runner does on SIGINT */
+    cancel_case(s, "import asyncio\nawait asyncio.sleep(1000)", "CancelledError");
     cancel_case(s, "input('waiting: ')", "KeyboardInterrupt");
     cancel_case(s, "import threading\nthreading.Event().wait()", "KeyboardInterrupt");
     cancel_case(s,
                 "async def spin():\n    while True:\n        await asyncio.sleep(0)\nawait spin()",
+                "CancelledError");
+    /* a coroutine that never awaits: the second interrupt (50 ms later) is raised in it */
+    cancel_case(s, "async def busy():\n    while True:\n        pass\nawait busy()",
+                "KeyboardInterrupt");
+    /* a coroutine that swallows its cancellation is interrupted as well */
+    cancel_case(s,
+                "async def stubborn():\n    while True:\n        try:\n"
+                "            await asyncio.sleep(10)\n        except asyncio.CancelledError:\n"
+                "            pass\nawait stubborn()",
                 "KeyboardInterrupt");
     CHECK_EQ(pyw_worker_pid(pyw_sync_worker(s)), pid); /* never restarted */
     CHECK_OK(pyw_sync_execute(s, "counter", NULL, 0, 0, 0, &r));
-    CHECK_STREQ(r->repr, "6");
+    CHECK_STREQ(r->repr, "8");
     pyw_sync_run_free(r);
 
     /* a timeout stops the cell the same way and says so */
