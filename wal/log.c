@@ -398,6 +398,12 @@ static void wal__waiter_done(void *arg, int status, uint64_t first_seq)
 int wal_log_append_sync(wal_log_t *log, const wal_rec_t *recs, size_t n, uint64_t *first_seq)
 {
     struct wal_waiter w = {.log = log};
+    if (log && log->have_writer && pthread_equal(pthread_self(), log->writer)) {
+        cap_log(CAP_LOG_ERROR, "wal",
+                "wal_log_append_sync from a done/apply callback would "
+                "wait for itself");
+        return CAP_EINVAL;
+    }
     pthread_cond_init(&w.cv, NULL);
     int rc = wal_log_append(log, recs, n, wal__waiter_done, &w, first_seq);
     if (rc == 0) {
@@ -747,6 +753,12 @@ int wal_log_truncate(wal_log_t *log, uint64_t before_seq)
         return CAP_EINVAL;
     if (log->readonly)
         return CAP_EINVAL;
+    if (log->have_writer && pthread_equal(pthread_self(), log->writer)) {
+        cap_log(CAP_LOG_ERROR, "wal",
+                "wal_log_truncate from a done/apply callback would wait "
+                "for itself");
+        return CAP_EINVAL;
+    }
     struct wal_trunc t = {.before = before_seq};
     pthread_cond_init(&t.cv, NULL);
     pthread_mutex_lock(&log->mu);
