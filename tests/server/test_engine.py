@@ -424,7 +424,7 @@ def t_kill9(server, data, tokfile):
     th = threading.Thread(target=reader)
     th.start()
     end = time.time() + 10
-    while sum(1 for x in seen if x["type"] == "output") < 2:
+    while "".join(x["data"] for x in list(seen) if x["type"] == "output").count("\n") < 2:
         assert time.time() < end, seen
         time.sleep(0.01)
     e.kill9()
@@ -432,7 +432,7 @@ def t_kill9(server, data, tokfile):
     streamed = "".join(x["data"] for x in seen if x["type"] == "output")
     assert len(streamed) >= 4 and not any(x["type"] == "result" for x in seen), seen
     try:
-        loop.run_until_complete(ws.close())
+        loop.run_until_complete(asyncio.wait_for(ws.wait_closed(), 5))
     except Exception:
         pass
     e = Engine(server, data, tokfile)
