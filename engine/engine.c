@@ -1477,6 +1477,23 @@ static void do_session_list(eng_t *e, eng_msg_t *m)
     cmd_free(c);
 }
 
+static void do_session_release(eng_t *e, eng_msg_t *m)
+{
+    cmd_t *c = (cmd_t *)m;
+    session_t *s = e->dead ? NULL : smap_get(e, c->sid);
+    int rc = 0;
+    if (!s)
+        rc = e->dead ? CAP_ECLOSED : CAP_ENOTFOUND;
+    else if (s->cur || s->qhead || s->snap_waiter || (s->st != S_READY && s->st != S_COLD))
+        rc = CAP_EBUSY;
+    else {
+        session_detach_worker(s);
+        s->st = S_COLD;
+    }
+    waiter_wake(c->w, rc);
+    cmd_free(c);
+}
+
 /* -- fork -- */
 typedef struct fork_ctx {
     eng_msg_t m;
@@ -2044,6 +2061,19 @@ int eng_session_close(eng_t *e, const char *sid)
     waiter_t w;
     waiter_init(&w);
     cmd_t *c = cmd_new(do_session_close);
+    c->sid = cap_strdup(sid);
+    c->w = &w;
+    post(e, &c->m);
+    return waiter_wait(&w);
+}
+
+int eng_session_release(eng_t *e, const char *sid)
+{
+    if (!e || !sid || !eng__id_valid(sid))
+        return CAP_EINVAL;
+    waiter_t w;
+    waiter_init(&w);
+    cmd_t *c = cmd_new(do_session_release);
     c->sid = cap_strdup(sid);
     c->w = &w;
     post(e, &c->m);

@@ -160,6 +160,10 @@ int eng_session_list(eng_t *e, char ***sids, size_t *n);
  * (0 = src's latest): a fork, or, under the same name after closing src, a rewind. Blocking.
  * Returns 0, CAP_ENOTFOUND, CAP_EEXIST, CAP_EINVAL (ordinal beyond src's). */
 int eng_session_fork(eng_t *e, const char *src, uint64_t ordinal, const char *new_sid);
+/* Releases the worker of an idle session (idle expiry, memory): the session stays open, its
+ * namespace stays in the log and is restored (checkpoint + deltas) into a fresh worker when it is
+ * next used. Returns 0, CAP_ENOTFOUND, CAP_EBUSY (running, queued or restoring). Blocking. */
+int eng_session_release(eng_t *e, const char *sid);
 /* Records a full snapshot of the session's namespace (the restore starts from the latest one).
  * *bytes (optional) gets the snapshot's size. Then truncates the log before the oldest
  * checkpoint-covered record when truncate != 0. Blocking. */

@@ -248,6 +248,10 @@ static void test_ids_and_reopen(const char *dir)
     CHECK(r->output_len < (1u << 20) + 200);
     CHECK(strstr(r->output, "[capsule: output truncated"));
     eng_result_free(r);
+    /* release the idle worker: the next use restores the namespace from the log */
+    CHECK_OK(eng_session_release(e, "keep"));
+    etest_expect(e, "keep", "(counter, f(2))", "(2, 6)");
+    CHECK_ERR(eng_session_release(e, "nope"), CAP_ENOTFOUND);
     CHECK_OK(eng_session_open(e, "gone", NULL, NULL));
     CHECK_OK(eng_session_close(e, "gone"));
     CHECK_ERR(eng_session_close(e, "gone"), CAP_ENOTFOUND);

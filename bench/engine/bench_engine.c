@@ -1,0 +1,610 @@
+/*
+ * bench_engine.c - the engine's speed goals, measured side by side with their peers in one run.
+ *
+ *   1. durable `2+2` through the C API (eng_execute_sync), p50/p99, WAL_SYNC and WAL_NOSYNC,
+ *      beside one raw LMDB put+commit (sync / MDB_NOSYNC) measured interleaved in the same run.
+ *   2. executions/s across 64 busy sessions (durable, sync): each session resubmits from its
+ *      done callback; peer: 1 / the raw LMDB commit p50 (what no group commit would allow).
+ *   3. session acquire from the warm pool (eng_session_open, durable), p50/p99.
+ *   4. private memory (Private_Clean + Private_Dirty from smaps_rollup) of the workers of N idle
+ *      sessions, per session, beside one idle plain /usr/bin/python3.11.
+ *   5. recovery of a log with S sessions x E executions (built with real executions, sessions'
+ *      workers released in waves): time until eng_open returns (serving), and until a restored
+ *      session answers its first execution.
+ *   6. a CPU-bound cell in a session vs the same code in /usr/bin/python3.11 (median of 5).
+ *
+ * Human table on stderr; one JSON object per figure on stdout (bench, metric, value, unit, peer,
+ * peer_value, ratio, goal, met). Usage: bench_engine [--quick] [--dir DIR].
+ */
+#include <dirent.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <lmdb.h>
+
+#include "capsule.h"
+
+static int quick;
+static char base_dir[1024];
+
+static void die(const char *what, int rc)
+{
+    fprintf(stderr, "bench_engine: %s failed: %d %s\n", what, rc, cap_strerror(rc));
+    exit(1);
+}
+
+static void fresh_dir(char *out, size_t n, const char *tag)
+{
+    snprintf(out, n, "%s/capsule-bench-eng-%d-%s", base_dir, (int)getpid(), tag);
+    char cmd[2200];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", out);
+    if (system(cmd) != 0)
+        die("rm", -1);
+    mkdir(out, 0700);
+}
+
+static void rmtree(const char *d)
+{
+    char cmd[2200];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", d);
+    if (system(cmd) != 0)
+        fprintf(stderr, "rm -rf %s failed\n", d);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double pct(uint64_t *v, size_t n, double p)
+{
+    qsort(v, n, sizeof(*v), cmp_u64);
+    size_t i = (size_t)(p * (double)(n - 1) + 0.5);
+    return (double)v[i];
+}
+
+static double median_d(double *v, size_t n)
+{
+    for (size_t i = 1; i < n; i++)
+        for (size_t j = i; j > 0 && v[j - 1] > v[j]; j--) {
+            double t = v[j];
+            v[j] = v[j - 1];
+            v[j - 1] = t;
+        }
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* goal applies to value (lower_is_better: value <= goal); goal <= 0: none */
+static void emit(const char *metric, double value, const char *unit, const char *peer,
+                 double peer_value, double goal, int lower_is_better)
+{
+    double ratio = peer_value > 0 ? value / peer_value : 0;
+    printf("{\"bench\":\"engine\",\"metric\":\"%s\",\"value\":%.3f,\"unit\":\"%s\",\"peer\":\"%s\","
+           "\"peer_value\":%.3f,\"ratio\":%.3f,\"goal\":",
+           metric, value, unit, peer, peer_value, ratio);
+    if (goal > 0) {
+        int met = lower_is_better ? value <= goal : value >= goal;
+        printf("%.3f,\"met\":%s}\n", goal, met ? "true" : "false");
+    } else {
+        printf("null,\"met\":null}\n");
+    }
+    fflush(stdout);
+}
+
+/* ---- the raw LMDB peer ---- */
+typedef struct lmdb_peer {
+    MDB_env *env;
+    MDB_dbi dbi;
+    uint64_t seq;
+} lmdb_peer_t;
+
+static void lmdb_open(lmdb_peer_t *p, const char *dir, int nosync)
+{
+    int rc;
+    MDB_txn *t;
+    memset(p, 0, sizeof(*p));
+    if ((rc = mdb_env_create(&p->env)) || (rc = mdb_env_set_mapsize(p->env, 256u << 20)) ||
+        (rc = mdb_env_open(p->env, dir, nosync ? MDB_NOSYNC : 0, 0600)) ||
+        (rc = mdb_txn_begin(p->env, NULL, 0, &t)) || (rc = mdb_dbi_open(t, NULL, 0, &p->dbi)) ||
+        (rc = mdb_txn_commit(t)))
+        die("raw lmdb open", rc);
+}
+
+static uint64_t lmdb_commit(lmdb_peer_t *p)
+{
+    uint8_t kb[8], val[160];
+    memset(val, 7, sizeof(val));
+    cap_put_be64(kb, ++p->seq);
+    MDB_val k = {8, kb}, v = {sizeof(val), val};
+    MDB_txn *t;
+    uint64_t t0 = cap_now_ns();
+    int rc;
+    if ((rc = mdb_txn_begin(p->env, NULL, 0, &t)) ||
+        (rc = mdb_put(t, p->dbi, &k, &v, MDB_APPEND)) || (rc = mdb_txn_commit(t)))
+        die("raw lmdb commit", rc);
+    return cap_now_ns() - t0;
+}
+
+static eng_t *open_engine(const char *dir, int nosync, uint32_t pool, uint32_t max_sessions)
+{
+    eng_opts_t o = {0};
+    o.dir = dir;
+    o.nosync = nosync;
+    o.pool_idle = pool;
+    o.max_sessions = max_sessions;
+    o.dur_threads = 64;
+    eng_t *e = NULL;
+    int rc = eng_open(&o, &e);
+    if (rc)
+        die("eng_open", rc);
+    return e;
+}
+
+static void run_ok(eng_t *e, const char *sid, const char *code, char *repr_out, size_t n)
+{
+    eng_exec_req_t rq = {0};
+    rq.sid = sid;
+    rq.code = code;
+    eng_result_t *r = NULL;
+    int rc = eng_execute_sync(e, &rq, NULL, 0, &r);
+    if (rc)
+        die("execute", rc);
+    if (r->status != ENG_ST_OK) {
+        fprintf(stderr, "cell failed: %s: %s\n", r->etype ? r->etype : "?", r->emsg ? r->emsg : "");
+        exit(1);
+    }
+    if (repr_out)
+        snprintf(repr_out, n, "%s", r->repr ? r->repr : "");
+    eng_result_free(r);
+}
+
+/* ---- 1. latency ---- */
+static double g_raw_sync_p50_us;
+
+static void bench_latency(int nosync)
+{
+    size_t n = quick ? 200 : 2000;
+    char d[2][1100];
+    fresh_dir(d[0], sizeof(d[0]), nosync ? "lat-ns" : "lat");
+    fresh_dir(d[1], sizeof(d[1]), nosync ? "lat-ns-lmdb" : "lat-lmdb");
+    eng_t *e = open_engine(d[0], nosync, 2, 16);
+    lmdb_peer_t lp;
+    lmdb_open(&lp, d[1], nosync);
+    int rc = eng_session_open(e, "lat", NULL, NULL);
+    if (rc)
+        die("session", rc);
+    for (int i = 0; i < 20; i++)
+        run_ok(e, "lat", "2+2", NULL, 0);
+    uint64_t *le = malloc(n * sizeof(uint64_t)), *ll = malloc(n * sizeof(uint64_t));
+    char repr[32];
+    for (size_t i = 0; i < n; i++) {
+        uint64_t t0 = cap_now_ns();
+        run_ok(e, "lat", "2+2", repr, sizeof(repr));
+        le[i] = cap_now_ns() - t0;
+        if (strcmp(repr, "4") != 0)
+            die("2+2 != 4", -1);
+        ll[i] = lmdb_commit(&lp);
+    }
+    double e50 = pct(le, n, 0.5) / 1e3, e99 = pct(le, n, 0.99) / 1e3;
+    double l50 = pct(ll, n, 0.5) / 1e3, l99 = pct(ll, n, 0.99) / 1e3;
+    if (!nosync)
+        g_raw_sync_p50_us = l50;
+    const char *mode = nosync ? "nosync" : "sync";
+    fprintf(stderr, "\n== durable 2+2 through the C API, %s, %zu executions ==\n", mode, n);
+    fprintf(stderr, "%34s | %10s %10s\n", "", "p50 us", "p99 us");
+    fprintf(stderr, "%34s | %10.1f %10.1f   (goal p50 <= %s)\n", "eng_execute_sync 2+2", e50, e99,
+            nosync ? "150" : "700");
+    fprintf(stderr, "%34s | %10.1f %10.1f\n", "raw LMDB put+commit", l50, l99);
+    fprintf(stderr, "%34s | %10.2f %10.2f\n", "ratio", e50 / l50, e99 / l99);
+    char m[64];
+    snprintf(m, sizeof(m), "exec_2plus2_p50_us_%s", mode);
+    emit(m, e50, "us", nosync ? "raw_lmdb_commit_nosync_p50" : "raw_lmdb_commit_sync_p50", l50,
+         nosync ? 150 : 700, 1);
+    snprintf(m, sizeof(m), "exec_2plus2_p99_us_%s", mode);
+    emit(m, e99, "us", nosync ? "raw_lmdb_commit_nosync_p99" : "raw_lmdb_commit_sync_p99", l99, 0,
+         1);
+    free(le);
+    free(ll);
+    eng_close(e);
+    mdb_env_close(lp.env);
+    rmtree(d[0]);
+    rmtree(d[1]);
+}
+
+/* ---- 2. 64 busy sessions ---- */
+typedef struct driver {
+    eng_t *e;
+    char sid[32];
+    atomic_int *stop;
+    atomic_long *done;
+    atomic_int *inflight;
+    long budget; /* 0 = until stop */
+    long sent;
+    const char *code;
+    int failed;
+} driver_t;
+
+static void drv_submit(driver_t *d);
+
+static void drv_done(void *arg, const eng_result_t *r)
+{
+    driver_t *d = arg;
+    if (r->status != ENG_ST_OK)
+        d->failed++;
+    atomic_fetch_add(d->done, 1);
+    if (!atomic_load(d->stop) && (!d->budget || d->sent < d->budget))
+        drv_submit(d);
+    else
+        atomic_fetch_sub(d->inflight, 1);
+}
+
+static void drv_submit(driver_t *d)
+{
+    char code[96];
+    const char *c = d->code;
+    if (!c) {
+        snprintf(code, sizeof(code), "v%ld = %ld", d->sent % 50, d->sent);
+        c = code;
+    }
+    d->sent++;
+    eng_exec_req_t rq = {0};
+    rq.sid = d->sid;
+    rq.code = c;
+    eng_exec_cb_t cb = {0};
+    cb.on_done = drv_done;
+    int rc = eng_execute(d->e, &rq, &cb, d);
+    if (rc)
+        die("eng_execute", rc);
+}
+
+static void wait_zero(atomic_int *v)
+{
+    while (atomic_load(v) > 0)
+        usleep(1000);
+}
+
+static void bench_throughput(void)
+{
+    char d[1100];
+    fresh_dir(d, sizeof(d), "tp");
+    const int ns = 64;
+    eng_t *e = open_engine(d, 0, 8, 128);
+    driver_t *dr = calloc((size_t)ns, sizeof(*dr));
+    atomic_int stop = 0, inflight = 0;
+    atomic_long done = 0;
+    for (int i = 0; i < ns; i++) {
+        dr[i].e = e;
+        snprintf(dr[i].sid, sizeof(dr[i].sid), "tp%d", i);
+        dr[i].stop = &stop;
+        dr[i].done = &done;
+        dr[i].inflight = &inflight;
+        dr[i].code = "2+2";
+        int rc = eng_session_open(e, dr[i].sid, NULL, NULL);
+        if (rc)
+            die("session", rc);
+        run_ok(e, dr[i].sid, "1", NULL, 0);
+    }
+    double secs = quick ? 2.0 : 10.0;
+    uint64_t t0 = cap_now_ns();
+    for (int i = 0; i < ns; i++) {
+        atomic_fetch_add(&inflight, 1);
+        drv_submit(&dr[i]);
+    }
+    usleep((useconds_t)(secs * 1e6));
+    long at_stop = atomic_load(&done);
+    double el = (double)(cap_now_ns() - t0) / 1e9;
+    atomic_store(&stop, 1);
+    wait_zero(&inflight);
+    double rate = (double)at_stop / el;
+    int failed = 0;
+    for (int i = 0; i < ns; i++)
+        failed += dr[i].failed;
+    double peer = g_raw_sync_p50_us > 0 ? 1e6 / g_raw_sync_p50_us : 0;
+    fprintf(stderr, "\n== durable executions/s, %d busy sessions, %.0f s ==\n", ns, el);
+    fprintf(stderr, "%34s | %10.0f /s  (goal >= 20000; %d failed)\n", "eng_execute 2+2 (sync)",
+            rate, failed);
+    fprintf(stderr, "%34s | %10.0f /s\n", "raw LMDB sync commits, 1 writer", peer);
+    emit("execs_per_s_64_sessions_sync", rate, "1/s", "raw_lmdb_sync_commits_per_s", peer, 20000,
+         0);
+    free(dr);
+    eng_close(e);
+    rmtree(d);
+}
+
+/* ---- 3. acquire from the warm pool ---- */
+static void bench_acquire(void)
+{
+    char d[2][1100];
+    fresh_dir(d[0], sizeof(d[0]), "acq");
+    fresh_dir(d[1], sizeof(d[1]), "acq-lmdb");
+    size_t n = quick ? 30 : 300;
+    eng_t *e = open_engine(d[0], 0, 4, 4096);
+    lmdb_peer_t lp;
+    lmdb_open(&lp, d[1], 0);
+    uint64_t *v = malloc(n * sizeof(uint64_t)), *l = malloc(n * sizeof(uint64_t));
+    usleep(300000); /* the pool warms up */
+    for (size_t i = 0; i < n; i++) {
+        char sid[32];
+        snprintf(sid, sizeof(sid), "acq%zu", i);
+        uint64_t t0 = cap_now_ns();
+        int rc = eng_session_open(e, sid, NULL, NULL);
+        v[i] = cap_now_ns() - t0;
+        if (rc)
+            die("session open", rc);
+        l[i] = lmdb_commit(&lp);
+        if ((rc = eng_session_close(e, sid)))
+            die("session close", rc);
+        usleep(20000); /* the background refill */
+    }
+    double p50 = pct(v, n, 0.5) / 1e3, p99 = pct(v, n, 0.99) / 1e3;
+    double l50 = pct(l, n, 0.5) / 1e3, l99 = pct(l, n, 0.99) / 1e3;
+    fprintf(stderr, "\n== session acquire from the warm pool (durable), %zu sessions ==\n", n);
+    fprintf(stderr, "%34s | %10s %10s\n", "", "p50 us", "p99 us");
+    fprintf(stderr, "%34s | %10.1f %10.1f   (goal p99 <= 1000)\n", "eng_session_open", p50, p99);
+    fprintf(stderr, "%34s | %10.1f %10.1f\n", "raw LMDB put+commit (sync)", l50, l99);
+    emit("session_acquire_p99_us", p99, "us", "raw_lmdb_commit_sync_p99", l99, 1000, 1);
+    emit("session_acquire_p50_us", p50, "us", "raw_lmdb_commit_sync_p50", l50, 0, 1);
+    free(v);
+    free(l);
+    eng_close(e);
+    mdb_env_close(lp.env);
+    rmtree(d[0]);
+    rmtree(d[1]);
+}
+
+/* ---- 4. memory of idle sessions ---- */
+static long private_kb(int pid)
+{
+    char p[64], line[256];
+    snprintf(p, sizeof(p), "/proc/%d/smaps_rollup", pid);
+    FILE *f = fopen(p, "r");
+    if (!f)
+        return -1;
+    long kb = 0, v;
+    while (fgets(line, sizeof(line), f)) {
+        if (sscanf(line, "Private_Clean: %ld", &v) == 1 ||
+            sscanf(line, "Private_Dirty: %ld", &v) == 1)
+            kb += v;
+    }
+    fclose(f);
+    return kb;
+}
+
+/* Sums private memory of this process's children whose command is capsule-pyworker. */
+static long children_private_kb(int *count)
+{
+    DIR *d = opendir("/proc");
+    struct dirent *de;
+    long total = 0;
+    *count = 0;
+    int me = getpid();
+    while ((de = readdir(d))) {
+        int pid = atoi(de->d_name);
+        if (pid <= 0)
+            continue;
+        char p[64], buf[512];
+        snprintf(p, sizeof(p), "/proc/%d/stat", pid);
+        FILE *f = fopen(p, "r");
+        if (!f)
+            continue;
+        size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+        fclose(f);
+        buf[n] = 0;
+        char *rp = strrchr(buf, ')');
+        int ppid = 0;
+        char st;
+        if (!rp || sscanf(rp + 2, "%c %d", &st, &ppid) != 2 || ppid != me)
+            continue;
+        if (!strstr(buf, "capsule-pywork"))
+            continue;
+        long kb = private_kb(pid);
+        if (kb > 0) {
+            total += kb;
+            (*count)++;
+        }
+    }
+    closedir(d);
+    return total;
+}
+
+static void bench_memory(void)
+{
+    char d[1100];
+    fresh_dir(d, sizeof(d), "mem");
+    int n = quick ? 50 : 1000;
+    eng_t *e = open_engine(d, 1, 2, (uint32_t)n + 8);
+    for (int i = 0; i < n; i++) {
+        char sid[32];
+        snprintf(sid, sizeof(sid), "m%d", i);
+        int rc = eng_session_open(e, sid, NULL, NULL);
+        if (rc)
+            die("session open", rc);
+        run_ok(e, sid, "x = list(range(100))\ny = {'k': 'v' * 100}", NULL, 0);
+    }
+    usleep(200000);
+    int count = 0;
+    long kb = children_private_kb(&count);
+    /* the peer: one idle plain interpreter */
+    FILE *p =
+        popen("/usr/bin/python3.11 -c \"import os,time\nx=list(range(100))\nprint(os.getpid(),"
+              " flush=True)\ntime.sleep(3)\"",
+              "r");
+    int ppid = 0;
+    long peer_kb = -1;
+    if (p && fscanf(p, "%d", &ppid) == 1) {
+        usleep(100000);
+        peer_kb = private_kb(ppid);
+    }
+    if (p)
+        pclose(p);
+    double per = count ? (double)kb / 1024.0 / count : 0;
+    fprintf(stderr, "\n== private memory of %d idle sessions (%d worker processes incl. pool) ==\n",
+            n, count);
+    fprintf(stderr, "%34s | %10.1f MiB total, %.2f MiB per worker\n", "capsule workers",
+            (double)kb / 1024.0, per);
+    fprintf(stderr, "%34s | %10.2f MiB\n", "one idle /usr/bin/python3.11",
+            (double)peer_kb / 1024.0);
+    char m[64];
+    snprintf(m, sizeof(m), "private_mib_%d_idle_sessions", n);
+    emit(m, (double)kb / 1024.0, "MiB", "plain_python3.11_x_n_mib", (double)peer_kb / 1024.0 * n, 0,
+         1);
+    emit("private_mib_per_idle_session", per, "MiB", "plain_python3.11_idle_mib",
+         (double)peer_kb / 1024.0, 0, 1);
+    eng_close(e);
+    rmtree(d);
+}
+
+/* ---- 5. recovery ---- */
+static void bench_recovery(void)
+{
+    char d[1100];
+    fresh_dir(d, sizeof(d), "rec");
+    int S = quick ? 100 : 1000, E = quick ? 10 : 50, wave = 50;
+    eng_t *e = open_engine(d, 1, 8, (uint32_t)S + 8);
+    uint64_t t0 = cap_now_ns();
+    driver_t *dr = calloc((size_t)wave, sizeof(*dr));
+    atomic_int stop = 0, inflight = 0;
+    atomic_long done = 0;
+    for (int w0 = 0; w0 < S; w0 += wave) {
+        int nw = S - w0 < wave ? S - w0 : wave;
+        for (int i = 0; i < nw; i++) {
+            memset(&dr[i], 0, sizeof(dr[i]));
+            dr[i].e = e;
+            snprintf(dr[i].sid, sizeof(dr[i].sid), "r%d", w0 + i);
+            dr[i].stop = &stop;
+            dr[i].done = &done;
+            dr[i].inflight = &inflight;
+            dr[i].budget = E;
+            int rc = eng_session_open(e, dr[i].sid, NULL, NULL);
+            if (rc)
+                die("session open", rc);
+        }
+        for (int i = 0; i < nw; i++) {
+            atomic_fetch_add(&inflight, 1);
+            drv_submit(&dr[i]);
+        }
+        wait_zero(&inflight);
+        for (int i = 0; i < nw; i++) {
+            if (dr[i].failed)
+                die("recovery build: a cell failed", -1);
+            int rc;
+            while ((rc = eng_session_release(e, dr[i].sid)) == CAP_EBUSY)
+                usleep(1000);
+            if (rc)
+                die("release", rc);
+        }
+    }
+    double build_s = (double)(cap_now_ns() - t0) / 1e9;
+    eng_close(e);
+    free(dr);
+
+    t0 = cap_now_ns();
+    e = open_engine(d, 1, 8, (uint32_t)S + 8);
+    double serving_ms = (double)(cap_now_ns() - t0) / 1e6;
+    char repr[64], code[64];
+    snprintf(code, sizeof(code), "(v%d, v0)", (E - 1) % 50);
+    t0 = cap_now_ns();
+    run_ok(e, "r7", code, repr, sizeof(repr));
+    double first_ms = (double)(cap_now_ns() - t0) / 1e6;
+    /* a warm second one, for scale */
+    t0 = cap_now_ns();
+    run_ok(e, "r7", "2+2", NULL, 0);
+    double warm_ms = (double)(cap_now_ns() - t0) / 1e6;
+    char want[64];
+    snprintf(want, sizeof(want), "(%d, %d)", E - 1, (E - 1) / 50 * 50);
+    if (strcmp(repr, want) != 0) {
+        fprintf(stderr, "restored session answered %s, expected %s\n", repr, want);
+        exit(1);
+    }
+    fprintf(stderr, "\n== recovery of %d sessions x %d executions (log built in %.1f s) ==\n", S, E,
+            build_s);
+    fprintf(stderr, "%34s | %10.1f ms   (goal <= 1000)\n", "eng_open until serving", serving_ms);
+    fprintf(stderr, "%34s | %10.1f ms   (goal <= 50)\n", "first answer of a restored session",
+            first_ms);
+    fprintf(stderr, "%34s | %10.1f ms\n", "next execution (warm)", warm_ms);
+    emit("recovery_until_serving_ms", serving_ms, "ms", "none", 0, 1000, 1);
+    emit("recovery_first_answer_ms", first_ms, "ms", "warm_execution_ms", warm_ms, 50, 1);
+    eng_close(e);
+    rmtree(d);
+}
+
+/* ---- 6. CPU-bound cell ---- */
+static void bench_cpu(void)
+{
+    char d[1100];
+    fresh_dir(d, sizeof(d), "cpu");
+    long iters = quick ? 2000000 : 10000000;
+    char code[256];
+    snprintf(code, sizeof(code), "s = 0\nfor i in range(%ld):\n    s += i * i\ns %% 7", iters);
+    eng_t *e = open_engine(d, 0, 2, 16);
+    int rc = eng_session_open(e, "cpu", NULL, NULL);
+    if (rc)
+        die("session", rc);
+    double ve[5], vp[5];
+    for (int k = 0; k < 5; k++) {
+        uint64_t t0 = cap_now_ns();
+        run_ok(e, "cpu", code, NULL, 0);
+        ve[k] = (double)(cap_now_ns() - t0) / 1e6;
+        char cmd[700];
+        snprintf(cmd, sizeof(cmd),
+                 "/usr/bin/python3.11 -c \"import time\ncode=compile('''%s''','<cell>','exec')\n"
+                 "g={}\nt=time.perf_counter()\nexec(code,g)\nprint((time.perf_counter()-t)*1e3)\"",
+                 code);
+        FILE *p = popen(cmd, "r");
+        if (!p || fscanf(p, "%lf", &vp[k]) != 1)
+            die("python3.11 peer", -1);
+        pclose(p);
+    }
+    double me = median_d(ve, 5), mp = median_d(vp, 5);
+    double over = (me / mp - 1) * 100;
+    fprintf(stderr, "\n== CPU-bound cell (%ld iterations), median of 5 ==\n", iters);
+    fprintf(stderr, "%34s | %10.1f ms (request to durable result)\n", "capsule session", me);
+    fprintf(stderr, "%34s | %10.1f ms (exec in-process)\n", "/usr/bin/python3.11", mp);
+    fprintf(stderr, "%34s | %10.1f %%   (goal <= 5)\n", "overhead", over);
+    emit("cpu_cell_overhead_pct", over, "%", "python3.11_exec_ms", mp, 5, 1);
+    eng_close(e);
+    rmtree(d);
+}
+
+int main(int argc, char **argv)
+{
+    const char *t = getenv("TMPDIR");
+    snprintf(base_dir, sizeof(base_dir), "%s", t && *t ? t : "/tmp");
+    const char *only = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--quick") == 0)
+            quick = 1;
+        else if (strcmp(argv[i], "--dir") == 0 && i + 1 < argc)
+            snprintf(base_dir, sizeof(base_dir), "%s", argv[++i]);
+        else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc)
+            only = argv[++i];
+        else {
+            fprintf(stderr, "usage: %s [--quick] [--dir DIR] [--only lat|tp|acq|mem|rec|cpu]\n",
+                    argv[0]);
+            return 2;
+        }
+    }
+    cap_log_set_level(CAP_LOG_WARN);
+    fprintf(stderr, "bench_engine%s: databases under %s\n", quick ? " --quick" : "", base_dir);
+    if (!only || strcmp(only, "lat") == 0) {
+        bench_latency(0);
+        bench_latency(1);
+    }
+    if (!only || strcmp(only, "tp") == 0)
+        bench_throughput();
+    if (!only || strcmp(only, "acq") == 0)
+        bench_acquire();
+    if (!only || strcmp(only, "cpu") == 0)
+        bench_cpu();
+    if (!only || strcmp(only, "rec") == 0)
+        bench_recovery();
+    if (!only || strcmp(only, "mem") == 0)
+        bench_memory();
+    return 0;
+}
