@@ -306,6 +306,7 @@ def _run_async_value(coro):
     global _async_task, _loop
     import asyncio
     loop = _get_loop()
+    asyncio.set_event_loop(loop)  # asyncio.run() in an earlier plain cell resets it to None
     task = loop.create_task(coro)
     _cancel_sent[0] = False
     _async_task = task

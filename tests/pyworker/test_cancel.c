@@ -56,6 +56,8 @@ int main(void)
     cancel_case(s,
                 "async def spin():\n    while True:\n        await asyncio.sleep(0)\nawait spin()",
                 "CancelledError");
+    /* asyncio.run inside a plain cell */
+    cancel_case(s, "asyncio.run(asyncio.sleep(1000))", "KeyboardInterrupt");
     /* a coroutine that never awaits: the second interrupt (50 ms later) is raised in it */
     cancel_case(s, "async def busy():\n    while True:\n        pass\nawait busy()",
                 "KeyboardInterrupt");
@@ -67,7 +69,7 @@ int main(void)
                 "KeyboardInterrupt");
     CHECK_EQ(pyw_worker_pid(pyw_sync_worker(s)), pid); /* never restarted */
     CHECK_OK(pyw_sync_execute(s, "counter", NULL, 0, 0, 0, &r));
-    CHECK_STREQ(r->repr, "8");
+    CHECK_STREQ(r->repr, "9");
     pyw_sync_run_free(r);
 
     /* a timeout stops the cell the same way and says so */

@@ -85,6 +85,8 @@ static void test_modes(pyw_sync_t *s)
     expect_value(s,
                  "async def main():\n    await asyncio.sleep(0)\n    return 9\nasyncio.run(main())",
                  "9", "9");
+    /* top-level await still works after asyncio.run reset the current loop */
+    expect_value(s, "await asyncio.sleep(0)\nasyncio.get_running_loop() is loop1", "True", "true");
     /* a plain threaded cell */
     expect_value(s,
                  "import threading\nres = []\nt = threading.Thread(target=lambda: res.append(1))\n"
