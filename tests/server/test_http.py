@@ -562,6 +562,30 @@ def t_refuse_public_without_tokens(testd):
     s.stop()
 
 
+def t_ws_idle(testd, tokfile):
+    """A WebSocket session silent for 10 x idle_timeout is closed with 1001; traffic keeps it."""
+    s = Server(testd, ["--listen", "127.0.0.1:0", "--tokens-file", tokfile, "--limit",
+                       "idle_timeout_ms=150"])
+
+    async def go():
+        quiet = await ws_connect(s.port, ping_interval=None)
+        busy = await ws_connect(s.port, ping_interval=None)
+        t0 = time.time()
+        while time.time() - t0 < 2.2:  # busy talks every 0.5 s, quiet says nothing
+            await busy.send(json.dumps({"op": "echo", "data": 1}))
+            await busy.recv()
+            await asyncio.sleep(0.5)
+        await asyncio.wait_for(quiet.wait_closed(), 5)
+        assert quiet.close_code == 1001, quiet.close_code
+        assert 1.4 < time.time() - t0 < 4.5
+        await busy.send(json.dumps({"op": "echo", "data": 2}))
+        assert json.loads(await busy.recv())["data"] == 2
+        await busy.close()
+
+    asyncio.run(go())
+    s.stop()
+
+
 def t_shutdown_with_open_work(testd, tokfile):
     """SIGTERM with a pending request, a stream and a WebSocket open: clean exit 0."""
     s = Server(testd, ["--listen", "127.0.0.1:0", "--tokens-file", tokfile])
@@ -623,6 +647,9 @@ def main():
         if not args.only or args.only == t.__name__:
             t(args.testd)
             print(f"ok   {t.__name__}", flush=True)
+    if not args.only or args.only == "t_ws_idle":
+        t_ws_idle(args.testd, tokfile)
+        print("ok   t_ws_idle", flush=True)
     if not args.only or args.only == "t_shutdown_with_open_work":
         t_shutdown_with_open_work(args.testd, tokfile)
         print("ok   t_shutdown_with_open_work", flush=True)
