@@ -9,6 +9,7 @@ import asyncio
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -309,6 +310,29 @@ async def ws_main(e):
     await ws.send("not json")
     m = json.loads(await ws.recv())
     assert m["error"]["code"] == "malformed_json"
+    # random and mutated messages (bounded): each gets an error or runs; the session survives
+    rnd = random.Random(int(os.environ.get("CAPSULE_FUZZ_SEED", "1234")))
+    values = [None, True, 0, -1, 2 ** 63 - 1, 1.5, "", "x" * 300, "é\u2028", [], {}, ["a"],
+              {"k": [1, {"z": None}]}, "a:b", "../x", "w1"]
+    keys = ["type", "eid", "code", "tx", "text", "eof", "output_offset", "zzz"]
+    types = ["execute", "resume", "input_reply", "cancel", "EXECUTE", "", "x" * 100]
+    for i in range(150):
+        msg = {}
+        for k in rnd.sample(keys, rnd.randint(0, 4)):
+            msg[k] = rnd.choice(values)
+        if rnd.random() < 0.8:
+            msg["type"] = rnd.choice(types)
+        if msg.get("type") == "execute" and rnd.random() < 0.5:
+            msg["code"] = rnd.choice(["1+", "x = 1", "'%d'" % i, "raise ValueError(1)"])
+            msg.pop("eid", None)
+        await ws.send(json.dumps(msg))
+        await asyncio.sleep(0)
+    await ws.send(json.dumps({"type": "execute", "code": "'alive'", "eid": "w-alive"}))
+    got = await ws_until(ws, lambda m: m.get("type") == "result" and m.get("eid") == "w-alive",
+                         timeout=60)
+    assert got[-1]["value"] == "alive"
+    assert not [m for m in got if m.get("type") == "error" and
+                m["error"]["code"] in ("engine_error", "busy")], got
     # resume after a disconnect, from the last output offset seen: nothing lost
     code = "import time\nfor i in range(8):\n    print('line', i, flush=True)\n    time.sleep(0.1)\n'end'"
     await ws.send(json.dumps({"type": "execute", "code": code, "eid": "w4"}))
