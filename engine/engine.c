@@ -159,6 +159,8 @@ struct eng {
     pthread_cond_t jcv;
     struct job *jhead, *jtail;
     int jstop;
+    struct job *dhead; /* deferred settles (loop thread) */
+    uv_timer_t dtimer;
 
     /* loop-side */
     session_t *smap[NBUCKET];
@@ -426,17 +428,60 @@ static void job_free(job_t *j)
     cap_free(j);
 }
 
-static void job_submit(eng_t *e, job_t *j)
+static void deferred_flush(eng_t *e);
+static void on_dtimer(uv_timer_t *t)
 {
-    pthread_mutex_lock(&e->jmu);
+    deferred_flush(t->data);
+}
+
+static void job_enqueue(eng_t *e, job_t *j)
+{
     j->jnext = NULL;
     if (e->jtail)
         e->jtail->jnext = j;
     else
         e->jhead = j;
     e->jtail = j;
+}
+
+/* Submits the deferred settles (loop thread). */
+static void deferred_flush(eng_t *e)
+{
+    if (!e->dhead)
+        return;
+    pthread_mutex_lock(&e->jmu);
+    while (e->dhead) {
+        job_t *j = e->dhead;
+        e->dhead = j->jnext;
+        job_enqueue(e, j);
+        pthread_cond_signal(&e->jcv);
+    }
+    pthread_mutex_unlock(&e->jmu);
+}
+
+/* Loop thread. The deferred settles go with it, so they share its group commit. */
+static void job_submit(eng_t *e, job_t *j)
+{
+    pthread_mutex_lock(&e->jmu);
+    while (e->dhead) {
+        job_t *d = e->dhead;
+        e->dhead = d->jnext;
+        job_enqueue(e, d);
+        pthread_cond_signal(&e->jcv);
+    }
+    job_enqueue(e, j);
     pthread_cond_signal(&e->jcv);
     pthread_mutex_unlock(&e->jmu);
+}
+
+/* Loop thread. A settle nobody waits for: held until the next job or the flush timer, so it
+ * does not cost a commit of its own on the path of the next execution. */
+static void job_defer(eng_t *e, job_t *j)
+{
+    j->jnext = e->dhead;
+    e->dhead = j;
+    if (!uv_is_active((uv_handle_t *)&e->dtimer))
+        uv_timer_start(&e->dtimer, on_dtimer, 2, 0);
 }
 
 static void *dur_main(void *arg)
@@ -493,7 +538,7 @@ static void settle_exec_promise(eng_t *e, const eng_result_t *r)
         j->data = cap_strdup(r->repr);
         j->len = strlen(r->repr);
     }
-    job_submit(e, j);
+    job_defer(e, j);
 }
 
 /* ---------- workers and the pool ---------- */
@@ -1681,6 +1726,8 @@ static void do_shutdown(eng_t *e, eng_msg_t *m)
     }
     e->npool = 0;
     drain(e);
+    deferred_flush(e);
+    uv_close((uv_handle_t *)&e->dtimer, NULL);
     e->dead = 1;
     pthread_mutex_lock(&e->mu);
     e->async_gone = 1;
@@ -1905,6 +1952,8 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     if (rc)
         goto fail;
     e->async.data = e;
+    uv_timer_init(e->loop, &e->dtimer);
+    e->dtimer.data = e;
     e->ndthr = e->o.dur_threads;
     e->dthr = cap_calloc(e->ndthr, sizeof(pthread_t));
     for (uint32_t i = 0; i < e->ndthr; i++)

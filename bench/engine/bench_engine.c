@@ -540,34 +540,44 @@ static void bench_cpu(void)
     char d[1100];
     fresh_dir(d, sizeof(d), "cpu");
     long iters = quick ? 2000000 : 10000000;
-    char code[256];
-    snprintf(code, sizeof(code), "s = 0\nfor i in range(%ld):\n    s += i * i\ns %% 7", iters);
+    /* the cell times its own body too, to separate the engine's share from the interpreter's */
+    char code[320];
+    snprintf(code, sizeof(code),
+             "import time\nt = time.perf_counter()\ns = 0\nfor i in range(%ld):\n    s += i * "
+             "i\n(time.perf_counter() - t) * 1e3",
+             iters);
     eng_t *e = open_engine(d, 0, 2, 16);
     int rc = eng_session_open(e, "cpu", NULL, NULL);
     if (rc)
         die("session", rc);
-    double ve[5], vp[5];
+    double ve[5], vi[5], vp[5];
     for (int k = 0; k < 5; k++) {
+        char repr[64];
         uint64_t t0 = cap_now_ns();
-        run_ok(e, "cpu", code, NULL, 0);
+        run_ok(e, "cpu", code, repr, sizeof(repr));
         ve[k] = (double)(cap_now_ns() - t0) / 1e6;
-        char cmd[700];
+        vi[k] = atof(repr);
+        char cmd[900];
         snprintf(cmd, sizeof(cmd),
-                 "/usr/bin/python3.11 -c \"import time\ncode=compile('''%s''','<cell>','exec')\n"
-                 "g={}\nt=time.perf_counter()\nexec(code,g)\nprint((time.perf_counter()-t)*1e3)\"",
+                 "/usr/bin/python3.11 -c \"code=compile('''%s''','<cell>','exec')\n"
+                 "g={}\nexec(code,g)\nprint(eval('(time.perf_counter() - t) * 1e3', g))\"",
                  code);
         FILE *p = popen(cmd, "r");
         if (!p || fscanf(p, "%lf", &vp[k]) != 1)
             die("python3.11 peer", -1);
         pclose(p);
     }
-    double me = median_d(ve, 5), mp = median_d(vp, 5);
-    double over = (me / mp - 1) * 100;
+    double me = median_d(ve, 5), mi = median_d(vi, 5), mp = median_d(vp, 5);
+    double over = (me / mp - 1) * 100, eng_over = (me / mi - 1) * 100;
     fprintf(stderr, "\n== CPU-bound cell (%ld iterations), median of 5 ==\n", iters);
     fprintf(stderr, "%34s | %10.1f ms (request to durable result)\n", "capsule session", me);
-    fprintf(stderr, "%34s | %10.1f ms (exec in-process)\n", "/usr/bin/python3.11", mp);
-    fprintf(stderr, "%34s | %10.1f %%   (goal <= 5)\n", "overhead", over);
+    fprintf(stderr, "%34s | %10.1f ms (the loop, timed inside the worker)\n", "  of which the cell",
+            mi);
+    fprintf(stderr, "%34s | %10.1f ms (the loop, timed in-process)\n", "/usr/bin/python3.11", mp);
+    fprintf(stderr, "%34s | %10.1f %%   (goal <= 5)\n", "overhead vs python3.11", over);
+    fprintf(stderr, "%34s | %10.1f %%\n", "engine share (total vs cell)", eng_over);
     emit("cpu_cell_overhead_pct", over, "%", "python3.11_exec_ms", mp, 5, 1);
+    emit("cpu_cell_engine_share_pct", eng_over, "%", "cell_ms_inside_worker", mi, 0, 1);
     eng_close(e);
     rmtree(d);
 }
