@@ -161,7 +161,7 @@ typedef struct pyw_callbacks {
 typedef struct pyw_options {
     const char *worker_path; /* NULL: $CAPSULE_PYWORKER, else the build's bin/capsule-pyworker */
     pyw_limits_t limits;
-    uint32_t max_frame;        /* 0: PYW_DEFAULT_MAX_FRAME */
+    uint32_t max_frame;        /* 0: PYW_DEFAULT_MAX_FRAME; else >= 1024 (CAP_EINVAL) */
     uint32_t cancel_grace_ms;  /* after cancel/timeout, kill the worker if no result (0: 1000) */
     uint32_t start_timeout_ms; /* kill if no READY within this (0: 10000) */
     const pyw_callbacks_t *cb; /* borrowed; must outlive the worker */

@@ -193,8 +193,20 @@ def init(main_dict, limits, preload):
 
 
 def set_limits(limits):
-    global _limits
+    global _limits, TEXT_LIMIT
     _limits = dict(limits)
+    if _limits.get("maxframe"):
+        # a result carries up to four such texts of up to 4 bytes per character
+        TEXT_LIMIT = max(64, min(1 << 20, _limits["maxframe"] // 32))
+
+
+TEXT_LIMIT = 1 << 20  # characters of a repr, message or traceback sent in a result
+
+
+def _bounded(text):
+    if len(text) <= TEXT_LIMIT:
+        return text
+    return "%s... [%d characters cut]" % (text[:TEXT_LIMIT], len(text) - TEXT_LIMIT)
 
 
 def _suppressed(source):
@@ -388,8 +400,10 @@ def run_cell(cell_no, cell_id, source):
                 _main["___"] = _main.get("__")
                 _main["__"] = _main.get("_")
                 _main["_"] = value
-                rep = repr(value)
+                rep = _bounded(repr(value))
                 js = _jsonable(value)
+                if js is not None and len(js) > TEXT_LIMIT:
+                    js = None
     except BaseException as e:
         _capsule.cancel_ack()
         _main.pop(_LAST, None)
@@ -398,8 +412,11 @@ def run_cell(cell_no, cell_id, source):
         cancelled = _capsule.cancel_requested() and isinstance(e, kinds)
         status = 2 if cancelled else 1
         etype = type(e).__name__
-        emsg = _limit_message(e) or str(e)
-        tb = _format_tb(e)
+        try:
+            emsg = _bounded(_limit_message(e) or str(e))
+        except BaseException:  # a broken __str__
+            emsg = "<exception str() failed>"
+        tb = _bounded(_format_tb(e))
         e = None
     delta, derr = _delta(code)
     return (status, rep, js, etype, emsg, tb, delta, derr)

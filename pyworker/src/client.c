@@ -125,6 +125,8 @@ int pyw__wopts_prepare(const pyw_options_t *opt, pyw_wopts_t *wo)
     char base[64], path[160];
     int rc = 0;
     memset(wo, 0, sizeof *wo);
+    if (opt->max_frame && opt->max_frame < PYW_MIN_MAX_FRAME)
+        return CAP_EINVAL;
     wo->mem = opt->limits.mem_bytes;
     wo->cpu = opt->limits.cpu_seconds;
     wo->nofile = opt->limits.nofile;

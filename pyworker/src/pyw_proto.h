@@ -25,8 +25,9 @@
 #define PYW_DEFAULT_MAX_FRAME (64u << 20)
 #endif
 
-#define PYW_HDR_SIZE 13 /* u32 length + u8 type + u64 id */
-#define PYW_MIN_LEN  9  /* smallest legal value of the length field */
+#define PYW_MIN_MAX_FRAME 1024 /* the smallest frame limit a worker accepts */
+#define PYW_HDR_SIZE      13   /* u32 length + u8 type + u64 id */
+#define PYW_MIN_LEN       9    /* smallest legal value of the length field */
 
 /* Frame types. Client -> worker: */
 enum {

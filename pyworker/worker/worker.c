@@ -183,8 +183,10 @@ static size_t pipe_pending(void)
 static void send_stream(uint64_t id, int stream, const void *data, size_t len)
 {
     pyw_buf_t b;
-    /* split to stay far below the frame limit */
-    const size_t chunk = 1u << 20;
+    /* split to stay below the frame limit (and at 1 MiB) */
+    size_t chunk = 1u << 20;
+    if (chunk > g_max_frame - 64)
+        chunk = g_max_frame - 64;
     pyw__buf_init(&b);
     for (size_t off = 0; off < len || (len == 0 && off == 0); off += chunk) {
         size_t n = len - off < chunk ? len - off : chunk;
@@ -429,7 +431,7 @@ static PyObject *capmod_input(PyObject *self, PyObject *args)
     pyw__buf_init(&b);
     pyw__frame_begin(&b, PYW_F_INPUT_REQ, id);
     pyw__put_u8(&b, (uint8_t)(password != 0));
-    pyw__put_str(&b, prompt, (size_t)plen);
+    pyw__put_str(&b, prompt, (size_t)plen < 65536 ? (size_t)plen : 65536); /* bounded */
     pyw__frame_end(&b, 0);
     send_buf(&b);
     pyw__buf_free(&b);
@@ -696,9 +698,10 @@ static int apply_limits(void)
         goto out;
     /* Tell the runtime the limits so it can name them in error messages. */
     PyGILState_STATE gs = PyGILState_Ensure();
-    PyObject *d = Py_BuildValue("{s:K,s:I,s:I,s:K,s:I}", "mem", (unsigned long long)g_opts.mem,
+    PyObject *d = Py_BuildValue("{s:K,s:I,s:I,s:K,s:I,s:I}", "mem", (unsigned long long)g_opts.mem,
                                 "cpu", g_opts.cpu, "nofile", g_opts.nofile, "fsize",
-                                (unsigned long long)g_opts.fsize, "nproc", g_opts.nproc);
+                                (unsigned long long)g_opts.fsize, "nproc", g_opts.nproc, "maxframe",
+                                g_max_frame);
     PyObject *r = d ? PyObject_CallMethod(g_rt, "set_limits", "O", d) : NULL;
     if (!r)
         PyErr_Clear();
@@ -1086,10 +1089,18 @@ static void run_execute(job_t *j, uint32_t cell_no)
     }
     /* the delta first, then the result */
     PyObject *delta = PyTuple_GET_ITEM(res, 6), *derr = PyTuple_GET_ITEM(res, 7); /* borrowed */
+    char too_big[160] = "";
     if (delta != Py_None) {
         pyw__frame_begin(&b, PYW_F_DELTA, j->id);
         put_delta(&b, delta, NULL);
         pyw__frame_end(&b, 0);
+        if (b.len - 4 > g_max_frame) {
+            /* never send a frame the engine must reject: report the delta as missing */
+            snprintf(too_big, sizeof too_big,
+                     "the delta (%zu bytes) exceeds the frame limit (%u bytes): not sent",
+                     b.len - 4, g_max_frame);
+            b.len = 0;
+        }
     }
     size_t start = b.len;
     long status = PyLong_AsLong(PyTuple_GET_ITEM(res, 0));
@@ -1111,9 +1122,27 @@ static void run_execute(job_t *j, uint32_t cell_no)
         pyw__put_str(&b, s ? s : "", s ? (size_t)n : 0);
     }
     pyw__put_u8(&b, flags);
-    s = opt_str(derr, &n);
+    s = too_big[0] ? too_big : opt_str(derr, &n);
+    if (too_big[0])
+        n = (Py_ssize_t)strlen(too_big);
     pyw__put_str(&b, s ? s : "", s ? (size_t)n : 0);
     pyw__frame_end(&b, start);
+    if (b.len - start - 4 > g_max_frame) {
+        /* the runtime bounds every text, so this is a last resort */
+        b.len = start;
+        pyw__frame_begin(&b, PYW_F_RESULT, j->id);
+        pyw__put_u8(&b, PYW_RS_ERROR);
+        pyw__put_u32(&b, cell_no);
+        pyw__put_u64(&b, dt);
+        pyw__put_cstr(&b, NULL);
+        pyw__put_cstr(&b, NULL);
+        pyw__put_cstr(&b, "ResultTooLarge");
+        pyw__put_cstr(&b, "the result exceeds the frame limit");
+        pyw__put_cstr(&b, NULL);
+        pyw__put_u8(&b, 4);
+        pyw__put_cstr(&b, too_big[0] ? too_big : NULL);
+        pyw__frame_end(&b, start);
+    }
 out:
     Py_XDECREF(res);
     PyErr_Clear();
@@ -1136,6 +1165,17 @@ static void run_snapshot(job_t *j)
         put_delta(&b, NULL, NULL);
     }
     pyw__frame_end(&b, 0);
+    if (b.len - 4 > g_max_frame) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "the snapshot (%zu bytes) exceeds the frame limit (%u bytes)",
+                 b.len - 4, g_max_frame);
+        PyObject *m = PyUnicode_FromString(msg);
+        b.len = 0;
+        pyw__frame_begin(&b, PYW_F_SNAPSHOT_DATA, j->id);
+        put_delta(&b, NULL, m);
+        pyw__frame_end(&b, 0);
+        Py_XDECREF(m);
+    }
     Py_XDECREF(res);
     Py_BEGIN_ALLOW_THREADS;
     send_buf(&b);
@@ -1201,7 +1241,7 @@ static _Noreturn void worker_run(void)
     signal(SIGPIPE, SIG_IGN);
     signal(SIGXFSZ, SIG_IGN); /* writes past RLIMIT_FSIZE fail with EFBIG instead of killing */
     if (g_opts.max_frame)
-        g_max_frame = g_opts.max_frame;
+        g_max_frame = g_opts.max_frame < PYW_MIN_MAX_FRAME ? PYW_MIN_MAX_FRAME : g_opts.max_frame;
     if ((rc = apply_limits())) {
         send_error(0, rc, "cannot apply the resource limits: %s", cap_strerror(rc));
         _exit(3);

@@ -206,13 +206,59 @@ static void test_bad_peers(void)
     snprintf(missing, sizeof missing, "%s/does-not-exist", dir);
     opt.worker_path = missing;
     CHECK_ERR(pyw_worker_spawn(&g_loop, &opt, &w), -ENOENT);
+    opt.worker_path = NULL;
+    opt.max_frame = 100; /* below the smallest frame limit */
+    CHECK_ERR(pyw_worker_spawn(&g_loop, &opt, &w), CAP_EINVAL);
     check_rmtree(dir);
     free(dir);
+}
+
+/* Values bigger than a frame: a small max_frame (4 KiB) makes them easy to reach. Every result
+ * still fits in a frame (texts are cut, an oversized delta is reported missing), so the worker is
+ * never killed for what user code produced. */
+static void test_big_values(void)
+{
+    pyw_options_t opt = {0};
+    pyw_sync_t *s;
+    pyw_sync_run_t *r;
+    opt.max_frame = 4096;
+    CHECK_OK(pyw_sync_open(NULL, &opt, &s));
+    CHECK_OK(pyw_sync_execute(s, "'x' * 100000", NULL, 0, 0, 0, &r));
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK(strstr(r->repr, "characters cut]"));
+    CHECK(strlen(r->repr) < 4096);
+    CHECK(r->json == NULL); /* too long to send as JSON */
+    pyw_sync_run_free(r);
+    CHECK_OK(pyw_sync_execute(s, "raise ValueError('v' * 100000)", NULL, 0, 0, 0, &r));
+    CHECK_EQ(r->status, PYW_STATUS_ERROR);
+    CHECK(strstr(r->emsg, "characters cut]"));
+    pyw_sync_run_free(r);
+    /* a namespace value whose delta cannot fit: reported, not sent, the session goes on */
+    CHECK_OK(pyw_sync_execute(s, "blob = bytes(range(256)) * 400", NULL, 0, 0, 0, &r));
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK(r->delta_error && strstr(r->delta_error, "exceeds the frame limit"));
+    CHECK(r->delta_blob == NULL);
+    pyw_sync_run_free(r);
+    /* large output is split into frames that fit */
+    CHECK_OK(pyw_sync_execute(s, "print('y' * 50000)", NULL, 0, 0, 0, &r));
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK_EQ(strlen(r->out), 50001);
+    pyw_sync_run_free(r);
+    /* a source that is not UTF-8: a clear error */
+    CHECK_OK(pyw_sync_execute(s, "x = '\xff\xfe'", NULL, 0, 0, 0, &r));
+    CHECK_EQ(r->status, PYW_STATUS_ERROR);
+    CHECK_STREQ(r->etype, "UnicodeDecodeError");
+    pyw_sync_run_free(r);
+    CHECK_OK(pyw_sync_execute(s, "len(blob)", NULL, 0, 0, 0, &r));
+    CHECK_STREQ(r->repr, "102400");
+    pyw_sync_run_free(r);
+    pyw_sync_close(s);
 }
 
 int main(void)
 {
     uv_loop_init(&g_loop);
+    test_big_values();
     test_raw();
     test_bad_peers();
     while (uv_run(&g_loop, UV_RUN_DEFAULT))
