@@ -57,6 +57,24 @@ static void test_ordering(pyw_sync_t *s)
     CHECK_STREQ(r->err, "child-err\n");
     pyw_sync_run_free(r);
 
+    /* a process forked by the cell: its print() goes through fd 1 and arrives; it never speaks
+     * the protocol (only the worker sends the result) */
+    r = run_in(s,
+               "import os\npid = os.fork()\nif pid == 0:\n    print('from-fork-child')\n"
+               "    sys.stdout.flush()\n    os._exit(0)\nos.waitpid(pid, 0)\nprint('parent')",
+               NULL, 0);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK(strstr(r->out, "from-fork-child\n"));
+    CHECK(strstr(r->out, "parent\n"));
+    pyw_sync_run_free(r);
+    /* and a forked child that finishes the cell instead of exiting is not taken for the worker */
+    r = run_in(s, "import os\nchild = os.fork()\nif child:\n    os.waitpid(child, 0)\n'done'", NULL,
+               0);
+    CHECK_EQ(r->status, PYW_STATUS_OK);
+    CHECK_STREQ(r->repr, "'done'");
+    pyw_sync_run_free(r);
+    CHECK_OK(pyw_sync_ping(s));
+
     /* C-level stdio (ctypes printf + fflush via libc) arrives too */
     r = run_in(s,
                "import ctypes\nlibc = ctypes.CDLL(None)\n"
