@@ -117,7 +117,7 @@ struct session {
     uint32_t applies;     /* apply requests outstanding during a restore */
     char *rfailed;        /* names that failed to restore ("name:reason;...") */
     exec_t *finish_after; /* execution whose FINISH waits for the restore */
-    int restore_again;    /* a restore was asked for while one ran */
+    uint64_t last_used;   /* cap_now_ns() of the last finish or restore */
     struct waiter *snap_waiter;
 };
 
@@ -161,6 +161,7 @@ struct eng {
     int jstop;
     struct job *dhead; /* deferred settles (loop thread) */
     uv_timer_t dtimer;
+    uv_timer_t itimer; /* idle release */
 
     /* loop-side */
     session_t *smap[NBUCKET];
@@ -749,6 +750,7 @@ static void finish_done(eng_t *e, eng_msg_t *m)
         s->cur = NULL;
         exec_unref(x); /* the session's reference */
     }
+    s->last_used = cap_now_ns();
     cap_free(f);
     exec_unref(x); /* the map's reference */
     exec_unref(x); /* the append's reference */
@@ -1072,6 +1074,7 @@ static void pcb_exit(pyw_worker_t *w, const pyw_exit_t *ex)
 static void restore_done(eng_t *e, session_t *s)
 {
     s->st = S_READY;
+    s->last_used = cap_now_ns();
     stats_add(e, (eng_stats_t){.restored = 1});
     exec_t *x = s->finish_after;
     if (x) {
@@ -1099,11 +1102,23 @@ static void session_restore(eng_t *e, session_t *s)
                 cap_strerror(rc));
         eng__blobs_free(b, n);
         s->st = S_COLD;
-        /* fail what waits, so nobody hangs */
+        /* fail what waits, so nobody hangs: the finishing one, then the queued ones */
         exec_t *x = s->finish_after;
         if (x) {
             s->finish_after = NULL;
             finish_append(e, x);
+            return; /* its FINISH pumps the session again, which lands here for the queue */
+        }
+        for (exec_t *q = s->qhead, *nx; q; q = nx) {
+            nx = q->qnext;
+            if (!q->created) {
+                q->cancel_req = 1;
+                continue;
+            }
+            queue_remove(s, q);
+            stats_add(e, (eng_stats_t){.queued = (uint32_t)-1});
+            exec_unref(q);
+            finish_unrun(e, q, ENG_ST_REFUSED, rc);
         }
         return;
     }
@@ -1728,11 +1743,26 @@ static void do_shutdown(eng_t *e, eng_msg_t *m)
     drain(e);
     deferred_flush(e);
     uv_close((uv_handle_t *)&e->dtimer, NULL);
+    uv_close((uv_handle_t *)&e->itimer, NULL);
     e->dead = 1;
     pthread_mutex_lock(&e->mu);
     e->async_gone = 1;
     pthread_mutex_unlock(&e->mu);
     uv_close((uv_handle_t *)&e->async, on_async_closed);
+}
+
+/* Idle expiry: the worker of a session unused for idle_release_ms goes back to the OS. */
+static void on_itimer(uv_timer_t *t)
+{
+    eng_t *e = t->data;
+    uint64_t now = cap_now_ns(), idle = (uint64_t)e->o.idle_release_ms * 1000000u;
+    for (size_t b = 0; b < NBUCKET; b++)
+        for (session_t *s = e->smap[b]; s; s = s->hnext)
+            if (s->st == S_READY && s->w && !s->cur && !s->qhead && !s->snap_waiter &&
+                now - s->last_used >= idle) {
+                session_detach_worker(s);
+                s->st = S_COLD;
+            }
 }
 
 /* ---------- stats ---------- */
@@ -1954,6 +1984,12 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     e->async.data = e;
     uv_timer_init(e->loop, &e->dtimer);
     e->dtimer.data = e;
+    uv_timer_init(e->loop, &e->itimer);
+    e->itimer.data = e;
+    if (e->o.idle_release_ms) {
+        uint64_t every = e->o.idle_release_ms / 4 ? e->o.idle_release_ms / 4 : 1;
+        uv_timer_start(&e->itimer, on_itimer, every, every);
+    }
     e->ndthr = e->o.dur_threads;
     e->dthr = cap_calloc(e->ndthr, sizeof(pthread_t));
     for (uint32_t i = 0; i < e->ndthr; i++)
@@ -2096,6 +2132,25 @@ int eng_session_open(eng_t *e, const char *sid, const eng_session_opts_t *o, cha
     c->w = &w;
     post(e, &c->m);
     int rc = waiter_wait(&w);
+    if (rc == 0 && o && o->warmup) {
+        /* the session's warm-up is its first execution, recorded like any other (so a restore
+         * brings its names back); its id makes it run once even if the open is repeated */
+        char wid[ENG_MAX_ID + 16];
+        snprintf(wid, sizeof(wid), "%.*s:warmup", ENG_MAX_ID - 8, id);
+        eng_exec_req_t rq = {0};
+        rq.sid = id;
+        rq.eid = wid;
+        rq.code = o->warmup;
+        rq.tx = ENG_TX_COMMIT_ALWAYS;
+        eng_result_t *r = NULL;
+        rc = eng_execute_sync(e, &rq, NULL, 0, &r);
+        if (rc == 0 && r->status != ENG_ST_OK) {
+            cap_log(CAP_LOG_WARN, "engine", "session %s: warm-up failed: %s: %s", id,
+                    r->etype ? r->etype : "?", r->emsg ? r->emsg : "");
+            rc = CAP_EUNPROCESSABLE;
+        }
+        eng_result_free(r);
+    }
     if (rc == 0 && sid_out)
         *sid_out = id;
     else

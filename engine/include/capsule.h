@@ -64,19 +64,21 @@ typedef enum {
 } eng_tx_t;
 
 typedef struct eng_opts {
-    const char *dir;         /* data directory (LMDB env); required */
-    int nosync;              /* 1: WAL_NOSYNC (acknowledged = survives kill -9, not power loss) */
-    uv_loop_t *loop;         /* NULL: the engine runs its own loop thread */
-    const char *worker_path; /* NULL: pyworker's default (see pyworker.h) */
-    const char *warmup;      /* Python run once in the zygote; every worker inherits its names */
-    uint32_t pool_idle;      /* pre-warmed idle workers kept ready; 0 = 2 */
-    uint32_t max_sessions;   /* open sessions at most; 0 = 1024 */
-    uint32_t max_queue;      /* queued executions per session at most; 0 = 64 */
-    size_t max_output;       /* output bytes kept per execution; beyond: truncated with a marker;
-                                0 = 1 MiB */
-    uint32_t dur_threads;    /* threads that wait for promise commits; 0 = 16 */
-    int eager_restore;       /* 1: restore every open session at eng_open (default lazy) */
-    size_t map_size;         /* initial LMDB map; 0 = 1 GiB */
+    const char *dir;          /* data directory (LMDB env); required */
+    int nosync;               /* 1: WAL_NOSYNC (acknowledged = survives kill -9, not power loss) */
+    uv_loop_t *loop;          /* NULL: the engine runs its own loop thread */
+    const char *worker_path;  /* NULL: pyworker's default (see pyworker.h) */
+    const char *warmup;       /* Python run once in the zygote; every worker inherits its names */
+    uint32_t pool_idle;       /* pre-warmed idle workers kept ready; 0 = 2 */
+    uint32_t max_sessions;    /* open sessions at most; 0 = 1024 */
+    uint32_t max_queue;       /* queued executions per session at most; 0 = 64 */
+    size_t max_output;        /* output bytes kept per execution; beyond: truncated with a marker;
+                                 0 = 1 MiB */
+    uint32_t dur_threads;     /* threads that wait for promise commits; 0 = 16 */
+    int eager_restore;        /* 1: restore every open session at eng_open (default lazy) */
+    uint32_t idle_release_ms; /* idle expiry: a session unused this long gives its worker back
+                                 (restored from the log when next used); 0 = never */
+    size_t map_size;          /* initial LMDB map; 0 = 1 GiB */
 } eng_opts_t;
 
 typedef struct eng_session_opts {
@@ -86,6 +88,8 @@ typedef struct eng_session_opts {
                              worker instead of a pooled one) */
     uint32_t cpu_seconds; /* worker RLIMIT_CPU; 0 = none */
     int retry_on_death;   /* 1: an execution whose worker died is re-run once */
+    const char *warmup;   /* run as the session's first execution (id "<sid>:warmup", recorded,
+                             committed whatever happens); NULL = none */
 } eng_session_opts_t;
 
 /* How an execution ended. */
@@ -149,7 +153,8 @@ void eng_close(eng_t *e);
 
 /* Opens session `sid` (NULL: a generated id) durably; an already open sid is returned as is.
  * *sid_out (optional) gets the id (caller frees with cap_free). Returns 0, CAP_ELIMIT (max
- * sessions), CAP_EINVAL (bad id), CAP_ECLOSED. Blocking. */
+ * sessions), CAP_EINVAL (bad id), CAP_ECLOSED, CAP_EUNPROCESSABLE (o->warmup raised; the session
+ * is open). o->warmup is not stored in the session's options. Blocking. */
 int eng_session_open(eng_t *e, const char *sid, const eng_session_opts_t *o, char **sid_out);
 /* Closes a session durably (its queued executions are refused with CAP_ECLOSED; the running one
  * is cancelled). Returns 0 or CAP_ENOTFOUND. Blocking. */

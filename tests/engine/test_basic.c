@@ -283,6 +283,34 @@ static void test_ids_and_reopen(const char *dir)
     eng_close(e);
 }
 
+static void test_idle_and_warmup(void)
+{
+    char *dir = check_tmpdir("eng-idle");
+    eng_opts_t o = {0};
+    o.dir = dir;
+    o.map_size = 64u << 20;
+    o.pool_idle = 1;
+    o.idle_release_ms = 150;
+    eng_t *e = NULL;
+    CHECK_OK(eng_open(&o, &e));
+    eng_session_opts_t so = {0};
+    so.warmup = "WC = globals().get('WC', 0) + 1\nimport json";
+    CHECK_OK(eng_session_open(e, "w", &so, NULL));
+    CHECK_OK(eng_session_open(e, "w", &so, NULL)); /* the warm-up ran once */
+    etest_expect(e, "w", "(WC, json.dumps([1]))", "(1, '[1]')");
+    eng_stats_t st0, st1;
+    eng_stats(e, &st0);
+    usleep(500 * 1000); /* idle expiry releases the worker */
+    etest_expect(e, "w", "WC", "1");
+    eng_stats(e, &st1);
+    CHECK(st1.restored > st0.restored);
+    so.warmup = "raise RuntimeError('bad warm-up')";
+    CHECK_ERR(eng_session_open(e, "w2", &so, NULL), CAP_EUNPROCESSABLE);
+    eng_close(e);
+    check_rmtree(dir);
+    cap_free(dir);
+}
+
 int main(void)
 {
     char *dir = check_tmpdir("eng-basic");
@@ -293,6 +321,7 @@ int main(void)
     check_rmtree(dir);
     cap_free(dir);
     test_queue_limit();
+    test_idle_and_warmup();
     dir = check_tmpdir("eng-reopen");
     test_ids_and_reopen(dir);
     check_rmtree(dir);
