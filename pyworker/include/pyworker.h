@@ -17,7 +17,12 @@
  * Reaping: the client reaps its workers itself (pidfd_open + a uv_poll on the pidfd, then
  * waitpid). Workers forked by a zygote are grandchildren: pyw_zygote_open sets
  * PR_SET_CHILD_SUBREAPER on the calling process and the zygote double-forks, so those workers are
- * reparented to the calling process, which reaps them and sees their exit status.
+ * reparented to the calling process, which reaps them and sees their exit status. As a
+ * subreaper, the process also inherits what a dead worker's processes leave behind: when a
+ * worker ends the client kills its process group (each worker leads one) and its cgroup, and
+ * reaps those. Do not waitpid(-1) in the same process.
+ *
+ * Output or input requests from user threads running between cells carry exec_id 0.
  *
  * Strings handed to callbacks are borrowed: valid only during the callback.
  */

@@ -11,12 +11,16 @@
  *     queue (so SIGINT-driven KeyboardInterrupt, signal handlers and asyncio work as in a script);
  *   - the protocol thread reads frames, answers PING, queues work, routes input replies and
  *     cancels (a cancel sets a flag and sends SIGINT to the main thread: blocking syscalls return
- *     EINTR and the Python handler raises KeyboardInterrupt);
- *   - the fd reader thread forwards what C code and child processes write to fds 1 and 2 (pipes).
- * Invariants: frames are written whole under send_mu; the protocol and reader threads block SIGINT
- * and never take the GIL; a process forked by user code (os.fork) is not the worker: it closes the
- * socket and its sys.stdout writes go to fd 1 (the capture pipe) instead; malformed frames are
- * answered with ERROR frames and skipped, never fatal.
+ *     EINTR and the runtime's handler raises KeyboardInterrupt, or cancels an async cell's task;
+ *     an interrupt the runtime has not acknowledged is re-delivered every 50 ms);
+ *   - the fd reader thread forwards what C code and child processes write to fds 1 and 2 (pipes)
+ *     and flushes partial lines of sys.stdout/sys.stderr after 1 ms.
+ * The zygote keeps one pre-forked spare worker, handed the socket and options on FORK.
+ * Invariants: frames are written whole under send_mu and never exceed the frame limit; the
+ * protocol and reader threads block SIGINT and never take the GIL; a process forked by user code
+ * (os.fork) is not the worker: it closes the socket and its sys.stdout writes go to fd 1 (the
+ * capture pipe) instead; malformed frames are answered with ERROR frames and skipped, never
+ * fatal; the zygote never holds a worker's socket when it forks.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
