@@ -1451,17 +1451,20 @@ static void ws_open_accept(srv_req_t *req, bjob_t *j)
     wc->csid = cap_strdup(strip_ns(j->a));
     wc->principal = cap_strdup(j->principal);
     wc->id = ++G.wsc_ids;
-    if (srv_ws_accept(req, &cb, wc, &wc->ws) != 0) {
-        cap_free(wc->esid);
-        cap_free(wc->csid);
-        cap_free(wc->principal);
-        cap_free(wc);
-        return;
-    }
+    /* Linked first: frames that came with the handshake are handled inside srv_ws_accept. */
     wc->next = G.wscs;
     if (G.wscs)
         G.wscs->prev = wc;
     G.wscs = wc;
+    if (srv_ws_accept(req, &cb, wc, &wc->ws) != 0) {
+        G.wscs = wc->next;
+        if (G.wscs)
+            G.wscs->prev = NULL;
+        cap_free(wc->esid);
+        cap_free(wc->csid);
+        cap_free(wc->principal);
+        cap_free(wc);
+    }
 }
 
 static void h_ws(srv_req_t *req, void *arg)
@@ -1490,6 +1493,14 @@ static void on_engine_closed(uv_async_t *a)
 {
     uv_thread_join(&G.closer);
     uv_close((uv_handle_t *)a, NULL);
+    /* Executions still running at the end of the grace period never got on_done: they stay
+     * recorded as pending in the log (re-run at the next start); their records here go. */
+    for (size_t b = 0; b < NBUCKET; b++)
+        while (G.xmap[b]) {
+            xs_t *x = G.xmap[b];
+            G.xmap[b] = x->hnext;
+            xs_free(x);
+        }
     cap_log(CAP_LOG_INFO, "server", "engine closed; exiting");
 }
 

@@ -372,6 +372,23 @@ async def ws_main(e):
 
 def t_websocket(e):
     asyncio.run(ws_main(e))
+    # a frame in the same packet as the handshake (answered after an asynchronous session check)
+    import socket
+    text = json.dumps({"type": "execute", "code": "6*7", "eid": "w-same"}).encode()
+    mask = b"\x0a\x0b\x0c\x0d"
+    frame = bytes([0x81, 0x80 | len(text)]) + mask + bytes(
+        c ^ mask[i % 4] for i, c in enumerate(text))
+    s = socket.create_connection(("127.0.0.1", e.port), timeout=10)
+    s.sendall(b"GET /v1/sessions/w/ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+              b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % TOK_A.encode() + frame)
+    got = b""
+    while b'"type":"result"' not in got:
+        b = s.recv(65536)
+        assert b, got
+        got += b
+    s.close()
+    assert got.startswith(b"HTTP/1.1 101") and b'"value":42' in got, got
 
 
 def t_metrics(e):

@@ -1049,7 +1049,10 @@ int srv_ws_accept(srv_req_t *r, const srv_ws_callbacks_t *cb, void *arg, srv_ws_
     req_free(r);
     timer_set(c, T_WS, (uint64_t)c->srv->lim.idle_timeout_ms * 10);
     *out = ws;
-    /* Bytes after the head in the same read are frames: conn_process hands them over. */
+    /* Bytes after the head (already read) are frames: conn_process hands them over, now if the
+     * handshake was answered asynchronously, else when the handler returns. */
+    if (!c->in_process)
+        conn_process(c);
     return 0;
 }
 
