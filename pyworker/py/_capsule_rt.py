@@ -58,7 +58,7 @@ class _Out(io.TextIOBase):
         return True
 
     def flush(self):
-        pass
+        _capsule.flush()  # a pending partial line goes out now
 
     def isatty(self):
         return False
@@ -145,6 +145,21 @@ def _getpass(prompt="Password: ", stream=None):
     return _input(prompt, True)
 
 
+def _exit(code=None):
+    raise SystemExit(code)
+
+
+class _Helper:
+    """help(), as the site module would install it (the worker does not import site)."""
+
+    def __repr__(self):
+        return "Type help() for interactive help, or help(object) for help about object."
+
+    def __call__(self, *args, **kwds):
+        import pydoc
+        return pydoc.help(*args, **kwds)
+
+
 def _on_sigint(signum, frame):
     # The C side trips SIGINT only to interrupt a cell, once per cancel; a stale or second
     # signal (the interrupt was already delivered, e.g. to a waiting input()) is ignored.
@@ -175,6 +190,8 @@ def init(main_dict, limits, preload):
     sys.stderr = sys.__stderr__ = _Out(2)
     sys.stdin = sys.__stdin__ = _In()
     builtins.input = _input
+    builtins.exit = builtins.quit = _exit  # raises SystemExit: reported, the session goes on
+    builtins.help = _Helper()
     try:
         import getpass
         getpass.getpass = _getpass

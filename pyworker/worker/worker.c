@@ -466,6 +466,20 @@ static PyObject *capmod_input(PyObject *self, PyObject *args)
     return ret;
 }
 
+static PyObject *capmod_flush(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    if (atomic_load(&g_is_worker) && !atomic_load(&g_forked_child)) {
+        Py_BEGIN_ALLOW_THREADS;
+        pthread_mutex_lock(&g_cap_mu);
+        pend_flush_locked();
+        pthread_mutex_unlock(&g_cap_mu);
+        Py_END_ALLOW_THREADS;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *capmod_cancel_requested(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -522,6 +536,7 @@ static PyObject *capmod_hash64(PyObject *self, PyObject *arg)
 static PyMethodDef capmod_methods[] = {
     {"write", capmod_write, METH_VARARGS, "write(stream, str|bytes): send an output chunk"},
     {"input", capmod_input, METH_VARARGS, "input(prompt, password) -> str, or None at EOF"},
+    {"flush", capmod_flush, METH_NOARGS, "send a pending partial line now"},
     {"cancel_requested", capmod_cancel_requested, METH_NOARGS, "the running cell was cancelled"},
     {"take_interrupt", capmod_take_interrupt, METH_NOARGS, "consume the owed interrupt"},
     {"cancel_ack", capmod_cancel_ack, METH_NOARGS, "the interrupt reached the runtime"},

@@ -60,6 +60,14 @@ static void test_values(pyw_sync_t *s)
                  "\"/usr/bin/python3.11\"");
     expect_value(s, "sys.flags.isolated", "1", "1");
     expect_value(s, "__name__", "'__main__'", "\"__main__\"");
+    /* what the site module would have provided */
+    expect_value(s, "callable(help) and 'help(object)' in repr(help)", "True", "true");
+    pyw_sync_run_t *h = run(s, "help(len)");
+    CHECK(strstr(h->out, "Return the number of items in a container."));
+    pyw_sync_run_free(h);
+    h = run(s, "exit(3)");
+    CHECK_STREQ(h->etype, "SystemExit");
+    pyw_sync_run_free(h);
 }
 
 static void test_modes(pyw_sync_t *s)

@@ -159,7 +159,7 @@ static void test_input(pyw_sync_t *s)
 
 /* Output chunks arrive while the cell still runs (not batched until the result). */
 static int g_seen_chunk_before_result;
-static int g_chunk, g_result;
+static int g_chunk, g_result, g_flushed_partial;
 static void on_output(pyw_worker_t *w, uint64_t id, int stream, const char *d, size_t n)
 {
     (void)w;
@@ -167,6 +167,8 @@ static void on_output(pyw_worker_t *w, uint64_t id, int stream, const char *d, s
     (void)stream;
     if (n >= 5 && memcmp(d, "first", 5) == 0 && !g_result)
         g_chunk = 1;
+    if (n == 7 && memcmp(d, "partial", 7) == 0 && !g_result)
+        g_flushed_partial = 1; /* a line without newline, flushed by flush=True */
 }
 static void on_result(pyw_worker_t *w, const pyw_result_t *r)
 {
@@ -186,7 +188,8 @@ static void test_streaming(void)
     opt.cb = &cb;
     uv_loop_init(&loop);
     CHECK_OK(pyw_worker_spawn(&loop, &opt, &w));
-    const char *src = "import time\nprint('first')\ntime.sleep(0.3)\nprint('second')";
+    const char *src = "import time\nprint('first')\nprint('partial', end='', flush=True)\n"
+                      "time.sleep(0.3)\nprint('second')";
     CHECK_OK(pyw_worker_execute(w, 7, NULL, src, strlen(src), 0));
     uint64_t t0 = 0;
     while (!g_result) {
@@ -197,6 +200,7 @@ static void test_streaming(void)
         }
     }
     CHECK(g_seen_chunk_before_result);
+    CHECK(g_flushed_partial);
     CHECK(cap_now_ns() - t0 > 200000000ull); /* the first line came ~300 ms before the end */
     pyw_worker_close(w);
     while (uv_run(&loop, UV_RUN_DEFAULT))
