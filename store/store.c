@@ -33,7 +33,6 @@ struct store_env {
     size_t max_map_size; /* growth ceiling */
     int nosync;
     int readonly;
-    int meta_deferred;
     pthread_rwlock_t grow_lock;
     _Atomic uint64_t grows;
 };
@@ -148,7 +147,6 @@ int store_env_open(const char *dir, const store_env_opts_t *opts, store_env_t **
     e->max_map_size = o.max_map_size;
     e->nosync = o.nosync ? 1 : 0;
     e->readonly = o.readonly ? 1 : 0;
-    e->meta_deferred = o.meta_sync_deferred && !o.nosync && !o.readonly;
     pthread_rwlock_init(&e->grow_lock, NULL);
 
     rc = mdb_env_create(&e->env);
@@ -167,8 +165,6 @@ int store_env_open(const char *dir, const store_env_opts_t *opts, store_env_t **
         flags |= MDB_NOSYNC;
     if (o.readonly)
         flags |= MDB_RDONLY;
-    if (e->meta_deferred)
-        flags |= MDB_NOMETASYNC;
     rc = mdb_env_open(e->env, dir, flags, 0600);
     if (rc) {
         if (rc == ENOENT && o.readonly)
@@ -232,11 +228,6 @@ int store_env_nosync(const store_env_t *env)
 int store_env_readonly(const store_env_t *env)
 {
     return env->readonly;
-}
-
-int store_env_meta_deferred(const store_env_t *env)
-{
-    return env->meta_deferred;
 }
 
 size_t store_env_max_key(const store_env_t *env)

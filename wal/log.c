@@ -70,8 +70,6 @@ struct wal_log {
     uint64_t next_seq;      /* next to assign */
     uint64_t committed_seq; /* highest durable (acknowledged) */
     int closing;
-    int deferred;               /* WAL_SYNC on an env with meta_sync_deferred: see wal__run_batch */
-    struct wal_append *unacked; /* deferred: committed, durable at the next flush */
     wal_stats_t st;
     int have_writer;
     pthread_t writer;
@@ -294,8 +292,6 @@ int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out)
     log->st.last_seq = last;
     log->indexed_seq = indexed;
     log->st.indexed_seq = indexed;
-    log->deferred =
-        !log->readonly && log->opts.durability == WAL_SYNC && store_env_meta_deferred(env);
     if (!log->opts.index_lag)
         log->opts.index_lag = WAL_DEFAULT_INDEX_LAG;
     pthread_mutex_init(&log->mu, NULL);
@@ -535,48 +531,10 @@ static void wal__sync(wal_log_t *log)
     log->last_sync_ns = cap_now_ns();
 }
 
-/* Acknowledges a list of committed, durable appends: stats, then the done callbacks in sequence
- * order outside mu. Called with mu held; returns with mu held. */
-static void wal__ack(wal_log_t *log, struct wal_append *head)
-{
-    struct wal_append *a, *last = head;
-    uint64_t recs = 0;
-    for (a = head; a; a = a->next) {
-        recs += a->n;
-        last = a;
-    }
-    log->st.last_seq = last->first_seq + last->n - 1;
-    log->st.pending -= recs;
-    pthread_mutex_unlock(&log->mu);
-    while (head) {
-        a = head;
-        head = a->next;
-        if (a->done)
-            a->done(a->arg, 0, a->first_seq);
-        wal__append_free(a);
-    }
-    pthread_mutex_lock(&log->mu);
-}
-
-/* In deferred mode, the batch committed before the last flush is durable now. mu held. */
-static void wal__ack_unacked(wal_log_t *log)
-{
-    struct wal_append *p = log->unacked;
-    log->unacked = NULL;
-    if (p)
-        wal__ack(log, p);
-}
-
-/* Takes a batch, commits it, and acknowledges what is durable. Plain WAL_SYNC: the commit
- * flushed the batch and its meta page, so the batch is acknowledged now. Deferred (MDB_NOMETASYNC
- * env): the commit flushed the batch's pages and, in the same fdatasync, the meta page of the
- * PREVIOUS commit, so the previous batch is acknowledged now and this one at the next flush (the
- * next commit, or an explicit fsync as soon as the queue is empty): one flush per batch instead of
- * two, with no acknowledgment before its transaction is durable. Called with mu held; returns with
- * mu held. */
+/* Called with mu held; returns with mu held. */
 static void wal__run_batch(wal_log_t *log)
 {
-    struct wal_append *head = log->head, *last = head;
+    struct wal_append *head = log->head, *last = head, *a;
     size_t recs = head->n, bytes = head->bytes;
     while (last->next && recs + last->next->n <= log->opts.max_batch_records &&
            bytes + last->next->bytes <= log->opts.max_batch_bytes) {
@@ -600,7 +558,9 @@ static void wal__run_batch(wal_log_t *log)
         log->dirty = 1;
 
     pthread_mutex_lock(&log->mu);
-    log->committed_seq = last->first_seq + last->n - 1;
+    uint64_t top = last->first_seq + last->n - 1;
+    log->committed_seq = top;
+    log->st.last_seq = top;
     if (!log->st.first_seq)
         log->st.first_seq = head->first_seq;
     log->st.records += recs;
@@ -608,15 +568,18 @@ static void wal__run_batch(wal_log_t *log)
     log->st.bytes += bytes;
     if (recs > log->st.max_batch)
         log->st.max_batch = recs;
+    log->st.pending -= recs;
+    pthread_mutex_unlock(&log->mu);
     log->last_activity_ns = cap_now_ns();
-    if (log->deferred) {
-        struct wal_append *prev = log->unacked;
-        log->unacked = head;
-        if (prev)
-            wal__ack(log, prev);
-    } else {
-        wal__ack(log, head);
+
+    while (head) {
+        a = head;
+        head = a->next;
+        if (a->done)
+            a->done(a->arg, 0, a->first_seq);
+        wal__append_free(a);
     }
+    pthread_mutex_lock(&log->mu);
 }
 
 /* One truncation chunk. Called with mu held; returns with mu held. */
@@ -632,7 +595,6 @@ static void wal__run_trunc(wal_log_t *log)
     if (log->opts.durability == WAL_NOSYNC)
         log->dirty = 1;
     pthread_mutex_lock(&log->mu);
-    wal__ack_unacked(log); /* this commit's flush made the previous meta durable */
     log->st.first_seq = c.first_left;
     if (c.finished) {
         log->trunc_head = t->next;
@@ -720,7 +682,6 @@ static void wal__run_index(wal_log_t *log)
     if (log->opts.durability == WAL_NOSYNC)
         log->dirty = 1;
     pthread_mutex_lock(&log->mu);
-    wal__ack_unacked(log); /* this commit's flush made the previous meta durable */
     log->indexed_seq = c.upto;
     log->st.indexed_seq = c.upto;
 }
@@ -742,13 +703,6 @@ static void *wal__writer_main(void *arg)
         }
         if (log->head)
             continue;
-        if (log->unacked) { /* deferred: nothing to commit next, so flush now */
-            pthread_mutex_unlock(&log->mu);
-            wal__sync(log);
-            pthread_mutex_lock(&log->mu);
-            wal__ack_unacked(log);
-            continue;
-        }
         /* idle: a background fsync (nosync), indexing the tail, or sleep */
         uint64_t now = cap_now_ns(), due = UINT64_MAX;
         if (log->opts.durability == WAL_NOSYNC && log->dirty) {

@@ -39,15 +39,11 @@ typedef struct store_val {
 } store_val_t;
 
 typedef struct store_env_opts {
-    size_t map_size;        /* initial map size in bytes; 0 = 1 GiB */
-    size_t max_map_size;    /* growth stops here (CAP_EMAPFULL); 0 = 1 TiB */
-    unsigned max_dbs;       /* named databases; 0 = 32 */
-    int nosync;             /* 1: commits do not fsync (MDB_NOSYNC); call store_env_sync() */
-    int readonly;           /* 1: open read-only (tools); writes fail with CAP_EINVAL */
-    int meta_sync_deferred; /* (added) 1: each commit flushes once and writes its meta page
-                               unsynced (MDB_NOMETASYNC): integrity is kept, but a commit is
-                               durable only after the NEXT commit or store_env_sync() returns.
-                               The wal uses this to acknowledge batches with one flush each. */
+    size_t map_size;     /* initial map size in bytes; 0 = 1 GiB */
+    size_t max_map_size; /* growth stops here (CAP_EMAPFULL); 0 = 1 TiB */
+    unsigned max_dbs;    /* named databases; 0 = 32 */
+    int nosync;          /* 1: commits do not fsync (MDB_NOSYNC); call store_env_sync() */
+    int readonly;        /* 1: open read-only (tools); writes fail with CAP_EINVAL */
 } store_env_opts_t;
 
 /* Opens (creating if needed) the environment in directory `dir` (created if missing, mode 0700).
@@ -62,7 +58,6 @@ int store_env_info(store_env_t *env, size_t *map_size, size_t *used);
 /* How the env was opened: 1 if with opts.nosync / opts.readonly, else 0. Any thread. */
 int store_env_nosync(const store_env_t *env);
 int store_env_readonly(const store_env_t *env);
-int store_env_meta_deferred(const store_env_t *env); /* opened with meta_sync_deferred */
 /* Largest key (and DUPSORT value) the env accepts, in bytes (LMDB's compile-time limit, 511). */
 size_t store_env_max_key(const store_env_t *env);
 /* Times the map has been grown by this process since open (for tests and stats). */

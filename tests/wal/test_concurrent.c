@@ -93,8 +93,7 @@ int main(void)
 {
     char *dir = check_tmpdir("wal-conc");
     store_env_t *env;
-    /* grows during the run too; one flush per batch (acknowledged at the next flush) */
-    store_env_opts_t eo = {.map_size = 256 << 10, .meta_sync_deferred = 1};
+    store_env_opts_t eo = {.map_size = 256 << 10}; /* grows during the run too */
     struct shared sh = {0};
     CHECK_OK(store_env_open(dir, &eo, &env));
     wal_opts_t wo = {.index_lag = 100}; /* the key index catches up during the run */

@@ -15,12 +15,11 @@
 /* The key index lag used when a test passes no options: the basic test runs twice, with the
  * whole log in the unindexed tail (default lag) and with the index a few records behind. */
 static uint32_t g_lag;
-static int g_deferred; /* env opened with meta_sync_deferred (one flush per batch) */
 
 static wal_log_t *open_log(const char *dir, store_env_t **env, const wal_opts_t *wo, int nosync,
                            size_t map)
 {
-    store_env_opts_t eo = {.nosync = nosync, .map_size = map, .meta_sync_deferred = g_deferred};
+    store_env_opts_t eo = {.nosync = nosync, .map_size = map};
     wal_opts_t dflt = {.index_lag = g_lag};
     wal_log_t *log;
     if (!wo)
@@ -518,11 +517,6 @@ int main(void)
     test_empty_and_basic();
     g_lag = 7;
     test_empty_and_basic();
-    g_deferred = 1;
-    test_empty_and_basic();
-    test_close_flushes_and_nosync();
-    test_callback_reentry();
-    g_deferred = 0;
     g_lag = 1;
     test_multi_and_limits();
     test_default_max();
