@@ -273,6 +273,10 @@ def t_malformed(port):
         b"POST /v1/echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"\x00\x01\x02\x03\r\n\r\n",
         b"GET /v1/ping HTTP/1.1\r\nHost: a\x00b\r\n\r\n",
+        # request smuggling: both framings at once
+        b"POST /v1/echo HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
+        b"POST /v1/echo HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
     ]
     for b in bad:
         resp = raw(port, b)
