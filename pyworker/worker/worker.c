@@ -25,6 +25,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -1626,6 +1627,21 @@ static _Noreturn void zygote_run(void)
     }
 }
 
+/* The number of threads of this process (entries of /proc/self/task), or -1. */
+static int count_threads(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    int n = 0;
+    if (!d)
+        return -1;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n;
+}
+
 /* ---- main ---- */
 
 static void usage(void)
@@ -1683,6 +1699,14 @@ int main(int argc, char **argv)
                 return 4;
             }
             Py_DECREF(r);
+        }
+        int nthreads = count_threads();
+        if (nthreads != 1) {
+            fprintf(stderr,
+                    "capsule-pyworker: the zygote must be single-threaded to fork, but %d "
+                    "threads run (did the warm-up code start one?)\n",
+                    nthreads);
+            return 4;
         }
         zygote_run();
     }

@@ -5,6 +5,7 @@
  * namespace, exceptions with tracebacks that show the cell's source lines.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "check.h"
@@ -213,7 +214,14 @@ static void test_errors(pyw_sync_t *s)
 int main(void)
 {
     pyw_sync_t *s;
+    /* the interpreter is isolated: Python's environment variables do not reach it */
+    setenv("PYTHONPATH", "/nonexistent-capsule-test", 1);
+    setenv("PYTHONHOME", "/nonexistent-capsule-home", 1);
+    setenv("PYTHONSTARTUP", "/nonexistent-startup.py", 1);
     CHECK_OK(pyw_sync_open(NULL, NULL, &s));
+    expect_value(s, "import sys\nany('nonexistent' in p for p in sys.path)", "False", "false");
+    expect_value(s, "'/usr/lib/python3/dist-packages' in sys.path", "True", "true");
+    expect_value(s, "sys.prefix", "'/usr'", "\"/usr\"");
     CHECK(pyw_worker_python_version(pyw_sync_worker(s)) != NULL);
     CHECK(strncmp(pyw_worker_python_version(pyw_sync_worker(s)), "3.11", 4) == 0);
     test_values(s);

@@ -123,6 +123,10 @@ int main(void)
     /* a warm-up that fails is reported, not hidden */
     zo.warmup = "raise RuntimeError('bad warmup')";
     CHECK_ERR(pyw_zygote_open(&zo, &z), CAP_EWORKER);
+    /* so is a warm-up that leaves a thread running (forking it would be unsafe) */
+    zo.warmup = "import threading, time\n"
+                "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()";
+    CHECK_ERR(pyw_zygote_open(&zo, &z), CAP_EWORKER);
     printf("ok\n");
     return 0;
 }
