@@ -12,13 +12,16 @@
  * fresh data directory; the client is a minimal blocking HTTP/WebSocket client written here.
  *
  * Human table on stderr, one JSON object per figure on stdout. --quick: small counts.
- * Not measured here yet: 200 concurrent clients for 60 s.
+ *   - 200 WebSocket clients (20 with --quick), each on its own session, executing back to back
+ *     for 60 s (5 s): errors (goal 0), p50/p99 (goal p99 <= 10 ms), throughput, and the server's
+ *     anonymous RSS growth after warm-up (goal <= 10%; the LMDB map's file pages not counted).
  */
 #define _GNU_SOURCE /* memmem */
 #include <errno.h>
 #include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -152,44 +155,173 @@ static void ws_send_text(cli_t *c, const char *s)
     cli_send(c, f, k + n);
 }
 
-/* Reads one text message (unfragmented server frames) into out. */
-static void ws_recv_text(cli_t *c, char *out, size_t outn)
+/* Takes one text message (unfragmented server frames) from the buffer if complete: 1, else 0. */
+static int ws_try_text(cli_t *c, char *out, size_t outn)
 {
     for (;;) {
-        while (c->len < 2)
-            cli_fill(c);
+        if (c->len < 2)
+            return 0;
         uint8_t *p = (uint8_t *)c->buf;
         size_t hl = 2, len = p[1] & 0x7f;
         if (len == 126) {
-            while (c->len < 4)
-                cli_fill(c);
+            if (c->len < 4)
+                return 0;
             len = (size_t)p[2] << 8 | p[3];
             hl = 4;
         } else if (len == 127) {
-            while (c->len < 10)
-                cli_fill(c);
+            if (c->len < 10)
+                return 0;
             len = 0;
             for (int i = 0; i < 8; i++)
                 len = len << 8 | p[2 + i];
             hl = 10;
         }
-        while (c->len < hl + len)
-            cli_fill(c);
-        p = (uint8_t *)c->buf;
+        if (c->len < hl + len)
+            return 0;
         int op = p[0] & 0x0f;
+        if (op == 8) {
+            fprintf(stderr, "bench_server: server closed the WebSocket\n");
+            exit(1);
+        }
         if (op == 1) {
             size_t k = len < outn - 1 ? len : outn - 1;
             memcpy(out, c->buf + hl, k);
             out[k] = 0;
             cli_consume(c, hl + len);
-            return;
-        }
-        if (op == 8) {
-            fprintf(stderr, "bench_server: server closed the WebSocket\n");
-            exit(1);
+            return 1;
         }
         cli_consume(c, hl + len); /* ping etc. */
     }
+}
+
+/* Reads one text message into out (blocking). */
+static void ws_recv_text(cli_t *c, char *out, size_t outn)
+{
+    while (!ws_try_text(c, out, outn))
+        cli_fill(c);
+}
+
+/* Anonymous resident memory (heap, stacks): what a leak grows. File-backed pages (the LMDB map,
+ * which grows with the log) are RssFile and not counted. */
+static long rss_kib(pid_t pid)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    long v = -1;
+    while (f && fgets(line, sizeof(line), f))
+        if (strncmp(line, "RssAnon:", 8) == 0)
+            v = atol(line + 8);
+    if (f)
+        fclose(f);
+    return v;
+}
+
+typedef struct soak_res {
+    uint64_t *lat;
+    size_t n, errors, done;
+    long rss_warm, rss_end;
+    long rss_trend[11]; /* at every tenth of the run */
+    double secs;
+} soak_res_t;
+
+/*
+ * n clients, each with its own session and WebSocket, each executing "2+2" back to back for
+ * `secs`; latencies after the first 20% (warm-up) are kept. Errors: an error message, a result
+ * that is not ok/4, a connection lost. The server's RSS is sampled at the end of warm-up and at
+ * the end.
+ */
+static void soak(cli_t *rest, int port, pid_t pid, size_t n, double secs, soak_res_t *out)
+{
+    char body[8192], msg[8192];
+    cli_t *cl = cap_calloc(n, sizeof(cli_t));
+    uint64_t *sent = cap_calloc(n, sizeof(uint64_t));
+    struct pollfd *pf = cap_calloc(n, sizeof(struct pollfd));
+    size_t cap = 1 << 16;
+    memset(out, 0, sizeof(*out));
+    out->lat = cap_malloc(cap * sizeof(uint64_t));
+    for (size_t i = 0; i < n; i++) {
+        char b[64], path[64];
+        snprintf(b, sizeof(b), "{\"id\":\"soak%zu\"}", i);
+        if (http_do(rest, "POST", "/v1/sessions", b, body, sizeof(body)) != 201) {
+            fprintf(stderr, "bench_server: soak session %zu: %s\n", i, body);
+            exit(1);
+        }
+        if (cli_connect(&cl[i], port) != 0)
+            die("connect");
+        snprintf(path, sizeof(path), "/v1/sessions/soak%zu/ws", i);
+        ws_upgrade(&cl[i], path);
+        pf[i].fd = cl[i].fd;
+        pf[i].events = POLLIN;
+    }
+    static const char ex[] = "{\"type\":\"execute\",\"code\":\"2+2\"}";
+    uint64_t t0 = cap_now_ns(), warm_end = t0 + (uint64_t)(secs * 0.2e9),
+             end = t0 + (uint64_t)(secs * 1e9), drain_end = end + 10000000000ull;
+    int warmed = 0;
+    size_t outstanding = 0;
+    for (size_t i = 0; i < n; i++) {
+        ws_send_text(&cl[i], ex);
+        sent[i] = cap_now_ns();
+        outstanding++;
+    }
+    while (outstanding > 0) {
+        uint64_t now = cap_now_ns();
+        if (now > drain_end) {
+            out->errors += outstanding; /* never answered */
+            break;
+        }
+        if (!warmed && now >= warm_end) {
+            warmed = 1;
+            out->rss_warm = rss_kib(pid);
+        }
+        size_t tenth = now >= end ? 10 : (size_t)((now - t0) * 10 / (end - t0));
+        if (!out->rss_trend[tenth])
+            out->rss_trend[tenth] = rss_kib(pid);
+        if (poll(pf, (nfds_t)n, 100) < 0 && errno != EINTR)
+            die("poll");
+        for (size_t i = 0; i < n; i++) {
+            if (!(pf[i].revents & (POLLIN | POLLHUP | POLLERR)))
+                continue;
+            ssize_t k = read(cl[i].fd, cl[i].buf + cl[i].len, sizeof(cl[i].buf) - cl[i].len);
+            if (k <= 0) {
+                out->errors++;
+                outstanding--;
+                pf[i].fd = -1;
+                continue;
+            }
+            cl[i].len += (size_t)k;
+            while (ws_try_text(&cl[i], msg, sizeof(msg))) {
+                if (strstr(msg, "\"type\":\"error\"")) {
+                    out->errors++;
+                    continue;
+                }
+                if (!strstr(msg, "\"type\":\"result\""))
+                    continue;
+                uint64_t t = cap_now_ns();
+                if (!strstr(msg, "\"status\":\"ok\"") || !strstr(msg, "\"value\":4"))
+                    out->errors++;
+                out->done++;
+                if (sent[i] >= warm_end && t <= end) {
+                    if (out->n == cap)
+                        out->lat = cap_realloc(out->lat, (cap *= 2) * sizeof(uint64_t));
+                    out->lat[out->n++] = t - sent[i];
+                }
+                if (t < end) {
+                    ws_send_text(&cl[i], ex);
+                    sent[i] = cap_now_ns();
+                } else {
+                    outstanding--;
+                }
+            }
+        }
+    }
+    out->rss_end = rss_kib(pid);
+    out->secs = secs * 0.8;
+    for (size_t i = 0; i < n; i++)
+        close(cl[i].fd);
+    cap_free(cl);
+    cap_free(sent);
+    cap_free(pf);
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -328,6 +460,19 @@ int main(int argc, char **argv)
     }
     double w50 = pct(t, n_ws, 0.5), w99 = pct(t, n_ws, 0.99);
     close(w->fd);
+
+    /* many clients at once */
+    size_t n_soak = quick ? 20 : 200;
+    double soak_secs = quick ? 5 : 60;
+    if (getenv("CAPSULE_SOAK_CLIENTS")) /* for longer or smaller manual runs */
+        n_soak = (size_t)atol(getenv("CAPSULE_SOAK_CLIENTS"));
+    if (getenv("CAPSULE_SOAK_SECS"))
+        soak_secs = atof(getenv("CAPSULE_SOAK_SECS"));
+    soak_res_t sk;
+    soak(c, port, pid, n_soak, soak_secs, &sk);
+    double s50 = sk.n ? pct(sk.lat, sk.n, 0.5) : 0, s99 = sk.n ? pct(sk.lat, sk.n, 0.99) : 0;
+    double growth =
+        sk.rss_warm > 0 ? 100.0 * (double)(sk.rss_end - sk.rss_warm) / (double)sk.rss_warm : 0;
     close(c->fd);
     kill(pid, SIGTERM);
     int status;
@@ -391,6 +536,16 @@ int main(int argc, char **argv)
         fprintf(stderr, "  %-52s %10.3f %10.3f\n",
                 "2+2 via jupyter_client + ipykernel (not durable)", j50, j99);
     fprintf(stderr, "  %-52s %10.3f %10.3f\n", "session create over REST (warm pool)", c50, c99);
+    fprintf(stderr,
+            "  %zu WebSocket clients for %.0f s: %-18s %10.3f %10.3f\n"
+            "    %zu results (%.0f/s after warm-up), %zu errors, server RssAnon %ld -> %ld KiB "
+            "(%+.1f%%)\n",
+            n_soak, soak_secs, "2+2 latency", s50, s99, sk.done, (double)sk.n / sk.secs, sk.errors,
+            sk.rss_warm, sk.rss_end, growth);
+    fprintf(stderr, "    server RssAnon KiB at each tenth of the run:");
+    for (int i = 0; i <= 10; i++)
+        fprintf(stderr, " %ld", sk.rss_trend[i]);
+    fprintf(stderr, "\n");
     fprintf(stderr, "  WebSocket vs in-process engine p50: %.3fx; goal p50 <= 0.8 ms", w50 / p50);
     if (j50 > 0)
         fprintf(stderr, "; Jupyter / capsule p50: %.2fx (goal >= 6x)", j50 / w50);
@@ -404,8 +559,16 @@ int main(int argc, char **argv)
          1);
     emit("ws_2plus2_vs_engine_inprocess_p99", w99, "ms", "engine C API in-process (sync)", p99, 0,
          1);
+    printf("{\"bench\":\"server\",\"metric\":\"soak_errors\",\"value\":%zu,\"unit\":\"count\","
+           "\"peer\":null,\"peer_value\":null,\"ratio\":null,\"goal\":0,\"met\":%s}\n",
+           sk.errors, sk.errors == 0 ? "true" : "false");
+    emit("soak_2plus2_p50", s50, "ms", NULL, 0, 0, 1);
+    emit("soak_2plus2_p99", s99, "ms", NULL, 0, 10.0, 1);
+    emit("soak_throughput", (double)sk.n / sk.secs, "exec/s", NULL, 0, 0, 0);
+    emit("soak_server_rss_growth", growth, "%", NULL, 0, 10.0, 1);
     emit("rest_session_create_p50", c50, "ms", NULL, 0, 0, 1);
     emit("rest_session_create_p99", c99, "ms", NULL, 0, 0, 1);
+    cap_free(sk.lat);
     cap_free(t);
     cap_free(c);
     cap_free(w);
