@@ -35,6 +35,7 @@ struct store_env {
     int readonly;
     pthread_rwlock_t grow_lock;
     _Atomic uint64_t grows;
+    int stale_readers; /* cleared at open */
 };
 
 struct store_txn {
@@ -183,6 +184,7 @@ int store_env_open(const char *dir, const store_env_opts_t *opts, store_env_t **
     }
     if (dead)
         cap_log(CAP_LOG_INFO, "store", "%s: cleared %d stale reader slot(s)", dir, dead);
+    e->stale_readers = dead;
     *out = e;
     e = NULL;
     rc = 0;
@@ -238,6 +240,11 @@ size_t store_env_max_key(const store_env_t *env)
 uint64_t store_env_grow_count(const store_env_t *env)
 {
     return atomic_load(&((store_env_t *)env)->grows);
+}
+
+int store_env_stale_readers(const store_env_t *env)
+{
+    return env->stale_readers;
 }
 
 int store_env_info(store_env_t *env, size_t *map_size, size_t *used)

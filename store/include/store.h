@@ -62,6 +62,8 @@ int store_env_readonly(const store_env_t *env);
 size_t store_env_max_key(const store_env_t *env);
 /* Times the map has been grown by this process since open (for tests and stats). */
 uint64_t store_env_grow_count(const store_env_t *env);
+/* Reader slots of dead processes cleared when this env was opened (for tests and logs). */
+int store_env_stale_readers(const store_env_t *env);
 
 /* Database flags for store_dbi_open. */
 enum {

@@ -6,6 +6,8 @@
 #include "store.h"
 
 #include <pthread.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int put_one(store_txn_t *txn, void *arg)
@@ -295,8 +297,59 @@ static void test_growth(void)
     cap_free(dir);
 }
 
+/* A process killed while it holds a read transaction leaves its reader slot behind (a stale slot
+ * pins old pages, so the file would grow forever). When another process still has the env open,
+ * LMDB keeps the reader table, and the next open must clear the dead slot. */
+static pid_t spawn_reader(const char *dir, int with_txn)
+{
+    int fds[2];
+    CHECK(pipe(fds) == 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        store_env_t *env;
+        store_txn_t *txn;
+        if (store_env_open(dir, NULL, &env) != 0)
+            _exit(1);
+        if (with_txn && store_txn_begin(env, 1, &txn) != 0)
+            _exit(1);
+        if (write(fds[1], "r", 1) != 1)
+            _exit(2);
+        for (;;)
+            pause();
+    }
+    char c;
+    CHECK(read(fds[0], &c, 1) == 1);
+    close(fds[0]);
+    close(fds[1]);
+    return pid;
+}
+
+static void test_stale_reader(void)
+{
+    char *dir = check_tmpdir("store-stale");
+    store_env_t *env;
+    CHECK_OK(store_env_open(dir, NULL, &env));
+    CHECK_OK(store_env_write(env, put_one, NULL));
+    store_env_close(env); /* never fork with an open env */
+    pid_t holder = spawn_reader(dir, 0), reader = spawn_reader(dir, 1);
+    CHECK(kill(reader, SIGKILL) == 0);
+    CHECK(waitpid(reader, NULL, 0) == reader);
+    CHECK_OK(store_env_open(dir, NULL, &env));
+    CHECK_EQ(store_env_stale_readers(env), 1);
+    store_env_close(env);
+    CHECK_OK(store_env_open(dir, NULL, &env));
+    CHECK_EQ(store_env_stale_readers(env), 0);
+    store_env_close(env);
+    CHECK(kill(holder, SIGKILL) == 0);
+    CHECK(waitpid(holder, NULL, 0) == holder);
+    check_rmtree(dir);
+    cap_free(dir);
+}
+
 int main(void)
 {
+    test_stale_reader();
     test_basic();
     test_seq_cursor();
     test_dupsort();
