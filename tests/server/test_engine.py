@@ -283,6 +283,11 @@ async def ws_main(e):
     got = await ws_until(ws, lambda m: m["type"] == "result")
     assert [m["type"] for m in got] == ["accepted", "output", "result"], got
     assert all(m["eid"] == "w1" for m in got) and got[-1]["value"] == 4
+    # the same eid again over the socket: the recorded result, not a second run
+    await ws.send(json.dumps({"type": "execute", "code": "print('a')\n2+2", "eid": "w1"}))
+    again = await ws_until(ws, lambda m: m["type"] == "result")
+    assert [m["type"] for m in again] == ["accepted", "result"], again
+    assert again[-1]["value"] == 4 and again[-1]["output"] == "a\n"
     # input over the socket
     await ws.send(json.dumps({"type": "execute", "code": "input('q? ') * 2", "eid": "w2"}))
     got = await ws_until(ws, lambda m: m["type"] == "input_request")

@@ -626,6 +626,7 @@ def main():
     tokfile = os.path.join(tmp, "tokens")
     with open(tokfile, "w") as f:
         f.write("# test tokens\n" + TOKENS[0] + "\n\n  " + TOKENS[1] + "  \n")
+    os.chmod(tokfile, 0o644)  # the server warns about a token file others can read
     lim = []
     for k, v in LIMITS.items():
         lim += ["--limit", f"{k}={v}"]
@@ -647,6 +648,8 @@ def main():
         err = srv.stop()
         if os.environ.get("VERBOSE"):
             sys.stderr.write(err)
+    assert "readable by group or others" in err and "chmod 600" in err
+    assert TOKENS[0] not in err and TOKENS[1] not in err  # tokens never logged
     for t in (t_refuse_public_without_tokens,):
         if not args.only or args.only == t.__name__:
             t(args.testd)

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 
 #include "cap.h"
 #include "srv_int.h"
@@ -70,6 +71,11 @@ int srv__auth_open(const char *file, const char *list, srv__auth_t **out)
             cap_log(CAP_LOG_ERROR, "http", "cannot read tokens file %s: %s", file, strerror(errno));
             goto out;
         }
+        struct stat st;
+        if (fstat(fileno(f), &st) == 0 && (st.st_mode & 077))
+            cap_log(CAP_LOG_WARN, "http",
+                    "tokens file %s is readable by group or others (mode %03o): chmod 600 it", file,
+                    (unsigned)(st.st_mode & 0777));
         char line[TOKEN_MAX + 8];
         size_t before = a->n;
         int lineno = 0;
