@@ -1797,13 +1797,16 @@ static int cmp_exec_ord(const void *a, const void *b)
 /* Finds open sessions and interrupted executions (before the loop runs: no locking needed). */
 static int recover(eng_t *e)
 {
-    prom_kv_t tag = {"capsule:kind", "session"};
-    prom_search_t q = {PROM_PENDING, &tag, 1, 1000, NULL};
+    /* ONE scan of the pending promises (the documents are read once): sessions are created at
+     * once, executions are kept and handled after the scan, when every session exists */
+    prom_search_t q = {PROM_PENDING, NULL, 0, 1000, NULL};
     prom_result_t res;
     char *cursor = NULL;
     int rc;
     exec_t **xs = NULL;
     size_t nx = 0, capx = 0;
+    prom_promise_t *px = NULL;
+    size_t npx = 0, cappx = 0;
     for (;;) {
         q.cursor = cursor;
         rc = prom_promise_search(e->ps, &q, &res);
@@ -1813,8 +1816,20 @@ static int recover(eng_t *e)
             goto out;
         for (size_t i = 0; i < res.npromises; i++) {
             prom_promise_t *p = &res.promises[i];
+            const char *kind = prom_promise_tag(p, "capsule:kind");
+            if (!kind)
+                continue;
+            if (strcmp(kind, "exec") == 0 && strncmp(p->id, "capsule/x/", 10) == 0) {
+                if (npx == cappx) {
+                    cappx = cappx ? cappx * 2 : 64;
+                    px = cap_realloc(px, cappx * sizeof(*px));
+                }
+                prom_promise_copy(&px[npx++], p);
+                continue;
+            }
             const char *sid = p->id + strlen("capsule/s/");
-            if (strncmp(p->id, "capsule/s/", 10) != 0 || !eng__id_valid(sid))
+            if (strcmp(kind, "session") != 0 || strncmp(p->id, "capsule/s/", 10) != 0 ||
+                !eng__id_valid(sid))
                 continue;
             eng_session_opts_t so = {0};
             so.tx = (eng_tx_t)hdr_i64(&p->param, "capsule:tx");
@@ -1835,56 +1850,44 @@ static int recover(eng_t *e)
         if (!cursor)
             break;
     }
-    tag.value = "exec";
-    for (;;) {
-        q.cursor = cursor;
-        rc = prom_promise_search(e->ps, &q, &res);
-        cap_free(cursor);
-        cursor = NULL;
-        if (rc)
-            goto out;
-        for (size_t i = 0; i < res.npromises; i++) {
-            prom_promise_t *p = &res.promises[i];
-            const char *eid = p->id + strlen("capsule/x/");
-            const char *sid = prom_promise_tag(p, "capsule:session");
-            eng_result_t *r = NULL;
-            if (eng__result_read(&e->tb, eid, &r) == 0) {
-                /* finished before the crash; only its settle was lost: repair it */
-                prom_result_t sr;
-                prom_value_t v = {0};
-                prom_settle_t st = {p->id, r->status == ENG_ST_OK ? PROM_RESOLVED : PROM_REJECTED,
-                                    &v};
-                prom_promise_settle(e->ps, &st, &sr);
-                prom_result_clear(&sr);
-                eng_result_free(r);
-                continue;
-            }
-            session_t *s = sid ? smap_get(e, sid) : NULL;
-            if (!s) {
-                prom_result_t sr;
-                prom_settle_t st = {p->id, PROM_REJECTED_CANCELED, NULL};
-                prom_promise_settle(e->ps, &st, &sr);
-                prom_result_clear(&sr);
-                continue;
-            }
-            exec_t *x = exec_new(e, s, eid, p->param.data ? p->param.data : "", p->param.len,
-                                 (eng_tx_t)hdr_i64(&p->param, "capsule:tx"));
-            x->created = 1;
-            x->restarted = 1;
-            x->st = X_QUEUED;
-            x->wid = (uint64_t)hdr_i64(&p->param, "capsule:ord"); /* order, reset when run */
-            if ((uint64_t)x->wid > e->ord_next)
-                e->ord_next = x->wid;
-            if (nx == capx) {
-                capx = capx ? capx * 2 : 64;
-                xs = cap_realloc(xs, capx * sizeof(*xs));
-            }
-            xs[nx++] = x;
+    for (size_t i = 0; i < npx; i++) {
+        prom_promise_t *p = &px[i];
+        const char *eid = p->id + strlen("capsule/x/");
+        const char *sid = prom_promise_tag(p, "capsule:session");
+        eng_result_t *r = NULL;
+        if (!eng__id_valid(eid))
+            continue;
+        if (eng__result_read(&e->tb, eid, &r) == 0) {
+            /* finished before the crash; only its settle was lost: repair it */
+            prom_result_t sr;
+            prom_value_t v = {0};
+            prom_settle_t st = {p->id, r->status == ENG_ST_OK ? PROM_RESOLVED : PROM_REJECTED, &v};
+            prom_promise_settle(e->ps, &st, &sr);
+            prom_result_clear(&sr);
+            eng_result_free(r);
+            continue;
         }
-        cursor = xstrdup(res.cursor);
-        prom_result_clear(&res);
-        if (!cursor)
-            break;
+        session_t *s = sid ? smap_get(e, sid) : NULL;
+        if (!s) {
+            prom_result_t sr;
+            prom_settle_t st = {p->id, PROM_REJECTED_CANCELED, NULL};
+            prom_promise_settle(e->ps, &st, &sr);
+            prom_result_clear(&sr);
+            continue;
+        }
+        exec_t *x = exec_new(e, s, eid, p->param.data ? p->param.data : "", p->param.len,
+                             (eng_tx_t)hdr_i64(&p->param, "capsule:tx"));
+        x->created = 1;
+        x->restarted = 1;
+        x->st = X_QUEUED;
+        x->wid = (uint64_t)hdr_i64(&p->param, "capsule:ord"); /* order, reset when run */
+        if ((uint64_t)x->wid > e->ord_next)
+            e->ord_next = x->wid;
+        if (nx == capx) {
+            capx = capx ? capx * 2 : 64;
+            xs = cap_realloc(xs, capx * sizeof(*xs));
+        }
+        xs[nx++] = x;
     }
     if (nx)
         qsort(xs, nx, sizeof(*xs), cmp_exec_ord);
@@ -1896,6 +1899,9 @@ static int recover(eng_t *e)
     stats_add(e, (eng_stats_t){.recovered_execs = nx, .queued = (uint32_t)nx});
     rc = 0;
 out:
+    for (size_t i = 0; i < npx; i++)
+        prom_promise_clear(&px[i]);
+    cap_free(px);
     cap_free(xs);
     cap_free(cursor);
     return rc;
@@ -1909,6 +1915,23 @@ static void do_start(eng_t *e, eng_msg_t *m)
         for (session_t *s = e->smap[b]; s; s = s->hnext)
             if (s->qhead || e->o.eager_restore)
                 session_restore(e, s);
+}
+
+typedef struct zy_start {
+    pthread_t thread;
+    pyw_zygote_options_t zo;
+    pyw_zygote_t *z;
+    int rc;
+    uint64_t ready_ns;
+} zy_start_t;
+
+static void *zygote_main(void *arg)
+{
+    zy_start_t *zs = arg;
+    uint64_t t0 = cap_now_ns();
+    zs->rc = pyw_zygote_open(&zs->zo, &zs->z);
+    zs->ready_ns = cap_now_ns() - t0;
+    return NULL;
 }
 
 int eng_open(const eng_opts_t *opts, eng_t **out)
@@ -1942,32 +1965,44 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     e->pcb.on_snapshot = pcb_snapshot;
     e->pcb.on_exit = pcb_exit;
 
+    /* the zygote starts (a fork + exec, waiting for its READY) while the store loads */
+    zy_start_t zs = {0};
+    zs.zo.worker_path = e->worker_path;
+    zs.zo.warmup = e->warmup;
+    uint64_t t0 = cap_now_ns();
+    int zy_thread = pthread_create(&zs.thread, NULL, zygote_main, &zs) == 0;
+    if (!zy_thread)
+        zygote_main(&zs);
     store_env_opts_t so = {0};
     so.nosync = opts->nosync;
     so.map_size = opts->map_size;
     rc = store_env_open(e->dir, &so, &e->env);
-    if (rc)
-        goto fail;
-    rc = eng__tables_open(e->env, &e->tb);
-    if (rc)
-        goto fail;
+    if (!rc)
+        rc = eng__tables_open(e->env, &e->tb);
     prom_opts_t po = {0};
     po.wal.durability = opts->nosync ? WAL_NOSYNC : WAL_SYNC;
     po.wal.apply = eng__apply;
     po.wal.apply_arg = &e->tb;
-    rc = prom_store_open(e->env, &po, &e->ps);
+    if (!rc)
+        rc = prom_store_open(e->env, &po, &e->ps);
+    if (!rc)
+        e->wal = prom_store_wal(e->ps);
+    uint64_t t1 = cap_now_ns();
+    if (!rc)
+        rc = recover(e);
+    uint64_t t2 = cap_now_ns();
+    if (zy_thread)
+        pthread_join(zs.thread, NULL);
+    e->zy = zs.z;
+    if (!rc)
+        rc = zs.rc;
     if (rc)
         goto fail;
-    e->wal = prom_store_wal(e->ps);
-    pyw_zygote_options_t zo = {0};
-    zo.worker_path = e->worker_path;
-    zo.warmup = e->warmup;
-    rc = pyw_zygote_open(&zo, &e->zy);
-    if (rc)
-        goto fail;
-    rc = recover(e);
-    if (rc)
-        goto fail;
+    cap_log(CAP_LOG_INFO, "engine",
+            "open %s: store %.1f ms, recovery scan %.1f ms, zygote ready at %.1f ms; %u open "
+            "sessions, %llu interrupted executions",
+            e->dir, (double)(t1 - t0) / 1e6, (double)(t2 - t1) / 1e6, (double)zs.ready_ns / 1e6,
+            e->nsessions, (unsigned long long)e->stats.recovered_execs);
 
     if (opts->loop) {
         e->loop = opts->loop;
