@@ -586,14 +586,15 @@ static int handle_frame(pyw_worker_t *w, uint8_t type, uint64_t id, const uint8_
         return 0;
     case PYW_F_ERROR: {
         uint32_t code;
+        uint8_t about;
         char *msg = NULL;
         if ((rc = pyw__get_u32(&r, &code)) || (rc = pyw__get_strdup(&r, &msg)) ||
-            (rc = pyw__rd_end(&r))) {
+            (rc = pyw__get_u8(&r, &about)) || (rc = pyw__rd_end(&r))) {
             cap_free(msg);
             return rc;
         }
-        /* an execute the worker rejected will never get a result: fail it now */
-        pyw_exec_t *e = id ? exec_find(w, id, 1) : NULL;
+        /* an EXECUTE the worker rejected will never get a result: fail it now */
+        pyw_exec_t *e = about == PYW_F_EXECUTE ? exec_find(w, id, 1) : NULL;
         if (e) {
             pyw_result_t res;
             memset(&res, 0, sizeof res);

@@ -143,9 +143,10 @@ static void send_buf(pyw_buf_t *b)
         _exit(0); /* the engine is gone: nothing to serve */
 }
 
-static void send_error(uint64_t id, int code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void send_error(uint64_t id, int code, const char *fmt, ...)
+/* An ERROR frame about a frame of type `about` (0: none in particular) with id `id`. */
+static void send_error(uint8_t about, uint64_t id, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void send_error(uint8_t about, uint64_t id, int code, const char *fmt, ...)
 {
     char msg[512];
     va_list ap;
@@ -157,6 +158,7 @@ static void send_error(uint64_t id, int code, const char *fmt, ...)
     pyw__frame_begin(&b, PYW_F_ERROR, id);
     pyw__put_u32(&b, (uint32_t)-code);
     pyw__put_cstr(&b, msg);
+    pyw__put_u8(&b, about);
     pyw__frame_end(&b, 0);
     send_buf(&b);
     pyw__buf_free(&b);
@@ -845,7 +847,7 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
         j->id = id;
         if (pyw__get_strdup(&r, &j->cell_id) || pyw__get_str(&r, &src, &n) || pyw__rd_end(&r)) {
             job_free(j);
-            send_error(id, CAP_EPROTO, "malformed EXECUTE body");
+            send_error(type, id, CAP_EPROTO, "malformed EXECUTE body");
             return;
         }
         j->data = cap_malloc(n + 1);
@@ -854,7 +856,7 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
         j->len = n;
         if (memchr(j->data, 0, n)) {
             job_free(j);
-            send_error(id, CAP_EINVAL, "cell source contains a NUL byte");
+            send_error(type, id, CAP_EINVAL, "cell source contains a NUL byte");
             return;
         }
         job_push(j);
@@ -864,7 +866,7 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
         const uint8_t *blob;
         size_t n;
         if (pyw__get_str(&r, &blob, &n) || pyw__rd_end(&r)) {
-            send_error(id, CAP_EPROTO, "malformed APPLY body");
+            send_error(type, id, CAP_EPROTO, "malformed APPLY body");
             return;
         }
         job_t *j = cap_calloc(1, sizeof *j);
@@ -878,7 +880,7 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
     case PYW_F_SNAPSHOT:
     case PYW_F_SHUTDOWN: {
         if (pyw__rd_end(&r)) {
-            send_error(id, CAP_EPROTO, "unexpected body");
+            send_error(type, id, CAP_EPROTO, "unexpected body");
             return;
         }
         job_t *j = cap_calloc(1, sizeof *j);
@@ -890,7 +892,7 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
     case PYW_F_PING:
     case PYW_F_CANCEL:
         if (pyw__rd_end(&r)) {
-            send_error(id, CAP_EPROTO, "unexpected body");
+            send_error(type, id, CAP_EPROTO, "unexpected body");
             return;
         }
         if (type == PYW_F_PING)
@@ -903,7 +905,7 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
         const uint8_t *text;
         size_t n;
         if (pyw__get_u8(&r, &eof) || pyw__get_str(&r, &text, &n) || pyw__rd_end(&r)) {
-            send_error(id, CAP_EPROTO, "malformed INPUT_REPLY body");
+            send_error(type, id, CAP_EPROTO, "malformed INPUT_REPLY body");
             return;
         }
         int ok = 0;
@@ -919,12 +921,12 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
         }
         pthread_mutex_unlock(&g_mu);
         if (!ok)
-            send_error(id, CAP_ECONFLICT, "no input request pending for execution %llu",
+            send_error(type, id, CAP_ECONFLICT, "no input request pending for execution %llu",
                        (unsigned long long)id);
         return;
     }
     default:
-        send_error(id, CAP_EPROTO, "unknown frame type 0x%02x", type);
+        send_error(type, id, CAP_EPROTO, "unknown frame type 0x%02x", type);
         return;
     }
 }
@@ -961,13 +963,13 @@ static void *proto_main(void *arg)
         if (len < PYW_MIN_LEN) {
             if (skip_bytes(g_sock, len))
                 break;
-            send_error(0, CAP_EPROTO, "frame length %u below the minimum %u", len, PYW_MIN_LEN);
+            send_error(0, 0, CAP_EPROTO, "frame length %u below the minimum %u", len, PYW_MIN_LEN);
             continue;
         }
         if (len > g_max_frame) {
             if (skip_bytes(g_sock, len))
                 break;
-            send_error(0, CAP_ETOOBIG, "frame of %u bytes exceeds the limit of %u", len,
+            send_error(0, 0, CAP_ETOOBIG, "frame of %u bytes exceeds the limit of %u", len,
                        g_max_frame);
             continue;
         }
@@ -1263,7 +1265,7 @@ static _Noreturn void worker_run(void)
     if (g_opts.max_frame)
         g_max_frame = g_opts.max_frame < PYW_MIN_MAX_FRAME ? PYW_MIN_MAX_FRAME : g_opts.max_frame;
     if ((rc = apply_limits())) {
-        send_error(0, rc, "cannot apply the resource limits: %s", cap_strerror(rc));
+        send_error(0, 0, rc, "cannot apply the resource limits: %s", cap_strerror(rc));
         _exit(3);
     }
     if ((rc = capture_start())) {
@@ -1550,7 +1552,7 @@ static _Noreturn void zygote_run(void)
         if (rc == CAP_ECLOSED)
             zygote_exit();
         if (rc) {
-            send_error(0, rc, "malformed frame");
+            send_error(0, 0, rc, "malformed frame");
             goto next;
         }
         if (type == PYW_F_SHUTDOWN)
@@ -1560,7 +1562,7 @@ static _Noreturn void zygote_run(void)
             goto next;
         }
         if (type != PYW_F_FORK) {
-            send_error(id, CAP_EPROTO, "unknown frame type 0x%02x for a zygote", type);
+            send_error(type, id, CAP_EPROTO, "unknown frame type 0x%02x for a zygote", type);
             goto next;
         }
         pyw_rd_t rd;
@@ -1569,7 +1571,7 @@ static _Noreturn void zygote_run(void)
         pyw__rd_init(&rd, body + 9, blen - 9);
         if (fd < 0 || pyw__get_strdup(&rd, &opts) || pyw__rd_end(&rd) ||
             pyw__wopts_parse(opts, &wo) || strlen(opts) >= 512) {
-            send_error(id, CAP_EPROTO, "malformed FORK (options or socket missing)");
+            send_error(PYW_F_FORK, id, CAP_EPROTO, "malformed FORK (options or socket missing)");
             cap_free(opts);
             goto next;
         }
@@ -1604,6 +1606,7 @@ static _Noreturn void zygote_run(void)
                 pyw__frame_begin(&b, PYW_F_ERROR, id);
                 pyw__put_u32(&b, (uint32_t)errno);
                 pyw__put_cstr(&b, "fork failed");
+                pyw__put_u8(&b, PYW_F_FORK);
             } else {
                 pyw__frame_begin(&b, PYW_F_FORKED, id);
                 pyw__put_u32(&b, (uint32_t)w);
@@ -1614,7 +1617,7 @@ static _Noreturn void zygote_run(void)
         }
         PyOS_AfterFork_Parent();
         if (a < 0) {
-            send_error(id, -errno, "fork failed");
+            send_error(PYW_F_FORK, id, -errno, "fork failed");
         } else {
             int st;
             while (waitpid(a, &st, 0) < 0 && errno == EINTR)

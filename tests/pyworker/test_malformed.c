@@ -34,10 +34,11 @@ static void on_pong(pyw_worker_t *w, uint64_t id)
     (void)id;
     g_pongs++;
 }
+static int g_last_status;
 static void on_result(pyw_worker_t *w, const pyw_result_t *r)
 {
     (void)w;
-    (void)r;
+    g_last_status = r->status;
     g_results++;
 }
 static void on_exit_cb(pyw_worker_t *w, const pyw_exit_t *e)
@@ -134,6 +135,18 @@ static void test_raw(void)
     while (g_results == before)
         uv_run(&g_loop, UV_RUN_ONCE);
     CHECK_EQ(g_last_code, CAP_EINVAL);
+    /* an input reply for a running cell that asked for nothing: an error about that frame, and
+     * the cell itself runs on to its own result */
+    before = g_results;
+    int errs = g_errors;
+    const char *slow = "import time\ntime.sleep(0.2)\n'fine'";
+    CHECK_OK(pyw_worker_execute(w, 20, NULL, slow, strlen(slow), 0));
+    CHECK_OK(pyw_worker_input_reply(w, 20, "x", 1, 0));
+    while (g_results == before)
+        uv_run(&g_loop, UV_RUN_ONCE);
+    CHECK_EQ(g_errors, errs + 1);
+    CHECK_EQ(g_last_code, CAP_ECONFLICT);
+    CHECK_EQ(g_last_status, PYW_STATUS_OK);
     /* a frame bigger than the limit is refused by the client before sending */
     char *big = malloc(8000);
     memset(big, ' ', 8000);
