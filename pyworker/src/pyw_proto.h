@@ -50,7 +50,8 @@ enum {
                                  * deleted, pairs unpicklable; sent before the RESULT of its cell */
     PYW_F_APPLIED = 0x85,       /* u8 ok, str error, names restored, names deleted, pairs failed */
     PYW_F_PONG = 0x86,          /* (empty) */
-    PYW_F_ERROR = 0x87,         /* u32 code (negated CAP_E* / errno), str message */
+    PYW_F_ERROR = 0x87,         /* u32 code (negated CAP_E* / errno), str message, u8 type of the
+                                 * offending frame (0 if none in particular) */
     PYW_F_FORKED = 0x88,        /* from a zygote: u32 pid of the new worker */
     PYW_F_SNAPSHOT_DATA = 0x89, /* answer to SNAPSHOT: the DELTA body layout */
 };
