@@ -146,9 +146,9 @@ typedef struct eng_exec_req {
  * CAP_EINVAL, store/wal/promise errors, pyworker errors (zygote). */
 int eng_open(const eng_opts_t *opts, eng_t **out);
 /* Stops accepting commands, kills the workers (their running executions stay recorded as
- * pending and are re-run at the next open), closes the log (every queued record is written) and
- * frees everything. With a caller's loop, the caller must keep running the loop until this
- * returns (call it from another thread). NULL is a no-op. Blocking. */
+ * pending and are re-run at the next open; their callbacks are not called), closes the log (every
+ * queued record is written) and frees everything. With a caller's loop, the caller must keep
+ * running the loop until this returns (call it from another thread). NULL is a no-op. Blocking. */
 void eng_close(eng_t *e);
 
 /* Opens session `sid` (NULL: a generated id) durably; an already open sid is returned as is.

@@ -280,6 +280,22 @@ static void test_ids_and_reopen(const char *dir)
     eng_result_free(r);
     /* a closed session's id is not reused */
     CHECK_ERR(eng_session_open(e, "gone", NULL, NULL), CAP_EEXIST);
+    /* close while an execution runs: it stays pending and is re-run at the next open */
+    eng_exec_req_t rq = {0};
+    rq.sid = "keep";
+    rq.eid = "slow";
+    rq.code = "import time\ntime.sleep(0.3)\ncounter += 10\ncounter";
+    eng_exec_cb_t none = {0};
+    CHECK_OK(eng_execute(e, &rq, &none, NULL));
+    usleep(150 * 1000);
+    eng_close(e);
+    e = etest_open(dir, 0);
+    r = etest_run(e, "keep", "slow", rq.code); /* attaches to the re-run */
+    CHECK_EQ(r->status, ENG_ST_OK);
+    CHECK_STREQ(r->repr, "12");
+    CHECK(r->restarted);
+    eng_result_free(r);
+    etest_expect(e, "keep", "counter", "12");
     eng_close(e);
 }
 
