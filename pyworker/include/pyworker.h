@@ -181,7 +181,8 @@ int pyw_worker_spawn(uv_loop_t *loop, const pyw_options_t *opt, pyw_worker_t **o
 
 /* Runs `source` as one cell. exec_id is the caller's id (echoed in every callback about it);
  * cell_id names the cell for the namespace module (NULL: the worker's counter). timeout_ms 0 =
- * none; on timeout the cell is interrupted (status TIMEOUT) and killed after the grace period.
+ * none; it runs from when the cell starts (cells run in order: when the previous one ended); on
+ * timeout the cell is interrupted (status TIMEOUT) and killed after the grace period.
  * Returns 0, CAP_ECLOSED if the worker is gone, CAP_ETOOBIG if the frame exceeds max_frame. */
 int pyw_worker_execute(pyw_worker_t *w, uint64_t exec_id, const char *cell_id, const char *source,
                        size_t len, uint32_t timeout_ms);

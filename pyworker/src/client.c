@@ -400,6 +400,19 @@ static int delta_decode(pyw_rd_t *r, delta_dec_t *d, pyw_delta_t *out)
     return 0;
 }
 
+static void on_exec_timer(uv_timer_t *t);
+
+/* The worker runs cells in order, so the first execution in flight is the running one: its
+ * timeout runs from when it started (when the one before it ended), not from its request. */
+static void exec_arm_head(pyw_worker_t *w)
+{
+    pyw_exec_t *e = w->execs;
+    if (e && e->timeout_ms && !e->timer_on && !e->cancelled && !w->exited && !w->closed) {
+        uv_timer_start(&e->timer, on_exec_timer, e->timeout_ms, 0);
+        e->timer_on = 1;
+    }
+}
+
 static void deliver_result(pyw_worker_t *w, pyw_exec_t *e, pyw_result_t *res)
 {
     delta_dec_t dd;
@@ -425,6 +438,7 @@ static void deliver_result(pyw_worker_t *w, pyw_exec_t *e, pyw_result_t *res)
     if (e->timer_on)
         uv_timer_stop(&e->timer);
     exec_free(e);
+    exec_arm_head(w);
 }
 
 static int handle_result(pyw_worker_t *w, uint64_t id, pyw_rd_t *r)
@@ -1013,15 +1027,12 @@ int pyw_worker_execute(pyw_worker_t *w, uint64_t exec_id, const char *cell_id, c
     uv_timer_init(w->loop, &e->timer);
     e->timer.data = e;
     w->open_handles++;
-    if (timeout_ms) {
-        uv_timer_start(&e->timer, on_exec_timer, timeout_ms, 0);
-        e->timer_on = 1;
-    }
     /* append: results arrive in order */
     pyw_exec_t **pp = &w->execs;
     while (*pp)
         pp = &(*pp)->next;
     *pp = e;
+    exec_arm_head(w);
     return 0;
 }
 

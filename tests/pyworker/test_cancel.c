@@ -96,6 +96,21 @@ int main(void)
     CHECK_ERR(pyw_sync_execute(s, "1", NULL, 0, 0, 0, &r), CAP_ECLOSED);
     pyw_sync_close(s);
 
+    /* a timeout runs from the cell's start, not from its request: B waits 300 ms behind A, then
+     * runs 150 ms of its 250 ms */
+    CHECK_OK(pyw_sync_open(NULL, NULL, &s));
+    {
+        pyw_worker_t *w0 = pyw_sync_worker(s);
+        const char *qa = "import time\ntime.sleep(0.3)";
+        const char *qb = "time.sleep(0.15)\nb_done = True";
+        CHECK_OK(pyw_worker_execute(w0, 910, NULL, qa, strlen(qa), 0));
+        CHECK_OK(pyw_worker_execute(w0, 911, NULL, qb, strlen(qb), 250));
+        CHECK_OK(pyw_sync_execute(s, "globals().get('b_done')", NULL, 0, 0, 0, &r));
+        CHECK_STREQ(r->repr, "True");
+        pyw_sync_run_free(r);
+    }
+    pyw_sync_close(s);
+
     /* cancelling a queued cell: it never runs */
     CHECK_OK(pyw_sync_open(NULL, NULL, &s));
     pyw_worker_t *w = pyw_sync_worker(s);
