@@ -151,6 +151,7 @@ struct eng {
     int dead;       /* loop gone: messages only release */
     int async_gone; /* (under mu) the async handle is closing: post only queues */
     waiter_t *close_waiter;
+    int open_handles; /* (loop) handles whose close callback is still due */
 
     /* durability threads */
     pthread_t *dthr;
@@ -1720,12 +1721,14 @@ static void ckpt_done(eng_t *e, eng_msg_t *m)
 }
 
 /* -- close -- */
-static void on_async_closed(uv_handle_t *h)
+/* The engine's three handles (async, two timers) live inside eng_t: eng_close may free it only
+ * after all three close callbacks ran (on the caller's loop, nothing else would wait for them). */
+static void on_handle_closed(uv_handle_t *h)
 {
     eng_t *e = h->data;
-    waiter_wake(e->close_waiter, 0);
+    if (--e->open_handles == 0)
+        waiter_wake(e->close_waiter, 0);
 }
-
 static void do_shutdown(eng_t *e, eng_msg_t *m)
 {
     cap_free(m);
@@ -1742,13 +1745,14 @@ static void do_shutdown(eng_t *e, eng_msg_t *m)
     e->npool = 0;
     drain(e);
     deferred_flush(e);
-    uv_close((uv_handle_t *)&e->dtimer, NULL);
-    uv_close((uv_handle_t *)&e->itimer, NULL);
+    e->open_handles = 3;
+    uv_close((uv_handle_t *)&e->dtimer, on_handle_closed);
+    uv_close((uv_handle_t *)&e->itimer, on_handle_closed);
     e->dead = 1;
     pthread_mutex_lock(&e->mu);
     e->async_gone = 1;
     pthread_mutex_unlock(&e->mu);
-    uv_close((uv_handle_t *)&e->async, on_async_closed);
+    uv_close((uv_handle_t *)&e->async, on_handle_closed);
 }
 
 /* Idle expiry: the worker of a session unused for idle_release_ms goes back to the OS. */

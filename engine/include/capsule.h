@@ -140,7 +140,12 @@ typedef struct eng_exec_req {
     eng_tx_t tx;      /* ENG_TX_DEFAULT: the session's */
 } eng_exec_req_t;
 
-/* Opens (creating if needed) the engine in opts->dir: opens the store and the log, starts the
+/* With a caller's loop (opts->loop): call eng_open on the thread that runs that loop, outside
+ * uv_run or from one of its callbacks (it adds an async handle and two timers to the loop), then
+ * keep running the loop; call the blocking functions from other threads. After eng_close the loop
+ * holds no handle of the engine (uv_loop_close succeeds once the loop ran dry).
+ *
+ * Opens (creating if needed) the engine in opts->dir: opens the store and the log, starts the
  * zygote and the loop, finds the open sessions and the interrupted executions (which are re-run,
  * their sessions restored at once), and serves requests. Blocking. Returns 0 and *out, or
  * CAP_EINVAL, store/wal/promise errors, pyworker errors (zygote). */

@@ -327,6 +327,36 @@ static void test_idle_and_warmup(void)
     cap_free(dir);
 }
 
+static void loop_thread(void *arg)
+{
+    uv_run(arg, UV_RUN_DEFAULT);
+}
+
+/* The engine on the caller's loop, driven from another thread; the loop closes cleanly after. */
+static void test_caller_loop(void)
+{
+    char *dir = check_tmpdir("eng-loop");
+    uv_loop_t loop;
+    CHECK_OK(uv_loop_init(&loop));
+    eng_opts_t o = {0};
+    o.dir = dir;
+    o.map_size = 64u << 20;
+    o.loop = &loop;
+    o.idle_release_ms = 1000;
+    eng_t *e = NULL;
+    CHECK_OK(eng_open(&o, &e));
+    uv_thread_t t;
+    CHECK_OK(uv_thread_create(&t, loop_thread, &loop));
+    CHECK_OK(eng_session_open(e, "cl", NULL, NULL));
+    etest_expect(e, "cl", "v = 6 * 7\nv", "42");
+    etest_expect(e, "cl", "v", "42");
+    eng_close(e);
+    uv_thread_join(&t);
+    CHECK_OK(uv_loop_close(&loop)); /* no handle of the engine left behind */
+    check_rmtree(dir);
+    cap_free(dir);
+}
+
 int main(void)
 {
     char *dir = check_tmpdir("eng-basic");
@@ -338,6 +368,7 @@ int main(void)
     cap_free(dir);
     test_queue_limit();
     test_idle_and_warmup();
+    test_caller_loop();
     dir = check_tmpdir("eng-reopen");
     test_ids_and_reopen(dir);
     check_rmtree(dir);
