@@ -57,6 +57,8 @@ static opt_t opts[] = {
     {"--max-sessions", "CAPSULE_MAX_SESSIONS", "1024", "open sessions at most", NULL},
     {"--max-queue", "CAPSULE_MAX_QUEUE", "64", "queued executions per session at most", NULL},
     {"--max-output", "CAPSULE_MAX_OUTPUT", "1048576", "output bytes kept per execution", NULL},
+    {"--idle-release-ms", "CAPSULE_IDLE_RELEASE_MS", "0",
+     "a session unused this long gives its worker back (restored when next used); 0 = never", NULL},
     {"--grace-ms", "CAPSULE_GRACE_MS", "30000",
      "on SIGTERM, how long running executions may take to finish", NULL},
     {"--max-conns", "CAPSULE_MAX_CONNS", "1024", "open connections at most (503 beyond)", NULL},
@@ -87,6 +89,7 @@ enum {
     O_MAXSESS,
     O_MAXQ,
     O_MAXOUT,
+    O_IDLEREL,
     O_GRACE,
     O_MAXCONNS,
     O_URL,
@@ -591,7 +594,7 @@ static void xs_replay_ws(xs_t *x, wsc_t *wc, uint64_t offset)
 /* ------------------------------------------------------------------------------------------ */
 /* blocking engine calls on the thread pool                                                    */
 
-enum { B_OPEN, B_CLOSE, B_LIST, B_GET, B_CKPT, B_RESULT, B_WSCHECK, B_RESUME };
+enum { B_OPEN, B_CLOSE, B_LIST, B_GET, B_CKPT, B_RESULT, B_WSCHECK, B_RESUME, B_RELEASE };
 
 typedef struct bjob {
     uv_work_t w;
@@ -600,6 +603,7 @@ typedef struct bjob {
     char *principal;
     char *a, *b; /* engine ids */
     eng_session_opts_t so;
+    char *warmup; /* so.warmup points here */
     uint64_t ordinal;
     int truncate;
     int rc;
@@ -638,6 +642,9 @@ static void bjob_work(uv_work_t *w)
         break;
     case B_CLOSE:
         j->rc = eng_session_close(G.eng, j->a);
+        break;
+    case B_RELEASE:
+        j->rc = eng_session_release(G.eng, j->a);
         break;
     case B_LIST:
     case B_GET:
@@ -679,6 +686,11 @@ static void bjob_done(uv_work_t *w, int status)
     case B_OPEN:
         if (j->rc == 0)
             srv_reply_json(req, 201, session_json(j->a));
+        else if (j->rc == CAP_EUNPROCESSABLE)
+            srv_reply_error(req, 422, "warmup_failed",
+                            "the session is open but its warm-up raised: GET "
+                            "/v1/sessions/%s/warmup has the error",
+                            strip_ns(j->a));
         else if (j->rc == CAP_ENOTFOUND)
             srv_reply_error(req, 404, "session_not_found", "no session \"%s\" to fork",
                             strip_ns(j->b));
@@ -691,6 +703,18 @@ static void bjob_done(uv_work_t *w, int status)
             srv_reply_error(req, 400, "invalid_request", "%s",
                             j->b ? "ordinal beyond the source session's history"
                                  : "invalid session options");
+        else
+            srv_reply_error(req, 503, "engine_error", "%s", cap_strerror(j->rc));
+        break;
+    case B_RELEASE:
+        if (j->rc == 0)
+            srv_reply_json(req, 200,
+                           json_pack("{s:s,s:s}", "id", strip_ns(j->a), "state", "released"));
+        else if (j->rc == CAP_ENOTFOUND)
+            srv_reply_error(req, 404, "session_not_found", "no session \"%s\"", strip_ns(j->a));
+        else if (j->rc == CAP_EBUSY)
+            srv_reply_error(req, 409, "session_busy",
+                            "the session is running, queued or restoring; release it when idle");
         else
             srv_reply_error(req, 503, "engine_error", "%s", cap_strerror(j->rc));
         break;
@@ -759,6 +783,7 @@ out:
     cap_free(j->list);
     eng_result_free(j->res);
     cap_free(j->principal);
+    cap_free(j->warmup);
     cap_free(j->ceid);
     cap_free(j->a);
     cap_free(j->b);
@@ -855,9 +880,11 @@ static void h_readyz(srv_req_t *req, void *arg)
 }
 
 static const srv_field_t session_fields[] = {
-    {"id", SRV_JSTRING, 0},      {"tx", SRV_JSTRING, 0},        {"timeout_ms", SRV_JINT, 0},
-    {"mem_bytes", SRV_JINT, 0},  {"cpu_seconds", SRV_JINT, 0},  {"retry_on_death", SRV_JBOOL, 0},
-    {"fork_of", SRV_JSTRING, 0}, {"fork_ordinal", SRV_JINT, 0}, {NULL, 0, 0},
+    {"id", SRV_JSTRING, 0},       {"tx", SRV_JSTRING, 0},
+    {"timeout_ms", SRV_JINT, 0},  {"mem_bytes", SRV_JINT, 0},
+    {"cpu_seconds", SRV_JINT, 0}, {"retry_on_death", SRV_JBOOL, 0},
+    {"fork_of", SRV_JSTRING, 0},  {"fork_ordinal", SRV_JINT, 0},
+    {"warmup", SRV_JSTRING, 0},   {NULL, 0, 0},
 };
 
 static void h_session_create(srv_req_t *req, void *arg)
@@ -889,7 +916,8 @@ static void h_session_create(srv_req_t *req, void *arg)
         srv_reply_error(req, 400, "invalid_request", "limits and ordinals must be >= 0");
         goto out;
     }
-    if (fork_of && (tx || tmo || mem || cpu || json_object_get(b, "retry_on_death"))) {
+    if (fork_of && (tx || tmo || mem || cpu || json_object_get(b, "retry_on_death") ||
+                    json_object_get(b, "warmup"))) {
         srv_reply_error(req, 400, "invalid_request",
                         "a fork takes the source session's options; give only id, fork_of and "
                         "fork_ordinal");
@@ -913,6 +941,11 @@ static void h_session_create(srv_req_t *req, void *arg)
     j->so.mem_bytes = (uint64_t)mem;
     j->so.cpu_seconds = (uint32_t)cpu;
     j->so.retry_on_death = json_is_true(json_object_get(b, "retry_on_death"));
+    const char *wu = json_string_value(json_object_get(b, "warmup"));
+    if (wu) {
+        j->warmup = cap_strdup(wu);
+        j->so.warmup = j->warmup;
+    }
     bjob_submit(j);
 out:
     json_decref(b);
@@ -945,6 +978,31 @@ static void h_session_close(srv_req_t *req, void *arg)
         return;
     bjob_t *j = bjob_new(req, B_CLOSE);
     j->a = eng_id(j->principal, sid);
+    bjob_submit(j);
+}
+
+static void h_session_release(srv_req_t *req, void *arg)
+{
+    (void)arg;
+    const char *sid = path_sid(req);
+    if (!sid || srv_req_query_check(req, (const char *const[]){NULL}) != 0)
+        return;
+    bjob_t *j = bjob_new(req, B_RELEASE);
+    j->a = eng_id(j->principal, sid);
+    bjob_submit(j);
+}
+
+/* The session's warm-up execution (engine id "<engine sid>:warmup"). */
+static void h_session_warmup(srv_req_t *req, void *arg)
+{
+    (void)arg;
+    const char *sid = path_sid(req);
+    if (!sid)
+        return;
+    bjob_t *j = bjob_new(req, B_RESULT);
+    char *esid = eng_id(j->principal, sid);
+    j->a = eng_id(esid, "warmup");
+    cap_free(esid);
     bjob_submit(j);
 }
 
@@ -1622,9 +1680,9 @@ int main(int argc, char **argv)
         return 2;
     }
     srv_limits_t *l = &G.lim;
-    uint32_t pool, maxs, maxq, maxout, grace;
+    uint32_t pool, maxs, maxq, maxout, grace, idlerel;
     if (opt_u32(O_POOL, &pool) || opt_u32(O_MAXSESS, &maxs) || opt_u32(O_MAXQ, &maxq) ||
-        opt_u32(O_MAXOUT, &maxout) || opt_u32(O_GRACE, &grace) ||
+        opt_u32(O_IDLEREL, &idlerel) || opt_u32(O_MAXOUT, &maxout) || opt_u32(O_GRACE, &grace) ||
         opt_u32(O_MAXCONNS, &l->max_conns) || opt_u32(O_URL, &l->max_url_bytes) ||
         opt_u32(O_HDRB, &l->max_header_bytes) || opt_u32(O_HDRN, &l->max_headers) ||
         opt_u32(O_BODY, &l->max_body_bytes) || opt_u32(O_READTO, &l->read_timeout_ms) ||
@@ -1665,7 +1723,8 @@ int main(int argc, char **argv)
                      .pool_idle = pool,
                      .max_sessions = maxs,
                      .max_queue = maxq,
-                     .max_output = maxout};
+                     .max_output = maxout,
+                     .idle_release_ms = idlerel};
     if ((rc = eng_open(&eo, &G.eng)) != 0) {
         fprintf(stderr, "capsule-engine: cannot open the engine in %s: %s\n", eo.dir,
                 cap_strerror(rc));
@@ -1687,6 +1746,8 @@ int main(int argc, char **argv)
     srv_server_route(s, "GET", API "/sessions/{sid}", 0, h_session_get, NULL);
     srv_server_route(s, "DELETE", API "/sessions/{sid}", 0, h_session_close, NULL);
     srv_server_route(s, "POST", API "/sessions/{sid}/checkpoint", 0, h_checkpoint, NULL);
+    srv_server_route(s, "POST", API "/sessions/{sid}/release", 0, h_session_release, NULL);
+    srv_server_route(s, "GET", API "/sessions/{sid}/warmup", 0, h_session_warmup, NULL);
     srv_server_route(s, "POST", API "/sessions/{sid}/executions", 0, h_execute, NULL);
     srv_server_route(s, "GET", API "/sessions/{sid}/ws", 0, h_ws, NULL);
     srv_server_route(s, "GET", API "/executions/{eid}", 0, h_exec_get, NULL);

@@ -134,7 +134,8 @@ def t_meta(e):
     assert st == 200 and doc["openapi"].startswith("3.")
     for p in ["/sessions", "/sessions/{sid}", "/sessions/{sid}/executions", "/sessions/{sid}/ws",
               "/executions/{eid}", "/executions/{eid}/input", "/executions/{eid}/cancel",
-              "/sessions/{sid}/checkpoint", "/pool", "/metrics", "/healthz", "/readyz"]:
+              "/sessions/{sid}/checkpoint", "/sessions/{sid}/release", "/sessions/{sid}/warmup",
+              "/pool", "/metrics", "/healthz", "/readyz"]:
         assert p in doc["paths"], p
     assert req(e.port, "GET", "/pool", headers={})[0] == 401
     st, pool = req(e.port, "GET", "/pool")
@@ -163,6 +164,26 @@ def t_sessions(e):
         st, d = req(e.port, "POST", "/sessions", body)
         assert st == code and d["error"]["code"], (body, st, d)
     assert req(e.port, "GET", "/sessions/a:b")[0] == 404
+    # per-session warm-up: the first execution, recorded; a failing one leaves the session open
+    st, w = req(e.port, "POST", "/sessions", {"id": "warm", "warmup": "import math\nW = 6 * 7"})
+    assert st == 201, w
+    st, wr = req(e.port, "GET", "/sessions/warm/warmup")
+    assert st == 200 and wr["status"] == "ok", wr
+    assert req(e.port, "GET", "/sessions/warm/warmup", headers=B)[0] == 404
+    st, r = req(e.port, "POST", "/sessions/warm/executions", {"code": "W + int(math.pi)"})
+    assert r["value"] == 45, r
+    st, d = req(e.port, "POST", "/sessions", {"id": "warm-bad", "warmup": "1/0"})
+    assert st == 422 and d["error"]["code"] == "warmup_failed", d
+    assert req(e.port, "GET", "/sessions/warm-bad")[0] == 200
+    st, wr = req(e.port, "GET", "/sessions/warm-bad/warmup")
+    assert wr["status"] == "error" and wr["error"]["type"] == "ZeroDivisionError", wr
+    assert req(e.port, "POST", "/sessions", {"fork_of": "warm", "warmup": "1"})[0] == 400
+    # release: the worker goes back, the namespace comes back from the log when next used
+    st, rel = req(e.port, "POST", "/sessions/warm/release")
+    assert st == 200 and rel["state"] == "released", rel
+    assert req(e.port, "POST", "/sessions/warm/release", headers=B)[0] == 404
+    st, r = req(e.port, "POST", "/sessions/warm/executions", {"code": "W"})
+    assert r["value"] == 42, r
     # close
     assert req(e.port, "DELETE", f"/sessions/{g['id']}")[0] == 204
     assert req(e.port, "GET", f"/sessions/{g['id']}")[0] == 404
