@@ -4,6 +4,8 @@
  * checkpoint + log truncation + restore after reopen, fork and rewind at a recorded execution.
  * Real workers and a real store throughout; every restore is checked by reading the namespace.
  */
+#define _GNU_SOURCE
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -156,6 +158,99 @@ static void test_checkpoint_fork(const char *dir)
     eng_close(e);
 }
 
+typedef struct rec {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    eng_t *e;
+    int got, inputs, done, restarted;
+    char prompt[64];
+    char repr[64];
+    const char *answer;
+} rec_t;
+
+static void r_output(void *arg, const char *eid, int stream, const char *d, size_t n)
+{
+    (void)eid;
+    (void)stream;
+    rec_t *r = arg;
+    pthread_mutex_lock(&r->mu);
+    if (memmem(d, n, "got", 3))
+        r->got = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+}
+
+static void r_input(void *arg, const char *eid, const char *prompt, int pw)
+{
+    (void)pw;
+    rec_t *r = arg;
+    pthread_mutex_lock(&r->mu);
+    r->inputs++;
+    snprintf(r->prompt, sizeof(r->prompt), "%s", prompt);
+    pthread_mutex_unlock(&r->mu);
+    if (r->answer)
+        CHECK_OK(eng_input_reply(r->e, eid, r->answer, strlen(r->answer), 0));
+}
+
+static void r_restarted(void *arg, const char *eid)
+{
+    (void)eid;
+    rec_t *r = arg;
+    r->restarted++;
+}
+
+static void r_done(void *arg, const eng_result_t *res)
+{
+    rec_t *r = arg;
+    pthread_mutex_lock(&r->mu);
+    snprintf(r->repr, sizeof(r->repr), "%s", res->repr ? res->repr : "-");
+    r->done = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* A recorded input reply is replayed to the re-run (not asked again); an unanswered prompt is. */
+static void test_recorded_inputs(const char *dir)
+{
+    eng_t *e = etest_open(dir, 0);
+    CHECK_OK(eng_session_open(e, "in", NULL, NULL));
+    rec_t r = {0};
+    pthread_mutex_init(&r.mu, NULL);
+    pthread_cond_init(&r.cv, NULL);
+    r.e = e;
+    r.answer = "A";
+    eng_exec_cb_t cb = {r_output, r_input, r_restarted, r_done};
+    eng_exec_req_t rq = {0};
+    rq.sid = "in";
+    rq.eid = "two-prompts";
+    rq.code = "import time\na = input('first')\nprint('got')\ntime.sleep(0.3)\n"
+              "b = input('second')\na + b";
+    CHECK_OK(eng_execute(e, &rq, &cb, &r));
+    pthread_mutex_lock(&r.mu);
+    while (!r.got)
+        pthread_cond_wait(&r.cv, &r.mu);
+    pthread_mutex_unlock(&r.mu);
+    CHECK_EQ(r.inputs, 1);
+    eng_close(e); /* the worker is killed mid-cell: the execution stays pending */
+
+    e = etest_open(dir, 0);
+    memset(&r, 0, sizeof(r));
+    pthread_mutex_init(&r.mu, NULL);
+    pthread_cond_init(&r.cv, NULL);
+    r.e = e;
+    r.answer = "B";
+    CHECK_OK(eng_execute(e, &rq, &cb, &r)); /* attach to the re-run */
+    pthread_mutex_lock(&r.mu);
+    while (!r.done)
+        pthread_cond_wait(&r.cv, &r.mu);
+    pthread_mutex_unlock(&r.mu);
+    CHECK_STREQ(r.repr, "'AB'");
+    CHECK_EQ(r.inputs, 1); /* only the unanswered one */
+    CHECK_STREQ(r.prompt, "second");
+    CHECK_EQ(r.restarted, 1);
+    eng_close(e);
+}
+
 int main(void)
 {
     char *dir = check_tmpdir("eng-durable");
@@ -163,6 +258,10 @@ int main(void)
     test_worker_death(e, dir);
     test_tx(e);
     eng_close(e);
+    check_rmtree(dir);
+    cap_free(dir);
+    dir = check_tmpdir("eng-inputs");
+    test_recorded_inputs(dir);
     check_rmtree(dir);
     cap_free(dir);
     dir = check_tmpdir("eng-ckpt");
