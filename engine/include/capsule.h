@@ -199,6 +199,7 @@ int eng_result_get(eng_t *e, const char *eid, eng_result_t **out);
 typedef struct eng_stats {
     uint32_t sessions, restored, pool_idle, running, queued;
     uint64_t executions, recovered_execs, worker_deaths;
+    uint64_t wal_commits, wal_records; /* the shared log's, since open */
 } eng_stats_t;
 void eng_stats(eng_t *e, eng_stats_t *out); /* any thread; a consistent-enough snapshot */
 
