@@ -127,6 +127,7 @@ typedef enum {
     PYW_EXIT_LIMIT,         /* a resource limit killed it (CPU time, file size); see message */
     PYW_EXIT_PROTOCOL,      /* it broke the protocol; the client killed it */
     PYW_EXIT_START_FAILED,  /* it never sent a valid READY */
+    PYW_EXIT_HUNG,          /* it stopped answering heartbeats (heartbeat_ms): killed */
 } pyw_exit_reason_t;
 
 typedef struct pyw_exit {
@@ -171,6 +172,11 @@ typedef struct pyw_options {
     uint32_t start_timeout_ms; /* kill if no READY within this (0: 10000) */
     const pyw_callbacks_t *cb; /* borrowed; must outlive the worker */
     void *data;                /* user pointer, see pyw_worker_data */
+    /* 0: no automatic heartbeat. Else the client pings every heartbeat_ms (answered by the
+     * worker's protocol thread, even while a cell runs) and kills a worker that has not
+     * answered for 4 intervals (PYW_EXIT_HUNG: stopped, frozen, or its process wedged).
+     * These pings use ids with the top bit set and are not reported to on_pong. */
+    uint32_t heartbeat_ms;
 } pyw_options_t;
 
 /* ---- workers ---- */

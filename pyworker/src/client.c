@@ -49,6 +49,10 @@ struct pyw_worker {
     uv_poll_t pidpoll;
     uv_timer_t start_timer;
     uv_timer_t reap_timer;
+    uv_timer_t hb_timer;
+    uint32_t hb_ms;
+    uint64_t hb_last_ns; /* last PONG (or READY) */
+    uint64_t hb_seq;
     int open_handles;
     int pidfd;
     pid_t pid;
@@ -69,6 +73,8 @@ struct pyw_worker {
 };
 
 static void worker_handle_exit(pyw_worker_t *w, int status);
+static void on_hb_timer(uv_timer_t *t);
+#define HB_ID_BIT (1ull << 63)
 static void worker_kill_for(pyw_worker_t *w, pyw_exit_reason_t why, const char *note);
 
 const char *pyw__worker_path(const char *opt_path)
@@ -507,6 +513,9 @@ static int handle_frame(pyw_worker_t *w, uint8_t type, uint64_t id, const uint8_
         w->pyver = pv;
         w->ready = 1;
         uv_timer_stop(&w->start_timer);
+        w->hb_last_ns = cap_now_ns();
+        if (w->hb_ms)
+            uv_timer_start(&w->hb_timer, on_hb_timer, w->hb_ms, w->hb_ms);
         if (w->cb.on_ready)
             w->cb.on_ready(w);
         return 0;
@@ -595,6 +604,9 @@ static int handle_frame(pyw_worker_t *w, uint8_t type, uint64_t id, const uint8_
     case PYW_F_PONG:
         if ((rc = pyw__rd_end(&r)))
             return rc;
+        w->hb_last_ns = cap_now_ns();
+        if (id & HB_ID_BIT)
+            return 0; /* our own heartbeat */
         if (w->cb.on_pong)
             w->cb.on_pong(w, id);
         return 0;
@@ -771,6 +783,7 @@ static void worker_handle_exit(pyw_worker_t *w, int st)
     }
     uv_timer_stop(&w->start_timer);
     uv_timer_stop(&w->reap_timer);
+    uv_timer_stop(&w->hb_timer);
     /* read what the worker wrote before dying (final output, a last result) */
     if (!w->eof && !w->closed) {
         uv_os_fd_t fd;
@@ -871,6 +884,22 @@ static void worker_kill_for(pyw_worker_t *w, pyw_exit_reason_t why, const char *
     kill_tree(w);
 }
 
+static void on_hb_timer(uv_timer_t *t)
+{
+    pyw_worker_t *w = t->data;
+    if (w->exited || w->closed)
+        return;
+    if (cap_now_ns() - w->hb_last_ns > 4ull * w->hb_ms * 1000000ull) {
+        char note[96];
+        uv_timer_stop(t);
+        snprintf(note, sizeof note, "no heartbeat answer for %llu ms: the worker was killed",
+                 (unsigned long long)((cap_now_ns() - w->hb_last_ns) / 1000000));
+        worker_kill_for(w, PYW_EXIT_HUNG, note);
+        return;
+    }
+    (void)send_simple(w, PYW_F_PING, HB_ID_BIT | ++w->hb_seq);
+}
+
 static void on_start_timer(uv_timer_t *t)
 {
     pyw_worker_t *w = t->data;
@@ -918,8 +947,11 @@ int pyw__worker_attach(uv_loop_t *loop, const pyw_options_t *opt, int sock, pid_
     uv_poll_init(loop, &w->pidpoll, w->pidfd);
     uv_timer_init(loop, &w->start_timer);
     uv_timer_init(loop, &w->reap_timer);
+    uv_timer_init(loop, &w->hb_timer);
+    w->hb_timer.data = w;
+    w->hb_ms = opt->heartbeat_ms;
     w->pipe.data = w->pidpoll.data = w->start_timer.data = w->reap_timer.data = w;
-    w->open_handles = 4;
+    w->open_handles = 5;
     if ((rc = uv_pipe_open(&w->pipe, sock)) < 0) {
         close(sock);
         w->eof = 1;
@@ -1142,6 +1174,7 @@ void pyw_worker_close(pyw_worker_t *w)
     uv_close((uv_handle_t *)&w->pidpoll, on_handle_closed);
     uv_close((uv_handle_t *)&w->start_timer, on_handle_closed);
     uv_close((uv_handle_t *)&w->reap_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&w->hb_timer, on_handle_closed);
     if (w->pidfd >= 0)
         close(w->pidfd);
 }

@@ -76,6 +76,27 @@ int main(void)
     CHECK_EQ(ex.exit_code, 0);
     pyw_sync_close(s);
 
+    /* heartbeats: a cell that blocks for 10 intervals is fine (the protocol thread answers); a
+     * stopped worker (SIGSTOP) is detected and killed */
+    {
+        pyw_options_t ho = {0};
+        ho.heartbeat_ms = 50;
+        CHECK_OK(pyw_sync_open(NULL, &ho, &s));
+        r = run(s, "import time\ntime.sleep(0.5)\n'awake'");
+        CHECK_EQ(r->status, PYW_STATUS_OK);
+        CHECK_STREQ(r->repr, "'awake'");
+        pyw_sync_run_free(r);
+        t0 = cap_now_ns();
+        CHECK_EQ(kill(pyw_worker_pid(pyw_sync_worker(s)), SIGSTOP), 0);
+        CHECK_OK(pyw_sync_wait_exit(s, 5000, &ex));
+        ms = (cap_now_ns() - t0) / 1000000;
+        fprintf(stderr, "stopped worker detected after %llu ms: %s\n", (unsigned long long)ms,
+                ex.message);
+        CHECK_EQ(ex.reason, PYW_EXIT_HUNG);
+        CHECK(ms >= 150 && ms < 2000);
+        pyw_sync_close(s);
+    }
+
     /* pyw_worker_kill */
     CHECK_OK(pyw_sync_open(NULL, NULL, &s));
     CHECK_OK(pyw_worker_kill(pyw_sync_worker(s)));
