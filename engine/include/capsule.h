@@ -174,9 +174,12 @@ int eng_session_fork(eng_t *e, const char *src, uint64_t ordinal, const char *ne
  * namespace stays in the log and is restored (checkpoint + deltas) into a fresh worker when it is
  * next used. Returns 0, CAP_ENOTFOUND, CAP_EBUSY (running, queued or restoring). Blocking. */
 int eng_session_release(eng_t *e, const char *sid);
-/* Records a full snapshot of the session's namespace (the restore starts from the latest one).
- * *bytes (optional) gets the snapshot's size. Then truncates the log before the oldest
- * checkpoint-covered record when truncate != 0. Blocking. */
+/* Records a full snapshot of the session's namespace, taken from its live worker, as the state
+ * after its latest ordinal (a restore starts from the latest checkpoint). *bytes (optional) gets
+ * the snapshot's size. With truncate != 0 the log is then truncated before the checkpoint record
+ * (the engine's and promise/'s derived tables keep every fact, so nothing is lost). Returns 0,
+ * CAP_ENOTFOUND, CAP_EBUSY (the session is running, queued, restoring or has no live worker: run
+ * something first), CAP_EWORKER (the snapshot failed). Blocking. */
 int eng_checkpoint(eng_t *e, const char *sid, int truncate, size_t *bytes);
 
 /* Submits an execution. Returns 0 (the outcome, including refusals, comes through cb->on_done
