@@ -623,6 +623,20 @@ static void bench_replay(void)
     rmtree(d);
 }
 
+/* The 1-minute load average, printed with the results: on a shared machine the peers and capsule
+ * are measured side by side, but absolute figures move with the load. */
+static double loadavg(void)
+{
+    double l = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f) {
+        if (fscanf(f, "%lf", &l) != 1)
+            l = -1;
+        fclose(f);
+    }
+    return l;
+}
+
 int main(int argc, char **argv)
 {
     const char *t = getenv("TMPDIR");
@@ -647,10 +661,12 @@ int main(int argc, char **argv)
     if (wal_frame_encode(&rec, 1, &fr, &g_frame_len) != 0)
         die("encode", 0);
     cap_free(fr);
-    fprintf(stderr, "bench_wal%s: databases under %s, record frame %zu bytes\n",
-            quick ? " --quick" : "", base_dir, g_frame_len);
+    fprintf(stderr, "bench_wal%s: databases under %s, record frame %zu bytes, load average %.2f\n",
+            quick ? " --quick" : "", base_dir, g_frame_len, loadavg());
     bench_throughput();
     bench_latency();
     bench_replay();
+    fprintf(stderr, "\nload average at the end: %.2f (%ld CPUs)\n", loadavg(),
+            sysconf(_SC_NPROCESSORS_ONLN));
     return 0;
 }
