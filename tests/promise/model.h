@@ -253,8 +253,10 @@ static inline void m_take(model_t *m, prom_store_t *ps)
         }
         CHECK(k == 0 || msgs[k].mid > msgs[k - 1].mid);
     }
-    qsort(got, n, sizeof(mmsg_t), m_cmp_msg);
-    qsort(m->q, n, sizeof(mmsg_t), m_cmp_msg);
+    if (n) {
+        qsort(got, n, sizeof(mmsg_t), m_cmp_msg);
+        qsort(m->q, n, sizeof(mmsg_t), m_cmp_msg);
+    }
     for (size_t k = 0; k < n; k++)
         CHECK(m_cmp_msg(&got[k], &m->q[k]) == 0);
     m->nq = 0;
