@@ -1580,7 +1580,9 @@ static int load(prom_store_t *s)
         prom__doc_t *d;
         rc = prom__doc_decode(v.data, v.len, &d);
         if (rc) {
-            cap_log(CAP_LOG_ERROR, "promise", "prom.docs: a stored document does not decode");
+            cap_log(CAP_LOG_ERROR, "promise",
+                    "%s: prom.docs: the document of \"%.*s\" does not decode",
+                    store_env_path(s->env), (int)(k.len < 200 ? k.len : 200), (const char *)k.data);
             goto out;
         }
         store_install(s, d);

@@ -17,9 +17,9 @@
  *
  * Sharing the log: prom_store_open() opens THE wal_log_t of the env (the wal takes one apply
  * callback at open, and promise needs it). Other modules (the engine) append their own record
- * kinds (0x40 and up) through prom_store_wal(), and get their own records applied by passing
- * their apply function in prom_opts_t.wal.apply: promise calls it for every record whose kind is
- * outside PROM_REC_FIRST..PROM_REC_LAST.
+ * kinds (engine: 0x30-0x4F, see ARCHITECTURE.md) through prom_store_wal(), and get their own
+ * records applied by passing their apply function in prom_opts_t.wal.apply: promise calls it for
+ * every record whose kind is outside PROM_REC_FIRST..PROM_REC_LAST.
  *
  * Threads: every prom_* operation may be called from any thread, concurrently; the state machine
  * is under one mutex, the durable wait is outside it, so concurrent callers share group commits.
@@ -44,7 +44,8 @@ extern "C" {
 
 typedef struct prom_store prom_store_t;
 
-/* Wal record kinds owned by promise/ (0x10..0x2F reserved; the engine uses 0x40+). */
+/* Wal record kinds owned by promise/ (0x10..0x2F reserved; other modules: ARCHITECTURE.md "Record
+ * kinds"). */
 enum {
     PROM_REC_FIRST = 0x10,
     PROM_REC_DOC = 0x10,     /* key: promise id; field 1: the full encoded document */
