@@ -171,6 +171,7 @@ struct eng {
     uint32_t nsessions;
     wref_t *pool;
     uint32_t npool;
+    int refill_posted;
     uint64_t wid_next;
     uint64_t ord_next;
     uint64_t gen_ctr;
@@ -603,6 +604,14 @@ static void pool_remove(eng_t *e, wref_t *r)
     }
 }
 
+static void do_refill(eng_t *e, eng_msg_t *m)
+{
+    cap_free(m);
+    e->refill_posted = 0;
+    if (!e->dead)
+        pool_fill(e);
+}
+
 /* A worker for session s: a pooled one (a pop) unless s has its own limits. */
 static int worker_acquire(eng_t *e, session_t *s, wref_t **out)
 {
@@ -618,7 +627,13 @@ static int worker_acquire(eng_t *e, session_t *s, wref_t **out)
     }
     if (!rc)
         (*out)->s = s;
-    pool_fill(e);
+    /* refill in the background: after what is being handled now (the caller is told first) */
+    if (!e->refill_posted && !e->closing) {
+        eng_msg_t *m = cap_calloc(1, sizeof(*m));
+        m->fn = do_refill;
+        e->refill_posted = 1;
+        post(e, m);
+    }
     return rc;
 }
 
