@@ -121,6 +121,19 @@ static void test_tx(eng_t *e)
     CHECK_EQ(r->status, ENG_ST_ERROR);
     eng_result_free(r);
     etest_expect(e, "txf", "L", "[1]");
+
+    /* a rollback restores from the log: names that cannot be restored are reported, with why */
+    etest_expect(e, "txf",
+                 "g = (i for i in range(3))\nimport threading\nlk = threading.Lock()\nkept = 5",
+                 NULL);
+    r = etest_run(e, "txf", NULL, "kept = 6\nraise OSError('x')");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK(r->restore_failed);
+    CHECK(strstr(r->restore_failed, "g:"));
+    CHECK(strstr(r->restore_failed, "lk:"));
+    CHECK(!strstr(r->restore_failed, "kept"));
+    eng_result_free(r);
+    etest_expect(e, "txf", "(kept, 'g' in globals(), L)", "(5, False, [1])");
 }
 
 static void test_checkpoint_fork(const char *dir)
