@@ -298,6 +298,8 @@ static void bench_throughput(void)
         run_ok(e, dr[i].sid, "1", NULL, 0);
     }
     double secs = quick ? 2.0 : 10.0;
+    eng_stats_t s0, s1;
+    eng_stats(e, &s0);
     uint64_t t0 = cap_now_ns();
     for (int i = 0; i < ns; i++) {
         atomic_fetch_add(&inflight, 1);
@@ -306,6 +308,11 @@ static void bench_throughput(void)
     usleep((useconds_t)(secs * 1e6));
     long at_stop = atomic_load(&done);
     double el = (double)(cap_now_ns() - t0) / 1e9;
+    eng_stats(e, &s1);
+    double per_commit =
+        s1.wal_commits > s0.wal_commits
+            ? (double)(s1.wal_records - s0.wal_records) / (double)(s1.wal_commits - s0.wal_commits)
+            : 0;
     atomic_store(&stop, 1);
     wait_zero(&inflight);
     double rate = (double)at_stop / el;
@@ -317,6 +324,7 @@ static void bench_throughput(void)
     fprintf(stderr, "%34s | %10.0f /s  (goal >= 20000; %d failed)\n", "eng_execute 2+2 (sync)",
             rate, failed);
     fprintf(stderr, "%34s | %10.0f /s\n", "raw LMDB sync commits, 1 writer", peer);
+    fprintf(stderr, "%34s | %10.1f\n", "log records per group commit", per_commit);
     emit("execs_per_s_64_sessions_sync", rate, "1/s", "raw_lmdb_sync_commits_per_s", peer, 20000,
          0);
     free(dr);
