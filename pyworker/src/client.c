@@ -1133,13 +1133,11 @@ int pyw_worker_kill(pyw_worker_t *w)
 
 int pyw_worker_send_raw(pyw_worker_t *w, const void *data, size_t len)
 {
-    pyw_buf_t b;
     if (w->exited || w->closed || w->eof)
         return CAP_ECLOSED;
     wreq_t *r = cap_malloc(sizeof *r);
     r->p = pyw__memdup0(data, len);
     uv_buf_t ub = uv_buf_init((char *)r->p, (unsigned)len);
-    (void)b;
     if (uv_write(&r->req, (uv_stream_t *)&w->pipe, &ub, 1, on_written) < 0) {
         cap_free(r->p);
         cap_free(r);
