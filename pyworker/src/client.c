@@ -350,7 +350,6 @@ static int send_simple(pyw_worker_t *w, uint8_t type, uint64_t id)
 /* ---- decoding worker frames ---- */
 
 typedef struct {
-    char *blob_dummy;
     const uint8_t *blob;
     size_t blob_len;
     char **lists[4];
@@ -423,19 +422,16 @@ static void deliver_result(pyw_worker_t *w, pyw_exec_t *e, pyw_result_t *res)
 {
     delta_dec_t dd;
     pyw_delta_t delta;
-    int have_delta = 0;
     memset(&dd, 0, sizeof dd);
     if (e->delta_frame) {
         pyw_rd_t r;
         pyw__rd_init(&r, e->delta_frame, e->delta_len);
         if (delta_decode(&r, &dd, &delta) == 0 && dd.ok) {
-            have_delta = 1;
             res->delta = &delta;
         } else if (!res->delta_error) {
             res->delta_error = dd.error && dd.error[0] ? dd.error : "malformed delta";
         }
     }
-    (void)have_delta;
     if (e->timed_out && res->status == PYW_STATUS_CANCELLED)
         res->status = PYW_STATUS_TIMEOUT;
     if (w->cb.on_result && !w->closed)
