@@ -1,0 +1,40 @@
+"""capsule - the Python client of capsule-engine: durable Python sessions.
+
+    async with Session() as session:
+        result = await session.execute("x = 2 + 2\\nx")
+
+Session/DurableSession (capsule.session), SessionPool/PoolConfig (capsule.pool), the results and
+stream messages (capsule.types) and the exceptions (capsule.errors). ``capsule`` on the command
+line is capsule.cli.
+"""
+
+from .errors import (
+    APIError,
+    AuthError,
+    CapsuleConnectionError,
+    CapsuleError,
+    ConflictError,
+    EngineStartError,
+    ExecutionCancelled,
+    ExecutionError,
+    ExecutionRefused,
+    ExecutionTimeout,
+    InvalidRequestError,
+    LimitExceeded,
+    NotFoundError,
+    ServerError,
+    WorkerDied,
+)
+from .pool import PoolConfig, SessionPool
+from .session import Checkpoint, DurableSession, Session
+from .types import ExecutionResult, Message
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Session", "DurableSession", "SessionPool", "PoolConfig", "Checkpoint", "ExecutionResult",
+    "Message", "CapsuleError", "CapsuleConnectionError", "EngineStartError", "APIError",
+    "AuthError", "NotFoundError", "InvalidRequestError", "ConflictError", "LimitExceeded",
+    "ServerError", "ExecutionError", "ExecutionCancelled", "ExecutionTimeout", "WorkerDied",
+    "ExecutionRefused",
+]
