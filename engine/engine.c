@@ -114,11 +114,13 @@ struct session {
     exec_t *qhead, *qtail;
     uint32_t qlen;
     exec_t *cur;
-    uint32_t applies;     /* apply requests outstanding during a restore */
-    char *rfailed;        /* names that failed to restore ("name:reason;...") */
-    exec_t *finish_after; /* execution whose FINISH waits for the restore */
-    uint64_t last_used;   /* cap_now_ns() of the last finish or restore */
-    struct waiter *snap_waiter;
+    uint32_t applies;           /* apply requests outstanding during a restore */
+    char *rfailed;              /* names that failed to restore ("name:reason;...") */
+    exec_t *finish_after;       /* execution whose FINISH waits for the restore */
+    uint64_t last_used;         /* cap_now_ns() of the last finish or restore */
+    struct waiter *snap_waiter; /* eng_checkpoint's caller (NULL for an automatic one) */
+    int snapping;               /* a snapshot was asked for: nothing runs until it is back */
+    uint64_t snap_ord;          /* the ordinal the snapshot follows */
 };
 
 typedef struct waiter {
@@ -661,6 +663,7 @@ static void refuse(const eng_exec_cb_t *cb, void *arg, const char *eid, const ch
 }
 
 static void session_pump(eng_t *e, session_t *s);
+static int session_snapshot(session_t *s, waiter_t *w);
 static void session_restore(eng_t *e, session_t *s);
 
 static void output_add(eng_t *e, exec_t *x, const char *d, size_t n)
@@ -770,6 +773,10 @@ static void finish_done(eng_t *e, eng_msg_t *m)
         exec_unref(x); /* the session's reference */
     }
     s->last_used = cap_now_ns();
+    /* an automatic checkpoint every checkpoint_every committed executions */
+    if (e->o.checkpoint_every && x->r.committed && x->r.ordinal % e->o.checkpoint_every == 0 &&
+        s->st == S_READY && !s->cur && !s->snapping)
+        session_snapshot(s, NULL);
     cap_free(f);
     exec_unref(x); /* the map's reference */
     exec_unref(x); /* the append's reference */
@@ -862,7 +869,7 @@ static void session_pump(eng_t *e, session_t *s)
 {
     if (e->closing || s->st == S_CLOSING || s->st == S_CREATING)
         return;
-    if (s->cur || !s->qhead)
+    if (s->cur || !s->qhead || s->snapping)
         return;
     if (s->st == S_COLD) {
         session_restore(e, s);
@@ -984,6 +991,12 @@ static eng_tx_t exec_tx(const exec_t *x)
 /* Replaces s's worker by a fresh one restored from the log. */
 static void session_detach_worker(session_t *s)
 {
+    if (s->snapping) {
+        s->snapping = 0;
+        if (s->snap_waiter)
+            waiter_wake(s->snap_waiter, CAP_EWORKER);
+        s->snap_waiter = NULL;
+    }
     if (s->w) {
         s->w->s = NULL;
         worker_drop(s->w);
@@ -1563,7 +1576,7 @@ static void do_session_release(eng_t *e, eng_msg_t *m)
     int rc = 0;
     if (!s)
         rc = e->dead ? CAP_ECLOSED : CAP_ENOTFOUND;
-    else if (s->cur || s->qhead || s->snap_waiter || (s->st != S_READY && s->st != S_COLD))
+    else if (s->cur || s->qhead || s->snapping || (s->st != S_READY && s->st != S_COLD))
         rc = CAP_EBUSY;
     else {
         session_detach_worker(s);
@@ -1673,6 +1686,17 @@ static void ckpt_wal_done(void *arg, int status, uint64_t first_seq)
     post(c->e, &c->m);
 }
 
+/* Asks s's worker for a full snapshot (a checkpoint after s->last_ord); w may be NULL. */
+static int session_snapshot(session_t *s, waiter_t *w)
+{
+    if (!s->w || pyw_worker_snapshot(s->w->w, 1) != 0)
+        return CAP_EWORKER;
+    s->snapping = 1;
+    s->snap_ord = s->last_ord;
+    s->snap_waiter = w;
+    return 0;
+}
+
 static void do_checkpoint(eng_t *e, eng_msg_t *m)
 {
     cmd_t *c = (cmd_t *)m;
@@ -1681,16 +1705,13 @@ static void do_checkpoint(eng_t *e, eng_msg_t *m)
         waiter_wake(c->w, e->dead ? CAP_ECLOSED : CAP_ENOTFOUND);
         goto out;
     }
-    if (s->st != S_READY || s->cur || s->snap_waiter) {
+    if (s->st != S_READY || s->cur || s->snapping) {
         waiter_wake(c->w, CAP_EBUSY);
         goto out;
     }
-    s->snap_waiter = c->w;
     c->w->n = (size_t)c->flag; /* truncate? carried through the waiter */
-    if (pyw_worker_snapshot(s->w->w, 1) != 0) {
-        s->snap_waiter = NULL;
+    if (session_snapshot(s, c->w) != 0)
         waiter_wake(c->w, CAP_EWORKER);
-    }
 out:
     cmd_free(c);
 }
@@ -1699,16 +1720,19 @@ static void checkpoint_snapshot(eng_t *e, session_t *s, int rc, const pyw_delta_
                                 const char *err)
 {
     waiter_t *w = s->snap_waiter;
-    if (!w)
+    if (!s->snapping)
         return;
+    s->snapping = 0;
     s->snap_waiter = NULL;
     if (rc || !snap) {
         cap_log(CAP_LOG_WARN, "engine", "session %s: snapshot failed: %s", s->sid, err ? err : "?");
-        waiter_wake(w, rc ? rc : CAP_EWORKER);
+        if (w)
+            waiter_wake(w, rc ? rc : CAP_EWORKER);
+        session_pump(e, s);
         return;
     }
     wal_field_t f[2] = {{ENG_C_BLOB, 0, snap->blob, snap->blob_len},
-                        {ENG_C_ORDINAL, s->last_ord, NULL, 0}};
+                        {ENG_C_ORDINAL, s->snap_ord, NULL, 0}};
     wal_rec_t rec = {ENG_REC_CHECKPOINT, s->sid, strlen(s->sid), f, 2};
     ckpt_ctx_t *c = cap_calloc(1, sizeof(*c));
     c->m.fn = ckpt_done;
@@ -1717,25 +1741,36 @@ static void checkpoint_snapshot(eng_t *e, session_t *s, int rc, const pyw_delta_
     s->refs++;
     c->w = w;
     c->bytes = snap->blob_len;
-    c->truncate = (int)w->n;
+    c->truncate = w ? (int)w->n : 0;
     int arc = wal_log_append(e->wal, &rec, 1, ckpt_wal_done, c, NULL);
     if (arc) {
         c->status = arc;
         ckpt_done(e, &c->m);
     }
+    session_pump(e, s); /* the snapshot is taken: the next execution may change the namespace */
 }
 
 static void ckpt_done(eng_t *e, eng_msg_t *m)
 {
     ckpt_ctx_t *c = (ckpt_ctx_t *)m;
     waiter_t *w = c->w;
-    (void)e;
-    w->n = c->bytes;
-    w->p = (void *)(uintptr_t)(c->truncate ? c->seq : 0);
+    if (c->status && !w)
+        cap_log(CAP_LOG_WARN, "engine", "automatic checkpoint not recorded: %s",
+                cap_strerror(c->status));
+    if (w) {
+        w->n = c->bytes;
+        w->p = (void *)(uintptr_t)(c->truncate ? c->seq : 0);
+    }
     session_unref(c->s);
     int st = c->status;
     cap_free(c);
-    waiter_wake(w, st);
+    if (!st && !e->dead) {
+        pthread_mutex_lock(&e->mu);
+        e->stats.checkpoints++;
+        pthread_mutex_unlock(&e->mu);
+    }
+    if (w)
+        waiter_wake(w, st);
 }
 
 /* -- close -- */
@@ -1780,7 +1815,7 @@ static void on_itimer(uv_timer_t *t)
     uint64_t now = cap_now_ns(), idle = (uint64_t)e->o.idle_release_ms * 1000000u;
     for (size_t b = 0; b < NBUCKET; b++)
         for (session_t *s = e->smap[b]; s; s = s->hnext)
-            if (s->st == S_READY && s->w && !s->cur && !s->qhead && !s->snap_waiter &&
+            if (s->st == S_READY && s->w && !s->cur && !s->qhead && !s->snapping &&
                 now - s->last_used >= idle) {
                 session_detach_worker(s);
                 s->st = S_COLD;

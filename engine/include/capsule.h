@@ -64,21 +64,23 @@ typedef enum {
 } eng_tx_t;
 
 typedef struct eng_opts {
-    const char *dir;          /* data directory (LMDB env); required */
-    int nosync;               /* 1: WAL_NOSYNC (acknowledged = survives kill -9, not power loss) */
-    uv_loop_t *loop;          /* NULL: the engine runs its own loop thread */
-    const char *worker_path;  /* NULL: pyworker's default (see pyworker.h) */
-    const char *warmup;       /* Python run once in the zygote; every worker inherits its names */
-    uint32_t pool_idle;       /* pre-warmed idle workers kept ready; 0 = 2 */
-    uint32_t max_sessions;    /* open sessions at most; 0 = 1024 */
-    uint32_t max_queue;       /* queued executions per session at most; 0 = 64 */
-    size_t max_output;        /* output bytes kept per execution; beyond: truncated with a marker;
-                                 0 = 1 MiB */
-    uint32_t dur_threads;     /* threads that wait for promise commits; 0 = 16 */
-    int eager_restore;        /* 1: restore every open session at eng_open (default lazy) */
-    uint32_t idle_release_ms; /* idle expiry: a session unused this long gives its worker back
-                                 (restored from the log when next used); 0 = never */
-    size_t map_size;          /* initial LMDB map; 0 = 1 GiB */
+    const char *dir;           /* data directory (LMDB env); required */
+    int nosync;                /* 1: WAL_NOSYNC (acknowledged = survives kill -9, not power loss) */
+    uv_loop_t *loop;           /* NULL: the engine runs its own loop thread */
+    const char *worker_path;   /* NULL: pyworker's default (see pyworker.h) */
+    const char *warmup;        /* Python run once in the zygote; every worker inherits its names */
+    uint32_t pool_idle;        /* pre-warmed idle workers kept ready; 0 = 2 */
+    uint32_t max_sessions;     /* open sessions at most; 0 = 1024 */
+    uint32_t max_queue;        /* queued executions per session at most; 0 = 64 */
+    size_t max_output;         /* output bytes kept per execution; beyond: truncated with a marker;
+                                  0 = 1 MiB */
+    uint32_t dur_threads;      /* threads that wait for promise commits; 0 = 16 */
+    int eager_restore;         /* 1: restore every open session at eng_open (default lazy) */
+    uint32_t checkpoint_every; /* a checkpoint every N committed executions of a session (a
+                                  restore then applies at most N deltas); 0 = only on request */
+    uint32_t idle_release_ms;  /* idle expiry: a session unused this long gives its worker back
+                                  (restored from the log when next used); 0 = never */
+    size_t map_size;           /* initial LMDB map; 0 = 1 GiB */
 } eng_opts_t;
 
 typedef struct eng_session_opts {
@@ -203,6 +205,7 @@ typedef struct eng_stats {
     uint32_t sessions, restored, pool_idle, running, queued;
     uint64_t executions, recovered_execs, worker_deaths;
     uint64_t wal_commits, wal_records; /* the shared log's, since open */
+    uint64_t checkpoints;              /* checkpoints recorded since open */
 } eng_stats_t;
 void eng_stats(eng_t *e, eng_stats_t *out); /* any thread; a consistent-enough snapshot */
 

@@ -264,6 +264,38 @@ static void test_recorded_inputs(const char *dir)
     eng_close(e);
 }
 
+/* Automatic checkpoints every N committed executions; restore, reopen and fork around them. */
+static void test_auto_checkpoint(const char *dir)
+{
+    eng_opts_t o = {0};
+    o.dir = dir;
+    o.map_size = 64u << 20;
+    o.checkpoint_every = 3;
+    eng_t *e = NULL;
+    CHECK_OK(eng_open(&o, &e));
+    CHECK_OK(eng_session_open(e, "ac", NULL, NULL));
+    etest_expect(e, "ac", "a = []", NULL);
+    for (int i = 0; i < 6; i++) {
+        char code[64];
+        snprintf(code, sizeof(code), "a.append(%d)", i);
+        etest_expect(e, "ac", code, NULL);
+    }
+    eng_result_t *r = etest_run(e, "ac", NULL, "1/0"); /* rolled back: restored from ckpt 6 */
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    eng_result_free(r);
+    etest_expect(e, "ac", "a", "[0, 1, 2, 3, 4, 5]");
+    eng_stats_t st;
+    eng_stats(e, &st);
+    CHECK_EQ(st.checkpoints, 2); /* after ordinals 3 and 6 */
+    CHECK_OK(eng_session_fork(e, "ac", 4, "ac-at4"));
+    etest_expect(e, "ac-at4", "a", "[0, 1, 2]");
+    eng_close(e);
+    CHECK_OK(eng_open(&o, &e));
+    etest_expect(e, "ac", "a", "[0, 1, 2, 3, 4, 5]");
+    etest_expect(e, "ac-at4", "a", "[0, 1, 2]");
+    eng_close(e);
+}
+
 int main(void)
 {
     char *dir = check_tmpdir("eng-durable");
@@ -271,6 +303,10 @@ int main(void)
     test_worker_death(e, dir);
     test_tx(e);
     eng_close(e);
+    check_rmtree(dir);
+    cap_free(dir);
+    dir = check_tmpdir("eng-autockpt");
+    test_auto_checkpoint(dir);
     check_rmtree(dir);
     cap_free(dir);
     dir = check_tmpdir("eng-inputs");
