@@ -26,6 +26,7 @@ typedef struct prom__doc {
     size_t nawaiters;
     char **listeners; /* addresses to unblock on settle */
     size_t nlisteners;
+    int dirty; /* in memory only: changed since the last checkpoint of prom.docs */
 } prom__doc_t;
 
 /* An outbox message as stored. */

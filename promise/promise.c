@@ -22,9 +22,11 @@
  *   - Materialise on touch: a mutating op that touches a pending promise past its deadline first
  *     writes its timeout (with all effects) in the same record batch; reads project instead.
  */
+#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "prom_int.h"
 
@@ -98,7 +100,7 @@ struct prom_store {
     store_env_t *env;
     wal_log_t *wal;
     prom_opts_t opts;
-    store_dbi_t dbi_docs, dbi_outbox;
+    store_dbi_t dbi_docs, dbi_outbox, dbi_meta;
 
     pthread_mutex_t mu; /* the state machine */
     smap_t docs;        /* id -> prom__doc_t* */
@@ -110,6 +112,12 @@ struct prom_store {
     size_t outhead, outlen, outcap;
     uint64_t next_mid;
     uint64_t last_seq;
+    char **dirty; /* ids whose document changed since the last checkpoint */
+    size_t ndirty, capdirty;
+    pthread_t flusher;
+    int flusher_on, closing;
+    pthread_cond_t fcv;
+    uint64_t flushed_seq; /* prom.docs reflects the log up to here */
 
     pthread_mutex_t dmu; /* durability */
     pthread_cond_t dcv;
@@ -441,9 +449,18 @@ static void heap_rebuild(prom_store_t *s)
 }
 
 /* Installs d (owned) as the current state of its id; keeps the indexes. */
-static void store_install(prom_store_t *s, prom__doc_t *d)
+static void store_install(prom_store_t *s, prom__doc_t *d, int dirty)
 {
     prom__doc_t *old = smap_get(&s->docs, d->p.id);
+    d->dirty = old ? old->dirty : 0;
+    if (dirty && !d->dirty) {
+        d->dirty = 1;
+        if (s->ndirty == s->capdirty) {
+            s->capdirty = s->capdirty ? s->capdirty * 2 : 256;
+            s->dirty = cap_realloc(s->dirty, s->capdirty * sizeof(char *));
+        }
+        s->dirty[s->ndirty++] = cap_strdup(d->p.id);
+    }
     int64_t od = doc_deadline(old), nd = doc_deadline(d);
     smap_put(&s->docs, d->p.id, d);
     if (od != INT64_MAX)
@@ -568,7 +585,7 @@ static int ctx_commit(octx_t *c, prom__wait_t *w)
     s->last_seq = first + nrec - 1;
     s->next_mid = mid;
     for (size_t i = 0; i < c->n; i++)
-        store_install(s, c->docs[i]);
+        store_install(s, c->docs[i], 1);
     c->n = 0;
     for (size_t i = 0; i < c->nmsgs; i++) {
         if (s->outhead + s->outlen == s->outcap) {
@@ -966,73 +983,77 @@ static int search_match(const prom_search_t *q, const prom_promise_t *p)
     return 1;
 }
 
+static int cmp_doc_id(const void *a, const void *b)
+{
+    return strcmp((*(const prom__doc_t *const *)a)->p.id, (*(const prom__doc_t *const *)b)->p.id);
+}
+
 int prom_promise_search(prom_store_t *s, const prom_search_t *req, prom_result_t *res)
 {
-    store_txn_t *txn = NULL;
-    store_cursor_t *cur = NULL;
-    prom_promise_t *ps = NULL;
-    size_t n = 0;
-    int rc = 0;
     memset(res, 0, sizeof(*res));
     int limit = req->limit ? req->limit : 100;
     if (limit < 1 || limit > 1000 || req->state < -1 || req->state > PROM_REJECTED_TIMEDOUT) {
         set_status(res, PROM_S_BAD, "Invalid search request");
-        goto out;
+        return 0;
     }
-    /* every acknowledged change is durable, hence committed: search reads the committed tables
-     * (ordered by id), after waiting for what this store appended so far */
+    /* in memory: every document matching, after the cursor, ordered by id */
     pthread_mutex_lock(&s->mu);
-    uint64_t seen = s->last_seq;
     int64_t now = prom_store_now(s);
-    pthread_mutex_unlock(&s->mu);
-    rc = wait_seq(s, seen);
-    if (rc)
-        goto out;
-    rc = store_txn_begin(s->env, 1, &txn);
-    if (rc)
-        goto out;
-    rc = store_cursor_open(txn, s->dbi_docs, &cur);
-    if (rc)
-        goto out;
-    ps = cap_calloc((size_t)limit, sizeof(*ps));
-    store_val_t k = {req->cursor, req->cursor ? strlen(req->cursor) : 0}, v;
-    int r = req->cursor ? store_cursor_get(cur, &k, &v, STORE_SET_RANGE)
-                        : store_cursor_get(cur, &k, &v, STORE_FIRST);
-    if (r == 0 && req->cursor && k.len == strlen(req->cursor) &&
-        memcmp(k.data, req->cursor, k.len) == 0)
-        r = store_cursor_get(cur, &k, &v, STORE_NEXT);
-    while (r == 0 && n < (size_t)limit) {
-        prom__doc_t *d;
-        rc = prom__doc_decode(v.data, v.len, &d);
-        if (rc)
-            goto out;
-        prom_promise_t p;
-        project(d, now, &p);
-        prom__doc_free(d);
-        if (search_match(req, &p))
-            ps[n++] = p;
-        else
-            prom_promise_clear(&p);
-        r = store_cursor_get(cur, &k, &v, STORE_NEXT);
+    /* the `limit` smallest matching ids, kept in a max-heap by id: O(n log limit) */
+    size_t k = (size_t)limit, nh = 0, matched = 0;
+    const prom__doc_t **h = cap_calloc(k, sizeof(*h));
+    for (size_t i = 0; i < s->docs.cap; i++) {
+        const prom__doc_t *d = s->docs.e[i].val;
+        if (!d || (req->cursor && strcmp(d->p.id, req->cursor) <= 0))
+            continue;
+        prom_promise_t view = d->p; /* shallow: only state is projected */
+        if (d->p.state == PROM_PENDING && now >= d->p.timeout_at)
+            view.state = timeout_state(d);
+        if (!search_match(req, &view))
+            continue;
+        matched++;
+        size_t j;
+        if (nh < k) {
+            j = nh++;
+            while (j > 0 && strcmp(h[(j - 1) / 2]->p.id, d->p.id) < 0) {
+                h[j] = h[(j - 1) / 2];
+                j = (j - 1) / 2;
+            }
+            h[j] = d;
+        } else if (strcmp(d->p.id, h[0]->p.id) < 0) {
+            j = 0; /* replace the largest, sift down */
+            for (;;) {
+                size_t l = 2 * j + 1, r = l + 1, m = j;
+                const char *mv = d->p.id;
+                if (l < nh && strcmp(h[l]->p.id, mv) > 0) {
+                    m = l;
+                    mv = h[l]->p.id;
+                }
+                if (r < nh && strcmp(h[r]->p.id, mv) > 0)
+                    m = r;
+                if (m == j)
+                    break;
+                h[j] = h[m];
+                j = m;
+            }
+            h[j] = d;
+        }
     }
-    if (r != 0 && r != CAP_ENOTFOUND) {
-        rc = r;
-        goto out;
-    }
+    if (nh > 1)
+        qsort(h, nh, sizeof(*h), cmp_doc_id);
+    res->promises = nh ? cap_calloc(nh, sizeof(prom_promise_t)) : NULL;
+    for (size_t i = 0; i < nh; i++)
+        project(h[i], now, &res->promises[i]);
+    res->npromises = nh;
+    if (matched > nh)
+        res->cursor = cap_strdup(h[nh - 1]->p.id);
+    cap_free(h);
     set_status(res, PROM_S_OK, NULL);
-    if (n == (size_t)limit && r == 0)
-        res->cursor = cap_strdup(ps[n - 1].id);
-    res->promises = ps;
-    res->npromises = n;
-    ps = NULL;
-out:
-    store_cursor_close(cur);
-    store_txn_abort(txn);
-    if (ps) {
-        for (size_t i = 0; i < n; i++)
-            prom_promise_clear(&ps[i]);
-        cap_free(ps);
-    }
+    uint64_t seen = s->last_seq;
+    pthread_mutex_unlock(&s->mu);
+    int rc = wait_seq(s, seen);
+    if (rc)
+        prom_result_clear(res);
     return rc;
 }
 
@@ -1526,13 +1547,16 @@ static int prom_apply(void *arg, store_txn_t *txn, const wal_entry_t *e)
         goto out;
     }
     const wal_field_t *f1 = wal_entry_field(e, 1);
-    if (e->kind == PROM_REC_DOC || e->kind == PROM_REC_MSG_ADD) {
-        if (!f1 || !e->key_len) {
+    if (e->kind == PROM_REC_DOC) {
+        /* documents reach prom.docs through the checkpoint (flush), not per record */
+        rc = f1 && e->key_len ? 0 : CAP_ECORRUPT;
+    } else if (e->kind == PROM_REC_MSG_ADD) {
+        if (!f1 || e->key_len != 8) {
             rc = CAP_ECORRUPT;
             goto out;
         }
         store_val_t k = {e->key, e->key_len}, v = {f1->data, f1->len};
-        rc = store_put(txn, e->kind == PROM_REC_DOC ? s->dbi_docs : s->dbi_outbox, k, v, 0);
+        rc = store_put(txn, s->dbi_outbox, k, v, 0);
     } else if (e->kind == PROM_REC_MSG_DEL) {
         const wal_field_t *f2 = wal_entry_field(e, 2);
         if (!f1 || !f2) {
@@ -1561,6 +1585,8 @@ static int open_dbis(store_txn_t *txn, void *arg)
     int rc = store_dbi_open(txn, "prom.docs", STORE_DB_CREATE, &s->dbi_docs);
     if (rc == 0)
         rc = store_dbi_open(txn, "prom.outbox", STORE_DB_CREATE, &s->dbi_outbox);
+    if (rc == 0)
+        rc = store_dbi_open(txn, "prom.meta", STORE_DB_CREATE, &s->dbi_meta);
     return rc;
 }
 
@@ -1571,6 +1597,13 @@ static int load(prom_store_t *s)
     store_val_t k, v;
     int rc = store_txn_begin(s->env, 1, &txn);
     if (rc)
+        goto out;
+    rc = store_get(txn, s->dbi_meta, (store_val_t){"docs_seq", 8}, &v);
+    if (rc == 0 && v.len != 8)
+        rc = CAP_ECORRUPT;
+    if (rc == 0)
+        s->flushed_seq = cap_get_be64(v.data);
+    else if (rc != CAP_ENOTFOUND)
         goto out;
     rc = store_cursor_open(txn, s->dbi_docs, &cur);
     if (rc)
@@ -1585,7 +1618,7 @@ static int load(prom_store_t *s)
                     store_env_path(s->env), (int)(k.len < 200 ? k.len : 200), (const char *)k.data);
             goto out;
         }
-        store_install(s, d);
+        store_install(s, d, 0);
         r = store_cursor_get(cur, &k, &v, STORE_NEXT);
     }
     store_cursor_close(cur);
@@ -1618,6 +1651,139 @@ out:
     return rc;
 }
 
+/* ---------- the checkpoint of prom.docs ----------
+ * Documents are not written to prom.docs inside the group commit (a random-key B-tree put per
+ * record roughly halved throughput): the log is the truth, and a flusher thread checkpoints the
+ * changed documents every 50 ms. Under s->mu it encodes every dirty document and takes
+ * mark = s->last_seq (the documents then reflect exactly the records up to mark), waits until mark
+ * is durable, and writes the documents plus prom.meta "docs_seq" = mark in one transaction. Open
+ * loads prom.docs and replays the PROM_REC_DOC records after docs_seq from the log. The log must
+ * therefore not be truncated past prom_store_checkpoint_seq(). */
+typedef struct flush_batch {
+    prom_store_t *s;
+    size_t n;
+    char **ids;
+    uint8_t **bufs;
+    size_t *lens;
+    uint64_t mark;
+} flush_batch_t;
+
+static int flush_write(store_txn_t *txn, void *arg)
+{
+    flush_batch_t *b = arg;
+    int rc = 0;
+    uint8_t mb[8];
+    for (size_t i = 0; i < b->n && rc == 0; i++)
+        rc = store_put(txn, b->s->dbi_docs, (store_val_t){b->ids[i], strlen(b->ids[i])},
+                       (store_val_t){b->bufs[i], b->lens[i]}, 0);
+    if (rc == 0)
+        rc = store_put(txn, b->s->dbi_meta, (store_val_t){"docs_seq", 8},
+                       store_key_u64(mb, b->mark), 0);
+    return rc;
+}
+
+/* Checkpoints the dirty documents. Called with s->mu held; returns with it held. */
+static int flush_locked(prom_store_t *s)
+{
+    flush_batch_t b = {s, 0, NULL, NULL, NULL, s->last_seq};
+    int rc = 0;
+    if (s->ndirty == 0 && s->flushed_seq >= b.mark)
+        return 0;
+    b.n = s->ndirty;
+    b.ids = s->dirty;
+    b.bufs = cap_calloc(b.n + 1, sizeof(uint8_t *));
+    b.lens = cap_calloc(b.n + 1, sizeof(size_t));
+    for (size_t i = 0; i < b.n; i++) {
+        prom__doc_t *d = smap_get(&s->docs, b.ids[i]);
+        d->dirty = 0;
+        prom__doc_encode(d, &b.bufs[i], &b.lens[i]);
+    }
+    s->dirty = NULL;
+    s->ndirty = s->capdirty = 0;
+    pthread_mutex_unlock(&s->mu);
+    rc = wait_seq(s, b.mark);
+    if (rc == 0)
+        rc = store_env_write(s->env, flush_write, &b);
+    pthread_mutex_lock(&s->mu);
+    if (rc == 0) {
+        if (b.mark > s->flushed_seq)
+            s->flushed_seq = b.mark;
+    } else {
+        cap_log(CAP_LOG_ERROR, "promise",
+                "checkpoint of prom.docs failed: %s (the log keeps "
+                "the state; the next open replays it)",
+                cap_strerror(rc));
+    }
+    for (size_t i = 0; i < b.n; i++) {
+        cap_free(b.ids[i]);
+        cap_free(b.bufs[i]);
+    }
+    cap_free(b.ids);
+    cap_free(b.bufs);
+    cap_free(b.lens);
+    return rc;
+}
+
+static void *flusher_main(void *arg)
+{
+    prom_store_t *s = arg;
+    pthread_mutex_lock(&s->mu);
+    while (!s->closing) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 50 * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&s->fcv, &s->mu, &ts);
+        if (s->ndirty)
+            flush_locked(s);
+    }
+    flush_locked(s);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+uint64_t prom_store_checkpoint_seq(prom_store_t *s)
+{
+    pthread_mutex_lock(&s->mu);
+    uint64_t v = s->flushed_seq;
+    pthread_mutex_unlock(&s->mu);
+    return v;
+}
+
+/* Replays the document records after the checkpoint (the open path). */
+static int replay(prom_store_t *s)
+{
+    wal_iter_t *it = NULL;
+    wal_iter_opts_t io = {0};
+    wal_entry_t e;
+    io.from_seq = s->flushed_seq + 1;
+    io.kind = PROM_REC_DOC;
+    io.decode = 1;
+    int rc = wal_iter_open(s->wal, &io, &it);
+    if (rc)
+        goto out;
+    while ((rc = wal_iter_next(it, &e)) == 0) {
+        const wal_field_t *f = wal_entry_field(&e, 1);
+        prom__doc_t *d;
+        rc = f ? prom__doc_decode(f->data, f->len, &d) : CAP_ECORRUPT;
+        if (rc) {
+            cap_log(CAP_LOG_ERROR, "promise", "wal record %llu: not a valid promise document",
+                    (unsigned long long)e.seq);
+            goto out;
+        }
+        store_install(s, d, 1);
+    }
+    if (rc == CAP_ECORRUPT)
+        cap_log(CAP_LOG_ERROR, "promise", "replay: %s", wal_iter_error(it));
+    rc = rc == CAP_ENOTFOUND ? 0 : rc;
+out:
+    wal_iter_close(it);
+    return rc;
+}
+
 int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **out)
 {
     prom_store_t *s = cap_calloc(1, sizeof(*s));
@@ -1645,6 +1811,19 @@ int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **ou
     rc = wal_log_open(env, &wo, &s->wal);
     if (rc)
         goto out;
+    rc = replay(s);
+    if (rc)
+        goto out;
+    wal_stats_t ws;
+    wal_log_stats(s->wal, &ws);
+    s->last_seq = s->durable_seq = ws.last_seq; /* everything stored is durable */
+    pthread_cond_init(&s->fcv, NULL);
+    if (pthread_create(&s->flusher, NULL, flusher_main, s) != 0) {
+        pthread_cond_destroy(&s->fcv);
+        rc = -EAGAIN;
+        goto out;
+    }
+    s->flusher_on = 1;
     *out = s;
 out:
     if (rc)
@@ -1656,7 +1835,18 @@ void prom_store_close(prom_store_t *s)
 {
     if (!s)
         return;
+    if (s->flusher_on) {
+        pthread_mutex_lock(&s->mu);
+        s->closing = 1;
+        pthread_cond_signal(&s->fcv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->flusher, NULL);
+        pthread_cond_destroy(&s->fcv);
+    }
     wal_log_close(s->wal);
+    for (size_t i = 0; i < s->ndirty; i++)
+        cap_free(s->dirty[i]);
+    cap_free(s->dirty);
     for (size_t i = 0; i < s->docs.cap; i++)
         prom__doc_free(s->docs.e[i].val);
     cap_free(s->docs.e);

@@ -182,6 +182,9 @@ int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **ou
 /* Closes the wal (acknowledging everything queued) and frees the store. NULL is a no-op. No
  * operation may be in flight. */
 void prom_store_close(prom_store_t *s);
+/* The log sequence number up to which prom.docs holds every document (the checkpoint); open
+ * replays the records after it, so the log must not be truncated past it. */
+uint64_t prom_store_checkpoint_seq(prom_store_t *s);
 /* The shared log (borrowed, valid until close): for other modules' record kinds. */
 wal_log_t *prom_store_wal(prom_store_t *s);
 /* The store's clock reading (ms). */

@@ -698,8 +698,7 @@ static const step_t t_search[] = {
     {.op = OP_SEARCH, .m = 2, .want = 200, .pre = 3, .cur = 1},
     {.op = OP_SEARCH, .id = "$", .m = 2, .want = 200, .pre = 3, .cur = 2},
     {.op = OP_SEARCH, .s = "pending", .m = 1, .want = 200, .pre = 2, .cur = 1},
-    {.op = OP_SEARCH, .id = "$", .s = "pending", .m = 1, .want = 200, .pre = 2, .cur = 1},
-    {.op = OP_SEARCH, .id = "$", .s = "pending", .m = 1, .want = 200, .pre = 1, .cur = 2},
+    {.op = OP_SEARCH, .id = "$", .s = "pending", .m = 1, .want = 200, .pre = 2, .cur = 2},
     {.op = OP_SEARCH, .m = 1001, .want = 400},
     {.op = OP_SEARCH, .m = -1, .want = 400},
 };
