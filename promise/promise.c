@@ -21,6 +21,8 @@
  *     still equals it; every installed document with a deadline has an entry for it.
  *   - Materialise on touch: a mutating op that touches a pending promise past its deadline first
  *     writes its timeout (with all effects) in the same record batch; reads project instead.
+ *   - prom.docs + prom.meta docs_seq = the state after exactly the records <= docs_seq, and
+ *     docs_seq is durable before it is written (see "the checkpoint of prom.docs" below).
  */
 #include <errno.h>
 #include <pthread.h>

@@ -10,10 +10,12 @@
  * Durability invariant: every state change is a wal record (kinds PROM_REC_*) appended before the
  * caller is told, and no caller is ever told anything that depends on a record that is not yet
  * durable (a read that sees a not-yet-durable state waits for it). Records carry the new full state
- * of each changed promise document, so they are idempotent; the wal apply callback keeps the
- * materialised tables `prom.docs` and `prom.outbox` in the same LMDB transaction as the records,
- * and open reads those tables (they survive log truncation). Timer and branch indexes are derived
- * in memory on open.
+ * of each changed promise document, so they are idempotent. The wal apply callback keeps
+ * `prom.outbox` in the same LMDB transaction as the records; `prom.docs` is a checkpoint written
+ * every 50 ms by a flusher thread (with its log position in `prom.meta`), and open loads it and
+ * replays the document records after it, so the log must not be truncated past
+ * prom_store_checkpoint_seq(). Timer and branch indexes are derived in memory on open. Every
+ * document is resident in memory.
  *
  * Sharing the log: prom_store_open() opens THE wal_log_t of the env (the wal takes one apply
  * callback at open, and promise needs it). Other modules (the engine) append their own record
@@ -216,8 +218,8 @@ int prom_promise_register_callback(prom_store_t *s, const char *awaited, const c
  * only while pending; on settle an `unblock` goes to address. */
 int prom_promise_register_listener(prom_store_t *s, const char *awaited, const char *address,
                                    prom_result_t *res);
-/* promise.search: 200 {promises, cursor} ordered by id | 400 (limit outside 1..1000). Reads
- * committed (durable) state. */
+/* promise.search: 200 {promises, cursor} ordered by id | 400 (limit outside 1..1000). cursor is
+ * set only when more matches follow. */
 int prom_promise_search(prom_store_t *s, const prom_search_t *req, prom_result_t *res);
 
 /* task.get: 200 {task} | 404. */
