@@ -563,6 +563,26 @@ static int worker_spawn(eng_t *e, session_t *s, wref_t **out)
     }
     r->e = e;
     int rc = pyw_zygote_spawn(e->zy, e->loop, &po, &r->w);
+    if (rc == CAP_EWORKER && !e->closing) {
+        /* the zygote is gone: start a new one (blocks the loop for its start-up; rare) */
+        cap_log(CAP_LOG_WARN, "engine", "the zygote (pid %d) is gone: starting a new one",
+                pyw_zygote_pid(e->zy));
+        pyw_zygote_options_t zo = {0};
+        zo.worker_path = e->worker_path;
+        zo.warmup = e->warmup;
+        pyw_zygote_t *nz = NULL;
+        int zrc = pyw_zygote_open(&zo, &nz);
+        if (zrc == 0) {
+            pyw_zygote_close(e->zy);
+            pthread_mutex_lock(&e->mu);
+            e->zy = nz;
+            e->stats.zygote_restarts++;
+            pthread_mutex_unlock(&e->mu);
+            rc = pyw_zygote_spawn(e->zy, e->loop, &po, &r->w);
+        } else {
+            cap_log(CAP_LOG_ERROR, "engine", "zygote restart failed: %s", cap_strerror(zrc));
+        }
+    }
     if (rc) {
         cap_free(r);
         return rc;
@@ -1831,6 +1851,9 @@ void eng_stats(eng_t *e, eng_stats_t *out)
     wal_stats_t ws;
     wal_log_stats(e->wal, &ws);
     out->wal_commits = ws.commits;
+    pthread_mutex_lock(&e->mu);
+    out->zygote_pid = e->zy ? pyw_zygote_pid(e->zy) : 0;
+    pthread_mutex_unlock(&e->mu);
     out->wal_records = ws.records;
 }
 

@@ -206,6 +206,8 @@ typedef struct eng_stats {
     uint64_t executions, recovered_execs, worker_deaths;
     uint64_t wal_commits, wal_records; /* the shared log's, since open */
     uint64_t checkpoints;              /* checkpoints recorded since open */
+    uint64_t zygote_restarts;          /* the fork server died and was started again */
+    int zygote_pid;
 } eng_stats_t;
 void eng_stats(eng_t *e, eng_stats_t *out); /* any thread; a consistent-enough snapshot */
 

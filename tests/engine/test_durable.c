@@ -6,6 +6,7 @@
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -83,6 +84,29 @@ static void test_worker_death(eng_t *e, const char *dir)
              "    os.kill(os.getpid(), signal.SIGKILL)\n'second try'",
              dir);
     etest_expect(e, "retry", code, "'second try'");
+}
+
+/* The fork server dies: the next worker start brings up a new one; sessions carry on. */
+static void test_zygote_death(eng_t *e)
+{
+    eng_stats_t st;
+    eng_stats(e, &st);
+    CHECK(st.zygote_pid > 0);
+    CHECK_EQ(kill(st.zygote_pid, SIGKILL), 0);
+    usleep(100 * 1000);
+    CHECK_OK(eng_session_open(e, "after-zygote", NULL, NULL)); /* may pop a pooled worker */
+    etest_expect(e, "after-zygote", "1 + 1", "2");
+    CHECK_OK(eng_session_release(e, "d"));
+    etest_expect(e, "d", "keep", "[1, 2, 3]"); /* a restore needs a new worker */
+    for (int i = 0; i < 4; i++) {              /* drain the pool: spawns from the new zygote */
+        char sid[32];
+        snprintf(sid, sizeof(sid), "z%d", i);
+        CHECK_OK(eng_session_open(e, sid, NULL, NULL));
+        etest_expect(e, sid, "'ok'", "'ok'");
+    }
+    eng_stats(e, &st);
+    CHECK_EQ(st.zygote_restarts, 1);
+    CHECK(st.zygote_pid > 0);
 }
 
 static void test_tx(eng_t *e)
@@ -301,6 +325,7 @@ int main(void)
     char *dir = check_tmpdir("eng-durable");
     eng_t *e = etest_open(dir, 1);
     test_worker_death(e, dir);
+    test_zygote_death(e);
     test_tx(e);
     eng_close(e);
     check_rmtree(dir);
