@@ -3,7 +3,8 @@
 #
 #   tools/dev.sh run    install what is missing, build, run capsule-engine on localhost
 #   tools/dev.sh test   install what is missing, build, run the whole test suite
-#                       (a release build with -Werror, then an ASan+UBSan build of the C tests)
+#                       (a release build with -Werror, then an ASan+UBSan build of the C tests,
+#                       then every benchmark once with --quick so none of them rots)
 #   tools/dev.sh deps | build | asan   the single steps
 #
 # Idempotent: packages already installed are not installed again; builds are incremental.
@@ -63,6 +64,8 @@ test)
     deps
     build
     asan
+    log "benchmarks, --quick (kept working; figures not judged here)"
+    bench/run --quick --no-build
     run_tests
     ;;
 run)
