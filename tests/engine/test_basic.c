@@ -145,6 +145,16 @@ static void test_queue(eng_t *e)
     c_wait(&c, 20);
     for (int i = 0; i < 20; i++)
         CHECK_EQ(c.r[i]->status, ENG_ST_OK);
+    /* output was streamed to the listener as it came, in submission order */
+    CHECK(c.outputs >= 20);
+    const char *p = c.out;
+    for (int i = 0; i < 20; i++) {
+        char want[8];
+        snprintf(want, sizeof(want), "%d\n", i);
+        const char *q = strstr(p, want);
+        CHECK(q != NULL);
+        p = q + strlen(want);
+    }
     etest_expect(e, "q1", "seen == list(range(20))", "True");
     c_free(&c);
     pthread_mutex_destroy(&c.mu);
