@@ -118,6 +118,7 @@ struct prom_store {
     size_t ndirty, capdirty;
     pthread_t flusher;
     int flusher_on, closing;
+    int track_dirty; /* checkpoint mode, or replaying at open */
     pthread_cond_t fcv;
     uint64_t flushed_seq; /* prom.docs reflects the log up to here */
 
@@ -455,7 +456,7 @@ static void store_install(prom_store_t *s, prom__doc_t *d, int dirty)
 {
     prom__doc_t *old = smap_get(&s->docs, d->p.id);
     d->dirty = old ? old->dirty : 0;
-    if (dirty && !d->dirty) {
+    if (dirty && s->track_dirty && !d->dirty) {
         d->dirty = 1;
         if (s->ndirty == s->capdirty) {
             s->capdirty = s->capdirty ? s->capdirty * 2 : 256;
@@ -1550,8 +1551,19 @@ static int prom_apply(void *arg, store_txn_t *txn, const wal_entry_t *e)
     }
     const wal_field_t *f1 = wal_entry_field(e, 1);
     if (e->kind == PROM_REC_DOC) {
-        /* documents reach prom.docs through the checkpoint (flush), not per record */
-        rc = f1 && e->key_len ? 0 : CAP_ECORRUPT;
+        if (!f1 || !e->key_len) {
+            rc = CAP_ECORRUPT;
+            goto out;
+        }
+        /* checkpoint mode: documents reach prom.docs through the flusher, not per record */
+        if (s->opts.checkpoint_ms > 0)
+            goto out;
+        uint8_t mb[8];
+        rc = store_put(txn, s->dbi_docs, (store_val_t){e->key, e->key_len},
+                       (store_val_t){f1->data, f1->len}, 0);
+        if (rc == 0)
+            rc = store_put(txn, s->dbi_meta, (store_val_t){"docs_seq", 8},
+                           store_key_u64(mb, e->seq), 0);
     } else if (e->kind == PROM_REC_MSG_ADD) {
         if (!f1 || e->key_len != 8) {
             rc = CAP_ECORRUPT;
@@ -1733,7 +1745,8 @@ static void *flusher_main(void *arg)
     while (!s->closing) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 50 * 1000000L;
+        ts.tv_sec += s->opts.checkpoint_ms / 1000;
+        ts.tv_nsec += (long)(s->opts.checkpoint_ms % 1000) * 1000000L;
         if (ts.tv_nsec >= 1000000000L) {
             ts.tv_sec++;
             ts.tv_nsec -= 1000000000L;
@@ -1749,8 +1762,16 @@ static void *flusher_main(void *arg)
 
 uint64_t prom_store_checkpoint_seq(prom_store_t *s)
 {
+    uint64_t v;
+    if (s->opts.checkpoint_ms <= 0) {
+        /* every document is in prom.docs with its record: the whole durable log is covered */
+        pthread_mutex_lock(&s->dmu);
+        v = s->durable_seq;
+        pthread_mutex_unlock(&s->dmu);
+        return v;
+    }
     pthread_mutex_lock(&s->mu);
-    uint64_t v = s->flushed_seq;
+    v = s->flushed_seq;
     pthread_mutex_unlock(&s->mu);
     return v;
 }
@@ -1813,19 +1834,31 @@ int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **ou
     rc = wal_log_open(env, &wo, &s->wal);
     if (rc)
         goto out;
+    s->track_dirty = 1;
     rc = replay(s);
     if (rc)
         goto out;
     wal_stats_t ws;
     wal_log_stats(s->wal, &ws);
     s->last_seq = s->durable_seq = ws.last_seq; /* everything stored is durable */
-    pthread_cond_init(&s->fcv, NULL);
-    if (pthread_create(&s->flusher, NULL, flusher_main, s) != 0) {
-        pthread_cond_destroy(&s->fcv);
-        rc = -EAGAIN;
-        goto out;
+    if (s->opts.checkpoint_ms > 0) {
+        pthread_cond_init(&s->fcv, NULL);
+        if (pthread_create(&s->flusher, NULL, flusher_main, s) != 0) {
+            pthread_cond_destroy(&s->fcv);
+            rc = -EAGAIN;
+            goto out;
+        }
+        s->flusher_on = 1;
+    } else {
+        /* documents replayed after a checkpoint-mode run's last checkpoint: write them now */
+        pthread_mutex_lock(&s->mu);
+        if (s->ndirty)
+            rc = flush_locked(s);
+        s->track_dirty = 0;
+        pthread_mutex_unlock(&s->mu);
+        if (rc)
+            goto out;
     }
-    s->flusher_on = 1;
     *out = s;
 out:
     if (rc)

@@ -148,10 +148,10 @@ static result_t run_workers(prom_store_t *ps, wal_log_t *wal, int nthreads, int 
     return r;
 }
 
-static result_t bench_promise(int nthreads, int mode)
+static result_t bench_promise(int nthreads, int mode, int checkpoint_ms)
 {
     char tag[64];
-    snprintf(tag, sizeof(tag), "prom-%d-%d", nthreads, mode);
+    snprintf(tag, sizeof(tag), "prom-%d-%d-%d", nthreads, mode, checkpoint_ms);
     char *dir = fresh_dir(tag);
     store_env_t *env;
     prom_store_t *ps;
@@ -160,14 +160,15 @@ static result_t bench_promise(int nthreads, int mode)
     if (store_env_open(dir, &eo, &env) != 0)
         cap_fatal("bench", "env");
     prom_opts_t po = {0};
+    po.checkpoint_ms = checkpoint_ms;
     if (prom_store_open(env, &po, &ps) != 0)
         cap_fatal("bench", "prom open");
     result_t r = run_workers(ps, NULL, nthreads, mode);
     wal_stats_t ws;
     wal_log_stats(prom_store_wal(ps), &ws);
-    fprintf(stderr, "  [promise %d callers: %llu records in %llu commits, max batch %llu]\n",
-            nthreads, (unsigned long long)ws.records, (unsigned long long)ws.commits,
-            (unsigned long long)ws.max_batch);
+    fprintf(stderr, "  [promise %d callers%s: %llu records in %llu commits, max batch %llu]\n",
+            nthreads, checkpoint_ms ? " (checkpoint mode)" : "", (unsigned long long)ws.records,
+            (unsigned long long)ws.commits, (unsigned long long)ws.max_batch);
     prom_store_close(ps);
     store_env_close(env);
     fresh_dir(tag);
@@ -268,9 +269,10 @@ int main(int argc, char **argv)
              (int)getpid());
     mkdir(base_dir, 0700);
 
-    result_t p1 = bench_promise(1, 0), w1 = bench_wal(1);
-    result_t p64 = bench_promise(64, 0), w64 = bench_wal(64);
-    result_t c1 = bench_promise(1, 2), lm = bench_lmdb();
+    result_t p1 = bench_promise(1, 0, 0), w1 = bench_wal(1);
+    result_t p64 = bench_promise(64, 0, 0), w64 = bench_wal(64);
+    result_t k64 = bench_promise(64, 0, 50);
+    result_t c1 = bench_promise(1, 2, 0), lm = bench_lmdb();
 
     fprintf(stderr, "promise bench (%s, WAL_SYNC, %.1f s per figure)\n", quick ? "quick" : "full",
             run_secs);
@@ -282,6 +284,9 @@ int main(int argc, char **argv)
     fprintf(stderr, "%-40s %12.0f %10.1f %10.1f | %-28s %12.0f %10.3f\n",
             "create+settle ops/s, 64 callers", p64.ops_s, p64.p50_us, p64.p99_us,
             "wal_log_append_sync rec/s", w64.ops_s, p64.ops_s / w64.ops_s);
+    fprintf(stderr, "%-40s %12.0f %10.1f %10.1f | %-28s %12.0f %10.3f\n",
+            "same, checkpoint mode (50 ms)", k64.ops_s, k64.p50_us, k64.p99_us,
+            "wal_log_append_sync rec/s", w64.ops_s, k64.ops_s / w64.ops_s);
     fprintf(stderr, "%-40s %12.1f %10.1f %10.1f | %-28s %12.1f %10.3f\n",
             "create latency p50 us, 1 caller", c1.p50_us, c1.p50_us, c1.p99_us,
             "LMDB put+commit p50 us", lm.p50_us, c1.p50_us / lm.p50_us);
@@ -292,6 +297,9 @@ int main(int argc, char **argv)
          w1.ops_s, p1.ops_s / w1.ops_s, 0, 0);
     emit("create_settle_ops_per_s_64", p64.ops_s, "ops/s", "wal_append_sync_records_per_s_64",
          w64.ops_s, p64.ops_s / w64.ops_s, 50000, p64.ops_s >= 50000);
+    emit("create_settle_ops_per_s_64_checkpoint", k64.ops_s, "ops/s",
+         "wal_append_sync_records_per_s_64", w64.ops_s, k64.ops_s / w64.ops_s, 50000,
+         k64.ops_s >= 50000);
     emit("create_settle_p50_us_64", p64.p50_us, "us", "wal_append_sync_p50_us_64", w64.p50_us,
          p64.p50_us / w64.p50_us, 0, 0);
     emit("create_settle_p99_us_64", p64.p99_us, "us", "wal_append_sync_p99_us_64", w64.p99_us,

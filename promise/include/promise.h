@@ -11,10 +11,10 @@
  * caller is told, and no caller is ever told anything that depends on a record that is not yet
  * durable (a read that sees a not-yet-durable state waits for it). Records carry the new full state
  * of each changed promise document, so they are idempotent. The wal apply callback keeps
- * `prom.outbox` in the same LMDB transaction as the records; `prom.docs` is a checkpoint written
- * every 50 ms by a flusher thread (with its log position in `prom.meta`), and open loads it and
- * replays the document records after it, so the log must not be truncated past
- * prom_store_checkpoint_seq(). Timer and branch indexes are derived in memory on open. Every
+ * `prom.outbox` and (by default) `prom.docs` in the same LMDB transaction as the records, with the
+ * last applied seq in `prom.meta`; in checkpoint mode (prom_opts_t.checkpoint_ms) `prom.docs` is
+ * written by a flusher thread instead. Open loads the tables and replays the document records
+ * after prom.meta's seq; the log must not be truncated past prom_store_checkpoint_seq(). Timer and branch indexes are derived in memory on open. Every
  * document is resident in memory.
  *
  * Sharing the log: prom_store_open() opens THE wal_log_t of the env (the wal takes one apply
@@ -171,6 +171,12 @@ typedef struct prom_opts {
     int64_t retry_ms;       /* pending task re-sends execute after this; 0 = 30000 */
     prom_lineage_t lineage; /* default PROM_LINEAGE_OFF */
     size_t preload_limit;   /* at most this many promises in a preload; 0 = 1000 */
+    /* 0 (default): every document is written to prom.docs by the wal apply, in the record's own
+     * transaction, so the state survives any log truncation. > 0: checkpoint mode - a flusher
+     * thread writes changed documents every checkpoint_ms and open replays the records after the
+     * checkpoint (faster: no random-key put inside the group commit), and the log must not be
+     * truncated past prom_store_checkpoint_seq(). */
+    int checkpoint_ms;
     /* Options of the shared log. durability/sync/batch are passed through; apply (if set) is
      * called for records of kinds outside 0x10..0x2F (see the top of this file). */
     wal_opts_t wal;
@@ -184,8 +190,8 @@ int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **ou
 /* Closes the wal (acknowledging everything queued) and frees the store. NULL is a no-op. No
  * operation may be in flight. */
 void prom_store_close(prom_store_t *s);
-/* The log sequence number up to which prom.docs holds every document (the checkpoint); open
- * replays the records after it, so the log must not be truncated past it. */
+/* The log sequence number up to which prom.docs holds every document; open replays the records
+ * after it, so the log must not be truncated past it. Default mode: the last durable seq. */
 uint64_t prom_store_checkpoint_seq(prom_store_t *s);
 /* The shared log (borrowed, valid until close): for other modules' record kinds. */
 wal_log_t *prom_store_wal(prom_store_t *s);

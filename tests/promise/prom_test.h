@@ -5,6 +5,8 @@
 #ifndef PROM_TEST_H
 #define PROM_TEST_H
 
+#include <stdlib.h>
+
 #include "check.h"
 #include "promise.h"
 
@@ -38,6 +40,10 @@ static inline void ptest_open(ptest_t *t)
     po.clock_arg = &t->clock;
     po.lineage = t->lineage;
     po.retry_ms = t->retry_ms;
+    /* PROM_CHECKPOINT_MS selects checkpoint mode (ctest runs the model, crash and durable tests
+     * in both modes) */
+    const char *ck = getenv("PROM_CHECKPOINT_MS");
+    po.checkpoint_ms = ck ? atoi(ck) : 0;
     po.wal.durability = t->nosync ? WAL_NOSYNC : WAL_SYNC;
     CHECK_OK(prom_store_open(t->env, &po, &t->ps));
 }
