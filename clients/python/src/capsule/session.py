@@ -144,7 +144,9 @@ class _Stream:
         self.tx = tx
         self.queue: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
         self.offset = 0  # output bytes yielded
-        self.awaiting_input = False
+        self.awaiting_input = False  # a prompt was yielded and not answered yet
+        self.last_input_seq: Optional[int] = None  # the event seq of the last prompt yielded
+        self.max_seq = 0
 
 
 class _Socket:
@@ -464,6 +466,11 @@ class Session:
                 if isinstance(m, BaseException):
                     raise m
                 t = m.get("type")
+                seq = m.get("seq")
+                if isinstance(seq, int):
+                    if seq < st.max_seq:  # a new server process re-runs it: seqs start again
+                        st.last_input_seq = None
+                    st.max_seq = seq
                 if t == "output":
                     data = str(m.get("data", ""))
                     b = data.encode()
@@ -471,14 +478,24 @@ class Session:
                     end = off + len(b)
                     if end <= st.offset:
                         continue
+                    if off > st.offset:
+                        # bytes no event brought (printed while no client was attached, e.g.
+                        # during a re-run after a restart): take them from the server's record
+                        gap = await self._output_range(st.eid, st.offset, off)
+                        if gap:
+                            yield Message("output", st.eid, data=gap, stream="replay")
+                        st.offset = off
                     if off < st.offset:
                         data = b[st.offset - off:].decode(errors="replace")
                     st.offset = end
                     yield Message("output", st.eid, data=data, stream=str(m.get("stream", "")))
                 elif t == "input_request":
-                    if st.awaiting_input:
-                        continue  # the same prompt again, re-sent after a resume
+                    if st.awaiting_input or (seq is not None and seq == st.last_input_seq):
+                        # the same prompt again, re-sent after a resume (a new prompt of the
+                        # same server process has a higher seq)
+                        continue
                     st.awaiting_input = True
+                    st.last_input_seq = seq if isinstance(seq, int) else None
                     yield Message("input", st.eid, prompt=str(m.get("prompt", "")),
                                   password=bool(m.get("password", False)))
                 elif t == "restarted":
@@ -502,6 +519,14 @@ class Session:
                                     if e.get("code") == "no_input_request" else 503, m)
         finally:
             sock.streams.pop(st.eid, None)
+
+    async def _output_range(self, eid: str, start: int, end: int) -> str:
+        """Output bytes [start, end) of an execution, from GET /executions/{eid}."""
+        try:
+            r = await self.get_execution(eid)
+        except CapsuleError:
+            return ""
+        return r.output.encode()[start:end].decode(errors="replace")
 
     async def respond_input(self, execution_id: str, text: Optional[str] = None, *,
                             eof: bool = False) -> None:
