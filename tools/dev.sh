@@ -18,7 +18,8 @@ DEBS=(build-essential cmake ninja-build pkg-config git
       liblmdb-dev lmdb-utils libuv1-dev libtpl-dev libxxhash-dev
       libpython3.11-dev python3.11 python3.11-venv
       libjansson-dev libwslay-dev libhttp-parser-dev libssl-dev libsqlite3-dev
-      clang-format curl procps python3-websockets python3-ipykernel python3-jupyter-client)
+      clang-format curl procps python3-websockets python3-ipykernel python3-jupyter-client
+      python3-numpy)  # numpy: the seed pool example warms workers with "import numpy as np"
 
 log() { printf '== %s\n' "$*" >&2; }
 
