@@ -231,6 +231,10 @@ badkey:
     rc = CAP_ECORRUPT;
 out:
     store_cursor_close(cur);
+    /* Read-only: the handles were opened in this read txn, and LMDB closes the handles a txn
+     * opened when it is aborted, so commit it to keep them for the iterators. */
+    if (log->readonly && rc == 0)
+        return store_txn_commit(txn);
     store_txn_abort(txn);
     return rc;
 }
