@@ -1,0 +1,158 @@
+/*
+ * bench_replay - throughput of `capsule-replay verify` (the real binary, run as a process, so the
+ * figure includes opening the env and the log) on a log of 1M records (--quick: 50k), each a
+ * typical small record (16-byte key, two fields, 80 bytes of data). Peer, measured side by side
+ * on the same directory: a raw LMDB cursor walk over wal.log that only touches each value (no
+ * frame checks, no checksum, no decode): the floor any verifier pays to read the bytes.
+ * Goal: verify >= 2M records/s. Figures: median and p99 over the runs; JSON lines on stdout.
+ * Invariant: the data dir is written once, then only read; it is removed at the end.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cap.h"
+#include "store.h"
+#include "wal.h"
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double pct(double *v, int n, double p)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_d);
+    int i = (int)(p * (n - 1) + 0.5);
+    return v[i];
+}
+
+static void log_fill(const char *dir, uint64_t n)
+{
+    store_env_opts_t so = {.map_size = 1u << 30, .nosync = 1};
+    store_env_t *env = NULL;
+    wal_log_t *log = NULL;
+    wal_opts_t wo = {.durability = WAL_NOSYNC};
+    if (store_env_open(dir, &so, &env) || wal_log_open(env, &wo, &log))
+        cap_fatal("bench_replay", "cannot create the log in %s", dir);
+    enum { BATCH = 1000 };
+    static wal_rec_t recs[BATCH];
+    static wal_field_t f[BATCH][2];
+    static char keys[BATCH][17];
+    static const char data[80] = "x = compute(42)\nresult of the cell, some output text";
+    for (uint64_t done = 0; done < n; done += BATCH) {
+        size_t m = n - done < BATCH ? (size_t)(n - done) : BATCH;
+        for (size_t i = 0; i < m; i++) {
+            snprintf(keys[i], sizeof keys[i], "sess-%011" PRIu64, (done + i) % 1000);
+            f[i][0] = (wal_field_t){.tag = 1, .u = done + i, .data = data, .len = 48};
+            f[i][1] = (wal_field_t){.tag = 2, .u = 7, .data = data + 48, .len = 32};
+            recs[i] = (wal_rec_t){
+                .kind = 0x40, .key = keys[i], .key_len = 16, .fields = f[i], .nfields = 2};
+        }
+        if (wal_log_append_sync(log, recs, m, NULL))
+            cap_fatal("bench_replay", "append failed");
+    }
+    wal_log_close(log);
+    store_env_sync(env);
+    store_env_close(env);
+}
+
+/* Seconds for one `capsule-replay verify dir` run; fatal if it does not exit 0. */
+static double verify_run(const char *bin, const char *dir)
+{
+    uint64_t t0 = cap_now_ns();
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (!freopen("/dev/null", "w", stdout))
+            _exit(126);
+        execl(bin, bin, "verify", dir, (char *)NULL);
+        _exit(127);
+    }
+    int st = 0;
+    if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        cap_fatal("bench_replay", "%s verify %s failed (status %d)", bin, dir, st);
+    return (double)(cap_now_ns() - t0) / 1e9;
+}
+
+/* Seconds for a raw cursor walk over wal.log touching every value; *count gets the records. */
+static double raw_run(const char *dir, uint64_t *count)
+{
+    uint64_t t0 = cap_now_ns(), sum = 0, n = 0;
+    store_env_opts_t so = {.readonly = 1};
+    store_env_t *env = NULL;
+    store_txn_t *t = NULL;
+    store_cursor_t *c = NULL;
+    store_dbi_t dbi;
+    store_val_t k, v;
+    if (store_env_open(dir, &so, &env) || store_txn_begin(env, 1, &t) ||
+        store_dbi_open(t, "wal.log", 0, &dbi) || store_cursor_open(t, dbi, &c))
+        cap_fatal("bench_replay", "raw open of %s failed", dir);
+    for (int rc = store_cursor_get(c, &k, &v, STORE_FIRST); rc == 0;
+         rc = store_cursor_get(c, &k, &v, STORE_NEXT)) {
+        sum += ((const uint8_t *)v.data)[v.len - 1];
+        n++;
+    }
+    store_cursor_close(c);
+    store_txn_abort(t);
+    store_env_close(env);
+    *count = n + (sum & 0); /* sum keeps the loads; its value is irrelevant */
+    return (double)(cap_now_ns() - t0) / 1e9;
+}
+
+int main(int argc, char **argv)
+{
+    int quick = argc > 1 && !strcmp(argv[1], "--quick");
+    uint64_t n = quick ? 50000 : 1000000;
+    int runs = quick ? 5 : 9;
+    char bin[1024];
+    ssize_t l = readlink("/proc/self/exe", bin, sizeof bin - 32);
+    if (l <= 0)
+        cap_fatal("bench_replay", "readlink /proc/self/exe failed");
+    bin[l] = 0;
+    char *slash = strrchr(bin, '/');
+    strcpy(slash + 1, "capsule-replay");
+    char dir[] = "/tmp/bench-replay-XXXXXX";
+    if (!mkdtemp(dir))
+        cap_fatal("bench_replay", "mkdtemp failed");
+
+    uint64_t t0 = cap_now_ns();
+    log_fill(dir, n);
+    fprintf(stderr, "bench_replay: %" PRIu64 " records written in %.1f s\n", n,
+            (double)(cap_now_ns() - t0) / 1e9);
+    double vr[16], rr[16];
+    for (int i = 0; i < runs; i++) {
+        uint64_t cnt = 0;
+        vr[i] = (double)n / verify_run(bin, dir);
+        rr[i] = (double)n / raw_run(dir, &cnt);
+        if (cnt != n)
+            cap_fatal("bench_replay", "raw walk saw %" PRIu64 " records, wrote %" PRIu64, cnt, n);
+    }
+    double vmed = pct(vr, runs, 0.5), vlow = pct(vr, runs, 0.0);
+    double rmed = pct(rr, runs, 0.5);
+    /* p99 of a rate = the slow tail: with runs < 100 this is the slowest run */
+    fprintf(stderr, "%-34s %14s %14s\n", "figure (records/s)", "median", "p99 (slowest)");
+    fprintf(stderr, "%-34s %14.0f %14.0f\n", "capsule-replay verify", vmed, vlow);
+    fprintf(stderr, "%-34s %14.0f %14.0f\n", "raw LMDB cursor walk (peer)", rmed,
+            pct(rr, runs, 0.0));
+    fprintf(stderr, "verify / raw walk: %.2f; goal verify >= 2000000 records/s: %s\n", vmed / rmed,
+            vmed >= 2e6 ? "met" : "NOT met");
+    printf(
+        "{\"bench\":\"replay\",\"metric\":\"verify_records_per_s_median\",\"value\":%.0f,"
+        "\"unit\":\"records/s\",\"peer\":\"raw LMDB cursor walk, no checks\",\"peer_value\":%.0f,"
+        "\"ratio\":%.3f,\"goal\":2000000,\"met\":%s}\n",
+        vmed, rmed, vmed / rmed, vmed >= 2e6 ? "true" : "false");
+    printf(
+        "{\"bench\":\"replay\",\"metric\":\"verify_records_per_s_p99\",\"value\":%.0f,"
+        "\"unit\":\"records/s\",\"peer\":\"raw LMDB cursor walk, no checks\",\"peer_value\":%.0f,"
+        "\"ratio\":%.3f,\"goal\":2000000,\"met\":%s}\n",
+        vlow, pct(rr, runs, 0.0), vlow / pct(rr, runs, 0.0), vlow >= 2e6 ? "true" : "false");
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "bench_replay: could not remove %s\n", dir);
+    return 0;
+}
