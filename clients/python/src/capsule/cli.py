@@ -41,7 +41,7 @@ from typing import Any, Optional, TextIO
 
 from . import __version__
 from .errors import APIError, CapsuleConnectionError, CapsuleError, ExecutionError
-from .session import Session, _Api, resolve_url
+from .session import Session, _Api, new_id, resolve_url
 
 COMMANDS = {"run", "repl", "sessions", "close", "show", "engine"}
 SPIN = "|/-\\"
@@ -110,7 +110,8 @@ async def run_code(session: Session, code: str, *, execution_id: Optional[str] =
                    show_value: bool = False, progress: bool = True) -> int:
     """Runs code in the session with streamed output; returns the exit status."""
     loop = asyncio.get_running_loop()
-    state: dict[str, Any] = {"eid": None, "cancels": 0}
+    eid = execution_id or new_id()
+    state: dict[str, Any] = {"eid": eid, "cancels": 0}
     prog = _Progress(progress and sys.stderr.isatty(), sys.stderr)
 
     def on_sigint() -> None:
@@ -130,8 +131,7 @@ async def run_code(session: Session, code: str, *, execution_id: Optional[str] =
     prog.start()
     status = 0
     try:
-        async for msg in session.stream_execute(code, execution_id=execution_id):
-            state["eid"] = msg.id
+        async for msg in session.stream_execute(code, execution_id=eid):
             if msg.type == "output":
                 prog.clear()
                 out = sys.stderr if msg.stream == "stderr" else sys.stdout
@@ -190,6 +190,10 @@ async def run_code(session: Session, code: str, *, execution_id: Optional[str] =
             loop.remove_signal_handler(signal.SIGINT)
     sys.stdout.flush()
     return status
+
+
+def _retry() -> float:
+    return float(os.environ.get("CAPSULE_RECONNECT_TIMEOUT", "10"))
 
 
 def _token(args: argparse.Namespace) -> Optional[str]:
@@ -312,7 +316,7 @@ class _Repl:
 
 
 async def _cmd_sessions(args: argparse.Namespace) -> int:
-    api = _Api(await resolve_url(args.url), _token(args), 10.0)
+    api = _Api(await resolve_url(args.url), _token(args), _retry())
     try:
         d = await api.call("GET", "/sessions")
     finally:
@@ -326,7 +330,7 @@ async def _cmd_sessions(args: argparse.Namespace) -> int:
 
 
 async def _cmd_close(args: argparse.Namespace) -> int:
-    api = _Api(await resolve_url(args.url), _token(args), 10.0)
+    api = _Api(await resolve_url(args.url), _token(args), _retry())
     status = 0
     try:
         for sid in args.names:
@@ -342,7 +346,7 @@ async def _cmd_close(args: argparse.Namespace) -> int:
 
 
 async def _cmd_show(args: argparse.Namespace) -> int:
-    api = _Api(await resolve_url(args.url), _token(args), 10.0)
+    api = _Api(await resolve_url(args.url), _token(args), _retry())
     try:
         d = await api.call("GET", f"/executions/{args.eid}")
     finally:

@@ -295,7 +295,8 @@ class Session:
         rollback_always); timeout: seconds an execution may run (0/None: no limit); mem_bytes,
         cpu_seconds: worker limits; retry_on_death: re-run an execution whose worker died.
       warmup: code run as the session's first execution (raises ExecutionError if it fails).
-      reconnect_timeout: how long to keep retrying a lost connection (seconds).
+      reconnect_timeout: how long to keep retrying a lost connection (seconds; default
+        CAPSULE_RECONNECT_TIMEOUT, else 30).
       dedent: dedent code before sending it (see the module docstring).
 
     One Session may be used by many tasks of one event loop at once; it is not thread-safe.
@@ -306,7 +307,7 @@ class Session:
                  timeout: Optional[float] = None, mem_bytes: Optional[int] = None,
                  cpu_seconds: Optional[int] = None, retry_on_death: Optional[bool] = None,
                  warmup: Optional[str] = None, keep: Optional[bool] = None,
-                 reconnect_timeout: float = 30.0, dedent: bool = True) -> None:
+                 reconnect_timeout: Optional[float] = None, dedent: bool = True) -> None:
         self._url_arg = url
         self._token = token if token is not None else os.environ.get("CAPSULE_TOKEN") or None
         self.id: str = session_id or new_id("s")
@@ -324,7 +325,8 @@ class Session:
             self._create["retry_on_death"] = bool(retry_on_death)
         if warmup:
             self._create["warmup"] = prepare_code(warmup, dedent)
-        self._reconnect_timeout = reconnect_timeout
+        self._reconnect_timeout = (reconnect_timeout if reconnect_timeout is not None else
+                                   float(os.environ.get("CAPSULE_RECONNECT_TIMEOUT", "30")))
         self._dedent = dedent
         self._api: Optional[_Api] = None
         self._sock: Optional[_Socket] = None
