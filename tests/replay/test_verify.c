@@ -17,8 +17,9 @@
 #include "check.h"
 #include "store.h"
 
-/* Runs `capsule-replay verify dir`; returns its exit status, its stdout in out (NUL-ended). */
-static int run_verify(const char *dir, char *out, size_t cap)
+/* Runs `capsule-replay verify [--deep] dir`; returns its exit status, its stdout in out
+ * (NUL-ended). */
+static int run_verify(const char *dir, int deep, char *out, size_t cap)
 {
     int fds[2];
     CHECK_OK(pipe(fds));
@@ -28,7 +29,10 @@ static int run_verify(const char *dir, char *out, size_t cap)
         dup2(fds[1], 1);
         close(fds[0]);
         close(fds[1]);
-        execl(REPLAY_BIN, REPLAY_BIN, "verify", dir, (char *)NULL);
+        if (deep)
+            execl(REPLAY_BIN, REPLAY_BIN, "verify", "--deep", dir, (char *)NULL);
+        else
+            execl(REPLAY_BIN, REPLAY_BIN, "verify", dir, (char *)NULL);
         _exit(127);
     }
     close(fds[1]);
@@ -112,11 +116,14 @@ static void test_clean_live_and_damaged(void)
     CHECK_OK(eng_session_open(e, "s1", NULL, NULL));
     run_cells(e, "s1", 20);
     /* the engine still holds the dir: a read-only verify is safe and sees a clean log */
-    CHECK_EQ(run_verify(dir, out, sizeof out), 0);
+    CHECK_EQ(run_verify(dir, 0, out, sizeof out), 0);
     CHECK(strstr(out, "OK: 0 problem(s)"));
-    CHECK(strstr(out, "kind 0x40")); /* the engine's FINISH records were read and decoded */
+    CHECK(strstr(out, "kind 0x40")); /* the engine's FINISH records were read */
     eng_close(e);
-    CHECK_EQ(run_verify(dir, out, sizeof out), 0);
+    CHECK_EQ(run_verify(dir, 0, out, sizeof out), 0);
+    CHECK_EQ(run_verify(dir, 1, out, sizeof out), 0); /* every body decodes */
+    CHECK(strstr(out, "bodies decoded: yes"));
+    CHECK(strstr(out, "OK: 0 problem(s)"));
 
     /* flip a byte in a record in the middle: verify names exactly that seq */
     store_env_opts_t so = {.map_size = 64u << 20};
@@ -127,11 +134,13 @@ static void test_clean_live_and_damaged(void)
     uint64_t bad = stored_seq(env, (first + last) / 2, &last);
     damage_record(env, bad, 1);
     store_env_close(env);
-    CHECK_EQ(run_verify(dir, out, sizeof out), 1);
+    CHECK_EQ(run_verify(dir, 0, out, sizeof out), 1);
     char want[96];
     snprintf(want, sizeof want, "seq %llu: damaged record", (unsigned long long)bad);
     CHECK(strstr(out, want));
     CHECK(strstr(out, "damaged records: 1, sequence gaps: 0"));
+    CHECK_EQ(run_verify(dir, 1, out, sizeof out), 1);
+    CHECK(strstr(out, want));
 
     /* delete a later record: a gap, named by the seq after it */
     CHECK_OK(store_env_open(dir, &so, &env));
@@ -139,7 +148,7 @@ static void test_clean_live_and_damaged(void)
     CHECK(gone > 0 && gone < last);
     damage_record(env, gone, 0);
     store_env_close(env);
-    CHECK_EQ(run_verify(dir, out, sizeof out), 1);
+    CHECK_EQ(run_verify(dir, 0, out, sizeof out), 1);
     snprintf(want, sizeof want, "seq %llu: gap: 1 record(s) missing after seq %llu",
              (unsigned long long)gone + 1, (unsigned long long)gone - 1);
     CHECK(strstr(out, want));
@@ -181,7 +190,7 @@ static void test_killed_engine(void)
      * and collect them */
     for (int i = 0; i < 50 && waitpid(-1, &st, WNOHANG) >= 0; i++)
         usleep(20 * 1000);
-    CHECK_EQ(run_verify(dir, out, sizeof out), 0);
+    CHECK_EQ(run_verify(dir, 0, out, sizeof out), 0);
     CHECK(strstr(out, "OK: 0 problem(s)"));
     check_rmtree(dir);
     cap_free(dir);
@@ -191,10 +200,17 @@ static void test_cannot_open(void)
 {
     static char out[4096];
     /* not a directory at all */
-    CHECK_EQ(run_verify("/dev/null/nowhere", out, sizeof out), 2);
+    CHECK_EQ(run_verify("/dev/null/nowhere", 0, out, sizeof out), 2);
+    /* bad usage: exit 64, nothing opened */
+    int st = system(REPLAY_BIN " verify 2>/dev/null");
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 64);
+    st = system(REPLAY_BIN " verify --deep 2>/dev/null");
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 64);
+    st = system(REPLAY_BIN " frobnicate /tmp 2>/dev/null");
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 64);
     /* a directory with no log in it */
     char *dir = check_tmpdir("replay-empty");
-    CHECK_EQ(run_verify(dir, out, sizeof out), 2);
+    CHECK_EQ(run_verify(dir, 0, out, sizeof out), 2);
     check_rmtree(dir);
     cap_free(dir);
     /* a data file that is not LMDB */
@@ -206,7 +222,7 @@ static void test_cannot_open(void)
     for (int i = 0; i < 4096; i++)
         fputc('x', f);
     fclose(f);
-    CHECK_EQ(run_verify(dir, out, sizeof out), 2);
+    CHECK_EQ(run_verify(dir, 0, out, sizeof out), 2);
     check_rmtree(dir);
     cap_free(dir);
 }
