@@ -59,10 +59,6 @@ def test_execute_survives_cut_connection(proxy: Proxy, fresh_engine: Engine) -> 
     arun(go())
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "capsule-engine after a restart: output the re-run printed before the client re-attached "
-    "is sometimes missing from the attached record's offsets (line 4 lost, offsets shifted); "
-    "the durable result is complete. Reported; the client cannot repair shifted offsets."))
 def test_stream_across_kill9_and_restart(fresh_engine: Engine) -> None:
     async def go() -> None:
         async with Session(fresh_engine.url) as s:
@@ -77,10 +73,17 @@ def test_stream_across_kill9_and_restart(fresh_engine: Engine) -> None:
                         killed = True
                 elif m.type in ("result", "error"):
                     last = m
-            assert killed and seen == WANT, seen
-            assert last.type == "result" and last.value == "end"
+            assert killed and last.type == "result" and last.value == "end"
             assert last.result and last.result.restarted  # the engine re-ran it from the log
-    arun(go())
+            assert last.result.output == WANT  # the durable record is complete
+            return seen
+
+    seen = arun(go())
+    if seen != WANT:
+        # capsule-engine after a restart: output the re-run printed before the client
+        # re-attached is sometimes missing from the offsets it reports (a line lost, the rest
+        # shifted); the client cannot repair shifted offsets. Known, reported.
+        pytest.xfail("engine re-attach after restart shifted output offsets")
 
 
 def test_execute_durable_across_kill9(fresh_engine: Engine) -> None:
