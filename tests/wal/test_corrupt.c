@@ -29,6 +29,18 @@ static void fill(wal_log_t *log)
         CHECK_OK(wal_log_append_sync(log, &r, 1, &s));
         CHECK_EQ(s, i);
     }
+    /* The key index is written by the writer behind the log (about 20 ms after the last
+     * append), from the frames as they are then. Damage a frame only once it is indexed, or a
+     * flipped key byte would index it under another key and a read by "key2" would not see it
+     * (a full scan still reports it). */
+    wal_stats_t st;
+    for (int waited_ms = 0;; waited_ms++) {
+        wal_log_stats(log, &st);
+        if (st.indexed_seq >= NREC)
+            break;
+        CHECK(waited_ms < 10000);
+        usleep(1000);
+    }
 }
 
 /* Replaces the frame stored under seq by (data, len), through the store API. */
