@@ -50,6 +50,8 @@ void eng__result_encode(const eng_result_t *r, uint8_t **out, size_t *len);
 int eng__result_decode(const void *p, size_t len, eng_result_t **out);
 /* Deep copy. */
 eng_result_t *eng__result_dup(const eng_result_t *r);
+/* Frees what a result owns and zeroes it (eng_result_free also frees the struct). */
+void eng__result_clear(eng_result_t *r);
 
 /* A blob read from the tables (owned). */
 typedef struct eng_blob {

@@ -283,10 +283,8 @@ eng_result_t *eng__result_dup(const eng_result_t *r)
     return c;
 }
 
-void eng_result_free(eng_result_t *r)
+void eng__result_clear(eng_result_t *r)
 {
-    if (!r)
-        return;
     cap_free(r->eid);
     cap_free(r->sid);
     cap_free(r->repr);
@@ -296,6 +294,14 @@ void eng_result_free(eng_result_t *r)
     cap_free(r->traceback);
     cap_free(r->output);
     cap_free(r->restore_failed);
+    memset(r, 0, sizeof(*r));
+}
+
+void eng_result_free(eng_result_t *r)
+{
+    if (!r)
+        return;
+    eng__result_clear(r);
     cap_free(r);
 }
 

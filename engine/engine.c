@@ -261,20 +261,6 @@ static void xmap_del(eng_t *e, exec_t *x)
         *pp = x->hnext;
 }
 
-static void result_clear(eng_result_t *r)
-{
-    cap_free(r->eid);
-    cap_free(r->sid);
-    cap_free(r->repr);
-    cap_free(r->json);
-    cap_free(r->etype);
-    cap_free(r->emsg);
-    cap_free(r->traceback);
-    cap_free(r->output);
-    cap_free(r->restore_failed);
-    memset(r, 0, sizeof(*r));
-}
-
 static void session_unref(session_t *s)
 {
     if (!s || --s->refs > 0)
@@ -295,7 +281,7 @@ static void exec_unref(exec_t *x)
     cap_free(x->ls);
     cap_free(x->out);
     cap_free(x->delta);
-    result_clear(&x->r);
+    eng__result_clear(&x->r);
     cap_free(x);
 }
 
@@ -1033,7 +1019,7 @@ static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
     eng_t *e = r->e;
     session_t *s = x->s;
     eng_result_t *res = &x->r;
-    result_clear(res);
+    eng__result_clear(res);
     res->status = (eng_status_t)pr->status;
     res->repr = xstrdup(pr->repr);
     res->json = xstrdup(pr->json);
@@ -1109,7 +1095,7 @@ static void pcb_exit(pyw_worker_t *w, const pyw_exit_t *ex)
             session_restore(e, s);
             return;
         }
-        result_clear(&x->r);
+        eng__result_clear(&x->r);
         x->r.status = ENG_ST_DIED;
         x->r.err = CAP_EWORKER;
         x->r.etype = cap_strdup("WorkerDied");
@@ -1537,7 +1523,7 @@ static void do_session_close(eng_t *e, eng_msg_t *m)
     exec_t *x = s->cur;
     if (x && (x->st == X_RUNNING || x->await_exit)) {
         x->await_exit = 0;
-        result_clear(&x->r);
+        eng__result_clear(&x->r);
         finish_unrun(e, x, ENG_ST_CANCELLED, CAP_ECLOSED);
     } else if (x && s->finish_after == x) {
         s->finish_after = NULL;
