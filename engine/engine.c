@@ -1288,6 +1288,11 @@ static void do_execute(eng_t *e, eng_msg_t *m)
         exec_listen(x, &c->cb, c->arg);
         if (x->restarted && c->cb.on_restarted)
             c->cb.on_restarted(c->arg, x->eid);
+        /* what this run printed before the listener came, as one chunk (stream 0), so the
+         * listener's byte count matches the run's output offsets (a re-run after a crash has
+         * usually printed some before its client re-attaches) */
+        if (x->out_len && c->cb.on_output)
+            c->cb.on_output(c->arg, x->eid, 0, x->out, x->out_len);
         if (x->in_wait && c->cb.on_input) /* a prompt already waiting for its answer */
             c->cb.on_input(c->arg, x->eid, x->prompt ? x->prompt : "", x->password);
         goto out;

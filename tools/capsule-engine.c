@@ -432,7 +432,11 @@ static void on_output(void *arg, const char *eid, int stream, const char *data, 
     if (!x->subs)
         return;
     json_t *ev = ev_new(x, "output");
-    json_object_set_new(ev, "stream", json_string(stream == 2 ? "stderr" : "stdout"));
+    /* stream 0: the engine's output so far, given to a listener that attached mid-run */
+    json_object_set_new(ev, "stream",
+                        json_string(stream == 2   ? "stderr"
+                                    : stream == 0 ? "replay"
+                                                  : "stdout"));
     json_object_set_new(ev, "offset", json_integer((json_int_t)off));
     json_object_set_new(ev, "data", jstr(data, len));
     xs_broadcast(x, ev, "output");

@@ -123,7 +123,9 @@ void eng_result_free(eng_result_t *r); /* NULL is a no-op */
 
 /* Callbacks of one execution; any may be NULL. All run on the loop thread. arg is the caller's. */
 typedef struct eng_exec_cb {
-    /* An output chunk (stream 1 stdout, 2 stderr), as the worker wrote it. */
+    /* An output chunk (stream 1 stdout, 2 stderr), as the worker wrote it. A listener that
+     * attaches to a running execution first gets the output so far (bounded by max_output) as
+     * one chunk with stream 0 (stdout and stderr interleaved as written). */
     void (*on_output)(void *arg, const char *eid, int stream, const char *data, size_t len);
     /* The cell asks for input (the request is durable): answer with eng_input_reply. */
     void (*on_input)(void *arg, const char *eid, const char *prompt, int password);

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from capsule import DurableSession, Session
 from conftest import Engine, Proxy
@@ -78,12 +77,9 @@ def test_stream_across_kill9_and_restart(fresh_engine: Engine) -> None:
             assert last.result.output == WANT  # the durable record is complete
             return seen
 
-    seen = arun(go())
-    if seen != WANT:
-        # capsule-engine after a restart: output the re-run printed before the client
-        # re-attached is sometimes missing from the offsets it reports (a line lost, the rest
-        # shifted); the client cannot repair shifted offsets. Known, reported.
-        pytest.xfail("engine re-attach after restart shifted output offsets")
+    # every line once, in order: the server's offsets for the re-run count the output it printed
+    # before the client re-attached (the engine hands an attaching listener the output so far)
+    assert arun(go()) == WANT
 
 
 def test_execute_durable_across_kill9(fresh_engine: Engine) -> None:

@@ -1,0 +1,233 @@
+/*
+ * test_attach.c - a listener that attaches to a running execution by its id gets every byte of
+ * the output, at the run's offsets: first what the run printed before the listener came (one
+ * chunk, stream 0), then the rest as it comes. Two ways to get there:
+ *   (a) a second listener attaches in the middle of a run in the same process;
+ *   (b) the process is killed -9 in the middle of a run; a new process opens the directory
+ *       (recovery re-runs the execution at once) and attaches only after the re-run has printed
+ *       some lines: the case of a client re-attaching after a server restart (issues 5-7: the
+ *       server's offsets were shifted by the output printed before the attach).
+ * In both, the listener's bytes must equal the durable result's output.
+ */
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "eng_test.h"
+
+#define CODE                                                                                       \
+    "import time\n"                                                                                \
+    "for i in range(12):\n"                                                                        \
+    "    print('line', i, flush=True)\n"                                                           \
+    "    time.sleep(0.05)\n"                                                                       \
+    "'end'"
+
+typedef struct lis {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    char out[4096];
+    size_t len;
+    int chunks, replays, restarted, done;
+    int status, r_restarted; /* of the result */
+    char *repr, *output;
+} lis_t;
+
+static void lis_init(lis_t *l)
+{
+    memset(l, 0, sizeof(*l));
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->cv, NULL);
+}
+
+static void l_output(void *arg, const char *eid, int stream, const char *d, size_t n)
+{
+    (void)eid;
+    lis_t *l = arg;
+    pthread_mutex_lock(&l->mu);
+    CHECK(l->len + n < sizeof(l->out));
+    CHECK(stream == 0 || stream == 1 || stream == 2);
+    if (stream == 0) {
+        CHECK_EQ(l->chunks, 0); /* the output so far comes first, once */
+        l->replays++;
+    }
+    memcpy(l->out + l->len, d, n);
+    l->len += n;
+    l->out[l->len] = 0;
+    l->chunks++;
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+}
+
+static void l_restarted(void *arg, const char *eid)
+{
+    (void)eid;
+    lis_t *l = arg;
+    pthread_mutex_lock(&l->mu);
+    l->restarted++;
+    pthread_mutex_unlock(&l->mu);
+}
+
+static void l_done(void *arg, const eng_result_t *r)
+{
+    lis_t *l = arg;
+    pthread_mutex_lock(&l->mu);
+    l->status = r->status;
+    l->r_restarted = r->restarted;
+    l->repr = r->repr ? cap_strdup(r->repr) : NULL;
+    l->output = r->output ? cap_strdup(r->output) : NULL;
+    l->done = 1;
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+}
+
+/* waits until the listener has n lines (or is done) */
+static void lis_wait_lines(lis_t *l, int n)
+{
+    pthread_mutex_lock(&l->mu);
+    for (;;) {
+        int lines = 0;
+        for (size_t i = 0; i < l->len; i++)
+            lines += l->out[i] == '\n';
+        if (lines >= n || l->done)
+            break;
+        pthread_cond_wait(&l->cv, &l->mu);
+    }
+    pthread_mutex_unlock(&l->mu);
+}
+
+static void lis_wait_done(lis_t *l)
+{
+    pthread_mutex_lock(&l->mu);
+    while (!l->done)
+        pthread_cond_wait(&l->cv, &l->mu);
+    pthread_mutex_unlock(&l->mu);
+}
+
+static const eng_exec_cb_t lcb = {l_output, NULL, l_restarted, l_done};
+
+static void want_all(lis_t *l)
+{
+    char want[512] = "";
+    for (int i = 0; i < 12; i++)
+        snprintf(want + strlen(want), sizeof(want) - strlen(want), "line %d\n", i);
+    CHECK_EQ(l->status, ENG_ST_OK);
+    CHECK(l->repr && l->output);
+    CHECK_STREQ(l->repr, "'end'");
+    CHECK_STREQ(l->output, want);
+    if (strcmp(l->out, want) != 0)
+        fprintf(stderr, "listener saw:\n%s\n", l->out);
+    CHECK_STREQ(l->out, want);
+}
+
+static void lis_free(lis_t *l)
+{
+    cap_free(l->repr);
+    cap_free(l->output);
+    pthread_mutex_destroy(&l->mu);
+    pthread_cond_destroy(&l->cv);
+}
+
+/* (a) the same process: a second listener comes after three lines */
+static void test_attach_mid_run(const char *dir)
+{
+    eng_t *e = etest_open(dir, 0);
+    CHECK_OK(eng_session_open(e, "a", NULL, NULL));
+    lis_t first, late;
+    lis_init(&first);
+    lis_init(&late);
+    eng_exec_req_t rq = {.sid = "a", .eid = "a-1", .code = CODE};
+    CHECK_OK(eng_execute(e, &rq, &lcb, &first));
+    lis_wait_lines(&first, 3);
+    CHECK_OK(eng_execute(e, &rq, &lcb, &late)); /* the same id: attach */
+    lis_wait_done(&first);
+    lis_wait_done(&late);
+    want_all(&first);
+    want_all(&late);
+    CHECK_EQ(first.replays, 0);
+    CHECK_EQ(late.replays, 1); /* it came after output had begun */
+    CHECK_EQ(late.restarted, 0);
+    lis_free(&first);
+    lis_free(&late);
+    eng_close(e);
+}
+
+/* (b) the child: start the execution, say "go" after its third line, wait to be killed */
+static int child(const char *dir)
+{
+    eng_t *e = etest_open(dir, 0);
+    CHECK_OK(eng_session_open(e, "b", NULL, NULL));
+    lis_t l;
+    lis_init(&l);
+    eng_exec_req_t rq = {.sid = "b", .eid = "b-1", .code = CODE};
+    CHECK_OK(eng_execute(e, &rq, &lcb, &l));
+    lis_wait_lines(&l, 3);
+    CHECK(write(1, "go\n", 3) == 3);
+    pause();
+    return 0;
+}
+
+static void test_attach_after_restart(const char *dir, const char *self)
+{
+    int fds[2];
+    CHECK(pipe(fds) == 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        dup2(fds[1], 1);
+        close(fds[0]);
+        close(fds[1]);
+        execl(self, self, "child", dir, (char *)NULL);
+        _exit(127);
+    }
+    close(fds[1]);
+    struct pollfd p = {fds[0], POLLIN, 0};
+    CHECK(poll(&p, 1, 60000) == 1);
+    char buf[8] = {0};
+    CHECK(read(fds[0], buf, 3) == 3);
+    CHECK_STREQ(buf, "go\n");
+    CHECK(kill(pid, SIGKILL) == 0);
+    CHECK(waitpid(pid, NULL, 0) == pid);
+    close(fds[0]);
+    while (waitpid(-1, NULL, WNOHANG) > 0) /* its workers, reparented here */
+        ;
+    /* recovery re-runs b-1 at once; attach only after it has printed a while */
+    eng_t *e = etest_open(dir, 0);
+    usleep(300 * 1000);
+    lis_t l;
+    lis_init(&l);
+    eng_exec_req_t rq = {.sid = "b", .eid = "b-1", .code = CODE};
+    CHECK_OK(eng_execute(e, &rq, &lcb, &l));
+    lis_wait_done(&l);
+    want_all(&l);
+    CHECK(l.r_restarted);
+    CHECK_EQ(l.restarted, 1);
+    CHECK_EQ(l.replays, 1); /* the re-run had printed before the attach */
+    lis_free(&l);
+    eng_close(e);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 3 && strcmp(argv[1], "child") == 0)
+        return child(argv[2]);
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
+    char self[4096];
+    ssize_t sl = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    CHECK(sl > 0);
+    self[sl] = 0;
+    char *da = check_tmpdir("eng-attach-a");
+    test_attach_mid_run(da);
+    char *db = check_tmpdir("eng-attach-b");
+    test_attach_after_restart(db, self);
+    check_rmtree(da);
+    check_rmtree(db);
+    cap_free(da);
+    cap_free(db);
+    fprintf(stderr, "attach: ok\n");
+    return 0;
+}
