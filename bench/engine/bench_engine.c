@@ -27,6 +27,7 @@
 
 #include <lmdb.h>
 
+#include "bench.h"
 #include "capsule.h"
 
 static int quick;
@@ -40,61 +41,9 @@ static void die(const char *what, int rc)
 
 static void fresh_dir(char *out, size_t n, const char *tag)
 {
-    snprintf(out, n, "%s/capsule-bench-eng-%d-%s", base_dir, (int)getpid(), tag);
-    char cmd[2200];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", out);
-    if (system(cmd) != 0)
-        die("rm", -1);
-    mkdir(out, 0700);
-}
-
-static void rmtree(const char *d)
-{
-    char cmd[2200];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", d);
-    if (system(cmd) != 0)
-        fprintf(stderr, "rm -rf %s failed\n", d);
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double pct(uint64_t *v, size_t n, double p)
-{
-    qsort(v, n, sizeof(*v), cmp_u64);
-    size_t i = (size_t)(p * (double)(n - 1) + 0.5);
-    return (double)v[i];
-}
-
-static double median_d(double *v, size_t n)
-{
-    for (size_t i = 1; i < n; i++)
-        for (size_t j = i; j > 0 && v[j - 1] > v[j]; j--) {
-            double t = v[j];
-            v[j] = v[j - 1];
-            v[j - 1] = t;
-        }
-    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-/* goal applies to value (lower_is_better: value <= goal); goal <= 0: none */
-static void emit(const char *metric, double value, const char *unit, const char *peer,
-                 double peer_value, double goal, int lower_is_better)
-{
-    double ratio = peer_value > 0 ? value / peer_value : 0;
-    printf("{\"bench\":\"engine\",\"metric\":\"%s\",\"value\":%.3f,\"unit\":\"%s\",\"peer\":\"%s\","
-           "\"peer_value\":%.3f,\"ratio\":%.3f,\"goal\":",
-           metric, value, unit, peer, peer_value, ratio);
-    if (goal > 0) {
-        int met = lower_is_better ? value <= goal : value >= goal;
-        printf("%.3f,\"met\":%s}\n", goal, met ? "true" : "false");
-    } else {
-        printf("null,\"met\":null}\n");
-    }
-    fflush(stdout);
+    char t[256];
+    snprintf(t, sizeof(t), "capsule-bench-eng-%d-%s", (int)getpid(), tag);
+    bench_fresh_dir(out, n, base_dir, t);
 }
 
 /* ---- the raw LMDB peer ---- */
@@ -198,8 +147,8 @@ static void bench_latency(int nosync)
     }
     eng_stats(e, &s1);
     double cpe = (double)(s1.wal_commits - s0.wal_commits) / (double)n;
-    double e50 = pct(le, n, 0.5) / 1e3, e99 = pct(le, n, 0.99) / 1e3;
-    double l50 = pct(ll, n, 0.5) / 1e3, l99 = pct(ll, n, 0.99) / 1e3;
+    double e50 = bench_pct_u64(le, n, 0.5) / 1e3, e99 = bench_pct_u64(le, n, 0.99) / 1e3;
+    double l50 = bench_pct_u64(ll, n, 0.5) / 1e3, l99 = bench_pct_u64(ll, n, 0.99) / 1e3;
     if (!nosync)
         g_raw_sync_p50_us = l50;
     const char *mode = nosync ? "nosync" : "sync";
@@ -212,19 +161,19 @@ static void bench_latency(int nosync)
     fprintf(stderr, "%34s | %10.2f\n", "log commits per execution", cpe);
     char m[64];
     snprintf(m, sizeof(m), "exec_2plus2_p50_us_%s", mode);
-    emit(m, e50, "us", nosync ? "raw_lmdb_commit_nosync_p50" : "raw_lmdb_commit_sync_p50", l50,
-         nosync ? 150 : 700, 1);
+    bench_emit(m, e50, "us", nosync ? "raw_lmdb_commit_nosync_p50" : "raw_lmdb_commit_sync_p50",
+               l50, nosync ? 150 : 700, 1);
     snprintf(m, sizeof(m), "exec_2plus2_p99_us_%s", mode);
-    emit(m, e99, "us", nosync ? "raw_lmdb_commit_nosync_p99" : "raw_lmdb_commit_sync_p99", l99, 0,
-         1);
+    bench_emit(m, e99, "us", nosync ? "raw_lmdb_commit_nosync_p99" : "raw_lmdb_commit_sync_p99",
+               l99, 0, 1);
     snprintf(m, sizeof(m), "exec_2plus2_commits_per_exec_%s", mode);
-    emit(m, cpe, "commits", "floor", 2, 0, 1);
+    bench_emit(m, cpe, "commits", "floor", 2, 0, 1);
     free(le);
     free(ll);
     eng_close(e);
     mdb_env_close(lp.env);
-    rmtree(d[0]);
-    rmtree(d[1]);
+    bench_rmtree(d[0]);
+    bench_rmtree(d[1]);
 }
 
 /* ---- 2. 64 busy sessions ---- */
@@ -328,11 +277,11 @@ static void bench_throughput(void)
             rate, failed);
     fprintf(stderr, "%34s | %10.0f /s\n", "raw LMDB sync commits, 1 writer", peer);
     fprintf(stderr, "%34s | %10.1f\n", "log records per group commit", per_commit);
-    emit("execs_per_s_64_sessions_sync", rate, "1/s", "raw_lmdb_sync_commits_per_s", peer, 20000,
-         0);
+    bench_emit("execs_per_s_64_sessions_sync", rate, "1/s", "raw_lmdb_sync_commits_per_s", peer,
+               20000, 0);
     free(dr);
     eng_close(e);
-    rmtree(d);
+    bench_rmtree(d);
 }
 
 /* ---- 3. acquire from the warm pool ---- */
@@ -360,8 +309,8 @@ static void bench_acquire(int nosync)
             die("session close", rc);
         usleep(20000); /* the background refill */
     }
-    double p50 = pct(v, n, 0.5) / 1e3, p99 = pct(v, n, 0.99) / 1e3;
-    double l50 = pct(l, n, 0.5) / 1e3, l99 = pct(l, n, 0.99) / 1e3;
+    double p50 = bench_pct_u64(v, n, 0.5) / 1e3, p99 = bench_pct_u64(v, n, 0.99) / 1e3;
+    double l50 = bench_pct_u64(l, n, 0.5) / 1e3, l99 = bench_pct_u64(l, n, 0.99) / 1e3;
     const char *mode = nosync ? "nosync" : "sync";
     fprintf(stderr, "\n== session acquire from the warm pool (durable, %s), %zu sessions ==\n",
             mode, n);
@@ -370,17 +319,17 @@ static void bench_acquire(int nosync)
     fprintf(stderr, "%34s | %10.1f %10.1f\n", "raw LMDB put+commit", l50, l99);
     char m[64];
     snprintf(m, sizeof(m), "session_acquire_p99_us_%s", mode);
-    emit(m, p99, "us", nosync ? "raw_lmdb_commit_nosync_p99" : "raw_lmdb_commit_sync_p99", l99,
-         1000, 1);
+    bench_emit(m, p99, "us", nosync ? "raw_lmdb_commit_nosync_p99" : "raw_lmdb_commit_sync_p99",
+               l99, 1000, 1);
     snprintf(m, sizeof(m), "session_acquire_p50_us_%s", mode);
-    emit(m, p50, "us", nosync ? "raw_lmdb_commit_nosync_p50" : "raw_lmdb_commit_sync_p50", l50, 0,
-         1);
+    bench_emit(m, p50, "us", nosync ? "raw_lmdb_commit_nosync_p50" : "raw_lmdb_commit_sync_p50",
+               l50, 0, 1);
     free(v);
     free(l);
     eng_close(e);
     mdb_env_close(lp.env);
-    rmtree(d[0]);
-    rmtree(d[1]);
+    bench_rmtree(d[0]);
+    bench_rmtree(d[1]);
 }
 
 /* ---- 4. memory of idle sessions ---- */
@@ -477,12 +426,12 @@ static void bench_memory(void)
             (double)peer_kb / 1024.0);
     char m[64];
     snprintf(m, sizeof(m), "private_mib_%d_idle_sessions", n);
-    emit(m, (double)kb / 1024.0, "MiB", "plain_python3.11_x_n_mib", (double)peer_kb / 1024.0 * n, 0,
-         1);
-    emit("private_mib_per_idle_session", per, "MiB", "plain_python3.11_idle_mib",
-         (double)peer_kb / 1024.0, 0, 1);
+    bench_emit(m, (double)kb / 1024.0, "MiB", "plain_python3.11_x_n_mib",
+               (double)peer_kb / 1024.0 * n, 0, 1);
+    bench_emit("private_mib_per_idle_session", per, "MiB", "plain_python3.11_idle_mib",
+               (double)peer_kb / 1024.0, 0, 1);
     eng_close(e);
-    rmtree(d);
+    bench_rmtree(d);
 }
 
 /* ---- 5. recovery ---- */
@@ -560,12 +509,12 @@ static void bench_recovery(uint32_t ckpt_every)
     fprintf(stderr, "%34s | %10.1f ms\n", "next execution (warm)", warm_ms);
     char m[64];
     snprintf(m, sizeof(m), "recovery_until_serving_ms%s", ckpt_every ? "_ckpt" : "");
-    emit(m, serving_ms, "ms", "none", 0, 1000, 1);
+    bench_emit(m, serving_ms, "ms", NULL, 0, 1000, 1);
     snprintf(m, sizeof(m), "recovery_first_answer_ms%s", ckpt_every ? "_ckpt" : "");
-    emit(m, first_ms, "ms", "warm_execution_ms", warm_ms, 50, 1);
+    bench_emit(m, first_ms, "ms", "warm_execution_ms", warm_ms, 50, 1);
     g_checkpoint_every = 0;
     eng_close(e);
-    rmtree(d);
+    bench_rmtree(d);
 }
 
 /* ---- 6. CPU-bound cell ---- */
@@ -601,7 +550,8 @@ static void bench_cpu(void)
             die("python3.11 peer", -1);
         pclose(p);
     }
-    double me = median_d(ve, 5), mi = median_d(vi, 5), mp = median_d(vp, 5);
+    double me = bench_median(ve, 5, NULL, NULL), mi = bench_median(vi, 5, NULL, NULL),
+           mp = bench_median(vp, 5, NULL, NULL);
     double over = (me / mp - 1) * 100, eng_over = (me / mi - 1) * 100;
     fprintf(stderr, "\n== CPU-bound cell (%ld iterations), median of 5 ==\n", iters);
     fprintf(stderr, "%34s | %10.1f ms (request to durable result)\n", "capsule session", me);
@@ -610,10 +560,10 @@ static void bench_cpu(void)
     fprintf(stderr, "%34s | %10.1f ms (the loop, timed in-process)\n", "/usr/bin/python3.11", mp);
     fprintf(stderr, "%34s | %10.1f %%   (goal <= 5)\n", "overhead vs python3.11", over);
     fprintf(stderr, "%34s | %10.1f %%\n", "engine share (total vs cell)", eng_over);
-    emit("cpu_cell_overhead_pct", over, "%", "python3.11_exec_ms", mp, 5, 1);
-    emit("cpu_cell_engine_share_pct", eng_over, "%", "cell_ms_inside_worker", mi, 0, 1);
+    bench_emit("cpu_cell_overhead_pct", over, "%", "python3.11_exec_ms", mp, 5, 1);
+    bench_emit("cpu_cell_engine_share_pct", eng_over, "%", "cell_ms_inside_worker", mi, 0, 1);
     eng_close(e);
-    rmtree(d);
+    bench_rmtree(d);
 }
 
 int main(int argc, char **argv)
@@ -635,6 +585,7 @@ int main(int argc, char **argv)
         }
     }
     cap_log_set_level(CAP_LOG_WARN);
+    bench_begin("engine");
     fprintf(stderr, "bench_engine%s: databases under %s\n", quick ? " --quick" : "", base_dir);
     if (!only || strcmp(only, "lat") == 0) {
         bench_latency(0);

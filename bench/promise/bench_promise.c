@@ -19,47 +19,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "promise.h"
 
 static double run_secs = 4.0;
 static char base_dir[256];
 
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-typedef struct lat {
-    uint64_t *v;
-    size_t n, cap;
-} lat_t;
-
-static void lat_add(lat_t *l, uint64_t ns)
-{
-    if (l->n == l->cap) {
-        l->cap = l->cap ? l->cap * 2 : 4096;
-        l->v = cap_realloc(l->v, l->cap * sizeof(uint64_t));
-    }
-    l->v[l->n++] = ns;
-}
-static double lat_pct(lat_t *l, double p)
-{
-    if (!l->n)
-        return 0;
-    qsort(l->v, l->n, sizeof(uint64_t), cmp_u64);
-    size_t i = (size_t)(p * (double)(l->n - 1));
-    return (double)l->v[i] / 1000.0;
-}
-
 static char *fresh_dir(const char *tag)
 {
     char path[512];
-    snprintf(path, sizeof(path), "%s/%s", base_dir, tag);
-    char cmd[600];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", path);
-    if (system(cmd) != 0)
-        cap_fatal("bench", "cannot clear %s", path);
+    bench_fresh_dir(path, sizeof(path), base_dir, tag);
     return cap_strdup(path);
 }
 
@@ -70,8 +39,8 @@ typedef struct worker {
     int idx;
     atomic_int *stop;
     uint64_t ops;
-    lat_t lat; /* per-op latency */
-    int mode;  /* 0 create+settle, 1 wal append, 2 create only */
+    bench_lat_t lat; /* per-op latency */
+    int mode;        /* 0 create+settle, 1 wal append, 2 create only */
 } worker_t;
 
 static const char payload[64] = "eyJmdW5jIjoid2YiLCJhcmdzIjpbMTBdLCJ2ZXJzaW9uIjoxfQ==";
@@ -91,7 +60,7 @@ static void *worker_main(void *arg)
             wal_rec_t rec = {0x7f, id, strlen(id), &f, 1};
             if (wal_log_append_sync(w->wal, &rec, 1, NULL) != 0)
                 cap_fatal("bench", "append failed");
-            lat_add(&w->lat, cap_now_ns() - t0);
+            bench_lat_add(&w->lat, cap_now_ns() - t0);
             w->ops++;
             continue;
         }
@@ -100,7 +69,7 @@ static void *worker_main(void *arg)
         if (prom_promise_create(w->ps, &c, &r) != 0 || r.status != 200)
             cap_fatal("bench", "create failed");
         prom_result_clear(&r);
-        lat_add(&w->lat, cap_now_ns() - t0);
+        bench_lat_add(&w->lat, cap_now_ns() - t0);
         w->ops++;
         if (w->mode == 2)
             continue;
@@ -109,7 +78,7 @@ static void *worker_main(void *arg)
         if (prom_promise_settle(w->ps, &s, &r) != 0 || r.status != 200)
             cap_fatal("bench", "settle failed");
         prom_result_clear(&r);
-        lat_add(&w->lat, cap_now_ns() - t0);
+        bench_lat_add(&w->lat, cap_now_ns() - t0);
         w->ops++;
     }
     return NULL;
@@ -131,18 +100,19 @@ static result_t run_workers(prom_store_t *ps, wal_log_t *wal, int nthreads, int 
     uint64_t t0 = cap_now_ns();
     usleep((useconds_t)(run_secs * 1e6));
     atomic_store(&stop, 1);
-    lat_t all = {0};
+    bench_lat_t all = {0};
     uint64_t ops = 0;
     for (int i = 0; i < nthreads; i++) {
         pthread_join(th[i], NULL);
         ops += w[i].ops;
         for (size_t k = 0; k < w[i].lat.n; k++)
-            lat_add(&all, w[i].lat.v[k]);
-        cap_free(w[i].lat.v);
+            bench_lat_add(&all, w[i].lat.v[k]);
+        bench_lat_free(&w[i].lat);
     }
     double secs = (double)(cap_now_ns() - t0) / 1e9;
-    result_t r = {(double)ops / secs, lat_pct(&all, 0.5), lat_pct(&all, 0.99)};
-    cap_free(all.v);
+    result_t r = {(double)ops / secs, bench_lat_pct(&all, 0.5) / 1e3,
+                  bench_lat_pct(&all, 0.99) / 1e3};
+    bench_lat_free(&all);
     cap_free(w);
     cap_free(th);
     return r;
@@ -171,7 +141,7 @@ static result_t bench_promise(int nthreads, int mode, int checkpoint_ms)
             (unsigned long long)ws.commits, (unsigned long long)ws.max_batch);
     prom_store_close(ps);
     store_env_close(env);
-    fresh_dir(tag);
+    bench_rmtree(dir);
     cap_free(dir);
     return r;
 }
@@ -198,7 +168,7 @@ static result_t bench_wal(int nthreads)
             (unsigned long long)ws.max_batch);
     wal_log_close(wal);
     store_env_close(env);
-    fresh_dir(tag);
+    bench_rmtree(dir);
     cap_free(dir);
     return r;
 }
@@ -207,7 +177,6 @@ static result_t bench_wal(int nthreads)
 static result_t bench_lmdb(void)
 {
     char *dir = fresh_dir("lmdb");
-    mkdir(dir, 0700);
     MDB_env *env;
     MDB_dbi dbi;
     MDB_txn *txn;
@@ -217,7 +186,7 @@ static result_t bench_lmdb(void)
     mdb_txn_begin(env, NULL, 0, &txn);
     mdb_dbi_open(txn, NULL, 0, &dbi);
     mdb_txn_commit(txn);
-    lat_t l = {0};
+    bench_lat_t l = {0};
     uint64_t t0 = cap_now_ns(), n = 0;
     char key[64], val[256];
     memset(val, 'v', sizeof(val));
@@ -228,28 +197,15 @@ static result_t bench_lmdb(void)
         if (mdb_txn_begin(env, NULL, 0, &txn) || mdb_put(txn, dbi, &k, &v, 0) ||
             mdb_txn_commit(txn))
             cap_fatal("bench", "lmdb put");
-        lat_add(&l, cap_now_ns() - s);
+        bench_lat_add(&l, cap_now_ns() - s);
     }
-    result_t r = {(double)n / ((double)(cap_now_ns() - t0) / 1e9), lat_pct(&l, 0.5),
-                  lat_pct(&l, 0.99)};
-    cap_free(l.v);
+    result_t r = {(double)n / ((double)(cap_now_ns() - t0) / 1e9), bench_lat_pct(&l, 0.5) / 1e3,
+                  bench_lat_pct(&l, 0.99) / 1e3};
+    bench_lat_free(&l);
     mdb_env_close(env);
-    fresh_dir("lmdb");
+    bench_rmtree(dir);
     cap_free(dir);
     return r;
-}
-
-static void emit(const char *metric, double value, const char *unit, const char *peer,
-                 double peer_value, double ratio, double goal, int met)
-{
-    printf("{\"bench\":\"promise\",\"metric\":\"%s\",\"value\":%.2f,\"unit\":\"%s\",\"peer\":"
-           "\"%s\",\"peer_value\":%.2f,\"ratio\":%.3f,\"goal\":",
-           metric, value, unit, peer, peer_value, ratio);
-    if (goal > 0)
-        printf("%.2f,\"met\":%s}\n", goal, met ? "true" : "false");
-    else
-        printf("null,\"met\":null}\n");
-    fflush(stdout);
 }
 
 int main(int argc, char **argv)
@@ -263,6 +219,7 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    bench_begin("promise");
     run_secs = quick ? 0.7 : 4.0;
     const char *tmp = getenv("TMPDIR");
     snprintf(base_dir, sizeof(base_dir), "%s/capsule-bench-promise-%d", tmp && *tmp ? tmp : "/tmp",
@@ -293,21 +250,20 @@ int main(int argc, char **argv)
     fprintf(stderr, "(peer latencies: wal 1 caller p50 %.1f p99 %.1f us; LMDB p99 %.1f us)\n",
             w1.p50_us, w1.p99_us, lm.p99_us);
 
-    emit("create_settle_ops_per_s_1", p1.ops_s, "ops/s", "wal_append_sync_records_per_s_1",
-         w1.ops_s, p1.ops_s / w1.ops_s, 0, 0);
-    emit("create_settle_ops_per_s_64", p64.ops_s, "ops/s", "wal_append_sync_records_per_s_64",
-         w64.ops_s, p64.ops_s / w64.ops_s, 50000, p64.ops_s >= 50000);
-    emit("create_settle_ops_per_s_64_checkpoint", k64.ops_s, "ops/s",
-         "wal_append_sync_records_per_s_64", w64.ops_s, k64.ops_s / w64.ops_s, 50000,
-         k64.ops_s >= 50000);
-    emit("create_settle_p50_us_64", p64.p50_us, "us", "wal_append_sync_p50_us_64", w64.p50_us,
-         p64.p50_us / w64.p50_us, 0, 0);
-    emit("create_settle_p99_us_64", p64.p99_us, "us", "wal_append_sync_p99_us_64", w64.p99_us,
-         p64.p99_us / w64.p99_us, 0, 0);
-    emit("create_p50_us_1", c1.p50_us, "us", "lmdb_put_commit_p50_us", lm.p50_us,
-         c1.p50_us / lm.p50_us, 1.3, c1.p50_us / lm.p50_us <= 1.3);
-    emit("create_p99_us_1", c1.p99_us, "us", "lmdb_put_commit_p99_us", lm.p99_us,
-         c1.p99_us / lm.p99_us, 0, 0);
+    bench_emit("create_settle_ops_per_s_1", p1.ops_s, "ops/s", "wal_append_sync_records_per_s_1",
+               w1.ops_s, 0, BENCH_HIGHER);
+    bench_emit("create_settle_ops_per_s_64", p64.ops_s, "ops/s", "wal_append_sync_records_per_s_64",
+               w64.ops_s, 50000, BENCH_HIGHER);
+    bench_emit("create_settle_ops_per_s_64_checkpoint", k64.ops_s, "ops/s",
+               "wal_append_sync_records_per_s_64", w64.ops_s, 50000, BENCH_HIGHER);
+    bench_emit("create_settle_p50_us_64", p64.p50_us, "us", "wal_append_sync_p50_us_64", w64.p50_us,
+               0, BENCH_LOWER);
+    bench_emit("create_settle_p99_us_64", p64.p99_us, "us", "wal_append_sync_p99_us_64", w64.p99_us,
+               0, BENCH_LOWER);
+    bench_emit("create_p50_us_1", c1.p50_us, "us", "lmdb_put_commit_p50_us", lm.p50_us, 1.3,
+               BENCH_LOWER | BENCH_GOAL_RATIO);
+    bench_emit("create_p99_us_1", c1.p99_us, "us", "lmdb_put_commit_p99_us", lm.p99_us, 0,
+               BENCH_LOWER);
     rmdir(base_dir);
     return 0;
 }

@@ -15,34 +15,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "cap.h"
 #include "store.h"
 #include "wal.h"
 
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double pct(double *v, int n, double p)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    int i = (int)(p * (n - 1) + 0.5);
-    return v[i];
-}
-
-/* One JSON line; the 2M records/s goal applies to plain verify (goal_applies), not --deep. */
-static void emit(const char *metric, double value, double peer_value, int goal_applies)
-{
-    printf("{\"bench\":\"replay\",\"metric\":\"%s\",\"value\":%.0f,\"unit\":\"records/s\","
-           "\"peer\":\"raw LMDB cursor walk, no checks\",\"peer_value\":%.0f,\"ratio\":%.3f,",
-           metric, value, peer_value, value / peer_value);
-    if (goal_applies)
-        printf("\"goal\":2000000,\"met\":%s}\n", value >= 2e6 ? "true" : "false");
-    else
-        printf("\"goal\":null,\"met\":null}\n");
-}
+#define PEER "raw LMDB cursor walk, no checks"
 
 static void log_fill(const char *dir, uint64_t n)
 {
@@ -122,6 +100,7 @@ static double raw_run(const char *dir, uint64_t *count)
 int main(int argc, char **argv)
 {
     int quick = argc > 1 && !strcmp(argv[1], "--quick");
+    bench_begin("replay");
     uint64_t n = quick ? 50000 : 1000000;
     int runs = quick ? 5 : 9;
     char bin[1024];
@@ -148,9 +127,10 @@ int main(int argc, char **argv)
         if (cnt != n)
             cap_fatal("bench_replay", "raw walk saw %" PRIu64 " records, wrote %" PRIu64, cnt, n);
     }
-    double vmed = pct(vr, runs, 0.5), vlow = pct(vr, runs, 0.0);
-    double rmed = pct(rr, runs, 0.5), rlow = pct(rr, runs, 0.0);
-    double dmed = pct(dr, runs, 0.5), dlow = pct(dr, runs, 0.0);
+    double vlow, rlow, dlow;
+    double vmed = bench_median(vr, (size_t)runs, &vlow, NULL);
+    double rmed = bench_median(rr, (size_t)runs, &rlow, NULL);
+    double dmed = bench_median(dr, (size_t)runs, &dlow, NULL);
     /* p99 of a rate = the slow tail: with runs < 100 this is the slowest run */
     fprintf(stderr, "%-34s %14s %14s\n", "figure (records/s)", "median", "p99 (slowest)");
     fprintf(stderr, "%-34s %14.0f %14.0f\n", "capsule-replay verify", vmed, vlow);
@@ -158,13 +138,11 @@ int main(int argc, char **argv)
     fprintf(stderr, "%-34s %14.0f %14.0f\n", "raw LMDB cursor walk (peer)", rmed, rlow);
     fprintf(stderr, "verify / raw walk: %.2f; goal verify >= 2000000 records/s: %s\n", vmed / rmed,
             vmed >= 2e6 ? "met" : "NOT met");
-    emit("verify_records_per_s_median", vmed, rmed, 1);
-    emit("verify_records_per_s_p99", vlow, rlow, 1);
-    emit("verify_deep_records_per_s_median", dmed, rmed, 0);
-    emit("verify_deep_records_per_s_p99", dlow, rlow, 0);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "bench_replay: could not remove %s\n", dir);
+    /* the 2M records/s goal applies to plain verify, not to --deep */
+    bench_emit("verify_records_per_s_median", vmed, "records/s", PEER, rmed, 2e6, BENCH_HIGHER);
+    bench_emit("verify_records_per_s_p99", vlow, "records/s", PEER, rlow, 2e6, BENCH_HIGHER);
+    bench_emit("verify_deep_records_per_s_median", dmed, "records/s", PEER, rmed, 0, BENCH_HIGHER);
+    bench_emit("verify_deep_records_per_s_p99", dlow, "records/s", PEER, rlow, 0, BENCH_HIGHER);
+    bench_rmtree(dir);
     return 0;
 }

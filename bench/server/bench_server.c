@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "capsule.h"
+#include "bench.h"
 #include "cap.h"
 
 static char bindir[PATH_MAX];
@@ -324,35 +325,10 @@ static void soak(cli_t *rest, int port, pid_t pid, size_t n, double secs, soak_r
     cap_free(pf);
 }
 
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
+/* a percentile of samples in nanoseconds, in milliseconds */
 static double pct(uint64_t *v, size_t n, double p)
 {
-    qsort(v, n, sizeof(*v), cmp_u64);
-    size_t i = (size_t)(p * (double)(n - 1) + 0.5);
-    return (double)v[i] / 1e6; /* ms */
-}
-
-static void emit(const char *metric, double value, const char *unit, const char *peer,
-                 double peer_value, double goal, int lower_better)
-{
-    printf("{\"bench\":\"server\",\"metric\":\"%s\",\"value\":%.4f,\"unit\":\"%s\",\"peer\":",
-           metric, value, unit);
-    if (peer)
-        printf("\"%s\",\"peer_value\":%.4f,\"ratio\":%.3f,", peer, peer_value,
-               peer_value > 0 ? value / peer_value : 0.0);
-    else
-        printf("null,\"peer_value\":null,\"ratio\":null,");
-    if (goal > 0)
-        printf("\"goal\":%.4f,\"met\":%s}\n", goal,
-               (lower_better ? value <= goal : value >= goal) ? "true" : "false");
-    else
-        printf("\"goal\":null,\"met\":null}\n");
-    fflush(stdout);
+    return bench_pct_u64(v, n, p) / 1e6;
 }
 
 static pid_t start_server(const char *data, int *port)
@@ -394,6 +370,7 @@ static pid_t start_server(const char *data, int *port)
 int main(int argc, char **argv)
 {
     int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    bench_begin("server");
     size_t n_ws = quick ? 300 : 3000, n_create = quick ? 30 : 200, warm = quick ? 30 : 200;
     char exe[PATH_MAX];
     ssize_t el = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
@@ -458,6 +435,8 @@ int main(int argc, char **argv)
             return 1;
         }
     }
+    if (bench_samples_save("ws_2plus2_ms", t, n_ws, 1e6) != 0)
+        fprintf(stderr, "bench_server: could not write the samples file\n");
     double w50 = pct(t, n_ws, 0.5), w99 = pct(t, n_ws, 0.99);
     close(w->fd);
 
@@ -551,29 +530,28 @@ int main(int argc, char **argv)
         fprintf(stderr, "; Jupyter / capsule p50: %.2fx (goal >= 6x)", j50 / w50);
     fprintf(stderr, "\n");
     const char *jpeer = "jupyter_client 7.4 + ipykernel 6.17, execute_reply, not durable";
-    emit("ws_2plus2_sync_p50", w50, "ms", j50 > 0 ? jpeer : NULL, j50, 0.8, 1);
-    emit("ws_2plus2_sync_p99", w99, "ms", j50 > 0 ? jpeer : NULL, j99, 0, 1);
+    bench_emit("ws_2plus2_sync_p50", w50, "ms", j50 > 0 ? jpeer : NULL, j50, 0.8, 1);
+    bench_emit("ws_2plus2_sync_p99", w99, "ms", j50 > 0 ? jpeer : NULL, j99, 0, 1);
     if (j50 > 0)
-        emit("ws_2plus2_speedup_vs_jupyter_p50", j50 / w50, "x", NULL, 0, 6.0, 0);
-    emit("ws_2plus2_vs_engine_inprocess_p50", w50, "ms", "engine C API in-process (sync)", p50, 0,
-         1);
-    emit("ws_2plus2_vs_engine_inprocess_p99", w99, "ms", "engine C API in-process (sync)", p99, 0,
-         1);
+        bench_emit("ws_2plus2_speedup_vs_jupyter_p50", j50 / w50, "x", NULL, 0, 6.0, 0);
+    bench_emit("ws_2plus2_vs_engine_inprocess_p50", w50, "ms", "engine C API in-process (sync)",
+               p50, 0, 1);
+    bench_emit("ws_2plus2_vs_engine_inprocess_p99", w99, "ms", "engine C API in-process (sync)",
+               p99, 0, 1);
     printf("{\"bench\":\"server\",\"metric\":\"soak_errors\",\"value\":%zu,\"unit\":\"count\","
-           "\"peer\":null,\"peer_value\":null,\"ratio\":null,\"goal\":0,\"met\":%s}\n",
+           "\"peer\":null,\"peer_value\":null,\"ratio\":null,\"goal\":0,\"met\":%s,"
+           "\"better\":\"lower\",\"goal_on\":\"value\"}\n",
            sk.errors, sk.errors == 0 ? "true" : "false");
-    emit("soak_2plus2_p50", s50, "ms", NULL, 0, 0, 1);
-    emit("soak_2plus2_p99", s99, "ms", NULL, 0, 10.0, 1);
-    emit("soak_throughput", (double)sk.n / sk.secs, "exec/s", NULL, 0, 0, 0);
-    emit("soak_server_rss_growth", growth, "%", NULL, 0, 10.0, 1);
-    emit("rest_session_create_p50", c50, "ms", NULL, 0, 0, 1);
-    emit("rest_session_create_p99", c99, "ms", NULL, 0, 0, 1);
+    bench_emit("soak_2plus2_p50", s50, "ms", NULL, 0, 0, 1);
+    bench_emit("soak_2plus2_p99", s99, "ms", NULL, 0, 10.0, 1);
+    bench_emit("soak_throughput", (double)sk.n / sk.secs, "exec/s", NULL, 0, 0, 0);
+    bench_emit("soak_server_rss_growth", growth, "%", NULL, 0, 10.0, 1);
+    bench_emit("rest_session_create_p50", c50, "ms", NULL, 0, 0, 1);
+    bench_emit("rest_session_create_p99", c99, "ms", NULL, 0, 0, 1);
     cap_free(sk.lat);
     cap_free(t);
     cap_free(c);
     cap_free(w);
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpl);
-    if (system(cmd) != 0)
-        fprintf(stderr, "bench_server: could not remove %s\n", tmpl);
+    bench_rmtree(tmpl);
     return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
 }

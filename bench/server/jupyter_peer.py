@@ -5,8 +5,11 @@ execute_reply on the shell channel (the point where a Jupyter client knows the c
 execute_result on IOPub arrives before it). Jupyter records nothing durably: this is its best case.
 
 usage: jupyter_peer.py N WARMUP   -> prints {"p50_ms":..., "p99_ms":..., "n":N} on stdout
+With CAPSULE_BENCH_SAMPLES set (by bench/run), also writes the N samples in ms, one per line, to
+$CAPSULE_BENCH_SAMPLES/server.jupyter_2plus2_ms.txt (bench/run plots them beside capsule's).
 """
 import json
+import os
 import sys
 import time
 
@@ -40,6 +43,10 @@ def main():
                         and m["parent_header"].get("msg_id") == msg_id:
                     break
         times.sort()
+        samples_dir = os.environ.get("CAPSULE_BENCH_SAMPLES")
+        if samples_dir:
+            with open(os.path.join(samples_dir, "server.jupyter_2plus2_ms.txt"), "w") as f:
+                f.write("".join("%.6g\n" % (t / 1e6) for t in times))
         pick = lambda p: times[int(p * (len(times) - 1) + 0.5)] / 1e6
         print(json.dumps({"p50_ms": pick(0.5), "p99_ms": pick(0.99), "n": n}), flush=True)
     finally:

@@ -21,9 +21,9 @@
  */
 #define _XOPEN_SOURCE 700
 #include "wal.h"
+#include "bench.h"
 
 #include <errno.h>
-#include <ftw.h>
 #include <lmdb.h>
 #include <pthread.h>
 #include <sqlite3.h>
@@ -45,69 +45,16 @@ static void die(const char *what, int rc)
     exit(1);
 }
 
-static int rm_one(const char *p, const struct stat *sb, int type, struct FTW *ftw)
-{
-    (void)sb;
-    (void)type;
-    (void)ftw;
-    return remove(p);
-}
-
-static void rmtree(const char *dir)
-{
-    nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
-}
-
 static void fresh_dir(char *out, size_t n, const char *tag)
 {
-    snprintf(out, n, "%s/capsule-bench-wal-%d-%s", base_dir, (int)getpid(), tag);
-    rmtree(out);
-    if (mkdir(out, 0700) != 0)
-        die("mkdir", errno);
+    char t[256];
+    snprintf(t, sizeof(t), "capsule-bench-wal-%d-%s", (int)getpid(), tag);
+    bench_fresh_dir(out, n, base_dir, t);
 }
 
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double pct(uint64_t *v, size_t n, double p)
-{
-    if (!n)
-        return 0;
-    qsort(v, n, sizeof(*v), cmp_u64);
-    size_t i = (size_t)(p * (double)(n - 1) + 0.5);
-    return (double)v[i];
-}
-
-static double median(double *v, size_t n)
-{
-    for (size_t i = 1; i < n; i++)
-        for (size_t j = i; j > 0 && v[j - 1] > v[j]; j--) {
-            double t = v[j];
-            v[j] = v[j - 1];
-            v[j - 1] = t;
-        }
-    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-static void emit(const char *metric, double value, const char *unit, const char *peer,
-                 double peer_value, double goal, int lower_is_better)
-{
-    double ratio = peer_value > 0 ? value / peer_value : 0;
-    int met = lower_is_better ? ratio <= goal : ratio >= goal;
-    if (goal == 1.0 && !lower_is_better)
-        met = ratio > 1.0;
-    printf("{\"bench\":\"wal\",\"metric\":\"%s\",\"value\":%.2f,\"unit\":\"%s\",\"peer\":\"%s\","
-           "\"peer_value\":%.2f,\"ratio\":%.3f,\"goal\":",
-           metric, value, unit, peer, peer_value, ratio);
-    if (goal > 0)
-        printf("%.2f,\"met\":%s}\n", goal, met ? "true" : "false");
-    else
-        printf("null,\"met\":null}\n");
-    fflush(stdout);
-}
+/* the goals of this bench apply to the ratio to the peer */
+#define RATIO_HIGHER (BENCH_HIGHER | BENCH_GOAL_RATIO)
+#define RATIO_LOWER  (BENCH_LOWER | BENCH_GOAL_RATIO)
 
 /* ---- the record every system writes ---- */
 
@@ -405,8 +352,8 @@ static double run_once(struct run *r, int threads, double secs, double *p50_us, 
         k += ps[i].nlat;
         free(ps[i].lat);
     }
-    *p50_us = pct(all, nl, 0.50) / 1000.0;
-    *p99_us = pct(all, nl, 0.99) / 1000.0;
+    *p50_us = bench_pct_u64(all, nl, 0.50) / 1000.0;
+    *p99_us = bench_pct_u64(all, nl, 0.99) / 1000.0;
     free(all);
     free(ps);
     free(th);
@@ -460,19 +407,21 @@ static void bench_throughput(void)
         wal_log_stats(log, &st);
         double m[NSYS], mp99[NSYS];
         for (int k = 0; k < NSYS; k++) {
-            m[k] = median(rate[k], (size_t)reps);
-            mp99[k] = median(p99[k], (size_t)reps);
+            m[k] = bench_median(rate[k], (size_t)reps, NULL, NULL);
+            mp99[k] = bench_median(p99[k], (size_t)reps, NULL, NULL);
         }
         double batch = st.commits ? (double)st.records / (double)st.commits : 0;
         fprintf(stderr, "%5d | %10.0f %6.1f %8.0f | %10.0f %8.0f | %10.0f %8.0f | %6.2f %7.2f\n", n,
                 m[0], batch, mp99[0], m[1], mp99[1], m[2], mp99[2], m[0] / m[1], m[0] / m[2]);
         char metric[64];
         snprintf(metric, sizeof(metric), "durable_records_per_s_%dp", n);
-        emit(metric, m[0], "records/s", "raw LMDB, same group commit, log puts only", m[1], 0.8, 0);
-        emit(metric, m[0], "records/s", "SQLite WAL synchronous=FULL, key index, same group commit",
-             m[2], 1.0, 0);
+        bench_emit(metric, m[0], "records/s", "raw LMDB, same group commit, log puts only", m[1],
+                   0.8, RATIO_HIGHER);
+        bench_emit(metric, m[0], "records/s",
+                   "SQLite WAL synchronous=FULL, key index, same group commit", m[2], 1.0,
+                   RATIO_HIGHER);
         snprintf(metric, sizeof(metric), "append_p99_us_%dp", n);
-        emit(metric, mp99[0], "us", "raw LMDB, same group commit", mp99[1], 0, 1);
+        bench_emit(metric, mp99[0], "us", "raw LMDB, same group commit", mp99[1], 0, RATIO_LOWER);
         gc_stop(&gl);
         gc_stop(&gs);
         wal_log_close(log);
@@ -480,7 +429,7 @@ static void bench_throughput(void)
         lmdb_close(&lpl);
         sqlite_close(&sp);
         for (int k = 0; k < NSYS; k++)
-            rmtree(d[k]);
+            bench_rmtree(d[k]);
     }
 }
 
@@ -519,22 +468,22 @@ static void bench_latency(void)
             die("raw lmdb commit", rc);
         ll[i] = cap_now_ns() - t0;
     }
-    double c50 = pct(lc, n, 0.5) / 1000, c99 = pct(lc, n, 0.99) / 1000;
-    double l50 = pct(ll, n, 0.5) / 1000, l99 = pct(ll, n, 0.99) / 1000;
+    double c50 = bench_pct_u64(lc, n, 0.5) / 1000, c99 = bench_pct_u64(lc, n, 0.99) / 1000;
+    double l50 = bench_pct_u64(ll, n, 0.5) / 1000, l99 = bench_pct_u64(ll, n, 0.99) / 1000;
     fprintf(stderr, "\n== append-to-durable latency, 1 producer, %zu appends ==\n", n);
     fprintf(stderr, "%28s | %10s %10s\n", "", "p50 us", "p99 us");
     fprintf(stderr, "%28s | %10.1f %10.1f\n", "capsule wal_log_append_sync", c50, c99);
     fprintf(stderr, "%28s | %10.1f %10.1f\n", "raw LMDB put+commit", l50, l99);
     fprintf(stderr, "%28s | %10.2f %10.2f   (goal p50 <= 1.2)\n", "ratio", c50 / l50, c99 / l99);
-    emit("append_latency_p50", c50, "us", "raw LMDB put+commit", l50, 1.2, 1);
-    emit("append_latency_p99", c99, "us", "raw LMDB put+commit", l99, 0, 1);
+    bench_emit("append_latency_p50", c50, "us", "raw LMDB put+commit", l50, 1.2, RATIO_LOWER);
+    bench_emit("append_latency_p99", c99, "us", "raw LMDB put+commit", l99, 0, RATIO_LOWER);
     free(lc);
     free(ll);
     wal_log_close(log);
     store_env_close(env);
     lmdb_close(&lp);
-    rmtree(d[0]);
-    rmtree(d[1]);
+    bench_rmtree(d[0]);
+    bench_rmtree(d[1]);
 }
 
 static void bench_replay(void)
@@ -605,22 +554,22 @@ static void bench_replay(void)
         if (cnt != n || sum == 0)
             die("raw scan count", 0);
     }
-    double mv = median(verify, (size_t)reps), md = median(decode, (size_t)reps),
-           mr = median(raw, (size_t)reps);
+    double mv = bench_median(verify, (size_t)reps, NULL, NULL),
+           md = bench_median(decode, (size_t)reps, NULL, NULL),
+           mr = bench_median(raw, (size_t)reps, NULL, NULL);
     fprintf(stderr, "\n== replay scan of %llu records (median of %d) ==\n", (unsigned long long)n,
             reps);
     fprintf(stderr, "%36s | %14.0f records/s   (goal >= 5,000,000)\n",
             "wal_iter, checksum verified", mv);
     fprintf(stderr, "%36s | %14.0f records/s\n", "wal_iter, verified + tpl decode", md);
     fprintf(stderr, "%36s | %14.0f records/s\n", "raw cursor scan, no verification", mr);
-    printf("{\"bench\":\"wal\",\"metric\":\"replay_verify_records_per_s\",\"value\":%.0f,\"unit\":"
-           "\"records/s\",\"peer\":\"raw LMDB cursor scan\",\"peer_value\":%.0f,\"ratio\":%.3f,"
-           "\"goal\":5000000,\"met\":%s}\n",
-           mv, mr, mv / mr, mv >= 5e6 ? "true" : "false");
-    emit("replay_decode_records_per_s", md, "records/s", "raw LMDB cursor scan", mr, 0, 0);
+    bench_emit("replay_verify_records_per_s", mv, "records/s", "raw LMDB cursor scan", mr, 5e6,
+               BENCH_HIGHER);
+    bench_emit("replay_decode_records_per_s", md, "records/s", "raw LMDB cursor scan", mr, 0,
+               BENCH_HIGHER);
     wal_log_close(log);
     store_env_close(env);
-    rmtree(d);
+    bench_rmtree(d);
 }
 
 /* The 1-minute load average, printed with the results: on a shared machine the peers and capsule
@@ -651,6 +600,7 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    bench_begin("wal");
     for (int i = 0; i < DATA_LEN; i++)
         g_data[i] = (uint8_t)(i * 7 + 3);
     char key[KEY_LEN + 1];
