@@ -43,7 +43,8 @@ typedef struct worker {
     int mode;        /* 0 create+settle, 1 wal append, 2 create only */
 } worker_t;
 
-static const char payload[64] = "eyJmdW5jIjoid2YiLCJhcmdzIjpbMTBdLCJ2ZXJzaW9uIjoxfQ==";
+/* 112 bytes: the wal peer appends a record of a promise create's size (52 + 60) */
+static const char payload[112] = "eyJmdW5jIjoid2YiLCJhcmdzIjpbMTBdLCJ2ZXJzaW9uIjoxfQ==";
 
 static void *worker_main(void *arg)
 {
