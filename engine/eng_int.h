@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "capsule.h"
+#include "promise.h"
 #include "store.h"
 #include "wal.h"
 
@@ -68,5 +69,32 @@ int eng__last_ordinal(eng_tables_t *t, const char *sid, uint64_t *out);
 int eng__chain_read(eng_tables_t *t, const char *sid, uint64_t upto, eng_blob_t **blobs, size_t *n);
 /* The recorded result of eid: 0, CAP_ENOTFOUND, CAP_ECORRUPT. */
 int eng__result_read(eng_tables_t *t, const char *eid, eng_result_t **out);
+
+/* ---- durable steps (eng_steps.c; the worker's PROMISE frames) ---- */
+enum { ENG_STEP_OPEN = 1, ENG_STEP_SETTLE = 2, ENG_STEP_SLEEP = 3 };
+/* reply states: the PYW_PS_* values */
+enum { ENG_STEP_PENDING = 0, ENG_STEP_RESOLVED = 1, ENG_STEP_REJECTED = 2, ENG_STEP_FAILED = 3 };
+typedef struct eng_step {
+    /* request */
+    int op;
+    char *eid, *path, *label;
+    uint32_t attempts; /* settle: attempts made */
+    uint64_t num;      /* settle: ENG_STEP_RESOLVED/REJECTED; sleep: delay ms */
+    uint8_t *in;
+    size_t in_len;
+    /* reply */
+    int state;
+    uint32_t out_attempts;
+    uint64_t out_num; /* sleep pending: ms that remain */
+    uint8_t *out;     /* value, or the message when FAILED */
+    size_t out_len;
+} eng_step_t;
+/* "capsule/x/<eid>.<path>" (cap_malloc'd). */
+char *eng__step_pid(const char *eid, const char *path);
+/* Performs st's operation on the promise store (blocks for the commit) and fills the reply. */
+void eng__step_run(prom_store_t *ps, eng_step_t *st);
+void eng__step_free(eng_step_t *st);
+/* The steps of execution eid, ordered by path. CAP_ENOTFOUND: no such execution. Blocking. */
+int eng__tasks_list(prom_store_t *ps, const char *eid, eng_task_info_t **out, size_t *n);
 
 #endif /* ENG_INT_H */

@@ -360,11 +360,16 @@ struct job {
     waiter_t *w;
     uint32_t k;
     int aux;
+    eng_step_t *step; /* a durable step operation (eng_steps.c) instead of op */
 };
 enum { J_CREATE, J_SETTLE, J_GET };
 
 static void job_run(eng_t *e, job_t *j)
 {
+    if (j->step) {
+        eng__step_run(e->ps, j->step);
+        return;
+    }
     prom_value_t v = {j->hdr, j->nhdr, j->data, j->len};
     if (j->op == J_CREATE) {
         prom_create_t c = {j->id, PROM_FOREVER, &v, j->tags, j->ntags};
@@ -413,6 +418,7 @@ static void job_free(job_t *j)
         cap_free(j->tags[i].value);
     }
     prom_result_clear(&j->res);
+    eng__step_free(j->step);
     exec_unref(j->x);
     session_unref(j->s);
     cap_free(j->id);
@@ -984,6 +990,43 @@ static void pcb_input(pyw_worker_t *w, uint64_t wid, const char *prompt, int pas
     j->x = x;
     x->refs++;
     j->k = x->in_k;
+    j->aux = (int)x->wid;
+    job_submit(r->e, j);
+}
+
+/* A durable step's operation is durable: answer the worker (if the cell still runs there). */
+static void step_done(eng_t *e, eng_msg_t *m)
+{
+    job_t *j = (job_t *)m;
+    exec_t *x = j->x;
+    eng_step_t *st = j->step;
+    if (!e->dead && x->st == X_RUNNING && x->wid == (uint64_t)j->aux && x->s->w)
+        pyw_worker_promise_reply(x->s->w->w, x->wid, st->state, st->out_attempts, st->out_num,
+                                 st->out, st->out_len);
+    job_free(j);
+}
+
+static void pcb_promise(pyw_worker_t *w, uint64_t wid, const pyw_promise_req_t *q)
+{
+    wref_t *r = pyw_worker_data(w);
+    exec_t *x = cur_exec(r->s, wid);
+    if (!x) {
+        pyw_worker_promise_reply(w, wid, ENG_STEP_FAILED, 0, 0, "no running execution", 20);
+        return;
+    }
+    eng_step_t *st = cap_calloc(1, sizeof *st);
+    st->op = q->op;
+    st->eid = cap_strdup(x->eid);
+    st->path = cap_strdup(q->name);
+    st->label = cap_strdup(q->label ? q->label : "");
+    st->attempts = q->attempts;
+    st->num = q->num;
+    st->in = q->len ? cap_memdup(q->data, q->len) : NULL;
+    st->in_len = q->len;
+    job_t *j = job_new(J_GET, x->eid, step_done);
+    j->step = st;
+    j->x = x;
+    x->refs++;
     j->aux = (int)x->wid;
     job_submit(r->e, j);
 }
@@ -2035,6 +2078,7 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     pthread_cond_init(&e->jcv, NULL);
     e->pcb.on_output = pcb_output;
     e->pcb.on_input = pcb_input;
+    e->pcb.on_promise = pcb_promise;
     e->pcb.on_result = pcb_result;
     e->pcb.on_applied = pcb_applied;
     e->pcb.on_snapshot = pcb_snapshot;
@@ -2461,6 +2505,13 @@ int eng_execute_sync(eng_t *e, const eng_exec_req_t *req, const char *const *inp
     waiter_wait(&c.w);
     *out = c.r;
     return 0;
+}
+
+int eng_tasks_list(eng_t *e, const char *eid, eng_task_info_t **out, size_t *n)
+{
+    if (!e || !eid || !out || !n)
+        return CAP_EINVAL;
+    return eng__tasks_list(e->ps, eid, out, n);
 }
 
 int eng_result_get(eng_t *e, const char *eid, eng_result_t **out)

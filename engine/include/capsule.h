@@ -121,6 +121,23 @@ typedef struct eng_result {
 
 void eng_result_free(eng_result_t *r); /* NULL is a no-op */
 
+/* A durable step of an execution (a `capsule` task call, step or sleep inside it; see
+ * ARCHITECTURE.md "Durable steps"). */
+typedef struct eng_task_info {
+    char *id;          /* its promise id: "capsule/x/<eid>.<path>" */
+    char *path;        /* "1", "2", "2.1": call order per level */
+    char *name;        /* the task's name ("" for a sleep) */
+    char *kind;        /* "step" or "sleep" */
+    const char *state; /* "completed", "failed", "running" (pending while its execution is
+                        * unfinished), "pending" (left pending by an execution that ended) */
+    uint32_t attempts; /* attempts made, recorded when it settled (0 while pending) */
+    int64_t created_at, settled_at, timeout_at; /* ms since the epoch; 0 = none */
+} eng_task_info_t;
+/* The steps of execution eid in path order (durable state only). Returns 0, CAP_ENOTFOUND (no
+ * such execution) or a store error. Blocking (reads; not on the loop thread). */
+int eng_tasks_list(eng_t *e, const char *eid, eng_task_info_t **out, size_t *n);
+void eng_tasks_free(eng_task_info_t *v, size_t n); /* NULL is a no-op */
+
 /* Callbacks of one execution; any may be NULL. All run on the loop thread. arg is the caller's. */
 typedef struct eng_exec_cb {
     /* An output chunk (stream 1 stdout, 2 stderr), as the worker wrote it. A listener that

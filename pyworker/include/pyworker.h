@@ -137,6 +137,18 @@ typedef struct pyw_exit {
     const char *message; /* human-readable, e.g. "CPU time limit (2 s) exceeded (SIGXCPU)" */
 } pyw_exit_t;
 
+/* A durable step operation of a running cell (PROMISE frame; see pyw_proto.h PYW_PO_* and
+ * ARCHITECTURE.md "Durable steps"). Answer with pyw_worker_promise_reply. */
+typedef struct pyw_promise_req {
+    int op;            /* 1 open, 2 settle, 3 sleep */
+    const char *name;  /* the step's path below the execution ("1", "2.1"): [0-9.]{1,200} */
+    const char *label; /* open: the task's name (may be empty) */
+    uint32_t attempts; /* settle: attempts made */
+    uint64_t num;      /* settle: 1 resolved / 2 rejected; sleep: delay ms */
+    const void *data;  /* open: the param (pickle); settle: the value (pickle) */
+    size_t len;
+} pyw_promise_req_t;
+
 /* Callbacks; any may be NULL. All run on the worker's loop. */
 typedef struct pyw_callbacks {
     /* READY received: the worker accepts requests from now on (requests sent before are queued
@@ -148,6 +160,9 @@ typedef struct pyw_callbacks {
     void (*on_output)(pyw_worker_t *w, uint64_t exec_id, int stream, const char *data, size_t len);
     /* The cell called input() (or read sys.stdin); answer with pyw_worker_input_reply. */
     void (*on_input)(pyw_worker_t *w, uint64_t exec_id, const char *prompt, int password);
+    /* The cell asked for a durable step operation; without this callback it is answered
+     * FAILED ("no durable steps here"). */
+    void (*on_promise)(pyw_worker_t *w, uint64_t exec_id, const pyw_promise_req_t *req);
     /* A cell finished (exactly once per pyw_worker_execute that returned 0). */
     void (*on_result)(pyw_worker_t *w, const pyw_result_t *r);
     /* Answer to pyw_worker_snapshot: rc 0 and the snapshot, or rc < 0 and error. */
@@ -195,6 +210,10 @@ int pyw_worker_execute(pyw_worker_t *w, uint64_t exec_id, const char *cell_id, c
 /* Answers an input request: text (without newline), or eof != 0 for EOF (EOFError). */
 int pyw_worker_input_reply(pyw_worker_t *w, uint64_t exec_id, const char *text, size_t len,
                            int eof);
+/* Answers a step operation: state 0 pending, 1 resolved, 2 rejected, 3 failed (data = message);
+ * attempts and num as recorded (sleep pending: num = ms that remain), data = the value. */
+int pyw_worker_promise_reply(pyw_worker_t *w, uint64_t exec_id, int state, uint32_t attempts,
+                             uint64_t num, const void *data, size_t len);
 /* Interrupts the cell exec_id (queued or running). Its result is CANCELLED; if the worker does
  * not answer within cancel_grace_ms it is killed (PYW_EXIT_CANCEL_KILLED). */
 int pyw_worker_cancel(pyw_worker_t *w, uint64_t exec_id);

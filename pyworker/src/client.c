@@ -544,6 +544,36 @@ static int handle_frame(pyw_worker_t *w, uint8_t type, uint64_t id, const uint8_
         cap_free(prompt);
         return 0;
     }
+    case PYW_F_PROMISE: {
+        uint8_t op;
+        pyw_promise_req_t q = {0};
+        uint64_t num;
+        const uint8_t *data;
+        char *name = NULL, *label = NULL;
+        if ((rc = pyw__get_u8(&r, &op)) || (rc = pyw__get_u32(&r, &q.attempts)) ||
+            (rc = pyw__get_u64(&r, &num)) || (rc = pyw__get_strdup(&r, &name)) ||
+            (rc = pyw__get_strdup(&r, &label)) || (rc = pyw__get_str(&r, &data, &q.len)) ||
+            (rc = pyw__rd_end(&r))) {
+            cap_free(name);
+            cap_free(label);
+            return rc;
+        }
+        q.label = label;
+        q.op = op;
+        q.name = name;
+        q.num = num;
+        q.data = data;
+        if (op < PYW_PO_OPEN || op > PYW_PO_SLEEP || !name[0] || strlen(name) > 200 ||
+            strspn(name, "0123456789.") != strlen(name))
+            pyw_worker_promise_reply(w, id, PYW_PS_FAILED, 0, 0, "bad step request", 16);
+        else if (w->cb.on_promise)
+            w->cb.on_promise(w, id, &q);
+        else
+            pyw_worker_promise_reply(w, id, PYW_PS_FAILED, 0, 0, "no durable steps here", 21);
+        cap_free(name);
+        cap_free(label);
+        return 0;
+    }
     case PYW_F_DELTA: {
         pyw_exec_t *e = exec_find(w, id, 0);
         if (e) {
@@ -1071,6 +1101,20 @@ int pyw_worker_input_reply(pyw_worker_t *w, uint64_t exec_id, const char *text, 
     pyw__frame_begin(&b, PYW_F_INPUT_REPLY, exec_id);
     pyw__put_u8(&b, eof ? 1 : 0);
     pyw__put_str(&b, text ? text : "", text ? len : 0);
+    pyw__frame_end(&b, 0);
+    return send_frame(w, &b);
+}
+
+int pyw_worker_promise_reply(pyw_worker_t *w, uint64_t exec_id, int state, uint32_t attempts,
+                             uint64_t num, const void *data, size_t len)
+{
+    pyw_buf_t b;
+    pyw__buf_init(&b);
+    pyw__frame_begin(&b, PYW_F_PROMISE_REPLY, exec_id);
+    pyw__put_u8(&b, (uint8_t)state);
+    pyw__put_u32(&b, attempts);
+    pyw__put_u64(&b, num);
+    pyw__put_str(&b, data ? data : "", data ? len : 0);
     pyw__frame_end(&b, 0);
     return send_frame(w, &b);
 }

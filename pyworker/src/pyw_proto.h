@@ -31,14 +31,16 @@
 
 /* Frame types. Client -> worker: */
 enum {
-    PYW_F_EXECUTE = 0x01,     /* str cell_id, str source */
-    PYW_F_INPUT_REPLY = 0x02, /* u8 eof, str text */
-    PYW_F_CANCEL = 0x03,      /* (empty) id = execution to interrupt */
-    PYW_F_SNAPSHOT = 0x04,    /* (empty) */
-    PYW_F_APPLY = 0x05,       /* str blob */
-    PYW_F_PING = 0x06,        /* (empty) */
-    PYW_F_SHUTDOWN = 0x07,    /* (empty) */
-    PYW_F_FORK = 0x08,        /* to a zygote: str options; SCM_RIGHTS carries the worker socket */
+    PYW_F_EXECUTE = 0x01,       /* str cell_id, str source */
+    PYW_F_INPUT_REPLY = 0x02,   /* u8 eof, str text */
+    PYW_F_CANCEL = 0x03,        /* (empty) id = execution to interrupt */
+    PYW_F_SNAPSHOT = 0x04,      /* (empty) */
+    PYW_F_APPLY = 0x05,         /* str blob */
+    PYW_F_PING = 0x06,          /* (empty) */
+    PYW_F_SHUTDOWN = 0x07,      /* (empty) */
+    PYW_F_FORK = 0x08,          /* to a zygote: str options; SCM_RIGHTS carries the worker socket */
+    PYW_F_PROMISE_REPLY = 0x09, /* u8 state (PYW_PS_*), u32 attempts, u64 num, str data: the
+                                 * answer to the execution's outstanding PROMISE (id = exec) */
     /* Worker -> client: */
     PYW_F_READY = 0x80,         /* u32 protocol, u32 pid, u32 max_frame, str python version */
     PYW_F_STREAM = 0x81,        /* u8 stream (1 stdout, 2 stderr), str data */
@@ -54,7 +56,26 @@ enum {
                                  * offending frame (0 if none in particular) */
     PYW_F_FORKED = 0x88,        /* from a zygote: u32 pid of the new worker */
     PYW_F_SNAPSHOT_DATA = 0x89, /* answer to SNAPSHOT: the DELTA body layout */
+    PYW_F_PROMISE = 0x8A,       /* u8 op (PYW_PO_*), u32 attempts, u64 num, str name, str label
+                                 * (open: the task's name), str data:
+                                 * a durable step of the running cell (id = exec); one at a time
+                                 * per worker, answered by PROMISE_REPLY */
 };
+
+/* PROMISE operations (see ARCHITECTURE.md, "Durable steps"). name is the step's path below the
+ * execution ("1", "2.1"); the engine's promise id is "capsule/x/<eid>." + name. */
+enum {
+    PYW_PO_OPEN = 1,   /* get the step, creating it pending (data = the param, a pickle of the
+                        * call; num unused): reply RESOLVED/REJECTED with the recorded value or
+                        * PENDING (run it) */
+    PYW_PO_SETTLE = 2, /* num = PYW_PS_RESOLVED or PYW_PS_REJECTED, data = the value (pickle),
+                        * attempts = attempts made: reply after the settle is durable */
+    PYW_PO_SLEEP = 3,  /* a timer step: num = delay ms, created with deadline now + num on the
+                        * first call only; reply RESOLVED when due, else PENDING with num = the
+                        * milliseconds that remain */
+};
+/* PROMISE_REPLY states. */
+enum { PYW_PS_PENDING = 0, PYW_PS_RESOLVED = 1, PYW_PS_REJECTED = 2, PYW_PS_FAILED = 3 };
 
 /* Result status on the wire (same values as pyw_status_t OK/ERROR/CANCELLED). */
 enum { PYW_RS_OK = 0, PYW_RS_ERROR = 1, PYW_RS_CANCELLED = 2 };

@@ -98,6 +98,16 @@ static uint64_t g_input_id;
 static char *g_input_text;
 static size_t g_input_len;
 
+/* durable steps: one PROMISE outstanding at a time (g_prom_mu serialises requesters); the reply
+ * fields are guarded by g_mu like input's */
+static pthread_mutex_t g_prom_mu = PTHREAD_MUTEX_INITIALIZER;
+static int g_prom_waiting, g_prom_done;
+static uint64_t g_prom_id, g_prom_num;
+static uint8_t g_prom_state;
+static uint32_t g_prom_attempts;
+static char *g_prom_data;
+static size_t g_prom_len;
+
 static void wlog(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void wlog(const char *fmt, ...)
 {
@@ -469,6 +479,95 @@ static PyObject *capmod_input(PyObject *self, PyObject *args)
     return ret;
 }
 
+/* promise(op, name, label, attempts, num, data) -> (state, attempts, num, data bytes): one durable
+ * step operation of the running cell, answered by the engine once its effect is durable (a PROMISE
+ * frame, then a wait like input()'s; a cancel raises KeyboardInterrupt). */
+static PyObject *capmod_promise(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int op;
+    unsigned int attempts;
+    unsigned long long num;
+    const char *name, *label;
+    Py_ssize_t nlen, llen;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "is#s#IKy*", &op, &name, &nlen, &label, &llen, &attempts, &num,
+                          &data))
+        return NULL;
+    if (atomic_load(&g_forked_child) || !atomic_load(&g_is_worker) || !current_exec_id()) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_RuntimeError, "durable steps run only inside a capsule execution");
+        return NULL;
+    }
+    if ((size_t)data.len + (size_t)nlen + (size_t)llen + 64 > g_max_frame) {
+        PyBuffer_Release(&data);
+        PyErr_Format(PyExc_ValueError, "step value of %zd bytes exceeds the frame limit (%u)",
+                     data.len, g_max_frame);
+        return NULL;
+    }
+    char *rdata = NULL;
+    size_t rlen = 0;
+    uint8_t state = 0;
+    uint32_t rattempts = 0;
+    uint64_t rnum = 0;
+    int cancelled = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    pthread_mutex_lock(&g_prom_mu);
+    uint64_t id = current_exec_id();
+    pthread_mutex_lock(&g_mu);
+    g_prom_waiting = 1;
+    g_prom_done = 0;
+    g_prom_id = id;
+    pthread_mutex_unlock(&g_mu);
+    pyw_buf_t b;
+    pyw__buf_init(&b);
+    pyw__frame_begin(&b, PYW_F_PROMISE, id);
+    pyw__put_u8(&b, (uint8_t)op);
+    pyw__put_u32(&b, attempts);
+    pyw__put_u64(&b, num);
+    pyw__put_str(&b, name, (size_t)nlen);
+    pyw__put_str(&b, label, (size_t)llen);
+    pyw__put_str(&b, data.buf, (size_t)data.len);
+    pyw__frame_end(&b, 0);
+    send_buf(&b);
+    pyw__buf_free(&b);
+    pthread_mutex_lock(&g_mu);
+    while (!g_prom_done && !atomic_load(&g_cancel_flag))
+        pthread_cond_wait(&g_cv, &g_mu);
+    if (g_prom_done) {
+        state = g_prom_state;
+        rattempts = g_prom_attempts;
+        rnum = g_prom_num;
+        rdata = g_prom_data;
+        rlen = g_prom_len;
+        g_prom_data = NULL;
+    } else {
+        cancelled = 1;
+    }
+    g_prom_waiting = 0;
+    pthread_mutex_unlock(&g_mu);
+    pthread_mutex_unlock(&g_prom_mu);
+    Py_END_ALLOW_THREADS;
+    PyBuffer_Release(&data);
+    PyObject *ret = NULL;
+    if (cancelled) {
+        atomic_store(&g_interrupt, 0);
+        PyErr_SetNone(PyExc_KeyboardInterrupt);
+    } else {
+        ret = Py_BuildValue("iIKy#", (int)state, rattempts, rnum, rdata ? rdata : "",
+                            (Py_ssize_t)rlen);
+    }
+    cap_free(rdata);
+    return ret;
+}
+
+static PyObject *capmod_exec_id(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyLong_FromUnsignedLongLong(current_exec_id());
+}
+
 static PyObject *capmod_flush(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -545,6 +644,10 @@ static PyMethodDef capmod_methods[] = {
     {"cancel_ack", capmod_cancel_ack, METH_NOARGS, "the interrupt reached the runtime"},
     {"forked_child", capmod_forked_child, METH_NOARGS, "os.register_at_fork child hook"},
     {"hash64", capmod_hash64, METH_O, "XXH3-64 of a bytes-like object"},
+    {"promise", capmod_promise, METH_VARARGS,
+     "promise(op, name, label, attempts, num, data) -> (state, attempts, num, data): a durable "
+     "step"},
+    {"exec_id", capmod_exec_id, METH_NOARGS, "the running cell's execution id (0 if none)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -647,6 +750,12 @@ static int py_start(int preload)
     if (pyw_src_ns && (rc = load_embedded("_capsule_ns", pyw_src_ns, pyw_code_ns, pyw_code_ns_len,
                                           "<capsule-ns>"))) {
         /* the namespace module failed to import: the runtime reports it with every delta */
+        PyErr_Clear();
+        rc = 0;
+    }
+    if (pyw_src_tk && (rc = load_embedded("capsule", pyw_src_tk, pyw_code_tk, pyw_code_tk_len,
+                                          "<capsule-task>"))) {
+        /* durable tasks unavailable: `import capsule` then fails in sessions */
         PyErr_Clear();
         rc = 0;
     }
@@ -922,6 +1031,36 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
         pthread_mutex_unlock(&g_mu);
         if (!ok)
             send_error(type, id, CAP_ECONFLICT, "no input request pending for execution %llu",
+                       (unsigned long long)id);
+        return;
+    }
+    case PYW_F_PROMISE_REPLY: {
+        uint8_t st;
+        uint32_t att;
+        uint64_t num;
+        const uint8_t *d;
+        size_t n;
+        if (pyw__get_u8(&r, &st) || pyw__get_u32(&r, &att) || pyw__get_u64(&r, &num) ||
+            pyw__get_str(&r, &d, &n) || pyw__rd_end(&r) || st > PYW_PS_FAILED) {
+            send_error(type, id, CAP_EPROTO, "malformed PROMISE_REPLY body");
+            return;
+        }
+        int ok = 0;
+        pthread_mutex_lock(&g_mu);
+        if (g_prom_waiting && !g_prom_done && g_prom_id == id) {
+            cap_free(g_prom_data);
+            g_prom_data = pyw__memdup0(d, n);
+            g_prom_len = n;
+            g_prom_state = st;
+            g_prom_attempts = att;
+            g_prom_num = num;
+            g_prom_done = 1;
+            pthread_cond_broadcast(&g_cv);
+            ok = 1;
+        }
+        pthread_mutex_unlock(&g_mu);
+        if (!ok)
+            send_error(type, id, CAP_ECONFLICT, "no promise request pending for execution %llu",
                        (unsigned long long)id);
         return;
     }

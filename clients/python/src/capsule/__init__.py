@@ -38,3 +38,8 @@ __all__ = [
     "ServerError", "ExecutionError", "ExecutionCancelled", "ExecutionTimeout", "WorkerDied",
     "ExecutionRefused",
 ]
+
+# durable tasks (issue 9): the same module is `capsule` inside sessions (see task.py)
+from .task import HIGH, LOW, MEDIUM, Task, TaskError, TaskTimeout, sleep, step, task  # noqa: E402
+
+__all__ += ["task", "step", "sleep", "Task", "TaskError", "TaskTimeout", "LOW", "MEDIUM", "HIGH"]

@@ -1,0 +1,366 @@
+"""Durable tasks: ``@task``, ``step``, ``sleep``.
+
+One implementation with two homes:
+
+* Inside a capsule session this file IS the module ``capsule`` (the worker embeds it; the
+  session never sees the client package). There every task call, ``step(fn, ...)`` and
+  ``sleep(s)`` made while an execution runs is a durable child promise of that execution, with
+  the deterministic id ``capsule/x/<eid>.<path>``: ``path`` counts calls in order at each level
+  (``1``, ``2``, and ``2.1`` for the first call inside step 2), as Resonate SDKs derive child ids.
+  Before running, the worker asks the engine for that promise: a settled one gives back its
+  recorded value (or raises its recorded error) without running; otherwise the engine creates it
+  pending, the function runs (with retries and a per-attempt timeout), and its result is settled
+  durably before the caller continues. So an execution re-run after a crash skips the steps that
+  had finished.
+* Outside a session (the client package's ``capsule.task``, a plain ``python3 hello.py``) the
+  decorator validates its options and the function is an ordinary call: no durability, no
+  retries, no limits.
+
+Arguments and results travel as pickles (protocol 5); what cannot be pickled is a ``TypeError``
+at the call. Standard library only (it runs in the worker's embedded interpreter).
+"""
+
+import contextvars
+import functools
+import pickle
+import re
+import threading
+import time
+
+try:  # the worker's C module: present only inside a capsule worker
+    import _capsule
+except ImportError:  # the client package / plain Python
+    _capsule = None
+
+__all__ = [
+    "task",
+    "step",
+    "sleep",
+    "Task",
+    "TaskError",
+    "TaskTimeout",
+    "LOW",
+    "MEDIUM",
+    "HIGH",
+    "parse_size",
+    "parse_duration",
+]
+
+LOW, MEDIUM, HIGH = "LOW", "MEDIUM", "HIGH"
+# compute levels as CPU budgets (cores); a number is taken as is
+COMPUTE = {LOW: 0.5, MEDIUM: 1.0, HIGH: 2.0}
+
+# the worker protocol's PROMISE operations and reply states (pyworker/src/pyw_proto.h)
+_PO_OPEN, _PO_SETTLE, _PO_SLEEP = 1, 2, 3
+_PS_PENDING, _PS_RESOLVED, _PS_REJECTED, _PS_FAILED = 0, 1, 2, 3
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_DUR_UNITS = {"": 1.0, "MS": 0.001, "S": 1.0, "M": 60.0, "H": 3600.0}
+
+# retry backoff: BACKOFF_BASE * 2**(attempt-1) seconds, at most BACKOFF_MAX
+BACKOFF_BASE = 0.05
+BACKOFF_MAX = 5.0
+
+
+class TaskError(Exception):
+    """A task failed in a way that has no exception of its own (an unpicklable error, a step
+    the engine could not record)."""
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """An attempt of a task ran longer than its ``timeout``."""
+
+
+def _parse_quantity(v, what, units, examples, conv):
+    """A positive number with an optional unit of `units` (a number alone: unit "")."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise TypeError(f"{what}: expected a value like {examples[0]!r}, got {v!r}")
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", v)
+        unit = m.group(2).upper() if m else None
+        if not m or unit not in units:
+            ex = ", ".join(map(repr, examples))
+            raise ValueError(f"{what}: cannot parse {v!r} (examples: {ex})")
+        q = conv(float(m.group(1)) * units[unit])
+    else:
+        q = conv(v)
+    if not q > 0:
+        raise ValueError(f"{what}: must be positive, got {v!r}")
+    return q
+
+
+def parse_size(v):
+    """``"64MB"``, ``"2GB"``, ``"512MiB"``, an int of bytes -> bytes (int > 0)."""
+    return _parse_quantity(v, "ram", _SIZE_UNITS, ("64MB", "2GB", "512MiB"), int)
+
+
+def parse_duration(v):
+    """``"30s"``, ``"5m"``, ``"1h"``, ``"250ms"``, a number of seconds -> seconds (float > 0)."""
+    return _parse_quantity(v, "timeout", _DUR_UNITS, ("30s", "5m", "250ms", "1h"), float)
+
+
+def _parse_compute(v):
+    if isinstance(v, str) and v.upper() in COMPUTE:
+        return COMPUTE[v.upper()]
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+        return float(v)
+    raise ValueError(f"compute: expected LOW, MEDIUM, HIGH or a positive number, got {v!r}")
+
+
+# ---- the step context: which promise a call becomes ----
+
+class _Level:
+    """Children of one parent: the parent's path and the count of calls made so far."""
+
+    __slots__ = ("path", "n")
+
+    def __init__(self, path):
+        self.path = path
+        self.n = 0
+
+    def next(self):
+        self.n += 1
+        return f"{self.path}.{self.n}" if self.path else str(self.n)
+
+
+_level = contextvars.ContextVar("capsule_step_level", default=None)
+_top = {"eid": None, "level": None}  # top-level calls of the running execution
+
+
+def _durable():
+    return _capsule is not None and _capsule.exec_id() != 0
+
+
+def _next_path():
+    lv = _level.get()
+    if lv is None:
+        eid = _capsule.exec_id()
+        if _top["eid"] != eid:  # a new execution: its top-level count starts again
+            _top["eid"], _top["level"] = eid, _Level("")
+        lv = _top["level"]
+    return lv.next()
+
+
+def _call(op, path, attempts=0, num=0, data=b"", label=""):
+    state, att, rnum, value = _capsule.promise(op, path, label, attempts, num, data)
+    if state == _PS_FAILED:
+        raise TaskError(f"capsule step {path}: the engine could not record it: "
+                        f"{value.decode('utf-8', 'replace')}")
+    return state, att, rnum, value
+
+
+def _recorded(state, value, name):
+    if state == _PS_RESOLVED:
+        return pickle.loads(value)
+    try:
+        err = pickle.loads(value)
+    except Exception as e:  # noqa: BLE001 - a recorded error that no longer unpickles
+        raise TaskError(f"task {name!r} failed (recorded error cannot be loaded: {e})") from None
+    if isinstance(err, BaseException):
+        raise err
+    raise TaskError(f"task {name!r} failed: {err}")
+
+
+def _pickle_error(name, e):
+    """The error to record for a failed task: the exception itself if it pickles and loads."""
+    try:
+        blob = pickle.dumps(e, protocol=5)
+        pickle.loads(blob)
+        return blob
+    except Exception:  # noqa: BLE001
+        return pickle.dumps(TaskError(f"task {name!r} failed: {type(e).__name__}: {e}"),
+                            protocol=5)
+
+
+# ---- per-attempt limits inside the worker ----
+
+class _Alarm:
+    """Raises TaskTimeout in the calling (main) thread after `seconds`: a timer thread sends
+    SIGALRM to that thread, which interrupts blocking calls (EINTR) and runs the handler."""
+
+    def __init__(self, seconds, name):
+        self.seconds, self.name = seconds, name
+        self.timer = self.old = None
+
+    def __enter__(self):
+        import signal
+
+        if self.seconds is None or threading.current_thread() is not threading.main_thread():
+            return self
+        self.fired = False
+
+        def on_alarm(signum, frame):
+            if self.fired:
+                self.fired = False
+                raise TaskTimeout(f"task {self.name!r} timed out after {self.seconds:g} s")
+
+        self.old = signal.signal(signal.SIGALRM, on_alarm)
+        ident = threading.get_ident()
+
+        def fire():
+            self.fired = True
+            signal.pthread_kill(ident, signal.SIGALRM)
+
+        self.timer = threading.Timer(self.seconds, fire)
+        self.timer.daemon = True
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.timer is not None:
+            self.fired = False
+            self.timer.cancel()
+            self.timer.join()
+            self.fired = False
+            signal.signal(signal.SIGALRM, self.old)
+        return False
+
+
+class _Ram:
+    """Holds the worker's address space to its current size + `limit` bytes (RLIMIT_AS soft
+    limit) while the task runs: allocating beyond is a MemoryError naming the task's limit."""
+
+    def __init__(self, limit, name, text):
+        self.limit, self.name, self.text = limit, name, text
+        self.old = None
+
+    def __enter__(self):
+        if self.limit is None or _capsule is None:
+            return self
+        import resource
+
+        with open("/proc/self/statm") as f:
+            vm = int(f.read().split()[0]) * resource.getpagesize()
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        want = vm + self.limit
+        if hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        if soft != resource.RLIM_INFINITY:
+            want = min(want, soft)
+        resource.setrlimit(resource.RLIMIT_AS, (want, hard))
+        self.old = soft
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if self.old is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS,
+                               (self.old, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        if et is MemoryError:
+            raise MemoryError(f"task {self.name!r}: memory limit (ram={self.text}) exceeded") \
+                from None
+        return False
+
+
+# ---- tasks ----
+
+class Task:
+    """A function made durable by ``@task``. Calling it inside a capsule execution is a durable
+    step; elsewhere it is a plain call. ``fn`` is the undecorated function."""
+
+    def __init__(self, fn, name=None, compute=LOW, ram=None, timeout=None, max_retries=0):
+        if not callable(fn):
+            raise TypeError(f"task: {fn!r} is not callable")
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise ValueError(f"max_retries: expected an int >= 0, got {max_retries!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"name: expected a non-empty string, got {name!r}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "task")
+        self.compute = _parse_compute(compute)
+        self.ram_text = ram
+        self.ram = parse_size(ram) if ram is not None else None
+        self.timeout = parse_duration(timeout) if timeout is not None else None
+        self.max_retries = max_retries
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self):
+        return f"<capsule task {self.name!r}>"
+
+    def __call__(self, *args, **kwargs):
+        if not _durable():
+            return self.fn(*args, **kwargs)
+        return _run_step(self, args, kwargs)
+
+    def _attempt(self, args, kwargs):
+        with _Ram(self.ram, self.name, self.ram_text), _Alarm(self.timeout, self.name):
+            return self.fn(*args, **kwargs)
+
+
+def task(fn=None, *, name=None, compute=LOW, ram=None, timeout=None, max_retries=0):
+    """Decorator: ``@task`` or ``@task(name="main", compute="LOW", ram="64MB", timeout="30s",
+    max_retries=1)``. ``max_retries`` is the number of retries after a failed attempt (with
+    exponential backoff); ``timeout`` bounds each attempt; ``ram`` bounds the memory the task may
+    add to its worker; ``compute`` (LOW/MEDIUM/HIGH or a number of cores) is validated and
+    recorded."""
+    def wrap(f):
+        return Task(f, name=name, compute=compute, ram=ram, timeout=timeout,
+                    max_retries=max_retries)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def step(fn, *args, **kwargs):
+    """Runs ``fn(*args, **kwargs)`` as a durable step (a task with default options)."""
+    t = fn if isinstance(fn, Task) else Task(fn)
+    return t(*args, **kwargs)
+
+
+def _run_step(t, args, kwargs):
+    path = _next_path()
+    try:
+        param = pickle.dumps((t.name, args, kwargs), protocol=5)
+    except Exception as e:  # noqa: BLE001
+        raise TypeError(f"task {t.name!r}: its arguments cannot be pickled: "
+                        f"{type(e).__name__}: {e}") from None
+    state, _, _, value = _call(_PO_OPEN, path, 0, 0, param, t.name)
+    if state != _PS_PENDING:  # finished before: the recorded outcome, without running
+        return _recorded(state, value, t.name)
+    attempts = 0
+    token = _level.set(_Level(path))
+    try:
+        while True:
+            attempts += 1
+            try:
+                result = t._attempt(args, kwargs)
+                break
+            except (KeyboardInterrupt, SystemExit, GeneratorExit):
+                raise  # a cancel or exit is not the task's failure: nothing is recorded
+            except BaseException as e:  # noqa: BLE001
+                if attempts <= t.max_retries:
+                    time.sleep(min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (attempts - 1)))
+                    continue
+                _call(_PO_SETTLE, path, attempts, _PS_REJECTED, _pickle_error(t.name, e))
+                raise
+    finally:
+        _level.reset(token)
+    try:
+        blob = pickle.dumps(result, protocol=5)
+    except Exception as e:  # noqa: BLE001
+        err = TypeError(f"task {t.name!r}: its result cannot be pickled: "
+                        f"{type(e).__name__}: {e}")
+        _call(_PO_SETTLE, path, attempts, _PS_REJECTED, _pickle_error(t.name, err))
+        raise err from None
+    _call(_PO_SETTLE, path, attempts, _PS_RESOLVED, blob)
+    return result
+
+
+def sleep(seconds):
+    """Durable sleep: inside an execution a timer promise with an absolute deadline, made on the
+    first run; a re-run after a restart waits only for what remains. Elsewhere ``time.sleep``."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+        raise ValueError(f"sleep: expected seconds >= 0, got {seconds!r}")
+    if not _durable():
+        time.sleep(seconds)
+        return
+    path = _next_path()
+    ms = int(seconds * 1000)
+    while True:
+        state, _, remain, _ = _call(_PO_SLEEP, path, 0, ms, b"")
+        if state != _PS_PENDING:
+            return
+        time.sleep(max(remain, 1) / 1000.0)

@@ -1,0 +1,423 @@
+/*
+ * test_steps.c - durable steps (issue 9): `capsule` tasks inside executions, on a real engine
+ * with real workers and LMDB.
+ *   - steps record their values; the step listing shows them completed with attempts and names;
+ *   - retries with backoff (attempt counts recorded), a failure after max_retries recorded as
+ *     failed and raised, a per-attempt timeout, a task's ram limit (MemoryError naming it),
+ *     unpicklable arguments and results as clear errors at the call, nested steps' paths;
+ *   - kill -9: a child process embeds the engine and runs a three-step workflow appending to a
+ *     file; it is killed during step 3; a new engine on the same directory re-runs the execution,
+ *     which completes with steps 1 and 2 in the file exactly once;
+ *   - a durable sleep across a kill -9: the re-run waits only for what remains of the deadline.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "eng_test.h"
+
+static char g_dir[512];
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return strdup("");
+    static char buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    return strdup(buf);
+}
+
+static int count_lines(const char *text, const char *line)
+{
+    int n = 0;
+    size_t l = strlen(line);
+    for (const char *p = text; *p;) {
+        const char *nl = strchr(p, '\n');
+        size_t len = nl ? (size_t)(nl - p) : strlen(p);
+        if (len == l && memcmp(p, line, l) == 0)
+            n++;
+        p += len + (nl ? 1 : 0);
+    }
+    return n;
+}
+
+static eng_result_t *run_ok(eng_t *e, const char *sid, const char *eid, const char *code)
+{
+    eng_result_t *r = etest_run(e, sid, eid, code);
+    if (r->status != ENG_ST_OK)
+        fprintf(stderr, "cell failed: status %d %s: %s\n%s\n", r->status, r->etype ? r->etype : "?",
+                r->emsg ? r->emsg : "", r->traceback ? r->traceback : "");
+    CHECK_EQ(r->status, ENG_ST_OK);
+    return r;
+}
+
+static const eng_task_info_t *find_task(const eng_task_info_t *v, size_t n, const char *path)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(v[i].path, path) == 0)
+            return &v[i];
+    return NULL;
+}
+
+/* ---------- steps in one engine ---------- */
+static void test_steps_basic(eng_t *e)
+{
+    char code[2048];
+    snprintf(code, sizeof code,
+             "from capsule import task, step\n"
+             "LOG = '%s/basic.txt'\n"
+             "@task(name='append')\n"
+             "def append(x):\n"
+             "    with open(LOG, 'a') as f:\n"
+             "        f.write(x + '\\n')\n"
+             "    return x.upper()\n"
+             "@task\n"
+             "def outer(a, b):\n"
+             "    return [append(a), step(len, b)]\n"
+             "[append('a'), outer('b', 'cc'), append('d')]",
+             g_dir);
+    eng_result_t *r = run_ok(e, "s", "basic-1", code);
+    CHECK_STREQ(r->repr, "['A', ['B', 2], 'D']");
+    eng_result_free(r);
+    eng_task_info_t *v;
+    size_t n;
+    CHECK_OK(eng_tasks_list(e, "basic-1", &v, &n));
+    CHECK_EQ(n, 5); /* 1, 2, 2.1, 2.2, 3 */
+    const char *paths[] = {"1", "2", "2.1", "2.2", "3"};
+    const char *names[] = {"append", "outer", "append", "len", "append"};
+    for (size_t i = 0; i < n; i++) {
+        CHECK_STREQ(v[i].path, paths[i]);
+        CHECK_STREQ(v[i].name, names[i]);
+        CHECK_STREQ(v[i].state, "completed");
+        CHECK_EQ(v[i].attempts, 1);
+        CHECK_STREQ(v[i].kind, "step");
+        CHECK(v[i].settled_at >= v[i].created_at);
+    }
+    CHECK_STREQ(v[0].id, "capsule/x/basic-1.1");
+    eng_tasks_free(v, n);
+    CHECK_ERR(eng_tasks_list(e, "no-such-exec", &v, &n), CAP_ENOTFOUND);
+    /* the same id again: the recorded result, nothing re-run */
+    r = run_ok(e, "s", "basic-1", code);
+    CHECK_STREQ(r->repr, "['A', ['B', 2], 'D']");
+    eng_result_free(r);
+    char path[600];
+    snprintf(path, sizeof path, "%s/basic.txt", g_dir);
+    char *t = slurp(path);
+    CHECK_STREQ(t, "a\nb\nd\n");
+    free(t);
+    /* outside a task call the decorated function is still a task object; a plain cell without
+     * tasks is unaffected */
+    etest_expect(e, "s", "append.name, append.max_retries", "('append', 0)");
+}
+
+static void test_retries_and_limits(eng_t *e)
+{
+    char code[2048];
+    /* fails twice, then succeeds: 3 attempts recorded */
+    snprintf(code, sizeof code,
+             "from capsule import task\n"
+             "import os\n"
+             "CNT = '%s/flaky.cnt'\n"
+             "@task(max_retries=2)\n"
+             "def flaky():\n"
+             "    n = int(open(CNT).read()) if os.path.exists(CNT) else 0\n"
+             "    open(CNT, 'w').write(str(n + 1))\n"
+             "    if n < 2:\n"
+             "        raise ValueError(f'attempt {n + 1} fails')\n"
+             "    return n + 1\n"
+             "flaky()",
+             g_dir);
+    eng_result_t *r = run_ok(e, "s", "retry-1", code);
+    CHECK_STREQ(r->repr, "3");
+    eng_result_free(r);
+    eng_task_info_t *v;
+    size_t n;
+    CHECK_OK(eng_tasks_list(e, "retry-1", &v, &n));
+    CHECK_EQ(n, 1);
+    CHECK_STREQ(v[0].state, "completed");
+    CHECK_EQ(v[0].attempts, 3);
+    eng_tasks_free(v, n);
+
+    /* always fails: 1 + max_retries attempts, recorded as failed, raised to the caller */
+    r = etest_run(e, "s", "retry-2",
+                  "from capsule import task\n"
+                  "@task(name='bad', max_retries=1)\n"
+                  "def bad():\n"
+                  "    raise KeyError('nope')\n"
+                  "bad()");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK_STREQ(r->etype, "KeyError");
+    eng_result_free(r);
+    CHECK_OK(eng_tasks_list(e, "retry-2", &v, &n));
+    CHECK_EQ(n, 1);
+    CHECK_STREQ(v[0].state, "failed");
+    CHECK_EQ(v[0].attempts, 2);
+    CHECK_STREQ(v[0].name, "bad");
+    eng_tasks_free(v, n);
+
+    /* a timeout per attempt: a sleeping task is interrupted */
+    double t0 = now_s();
+    r = etest_run(e, "s", "timeout-1",
+                  "from capsule import task\n"
+                  "import time\n"
+                  "@task(timeout='300ms', max_retries=1)\n"
+                  "def slow():\n"
+                  "    time.sleep(20)\n"
+                  "slow()");
+    double took = now_s() - t0;
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK_STREQ(r->etype, "TaskTimeout");
+    CHECK(strstr(r->emsg, "timed out after 0.3 s") != NULL);
+    CHECK(took < 5.0); /* two attempts of 0.3 s and a backoff, not 20 s */
+    eng_result_free(r);
+    CHECK_OK(eng_tasks_list(e, "timeout-1", &v, &n));
+    CHECK_EQ(v[0].attempts, 2);
+    CHECK_STREQ(v[0].state, "failed");
+    eng_tasks_free(v, n);
+
+    /* ram: allocating beyond the task's limit is a MemoryError naming it; the session lives */
+    r = etest_run(e, "s", "ram-1",
+                  "from capsule import task\n"
+                  "@task(ram='32MB')\n"
+                  "def big():\n"
+                  "    return len(bytearray(400_000_000))\n"
+                  "big()");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK_STREQ(r->etype, "MemoryError");
+    CHECK(strstr(r->emsg, "memory limit (ram=32MB) exceeded") != NULL);
+    eng_result_free(r);
+    /* the limit is lifted after the task: the same allocation outside it works */
+    etest_expect(e, "s", "len(bytearray(400_000_000))", "400000000");
+
+    /* unpicklable argument and result: clear errors at the call */
+    r = etest_run(e, "s", "pickle-1",
+                  "from capsule import step\n"
+                  "import threading\n"
+                  "step(lambda l: 1, threading.Lock())");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK_STREQ(r->etype, "TypeError");
+    CHECK(strstr(r->emsg, "arguments cannot be pickled") != NULL);
+    eng_result_free(r);
+    r = etest_run(e, "s", "pickle-2",
+                  "from capsule import task\n"
+                  "import threading\n"
+                  "@task\n"
+                  "def lock():\n"
+                  "    return threading.Lock()\n"
+                  "lock()");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK_STREQ(r->etype, "TypeError");
+    CHECK(strstr(r->emsg, "result cannot be pickled") != NULL);
+    eng_result_free(r);
+    CHECK_OK(eng_tasks_list(e, "pickle-2", &v, &n));
+    CHECK_STREQ(v[0].state, "failed");
+    eng_tasks_free(v, n);
+
+    /* bad options are errors at decoration */
+    r = etest_run(e, "s", NULL, "from capsule import task\n@task(ram='lots')\ndef f(): pass");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK(strstr(r->emsg, "ram: cannot parse 'lots'") != NULL);
+    eng_result_free(r);
+    r = etest_run(e, "s", NULL, "from capsule import task\n@task(timeout='soon')\ndef f(): pass");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK(strstr(r->emsg, "timeout: cannot parse 'soon'") != NULL);
+    eng_result_free(r);
+}
+
+/* ---------- kill -9 ---------- */
+
+/* The child: an embedding program that opens the engine and runs one execution; the parent
+ * kill -9s it. */
+static int child(const char *dir, const char *eid, const char *code)
+{
+    eng_t *e = etest_open(dir, 0);
+    int rc = eng_session_open(e, "wf", NULL, NULL);
+    CHECK(rc == 0 || rc == CAP_EEXIST);
+    eng_result_t *r = etest_run(e, "wf", eid, code);
+    fprintf(stderr, "child: %s ended (status %d) before it was killed\n", eid, r->status);
+    eng_result_free(r);
+    eng_close(e);
+    return 0;
+}
+
+static void wait_file(const char *path, double timeout_s)
+{
+    double t0 = now_s();
+    struct stat st;
+    while (stat(path, &st) != 0) {
+        CHECK(now_s() - t0 < timeout_s);
+        usleep(10000);
+    }
+}
+
+static pid_t spawn_child(const char *self, const char *dir, const char *eid, const char *code)
+{
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        execl(self, self, "child", dir, eid, code, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+static void kill_child(pid_t pid)
+{
+    CHECK(kill(pid, SIGKILL) == 0);
+    int st;
+    CHECK(waitpid(pid, &st, 0) == pid);
+    CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+    usleep(100000);
+    while (waitpid(-1, NULL, WNOHANG) > 0) /* workers reparented to us (subreaper) */
+        ;
+}
+
+static void test_kill9_workflow(const char *self)
+{
+    char dir[600], log[700], mark[700], code[4096];
+    snprintf(dir, sizeof dir, "%s/wf", g_dir);
+    CHECK(mkdir(dir, 0700) == 0);
+    snprintf(log, sizeof log, "%s/steps.txt", g_dir);
+    snprintf(mark, sizeof mark, "%s/in-step3", g_dir);
+    /* step 3 blocks the first time (the parent kills the engine then); the re-run finds the
+     * marker and completes */
+    snprintf(code, sizeof code,
+             "from capsule import task\n"
+             "import os, time\n"
+             "LOG, MARK = '%s', '%s'\n"
+             "def note(s):\n"
+             "    with open(LOG, 'a') as f:\n"
+             "        f.write(s + '\\n')\n"
+             "@task\n"
+             "def step1():\n"
+             "    note('step1')\n"
+             "    return 1\n"
+             "@task\n"
+             "def step2(x):\n"
+             "    note('step2')\n"
+             "    return x + 1\n"
+             "@task\n"
+             "def step3(x):\n"
+             "    note('step3-start')\n"
+             "    if not os.path.exists(MARK):\n"
+             "        open(MARK, 'w').close()\n"
+             "        time.sleep(60)\n"
+             "    note('step3')\n"
+             "    return x + 1\n"
+             "@task(name='main')\n"
+             "def main():\n"
+             "    return [step1(), step2(1), step3(2)]\n"
+             "main()",
+             log, mark);
+    pid_t pid = spawn_child(self, dir, "wf-run-1", code);
+    wait_file(mark, 60);
+    usleep(50000);
+    kill_child(pid);
+    char *t = slurp(log);
+    CHECK_STREQ(t, "step1\nstep2\nstep3-start\n");
+    free(t);
+
+    /* restart: recovery re-runs the execution; attaching by id gets its result */
+    eng_t *e = etest_open(dir, 0);
+    eng_result_t *r = run_ok(e, "wf", "wf-run-1", code);
+    CHECK_STREQ(r->repr, "[1, 2, 3]");
+    CHECK(r->restarted);
+    eng_result_free(r);
+    t = slurp(log);
+    CHECK_EQ(count_lines(t, "step1"), 1);
+    CHECK_EQ(count_lines(t, "step2"), 1);
+    CHECK_EQ(count_lines(t, "step3-start"), 2); /* the step in flight ran again (at least once) */
+    CHECK_EQ(count_lines(t, "step3"), 1);
+    free(t);
+    eng_task_info_t *v;
+    size_t n;
+    CHECK_OK(eng_tasks_list(e, "wf-run-1", &v, &n));
+    CHECK_EQ(n, 4);
+    CHECK_STREQ(v[0].name, "main");
+    CHECK_STREQ(find_task(v, n, "1.3")->name, "step3");
+    for (size_t i = 0; i < n; i++)
+        CHECK_STREQ(v[i].state, "completed");
+    eng_tasks_free(v, n);
+    eng_close(e);
+}
+
+static void test_kill9_sleep(const char *self)
+{
+    char dir[600], mark[700], code[2048];
+    snprintf(dir, sizeof dir, "%s/sl", g_dir);
+    CHECK(mkdir(dir, 0700) == 0);
+    snprintf(mark, sizeof mark, "%s/sleeping", g_dir);
+    snprintf(code, sizeof code,
+             "import capsule, time\n"
+             "t0 = time.time()\n"
+             "capsule.sleep(0.05)\n"
+             "open('%s', 'a').close()\n"
+             "capsule.sleep(3)\n"
+             "'woke'",
+             mark);
+    double t0 = now_s();
+    pid_t pid = spawn_child(self, dir, "sl-1", code);
+    wait_file(mark, 60);
+    usleep(300000);
+    kill_child(pid);
+    double t_restart = now_s();
+    eng_t *e = etest_open(dir, 0);
+    eng_result_t *r = run_ok(e, "wf", "sl-1", code);
+    double t_end = now_s();
+    CHECK_STREQ(r->repr, "'woke'");
+    eng_result_free(r);
+    fprintf(stderr, "sleep: total %.2f s, after the restart %.2f s\n", t_end - t0,
+            t_end - t_restart);
+    CHECK(t_end - t0 >= 3.0);             /* the deadline held */
+    CHECK(t_end - t_restart < 3.0 - 0.2); /* and only the remainder was waited for */
+    eng_task_info_t *v;
+    size_t n;
+    CHECK_OK(eng_tasks_list(e, "sl-1", &v, &n));
+    CHECK_EQ(n, 2);
+    CHECK_STREQ(v[1].kind, "sleep");
+    CHECK_STREQ(v[1].state, "completed");
+    CHECK(v[1].timeout_at - v[1].created_at == 3000);
+    eng_tasks_free(v, n);
+    eng_close(e);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 5 && strcmp(argv[1], "child") == 0)
+        return child(argv[2], argv[3], argv[4]);
+    char self[4096];
+    ssize_t sl = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    CHECK(sl > 0);
+    self[sl] = 0;
+    char *dir = check_tmpdir("eng-steps");
+    snprintf(g_dir, sizeof g_dir, "%s", dir);
+    char edir[600];
+    snprintf(edir, sizeof edir, "%s/e", dir);
+    CHECK(mkdir(edir, 0700) == 0);
+    eng_t *e = etest_open(edir, 0);
+    CHECK_OK(eng_session_open(e, "s", NULL, NULL));
+    test_steps_basic(e);
+    test_retries_and_limits(e);
+    eng_close(e);
+    test_kill9_workflow(self);
+    test_kill9_sleep(self);
+    check_rmtree(dir);
+    free(dir);
+    fprintf(stderr, "steps: ok\n");
+    return 0;
+}
