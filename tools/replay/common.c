@@ -94,7 +94,7 @@ int rp_walk(rp_ctx_t *c, int t, const void *from, size_t from_len, rp_walk_fn fn
                 rc = store_cursor_get(cur, &k, &v, STORE_SET_RANGE);
                 if (rc == 0 && k.len == last_len && memcmp(k.data, last, last_len) == 0)
                     rc = store_cursor_get(cur, &k, &v, STORE_NEXT);
-            } else if (from) {
+            } else if (from && from_len) {
                 k = (store_val_t){(void *)from, from_len};
                 rc = store_cursor_get(cur, &k, &v, STORE_SET_RANGE);
             } else {

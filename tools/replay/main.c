@@ -10,7 +10,8 @@ static const struct {
     const char *name;
     int (*fn)(int argc, char **argv);
 } cmds[] = {
-    {"verify", rp_cmd_verify},
+    {"verify", rp_cmd_verify},   {"export", rp_cmd_export}, {"sessions", rp_cmd_list},
+    {"executions", rp_cmd_list}, {"promises", rp_cmd_list},
 };
 
 int main(int argc, char **argv)
