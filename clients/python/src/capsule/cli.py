@@ -459,6 +459,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _dispatch(cmd: str, rest: list[str]) -> int:
+    if cmd == "run" and "-c" not in rest:  # a file's main task (capsule/run.py)
+        from .run import main_run
+
+        return main_run(rest)
     if cmd == "run":
         p = _exec_parser("capsule run")
         args = p.parse_args(rest)

@@ -284,7 +284,11 @@ class Task:
     def __call__(self, *args, **kwargs):
         if not _durable():
             return self.fn(*args, **kwargs)
-        return _run_step(self, args, kwargs)
+        top = _level.get() is None
+        result = _run_step(self, args, kwargs)
+        if top:  # `capsule run` calls main only if the file did not
+            self._top_call = (_capsule.exec_id(), result)
+        return result
 
     def _attempt(self, args, kwargs):
         with _Ram(self.ram, self.name, self.ram_text), _Alarm(self.timeout, self.name):
@@ -347,6 +351,27 @@ def _run_step(t, args, kwargs):
         raise err from None
     _call(_PO_SETTLE, path, attempts, _PS_RESOLVED, blob)
     return result
+
+
+def _run_main(ns, name, argv):
+    """``capsule run``'s last line: sets ``sys.argv`` and calls the task `name` of the file's
+    namespace ``ns`` (a Task with that name, else a function of that name), unless the file
+    already called it at its top level in this execution. Returns its result."""
+    import sys
+
+    sys.argv = list(argv)
+    found = [v for v in ns.values() if isinstance(v, Task) and v.name == name]
+    if not found and callable(ns.get(name)):
+        found = [ns[name]]
+    if not found:
+        names = sorted({v.name for v in ns.values() if isinstance(v, Task)})
+        have = f" (its tasks: {', '.join(names)})" if names else " (it defines no @task)"
+        raise LookupError(f"capsule run: no task named {name!r} in {argv[0]}{have}")
+    t = found[0]
+    done = getattr(t, "_top_call", None)
+    if _capsule is not None and done is not None and done[0] == _capsule.exec_id():
+        return done[1]
+    return t()
 
 
 def sleep(seconds):

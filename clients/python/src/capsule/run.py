@@ -1,0 +1,120 @@
+"""``capsule run FILE [ARGS...]``: run a file's ``main`` task durably (issue 9).
+
+The run is one execution ``<run id>`` in a fresh session ``run-<run id>``: the file's source,
+then a last line that sets ``sys.argv`` and calls the task named ``main`` (``--task NAME``) unless
+the file already called it at its top level. Inside the session ``capsule`` is the worker's task
+module, so every task call in the run is a durable step. Output is streamed, ``input()`` is
+answered from the terminal, the result is printed (a string as is, anything else as its repr);
+exit status 0 on success, 1 when the run raised, 3 when the engine could not be used.
+
+The run id is printed on stderr first. ``capsule run --resume ID`` (or ``capsule run FILE --id
+ID``) attaches to that run: a finished run gives its recorded result; a run interrupted by an
+engine crash is re-run by the engine on restart, and its finished steps return their recorded
+values instead of running again. The session is closed once the run has finished.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from typing import Optional
+
+from .errors import NotFoundError
+from .session import Session, _Api, resolve_url
+from .types import ExecutionResult
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="capsule run",
+        description="Run a Python file's main task as a durable workflow (or -c CODE).")
+    p.add_argument("--url", default=None, help="server URL (default CAPSULE_URL, else the "
+                   "embedded engine)")
+    p.add_argument("--token", default=None, help="bearer token (default CAPSULE_TOKEN)")
+    p.add_argument("--task", default="main", metavar="NAME", help="the task to call (main)")
+    p.add_argument("--id", default=None, metavar="ID",
+                   help="the run id (a known id resumes that run)")
+    p.add_argument("--resume", default=None, metavar="ID", help="resume (or show) run ID")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("file", nargs="?", help="the Python file")
+    p.add_argument("args", nargs="*", help="arguments (sys.argv[1:] of the run)")
+    return p
+
+
+def run_source(source: str, file: str, task: str, args: list[str]) -> str:
+    """The execution's code: the file, then the call of its task (the last expression, so the
+    result's value is the task's)."""
+    if not source.endswith("\n"):
+        source += "\n"
+    argv = json.dumps([file] + list(args))
+    return source + f"__import__('capsule')._run_main(globals(), {task!r}, {argv})\n"
+
+
+def _print_result(value: object, repr_: Optional[str]) -> None:
+    if isinstance(value, str):
+        print(value)
+    elif repr_ is not None and repr_ != "None":
+        print(repr_)
+    sys.stdout.flush()
+
+
+async def cmd_run(a: argparse.Namespace) -> int:
+    from .cli import run_code  # the CLI's streaming loop (output, input(), Ctrl-C)
+
+    rid = a.resume or a.id or "r-" + uuid.uuid4().hex[:16]
+    known = None
+    if a.resume or a.id:
+        api = _Api(await resolve_url(a.url), a.token, 10.0)
+        try:
+            known = ExecutionResult.from_json(await api.call("GET", f"/executions/{rid}"))
+        except NotFoundError:
+            if a.resume:
+                sys.stderr.write(f"capsule: no run {rid}\n")
+                return 3
+        finally:
+            await api.close()
+    if known is not None and known.finished:  # its record: output, then result or error
+        sys.stderr.write(f"capsule: run {rid} finished before: its recorded result\n")
+        sys.stdout.write(known.output)
+        if known.ok:
+            _print_result(known.value, known.repr)
+            return 0
+        err = known.error or {}
+        sys.stderr.write(err.get("traceback") or f"{err.get('type')}: {err.get('message')}\n")
+        return 1
+    if known is not None:
+        code = "pass"  # a known id: the engine attaches to the run (its code is recorded)
+    else:
+        try:
+            with open(a.file, encoding="utf-8") as f:
+                source = f.read()
+        except OSError as e:
+            sys.stderr.write(f"capsule run: cannot read {a.file}: {e.strerror}\n")
+            return 2
+        code = run_source(source, a.file, a.task, a.args)
+    sys.stderr.write(f"capsule: run {rid} (resume: capsule run --resume {rid})\n")
+    sys.stderr.flush()
+    s = Session(a.url, token=a.token, session_id=f"run-{rid}", keep=True, dedent=False)
+    await s.start()
+    finished = False
+    try:
+        status = await run_code(s, code, execution_id=rid, progress=not a.no_progress)
+        r = await s.get_execution(rid)
+        finished = r.finished
+        if r.ok:
+            _print_result(r.value, r.repr)
+        return status
+    finally:
+        await s.close(delete=finished)
+
+
+def main_run(rest: list[str]) -> int:
+    p = run_parser()
+    a, extra = p.parse_known_args(rest)  # options the run does not know are the file's
+    a.args += extra
+    if not a.resume and not a.file:
+        p.error("capsule run needs FILE (or --resume ID, or -c CODE)")
+    if a.resume and a.file:
+        p.error("give either --resume ID or FILE")
+    return asyncio.run(cmd_run(a))
