@@ -19,7 +19,8 @@ DEBS=(build-essential cmake ninja-build pkg-config git
       libpython3.11-dev python3.11 python3.11-venv
       libjansson-dev libwslay-dev libhttp-parser-dev libssl-dev libsqlite3-dev
       clang-format curl procps python3-websockets python3-ipykernel python3-jupyter-client
-      python3-numpy)  # numpy: the seed pool example warms workers with "import numpy as np"
+      python3-numpy   # numpy: the seed pool example warms workers with "import numpy as np"
+      python3-matplotlib)  # bench/run's plots (latency CDF, recovery curve)
 
 log() { printf '== %s\n' "$*" >&2; }
 

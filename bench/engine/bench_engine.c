@@ -14,7 +14,8 @@
  *   6. a CPU-bound cell in a session vs the same code in /usr/bin/python3.11 (median of 5).
  *
  * Human table on stderr; one JSON object per figure on stdout (bench, metric, value, unit, peer,
- * peer_value, ratio, goal, met). Usage: bench_engine [--quick] [--dir DIR].
+ * peer_value, ratio, goal, met). Usage: bench_engine [--quick] [--dir DIR] [--only PART]
+ * [--rec-execs N]; --rec-execs runs only 5. on a log of N executions (bench/run's recovery curve).
  */
 #include <dirent.h>
 #include <pthread.h>
@@ -435,12 +436,13 @@ static void bench_memory(void)
 }
 
 /* ---- 5. recovery ---- */
-static void bench_recovery(uint32_t ckpt_every)
+/* S sessions x E executions; metric names end with suffix ("" for the standard size) */
+static void bench_recovery(uint32_t ckpt_every, int S, int E, const char *suffix)
 {
     g_checkpoint_every = ckpt_every;
     char d[1100];
     fresh_dir(d, sizeof(d), "rec");
-    int S = quick ? 100 : 1000, E = quick ? 10 : 50, wave = 50;
+    int wave = 50;
     eng_t *e = open_engine(d, 1, 8, (uint32_t)S + 8);
     uint64_t t0 = cap_now_ns();
     driver_t *dr = calloc((size_t)wave, sizeof(*dr));
@@ -508,9 +510,9 @@ static void bench_recovery(uint32_t ckpt_every)
             first_ms);
     fprintf(stderr, "%34s | %10.1f ms\n", "next execution (warm)", warm_ms);
     char m[64];
-    snprintf(m, sizeof(m), "recovery_until_serving_ms%s", ckpt_every ? "_ckpt" : "");
+    snprintf(m, sizeof(m), "recovery_until_serving_ms%s%s", ckpt_every ? "_ckpt" : "", suffix);
     bench_emit(m, serving_ms, "ms", NULL, 0, 1000, 1);
-    snprintf(m, sizeof(m), "recovery_first_answer_ms%s", ckpt_every ? "_ckpt" : "");
+    snprintf(m, sizeof(m), "recovery_first_answer_ms%s%s", ckpt_every ? "_ckpt" : "", suffix);
     bench_emit(m, first_ms, "ms", "warm_execution_ms", warm_ms, 50, 1);
     g_checkpoint_every = 0;
     eng_close(e);
@@ -571,15 +573,26 @@ int main(int argc, char **argv)
     const char *t = getenv("TMPDIR");
     snprintf(base_dir, sizeof(base_dir), "%s", t && *t ? t : "/tmp");
     const char *only = NULL;
+    long rec_execs = 0;
     for (int i = 1; i < argc; i++) {
+        char *end = NULL;
         if (strcmp(argv[i], "--quick") == 0)
             quick = 1;
-        else if (strcmp(argv[i], "--dir") == 0 && i + 1 < argc)
+        else if (strcmp(argv[i], "--rec-execs") == 0 && i + 1 < argc) {
+            rec_execs = strtol(argv[++i], &end, 10);
+            if (*end || rec_execs < 10 || rec_execs > 1000000) {
+                fprintf(stderr, "%s: --rec-execs wants a count of executions, 10 to 1000000\n",
+                        argv[0]);
+                return 2;
+            }
+        } else if (strcmp(argv[i], "--dir") == 0 && i + 1 < argc)
             snprintf(base_dir, sizeof(base_dir), "%s", argv[++i]);
         else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc)
             only = argv[++i];
         else {
-            fprintf(stderr, "usage: %s [--quick] [--dir DIR] [--only lat|tp|acq|mem|rec|cpu]\n",
+            fprintf(stderr,
+                    "usage: %s [--quick] [--dir DIR] [--only lat|tp|acq|mem|rec|cpu] "
+                    "[--rec-execs N]\n",
                     argv[0]);
             return 2;
         }
@@ -587,6 +600,13 @@ int main(int argc, char **argv)
     cap_log_set_level(CAP_LOG_WARN);
     bench_begin("engine");
     fprintf(stderr, "bench_engine%s: databases under %s\n", quick ? " --quick" : "", base_dir);
+    if (rec_execs) { /* one point of bench/run's recovery curve: N executions in all */
+        int E = rec_execs >= 500 ? 50 : 10;
+        char suffix[32];
+        snprintf(suffix, sizeof(suffix), "_at_%ld", rec_execs);
+        bench_recovery(0, (int)((rec_execs + E - 1) / E), E, suffix);
+        return 0;
+    }
     if (!only || strcmp(only, "lat") == 0) {
         bench_latency(0);
         bench_latency(1);
@@ -600,8 +620,9 @@ int main(int argc, char **argv)
     if (!only || strcmp(only, "cpu") == 0)
         bench_cpu();
     if (!only || strcmp(only, "rec") == 0) {
-        bench_recovery(0);              /* every delta replayed */
-        bench_recovery(quick ? 4 : 20); /* with automatic checkpoints */
+        int S = quick ? 100 : 1000, E = quick ? 10 : 50;
+        bench_recovery(0, S, E, "");              /* every delta replayed */
+        bench_recovery(quick ? 4 : 20, S, E, ""); /* with automatic checkpoints */
     }
     if (!only || strcmp(only, "mem") == 0)
         bench_memory();
