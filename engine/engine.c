@@ -1329,6 +1329,8 @@ static void do_execute(eng_t *e, eng_msg_t *m)
     if (x) {
         /* the same id again: attach to the running execution */
         exec_listen(x, &c->cb, c->arg);
+        if (c->cb.on_accepted)
+            c->cb.on_accepted(c->arg, x->eid);
         if (x->restarted && c->cb.on_restarted)
             c->cb.on_restarted(c->arg, x->eid);
         /* what this run printed before the listener came, as one chunk (stream 0), so the
@@ -1361,6 +1363,8 @@ static void do_execute(eng_t *e, eng_msg_t *m)
     xmap_put(e, x);
     queue_push(s, x);
     stats_add(e, (eng_stats_t){.queued = 1});
+    if (c->cb.on_accepted)
+        c->cb.on_accepted(c->arg, x->eid);
     /* 1. the request is durable before the worker sees it */
     char *pid = exec_pid(x->eid);
     job_t *j = job_new(J_CREATE, pid, exec_create_done);
@@ -1889,6 +1893,11 @@ void eng_stats(eng_t *e, eng_stats_t *out)
     out->zygote_pid = e->zy ? pyw_zygote_pid(e->zy) : 0;
     pthread_mutex_unlock(&e->mu);
     out->wal_records = ws.records;
+}
+
+void eng_wal_stats(eng_t *e, wal_stats_t *out)
+{
+    wal_log_stats(e->wal, out);
 }
 
 /* ---------- open / close ---------- */

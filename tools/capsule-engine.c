@@ -28,6 +28,7 @@
 #include "capsule.h"
 #include "cap.h"
 #include "srv.h"
+#include "wal.h"
 
 #define ID_MAX  128
 #define NBUCKET 1024
@@ -142,13 +143,13 @@ static int opt_u32(int i, uint32_t *out)
 typedef struct xs xs_t;
 typedef struct wsc wsc_t;
 
-enum { SUB_WS, SUB_WAIT, SUB_STREAM };
+enum { SUB_WS, SUB_WAIT, SUB_STREAM, SUB_ACCEPT }; /* SUB_ACCEPT: wait=false, until taken */
 
 typedef struct sub {
     int kind;
     xs_t *x;
     wsc_t *wc;        /* SUB_WS */
-    srv_req_t *req;   /* SUB_WAIT / SUB_STREAM */
+    srv_req_t *req;   /* SUB_WAIT / SUB_STREAM / SUB_ACCEPT */
     struct sub *next; /* in x->subs */
 } sub_t;
 
@@ -161,6 +162,7 @@ struct xs {
     size_t out_len;
     uint64_t seq;
     int in_wait, password;
+    int accepted; /* the engine took it (on_accepted) */
     char *prompt;
     json_t *inputs; /* REST: replies to give in order (array), or NULL */
     size_t next_input;
@@ -464,6 +466,29 @@ static void on_input(void *arg, const char *eid, const char *prompt, int passwor
     json_decref(ev);
 }
 
+static void reply_accepted(srv_req_t *req, xs_t *x)
+{
+    srv_reply_json(
+        req, 202,
+        json_pack("{s:s,s:s,s:s}", "id", x->ceid, "session", x->csid, "status", "accepted"));
+}
+
+/* The engine queued it (or attached): a wait=false request gets its 202 now. */
+static void on_accepted(void *arg, const char *eid)
+{
+    (void)eid;
+    xs_t *x = arg;
+    x->accepted = 1;
+    for (sub_t *s = x->subs, *next; s; s = next) {
+        next = s->next;
+        if (s->kind == SUB_ACCEPT) {
+            srv_req_on_abort(s->req, NULL, NULL);
+            reply_accepted(s->req, x);
+            sub_remove(x, s);
+        }
+    }
+}
+
 static void on_restarted(void *arg, const char *eid)
 {
     (void)eid;
@@ -505,6 +530,9 @@ static void on_done(void *arg, const eng_result_t *r)
             srv_req_on_abort(s->req, NULL, NULL);
             srv_stream_send(s->req, json_incref(ev), "result", id);
             srv_stream_end(s->req);
+        } else if (s->kind == SUB_ACCEPT && r->status != ENG_ST_REFUSED) {
+            srv_req_on_abort(s->req, NULL, NULL);
+            reply_accepted(s->req, x); /* a finished id: its recorded result is there */
         } else {
             srv_req_on_abort(s->req, NULL, NULL);
             int st = 200;
@@ -527,7 +555,7 @@ static void on_done(void *arg, const eng_result_t *r)
     xs_free(x);
 }
 
-static const eng_exec_cb_t exec_cb = {on_output, on_input, on_restarted, on_done};
+static const eng_exec_cb_t exec_cb = {on_output, on_input, on_restarted, on_done, on_accepted};
 
 static sub_t *sub_add(xs_t *x, int kind)
 {
@@ -705,8 +733,10 @@ static void bjob_done(uv_work_t *w, int status)
             srv_reply_error(req, 429, "too_many_sessions", "the server's session limit is reached");
         else if (j->rc == CAP_EINVAL)
             srv_reply_error(req, 400, "invalid_request", "%s",
-                            j->b ? "ordinal beyond the source session's history"
-                                 : "invalid session options");
+                            !j->b ? "invalid session options"
+                            : strcmp(j->a, j->b) == 0
+                                ? "fork_of must name another session"
+                                : "ordinal beyond the source session's history");
         else
             srv_reply_error(req, 503, "engine_error", "%s", cap_strerror(j->rc));
         break;
@@ -1087,12 +1117,12 @@ static void h_execute(srv_req_t *req, void *arg)
                         cap_strerror(err));
         goto out;
     }
-    if (!wait) {
-        srv_reply_json(req, 202,
-                       json_pack("{s:s,s:s,s:s}", "id", eid, "session", sid, "status", "accepted"));
+    if (!wait && x->accepted) {
+        reply_accepted(req, x);
         goto out;
     }
-    sub_t *s = sub_add(x, kind ? SUB_STREAM : SUB_WAIT);
+    /* wait=false: 202 once the engine has taken it (a full queue is 429, as for a waited one) */
+    sub_t *s = sub_add(x, !wait ? SUB_ACCEPT : kind ? SUB_STREAM : SUB_WAIT);
     s->req = req;
     srv_req_on_abort(req, req_abort_sub, s);
     if (kind) {
@@ -1207,53 +1237,90 @@ static void h_pool(srv_req_t *req, void *arg)
                   "worker_deaths", (json_int_t)st.worker_deaths));
 }
 
+/* One Prometheus histogram: nb bounds, nb + 1 per-bucket counts (the last: above every bound),
+ * appended to b at *n (never past cap). Returns the count. */
+static uint64_t prom_hist(char *b, size_t cap, size_t *n, const char *name, const char *help,
+                          const double *le, size_t nb, const uint64_t *counts, double sum)
+{
+#define PH(...)                                                                                    \
+    *n += (size_t)snprintf(b + (*n < cap ? *n : cap), *n < cap ? cap - *n : 0, __VA_ARGS__)
+    PH("# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    uint64_t cum = 0;
+    for (size_t i = 0; i <= nb; i++) {
+        cum += counts[i];
+        if (i < nb)
+            PH("%s_bucket{le=\"%g\"} %llu\n", name, le[i], (unsigned long long)cum);
+    }
+    PH("%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name, (unsigned long long)cum,
+       name, sum, name, (unsigned long long)cum);
+#undef PH
+    return cum;
+}
+
 static void h_metrics(srv_req_t *req, void *arg)
 {
     (void)arg;
     eng_stats_t es;
     srv_stats_t hs;
+    wal_stats_t ws;
     eng_stats(G.eng, &es);
+    eng_wal_stats(G.eng, &ws);
     srv_server_stats(G.srv, &hs);
-    size_t cap = 8192, n = 0;
+    size_t cap = 32768, n = 0;
     char *b = cap_malloc(cap);
-#define P(...) n += (size_t)snprintf(b + n, cap - n, __VA_ARGS__)
-    P("# HELP capsule_sessions_open Open sessions.\n# TYPE capsule_sessions_open gauge\n"
-      "capsule_sessions_open %u\n",
-      es.sessions);
-    P("# HELP capsule_sessions_restored Sessions restored since start.\n"
-      "# TYPE capsule_sessions_restored gauge\ncapsule_sessions_restored %u\n",
-      es.restored);
-    P("# HELP capsule_pool_idle_workers Pre-warmed idle workers.\n"
-      "# TYPE capsule_pool_idle_workers gauge\ncapsule_pool_idle_workers %u\n",
-      es.pool_idle);
-    P("# TYPE capsule_executions_running gauge\ncapsule_executions_running %u\n", es.running);
-    P("# TYPE capsule_executions_queued gauge\ncapsule_executions_queued %u\n", es.queued);
-    P("# HELP capsule_engine_executions_total Executions run by the engine.\n"
-      "# TYPE capsule_engine_executions_total counter\ncapsule_engine_executions_total %llu\n",
-      (unsigned long long)es.executions);
-    P("# HELP capsule_recovered_executions_total Executions re-run after a crash.\n"
-      "# TYPE capsule_recovered_executions_total counter\n"
-      "capsule_recovered_executions_total %llu\n",
-      (unsigned long long)es.recovered_execs);
-    P("# TYPE capsule_worker_deaths_total counter\ncapsule_worker_deaths_total %llu\n",
-      (unsigned long long)es.worker_deaths);
+/* never past the end: once full, the rest is measured, not written (and cut below) */
+#define P(...) n += (size_t)snprintf(b + (n < cap ? n : cap), n < cap ? cap - n : 0, __VA_ARGS__)
+    /* the single-valued series: name, type, help (may be ""), value */
+    const struct {
+        const char *name, *type, *help;
+        double v;
+    } one[] = {
+        {"capsule_sessions_open", "gauge", "Open sessions.", es.sessions},
+        {"capsule_sessions_restored", "gauge", "Sessions restored since start.", es.restored},
+        {"capsule_pool_idle_workers", "gauge", "Pre-warmed idle workers.", es.pool_idle},
+        {"capsule_executions_running", "gauge", "", es.running},
+        {"capsule_executions_queued", "gauge", "", es.queued},
+        {"capsule_engine_executions_total", "counter", "Executions run by the engine.",
+         (double)es.executions},
+        {"capsule_recovered_executions_total", "counter", "Executions re-run after a crash.",
+         (double)es.recovered_execs},
+        {"capsule_worker_deaths_total", "counter",
+         "Workers that died (killed, crashed, over a limit).", (double)es.worker_deaths},
+        {"capsule_checkpoints_total", "counter", "", (double)es.checkpoints},
+        {"capsule_zygote_restarts_total", "counter", "", (double)es.zygote_restarts},
+        {"capsule_wal_commits_total", "counter", "Log transactions committed since start.",
+         (double)ws.commits},
+        {"capsule_wal_records_total", "counter", "", (double)ws.records},
+        {"capsule_wal_bytes_total", "counter", "", (double)ws.bytes},
+        {"capsule_wal_pending_records", "gauge", "", (double)ws.pending},
+        {"capsule_wal_fsyncs_total", "counter",
+         "Explicit fsyncs of the log (nosync durability's background sync).", (double)ws.syncs},
+        {"capsule_wal_fsync_seconds_total", "counter", "", (double)ws.sync_ns / 1e9},
+    };
+    for (size_t i = 0; i < sizeof(one) / sizeof(one[0]); i++) {
+        if (*one[i].help)
+            P("# HELP %s %s\n", one[i].name, one[i].help);
+        P("# TYPE %s %s\n%s %.17g\n", one[i].name, one[i].type, one[i].name, one[i].v);
+    }
+    double le[WAL_HIST_N - 1], le_s[WAL_HIST_N - 1];
+    for (size_t i = 0; i < WAL_HIST_N - 1; i++) {
+        le[i] = wal_batch_bounds[i];
+        le_s[i] = wal_commit_bounds_us[i] / 1e6;
+    }
+    prom_hist(b, cap, &n, "capsule_wal_batch_records",
+              "Records per log commit (group commit size).", le, WAL_HIST_N - 1, ws.batch_hist,
+              (double)ws.records);
+    prom_hist(b, cap, &n, "capsule_wal_commit_seconds",
+              "Time of one log commit transaction (with its fsync under sync durability).", le_s,
+              WAL_HIST_N - 1, ws.commit_hist, (double)ws.commit_ns / 1e9);
     P("# HELP capsule_executions_total Executions finished through this server, by status.\n"
       "# TYPE capsule_executions_total counter\n");
     for (int i = 0; i < 6; i++)
         P("capsule_executions_total{status=\"%s\"} %llu\n", status_name((eng_status_t)i),
           (unsigned long long)G.ex_status[i]);
-    P("# HELP capsule_execution_seconds Submit to durable result, as seen by the server.\n"
-      "# TYPE capsule_execution_seconds histogram\n");
-    uint64_t cum = 0;
-    for (size_t i = 0; i < NHIST; i++) {
-        cum += G.hist[i];
-        P("capsule_execution_seconds_bucket{le=\"%g\"} %llu\n", hist_bounds[i],
-          (unsigned long long)cum);
-    }
-    cum += G.hist[NHIST];
-    P("capsule_execution_seconds_bucket{le=\"+Inf\"} %llu\n", (unsigned long long)cum);
-    P("capsule_execution_seconds_sum %.6f\ncapsule_execution_seconds_count %llu\n", G.hist_sum,
-      (unsigned long long)G.hist_n);
+    prom_hist(b, cap, &n, "capsule_execution_seconds",
+              "Submit to durable result, as seen by the server.", hist_bounds, NHIST, G.hist,
+              G.hist_sum);
     P("# TYPE capsule_http_connections_open gauge\ncapsule_http_connections_open %u\n",
       hs.conns_open);
     P("# TYPE capsule_http_connections_rejected_total counter\n"

@@ -525,14 +525,31 @@ static int wal__trunc_fn(store_txn_t *txn, void *arg)
     return store_put(txn, log->dbs.meta, hk, hv, 0);
 }
 
+const uint32_t wal_batch_bounds[WAL_HIST_N - 1] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
+const uint32_t wal_commit_bounds_us[WAL_HIST_N - 1] = {50,   100,   250,   500,   1000,  2500,
+                                                       5000, 10000, 25000, 50000, 100000};
+
+static size_t wal__bucket(const uint32_t *bounds, uint64_t v)
+{
+    size_t i = 0;
+    while (i < WAL_HIST_N - 1 && v > bounds[i])
+        i++;
+    return i;
+}
+
 static void wal__sync(wal_log_t *log)
 {
+    uint64_t t0 = cap_now_ns();
     int rc = store_env_sync(log->env);
     if (rc)
         cap_fatal("wal", "%s: fsync failed: %s; the log cannot promise durability, stopping",
                   store_env_path(log->env), cap_strerror(rc));
     log->dirty = 0;
     log->last_sync_ns = cap_now_ns();
+    pthread_mutex_lock(&log->mu);
+    log->st.syncs++;
+    log->st.sync_ns += log->last_sync_ns - t0;
+    pthread_mutex_unlock(&log->mu);
 }
 
 /* Called with mu held; returns with mu held. */
@@ -553,7 +570,9 @@ static void wal__run_batch(wal_log_t *log)
     pthread_mutex_unlock(&log->mu);
 
     struct wal_batch b = {log, head};
+    uint64_t t0 = cap_now_ns();
     int rc = store_env_write(log->env, wal__batch_fn, &b);
+    uint64_t took = cap_now_ns() - t0;
     if (rc)
         cap_fatal("wal", "%s: committing %zu record(s) from seq %llu failed: %s (%d)",
                   store_env_path(log->env), recs, (unsigned long long)head->first_seq,
@@ -572,6 +591,9 @@ static void wal__run_batch(wal_log_t *log)
     log->st.bytes += bytes;
     if (recs > log->st.max_batch)
         log->st.max_batch = recs;
+    log->st.batch_hist[wal__bucket(wal_batch_bounds, recs)]++;
+    log->st.commit_hist[wal__bucket(wal_commit_bounds_us, took / 1000)]++;
+    log->st.commit_ns += took;
     log->st.pending -= recs;
     pthread_mutex_unlock(&log->mu);
     log->last_activity_ns = cap_now_ns();

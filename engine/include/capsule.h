@@ -151,6 +151,10 @@ typedef struct eng_exec_cb {
     void (*on_restarted)(void *arg, const char *eid);
     /* Exactly once: the execution finished and its result is durable (or it was refused). */
     void (*on_done)(void *arg, const eng_result_t *r);
+    /* The engine took the execution: queued (not refused), or attached to the running one.
+     * Comes before any other callback of this listener; not called when on_done answers at once
+     * (a refusal, or the recorded result of a finished id). */
+    void (*on_accepted)(void *arg, const char *eid);
 } eng_exec_cb_t;
 
 typedef struct eng_exec_req {
@@ -229,6 +233,10 @@ typedef struct eng_stats {
     int zygote_pid;
 } eng_stats_t;
 void eng_stats(eng_t *e, eng_stats_t *out); /* any thread; a consistent-enough snapshot */
+/* The shared log's statistics (wal.h's wal_log_stats: commits, records, batch-size and
+ * commit-time histograms, fsync time). Any thread. */
+struct wal_stats;
+void eng_wal_stats(eng_t *e, struct wal_stats *out);
 
 #ifdef __cplusplus
 }

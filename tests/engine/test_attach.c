@@ -7,7 +7,8 @@
  *       (recovery re-runs the execution at once) and attaches only after the re-run has printed
  *       some lines: the case of a client re-attaching after a server restart (issues 5-7: the
  *       server's offsets were shifted by the output printed before the attach).
- * In both, the listener's bytes must equal the durable result's output.
+ * In both, the listener's bytes must equal the durable result's output. Also: on_accepted comes
+ * first and once for a taken execution, never for a refused one.
  */
 #include <poll.h>
 #include <pthread.h>
@@ -32,7 +33,7 @@ typedef struct lis {
     pthread_cond_t cv;
     char out[4096];
     size_t len;
-    int chunks, replays, restarted, done;
+    int chunks, replays, restarted, done, accepted;
     int status, r_restarted; /* of the result */
     char *repr, *output;
 } lis_t;
@@ -60,6 +61,16 @@ static void l_output(void *arg, const char *eid, int stream, const char *d, size
     l->out[l->len] = 0;
     l->chunks++;
     pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+}
+
+static void l_accepted(void *arg, const char *eid)
+{
+    (void)eid;
+    lis_t *l = arg;
+    pthread_mutex_lock(&l->mu);
+    CHECK(l->chunks == 0 && !l->restarted && !l->done); /* before anything else */
+    l->accepted++;
     pthread_mutex_unlock(&l->mu);
 }
 
@@ -108,7 +119,7 @@ static void lis_wait_done(lis_t *l)
     pthread_mutex_unlock(&l->mu);
 }
 
-static const eng_exec_cb_t lcb = {l_output, NULL, l_restarted, l_done};
+static const eng_exec_cb_t lcb = {l_output, NULL, l_restarted, l_done, l_accepted};
 
 static void want_all(lis_t *l)
 {
@@ -151,6 +162,17 @@ static void test_attach_mid_run(const char *dir)
     CHECK_EQ(first.replays, 0);
     CHECK_EQ(late.replays, 1); /* it came after output had begun */
     CHECK_EQ(late.restarted, 0);
+    CHECK_EQ(first.accepted, 1);
+    CHECK_EQ(late.accepted, 1);
+    /* a refusal is answered by on_done alone */
+    lis_t no;
+    lis_init(&no);
+    eng_exec_req_t nrq = {.sid = "nosuch", .eid = "a-2", .code = "1"};
+    CHECK_OK(eng_execute(e, &nrq, &lcb, &no));
+    lis_wait_done(&no);
+    CHECK_EQ(no.status, ENG_ST_REFUSED);
+    CHECK_EQ(no.accepted, 0);
+    lis_free(&no);
     lis_free(&first);
     lis_free(&late);
     eng_close(e);
@@ -207,6 +229,7 @@ static void test_attach_after_restart(const char *dir, const char *self)
     CHECK(l.r_restarted);
     CHECK_EQ(l.restarted, 1);
     CHECK_EQ(l.replays, 1); /* the re-run had printed before the attach */
+    CHECK_EQ(l.accepted, 1);
     lis_free(&l);
     eng_close(e);
 }

@@ -256,7 +256,7 @@ static void test_recorded_inputs(const char *dir)
     pthread_cond_init(&r.cv, NULL);
     r.e = e;
     r.answer = "A";
-    eng_exec_cb_t cb = {r_output, r_input, r_restarted, r_done};
+    eng_exec_cb_t cb = {r_output, r_input, r_restarted, r_done, NULL};
     eng_exec_req_t rq = {0};
     rq.sid = "in";
     rq.eid = "two-prompts";

@@ -417,17 +417,61 @@ def t_websocket(e):
     assert got.startswith(b"HTTP/1.1 101") and b'"value":42' in got, got
 
 
-def t_metrics(e):
-    st, text = req(e.port, "GET", "/metrics")
+def metrics(port):
+    """The exposition text as {series: value} (series with its labels)."""
+    st, text = req(port, "GET", "/metrics")
     assert st == 200
-    text = text.decode()
+    out = {}
+    for line in text.decode().split("\n"):
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def check_histogram(m, name):
+    """Cumulative buckets that never fall, +Inf == _count; returns the count."""
+    buckets = [(k, v) for k, v in m.items() if k.startswith(name + "_bucket{")]
+    assert buckets and buckets[-1][0].endswith('le="+Inf"}'), buckets
+    vals = [v for _, v in buckets]
+    assert vals == sorted(vals), buckets
+    assert vals[-1] == m[name + "_count"]
+    return m[name + "_count"]
+
+
+def t_metrics(e):
+    m0 = metrics(e.port)
     for name in ["capsule_sessions_open", "capsule_pool_idle_workers",
-                 "capsule_execution_seconds_bucket", "capsule_executions_total{status=\"ok\"}",
-                 "capsule_worker_deaths_total", "capsule_recovered_executions_total",
-                 "capsule_http_requests_total", "capsule_ws_sessions_open"]:
-        assert name in text, name
-    ok = [l for l in text.split("\n") if l.startswith('capsule_executions_total{status="ok"}')]
-    assert int(ok[0].split()[-1]) > 0
+                 "capsule_execution_seconds_bucket{le=\"+Inf\"}",
+                 "capsule_executions_total{status=\"ok\"}", "capsule_worker_deaths_total",
+                 "capsule_recovered_executions_total", "capsule_http_requests_total",
+                 "capsule_ws_sessions_open", "capsule_wal_commits_total",
+                 "capsule_wal_records_total", "capsule_wal_batch_records_count",
+                 "capsule_wal_commit_seconds_sum", "capsule_wal_fsyncs_total",
+                 "capsule_checkpoints_total"]:
+        assert name in m0, name
+    # the counters move for real: executions commit to the log, a worker killed is a death
+    assert req(e.port, "POST", "/sessions", {"id": "met"})[0] == 201
+    for i in range(5):
+        assert req(e.port, "POST", "/sessions/met/executions", {"code": f"{i}+1"})[0] == 200
+    st, r = req(e.port, "POST", "/sessions/met/executions",
+                {"code": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"})
+    assert st == 200 and r["status"] == "died", r
+    assert req(e.port, "POST", "/sessions/met/checkpoint", {})[0] == 200
+    m1 = metrics(e.port)
+    assert m1["capsule_wal_commits_total"] >= m0["capsule_wal_commits_total"] + 6
+    assert m1["capsule_wal_records_total"] >= m0["capsule_wal_records_total"] + 12
+    assert check_histogram(m1, "capsule_wal_batch_records") == m1["capsule_wal_commits_total"]
+    assert m1["capsule_wal_batch_records_sum"] == m1["capsule_wal_records_total"]
+    assert check_histogram(m1, "capsule_wal_commit_seconds") == m1["capsule_wal_commits_total"]
+    assert m1["capsule_wal_commit_seconds_sum"] > m0["capsule_wal_commit_seconds_sum"]
+    assert m1["capsule_worker_deaths_total"] == m0["capsule_worker_deaths_total"] + 1
+    assert m1["capsule_checkpoints_total"] == m0["capsule_checkpoints_total"] + 1
+    assert m1['capsule_executions_total{status="ok"}'] == \
+        m0['capsule_executions_total{status="ok"}'] + 5
+    assert m1['capsule_executions_total{status="died"}'] == \
+        m0['capsule_executions_total{status="died"}'] + 1
+    check_histogram(m1, "capsule_execution_seconds")
 
 
 async def crash_setup(e):
@@ -503,6 +547,8 @@ def t_kill9(server, data, tokfile):
     except Exception:
         pass
     e = Engine(server, data, tokfile)
+    # recovery re-ran the two interrupted executions (the waiting input, the stream)
+    assert metrics(e.port)["capsule_recovered_executions_total"] == 2
     st, r = req(e.port, "GET", "/executions/k-ack")
     assert st == 200 and r["value"] == 42 and not r["restarted"], r
     loop.run_until_complete(crash_after(e))
@@ -560,6 +606,154 @@ def t_graceful(server, data, tokfile):
     assert rc == 0, err
 
 
+def t_spec_statuses(server, data, tokfile):
+    """Walks tools/openapi.json: every (method, path, status) it documents is produced by a real
+    request, and every status the walk gets is documented for that route (no status the spec
+    does not list, no listed status the server cannot give)."""
+    e = Engine(server, data, tokfile, ("--max-queue", "1", "--max-sessions", "4"))
+    seen = {}  # (METHOD, path template) -> set of statuses
+
+    def call(method, tpl, path, body=None, headers=A, conn=None):
+        if conn is None:
+            st, d = req(e.port, method, path, body, headers=headers)
+        else:
+            h = dict(headers or {})
+            if body is not None:
+                h["Content-Type"] = "application/json"
+            conn.request(method, "/v1" + path, body=None if body is None else json.dumps(body),
+                         headers=h)
+            r = conn.getresponse()
+            st, d = r.status, r.read()
+        seen.setdefault((method, tpl), set()).add(st)
+        return st, d
+
+    def ws_status(path, headers=A):
+        c = http.client.HTTPConnection("127.0.0.1", e.port, timeout=10)
+        h = {**(headers or {}), "Connection": "Upgrade", "Upgrade": "websocket",
+             "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+        c.request("GET", "/v1" + path, headers=h)
+        st = c.getresponse().status
+        c.close()
+        return st
+
+    st, doc = call("GET", "/openapi.json", "/openapi.json", headers={})
+    assert st == 200
+    for p_ in ("/healthz", "/readyz"):
+        call("GET", p_, p_, headers={})
+    for p_ in ("/metrics", "/pool", "/sessions"):
+        call("GET", p_, p_)
+        call("GET", p_, p_, headers={})  # 401
+    S = "/sessions/{sid}"
+    # sessions
+    call("POST", "/sessions", "/sessions", {"id": "sp"})
+    call("POST", "/sessions", "/sessions", {"id": "bad id"})
+    call("POST", "/sessions", "/sessions", {"fork_of": "nope"})
+    st, d = call("POST", "/sessions", "/sessions", {"id": "sp", "fork_of": "sp"})
+    assert st == 400 and "another session" in d["error"]["message"], d
+    call("POST", "/sessions", "/sessions", {"id": "wb", "warmup": "1/0"})  # 422
+    call("POST", "/sessions", "/sessions", headers={})
+    call("POST", "/sessions", "/sessions", {"id": "sp2"})
+    call("POST", "/sessions", "/sessions", {"id": "sp3"})
+    call("POST", "/sessions", "/sessions", {"id": "sp3", "fork_of": "sp"})  # 409: target exists
+    assert call("POST", "/sessions", "/sessions", {"id": "sp4"})[0] == 429  # 4 open: the limit
+    for m, suffix, body in [("GET", "", None), ("DELETE", "", None),
+                            ("POST", "/checkpoint", {}), ("POST", "/release", None),
+                            ("GET", "/warmup", None)]:
+        call(m, S + suffix, "/sessions/nope" + suffix, body)  # 404
+        call(m, S + suffix, "/sessions/sp" + suffix, body, headers={})  # 401
+    call("GET", S, "/sessions/sp")
+    call("POST", S + "/checkpoint", "/sessions/sp/checkpoint", {})
+    call("POST", S + "/checkpoint", "/sessions/sp/checkpoint", {"truncate": "yes"})  # 400
+    call("GET", S + "/warmup", "/sessions/wb/warmup")
+    call("DELETE", S, "/sessions/sp3")
+    # executions
+    X = S + "/executions"
+    call("POST", X, "/sessions/sp/executions", {"code": "2+2"})
+    call("POST", X, "/sessions/sp/executions", {"code": 5})  # 400
+    call("POST", X, "/sessions/nope/executions", {"code": "1"})
+    call("POST", X, "/sessions/sp/executions", {"code": "1"}, headers={})
+    call("POST", X, "/sessions/sp/executions",
+         {"code": "import time\ntime.sleep(1.5)\nv = input('v? ')\nv", "wait": False,
+          "id": "long"})
+    time.sleep(0.2)  # long runs: the queue (1) takes one more, then it is full
+    call("POST", X, "/sessions/sp/executions", {"code": "3", "wait": False, "id": "q1"})
+    st, d = call("POST", X, "/sessions/sp/executions", {"code": "4", "wait": False, "id": "q2"})
+    assert st == 429 and d["error"]["code"] == "queue_full", (st, d)
+    st, d = call("POST", X, "/sessions/sp/executions", {"code": "4", "id": "q3"})
+    assert st == 429 and d["error"]["code"] == "queue_full", (st, d)
+    call("POST", S + "/release", "/sessions/sp/release")  # 409: running
+    E = "/executions/{eid}"
+    for m, suffix, body in [("GET", "", None), ("POST", "/input", {"text": "x"}),
+                            ("POST", "/cancel", None)]:
+        call(m, E + suffix, "/executions/never" + suffix, body)  # 404
+        call(m, E + suffix, "/executions/long" + suffix, body, headers={})  # 401
+    call("GET", E, "/executions/long")
+    call("POST", E + "/input", "/executions/long/input", {"text": "x"})  # 409: not asking yet
+    call("POST", E + "/input", "/executions/long/input", {"txt": "x"})  # 400
+    for _ in range(100):
+        st, d = req(e.port, "GET", "/executions/long")
+        if d.get("input_request"):
+            break
+        time.sleep(0.05)
+    call("POST", E + "/input", "/executions/long/input", {"text": "x"})  # 202
+    assert wait_result(e.port, "long")["value"] == "x"
+    wait_result(e.port, "q1")
+    call("POST", S + "/release", "/sessions/sp/release")  # 200
+    call("POST", X, "/sessions/sp/executions",
+         {"code": "import time\ntime.sleep(30)", "wait": False, "id": "cx"})
+    call("POST", E + "/cancel", "/executions/cx/cancel")
+    assert wait_result(e.port, "cx")["status"] == "cancelled"
+    # the WebSocket route
+    W = S + "/ws"
+    for path, h in [("/sessions/sp/ws", A), ("/sessions/nope/ws", A), ("/sessions/sp/ws", {})]:
+        seen.setdefault(("GET", W), set()).add(ws_status(path, h))
+    call("GET", W, "/sessions/sp/ws")  # a plain GET: 426
+    # draining: requests under way when SIGTERM comes (idle connections are closed) get 503
+    call("POST", X, "/sessions/sp2/executions",
+         {"code": "import time\ntime.sleep(1.5)", "wait": False, "id": "drain"})
+    import socket
+    body = json.dumps({"code": "1"}).encode()
+    part = [(b"GET /v1/readyz HTTP/1.1\r\nHost: x\r\n", b"\r\n"),
+            (b"POST /v1/sessions/sp2/executions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+             + TOK_A.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+             + str(len(body)).encode() + b"\r\n\r\n", body)]
+    socks = []
+    for head, _ in part:
+        sk = socket.create_connection(("127.0.0.1", e.port), timeout=10)
+        sk.sendall(head)
+        socks.append(sk)
+    time.sleep(0.2)
+    e.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    for (tpl, m), sk, (_, rest) in zip([("/readyz", "GET"), (X, "POST")], socks, part):
+        sk.sendall(rest)
+        status = int(sk.recv(65536).split(b" ", 2)[1])
+        assert status == 503, (tpl, status)
+        seen.setdefault((m, tpl), set()).add(status)
+        sk.close()
+    assert e.proc.wait(timeout=30) == 0
+    e.proc.stderr.read()
+    # compare with the document
+    secured = lambda op: op.get("security", doc.get("security")) != []  # noqa: E731
+    problems = []
+    for tpl, item in doc["paths"].items():
+        for m, op in item.items():
+            if m == "parameters":
+                continue
+            want = {int(c) for c in op["responses"]}
+            got = seen.get((m.upper(), tpl), set())
+            if secured(op) and 401 not in want:
+                problems.append(f"{m.upper()} {tpl}: secured but 401 not documented")
+            for c in sorted(want - got):
+                problems.append(f"{m.upper()} {tpl}: documents {c}, never produced")
+            for c in sorted(got - want):
+                problems.append(f"{m.upper()} {tpl}: gave {c}, not documented")
+    for key in seen:
+        if key[1] not in doc["paths"]:
+            problems.append(f"{key}: not in the document")
+    assert not problems, "\n".join(problems)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", required=True)
@@ -589,7 +783,7 @@ def main():
             if os.environ.get("VERBOSE"):
                 sys.stderr.write(err)
         assert rc == 0, err
-        for t in (t_limit_flags, t_kill9, t_graceful):
+        for t in (t_limit_flags, t_kill9, t_graceful, t_spec_statuses):
             if want(t.__name__):
                 t0 = time.time()
                 t(args.server, os.path.join(tmp, t.__name__), tokfile)

@@ -137,6 +137,8 @@ int wal_log_truncate(wal_log_t *log, uint64_t before_seq);
  * CAP_ETOOBIG, since an append's records always share one transaction. wal_log_open on a
  * read-only env that holds no log: CAP_ENOTFOUND.) */
 
+#define WAL_HIST_N 12 /* buckets of the stats histograms (the last one is unbounded) */
+
 typedef struct wal_stats {
     uint64_t first_seq;   /* lowest stored sequence number (0 when empty) */
     uint64_t last_seq;    /* highest acknowledged sequence number (0 when empty) */
@@ -146,7 +148,17 @@ typedef struct wal_stats {
     uint64_t max_batch;   /* the largest batch since open, in records */
     uint64_t pending;     /* records queued and not yet durable */
     uint64_t indexed_seq; /* (added) the key index covers every record <= this */
+    /* Histograms since open (counts per bucket, not cumulative; the last bucket is "more"):
+     * batch_hist by records per commit, bucket i holds <= wal_batch_bounds[i];
+     * commit_hist by the time of one commit transaction (in WAL_SYNC it includes LMDB's fsync),
+     * bucket i holds <= wal_commit_bounds_us[i] microseconds. */
+    uint64_t batch_hist[WAL_HIST_N];
+    uint64_t commit_hist[WAL_HIST_N];
+    uint64_t commit_ns;      /* total time in commit transactions */
+    uint64_t syncs, sync_ns; /* explicit fsyncs of the env (WAL_NOSYNC's background sync) */
 } wal_stats_t;
+extern const uint32_t wal_batch_bounds[WAL_HIST_N - 1];
+extern const uint32_t wal_commit_bounds_us[WAL_HIST_N - 1];
 void wal_log_stats(wal_log_t *log, wal_stats_t *out);
 
 /* The env the log lives in (borrowed). */
