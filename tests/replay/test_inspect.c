@@ -8,50 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include "capsule.h"
 #include "check.h"
-
-static char out[1 << 20];
-
-/* Runs capsule-replay with args (NULL-ended); returns its exit status, stdout in out. */
-static int run(const char *const *args)
-{
-    int fds[2];
-    CHECK_OK(pipe(fds));
-    pid_t pid = fork();
-    CHECK(pid >= 0);
-    if (pid == 0) {
-        dup2(fds[1], 1);
-        close(fds[0]);
-        close(fds[1]);
-        execv(REPLAY_BIN, (char *const *)args);
-        _exit(127);
-    }
-    close(fds[1]);
-    size_t n = 0;
-    ssize_t r;
-    while (n + 1 < sizeof out && (r = read(fds[0], out + n, sizeof out - 1 - n)) > 0)
-        n += (size_t)r;
-    out[n] = 0;
-    close(fds[0]);
-    int st = 0;
-    CHECK(waitpid(pid, &st, 0) == pid);
-    CHECK(WIFEXITED(st));
-    return WEXITSTATUS(st);
-}
-
-#define RUN(...) run((const char *const[]){REPLAY_BIN, __VA_ARGS__, NULL})
-
-static size_t lines(const char *s)
-{
-    size_t n = 0;
-    for (; *s; s++)
-        n += *s == '\n';
-    return n;
-}
+#include "rtest.h"
 
 static void exec_ok(eng_t *e, const char *sid, const char *eid, const char *code, const char *input,
                     eng_status_t want)
@@ -67,64 +27,65 @@ static void exec_ok(eng_t *e, const char *sid, const char *eid, const char *code
 static void commands(const char *dir)
 {
     /* sessions: both, filtered by state */
-    CHECK_EQ(RUN("sessions", dir), 0);
-    CHECK(strstr(out, "alpha ") && strstr(out, "beta "));
-    CHECK_EQ(RUN("sessions", "--state", "closed", "--json", dir), 0);
-    CHECK(strstr(out, "\"session\":\"beta\"") && !strstr(out, "\"alpha\""));
-    CHECK_EQ(lines(out), 1);
-    CHECK_EQ(RUN("sessions", "--json", "--state", "open", dir), 0);
-    CHECK(strstr(out, "\"session\":\"alpha\"") && strstr(out, "\"committed\":3"));
-    CHECK(strstr(out, "\"checkpoints\":1"));
+    CHECK_EQ(RT_RUN("sessions", dir), 0);
+    CHECK(strstr(rt_out, "alpha ") && strstr(rt_out, "beta "));
+    CHECK_EQ(RT_RUN("sessions", "--state", "closed", "--json", dir), 0);
+    CHECK(strstr(rt_out, "\"session\":\"beta\"") && !strstr(rt_out, "\"alpha\""));
+    CHECK_EQ(rt_lines(rt_out), 1);
+    CHECK_EQ(RT_RUN("sessions", "--json", "--state", "open", dir), 0);
+    CHECK(strstr(rt_out, "\"session\":\"alpha\"") && strstr(rt_out, "\"committed\":3"));
+    CHECK(strstr(rt_out, "\"checkpoints\":1"));
     /* executions: submission order, results, inputs */
-    CHECK_EQ(RUN("executions", "--session", "alpha", dir), 0);
-    char *a1 = strstr(out, "a1 "), *a2 = strstr(out, "a2 "), *a3 = strstr(out, "a3 ");
+    CHECK_EQ(RT_RUN("executions", "--session", "alpha", dir), 0);
+    char *a1 = strstr(rt_out, "a1 "), *a2 = strstr(rt_out, "a2 "), *a3 = strstr(rt_out, "a3 ");
     CHECK(a1 && a2 && a3 && a1 < a2 && a2 < a3);
-    CHECK_EQ(RUN("executions", "--json", "--state", "error", dir), 0);
-    CHECK(strstr(out, "\"execution\":\"a3\"") && strstr(out, "ZeroDivisionError"));
-    CHECK_EQ(lines(out), 1);
-    CHECK_EQ(RUN("executions", "--json", "--session", "alpha", "--limit", "1", dir), 0);
-    CHECK_EQ(lines(out), 1);
-    CHECK(strstr(out, "\"execution\":\"a1\""));
-    CHECK_EQ(RUN("executions", "--json", "--session", "alpha", "--since", "2000-01-01", dir), 0);
-    CHECK(strstr(out, "\"execution\":\"a2\"") && strstr(out, "\"inputs\":1"));
-    CHECK_EQ(RUN("executions", "--json", "--until", "2000-01-01T00:00Z", dir), 0);
-    CHECK_EQ(lines(out), 0);
+    CHECK_EQ(RT_RUN("executions", "--json", "--state", "error", dir), 0);
+    CHECK(strstr(rt_out, "\"execution\":\"a3\"") && strstr(rt_out, "ZeroDivisionError"));
+    CHECK_EQ(rt_lines(rt_out), 1);
+    CHECK_EQ(RT_RUN("executions", "--json", "--session", "alpha", "--limit", "1", dir), 0);
+    CHECK_EQ(rt_lines(rt_out), 1);
+    CHECK(strstr(rt_out, "\"execution\":\"a1\""));
+    CHECK_EQ(RT_RUN("executions", "--json", "--session", "alpha", "--since", "2000-01-01", dir), 0);
+    CHECK(strstr(rt_out, "\"execution\":\"a2\"") && strstr(rt_out, "\"inputs\":1"));
+    CHECK_EQ(RT_RUN("executions", "--json", "--until", "2000-01-01T00:00Z", dir), 0);
+    CHECK_EQ(rt_lines(rt_out), 0);
     /* promises: the input request and its reply */
-    CHECK_EQ(RUN("promises", "--json", "--prefix", "capsule/x/a2/in/", dir), 0);
-    CHECK(strstr(out, "\"state\":\"resolved\"") && strstr(out, "\"data\":\"Ada\""));
-    CHECK_EQ(RUN("promises", "--state", "pending", dir), 0);
-    CHECK(strstr(out, "capsule/s/alpha") && !strstr(out, "capsule/s/beta"));
+    CHECK_EQ(RT_RUN("promises", "--json", "--prefix", "capsule/x/a2/in/", dir), 0);
+    CHECK(strstr(rt_out, "\"state\":\"resolved\"") && strstr(rt_out, "\"data\":\"Ada\""));
+    CHECK_EQ(RT_RUN("promises", "--state", "pending", dir), 0);
+    CHECK(strstr(rt_out, "capsule/s/alpha") && !strstr(rt_out, "capsule/s/beta"));
     /* export: every record decoded; ranges and kinds */
-    CHECK_EQ(RUN("export", dir), 0);
-    CHECK(strstr(out, "\"kind\":\"eng.finish\"") && strstr(out, "\"kind\":\"prom.doc\""));
-    CHECK(strstr(out, "\"kind\":\"eng.checkpoint\"") && strstr(out, "\"repr\":\"'hello Ada'\""));
-    size_t all = lines(out);
-    CHECK_EQ(RUN("export", "--kind", "eng.finish", dir), 0);
-    CHECK_EQ(lines(out), 6); /* a1..a4, beta:warmup, b1 */
-    CHECK(!strstr(out, "prom.doc"));
-    CHECK_EQ(RUN("export", "--from", "2", "--to", "4", dir), 0);
-    CHECK_EQ(lines(out), 3);
-    CHECK(!strncmp(out, "{\"seq\":2,", 9));
+    CHECK_EQ(RT_RUN("export", dir), 0);
+    CHECK(strstr(rt_out, "\"kind\":\"eng.finish\"") && strstr(rt_out, "\"kind\":\"prom.doc\""));
+    CHECK(strstr(rt_out, "\"kind\":\"eng.checkpoint\"") &&
+          strstr(rt_out, "\"repr\":\"'hello Ada'\""));
+    size_t all = rt_lines(rt_out);
+    CHECK_EQ(RT_RUN("export", "--kind", "eng.finish", dir), 0);
+    CHECK_EQ(rt_lines(rt_out), 6); /* a1..a4, beta:warmup, b1 */
+    CHECK(!strstr(rt_out, "prom.doc"));
+    CHECK_EQ(RT_RUN("export", "--from", "2", "--to", "4", dir), 0);
+    CHECK_EQ(rt_lines(rt_out), 3);
+    CHECK(!strncmp(rt_out, "{\"seq\":2,", 9));
     CHECK(all > 10);
 }
 
 static void bad_usage(const char *dir)
 {
-    CHECK_EQ(RUN("sessions"), 64);
-    CHECK_EQ(RUN("sessions", "--state", "asleep", dir), 64);
-    CHECK_EQ(RUN("executions", "--limit", "0", dir), 64);
-    CHECK_EQ(RUN("executions", "--since", "yesterday", dir), 64);
-    CHECK_EQ(RUN("promises", "--session", "x", dir), 64);
-    CHECK_EQ(RUN("export", "--kind", "eng.nothing", dir), 64);
-    CHECK_EQ(RUN("export", "--from", "9", "--to", "3", dir), 64);
-    CHECK_EQ(RUN("export", "--from", dir), 64);
-    CHECK_EQ(RUN("export", dir, dir), 64);
-    CHECK_EQ(RUN("frobnicate", dir), 64);
-    CHECK_EQ(RUN("export", "--help"), 0);
-    CHECK(strstr(out, "capsule-replay export"));
-    CHECK_EQ(RUN("--help"), 0);
-    CHECK(strstr(out, "executions") && strstr(out, "verify"));
-    CHECK_EQ(RUN("sessions", "/dev/null/nowhere"), 2);
+    CHECK_EQ(RT_RUN("sessions"), 64);
+    CHECK_EQ(RT_RUN("sessions", "--state", "asleep", dir), 64);
+    CHECK_EQ(RT_RUN("executions", "--limit", "0", dir), 64);
+    CHECK_EQ(RT_RUN("executions", "--since", "yesterday", dir), 64);
+    CHECK_EQ(RT_RUN("promises", "--session", "x", dir), 64);
+    CHECK_EQ(RT_RUN("export", "--kind", "eng.nothing", dir), 64);
+    CHECK_EQ(RT_RUN("export", "--from", "9", "--to", "3", dir), 64);
+    CHECK_EQ(RT_RUN("export", "--from", dir), 64);
+    CHECK_EQ(RT_RUN("export", dir, dir), 64);
+    CHECK_EQ(RT_RUN("frobnicate", dir), 64);
+    CHECK_EQ(RT_RUN("export", "--help"), 0);
+    CHECK(strstr(rt_out, "capsule-replay export"));
+    CHECK_EQ(RT_RUN("--help"), 0);
+    CHECK(strstr(rt_out, "executions") && strstr(rt_out, "verify"));
+    CHECK_EQ(RT_RUN("sessions", "/dev/null/nowhere"), 2);
 }
 
 int main(void)

@@ -15,95 +15,17 @@
 
 #include "capsule.h"
 #include "check.h"
+#include "rtest.h"
 #include "store.h"
 
-/* Runs `capsule-replay verify [--deep] dir`; returns its exit status, its stdout in out
- * (NUL-ended). */
+/* Runs `capsule-replay verify [--deep] dir`; returns its exit status, its stdout in out. */
 static int run_verify(const char *dir, int deep, char *out, size_t cap)
 {
-    int fds[2];
-    CHECK_OK(pipe(fds));
-    pid_t pid = fork();
-    CHECK(pid >= 0);
-    if (pid == 0) {
-        dup2(fds[1], 1);
-        close(fds[0]);
-        close(fds[1]);
-        if (deep)
-            execl(REPLAY_BIN, REPLAY_BIN, "verify", "--deep", dir, (char *)NULL);
-        else
-            execl(REPLAY_BIN, REPLAY_BIN, "verify", dir, (char *)NULL);
-        _exit(127);
-    }
-    close(fds[1]);
-    size_t n = 0;
-    ssize_t r;
-    while (n + 1 < cap && (r = read(fds[0], out + n, cap - 1 - n)) > 0)
-        n += (size_t)r;
+    int st = deep ? RT_RUN("verify", "--deep", dir) : RT_RUN("verify", dir);
+    size_t n = strnlen(rt_out, cap - 1);
+    memcpy(out, rt_out, n);
     out[n] = 0;
-    close(fds[0]);
-    int st = 0;
-    CHECK(waitpid(pid, &st, 0) == pid);
-    CHECK(WIFEXITED(st));
-    return WEXITSTATUS(st);
-}
-
-static void run_cells(eng_t *e, const char *sid, int n)
-{
-    for (int i = 0; i < n; i++) {
-        char code[64];
-        snprintf(code, sizeof code, "v%d = %d * 2\nv%d", i, i, i);
-        eng_exec_req_t rq = {.sid = sid, .code = code};
-        eng_result_t *r = NULL;
-        CHECK_OK(eng_execute_sync(e, &rq, NULL, 0, &r));
-        CHECK_EQ(r->status, ENG_ST_OK);
-        eng_result_free(r);
-    }
-}
-
-/* A seq stored in the log at or after `from` (0 if none), and the last stored seq. */
-static uint64_t stored_seq(store_env_t *env, uint64_t from, uint64_t *last)
-{
-    store_txn_t *t = NULL;
-    store_dbi_t dbi;
-    store_cursor_t *c = NULL;
-    uint8_t kb[8];
-    store_val_t k = store_key_u64(kb, from), v;
-    uint64_t got = 0;
-    CHECK_OK(store_txn_begin(env, 1, &t));
-    CHECK_OK(store_dbi_open(t, "wal.log", 0, &dbi));
-    CHECK_OK(store_cursor_open(t, dbi, &c));
-    if (store_cursor_get(c, &k, &v, STORE_SET_RANGE) == 0)
-        got = cap_get_be64(k.data);
-    store_val_t lk, lv;
-    CHECK_OK(store_cursor_get(c, &lk, &lv, STORE_LAST));
-    *last = cap_get_be64(lk.data);
-    store_cursor_close(c);
-    store_txn_abort(t);
-    return got;
-}
-
-/* Flips one byte of the body of record `seq` (flip=1) or deletes the record (flip=0). */
-static void damage_record(store_env_t *env, uint64_t seq, int flip)
-{
-    store_txn_t *t = NULL;
-    store_dbi_t dbi;
-    uint8_t kb[8];
-    store_val_t k = store_key_u64(kb, seq), v;
-    CHECK_OK(store_txn_begin(env, 0, &t));
-    CHECK_OK(store_dbi_open(t, "wal.log", 0, &dbi));
-    if (flip) {
-        CHECK_OK(store_get(t, dbi, k, &v));
-        uint8_t *copy = cap_malloc(v.len);
-        memcpy(copy, v.data, v.len);
-        copy[v.len - 1] ^= 0x5A;
-        store_val_t nv = {copy, v.len};
-        CHECK_OK(store_put(t, dbi, k, nv, 0));
-        cap_free(copy);
-    } else {
-        CHECK_OK(store_del(t, dbi, k, NULL));
-    }
-    CHECK_OK(store_txn_commit(t));
+    return st;
 }
 
 static void test_clean_live_and_damaged(void)
@@ -114,7 +36,7 @@ static void test_clean_live_and_damaged(void)
     eng_t *e = NULL;
     CHECK_OK(eng_open(&o, &e));
     CHECK_OK(eng_session_open(e, "s1", NULL, NULL));
-    run_cells(e, "s1", 20);
+    rt_cells(e, "s1", 0, 20);
     /* the engine still holds the dir: a read-only verify is safe and sees a clean log */
     CHECK_EQ(run_verify(dir, 0, out, sizeof out), 0);
     CHECK(strstr(out, "OK: 0 problem(s)"));
@@ -126,14 +48,10 @@ static void test_clean_live_and_damaged(void)
     CHECK(strstr(out, "OK: 0 problem(s)"));
 
     /* flip a byte in a record in the middle: verify names exactly that seq */
-    store_env_opts_t so = {.map_size = 64u << 20};
-    store_env_t *env = NULL;
-    CHECK_OK(store_env_open(dir, &so, &env));
-    uint64_t last = 0, first = stored_seq(env, 0, &last);
+    uint64_t last = 0, first = rt_stored_seq(dir, 0, &last);
     CHECK(first > 0 && last > first + 10);
-    uint64_t bad = stored_seq(env, (first + last) / 2, &last);
-    damage_record(env, bad, 1);
-    store_env_close(env);
+    uint64_t bad = rt_stored_seq(dir, (first + last) / 2, &last);
+    rt_damage(dir, bad, 1);
     CHECK_EQ(run_verify(dir, 0, out, sizeof out), 1);
     char want[96];
     snprintf(want, sizeof want, "seq %llu: damaged record", (unsigned long long)bad);
@@ -143,11 +61,9 @@ static void test_clean_live_and_damaged(void)
     CHECK(strstr(out, want));
 
     /* delete a later record: a gap, named by the seq after it */
-    CHECK_OK(store_env_open(dir, &so, &env));
-    uint64_t gone = stored_seq(env, bad + 3, &last);
+    uint64_t gone = rt_stored_seq(dir, bad + 3, &last);
     CHECK(gone > 0 && gone < last);
-    damage_record(env, gone, 0);
-    store_env_close(env);
+    rt_damage(dir, gone, 0);
     CHECK_EQ(run_verify(dir, 0, out, sizeof out), 1);
     snprintf(want, sizeof want, "seq %llu: gap: 1 record(s) missing after seq %llu",
              (unsigned long long)gone + 1, (unsigned long long)gone - 1);
@@ -167,7 +83,7 @@ static void test_derived_mismatch(void)
     eng_t *e = NULL;
     CHECK_OK(eng_open(&o, &e));
     CHECK_OK(eng_session_open(e, "d1", NULL, NULL));
-    run_cells(e, "d1", 5);
+    rt_cells(e, "d1", 0, 5);
     eng_close(e);
     CHECK_EQ(run_verify(dir, 0, out, sizeof out), 0);
     CHECK(strstr(out, "rows cross-checked"));
@@ -202,33 +118,7 @@ static void test_killed_engine(void)
 {
     char *dir = check_tmpdir("replay-kill");
     static char out[1 << 16];
-    int fds[2];
-    CHECK_OK(pipe(fds));
-    pid_t pid = fork();
-    CHECK(pid >= 0);
-    if (pid == 0) {
-        close(fds[0]);
-        eng_opts_t o = {.dir = dir, .map_size = 64u << 20, .pool_idle = 1};
-        eng_t *e = NULL;
-        CHECK_OK(eng_open(&o, &e));
-        CHECK_OK(eng_session_open(e, "k", NULL, NULL));
-        run_cells(e, "k", 3);
-        CHECK(write(fds[1], "r", 1) == 1);
-        for (;;)
-            run_cells(e, "k", 1);
-    }
-    close(fds[1]);
-    char b;
-    CHECK(read(fds[0], &b, 1) == 1);
-    usleep(150 * 1000);
-    CHECK_OK(kill(pid, SIGKILL));
-    int st;
-    CHECK(waitpid(pid, &st, 0) == pid);
-    close(fds[0]);
-    /* the killed engine's workers were reparented to us (subreaper): give them time to notice
-     * and collect them */
-    for (int i = 0; i < 50 && waitpid(-1, &st, WNOHANG) >= 0; i++)
-        usleep(20 * 1000);
+    rt_killed_engine(dir);
     CHECK_EQ(run_verify(dir, 0, out, sizeof out), 0);
     CHECK(strstr(out, "OK: 0 problem(s)"));
     check_rmtree(dir);

@@ -11,7 +11,8 @@ static const struct {
     int (*fn)(int argc, char **argv);
 } cmds[] = {
     {"verify", rp_cmd_verify},   {"export", rp_cmd_export}, {"sessions", rp_cmd_list},
-    {"executions", rp_cmd_list}, {"promises", rp_cmd_list},
+    {"executions", rp_cmd_list}, {"promises", rp_cmd_list}, {"repair", rp_cmd_repair},
+    {"compact", rp_cmd_compact},
 };
 
 int main(int argc, char **argv)
