@@ -71,13 +71,15 @@ int eng__chain_read(eng_tables_t *t, const char *sid, uint64_t upto, eng_blob_t 
 int eng__result_read(eng_tables_t *t, const char *eid, eng_result_t **out);
 
 /* ---- durable steps (eng_steps.c; the worker's PROMISE frames) ---- */
-enum { ENG_STEP_OPEN = 1, ENG_STEP_SETTLE = 2, ENG_STEP_SLEEP = 3 };
+enum { ENG_STEP_OPEN = 1, ENG_STEP_SETTLE = 2, ENG_STEP_SLEEP = 3, ENG_STEP_AWAIT = 4 };
 /* reply states: the PYW_PS_* values */
 enum { ENG_STEP_PENDING = 0, ENG_STEP_RESOLVED = 1, ENG_STEP_REJECTED = 2, ENG_STEP_FAILED = 3 };
 typedef struct eng_step {
     /* request */
     int op;
     char *eid, *path, *label;
+    char *ext;         /* await: the external promise's id ("capsule/p/<principal:>name") */
+    int recheck;       /* await: a re-read after the waiter was registered / a settle was seen */
     uint32_t attempts; /* settle: attempts made */
     uint64_t num;      /* settle: ENG_STEP_RESOLVED/REJECTED; sleep: delay ms */
     uint8_t *in;
@@ -91,6 +93,10 @@ typedef struct eng_step {
 } eng_step_t;
 /* "capsule/x/<eid>.<path>" (cap_malloc'd). */
 char *eng__step_pid(const char *eid, const char *path);
+/* The promise id of external promise `name` as seen from session sid: "capsule/p/" + the sid's
+ * principal prefix (up to its last ':', if any) + name; the REST routes use the same form. */
+char *eng__ext_pid(const char *sid, const char *name);
+#define ENG_EXT_PREFIX "capsule/p/"
 /* Performs st's operation on the promise store (blocks for the commit) and fills the reply. */
 void eng__step_run(prom_store_t *ps, eng_step_t *st);
 void eng__step_free(eng_step_t *st);

@@ -28,6 +28,16 @@ char *eng__step_pid(const char *eid, const char *path)
     return p;
 }
 
+char *eng__ext_pid(const char *sid, const char *name)
+{
+    const char *colon = sid ? strrchr(sid, ':') : NULL;
+    int plen = colon ? (int)(colon - sid + 1) : 0;
+    size_t n = strlen(ENG_EXT_PREFIX) + (size_t)plen + strlen(name) + 1;
+    char *p = cap_malloc(n);
+    snprintf(p, n, "%s%.*s%s", ENG_EXT_PREFIX, plen, sid ? sid : "", name);
+    return p;
+}
+
 static uint32_t attempts_of(const prom_promise_t *p)
 {
     for (size_t i = 0; i < p->value.nheaders; i++)
@@ -66,10 +76,20 @@ static void fail(eng_step_t *st, const char *what, int rc)
 void eng__step_run(prom_store_t *ps, eng_step_t *st)
 {
     prom_result_t res = {0};
-    char *pid = eng__step_pid(st->eid, st->path);
+    char *pid = st->op == ENG_STEP_AWAIT ? cap_strdup(st->ext) : eng__step_pid(st->eid, st->path);
     int64_t now = prom_store_now(ps);
     int rc;
-    if (st->op == ENG_STEP_SETTLE) {
+    cap_free(st->out); /* a re-run (recheck) replaces the previous answer */
+    st->out = NULL;
+    st->out_len = 0;
+    if (st->op == ENG_STEP_AWAIT && st->recheck) {
+        rc = prom_promise_get(ps, pid, &res);
+    } else if (st->op == ENG_STEP_AWAIT) {
+        prom_kv_t tag = {"capsule:kind", "external"};
+        prom_value_t param = {NULL, 0, st->in, st->in_len};
+        prom_create_t c = {pid, STEP_FOREVER, &param, &tag, 1};
+        rc = prom_promise_create(ps, &c, &res);
+    } else if (st->op == ENG_STEP_SETTLE) {
         char att[16];
         snprintf(att, sizeof att, "%u", st->attempts);
         prom_kv_t hdr = {"capsule:attempts", att};
@@ -108,6 +128,7 @@ void eng__step_free(eng_step_t *st)
     cap_free(st->eid);
     cap_free(st->path);
     cap_free(st->label);
+    cap_free(st->ext);
     cap_free(st->in);
     cap_free(st->out);
     cap_free(st);

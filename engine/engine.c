@@ -180,6 +180,11 @@ struct eng {
 
     /* stats (under mu) */
     eng_stats_t stats;
+
+    /* durable steps: workers waiting on external promises (loop thread), and whether the settle
+     * observer may post (set once the async handle exists) */
+    struct pwait *pwaits;
+    int observe;
 };
 
 /* ---------- small helpers ---------- */
@@ -994,16 +999,125 @@ static void pcb_input(pyw_worker_t *w, uint64_t wid, const char *prompt, int pas
     job_submit(r->e, j);
 }
 
-/* A durable step's operation is durable: answer the worker (if the cell still runs there). */
+/* A worker blocked on an external promise (capsule.promise(id).wait()). The entry is the token of
+ * its one reply: whoever removes it answers. The execution is named by id, not referenced. */
+typedef struct pwait {
+    struct pwait *next;
+    char *pid, *eid;
+    uint64_t wid;
+} pwait_t;
+
+static void pwait_free(pwait_t *w)
+{
+    cap_free(w->pid);
+    cap_free(w->eid);
+    cap_free(w);
+}
+
+/* Removes the waiter (pid, eid, wid); 1 if it was there. */
+static int pwait_take(eng_t *e, const char *pid, const char *eid, uint64_t wid)
+{
+    for (pwait_t **pp = &e->pwaits; *pp; pp = &(*pp)->next) {
+        pwait_t *w = *pp;
+        if (w->wid == wid && strcmp(w->pid, pid) == 0 && strcmp(w->eid, eid) == 0) {
+            *pp = w->next;
+            pwait_free(w);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void step_done(eng_t *e, eng_msg_t *m);
+
+static void step_submit(eng_t *e, exec_t *x, eng_step_t *st)
+{
+    job_t *j = job_new(J_GET, x->eid, step_done);
+    j->step = st;
+    j->x = x;
+    x->refs++;
+    j->aux = (int)x->wid;
+    job_submit(e, j);
+}
+
+/* Re-reads external promise pid for the waiting execution x. */
+static void step_recheck(eng_t *e, exec_t *x, const char *pid)
+{
+    eng_step_t *st = cap_calloc(1, sizeof *st);
+    st->op = ENG_STEP_AWAIT;
+    st->recheck = 1;
+    st->eid = cap_strdup(x->eid);
+    st->path = cap_strdup("");
+    st->ext = cap_strdup(pid);
+    step_submit(e, x, st);
+}
+
+/* A durable step's operation is durable: answer the worker (if the cell still runs there). An
+ * external promise still pending registers a waiter and is read once more (a settle may have
+ * come between the read and the registration); its answer waits for the settle observer. */
 static void step_done(eng_t *e, eng_msg_t *m)
 {
     job_t *j = (job_t *)m;
     exec_t *x = j->x;
     eng_step_t *st = j->step;
-    if (!e->dead && x->st == X_RUNNING && x->wid == (uint64_t)j->aux && x->s->w)
+    int live = !e->dead && x->st == X_RUNNING && x->wid == (uint64_t)j->aux && x->s->w;
+    if (live && st->op == ENG_STEP_AWAIT && st->state == ENG_STEP_PENDING) {
+        if (!st->recheck) {
+            pwait_t *w = cap_calloc(1, sizeof *w);
+            w->pid = cap_strdup(st->ext);
+            w->eid = cap_strdup(x->eid);
+            w->wid = x->wid;
+            w->next = e->pwaits;
+            e->pwaits = w;
+            step_recheck(e, x, st->ext);
+        }
+        goto out;
+    }
+    if (live && st->op == ENG_STEP_AWAIT && st->recheck && !pwait_take(e, st->ext, x->eid, x->wid))
+        goto out; /* answered already */
+    if (live)
         pyw_worker_promise_reply(x->s->w->w, x->wid, st->state, st->out_attempts, st->out_num,
                                  st->out, st->out_len);
+out:
     job_free(j);
+}
+
+/* The settle observer's message: wake the executions waiting on that external promise. */
+typedef struct settled_msg {
+    eng_msg_t m;
+    char *id;
+} settled_msg_t;
+
+static void do_settled(eng_t *e, eng_msg_t *m)
+{
+    settled_msg_t *sm = (settled_msg_t *)m;
+    for (pwait_t **pp = &e->pwaits; !e->dead && *pp;) {
+        pwait_t *w = *pp;
+        exec_t *x = strcmp(w->pid, sm->id) == 0 ? xmap_get(e, w->eid) : NULL;
+        if (strcmp(w->pid, sm->id) == 0 && (!x || x->st != X_RUNNING || x->wid != w->wid)) {
+            *pp = w->next; /* its execution moved on: a stale waiter */
+            pwait_free(w);
+            continue;
+        }
+        if (x)
+            step_recheck(e, x, sm->id);
+        pp = &w->next;
+    }
+    cap_free(sm->id);
+    cap_free(sm);
+}
+
+/* prom_opts_t.on_settle (any thread, after the settle is durable). */
+static void on_prom_settle(void *arg, const char *id)
+{
+    eng_t *e = arg;
+    if (strncmp(id, ENG_EXT_PREFIX, sizeof(ENG_EXT_PREFIX) - 1) != 0 ||
+        !__atomic_load_n(&e->observe, __ATOMIC_ACQUIRE))
+        return;
+    settled_msg_t *sm = cap_calloc(1, sizeof *sm);
+    sm->m.fn = do_settled;
+    sm->id = cap_strdup(id);
+    post(e, &sm->m);
 }
 
 static void pcb_promise(pyw_worker_t *w, uint64_t wid, const pyw_promise_req_t *q)
@@ -1023,12 +1137,9 @@ static void pcb_promise(pyw_worker_t *w, uint64_t wid, const pyw_promise_req_t *
     st->num = q->num;
     st->in = q->len ? cap_memdup(q->data, q->len) : NULL;
     st->in_len = q->len;
-    job_t *j = job_new(J_GET, x->eid, step_done);
-    j->step = st;
-    j->x = x;
-    x->refs++;
-    j->aux = (int)x->wid;
-    job_submit(r->e, j);
+    if (q->op == ENG_STEP_AWAIT)
+        st->ext = eng__ext_pid(x->s->sid, q->name);
+    step_submit(r->e, x, st);
 }
 
 static eng_tx_t exec_tx(const exec_t *x)
@@ -2111,6 +2222,8 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     po.wal.durability = opts->nosync ? WAL_NOSYNC : WAL_SYNC;
     po.wal.apply = eng__apply;
     po.wal.apply_arg = &e->tb;
+    po.on_settle = on_prom_settle;
+    po.on_settle_arg = e;
     if (!rc)
         rc = prom_store_open(e->env, &po, &e->ps);
     if (!rc)
@@ -2145,6 +2258,7 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     if (rc)
         goto fail;
     e->async.data = e;
+    __atomic_store_n(&e->observe, 1, __ATOMIC_RELEASE);
     uv_timer_init(e->loop, &e->dtimer);
     e->dtimer.data = e;
     uv_timer_init(e->loop, &e->itimer);
@@ -2185,6 +2299,11 @@ fail:
     pyw_zygote_close(e->zy);
     prom_store_close(e->ps);
     store_env_close(e->env);
+    while (e->pwaits) {
+        pwait_t *w = e->pwaits;
+        e->pwaits = w->next;
+        pwait_free(w);
+    }
     cap_free(e->dir);
     cap_free(e->worker_path);
     cap_free(e->warmup);
@@ -2514,6 +2633,27 @@ int eng_execute_sync(eng_t *e, const eng_exec_req_t *req, const char *const *inp
     waiter_wait(&c.w);
     *out = c.r;
     return 0;
+}
+
+int eng_promise_settle(eng_t *e, const char *id, int resolve, const void *data, size_t len,
+                       int *state)
+{
+    if (!e || !id || !*id || strlen(id) > ENG_MAX_ID)
+        return CAP_EINVAL;
+    char *pid = eng__ext_pid(NULL, id);
+    prom_value_t v = {NULL, 0, (void *)data, data ? len : 0};
+    prom_settle_t st = {pid, resolve ? PROM_RESOLVED : PROM_REJECTED, &v};
+    prom_result_t res = {0};
+    int rc = prom_promise_settle(e->ps, &st, &res);
+    cap_free(pid);
+    if (!rc && res.status == PROM_S_NOTFOUND)
+        rc = CAP_ENOTFOUND;
+    else if (!rc && (res.status != PROM_S_OK || !res.promise))
+        rc = CAP_EINVAL;
+    if (!rc && state)
+        *state = res.promise->state == PROM_RESOLVED ? 1 : 2;
+    prom_result_clear(&res);
+    return rc;
 }
 
 int eng_tasks_list(eng_t *e, const char *eid, eng_task_info_t **out, size_t *n)

@@ -323,6 +323,8 @@ typedef struct octx {
     size_t nmsgs, capmsgs;
     uint64_t del_first, del_last; /* outbox take: delete this range */
     int has_del;
+    char **settled; /* ids settled by this op (only with an on_settle observer) */
+    size_t nsettled;
 } octx_t;
 
 static const prom__doc_t *ctx_find(octx_t *c, const char *id)
@@ -646,6 +648,10 @@ static void task_dispatch(octx_t *c, prom__doc_t *d)
 static void do_settle(octx_t *c, prom__doc_t *d, prom_state_t st, const prom_value_t *value,
                       int64_t settled_at)
 {
+    if (c->s->opts.on_settle) {
+        c->settled = cap_realloc(c->settled, (c->nsettled + 1) * sizeof(char *));
+        c->settled[c->nsettled++] = cap_strdup(d->p.id);
+    }
     d->p.state = st;
     prom__value_clear(&d->p.value);
     prom__value_copy(&d->p.value, value);
@@ -773,6 +779,20 @@ static void op_begin(prom_store_t *s, octx_t *c, prom_result_t *res)
     pthread_mutex_lock(&s->mu);
     c->now = prom_store_now(s);
 }
+/* Tells the settle observer about the op's settles once they are durable (rc 0), then frees the
+ * list (outside the lock). */
+static void ctx_notify(prom_store_t *s, octx_t *c, int rc)
+{
+    for (size_t i = 0; i < c->nsettled; i++) {
+        if (rc == 0)
+            s->opts.on_settle(s->opts.on_settle_arg, c->settled[i]);
+        cap_free(c->settled[i]);
+    }
+    cap_free(c->settled);
+    c->settled = NULL;
+    c->nsettled = 0;
+}
+
 /* Commits, unlocks, waits. On a commit failure the result is cleared. */
 static int op_end(octx_t *c, prom_result_t *res)
 {
@@ -784,6 +804,7 @@ static int op_end(octx_t *c, prom_result_t *res)
     pthread_mutex_unlock(&s->mu);
     if (rc == 0)
         rc = ctx_wait(s, &w, seen);
+    ctx_notify(s, c, rc);
     if (rc != 0)
         prom_result_clear(res);
     return rc;
@@ -1442,6 +1463,7 @@ int prom_store_tick(prom_store_t *s, int64_t now, size_t *fired)
         pthread_mutex_unlock(&s->mu);
         if (rc == 0)
             rc = ctx_wait(s, &w, seen);
+        ctx_notify(s, &c, rc);
         if (rc != 0)
             break;
         total += nf;

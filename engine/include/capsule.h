@@ -137,6 +137,14 @@ typedef struct eng_task_info {
  * such execution) or a store error. Blocking (reads; not on the loop thread). */
 int eng_tasks_list(eng_t *e, const char *eid, eng_task_info_t **out, size_t *n);
 void eng_tasks_free(eng_task_info_t *v, size_t n); /* NULL is a no-op */
+/* Settles the external promise `id` that sessions wait on with capsule.promise(name).wait()
+ * ("capsule/p/<id>"; a session whose id is "<principal>:<sid>" waits on "<principal>:<name>", so
+ * a server passes "<principal>:<name>"). resolve 1: resolved, 0: rejected; data = its value (the
+ * waiting side decodes it as JSON). The waiting executions are woken. Returns 0 and *state (1
+ * resolved, 2 rejected: its state afterwards, the earlier one if it was settled already),
+ * CAP_ENOTFOUND (nobody created it yet), CAP_EINVAL. Blocking (waits for the commit). */
+int eng_promise_settle(eng_t *e, const char *id, int resolve, const void *data, size_t len,
+                       int *state);
 
 /* Callbacks of one execution; any may be NULL. All run on the loop thread. arg is the caller's. */
 typedef struct eng_exec_cb {

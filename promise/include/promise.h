@@ -14,8 +14,8 @@
  * `prom.outbox` and (by default) `prom.docs` in the same LMDB transaction as the records, with the
  * last applied seq in `prom.meta`; in checkpoint mode (prom_opts_t.checkpoint_ms) `prom.docs` is
  * written by a flusher thread instead. Open loads the tables and replays the document records
- * after prom.meta's seq; the log must not be truncated past prom_store_checkpoint_seq(). Timer and branch indexes are derived in memory on open. Every
- * document is resident in memory.
+ * after prom.meta's seq; the log must not be truncated past prom_store_checkpoint_seq(). Timer and
+ * branch indexes are derived in memory on open. Every document is resident in memory.
  *
  * Sharing the log: prom_store_open() opens THE wal_log_t of the env (the wal takes one apply
  * callback at open, and promise needs it). Other modules (the engine) append their own record
@@ -177,6 +177,12 @@ typedef struct prom_opts {
      * checkpoint (faster: no random-key put inside the group commit), and the log must not be
      * truncated past prom_store_checkpoint_seq(). */
     int checkpoint_ms;
+    /* The settle observer (NULL: none): called with the id of every promise an operation
+     * settled (promise.settle, task.fulfill, a timeout materialised by any op or by
+     * prom_store_tick), once that settle is durable, on the thread that ran the operation,
+     * outside the store's lock. It must not block (post to a loop); it may call operations. */
+    void (*on_settle)(void *arg, const char *id);
+    void *on_settle_arg;
     /* Options of the shared log. durability/sync/batch are passed through; apply (if set) is
      * called for records of kinds outside 0x10..0x2F (see the top of this file). */
     wal_opts_t wal;

@@ -563,8 +563,13 @@ static int handle_frame(pyw_worker_t *w, uint8_t type, uint64_t id, const uint8_
         q.name = name;
         q.num = num;
         q.data = data;
-        if (op < PYW_PO_OPEN || op > PYW_PO_SLEEP || !name[0] || strlen(name) > 200 ||
-            strspn(name, "0123456789.") != strlen(name))
+        const char *ok_chars = op == PYW_PO_AWAIT
+                                   ? "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU"
+                                     "VWXYZ0123456789._-"
+                                   : "0123456789.";
+        if (op < PYW_PO_OPEN || op > PYW_PO_AWAIT || !name[0] ||
+            strlen(name) > (op == PYW_PO_AWAIT ? 128u : 200u) ||
+            strspn(name, ok_chars) != strlen(name))
             pyw_worker_promise_reply(w, id, PYW_PS_FAILED, 0, 0, "bad step request", 16);
         else if (w->cb.on_promise)
             w->cb.on_promise(w, id, &q);

@@ -73,6 +73,9 @@ enum {
     PYW_PO_SLEEP = 3,  /* a timer step: num = delay ms, created with deadline now + num on the
                         * first call only; reply RESOLVED when due, else PENDING with num = the
                         * milliseconds that remain */
+    PYW_PO_AWAIT = 4,  /* an external promise: name = the user's id ([A-Za-z0-9._-]{1,128}),
+                        * created pending if missing (data = its param); the reply comes when it
+                        * is settled (by anyone: REST, another protocol, a timeout) */
 };
 /* PROMISE_REPLY states. */
 enum { PYW_PS_PENDING = 0, PYW_PS_RESOLVED = 1, PYW_PS_REJECTED = 2, PYW_PS_FAILED = 3 };

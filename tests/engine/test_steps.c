@@ -11,6 +11,7 @@
  *   - a durable sleep across a kill -9: the re-run waits only for what remains of the deadline.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -242,7 +243,106 @@ static void test_retries_and_limits(eng_t *e)
     eng_result_free(r);
 }
 
-/* ---------- kill -9 ---------- */
+/* ---------- external promises ---------- */
+typedef struct done_wait {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    eng_result_t *r;
+} done_wait_t;
+
+static void dw_done(void *arg, const eng_result_t *r)
+{
+    done_wait_t *d = arg;
+    pthread_mutex_lock(&d->mu);
+    eng_result_t tmp = *r;
+    d->r = calloc(1, sizeof *d->r);
+    d->r->status = tmp.status;
+    d->r->repr = tmp.repr ? strdup(tmp.repr) : NULL;
+    d->r->etype = tmp.etype ? strdup(tmp.etype) : NULL;
+    d->r->emsg = tmp.emsg ? strdup(tmp.emsg) : NULL;
+    pthread_cond_signal(&d->cv);
+    pthread_mutex_unlock(&d->mu);
+}
+
+static void dw_start(eng_t *e, done_wait_t *d, const char *eid, const char *code)
+{
+    pthread_mutex_init(&d->mu, NULL);
+    pthread_cond_init(&d->cv, NULL);
+    d->r = NULL;
+    eng_exec_req_t rq = {0};
+    rq.sid = "s";
+    rq.eid = eid;
+    rq.code = code;
+    eng_exec_cb_t cb = {0};
+    cb.on_done = dw_done;
+    CHECK_OK(eng_execute(e, &rq, &cb, d));
+}
+
+static void dw_end(done_wait_t *d, eng_status_t status, const char *repr, const char *etype)
+{
+    pthread_mutex_lock(&d->mu);
+    while (!d->r)
+        pthread_cond_wait(&d->cv, &d->mu);
+    pthread_mutex_unlock(&d->mu);
+    if (d->r->status != status)
+        fprintf(stderr, "status %d %s: %s\n", d->r->status, d->r->etype ? d->r->etype : "",
+                d->r->emsg ? d->r->emsg : "");
+    CHECK_EQ(d->r->status, status);
+    if (repr)
+        CHECK_STREQ(d->r->repr, repr);
+    if (etype)
+        CHECK_STREQ(d->r->etype, etype);
+    free(d->r->repr);
+    free(d->r->etype);
+    free(d->r->emsg);
+    free(d->r);
+    pthread_mutex_destroy(&d->mu);
+    pthread_cond_destroy(&d->cv);
+}
+
+/* Settles `id` once an execution has created it (CAP_ENOTFOUND until then). */
+static void settle_when_created(eng_t *e, const char *id, int resolve, const char *json)
+{
+    double t0 = now_s();
+    int st = 0, rc;
+    while ((rc = eng_promise_settle(e, id, resolve, json, strlen(json), &st)) == CAP_ENOTFOUND) {
+        CHECK(now_s() - t0 < 60);
+        usleep(20000);
+    }
+    CHECK_OK(rc);
+    CHECK_EQ(st, resolve ? 1 : 2);
+}
+
+static void test_external(eng_t *e)
+{
+    done_wait_t d;
+    const char *wait_code = "import capsule\ncapsule.promise('approval-42').wait()";
+    dw_start(e, &d, "ext-1", wait_code);
+    usleep(200000); /* the execution is blocked meanwhile */
+    pthread_mutex_lock(&d.mu);
+    CHECK(d.r == NULL);
+    pthread_mutex_unlock(&d.mu);
+    settle_when_created(e, "approval-42", 1, "{\"ok\": true, \"by\": \"ann\"}");
+    dw_end(&d, ENG_ST_OK, "{'ok': True, 'by': 'ann'}", NULL);
+    /* settled already: a later wait returns at once; a second settle changes nothing */
+    etest_expect(e, "s", "capsule.promise('approval-42').wait()['by']", "'ann'");
+    int st = 0;
+    CHECK_OK(eng_promise_settle(e, "approval-42", 0, "1", 1, &st));
+    CHECK_EQ(st, 1);
+    CHECK_ERR(eng_promise_settle(e, "nobody-made-it", 1, "1", 1, &st), CAP_ENOTFOUND);
+    /* rejected: PromiseRejected with the value */
+    dw_start(e, &d, "ext-2", "import capsule\ncapsule.promise('deny-1').wait()");
+    settle_when_created(e, "deny-1", 0, "\"not today\"");
+    dw_end(&d, ENG_ST_ERROR, NULL, "PromiseRejected");
+    /* a waiting execution can be cancelled; settling afterwards wakes nobody (a stale waiter) */
+    dw_start(e, &d, "ext-3", "import capsule\ncapsule.promise('never-1').wait()");
+    usleep(300000);
+    CHECK_OK(eng_cancel(e, "ext-3"));
+    dw_end(&d, ENG_ST_CANCELLED, NULL, NULL);
+    int rc = eng_promise_settle(e, "never-1", 1, "0", 1, &st);
+    CHECK(rc == 0 || rc == CAP_ENOTFOUND);
+    etest_expect(e, "s", "1 + 1", "2");
+}
 
 /* The child: an embedding program that opens the engine and runs one execution; the parent
  * kill -9s it. */
@@ -416,6 +516,7 @@ int main(int argc, char **argv)
     CHECK_OK(eng_session_open(e, "s", NULL, NULL));
     test_steps_basic(e);
     test_retries_and_limits(e);
+    test_external(e);
     eng_close(e);
     test_kill9_workflow(self);
     test_kill9_sleep(self);

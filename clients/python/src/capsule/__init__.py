@@ -40,6 +40,10 @@ __all__ = [
 ]
 
 # durable tasks (issue 9): the same module is `capsule` inside sessions (see task.py)
-from .task import HIGH, LOW, MEDIUM, Task, TaskError, TaskTimeout, sleep, step, task  # noqa: E402
+from .task import (  # noqa: E402
+    HIGH, LOW, MEDIUM, Promise, PromiseRejected, Task, TaskError, TaskTimeout, promise, sleep,
+    step, task,
+)
 
-__all__ += ["task", "step", "sleep", "Task", "TaskError", "TaskTimeout", "LOW", "MEDIUM", "HIGH"]
+__all__ += ["task", "step", "sleep", "promise", "Promise", "PromiseRejected", "Task", "TaskError",
+            "TaskTimeout", "LOW", "MEDIUM", "HIGH"]

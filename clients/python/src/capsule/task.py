@@ -22,6 +22,7 @@ at the call. Standard library only (it runs in the worker's embedded interpreter
 
 import contextvars
 import functools
+import json
 import pickle
 import re
 import threading
@@ -36,6 +37,9 @@ __all__ = [
     "task",
     "step",
     "sleep",
+    "promise",
+    "Promise",
+    "PromiseRejected",
     "Task",
     "TaskError",
     "TaskTimeout",
@@ -51,7 +55,7 @@ LOW, MEDIUM, HIGH = "LOW", "MEDIUM", "HIGH"
 COMPUTE = {LOW: 0.5, MEDIUM: 1.0, HIGH: 2.0}
 
 # the worker protocol's PROMISE operations and reply states (pyworker/src/pyw_proto.h)
-_PO_OPEN, _PO_SETTLE, _PO_SLEEP = 1, 2, 3
+_PO_OPEN, _PO_SETTLE, _PO_SLEEP, _PO_AWAIT = 1, 2, 3, 4
 _PS_PENDING, _PS_RESOLVED, _PS_REJECTED, _PS_FAILED = 0, 1, 2, 3
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -70,6 +74,14 @@ class TaskError(Exception):
 
 class TaskTimeout(TaskError, TimeoutError):
     """An attempt of a task ran longer than its ``timeout``."""
+
+
+class PromiseRejected(TaskError):
+    """An external promise was rejected; ``value`` is what it was rejected with."""
+
+    def __init__(self, id, value):
+        super().__init__(f"promise {id!r} was rejected: {value!r}")
+        self.id, self.value = id, value
 
 
 def _parse_quantity(v, what, units, examples, conv):
@@ -389,3 +401,43 @@ def sleep(seconds):
         if state != _PS_PENDING:
             return
         time.sleep(max(remain, 1) / 1000.0)
+
+
+_PROMISE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+class Promise:
+    """An external promise: ``capsule.promise("approval-42").wait()`` blocks the execution until
+    someone settles it (REST ``POST /v1/promises/approval-42/resolve``, the ``capsule promise``
+    command, ``Session.resolve_promise``); ``wait`` returns its value (JSON-decoded) or raises
+    ``PromiseRejected``. The promise is created on the first ``wait`` (``param``: a JSON-able
+    value stored with it). It is durable: after a restart the re-run's ``wait`` returns at once
+    if it was settled meanwhile."""
+
+    def __init__(self, id, param=None):
+        if not isinstance(id, str) or not _PROMISE_ID.fullmatch(id):
+            raise ValueError(f"promise id: expected 1..128 of [A-Za-z0-9._-], got {id!r}")
+        self.id = id
+        self.param = param
+
+    def __repr__(self):
+        return f"<capsule promise {self.id!r}>"
+
+    def wait(self):
+        if not _durable():
+            raise RuntimeError("capsule.promise(...).wait() works only inside a capsule execution")
+        data = json.dumps(self.param).encode() if self.param is not None else b""
+        state, _, _, value = _call(_PO_AWAIT, self.id, 0, 0, data)
+        text = value.decode("utf-8", "replace")
+        try:
+            v = json.loads(text) if text else None
+        except ValueError:
+            v = text
+        if state == _PS_RESOLVED:
+            return v
+        raise PromiseRejected(self.id, v)
+
+
+def promise(id, param=None):
+    """The external promise ``id`` (see ``Promise``)."""
+    return Promise(id, param)
