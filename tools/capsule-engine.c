@@ -27,6 +27,7 @@
 
 #include "capsule.h"
 #include "cap.h"
+#include "engine_tasks.h"
 #include "srv.h"
 #include "wal.h"
 
@@ -248,7 +249,7 @@ static void xs_free(xs_t *x)
 }
 
 /* ---- ids ---- */
-static int client_id_ok(const char *s)
+int client_id_ok(const char *s)
 {
     size_t n = s ? strlen(s) : 0;
     if (n == 0 || n > ID_MAX)
@@ -260,7 +261,7 @@ static int client_id_ok(const char *s)
     return 1;
 }
 
-static char *eng_id(const char *principal, const char *cid)
+char *eng_id(const char *principal, const char *cid)
 {
     size_t n = strlen(principal) + strlen(cid) + 2;
     char *s = cap_malloc(n);
@@ -1824,6 +1825,7 @@ int main(int argc, char **argv)
     srv_server_route(s, "GET", API "/executions/{eid}", 0, h_exec_get, NULL);
     srv_server_route(s, "POST", API "/executions/{eid}/input", 0, h_exec_input, NULL);
     srv_server_route(s, "POST", API "/executions/{eid}/cancel", 0, h_exec_cancel, NULL);
+    tasks_routes(s, API, G.eng, G.loop); /* durable steps, external promises: engine_tasks.c */
 
     uv_timer_init(G.loop, &G.grace);
     uv_signal_init(G.loop, &G.sigterm);

@@ -703,6 +703,29 @@ def t_spec_statuses(server, data, tokfile):
          {"code": "import time\ntime.sleep(30)", "wait": False, "id": "cx"})
     call("POST", E + "/cancel", "/executions/cx/cancel")
     assert wait_result(e.port, "cx")["status"] == "cancelled"
+    # durable steps and external promises (tools/engine_tasks.c)
+    T = E + "/tasks"
+    call("POST", X, "/sessions/sp/executions",
+         {"code": "import capsule\ncapsule.step(len, 'ab')", "id": "tk"})
+    st, d = call("GET", T, "/executions/tk/tasks")
+    assert st == 200 and d["tasks"][0]["name"] == "len" and d["tasks"][0]["id"] == "tk.1", d
+    call("GET", T, "/executions/never/tasks")  # 404
+    call("GET", T, "/executions/tk/tasks", headers={})  # 401
+    call("POST", X, "/sessions/sp/executions",
+         {"code": "import capsule\ncapsule.promise('ok-1').wait()", "wait": False, "id": "pw"})
+    for verb in ("resolve", "reject"):
+        P = "/promises/{id}/" + verb
+        call("POST", P, f"/promises/nope/{verb}", {"value": 1})  # 404
+        call("POST", P, f"/promises/nope/{verb}", {"valu": 1})  # 400
+        call("POST", P, f"/promises/nope/{verb}", {"value": 1}, headers={})  # 401
+    for _ in range(200):  # 404 until the execution has created it
+        st, d = call("POST", "/promises/{id}/resolve", "/promises/ok-1/resolve", {"value": 5})
+        if st == 200:
+            break
+        time.sleep(0.05)
+    st, d = call("POST", "/promises/{id}/reject", "/promises/ok-1/reject", {"value": 6})
+    assert st == 200 and d["state"] == "resolved", d  # settled already: unchanged
+    assert wait_result(e.port, "pw")["value"] == 5
     # the WebSocket route
     W = S + "/ws"
     for path, h in [("/sessions/sp/ws", A), ("/sessions/nope/ws", A), ("/sessions/sp/ws", {})]:

@@ -4,12 +4,15 @@ in the middle (finished steps are not run again), and the `capsule` module outsi
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from capsule import NotFoundError
 from conftest import Engine, venv_bin
 
 CAPSULE = venv_bin("capsule")
@@ -128,3 +131,71 @@ def main():
     lines = log.read_text().splitlines()
     assert lines.count("fetch") == 1 and lines.count("compute") == 1, lines
     assert lines.count("publish") == 1 and lines.count("publish-start") == 2, lines
+
+
+def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CAPSULE, *args], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, CAPSULE_URL=url))
+
+
+def test_external_promise_and_tasks(engine: Engine, tmp_path: Path) -> None:
+    (tmp_path / "approve.py").write_text('''import capsule
+from capsule import task
+
+@task
+def prepare():
+    return "draft"
+
+@task(name="main")
+def main():
+    doc = prepare()
+    v = capsule.promise("approval-7").wait()
+    return f"{doc} approved by {v['by']}"
+''')
+    env = dict(os.environ, CAPSULE_URL=engine.url)
+    proc = subprocess.Popen([CAPSULE, "run", "--id", "appr-1", "approve.py"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:  # 3 (no such promise) until the run waits on it
+        p = cli(engine.url, "promise", "resolve", "approval-7", '{"by": "ann"}')
+        if p.returncode == 0:
+            break
+        assert p.returncode == 3 and "no promise approval-7" in p.stderr, p
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    assert p.stdout == "resolved\n"
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out == "draft approved by ann\n", (out, err)
+    # settled already: rejecting changes nothing (exit 1, its state printed)
+    p = cli(engine.url, "promise", "reject", "approval-7", "late")
+    assert p.returncode == 1 and p.stdout == "resolved\n", p
+    p = cli(engine.url, "tasks", "appr-1", "--json")
+    assert p.returncode == 0, p
+    tasks = json.loads(p.stdout)["tasks"]
+    assert [(t["path"], t["name"], t["state"], t["attempts"]) for t in tasks] == [
+        ("1", "main", "completed", 1), ("1.1", "prepare", "completed", 1)], tasks
+    p = cli(engine.url, "tasks", "appr-1")
+    assert p.returncode == 0 and "prepare" in p.stdout and "completed" in p.stdout, p
+    p = cli(engine.url, "tasks", "no-such-run")
+    assert p.returncode == 3, p
+
+
+async def _session_api(url: str) -> None:
+    from capsule import Session
+
+    async with Session(url) as s:
+        await s.submit("import capsule\ncapsule.promise('api-1').wait()", execution_id="api-x")
+        for _ in range(200):
+            try:
+                assert await s.reject_promise("api-1", {"why": "no"}) == "rejected"
+                break
+            except NotFoundError:
+                await asyncio.sleep(0.05)
+        r = await s.wait("api-x", raise_on_error=False)
+        assert r.status == "error" and r.error["type"] == "PromiseRejected", r
+        assert "{'why': 'no'}" in r.error["message"]
+        assert await s.resolve_promise("api-1", 1) == "rejected"
+
+
+def test_session_promise_api(engine: Engine) -> None:
+    asyncio.run(_session_api(engine.url))

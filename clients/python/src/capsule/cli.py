@@ -43,7 +43,7 @@ from . import __version__
 from .errors import APIError, CapsuleConnectionError, CapsuleError, ExecutionError
 from .session import Session, _Api, new_id, resolve_url
 
-COMMANDS = {"run", "repl", "sessions", "close", "show", "engine"}
+COMMANDS = {"run", "repl", "sessions", "close", "show", "engine", "tasks", "promise"}
 SPIN = "|/-\\"
 
 
@@ -463,6 +463,10 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
         from .run import main_run
 
         return main_run(rest)
+    if cmd in ("tasks", "promise"):  # durable steps, external promises (capsule/run.py)
+        from .run import main_promise, main_tasks
+
+        return main_tasks(rest) if cmd == "tasks" else main_promise(rest)
     if cmd == "run":
         p = _exec_parser("capsule run")
         args = p.parse_args(rest)

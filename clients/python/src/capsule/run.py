@@ -118,3 +118,65 @@ def main_run(rest: list[str]) -> int:
     if a.resume and a.file:
         p.error("give either --resume ID or FILE")
     return asyncio.run(cmd_run(a))
+
+
+async def _with_api(a: argparse.Namespace, method: str, path: str,
+                    body: Optional[dict] = None) -> dict:
+    api = _Api(await resolve_url(a.url), a.token, 10.0)
+    try:
+        return await api.call(method, path, body)
+    finally:
+        await api.close()
+
+
+async def cmd_tasks(a: argparse.Namespace) -> int:
+    d = await _with_api(a, "GET", f"/executions/{a.eid}/tasks")
+    if a.json:
+        print(json.dumps(d))
+        return 0
+    print(f"{'path':<10}{'name':<24}{'kind':<7}{'state':<11}{'attempts':>8}{'ms':>9}")
+    for t in d["tasks"]:
+        ms = t["settled_at"] - t["created_at"] if "settled_at" in t else None
+        print(f"{t['path']:<10}{t['name'][:23]:<24}{t['kind']:<7}{t['state']:<11}"
+              f"{t['attempts']:>8}{'' if ms is None else ms:>9}")
+    return 0
+
+
+async def cmd_promise(a: argparse.Namespace) -> int:
+    value = None
+    if a.value is not None:
+        try:
+            value = json.loads(a.value)
+        except ValueError:
+            value = a.value  # not JSON: the text itself
+    try:
+        d = await _with_api(a, "POST", f"/promises/{a.id}/{a.action}", {"value": value})
+    except NotFoundError:
+        sys.stderr.write(f"capsule: no promise {a.id} (it exists once an execution waits on "
+                         "it)\n")
+        return 3
+    print(d["state"])
+    return 0 if d["state"] == ("resolved" if a.action == "resolve" else "rejected") else 1
+
+
+def main_tasks(rest: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="capsule tasks",
+                                description="the durable steps of an execution (a run id)")
+    p.add_argument("--url", default=None)
+    p.add_argument("--token", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("eid")
+    return asyncio.run(cmd_tasks(p.parse_args(rest)))
+
+
+def main_promise(rest: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="capsule promise",
+                                description="settle an external promise that executions wait on "
+                                            "(capsule.promise(ID).wait()); exit 1 if it was "
+                                            "settled the other way before")
+    p.add_argument("--url", default=None)
+    p.add_argument("--token", default=None)
+    p.add_argument("action", choices=["resolve", "reject"])
+    p.add_argument("id")
+    p.add_argument("value", nargs="?", help="its value: JSON, else the text as a string")
+    return asyncio.run(cmd_promise(p.parse_args(rest)))

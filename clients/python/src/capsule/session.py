@@ -564,6 +564,25 @@ class Session:
         d = await self._need().call("GET", f"/executions/{execution_id}")
         return ExecutionResult.from_json(d)
 
+    async def tasks(self, execution_id: str) -> list[dict[str, Any]]:
+        """The durable steps of an execution (``capsule`` task calls, ``step``, ``sleep``) in
+        call order: ``id``, ``path``, ``name``, ``kind``, ``state`` (completed, failed, running,
+        pending), ``attempts``, ``created_at``/``settled_at``/``deadline`` (ms since the epoch)."""
+        d = await self._need().call("GET", f"/executions/{execution_id}/tasks")
+        return list(d["tasks"])
+
+    async def resolve_promise(self, promise_id: str, value: Any = None) -> str:
+        """Resolves the external promise executions wait on with ``capsule.promise(id).wait()``
+        (``value``: JSON-able); returns its state afterwards (``resolved``, or ``rejected`` if it
+        was rejected before). ``NotFoundError`` until an execution has waited on it."""
+        d = await self._need().call("POST", f"/promises/{promise_id}/resolve", {"value": value})
+        return str(d["state"])
+
+    async def reject_promise(self, promise_id: str, value: Any = None) -> str:
+        """Rejects an external promise (the waiting ``wait()`` raises ``PromiseRejected``)."""
+        d = await self._need().call("POST", f"/promises/{promise_id}/reject", {"value": value})
+        return str(d["state"])
+
     # -- state -------------------------------------------------------------------------------
 
     async def checkpoint(self, *, truncate: bool = False) -> Checkpoint:
