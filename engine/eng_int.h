@@ -71,7 +71,14 @@ int eng__chain_read(eng_tables_t *t, const char *sid, uint64_t upto, eng_blob_t 
 int eng__result_read(eng_tables_t *t, const char *eid, eng_result_t **out);
 
 /* ---- durable steps (eng_steps.c; the worker's PROMISE frames) ---- */
-enum { ENG_STEP_OPEN = 1, ENG_STEP_SETTLE = 2, ENG_STEP_SLEEP = 3, ENG_STEP_AWAIT = 4 };
+enum {
+    ENG_STEP_OPEN = 1,
+    ENG_STEP_SETTLE = 2,
+    ENG_STEP_SLEEP = 3,
+    ENG_STEP_AWAIT = 4,
+    ENG_STEP_PRELOAD = 5
+};
+#define ENG_PRELOAD_MAX (8u << 20) /* bytes of recorded values one preload carries */
 /* reply states: the PYW_PS_* values */
 enum { ENG_STEP_PENDING = 0, ENG_STEP_RESOLVED = 1, ENG_STEP_REJECTED = 2, ENG_STEP_FAILED = 3 };
 typedef struct eng_step {

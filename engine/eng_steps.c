@@ -73,6 +73,65 @@ static void fail(eng_step_t *st, const char *what, int rc)
     st->out_len = strlen(msg);
 }
 
+static const char *path_of(const char *id, const char *eid);
+
+/* Appends a u32 LE length + len bytes (with_len) or just the bytes. */
+static void buf_put(uint8_t **b, size_t *n, size_t *cap, int with_len, const void *p, size_t len)
+{
+    size_t need = *n + (with_len ? 4 : 0) + len;
+    if (need > *cap) {
+        *cap = need * 2;
+        *b = cap_realloc(*b, *cap);
+    }
+    if (with_len) {
+        cap_put_le32(*b + *n, (uint32_t)len);
+        *n += 4;
+    }
+    if (len)
+        memcpy(*b + *n, p, len);
+    *n += len;
+}
+
+/* Every settled step of st->eid, packed for the worker (see PYW_PO_PRELOAD). */
+static int preload(prom_store_t *ps, eng_step_t *st)
+{
+    uint8_t *b = NULL;
+    size_t n = 0, cap = 0;
+    char *cursor = NULL;
+    prom_kv_t tag = {"capsule:exec", st->eid};
+    int rc = 0;
+    do {
+        prom_result_t res = {0};
+        prom_search_t q = {-1, &tag, 1, 1000, cursor};
+        rc = prom_promise_search(ps, &q, &res);
+        cap_free(cursor);
+        cursor = NULL;
+        if (!rc && res.status != PROM_S_OK)
+            rc = CAP_EINVAL;
+        for (size_t i = 0; !rc && i < res.npromises; i++) {
+            const prom_promise_t *p = &res.promises[i];
+            const char *path = path_of(p->id, st->eid);
+            if (!path || p->state == PROM_PENDING || n + p->value.len > ENG_PRELOAD_MAX)
+                continue;
+            uint8_t state = p->state == PROM_RESOLVED ? ENG_STEP_RESOLVED : ENG_STEP_REJECTED;
+            buf_put(&b, &n, &cap, 1, path, strlen(path));
+            buf_put(&b, &n, &cap, 0, &state, 1);
+            buf_put(&b, &n, &cap, 1, p->value.data, p->value.len);
+        }
+        if (!rc && res.cursor)
+            cursor = cap_strdup(res.cursor);
+        prom_result_clear(&res);
+    } while (cursor);
+    if (rc) {
+        cap_free(b);
+        return rc;
+    }
+    st->state = ENG_STEP_RESOLVED;
+    st->out = b;
+    st->out_len = n;
+    return 0;
+}
+
 void eng__step_run(prom_store_t *ps, eng_step_t *st)
 {
     prom_result_t res = {0};
@@ -82,6 +141,12 @@ void eng__step_run(prom_store_t *ps, eng_step_t *st)
     cap_free(st->out); /* a re-run (recheck) replaces the previous answer */
     st->out = NULL;
     st->out_len = 0;
+    if (st->op == ENG_STEP_PRELOAD) {
+        if ((rc = preload(ps, st)))
+            fail(st, "steps not read", rc);
+        cap_free(pid);
+        return;
+    }
     if (st->op == ENG_STEP_AWAIT && st->recheck) {
         rc = prom_promise_get(ps, pid, &res);
     } else if (st->op == ENG_STEP_AWAIT) {

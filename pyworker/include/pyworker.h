@@ -140,7 +140,7 @@ typedef struct pyw_exit {
 /* A durable step operation of a running cell (PROMISE frame; see pyw_proto.h PYW_PO_* and
  * ARCHITECTURE.md "Durable steps"). Answer with pyw_worker_promise_reply. */
 typedef struct pyw_promise_req {
-    int op;            /* 1 open, 2 settle, 3 sleep, 4 await an external promise */
+    int op;            /* 1 open, 2 settle, 3 sleep, 4 await an external promise, 5 preload */
     const char *name;  /* the step's path below the execution ("1", "2.1"): [0-9.]{1,200};
                         * await: the user's promise id, [A-Za-z0-9._-]{1,128} */
     const char *label; /* open: the task's name (may be empty) */

@@ -567,7 +567,7 @@ static int handle_frame(pyw_worker_t *w, uint8_t type, uint64_t id, const uint8_
                                    ? "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU"
                                      "VWXYZ0123456789._-"
                                    : "0123456789.";
-        if (op < PYW_PO_OPEN || op > PYW_PO_AWAIT || !name[0] ||
+        if (op < PYW_PO_OPEN || op > PYW_PO_PRELOAD || !name[0] ||
             strlen(name) > (op == PYW_PO_AWAIT ? 128u : 200u) ||
             strspn(name, ok_chars) != strlen(name))
             pyw_worker_promise_reply(w, id, PYW_PS_FAILED, 0, 0, "bad step request", 16);

@@ -422,9 +422,17 @@ static void test_kill9_workflow(const char *self)
              "        time.sleep(60)\n"
              "    note('step3')\n"
              "    return x + 1\n"
+             "@task\n"
+             "def boom():\n"
+             "    note('boom')\n"
+             "    raise ValueError('recorded')\n"
              "@task(name='main')\n"
              "def main():\n"
-             "    return [step1(), step2(1), step3(2)]\n"
+             "    try:\n"
+             "        boom()\n"
+             "    except ValueError as e:\n"
+             "        r = str(e)\n"
+             "    return [step1(), step2(1), step3(2), r]\n"
              "main()",
              log, mark);
     pid_t pid = spawn_child(self, dir, "wf-run-1", code);
@@ -432,16 +440,17 @@ static void test_kill9_workflow(const char *self)
     usleep(50000);
     kill_child(pid);
     char *t = slurp(log);
-    CHECK_STREQ(t, "step1\nstep2\nstep3-start\n");
+    CHECK_STREQ(t, "boom\nstep1\nstep2\nstep3-start\n");
     free(t);
 
     /* restart: recovery re-runs the execution; attaching by id gets its result */
     eng_t *e = etest_open(dir, 0);
     eng_result_t *r = run_ok(e, "wf", "wf-run-1", code);
-    CHECK_STREQ(r->repr, "[1, 2, 3]");
+    CHECK_STREQ(r->repr, "[1, 2, 3, 'recorded']");
     CHECK(r->restarted);
     eng_result_free(r);
     t = slurp(log);
+    CHECK_EQ(count_lines(t, "boom"), 1); /* its recorded error was raised again, not re-run */
     CHECK_EQ(count_lines(t, "step1"), 1);
     CHECK_EQ(count_lines(t, "step2"), 1);
     CHECK_EQ(count_lines(t, "step3-start"), 2); /* the step in flight ran again (at least once) */
@@ -450,11 +459,13 @@ static void test_kill9_workflow(const char *self)
     eng_task_info_t *v;
     size_t n;
     CHECK_OK(eng_tasks_list(e, "wf-run-1", &v, &n));
-    CHECK_EQ(n, 4);
+    CHECK_EQ(n, 5);
     CHECK_STREQ(v[0].name, "main");
-    CHECK_STREQ(find_task(v, n, "1.3")->name, "step3");
+    CHECK_STREQ(find_task(v, n, "1.4")->name, "step3");
+    CHECK_STREQ(find_task(v, n, "1.1")->state, "failed");
     for (size_t i = 0; i < n; i++)
-        CHECK_STREQ(v[i].state, "completed");
+        if (strcmp(v[i].path, "1.1") != 0)
+            CHECK_STREQ(v[i].state, "completed");
     eng_tasks_free(v, n);
     eng_close(e);
 }
