@@ -1075,9 +1075,10 @@ static void step_done(eng_t *e, eng_msg_t *m)
     }
     if (live && st->op == ENG_STEP_AWAIT && st->recheck && !pwait_take(e, st->ext, x->eid, x->wid))
         goto out; /* answered already */
-    if (live)
-        pyw_worker_promise_reply(x->s->w->w, x->wid, st->state, st->out_attempts, st->out_num,
-                                 st->out, st->out_len);
+    if (live && pyw_worker_promise_reply(x->s->w->w, x->wid, st->state, st->out_attempts,
+                                         st->out_num, st->out, st->out_len) == CAP_ETOOBIG)
+        pyw_worker_promise_reply(x->s->w->w, x->wid, ENG_STEP_FAILED, 0, 0,
+                                 "recorded value exceeds the frame limit", 38);
 out:
     job_free(j);
 }

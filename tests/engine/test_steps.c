@@ -232,6 +232,18 @@ static void test_retries_and_limits(eng_t *e)
     CHECK_STREQ(v[0].state, "failed");
     eng_tasks_free(v, n);
 
+    /* the worker's step requests are checked: a bad op or name is refused, not recorded */
+    etest_expect(e, "s",
+                 "import _capsule\n"
+                 "[_capsule.promise(9, '1', '', 0, 0, b'')[0], "
+                 "_capsule.promise(1, 'a/b', '', 0, 0, b'')[0], "
+                 "_capsule.promise(4, 'bad id!', '', 0, 0, b'')[0], "
+                 "_capsule.promise(1, '', '', 0, 0, b'')[0]]",
+                 "[3, 3, 3, 3]");
+    r = etest_run(e, "s", NULL, "import capsule\ncapsule.promise('no/slash')");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK(strstr(r->emsg, "promise id: expected") != NULL);
+    eng_result_free(r);
     /* bad options are errors at decoration */
     r = etest_run(e, "s", NULL, "from capsule import task\n@task(ram='lots')\ndef f(): pass");
     CHECK_EQ(r->status, ENG_ST_ERROR);

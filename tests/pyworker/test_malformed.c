@@ -123,6 +123,16 @@ static void test_raw(void)
     uint8_t ir[5] = {0, 0, 0, 0, 0};
     frame(buf, &n, 0x02, 8, ir, 5);
     expect_error(w, buf, n, CAP_ECONFLICT);
+    /* PROMISE_REPLY (durable steps): a truncated body, a bad state, and one nobody asked for */
+    uint8_t pr[17] = {1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    frame(buf, &n, 0x09, 8, pr, 9);
+    expect_error(w, buf, n, CAP_EPROTO);
+    pr[0] = 9; /* no such state */
+    frame(buf, &n, 0x09, 8, pr, 17);
+    expect_error(w, buf, n, CAP_EPROTO);
+    pr[0] = 1;
+    frame(buf, &n, 0x09, 8, pr, 17);
+    expect_error(w, buf, n, CAP_ECONFLICT);
     /* a worker->client frame type sent to the worker */
     frame(buf, &n, 0x80, 9, "", 0);
     expect_error(w, buf, n, CAP_EPROTO);
