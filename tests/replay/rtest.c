@@ -3,6 +3,7 @@
 
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -31,6 +32,8 @@ int rt_run(const char *const *args)
         n += (size_t)r;
     rt_out[n] = 0;
     close(fds[0]);
+    if (getenv("RT_VERBOSE")) /* debugging: show what the tool printed */
+        fprintf(stderr, "$ capsule-replay %s ...\n%s", args[1] ? args[1] : "", rt_out);
     int st = 0;
     CHECK(waitpid(pid, &st, 0) == pid);
     CHECK(WIFEXITED(st));

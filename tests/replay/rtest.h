@@ -12,7 +12,8 @@
 
 /* The last run's stdout (NUL-ended). */
 extern char rt_out[1 << 20];
-/* Runs capsule-replay with args (NULL-ended, args[0] ignored); returns its exit status. */
+/* Runs capsule-replay with args (NULL-ended, args[0] ignored); returns its exit status. With
+ * RT_VERBOSE set in the environment, its stdout is echoed on stderr. */
 int rt_run(const char *const *args);
 #define RT_RUN(...) rt_run((const char *const[]){REPLAY_BIN, __VA_ARGS__, NULL})
 /* Newline count of s. */

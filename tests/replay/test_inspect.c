@@ -1,8 +1,9 @@
 /*
- * test_inspect - `capsule-replay export | sessions | executions | promises` (the real binary) on
- * a data directory written by a real engine: two sessions (one closed), an execution that asks
- * for input (its reply recorded), a failing one, a checkpoint; then the same commands on the
- * directory while the engine still holds it, and bad arguments (exit 64).
+ * test_inspect - `capsule-replay export | sessions | executions | promises | show` (the real
+ * binary) on a data directory written by a real engine: two sessions (one closed), an execution
+ * that asks for input (its reply recorded), a failing one, a checkpoint, one whose worker dies;
+ * then the same commands on the directory while the engine still holds it, and bad arguments (exit
+ * 64).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,12 +62,31 @@ static void commands(const char *dir)
           strstr(rt_out, "\"repr\":\"'hello Ada'\""));
     size_t all = rt_lines(rt_out);
     CHECK_EQ(RT_RUN("export", "--kind", "eng.finish", dir), 0);
-    CHECK_EQ(rt_lines(rt_out), 6); /* a1..a4, beta:warmup, b1 */
+    CHECK_EQ(rt_lines(rt_out), 7); /* a1..a5, beta:warmup, b1 */
     CHECK(!strstr(rt_out, "prom.doc"));
     CHECK_EQ(RT_RUN("export", "--from", "2", "--to", "4", dir), 0);
     CHECK_EQ(rt_lines(rt_out), 3);
     CHECK(!strncmp(rt_out, "{\"seq\":2,", 9));
     CHECK(all > 10);
+    /* show EXECUTION: code, the input with its reply, output, result */
+    CHECK_EQ(RT_RUN("show", dir, "a2"), 0);
+    CHECK(strstr(rt_out, "--- code\nname = input('who? ')"));
+    CHECK(strstr(rt_out, "--- input 1: prompt \"who? \" -> \"Ada\""));
+    CHECK(strstr(rt_out, "--- result: ok, committed as delta #2"));
+    CHECK(strstr(rt_out, "value: 'hello Ada'"));
+    CHECK_EQ(RT_RUN("show", "--json", dir, "a3"), 0);
+    CHECK(strstr(rt_out, "\"etype\":\"ZeroDivisionError\"") && rt_lines(rt_out) == 1);
+    /* show SESSION: the timeline with its checkpoint and the worker's death */
+    CHECK_EQ(RT_RUN("show", dir, "alpha"), 0);
+    char *p1 = strstr(rt_out, " a2 "), *pc = strstr(rt_out, "checkpoint "),
+         *p3 = strstr(rt_out, " a3 ");
+    CHECK(p1 && pc && p3 && p1 < pc && pc < p3);
+    CHECK(strstr(rt_out, "after delta #2"));
+    CHECK(strstr(rt_out, "worker died ("));
+    CHECK(strstr(rt_out, "a4 "));
+    CHECK_EQ(RT_RUN("show", "--json", dir, "beta"), 0);
+    CHECK(strstr(rt_out, "\"state\":\"closed\"") && strstr(rt_out, "\"event\":\"execution\""));
+    CHECK_EQ(RT_RUN("show", dir, "nobody"), 1);
 }
 
 static void bad_usage(const char *dir)
@@ -80,6 +100,9 @@ static void bad_usage(const char *dir)
     CHECK_EQ(RT_RUN("export", "--from", "9", "--to", "3", dir), 64);
     CHECK_EQ(RT_RUN("export", "--from", dir), 64);
     CHECK_EQ(RT_RUN("export", dir, dir), 64);
+    CHECK_EQ(RT_RUN("show", dir), 64);
+    CHECK_EQ(RT_RUN("show", dir, "a1", "a2"), 64);
+    CHECK_EQ(RT_RUN("show", "--state", "ok", dir, "a1"), 64);
     CHECK_EQ(RT_RUN("frobnicate", dir), 64);
     CHECK_EQ(RT_RUN("export", "--help"), 0);
     CHECK(strstr(rt_out, "capsule-replay export"));
@@ -104,6 +127,8 @@ int main(void)
     CHECK_OK(eng_checkpoint(e, "alpha", 0, &bytes));
     exec_ok(e, "alpha", "a3", "1 / 0", NULL, ENG_ST_ERROR);
     exec_ok(e, "alpha", "a4", "y = x + 1", NULL, ENG_ST_OK);
+    exec_ok(e, "alpha", "a5", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", NULL,
+            ENG_ST_DIED);
     exec_ok(e, "beta", "b1", "z = w", NULL, ENG_ST_OK);
     CHECK_OK(eng_session_close(e, "beta"));
     /* the engine still holds the directory: every command reads it safely */

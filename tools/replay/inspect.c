@@ -583,8 +583,8 @@ static void exec_print(const lopt_t *o, const xrow_t *x)
     char ordb[24] = "-";
     if (x->r && x->r->committed)
         snprintf(ordb, sizeof ordb, "%" PRIu64, x->r->ordinal);
-    printf("%-28s %-16s %6" PRIu64 " %-9s %8s %s %2zu  %s\n", x->d->p.id + 10,
-           prom_promise_tag(&x->d->p, "capsule:session"), x->ord,
+    printf("%-28s %-16s %-9s %8s %s %2zu  %s\n", x->d->p.id + 10,
+           prom_promise_tag(&x->d->p, "capsule:session"),
            x->r ? status_name(x->r->status) : "pending", ordb, rp_time_fmt(x->d->p.created_at, t1),
            x->inputs, code_head(x->d, cb));
 }
@@ -639,8 +639,8 @@ int rp_cmd_list(int argc, char **argv)
         xwalk_t w;
         rc = exec_collect(&c, &o, o.session, &w);
         if (!o.json && rc == 0)
-            printf("%-28s %-16s %6s %-9s %8s %-24s %2s  %s\n", "EXECUTION", "SESSION", "SUBMIT",
-                   "STATE", "ORDINAL", "CREATED", "IN", "CODE");
+            printf("%-28s %-16s %-9s %8s %-24s %2s  %s\n", "EXECUTION", "SESSION", "STATE",
+                   "ORDINAL", "CREATED", "IN", "CODE");
         for (size_t i = 0; rc == 0 && i < w.n && (!o.limit || i < o.limit); i++)
             exec_print(&o, &w.rows[i]);
         bad = w.bad;
@@ -662,4 +662,327 @@ int rp_cmd_list(int argc, char **argv)
         return RP_EXIT_OPEN;
     }
     return bad ? RP_EXIT_PROBLEM : RP_EXIT_CLEAN;
+}
+
+/* ---------- show ---------- */
+typedef struct blobs {
+    const char *pre;
+    size_t pre_len, n, cap;
+    uint64_t *ord;
+    size_t *len;
+} blobs_t;
+
+/* Collects (ordinal, size) of the rows of eng.deltas / eng.ckpt under "sid\0". */
+static int blob_one(void *arg, store_txn_t *txn, store_val_t k, store_val_t v)
+{
+    (void)txn;
+    blobs_t *b = arg;
+    if (k.len != b->pre_len + 8 || memcmp(k.data, b->pre, b->pre_len))
+        return 1;
+    if (b->n == b->cap) {
+        b->cap = b->cap ? 2 * b->cap : 64;
+        b->ord = cap_realloc(b->ord, b->cap * sizeof *b->ord);
+        b->len = cap_realloc(b->len, b->cap * sizeof *b->len);
+    }
+    b->ord[b->n] = cap_get_be64((const uint8_t *)k.data + b->pre_len);
+    b->len[b->n++] = v.len;
+    return 0;
+}
+
+static int blobs_read(rp_ctx_t *c, int t, const char *sid, blobs_t *b)
+{
+    memset(b, 0, sizeof *b);
+    b->pre_len = strlen(sid) + 1;
+    b->pre = sid; /* the NUL ends the prefix */
+    int rc = rp_walk(c, t, sid, b->pre_len, blob_one, b);
+    return rc == CAP_ENOTFOUND ? 0 : rc;
+}
+
+static void blobs_free(blobs_t *b)
+{
+    cap_free(b->ord);
+    cap_free(b->len);
+}
+
+static size_t blob_size(const blobs_t *b, uint64_t ord)
+{
+    for (size_t i = 0; i < b->n; i++)
+        if (b->ord[i] == ord)
+            return b->len[i];
+    return 0;
+}
+
+/* One document of prom.docs (copy decoded), or NULL. */
+typedef struct docget {
+    const char *id;
+    prom__doc_t *d;
+    char base[ENG_MAX_ID + 32];
+} docget_t;
+
+static int docget_one(void *arg, store_txn_t *txn, store_val_t k, store_val_t v)
+{
+    docget_t *g = arg;
+    if (k.len == strlen(g->id) && !memcmp(k.data, g->id, k.len))
+        prom__doc_decode(v.data, v.len, &g->d);
+    (void)txn;
+    return 1;
+}
+
+static prom__doc_t *doc_get(rp_ctx_t *c, const char *id)
+{
+    docget_t g = {.id = id};
+    rp_walk(c, RP_T_DOCS, id, strlen(id), docget_one, &g);
+    return g.d;
+}
+
+static int base_one(void *arg, store_txn_t *txn, store_val_t k, store_val_t v)
+{
+    docget_t *g = arg;
+    (void)txn;
+    if (k.len == strlen(g->id) && !memcmp(k.data, g->id, k.len) && v.len >= 8)
+        snprintf(g->base, sizeof g->base, "%.*s@%" PRIu64, (int)(v.len - 8),
+                 (const char *)v.data + 8, cap_get_be64(v.data));
+    return 1;
+}
+
+static int show_session(rp_ctx_t *c, const lopt_t *o, const char *sid, prom__doc_t *sd)
+{
+    lopt_t none = {0};
+    xwalk_t w;
+    blobs_t deltas, ckpts;
+    docget_t base = {.id = sid};
+    int rc = exec_collect(c, &none, sid, &w);
+    if (rc == 0)
+        rc = blobs_read(c, RP_T_DELTAS, sid, &deltas);
+    if (rc == 0)
+        rc = blobs_read(c, RP_T_CKPT, sid, &ckpts);
+    if (rc)
+        return rc;
+    if (c->have[RP_T_BASE])
+        rp_walk(c, RP_T_BASE, sid, strlen(sid), base_one, &base);
+    char t1[32];
+    json_t *tl = json_array();
+    if (!o->json) {
+        printf("session %s: %s, created %s", sid, sd->p.state ? "closed" : "open",
+               rp_time_fmt(sd->p.created_at, t1));
+        if (sd->p.state)
+            printf(", closed %s", rp_time_fmt(sd->p.settled_at, t1));
+        printf("%s%s\n", *base.base ? ", fork of " : "", base.base);
+        printf("%zu execution(s), %zu committed delta(s), %zu checkpoint(s)\n", w.n, deltas.n,
+               ckpts.n);
+        if (w.n)
+            printf("\n%-24s %-28s %-9s %s\n", "TIME", "EVENT", "STATE", "DETAIL");
+    }
+    size_t ck = 0;
+    for (size_t i = 0; i < w.n; i++) {
+        const xrow_t *x = &w.rows[i];
+        const eng_result_t *r = x->r;
+        char detail[256] = "";
+        size_t dl = 0;
+        if (r && r->committed)
+            dl += (size_t)snprintf(detail + dl, sizeof detail - dl, "delta #%" PRIu64 " (%zu B)",
+                                   r->ordinal, blob_size(&deltas, r->ordinal));
+        else if (r)
+            dl += (size_t)snprintf(detail + dl, sizeof detail - dl, "not committed");
+        if (x->inputs)
+            dl += (size_t)snprintf(detail + dl, sizeof detail - dl, ", %zu input(s)", x->inputs);
+        if (r && r->restarted)
+            dl +=
+                (size_t)snprintf(detail + dl, sizeof detail - dl, ", re-run after an engine crash");
+        if (r && r->status == ENG_ST_DIED)
+            dl += (size_t)snprintf(detail + dl, sizeof detail - dl,
+                                   ", worker died (%s); namespace restored from the log",
+                                   r->emsg ? r->emsg : "?");
+        if (r && r->status == ENG_ST_ERROR)
+            dl += (size_t)snprintf(detail + dl, sizeof detail - dl, ", %s",
+                                   r->etype ? r->etype : "error");
+        if (r && r->restore_failed)
+            snprintf(detail + dl, sizeof detail - dl, ", restore failed: %s", r->restore_failed);
+        if (o->json) {
+            json_t *ev = j_exec(x);
+            json_object_set_new(ev, "event", json_string("execution"));
+            if (r && r->committed)
+                json_object_set_new(ev, "delta_bytes",
+                                    json_integer((json_int_t)blob_size(&deltas, r->ordinal)));
+            json_array_append_new(tl, ev);
+        } else {
+            printf("%-24s %-28s %-9s %s\n", rp_time_fmt(x->d->p.created_at, t1), x->d->p.id + 10,
+                   r ? status_name(r->status) : "pending", detail);
+        }
+        /* checkpoints taken right after this ordinal */
+        for (; r && r->committed && ck < ckpts.n && ckpts.ord[ck] <= r->ordinal; ck++) {
+            if (o->json)
+                json_array_append_new(tl, json_pack("{s:s,s:I,s:I}", "event", "checkpoint",
+                                                    "ordinal", (json_int_t)ckpts.ord[ck], "bytes",
+                                                    (json_int_t)ckpts.len[ck]));
+            else
+                printf("%-24s %-28s %-9s after delta #%" PRIu64 " (%zu B)\n", "", "checkpoint", "",
+                       ckpts.ord[ck], ckpts.len[ck]);
+        }
+    }
+    if (o->json)
+        j_print(
+            json_pack("{s:o,s:s,s:I,s:I,s:o,s:I,s:I,s:o}", "session", j_str(sid), "state",
+                      sd->p.state ? "closed" : "open", "created_at", (json_int_t)sd->p.created_at,
+                      "closed_at", (json_int_t)(sd->p.state ? sd->p.settled_at : 0), "fork_of",
+                      *base.base ? json_string(base.base) : json_null(), "deltas",
+                      (json_int_t)deltas.n, "checkpoints", (json_int_t)ckpts.n, "timeline", tl));
+    else
+        json_decref(tl);
+    xwalk_free(&w);
+    blobs_free(&deltas);
+    blobs_free(&ckpts);
+    return 0;
+}
+
+typedef struct inputs {
+    const char *pre;
+    size_t pre_len, n;
+    prom__doc_t **d;
+} inputs_t;
+
+static int input_one(void *arg, store_txn_t *txn, store_val_t k, store_val_t v)
+{
+    (void)txn;
+    inputs_t *in = arg;
+    if (k.len <= in->pre_len || memcmp(k.data, in->pre, in->pre_len))
+        return 1;
+    prom__doc_t *d = NULL;
+    if (prom__doc_decode(v.data, v.len, &d) == 0) {
+        in->d = cap_realloc(in->d, (in->n + 1) * sizeof *in->d);
+        in->d[in->n++] = d;
+    }
+    return 0;
+}
+
+static uint64_t input_k(const prom__doc_t *d)
+{
+    const char *s = strrchr(d->p.id, '/');
+    return s ? strtoull(s + 1, NULL, 10) : 0;
+}
+
+static int input_cmp(const void *a, const void *b)
+{
+    uint64_t x = input_k(*(prom__doc_t *const *)a), y = input_k(*(prom__doc_t *const *)b);
+    return x < y ? -1 : x > y;
+}
+
+static int show_exec(rp_ctx_t *c, const lopt_t *o, const char *eid, prom__doc_t *xd)
+{
+    char pre[ENG_MAX_ID + 32];
+    snprintf(pre, sizeof pre, "capsule/x/%s/in/", eid);
+    inputs_t in = {.pre = pre, .pre_len = strlen(pre)};
+    int rc = rp_walk(c, RP_T_DOCS, pre, in.pre_len, input_one, &in);
+    if (rc)
+        return rc;
+    if (in.n)
+        qsort(in.d, in.n, sizeof *in.d, input_cmp);
+    xrow_t x = {.d = xd, .inputs = in.n};
+    const char *ord = hdr(&xd->p.param, "capsule:ord");
+    x.ord = ord ? strtoull(ord, NULL, 10) : 0;
+    /* the result, read in its own snapshot */
+    store_txn_t *txn = NULL;
+    store_val_t rv;
+    if (c->have[RP_T_RESULTS] && store_txn_begin(c->env, 1, &txn) == 0) {
+        if (store_get(txn, c->dbi[RP_T_RESULTS], (store_val_t){(void *)eid, strlen(eid)}, &rv) ==
+                0 &&
+            eng__result_decode(rv.data, rv.len, &x.r))
+            fprintf(stderr, "capsule-replay: eng.results[%s] does not decode\n", eid);
+        store_txn_abort(txn);
+    }
+    if (o->json) {
+        json_t *j = j_exec(&x), *a = json_array();
+        for (size_t i = 0; i < in.n; i++) {
+            const prom__doc_t *d = in.d[i];
+            json_array_append_new(
+                a, json_pack("{s:I,s:o,s:s,s:o,s:b}", "k", (json_int_t)input_k(d), "prompt",
+                             j_bytes(d->p.param.data, d->p.param.len), "state",
+                             prom_state_name(d->p.state), "reply",
+                             d->p.state ? j_bytes(d->p.value.data, d->p.value.len) : json_null(),
+                             hdr(&d->p.value, "capsule:eof") != NULL));
+        }
+        json_object_set_new(j, "input_requests", a);
+        j_print(j);
+    } else {
+        char t1[32];
+        printf("execution %s (session %s, created %s)\n", eid,
+               prom_promise_tag(&xd->p, "capsule:session"), rp_time_fmt(xd->p.created_at, t1));
+        printf("--- code\n%.*s\n", (int)xd->p.param.len, (const char *)xd->p.param.data);
+        for (size_t i = 0; i < in.n; i++) {
+            const prom__doc_t *d = in.d[i];
+            printf("--- input %" PRIu64 ": prompt \"%.*s\" -> ", input_k(d), (int)d->p.param.len,
+                   (const char *)d->p.param.data);
+            if (!d->p.state)
+                printf("(no reply yet)\n");
+            else if (hdr(&d->p.value, "capsule:eof"))
+                printf("EOF\n");
+            else
+                printf("\"%.*s\"\n", (int)d->p.value.len, (const char *)d->p.value.data);
+        }
+        if (!x.r) {
+            printf("--- no result recorded (pending, or interrupted: re-run at recovery)\n");
+        } else {
+            const eng_result_t *r = x.r;
+            printf("--- output (%zu bytes%s)\n%.*s", r->output_len,
+                   r->truncated ? ", truncated" : "", (int)r->output_len,
+                   r->output ? r->output : "");
+            if (r->output_len && r->output[r->output_len - 1] != '\n')
+                printf("\n");
+            printf("--- result: %s", status_name(r->status));
+            if (r->committed)
+                printf(", committed as delta #%" PRIu64, r->ordinal);
+            else
+                printf(", not committed");
+            printf("%s\n", r->restarted ? ", re-run after an engine crash" : "");
+            if (r->repr)
+                printf("value: %s\n", r->repr);
+            if (r->etype || r->emsg)
+                printf("error: %s: %s\n", r->etype ? r->etype : "", r->emsg ? r->emsg : "");
+            if (r->traceback)
+                printf("%s", r->traceback);
+            if (r->restore_failed)
+                printf("restore failed: %s\n", r->restore_failed);
+        }
+    }
+    for (size_t i = 0; i < in.n; i++)
+        prom__doc_free(in.d[i]);
+    cap_free(in.d);
+    eng_result_free(x.r);
+    return 0;
+}
+
+int rp_cmd_show(int argc, char **argv)
+{
+    lopt_t o;
+    int st = lopt_parse("show", argc, argv, "--json", 1, &o);
+    if (st)
+        return st;
+    rp_ctx_t c = {0};
+    if ((st = rp_open(&c, o.dir, 0)))
+        return st;
+    char id[ENG_MAX_ID + 32];
+    int rc = 0;
+    st = RP_EXIT_CLEAN;
+    snprintf(id, sizeof id, "capsule/x/%s", o.target);
+    prom__doc_t *d = c.have[RP_T_DOCS] ? doc_get(&c, id) : NULL;
+    if (d) {
+        rc = show_exec(&c, &o, o.target, d);
+    } else {
+        snprintf(id, sizeof id, "capsule/s/%s", o.target);
+        d = c.have[RP_T_DOCS] ? doc_get(&c, id) : NULL;
+        if (d) {
+            rc = show_session(&c, &o, o.target, d);
+        } else {
+            fprintf(stderr, "capsule-replay show: no session or execution \"%s\" in %s\n", o.target,
+                    o.dir);
+            st = RP_EXIT_PROBLEM;
+        }
+    }
+    prom__doc_free(d);
+    rp_close(&c);
+    if (rc) {
+        fprintf(stderr, "capsule-replay: cannot read %s: %s\n", o.dir, cap_strerror(rc));
+        return RP_EXIT_OPEN;
+    }
+    return st;
 }
