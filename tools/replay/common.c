@@ -306,11 +306,6 @@ static const struct {
     {"show", "show [--json] DIR SESSION|EXECUTION\n"
              "    A session's timeline (executions, inputs, deltas, checkpoints, worker deaths)\n"
              "    or one execution (code, inputs with replies, output, result).\n"},
-    {"replay", "replay [--rerun] [--json] DIR SESSION\n"
-               "    Rebuild SESSION offline in a fresh worker from its checkpoint + deltas and\n"
-               "    compare with the whole delta chain name by name; --rerun also re-runs its\n"
-               "    executions with their recorded input replies and compares. Exit 1 if\n"
-               "    anything differs or fails to restore.\n"},
     {"export", "export [--from SEQ] [--to SEQ] [--kind K] DIR\n"
                "    NDJSON of log records, decoded (kind names, fields). K: a name\n"
                "    (prom.doc, eng.finish, ...) or a number.\n"},

@@ -114,7 +114,6 @@ int rp_cmd_verify(int argc, char **argv);
 int rp_cmd_export(int argc, char **argv);
 int rp_cmd_list(int argc, char **argv); /* sessions | executions | promises */
 int rp_cmd_show(int argc, char **argv);
-int rp_cmd_replay(int argc, char **argv);
 int rp_cmd_repair(int argc, char **argv);
 int rp_cmd_compact(int argc, char **argv);
 
