@@ -2454,6 +2454,41 @@ int eng_session_close(eng_t *e, const char *sid)
     return waiter_wait(&w);
 }
 
+static void do_session_info(eng_t *e, eng_msg_t *m)
+{
+    cmd_t *c = (cmd_t *)m;
+    session_t *s = e->dead ? NULL : smap_get(e, c->sid);
+    int rc = 0;
+    if (!s || s->st == S_CLOSING || s->st == S_CREATING) {
+        rc = e->dead ? CAP_ECLOSED : CAP_ENOTFOUND;
+    } else {
+        eng_session_info_t *out = c->arg;
+        out->opts = s->so;
+        out->opts.warmup = NULL;
+        out->ordinal = s->last_ord;
+        out->queued = s->qlen;
+        out->running = s->cur != NULL;
+        out->live = s->w != NULL;
+    }
+    waiter_wake(c->w, rc);
+    cmd_free(c);
+}
+
+int eng_session_info(eng_t *e, const char *sid, eng_session_info_t *out)
+{
+    if (!e || !sid || !eng__id_valid(sid) || !out)
+        return CAP_EINVAL;
+    memset(out, 0, sizeof(*out));
+    waiter_t w;
+    waiter_init(&w);
+    cmd_t *c = cmd_new(do_session_info);
+    c->sid = cap_strdup(sid);
+    c->arg = out;
+    c->w = &w;
+    post(e, &c->m);
+    return waiter_wait(&w);
+}
+
 int eng_session_release(eng_t *e, const char *sid)
 {
     if (!e || !sid || !eng__id_valid(sid))

@@ -644,6 +644,7 @@ typedef struct bjob {
     size_t n;
     size_t bytes;
     eng_result_t *res;
+    eng_session_info_t info; /* B_GET, B_WSCHECK */
     uint64_t wsid; /* B_RESUME: the WebSocket session, its execution id and output offset */
     char *ceid;
     uint64_t offset;
@@ -653,14 +654,6 @@ static void bjob_abort(srv_req_t *req, void *arg)
 {
     (void)req;
     ((bjob_t *)arg)->req = NULL;
-}
-
-static int list_has(bjob_t *j, const char *esid)
-{
-    for (size_t i = 0; i < j->n; i++)
-        if (strcmp(j->list[i], esid) == 0)
-            return 1;
-    return 0;
 }
 
 static void bjob_work(uv_work_t *w)
@@ -680,9 +673,11 @@ static void bjob_work(uv_work_t *w)
         j->rc = eng_session_release(G.eng, j->a);
         break;
     case B_LIST:
+        j->rc = eng_session_list(G.eng, &j->list, &j->n);
+        break;
     case B_GET:
     case B_WSCHECK:
-        j->rc = eng_session_list(G.eng, &j->list, &j->n);
+        j->rc = eng_session_info(G.eng, j->a, &j->info);
         break;
     case B_CKPT:
         j->rc = eng_checkpoint(G.eng, j->a, j->truncate, &j->bytes);
@@ -694,9 +689,38 @@ static void bjob_work(uv_work_t *w)
     }
 }
 
+/* The transaction policies by name (index = eng_tx_t). */
+static const char *const tx_names[] = {"default", "rollback_on_failure", "commit_always",
+                                       "rollback_always"};
+
+/* name -> policy (NULL: ENG_TX_DEFAULT); -1 for an unknown name */
+static int tx_from_name(const char *t)
+{
+    if (!t)
+        return ENG_TX_DEFAULT;
+    for (int i = ENG_TX_ROLLBACK_ON_FAILURE; i <= ENG_TX_ROLLBACK_ALWAYS; i++)
+        if (strcmp(t, tx_names[i]) == 0)
+            return i;
+    return -1;
+}
+
 static json_t *session_json(const char *esid)
 {
     return json_pack("{s:s,s:s}", "id", strip_ns(esid), "state", "open");
+}
+
+/* GET /sessions/{sid}: its options as opened, and what it is doing */
+static json_t *session_info_json(const char *esid, const eng_session_info_t *in)
+{
+    const eng_session_opts_t *o = &in->opts;
+    unsigned tx = o->tx <= ENG_TX_ROLLBACK_ALWAYS ? (unsigned)o->tx : 0;
+    return json_pack("{s:s,s:s,s:{s:s,s:I,s:I,s:I,s:b},s:I,s:I,s:b,s:b}", "id", strip_ns(esid),
+                     "state", "open", "options", "tx",
+                     tx_names[tx ? tx : ENG_TX_ROLLBACK_ON_FAILURE], "timeout_ms",
+                     (json_int_t)o->timeout_ms, "mem_bytes", (json_int_t)o->mem_bytes,
+                     "cpu_seconds", (json_int_t)o->cpu_seconds, "retry_on_death", o->retry_on_death,
+                     "ordinal", (json_int_t)in->ordinal, "queued", (json_int_t)in->queued,
+                     "running", in->running, "live", in->live);
 }
 
 static void ws_open_accept(srv_req_t *req, bjob_t *j);
@@ -775,20 +799,15 @@ static void bjob_done(uv_work_t *w, int status)
         break;
     }
     case B_GET:
-        if (j->rc)
-            srv_reply_error(req, 503, "engine_error", "%s", cap_strerror(j->rc));
-        else if (!list_has(j, j->a))
-            srv_reply_error(req, 404, "session_not_found", "no session \"%s\"", strip_ns(j->a));
-        else
-            srv_reply_json(req, 200, session_json(j->a));
-        break;
     case B_WSCHECK:
-        if (j->rc)
-            srv_reply_error(req, 503, "engine_error", "%s", cap_strerror(j->rc));
-        else if (!list_has(j, j->a))
+        if (j->rc == CAP_ENOTFOUND)
             srv_reply_error(req, 404, "session_not_found", "no session \"%s\"", strip_ns(j->a));
-        else
+        else if (j->rc)
+            srv_reply_error(req, 503, "engine_error", "%s", cap_strerror(j->rc));
+        else if (j->op == B_WSCHECK)
             ws_open_accept(req, j);
+        else
+            srv_reply_json(req, 200, session_info_json(j->a, &j->info));
         break;
     case B_CKPT:
         if (j->rc == 0)
@@ -881,17 +900,9 @@ static const char *path_eid(srv_req_t *req)
 
 static int parse_tx(srv_req_t *req, json_t *body, eng_tx_t *tx)
 {
-    const char *t = json_string_value(json_object_get(body, "tx"));
-    *tx = ENG_TX_DEFAULT;
-    if (!t)
-        return 0;
-    if (strcmp(t, "rollback_on_failure") == 0)
-        *tx = ENG_TX_ROLLBACK_ON_FAILURE;
-    else if (strcmp(t, "commit_always") == 0)
-        *tx = ENG_TX_COMMIT_ALWAYS;
-    else if (strcmp(t, "rollback_always") == 0)
-        *tx = ENG_TX_ROLLBACK_ALWAYS;
-    else {
+    int t = tx_from_name(json_string_value(json_object_get(body, "tx")));
+    *tx = t < 0 ? ENG_TX_DEFAULT : (eng_tx_t)t;
+    if (t < 0) {
         srv_reply_error(req, 400, "invalid_request",
                         "tx must be rollback_on_failure, commit_always or rollback_always");
         return -1;
@@ -1402,18 +1413,12 @@ static void ws_message(srv_ws_t *ws, json_t *m, void *arg)
             ws_err(wc, eid, "shutting_down", "the server is shutting down");
             goto out;
         }
-        const char *t = json_string_value(json_object_get(m, "tx"));
-        eng_tx_t tx = ENG_TX_DEFAULT;
-        if (t && strcmp(t, "rollback_on_failure") == 0)
-            tx = ENG_TX_ROLLBACK_ON_FAILURE;
-        else if (t && strcmp(t, "commit_always") == 0)
-            tx = ENG_TX_COMMIT_ALWAYS;
-        else if (t && strcmp(t, "rollback_always") == 0)
-            tx = ENG_TX_ROLLBACK_ALWAYS;
-        else if (t) {
+        int txi = tx_from_name(json_string_value(json_object_get(m, "tx")));
+        if (txi < 0) {
             ws_err(wc, eid, "invalid_message", "unknown tx policy");
             goto out;
         }
+        eng_tx_t tx = (eng_tx_t)txi;
         if (!eid) {
             gen_id('x', gen, sizeof(gen));
             eid = gen;

@@ -203,6 +203,17 @@ int eng_session_list(eng_t *e, char ***sids, size_t *n);
  * (0 = src's latest): a fork, or, under the same name after closing src, a rewind. Blocking.
  * Returns 0, CAP_ENOTFOUND, CAP_EEXIST, CAP_EINVAL (ordinal beyond src's). */
 int eng_session_fork(eng_t *e, const char *src, uint64_t ordinal, const char *new_sid);
+/* What a session is: its options as opened (recovered from its durable record after a restart;
+ * warmup is not kept: NULL), and its state now. */
+typedef struct eng_session_info {
+    eng_session_opts_t opts;
+    uint64_t ordinal; /* its latest committed delta ordinal (0: none yet) */
+    uint32_t queued;  /* executions waiting */
+    int running;      /* one is running */
+    int live;         /* it has a worker (else its namespace waits in the log: cold) */
+} eng_session_info_t;
+/* Returns 0 and *out, CAP_ENOTFOUND (no open session), CAP_EINVAL. Blocking (a loop hop). */
+int eng_session_info(eng_t *e, const char *sid, eng_session_info_t *out);
 /* Releases the worker of an idle session (idle expiry, memory): the session stays open, its
  * namespace stays in the log and is restored (checkpoint + deltas) into a fresh worker when it is
  * next used. Returns 0, CAP_ENOTFOUND, CAP_EBUSY (running, queued or restoring). Blocking. */

@@ -8,7 +8,8 @@
  *       some lines: the case of a client re-attaching after a server restart (issues 5-7: the
  *       server's offsets were shifted by the output printed before the attach).
  * In both, the listener's bytes must equal the durable result's output. Also: on_accepted comes
- * first and once for a taken execution, never for a refused one.
+ * first and once for a taken execution, never for a refused one; eng_session_info gives the
+ * recovered session's options back.
  */
 #include <poll.h>
 #include <pthread.h>
@@ -182,7 +183,8 @@ static void test_attach_mid_run(const char *dir)
 static int child(const char *dir)
 {
     eng_t *e = etest_open(dir, 0);
-    CHECK_OK(eng_session_open(e, "b", NULL, NULL));
+    eng_session_opts_t so = {.tx = ENG_TX_COMMIT_ALWAYS, .timeout_ms = 60000, .retry_on_death = 1};
+    CHECK_OK(eng_session_open(e, "b", &so, NULL));
     lis_t l;
     lis_init(&l);
     eng_exec_req_t rq = {.sid = "b", .eid = "b-1", .code = CODE};
@@ -231,6 +233,19 @@ static void test_attach_after_restart(const char *dir, const char *self)
     CHECK_EQ(l.replays, 1); /* the re-run had printed before the attach */
     CHECK_EQ(l.accepted, 1);
     lis_free(&l);
+    /* the session's options came back from its durable record */
+    eng_session_info_t in;
+    CHECK_OK(eng_session_info(e, "b", &in));
+    CHECK_EQ(in.opts.tx, ENG_TX_COMMIT_ALWAYS);
+    CHECK_EQ(in.opts.timeout_ms, 60000u);
+    CHECK_EQ(in.opts.retry_on_death, 1);
+    CHECK_EQ(in.opts.mem_bytes, 0u);
+    CHECK(in.opts.warmup == NULL);
+    CHECK_EQ(in.ordinal, 1u); /* b-1 committed */
+    CHECK_EQ(in.queued, 0u);
+    CHECK_EQ(in.running, 0);
+    CHECK_ERR(eng_session_info(e, "nosuch", &in), CAP_ENOTFOUND);
+    CHECK_ERR(eng_session_info(e, "bad id", &in), CAP_EINVAL);
     eng_close(e);
 }
 

@@ -152,7 +152,11 @@ def t_sessions(e):
     st, lst = req(e.port, "GET", "/sessions")
     ids = {x["id"] for x in lst["sessions"]}
     assert {"sa", g["id"]} <= ids
-    assert req(e.port, "GET", "/sessions/sa")[0] == 200
+    st, g_sa = req(e.port, "GET", "/sessions/sa")
+    assert st == 200 and g_sa["options"] == {"tx": "commit_always", "timeout_ms": 60000,
+                                             "mem_bytes": 0, "cpu_seconds": 0,
+                                             "retry_on_death": False}, g_sa
+    assert g_sa["ordinal"] == 0 and g_sa["queued"] == 0 and not g_sa["running"], g_sa
     # another token sees nothing of it
     assert req(e.port, "GET", "/sessions/sa", headers=B)[0] == 404
     assert "sa" not in {x["id"] for x in req(e.port, "GET", "/sessions", headers=B)[1]["sessions"]}
@@ -569,7 +573,13 @@ def t_kill9(server, data, tokfile):
 
 def t_graceful(server, data, tokfile):
     e = Engine(server, data, tokfile)
-    assert req(e.port, "POST", "/sessions", {"id": "g1"})[0] == 201
+    opts = {"tx": "rollback_always", "timeout_ms": 30000, "mem_bytes": 0, "cpu_seconds": 60,
+            "retry_on_death": True}
+    assert req(e.port, "POST", "/sessions", {"id": "g1", **opts})[0] == 201
+    # never run (an address-space limit aborts an ASan worker): its options are only read back
+    opts0 = {"tx": "commit_always", "timeout_ms": 0, "mem_bytes": 2 << 30, "cpu_seconds": 0,
+             "retry_on_death": False}
+    assert req(e.port, "POST", "/sessions", {"id": "g0", **opts0})[0] == 201
     assert req(e.port, "POST", "/sessions", {"id": "g2"})[0] == 201
     for sid, eid in [("g1", "g-1"), ("g2", "g-2")]:
         assert req(e.port, "POST", f"/sessions/{sid}/executions",
@@ -585,6 +595,9 @@ def t_graceful(server, data, tokfile):
     assert ws.close_code == 1001, ws.close_code  # told why, not reset
     loop.close()
     e = Engine(server, data, tokfile)
+    st, g1 = req(e.port, "GET", "/sessions/g1")  # options read back after a restart
+    assert st == 200 and g1["options"] == opts and not g1["live"], g1
+    assert req(e.port, "GET", "/sessions/g0")[1]["options"] == opts0
     for eid in ("g-1", "g-2"):
         st, r = req(e.port, "GET", f"/executions/{eid}")
         assert st == 200 and r["status"] == "ok" and r["value"] == "g" and not r["restarted"], r
