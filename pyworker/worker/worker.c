@@ -40,6 +40,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/timerfd.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -228,12 +229,24 @@ static uint64_t current_exec_id(void)
 }
 
 /* sys.stdout/sys.stderr writes are coalesced per line: a write containing a newline (or 64 KiB
- * pending) goes out at once, a partial line within PEND_FLUSH_NS (the reader thread's timer).
- * Only one stream has pending bytes at a time (the other is flushed first), so order holds. */
+ * pending) goes out at once, a partial line within PEND_FLUSH_NS. Only one stream has pending
+ * bytes at a time (the other is flushed first), so order holds.
+ * The partial-line deadline is a timerfd in the reader thread's poll set, armed by the writer
+ * when bytes become pending and disarmed when they are sent: print() writes its text and its
+ * newline separately, and this way neither write wakes another thread (a wake-up pipe cost the
+ * reader thread two wake-ups per print). g_cap_mu guards g_pend, g_timer_armed. */
 #define PEND_FLUSH_NS 1000000ull
 static pyw_buf_t g_pend[3];
 static uint64_t g_pend_since;
-static int g_wake[2] = {-1, -1}; /* wakes the reader thread to arm its flush timer */
+static int g_flush_tfd = -1; /* timerfd: a partial line is due */
+static int g_timer_armed;
+
+static void flush_timer_set(uint64_t ns)
+{
+    struct itimerspec it = {{0, 0}, {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)}};
+    (void)timerfd_settime(g_flush_tfd, 0, &it, NULL);
+    g_timer_armed = ns != 0;
+}
 
 static void pend_flush_locked(void)
 {
@@ -243,6 +256,8 @@ static void pend_flush_locked(void)
             g_pend[i].len = 0;
         }
     }
+    if (g_timer_armed)
+        flush_timer_set(0);
 }
 
 /* Waits (bounded, 20 ms) until the capture pipes are empty and forwarded, so fd-level output
@@ -288,9 +303,7 @@ static void capture_write(int stream, const char *data, size_t len)
         pend_flush_locked();
     } else if (was_empty) {
         g_pend_since = cap_now_ns();
-        char c = 0;
-        ssize_t w = write(g_wake[1], &c, 1);
-        (void)w;
+        flush_timer_set(PEND_FLUSH_NS);
     }
     pthread_mutex_unlock(&g_cap_mu);
 }
@@ -300,31 +313,29 @@ static void *reader_main(void *arg)
     (void)arg;
     char buf[65536];
     struct pollfd pf[3] = {
-        {g_pipe_rd[1], POLLIN, 0}, {g_pipe_rd[2], POLLIN, 0}, {g_wake[0], POLLIN, 0}};
+        {g_pipe_rd[1], POLLIN, 0}, {g_pipe_rd[2], POLLIN, 0}, {g_flush_tfd, POLLIN, 0}};
     for (;;) {
-        struct timespec ts, *tp = NULL;
-        pthread_mutex_lock(&g_cap_mu);
-        if (g_pend[1].len || g_pend[2].len) {
-            uint64_t el = cap_now_ns() - g_pend_since;
-            if (el >= PEND_FLUSH_NS) {
-                pend_flush_locked();
-            } else {
-                ts.tv_sec = 0;
-                ts.tv_nsec = (long)(PEND_FLUSH_NS - el);
-                tp = &ts;
-            }
-        }
-        pthread_mutex_unlock(&g_cap_mu);
-        int n = ppoll(pf, 3, tp, NULL);
+        int n = poll(pf, 3, -1);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
         if (pf[2].revents & POLLIN) {
-            char c[64];
-            ssize_t r = read(g_wake[0], c, sizeof c);
+            uint64_t expirations;
+            ssize_t r = read(g_flush_tfd, &expirations, sizeof expirations);
             (void)r;
+            pthread_mutex_lock(&g_cap_mu);
+            if (g_pend[1].len || g_pend[2].len) {
+                uint64_t el = cap_now_ns() - g_pend_since;
+                if (el >= PEND_FLUSH_NS)
+                    pend_flush_locked();
+                else
+                    flush_timer_set(PEND_FLUSH_NS - el);
+            } else {
+                g_timer_armed = 0;
+            }
+            pthread_mutex_unlock(&g_cap_mu);
         }
         for (int i = 0; i < 2; i++) {
             if (!(pf[i].revents & (POLLIN | POLLHUP)))
@@ -362,7 +373,8 @@ static int capture_start(void)
             rc = -errno;
             goto out;
         }
-        if (i == 1 && pipe2(g_wake, O_CLOEXEC | O_NONBLOCK) < 0) {
+        if (i == 1 &&
+            (g_flush_tfd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK)) < 0) {
             rc = -errno;
             goto out;
         }

@@ -5,6 +5,7 @@
  * cell still runs.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "check.h"
@@ -160,6 +161,7 @@ static void test_input(pyw_sync_t *s)
 /* Output chunks arrive while the cell still runs (not batched until the result). */
 static int g_seen_chunk_before_result;
 static int g_chunk, g_result, g_flushed_partial;
+static uint64_t g_timer_chunk_at, g_timer_chunk_lag; /* the unflushed partial line */
 static void on_output(pyw_worker_t *w, uint64_t id, int stream, const char *d, size_t n)
 {
     (void)w;
@@ -169,6 +171,15 @@ static void on_output(pyw_worker_t *w, uint64_t id, int stream, const char *d, s
         g_chunk = 1;
     if (n == 7 && memcmp(d, "partial", 7) == 0 && !g_result)
         g_flushed_partial = 1; /* a line without newline, flushed by flush=True */
+    if (n > 1 && n < 32 && d[0] == 't' && !g_result) {
+        /* "t<monotonic ns>", no newline and no flush: the worker's partial-line timer sent it */
+        char tmp[32];
+        memcpy(tmp, d + 1, n - 1);
+        tmp[n - 1] = 0;
+        uint64_t now = cap_now_ns(), t = strtoull(tmp, NULL, 10);
+        g_timer_chunk_at = now;
+        g_timer_chunk_lag = now >= t ? now - t : 0;
+    }
 }
 static void on_result(pyw_worker_t *w, const pyw_result_t *r)
 {
@@ -188,7 +199,8 @@ static void test_streaming(void)
     opt.cb = &cb;
     uv_loop_init(&loop);
     CHECK_OK(pyw_worker_spawn(&loop, &opt, &w));
-    const char *src = "import time\nprint('first')\nprint('partial', end='', flush=True)\n"
+    const char *src = "import time, sys\nprint('first')\nprint('partial', end='', flush=True)\n"
+                      "sys.stdout.write('t%d' % time.monotonic_ns())\n"
                       "time.sleep(0.3)\nprint('second')";
     CHECK_OK(pyw_worker_execute(w, 7, NULL, src, strlen(src), 0));
     uint64_t t0 = 0;
@@ -201,7 +213,13 @@ static void test_streaming(void)
     }
     CHECK(g_seen_chunk_before_result);
     CHECK(g_flushed_partial);
-    CHECK(cap_now_ns() - t0 > 200000000ull); /* the first line came ~300 ms before the end */
+    uint64_t t_end = cap_now_ns();
+    CHECK(t_end - t0 > 200000000ull); /* the first line came ~300 ms before the end */
+    /* the partial line went out on the worker's 1 ms timer, long before the next line (300 ms);
+     * the bound is loose for loaded machines and sanitizer builds */
+    CHECK(g_timer_chunk_at != 0);
+    CHECK(t_end - g_timer_chunk_at > 200000000ull);
+    CHECK(g_timer_chunk_lag < 150000000ull);
     pyw_worker_close(w);
     while (uv_run(&loop, UV_RUN_DEFAULT))
         ;
