@@ -306,6 +306,11 @@ static const struct {
     {"show", "show [--json] DIR SESSION|EXECUTION\n"
              "    A session's timeline (executions, inputs, deltas, checkpoints, worker deaths)\n"
              "    or one execution (code, inputs with replies, output, result).\n"},
+    {"replay", "replay [--rerun] DIR SESSION\n"
+               "    Rebuild SESSION offline in a fresh worker from its checkpoint + deltas (the\n"
+               "    engine's restore chain) and compare with all its deltas name by name; --rerun\n"
+               "    also re-runs its committed executions with their recorded input replies and\n"
+               "    compares. Exit 1 if anything differs or fails to restore.\n"},
     {"export", "export [--from SEQ] [--to SEQ] [--kind K] DIR\n"
                "    NDJSON of log records, decoded (kind names, fields). K: a name\n"
                "    (prom.doc, eng.finish, ...) or a number.\n"},

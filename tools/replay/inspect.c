@@ -986,3 +986,60 @@ int rp_cmd_show(int argc, char **argv)
     }
     return st;
 }
+
+/* ---------- for replay --rerun ---------- */
+
+int rp_session_execs(rp_ctx_t *c, const char *sid, rp_exec_t **out, size_t *n)
+{
+    lopt_t none = {0};
+    xwalk_t w;
+    int rc = exec_collect(c, &none, sid, &w);
+    *out = NULL;
+    *n = 0;
+    if (rc)
+        return rc;
+    rp_exec_t *x = cap_calloc(w.n ? w.n : 1, sizeof *x);
+    for (size_t i = 0; i < w.n && rc == 0; i++) {
+        const prom__doc_t *d = w.rows[i].d;
+        x[i].eid = cap_strdup(d->p.id + 10);
+        x[i].code = cap_memdup(d->p.param.data ? d->p.param.data : "", d->p.param.len + 1);
+        x[i].code_len = d->p.param.len;
+        x[i].r = w.rows[i].r;
+        w.rows[i].r = NULL;
+        char pre[ENG_MAX_ID + 32];
+        snprintf(pre, sizeof pre, "%s/in/", d->p.id);
+        inputs_t in = {.pre = pre, .pre_len = strlen(pre)};
+        rc = rp_walk(c, RP_T_DOCS, pre, in.pre_len, input_one, &in);
+        if (in.n)
+            qsort(in.d, in.n, sizeof *in.d, input_cmp);
+        x[i].inputs = cap_calloc(in.n ? in.n : 1, sizeof(char *));
+        for (size_t k = 0; k < in.n; k++) {
+            const prom__doc_t *q = in.d[k];
+            if (q->p.state && !hdr(&q->p.value, "capsule:eof")) {
+                x[i].inputs[k] = cap_malloc(q->p.value.len + 1);
+                memcpy(x[i].inputs[k], q->p.value.data ? q->p.value.data : "", q->p.value.len);
+                x[i].inputs[k][q->p.value.len] = 0;
+            }
+            prom__doc_free(in.d[k]);
+        }
+        x[i].ninputs = in.n;
+        cap_free(in.d);
+    }
+    *out = x;
+    *n = w.n;
+    xwalk_free(&w);
+    return rc;
+}
+
+void rp_session_execs_free(rp_exec_t *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        cap_free(x[i].eid);
+        cap_free(x[i].code);
+        eng_result_free(x[i].r);
+        for (size_t k = 0; k < x[i].ninputs; k++)
+            cap_free(x[i].inputs[k]);
+        cap_free(x[i].inputs);
+    }
+    cap_free(x);
+}

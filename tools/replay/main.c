@@ -12,7 +12,7 @@ static const struct {
 } cmds[] = {
     {"verify", rp_cmd_verify},   {"export", rp_cmd_export}, {"sessions", rp_cmd_list},
     {"executions", rp_cmd_list}, {"promises", rp_cmd_list}, {"repair", rp_cmd_repair},
-    {"compact", rp_cmd_compact}, {"show", rp_cmd_show},
+    {"compact", rp_cmd_compact}, {"show", rp_cmd_show},     {"replay", rp_cmd_replay},
 };
 
 int main(int argc, char **argv)

@@ -109,6 +109,19 @@ void rp_usage_print(FILE *f, const char *cmd);
 /* 1 if argv holds -h/--help. */
 int rp_wants_help(int argc, char **argv);
 
+/* The executions of session sid in submission order, each with its recorded result (NULL if
+ * none; the engine's eng_result_t) and the replies of its input requests (inspect.c). */
+struct eng_result;
+typedef struct rp_exec {
+    char *eid, *code;
+    size_t code_len;
+    struct eng_result *r;
+    char **inputs; /* replies in order; a NULL entry = EOF or unanswered */
+    size_t ninputs;
+} rp_exec_t;
+int rp_session_execs(rp_ctx_t *c, const char *sid, rp_exec_t **out, size_t *n);
+void rp_session_execs_free(rp_exec_t *x, size_t n);
+
 /* The subcommands: argc/argv start at the subcommand's name. Each returns the exit status. */
 int rp_cmd_verify(int argc, char **argv);
 int rp_cmd_export(int argc, char **argv);
@@ -116,5 +129,6 @@ int rp_cmd_list(int argc, char **argv); /* sessions | executions | promises */
 int rp_cmd_show(int argc, char **argv);
 int rp_cmd_repair(int argc, char **argv);
 int rp_cmd_compact(int argc, char **argv);
+int rp_cmd_replay(int argc, char **argv);
 
 #endif /* REPLAY_H */
