@@ -1993,6 +1993,11 @@ static void on_itimer(uv_timer_t *t)
 }
 
 /* ---------- stats ---------- */
+struct prom_store *eng_promise_store(eng_t *e)
+{
+    return e->ps;
+}
+
 void eng_stats(eng_t *e, eng_stats_t *out)
 {
     pthread_mutex_lock(&e->mu);

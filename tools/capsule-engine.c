@@ -28,6 +28,7 @@
 #include "capsule.h"
 #include "cap.h"
 #include "engine_tasks.h"
+#include "rsn.h"
 #include "srv.h"
 #include "wal.h"
 
@@ -1616,6 +1617,8 @@ static void h_ws(srv_req_t *req, void *arg)
 /* ------------------------------------------------------------------------------------------ */
 /* lifecycle                                                                                   */
 
+static rsn_t *resonate; /* the Resonate protocol front end (tools/resonate) */
+
 static void closer_main(void *arg)
 {
     (void)arg;
@@ -1645,6 +1648,8 @@ static void finish_shutdown(void)
     uv_close((uv_handle_t *)&G.grace, NULL);
     for (wsc_t *wc = G.wscs; wc; wc = wc->next)
         srv_ws_close(wc->ws, 1001, "server shutting down");
+    rsn_close(resonate); /* resonate: before the server (it ends its poll streams) */
+    resonate = NULL;
     srv_server_close(G.srv);
     G.srv = NULL;
     uv_signal_stop(&G.sigterm);
@@ -1831,6 +1836,13 @@ int main(int argc, char **argv)
     srv_server_route(s, "POST", API "/executions/{eid}/input", 0, h_exec_input, NULL);
     srv_server_route(s, "POST", API "/executions/{eid}/cancel", 0, h_exec_cancel, NULL);
     tasks_routes(s, API, G.eng, G.loop); /* durable steps, external promises: engine_tasks.c */
+    /* ---- resonate: the Resonate protocol (POST /, GET /poll/{group}/{id}, /health, /ready) on
+     * the engine's promise store; same tokens as /v1. CAPSULE_RESONATE_URL: head.serverUrl. */
+    rsn_opts_t ro = {.server_url = getenv("CAPSULE_RESONATE_URL"),
+                     .json_max_depth = l->json_max_depth};
+    if (rsn_open(G.loop, s, eng_promise_store(G.eng), &ro, &resonate) != 0)
+        cap_log(CAP_LOG_ERROR, "server", "the Resonate protocol routes could not be added");
+    /* ---- end resonate */
 
     uv_timer_init(G.loop, &G.grace);
     uv_signal_init(G.loop, &G.sigterm);

@@ -257,6 +257,12 @@ void eng_stats(eng_t *e, eng_stats_t *out); /* any thread; a consistent-enough s
 struct wal_stats;
 void eng_wal_stats(eng_t *e, struct wal_stats *out);
 
+/* The engine's promise store (promise.h; the Resonate model), for front ends that serve the
+ * protocol on it (tools/resonate). Borrowed, valid until eng_close. Its prom_* operations block
+ * until durable: call them from any thread but the loop's. Ids beginning "capsule/" and tags
+ * beginning "capsule:" are the engine's own (sessions, executions, inputs): leave them alone. */
+struct prom_store *eng_promise_store(eng_t *e);
+
 #ifdef __cplusplus
 }
 #endif

@@ -192,6 +192,8 @@ static const char *status_text(int st)
         return "Accepted";
     case 204:
         return "No Content";
+    case 300:
+        return "Multiple Choices";
     case 400:
         return "Bad Request";
     case 401:
@@ -1483,6 +1485,19 @@ int srv_server_port(const srv_server_t *srv)
 int srv_server_auth_required(const srv_server_t *srv)
 {
     return srv__auth_enabled(srv->auth);
+}
+
+int srv_server_auth_token(const srv_server_t *srv, const char *token, const char **principal)
+{
+    if (!token || strlen(token) > 4096)
+        return CAP_EINVAL;
+    size_t n = strlen(token);
+    char *h = cap_malloc(n + 8);
+    memcpy(h, "Bearer ", 7);
+    memcpy(h + 7, token, n + 1);
+    int rc = srv__auth_check(srv->auth, h, principal);
+    cap_free(h);
+    return rc;
 }
 
 uint32_t srv_server_conn_count(const srv_server_t *srv)

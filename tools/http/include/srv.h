@@ -99,6 +99,11 @@ int srv_server_port(const srv_server_t *srv);
 /* Whether tokens are required on this server. */
 int srv_server_auth_required(const srv_server_t *srv);
 
+/* Checks a bare bearer token (not a header value) against the server's token set, for protocols
+ * that carry it in the body (the Resonate envelope's head.auth). Returns 0 and the principal
+ * (borrowed, as srv_req_principal's) or CAP_EINVAL (unknown, empty or longer than 4 KiB). */
+int srv_server_auth_token(const srv_server_t *srv, const char *token, const char **principal);
+
 /* Stops accepting new connections (graceful shutdown, first step); existing ones continue.
  * Idle keep-alive connections are closed; busy ones are closed after their current answer. */
 void srv_server_stop_accepting(srv_server_t *srv);
