@@ -5,9 +5,13 @@
  * on the same directory: a raw LMDB cursor walk over wal.log that only touches each value (no
  * frame checks, no checksum, no decode): the floor any verifier pays to read the bytes.
  * Goal: verify >= 2M records/s; verify --deep (tpl decode of every body) is reported, no goal.
+ * Second part: `capsule-replay replay` (restore path) and `replay --rerun` of a session of 1,000
+ * executions (--quick: 100, a checkpoint after 90%) written by a real engine (nosync), beside the
+ * engine's own restore of it (eng_open + the first answer of the session); no goal.
  * Figures: median and p99 over the runs; JSON lines on stdout. Invariant: the data dir is written
  * once, then only read; it is removed at the end.
  */
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +20,7 @@
 #include <unistd.h>
 
 #include "bench.h"
+#include "capsule.h"
 #include "cap.h"
 #include "store.h"
 #include "wal.h"
@@ -97,6 +102,108 @@ static double raw_run(const char *dir, uint64_t *count)
     return (double)(cap_now_ns() - t0) / 1e9;
 }
 
+/* Writes a session "b" of n executions (each binds one name and reads the previous one), with a
+ * checkpoint after 90% of them, through a real engine (nosync). */
+static void session_fill(const char *dir, int n)
+{
+    eng_opts_t o = {.dir = dir, .nosync = 1, .pool_idle = 1};
+    eng_t *e = NULL;
+    if (eng_open(&o, &e) || eng_session_open(e, "b", NULL, NULL))
+        cap_fatal("bench_replay", "cannot open an engine in %s", dir);
+    for (int i = 0; i < n; i++) {
+        char code[96];
+        if (i == 0)
+            snprintf(code, sizeof code, "v0 = 0");
+        else
+            snprintf(code, sizeof code, "v%d = v%d + %d", i, i - 1, i);
+        eng_exec_req_t rq = {.sid = "b", .code = code};
+        eng_result_t *r = NULL;
+        if (eng_execute_sync(e, &rq, NULL, 0, &r) || r->status != ENG_ST_OK)
+            cap_fatal("bench_replay", "execution %d failed", i);
+        eng_result_free(r);
+        size_t bytes;
+        if (i + 1 == n * 9 / 10 && eng_checkpoint(e, "b", 0, &bytes))
+            cap_fatal("bench_replay", "checkpoint failed");
+    }
+    eng_close(e);
+}
+
+/* Seconds for `capsule-replay replay [--rerun] dir b`; fatal unless it exits 0. */
+static double replay_run(const char *bin, const char *dir, int rerun)
+{
+    uint64_t t0 = cap_now_ns();
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = open("/dev/null", O_WRONLY);
+        dup2(fd, 1);
+        if (rerun)
+            execl(bin, bin, "replay", "--rerun", dir, "b", (char *)NULL);
+        else
+            execl(bin, bin, "replay", dir, "b", (char *)NULL);
+        _exit(127);
+    }
+    int st = 0;
+    if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        cap_fatal("bench_replay", "%s replay %s failed (status %d)", bin, dir, st);
+    return bench_secs_since(t0);
+}
+
+/* Peer: the engine's own restore of the same session: eng_open, then its first execution
+ * (lazy restore of the chain into a pooled worker). */
+static double engine_restore_run(const char *src)
+{
+    /* on a copy: the peer's execution is recorded, and the measured dir must stay as written */
+    char dir[] = "/tmp/bench-replay-peer-XXXXXX", cmd[256];
+    if (!mkdtemp(dir))
+        cap_fatal("bench_replay", "mkdtemp failed");
+    snprintf(cmd, sizeof cmd, "cp %s/data.mdb %s/", src, dir);
+    if (system(cmd) != 0)
+        cap_fatal("bench_replay", "%s failed", cmd);
+    uint64_t t0 = cap_now_ns();
+    eng_opts_t o = {.dir = dir, .nosync = 1, .pool_idle = 1};
+    eng_t *e = NULL;
+    eng_exec_req_t rq = {.sid = "b", .code = "0"};
+    eng_result_t *r = NULL;
+    if (eng_open(&o, &e) || eng_execute_sync(e, &rq, NULL, 0, &r) || r->status != ENG_ST_OK)
+        cap_fatal("bench_replay", "engine restore of %s failed", dir);
+    double s = bench_secs_since(t0);
+    eng_result_free(r);
+    eng_close(e);
+    bench_rmtree(dir);
+    return s;
+}
+
+static void replay_bench(const char *bin, int quick)
+{
+    int n = quick ? 100 : 1000, runs = quick ? 2 : 5;
+    char dir[] = "/tmp/bench-replay-session-XXXXXX";
+    if (!mkdtemp(dir))
+        cap_fatal("bench_replay", "mkdtemp failed");
+    uint64_t t0 = cap_now_ns();
+    session_fill(dir, n);
+    fprintf(stderr, "bench_replay: a session of %d executions written in %.1f s\n", n,
+            bench_secs_since(t0));
+    double rs[8], rr[8], pe[8];
+    for (int i = 0; i < runs; i++) {
+        rs[i] = replay_run(bin, dir, 0);
+        rr[i] = replay_run(bin, dir, 1);
+        pe[i] = engine_restore_run(dir);
+    }
+    double smed = bench_median(rs, (size_t)runs, NULL, NULL);
+    double rmed = bench_median(rr, (size_t)runs, NULL, NULL);
+    double pmed = bench_median(pe, (size_t)runs, NULL, NULL);
+    fprintf(stderr,
+            "replay of a %d-execution session (median of %d): restore path %.3f s, "
+            "--rerun %.3f s; engine open + restored first answer %.3f s\n",
+            n, runs, smed, rmed, pmed);
+    const char *peer = "engine open + first answer of the restored session";
+    bench_emit(quick ? "replay_session_100_s" : "replay_session_1000_s", smed, "s", peer, pmed, 0,
+               BENCH_LOWER);
+    bench_emit(quick ? "replay_rerun_session_100_s" : "replay_rerun_session_1000_s", rmed, "s",
+               peer, pmed, 0, BENCH_LOWER);
+    bench_rmtree(dir);
+}
+
 int main(int argc, char **argv)
 {
     int quick = argc > 1 && !strcmp(argv[1], "--quick");
@@ -144,5 +251,6 @@ int main(int argc, char **argv)
     bench_emit("verify_deep_records_per_s_median", dmed, "records/s", PEER, rmed, 0, BENCH_HIGHER);
     bench_emit("verify_deep_records_per_s_p99", dlow, "records/s", PEER, rlow, 0, BENCH_HIGHER);
     bench_rmtree(dir);
+    replay_bench(bin, quick);
     return 0;
 }
