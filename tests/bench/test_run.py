@@ -2,7 +2,8 @@
 """test_run.py BINDIR - bench/run does what RESULTS.md claims, on a real benchmark.
 
 Runs `bench/run --quick --no-build --repeat 2 --bindir BINDIR --out TMP replay` (the real
-bench_replay: it writes a log, runs capsule-replay verify and the raw LMDB peer) and checks:
+bench_replay: it writes a log, runs capsule-replay verify and the raw LMDB peer, then replays a
+session written by a real engine beside the engine's own restore) and checks:
   - exit status 0; results.jsonl: one object per figure with the issue's keys
     (bench, metric, value, unit, peer, peer_value, ratio, goal, met) and runs == 2;
   - the spread holds the median (value_min <= value <= value_max, same for the ratio);
@@ -48,7 +49,7 @@ def main():
         check(p.returncode == 0, "bench/run exited %d: %s" % (p.returncode, p.stderr[-2000:]))
         with open(os.path.join(out, "results.jsonl")) as f:
             figs = [json.loads(line) for line in f if line.strip()]
-        check(len(figs) == 4, "bench_replay reports 4 figures, results.jsonl has %d" % len(figs))
+        check(len(figs) == 6, "bench_replay reports 6 figures, results.jsonl has %d" % len(figs))
         for g in figs:
             for k in KEYS:
                 check(k in g, "%s lacks the key %s" % (g.get("metric"), k))
