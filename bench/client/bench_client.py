@@ -1,7 +1,8 @@
 """bench_client.py - the Python client's round trip: `await session.execute("2+2")` against a
 capsule-engine (sync durability: every execution fsynced before its answer), beside the same
 "2+2" through jupyter_client to ipykernel (bench/server/jupyter_peer.py, Debian packages), in the
-same run. Also the streamed form (`stream_execute` over the WebSocket).
+same run. Also the streamed form (`stream_execute` over the WebSocket) and `execute` once that
+WebSocket is open (it then carries waited executions too).
 
 usage: bench_client [--quick] --engine PATH --peer PATH
 Prints a table on stderr and one JSON object per figure on stdout (bench, metric, value, unit,
@@ -29,7 +30,7 @@ def pick(ts: list[float], p: float) -> float:
     return s[int(p * (len(s) - 1) + 0.5)]
 
 
-async def measure(url: str, n: int, warm: int) -> tuple[list[float], list[float]]:
+async def measure(url: str, n: int, warm: int) -> tuple[list[float], list[float], list[float]]:
     async with Session(url) as s:
         for _ in range(warm):
             r = await s.execute("2+2")
@@ -48,7 +49,14 @@ async def measure(url: str, n: int, warm: int) -> tuple[list[float], list[float]
             if i >= warm:
                 st.append((time.perf_counter_ns() - t0) / 1e6)
             assert last.type == "result" and last.value == 4
-    return ex, st
+        # the WebSocket is open now: execute goes over it
+        exw = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            r = await s.execute("2+2")
+            exw.append((time.perf_counter_ns() - t0) / 1e6)
+            assert r.value == 4
+    return ex, st, exw
 
 
 def main() -> int:
@@ -68,7 +76,7 @@ def main() -> int:
             raise SystemExit("bench_client: the engine did not start")
         url = "http://127.0.0.1:" + line.split()[-1]
         load0 = os.getloadavg()[0]
-        ex, st = asyncio.run(measure(url, n, warm))
+        ex, st, exw = asyncio.run(measure(url, n, warm))
         pj = subprocess.run(["/usr/bin/python3.11", a.peer, str(n), str(warm)],
                             capture_output=True, text=True, timeout=600)
         if pj.returncode != 0:
@@ -82,6 +90,8 @@ def main() -> int:
     rows = [
         ("execute_2plus2_p50", pick(ex, 0.5), peer["p50_ms"], GOAL_MS),
         ("execute_2plus2_p99", pick(ex, 0.99), peer["p99_ms"], None),
+        ("execute_ws_2plus2_p50", pick(exw, 0.5), peer["p50_ms"], GOAL_MS),
+        ("execute_ws_2plus2_p99", pick(exw, 0.99), peer["p99_ms"], None),
         ("stream_execute_2plus2_p50", pick(st, 0.5), peer["p50_ms"], GOAL_MS),
         ("stream_execute_2plus2_p99", pick(st, 0.99), peer["p99_ms"], None),
     ]

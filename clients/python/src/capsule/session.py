@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import textwrap
 import time
 import uuid
@@ -147,6 +148,14 @@ class _Stream:
         self.awaiting_input = False  # a prompt was yielded and not answered yet
         self.last_input_seq: Optional[int] = None  # the event seq of the last prompt yielded
         self.max_seq = 0
+
+
+# a client-side execution id as the server accepts it
+_ID_OK = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+
+# the HTTP status a refusal has over REST, by the result's error code
+_REFUSED_STATUS = {"session_not_found": 404, "queue_full": 429, "session_closed": 409,
+                   "limit": 429}
 
 
 class _Socket:
@@ -408,8 +417,12 @@ class Session:
         ExecutionCancelled, ExecutionTimeout, WorkerDied) if the code fails, unless
         ``raise_on_error=False``; CapsuleConnectionError if the server stays unreachable."""
         api = self._need()
-        body: dict[str, Any] = {"code": prepare_code(code, self._dedent),
-                                "id": execution_id or new_id()}
+        sock = self._sock
+        eid = execution_id or new_id()
+        if inputs is None and sock is not None and sock.ws is not None and _ID_OK.match(eid):
+            # the session's WebSocket is open: one message each way instead of an HTTP request
+            return await self._execute_ws(code, eid, tx, raise_on_error)
+        body: dict[str, Any] = {"code": prepare_code(code, self._dedent), "id": eid}
         if inputs is not None:
             body["inputs"] = list(inputs)
         if tx:
@@ -420,6 +433,23 @@ class Session:
             await asyncio.sleep(0.05)
             r = await self.get_execution(body["id"])
         self._note(r)
+        if raise_on_error and not r.ok:
+            raise execution_error(r)
+        return r
+
+    async def _execute_ws(self, code: str, eid: str, tx: Optional[str],
+                          raise_on_error: bool) -> ExecutionResult:
+        """``execute`` over the open WebSocket: the stream's final message carries the result
+        (prompts are answered with ``respond_input`` as with REST; reconnects resume)."""
+        r: Optional[ExecutionResult] = None
+        async for m in self.stream_execute(code, execution_id=eid, tx=tx):
+            if m.type in ("result", "error"):
+                r = m.result
+        if r is None:
+            raise CapsuleConnectionError(f"execution {eid}: the stream ended without a result")
+        if r.status == "refused":  # as the REST call would have answered
+            code_ = str((r.error or {}).get("code", ""))
+            raise api_error(_REFUSED_STATUS.get(code_, 422), {"error": r.error or {}})
         if raise_on_error and not r.ok:
             raise execution_error(r)
         return r
@@ -461,6 +491,9 @@ class Session:
         sock = self._sock
         assert sock is not None
         st = _Stream(execution_id or new_id(), prepare_code(code, self._dedent), tx)
+        if not _ID_OK.match(st.eid):  # the server's answer would name no execution
+            raise api_error(400, {"error": {"code": "invalid_message", "message":
+                                            "execution ids are 1..128 of [A-Za-z0-9._-]"}})
         await sock.start(st)
         try:
             while True:
