@@ -1253,7 +1253,7 @@ int rsn_open(uv_loop_t *loop, srv_server_t *srv, prom_store_t *ps, const rsn_opt
     if (opts)
         r->o = *opts;
     if (!r->o.threads)
-        r->o.threads = 16;
+        r->o.threads = 64;
     if (!r->o.tick_ms)
         r->o.tick_ms = 100;
     if (!r->o.park_max)

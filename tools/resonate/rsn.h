@@ -28,7 +28,8 @@ typedef struct rsn rsn_t;
 typedef struct rsn_opts {
     /* head.serverUrl of the messages sent to pollers; NULL = "http://127.0.0.1:<port>". */
     const char *server_url;
-    uint32_t threads;        /* threads running the blocking promise operations; 0 = 16 */
+    uint32_t threads;        /* threads running the blocking promise operations (ops in flight
+                                sharing a group commit); 0 = 64 */
     uint32_t tick_ms;        /* timer tick and outbox poll period; 0 = 100 */
     uint32_t park_max;       /* messages taken for an absent poller kept in memory; 0 = 10000 */
     uint32_t json_max_depth; /* request nesting; 400 beyond; 0 = 32 */
