@@ -197,8 +197,17 @@ def t_envelope(eng, d):
     st, msg = c.rpc("promise.create", {"id": "ok-1", "timeoutAt": FAR,
                                        "tags": {"capsule:kind": "x"}})
     assert st == 400 and "reserved" in msg, msg
-    # legacy / unknown paths: JSON 404 (the SDK reads a non-JSON 404 as a legacy server)
-    c.c.request("GET", "/promises/x", headers={"Authorization": "Bearer " + TOKEN})
+    # legacy REST paths: 410; unknown paths: JSON 404 (the SDK reads a non-JSON 404 as a
+    # legacy server)
+    for method, path in (("GET", "/promises/x"), ("POST", "/promises"), ("PATCH", "/promises/x"),
+                         ("POST", "/tasks/claim"), ("GET", "/schedules"),
+                         ("GET", "/tasks/claim/x/1")):
+        c.c.request(method, path, headers={"Authorization": "Bearer " + TOKEN})
+        r = c.c.getresponse()
+        body = json.loads(r.read())
+        assert r.status == 410 and r.getheader("Content-Type") == "application/json", (path, body)
+        assert "Gone" in body["error"], body
+    c.c.request("GET", "/nothing/here", headers={"Authorization": "Bearer " + TOKEN})
     r = c.c.getresponse()
     r.read()
     assert r.status == 404 and r.getheader("Content-Type") == "application/json"

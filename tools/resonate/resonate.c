@@ -1223,6 +1223,16 @@ static void h_poll(srv_req_t *req, void *arg)
     maybe_drain(r, prom_outbox_len(r->ps));
 }
 
+/* The legacy REST API (/promises, /schedules, /tasks and below): 410, as the Resonate server. */
+static void h_gone(srv_req_t *req, void *arg)
+{
+    (void)arg;
+    srv_reply_json(req, 410,
+                   json_pack("{s:s}", "error",
+                             "Gone: the legacy REST API is not served; use POST / with the "
+                             "protocol 2026-04-01 envelope"));
+}
+
 static void h_health(srv_req_t *req, void *arg)
 {
     (void)arg;
@@ -1242,6 +1252,22 @@ static void h_ready(srv_req_t *req, void *arg)
 
 /* ------------------------------------------------------------------------------------------ */
 /* open / close                                                                                 */
+
+static int legacy_routes(srv_server_t *srv, rsn_t *r)
+{
+    static const char *const roots[] = {"/promises", "/schedules", "/tasks"};
+    static const char *const methods[] = {"GET", "POST", "PATCH", "DELETE"};
+    static const char *const tails[] = {"", "/{a}", "/{a}/{b}", "/{a}/{b}/{c}"};
+    char pat[64];
+    for (size_t i = 0; i < 3; i++)
+        for (size_t m = 0; m < 4; m++)
+            for (size_t t = 0; t < 4; t++) {
+                snprintf(pat, sizeof(pat), "%s%s", roots[i], tails[t]);
+                if (srv_server_route(srv, methods[m], pat, SRV_ROUTE_PUBLIC, h_gone, r))
+                    return -1;
+            }
+    return 0;
+}
 
 int rsn_open(uv_loop_t *loop, srv_server_t *srv, prom_store_t *ps, const rsn_opts_t *opts,
              rsn_t **out)
@@ -1271,7 +1297,8 @@ int rsn_open(uv_loop_t *loop, srv_server_t *srv, prom_store_t *ps, const rsn_opt
     if (srv_server_route(srv, "POST", "/", SRV_ROUTE_PUBLIC, h_rpc, r) ||
         srv_server_route(srv, "GET", "/poll/{group}/{id}", SRV_ROUTE_PUBLIC, h_poll, r) ||
         srv_server_route(srv, "GET", "/health", SRV_ROUTE_PUBLIC, h_health, r) ||
-        srv_server_route(srv, "GET", "/ready", SRV_ROUTE_PUBLIC, h_ready, r)) {
+        srv_server_route(srv, "GET", "/ready", SRV_ROUTE_PUBLIC, h_ready, r) ||
+        legacy_routes(srv, r)) {
         cap_free(r->url);
         cap_free(r);
         return CAP_EINVAL;
