@@ -368,3 +368,28 @@ void prom__msg_clear(prom__msg_t *m)
     cap_free(m->id);
     m->address = m->id = NULL;
 }
+
+static size_t str_mem(const char *s)
+{
+    return s ? strlen(s) + 1 : 0;
+}
+static size_t kvs_mem(const prom_kv_t *kv, size_t n)
+{
+    size_t b = n * sizeof(*kv);
+    for (size_t i = 0; i < n; i++)
+        b += str_mem(kv[i].key) + str_mem(kv[i].value);
+    return b;
+}
+
+size_t prom__doc_mem(const prom__doc_t *d)
+{
+    size_t b = sizeof(*d) + str_mem(d->p.id) + str_mem(d->tpid) + kvs_mem(d->p.tags, d->p.ntags) +
+               kvs_mem(d->p.param.headers, d->p.param.nheaders) + d->p.param.len +
+               kvs_mem(d->p.value.headers, d->p.value.nheaders) + d->p.value.len +
+               (d->nawaiters + d->nlisteners) * sizeof(char *);
+    for (size_t i = 0; i < d->nawaiters; i++)
+        b += str_mem(d->awaiters[i]);
+    for (size_t i = 0; i < d->nlisteners; i++)
+        b += str_mem(d->listeners[i]);
+    return b;
+}

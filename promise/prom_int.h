@@ -26,7 +26,11 @@ typedef struct prom__doc {
     size_t nawaiters;
     char **listeners; /* addresses to unblock on settle */
     size_t nlisteners;
-    int dirty; /* in memory only: changed since the last checkpoint of prom.docs */
+    /* in memory only (not encoded): */
+    int dirty;    /* changed since the last checkpoint of prom.docs */
+    int created;  /* created by the operation that holds it in its working set */
+    uint64_t seq; /* the wal seq of the record that wrote this state; 0 = read from prom.docs */
+    size_t mem;   /* bytes this document holds in memory (prom_store_stats) */
 } prom__doc_t;
 
 /* An outbox message as stored. */
@@ -39,6 +43,25 @@ typedef struct prom__msg {
 } prom__msg_t;
 
 #define PROM__CODEC_VERSION 1
+
+/* A string-keyed map (prom_smap.c): open addressing, linear probing, backward-shift deletion.
+ * Keys are borrowed (they must live as long as their entry: usually the value owns the key). */
+typedef struct prom__smap_ent {
+    const char *key;
+    uint64_t h;
+    void *val;
+} prom__smap_ent_t;
+typedef struct prom__smap {
+    prom__smap_ent_t *e;
+    size_t cap, n;
+} prom__smap_t;
+void *prom__smap_get(const prom__smap_t *m, const char *key);     /* NULL when absent */
+void prom__smap_put(prom__smap_t *m, const char *key, void *val); /* inserts or replaces */
+void *prom__smap_del(prom__smap_t *m, const char *key); /* the removed value, NULL when absent */
+void prom__smap_free(prom__smap_t *m);                  /* frees the table, not the values */
+
+/* Bytes a document holds in memory (its struct and every string and buffer it owns). */
+size_t prom__doc_mem(const prom__doc_t *d);
 
 /* Encodes d into a new buffer (cap_free). */
 void prom__doc_encode(const prom__doc_t *d, uint8_t **buf, size_t *len);

@@ -34,56 +34,49 @@
 
 #define PROM_MAX_BATCH_DOCS 256
 
-/* ---------- a string-keyed open-addressing map (no deletion) ---------- */
-typedef struct smap_ent {
-    const char *key; /* borrowed from the value */
-    void *val;
-} smap_ent_t;
-typedef struct smap {
-    smap_ent_t *e;
-    size_t cap, n;
-} smap_t;
+typedef prom__smap_t smap_t;
+#define smap_get prom__smap_get
+#define smap_put prom__smap_put
 
-static size_t smap_slot(const smap_t *m, const char *key)
+/* An id with the seq of the record that made it a candidate (eviction queue, branch entries not
+ * yet in prom.branch). */
+typedef struct seq_id {
+    uint64_t seq;
+    char *id;
+    char *branch; /* branch entries only */
+} seq_id_t;
+typedef struct seq_fifo {
+    seq_id_t *v;
+    size_t head, len, cap;
+} seq_fifo_t;
+
+static void fifo_push(seq_fifo_t *q, uint64_t seq, const char *id, const char *branch)
 {
-    size_t mask = m->cap - 1;
-    size_t i = (size_t)cap_hash64(key, strlen(key)) & mask;
-    while (m->e[i].key && strcmp(m->e[i].key, key) != 0)
-        i = (i + 1) & mask;
-    return i;
-}
-static void *smap_get(const smap_t *m, const char *key)
-{
-    if (!m->cap)
-        return NULL;
-    return m->e[smap_slot(m, key)].val;
-}
-static void smap_put(smap_t *m, const char *key, void *val)
-{
-    if ((m->n + 1) * 2 > m->cap) {
-        smap_t g = {cap_calloc(m->cap ? m->cap * 2 : 64, sizeof(smap_ent_t)),
-                    m->cap ? m->cap * 2 : 64, 0};
-        for (size_t i = 0; i < m->cap; i++)
-            if (m->e[i].key) {
-                g.e[smap_slot(&g, m->e[i].key)] = m->e[i];
-                g.n++;
-            }
-        cap_free(m->e);
-        *m = g;
+    if (q->head + q->len == q->cap) {
+        if (q->head > q->cap / 2) {
+            memmove(q->v, q->v + q->head, q->len * sizeof(*q->v));
+            q->head = 0;
+        } else {
+            q->cap = q->cap ? q->cap * 2 : 256;
+            q->v = cap_realloc(q->v, q->cap * sizeof(*q->v));
+        }
     }
-    size_t i = smap_slot(m, key);
-    if (!m->e[i].key)
-        m->n++;
-    m->e[i].key = key;
-    m->e[i].val = val;
+    q->v[q->head + q->len++] = (seq_id_t){seq, cap_strdup(id), branch ? cap_strdup(branch) : NULL};
 }
-
-/* branch -> ids of the promises on it (for preload) */
-typedef struct branch {
-    char *name;
-    char **ids;
-    size_t n, cap;
-} branch_t;
+static void fifo_pop(seq_fifo_t *q)
+{
+    cap_free(q->v[q->head].id);
+    cap_free(q->v[q->head].branch);
+    q->head++;
+    q->len--;
+}
+static void fifo_free(seq_fifo_t *q)
+{
+    while (q->len)
+        fifo_pop(q);
+    cap_free(q->v);
+    memset(q, 0, sizeof(*q));
+}
 
 typedef struct theap_ent {
     int64_t at;
@@ -103,10 +96,16 @@ struct prom_store {
     wal_log_t *wal;
     prom_opts_t opts;
     store_dbi_t dbi_docs, dbi_outbox, dbi_meta;
+    store_dbi_t dbi_live;   /* id -> "": the documents that must be resident (pending) */
+    store_dbi_t dbi_branch; /* DUPSORT BE64 hash(branch) -> id: every promise on a branch */
 
-    pthread_mutex_t mu; /* the state machine */
-    smap_t docs;        /* id -> prom__doc_t* */
-    smap_t branches;    /* branch -> branch_t* */
+    pthread_mutex_t mu;   /* the state machine */
+    smap_t docs;          /* id -> prom__doc_t*: the resident documents */
+    seq_fifo_t evq;       /* settled documents, candidates for eviction, in install order */
+    seq_fifo_t pbranch;   /* branch entries whose record is not yet in prom.branch */
+    int load_err;         /* a document of prom.docs failed to read during the current op */
+    size_t settled_cache; /* settled documents kept resident beyond the durable ones */
+    prom_store_stats_t st;
     theap_ent_t *heap;
     size_t nheap, capheap;
     size_t narmed;     /* documents with a deadline */
@@ -313,6 +312,8 @@ static int settle_state_valid(prom_state_t st)
     return st == PROM_RESOLVED || st == PROM_REJECTED || st == PROM_REJECTED_CANCELED;
 }
 
+static prom__doc_t *doc_get(prom_store_t *s, const char *id);
+
 /* ---------- the op context: a working set of changed documents ---------- */
 typedef struct octx {
     prom_store_t *s;
@@ -328,6 +329,14 @@ typedef struct octx {
 } octx_t;
 
 static const prom__doc_t *ctx_find(octx_t *c, const char *id)
+{
+    for (size_t i = 0; i < c->n; i++)
+        if (strcmp(c->docs[i]->p.id, id) == 0)
+            return c->docs[i];
+    return doc_get(c->s, id);
+}
+/* Like ctx_find, memory only: for ids that, when they have a deadline, are resident. */
+static const prom__doc_t *ctx_find_mem(octx_t *c, const char *id)
 {
     for (size_t i = 0; i < c->n; i++)
         if (strcmp(c->docs[i]->p.id, id) == 0)
@@ -348,7 +357,7 @@ static prom__doc_t *ctx_mut(octx_t *c, const char *id)
     for (size_t i = 0; i < c->n; i++)
         if (strcmp(c->docs[i]->p.id, id) == 0)
             return c->docs[i];
-    const prom__doc_t *d = smap_get(&c->s->docs, id);
+    const prom__doc_t *d = doc_get(c->s, id);
     if (!d)
         return NULL;
     prom__doc_t *m = prom__doc_clone(d);
@@ -453,11 +462,13 @@ static void heap_rebuild(prom_store_t *s)
     }
 }
 
-/* Installs d (owned) as the current state of its id; keeps the indexes. */
+/* Installs d (owned) as the current state of its id; keeps the indexes. A settled document
+ * becomes a candidate for eviction (evict_some). */
 static void store_install(prom_store_t *s, prom__doc_t *d, int dirty)
 {
     prom__doc_t *old = smap_get(&s->docs, d->p.id);
     d->dirty = old ? old->dirty : 0;
+    d->created = 0;
     if (dirty && s->track_dirty && !d->dirty) {
         d->dirty = 1;
         if (s->ndirty == s->capdirty) {
@@ -468,6 +479,10 @@ static void store_install(prom_store_t *s, prom__doc_t *d, int dirty)
     }
     int64_t od = doc_deadline(old), nd = doc_deadline(d);
     smap_put(&s->docs, d->p.id, d);
+    d->mem = prom__doc_mem(d);
+    s->st.resident_bytes += d->mem;
+    if (old)
+        s->st.resident_bytes -= old->mem;
     if (od != INT64_MAX)
         s->narmed--;
     if (nd != INT64_MAX) {
@@ -475,25 +490,83 @@ static void store_install(prom_store_t *s, prom__doc_t *d, int dirty)
         if (nd != od)
             heap_push(s, nd, d->p.id);
     }
-    if (!old) {
-        const char *b = prom_promise_tag(&d->p, "resonate:branch");
-        if (b) {
-            branch_t *br = smap_get(&s->branches, b);
-            if (!br) {
-                br = cap_calloc(1, sizeof(*br));
-                br->name = cap_strdup(b);
-                smap_put(&s->branches, br->name, br);
-            }
-            if (br->n == br->cap) {
-                br->cap = br->cap ? br->cap * 2 : 4;
-                br->ids = cap_realloc(br->ids, br->cap * sizeof(char *));
-            }
-            br->ids[br->n++] = cap_strdup(d->p.id);
-        }
-    }
+    if (d->p.state != PROM_PENDING)
+        fifo_push(&s->evq, d->seq, d->p.id, NULL);
     prom__doc_free(old);
     if (s->nheap > 2 * s->narmed + 4096)
         heap_rebuild(s);
+}
+
+/* The seq up to which prom.docs (with prom.live, prom.branch) holds every record. */
+static uint64_t persisted_seq(prom_store_t *s)
+{
+    if (s->opts.checkpoint_ms > 0 || s->track_dirty)
+        return s->flushed_seq; /* under s->mu */
+    pthread_mutex_lock(&s->dmu);
+    uint64_t v = s->durable_seq;
+    pthread_mutex_unlock(&s->dmu);
+    return v;
+}
+
+/* Drops from memory the settled documents that prom.docs holds, beyond the settled cache, and
+ * the branch entries prom.branch holds. Under s->mu, between operations (no document pointer of
+ * an operation is live). A document is evicted only if it is still the state that made it a
+ * candidate (same seq), settled (so no deadline, no awaiters, no listeners, its task fulfilled)
+ * and not waiting for a checkpoint. */
+static void evict_some(prom_store_t *s)
+{
+    uint64_t ps = persisted_seq(s);
+    while (s->pbranch.len && s->pbranch.v[s->pbranch.head].seq <= ps)
+        fifo_pop(&s->pbranch);
+    while (s->evq.len > s->settled_cache) {
+        const seq_id_t *e = &s->evq.v[s->evq.head];
+        if (e->seq > ps)
+            break;
+        prom__doc_t *d = smap_get(&s->docs, e->id);
+        if (d && d->seq == e->seq && d->p.state != PROM_PENDING && !d->dirty) {
+            prom__smap_del(&s->docs, e->id);
+            s->st.resident_bytes -= d->mem;
+            s->st.evictions++;
+            prom__doc_free(d);
+        }
+        fifo_pop(&s->evq);
+    }
+}
+
+/* Reads id's document from prom.docs into memory (a miss); NULL when there is none. */
+static prom__doc_t *doc_load(prom_store_t *s, const char *id)
+{
+    store_txn_t *txn = NULL;
+    store_val_t v;
+    prom__doc_t *d = NULL;
+    size_t n = strlen(id);
+    if (n == 0 || n > WAL_MAX_KEY)
+        return NULL;
+    int rc = store_txn_begin(s->env, 1, &txn);
+    if (rc == 0)
+        rc = store_get(txn, s->dbi_docs, (store_val_t){id, n}, &v);
+    if (rc == 0)
+        rc = prom__doc_decode(v.data, v.len, &d);
+    store_txn_abort(txn);
+    if (rc != 0) {
+        if (rc != CAP_ENOTFOUND && !s->load_err)
+            s->load_err = rc; /* the op fails with it (it must not decide on a missing document) */
+        if (rc != CAP_ENOTFOUND)
+            cap_log(CAP_LOG_ERROR, "promise", "%s: prom.docs: reading \"%.*s\": %s",
+                    store_env_path(s->env), (int)(n < 200 ? n : 200), id, cap_strerror(rc));
+        return NULL;
+    }
+    s->st.misses++;
+    d->seq = 0;
+    store_install(s, d, 0);
+    return d;
+}
+
+/* The current document of id: resident, or read from prom.docs (then resident until evicted). */
+static prom__doc_t *doc_get(prom_store_t *s, const char *id)
+{
+    prom__doc_t *d = smap_get(&s->docs, id);
+    return d ? d : doc_load(s, id);
 }
 
 /* ---------- durability ---------- */
@@ -547,30 +620,38 @@ static int ctx_commit(octx_t *c, prom__wait_t *w)
     if (nrec == 0)
         goto out;
     wal_rec_t *recs = cap_calloc(nrec, sizeof(wal_rec_t));
-    wal_field_t *fields = cap_calloc(nrec * 2, sizeof(wal_field_t));
+    wal_field_t *fields = cap_calloc(nrec * 3, sizeof(wal_field_t));
     uint8_t **bufs = cap_calloc(nrec, sizeof(uint8_t *));
     uint8_t(*keys)[8] = cap_calloc(nrec, 8);
     size_t k = 0;
     for (size_t i = 0; i < c->n; i++, k++) {
+        /* field 2: PROM_DOC_LIVE (pending: prom.live holds it), PROM_DOC_CREATED; field 3: the
+         * branch of a created promise (prom.branch gets it) */
+        const prom__doc_t *d = c->docs[i];
+        const char *br = d->created ? prom_promise_tag(&d->p, "resonate:branch") : NULL;
+        uint64_t flags =
+            (d->p.state == PROM_PENDING ? PROM_DOC_LIVE : 0) | (d->created ? PROM_DOC_CREATED : 0);
         size_t len;
-        prom__doc_encode(c->docs[i], &bufs[k], &len);
-        fields[2 * k] = (wal_field_t){1, 0, bufs[k], len};
-        recs[k] = (wal_rec_t){PROM_REC_DOC, c->docs[i]->p.id, strlen(c->docs[i]->p.id),
-                              &fields[2 * k], 1};
+        prom__doc_encode(d, &bufs[k], &len);
+        fields[3 * k] = (wal_field_t){1, 0, bufs[k], len};
+        fields[3 * k + 1] = (wal_field_t){2, flags, NULL, 0};
+        if (br)
+            fields[3 * k + 2] = (wal_field_t){3, 0, br, strlen(br)};
+        recs[k] = (wal_rec_t){PROM_REC_DOC, d->p.id, strlen(d->p.id), &fields[3 * k], br ? 3 : 2};
     }
     uint64_t mid = s->next_mid;
     for (size_t i = 0; i < c->nmsgs; i++, k++) {
         size_t len;
         c->msgs[i].mid = mid++;
         prom__msg_encode(&c->msgs[i], &bufs[k], &len);
-        fields[2 * k] = (wal_field_t){1, 0, bufs[k], len};
+        fields[3 * k] = (wal_field_t){1, 0, bufs[k], len};
         cap_put_be64(keys[k], c->msgs[i].mid);
-        recs[k] = (wal_rec_t){PROM_REC_MSG_ADD, keys[k], 8, &fields[2 * k], 1};
+        recs[k] = (wal_rec_t){PROM_REC_MSG_ADD, keys[k], 8, &fields[3 * k], 1};
     }
     if (c->has_del) {
-        fields[2 * k] = (wal_field_t){1, c->del_first, NULL, 0};
-        fields[2 * k + 1] = (wal_field_t){2, c->del_last, NULL, 0};
-        recs[k] = (wal_rec_t){PROM_REC_MSG_DEL, NULL, 0, &fields[2 * k], 2};
+        fields[3 * k] = (wal_field_t){1, c->del_first, NULL, 0};
+        fields[3 * k + 1] = (wal_field_t){2, c->del_last, NULL, 0};
+        recs[k] = (wal_rec_t){PROM_REC_MSG_DEL, NULL, 0, &fields[3 * k], 2};
         k++;
     }
     uint64_t first = 0;
@@ -589,8 +670,15 @@ static int ctx_commit(octx_t *c, prom__wait_t *w)
     }
     s->last_seq = first + nrec - 1;
     s->next_mid = mid;
-    for (size_t i = 0; i < c->n; i++)
-        store_install(s, c->docs[i], 1);
+    s->st.records += nrec;
+    for (size_t i = 0; i < c->n; i++) {
+        prom__doc_t *d = c->docs[i];
+        d->seq = first + i;
+        const char *br = d->created ? prom_promise_tag(&d->p, "resonate:branch") : NULL;
+        if (br)
+            fifo_push(&s->pbranch, d->seq, d->p.id, br);
+        store_install(s, d, 1);
+    }
     c->n = 0;
     for (size_t i = 0; i < c->nmsgs; i++) {
         if (s->outhead + s->outlen == s->outcap) {
@@ -733,39 +821,81 @@ static void res_task(prom_result_t *res, const prom__doc_t *d, int64_t now)
     }
     res->task = t;
 }
-static int cmp_promise_id(const void *a, const void *b)
+static int cmp_str(const void *a, const void *b)
 {
-    return strcmp(((const prom_promise_t *)a)->id, ((const prom_promise_t *)b)->id);
+    return strcmp(*(char *const *)a, *(char *const *)b);
 }
-/* Every promise on d's branch but d, ordered by id. */
+static void strv_push(char ***v, size_t *n, size_t *cap, const char *str, size_t len)
+{
+    if (*n == *cap) {
+        *cap = *cap ? *cap * 2 : 16;
+        *v = cap_realloc(*v, *cap * sizeof(char *));
+    }
+    char *x = cap_malloc(len + 1);
+    memcpy(x, str, len);
+    x[len] = 0;
+    (*v)[(*n)++] = x;
+}
+
+/* Every promise on d's branch but d, ordered by id, at most preload_limit. The ids come from
+ * prom.branch (keyed by a hash of the branch: members are checked by their tag), the branch
+ * entries not yet written there, and the promises this op creates; the documents from memory or
+ * prom.docs. */
 static void res_preload(octx_t *c, prom_result_t *res, const prom__doc_t *d)
 {
+    prom_store_t *s = c->s;
     const char *b = prom_promise_tag(&d->p, "resonate:branch");
-    const branch_t *br = b ? smap_get(&c->s->branches, b) : NULL;
-    size_t n = 0;
-    /* promises created in this op are not yet in the branch index */
-    size_t extra = 0;
-    for (size_t i = 0; i < c->n; i++)
-        if (!smap_get(&c->s->docs, c->docs[i]->p.id))
-            extra++;
-    size_t cap = (br ? br->n : 0) + extra;
-    prom_promise_t *ps = cap ? cap_calloc(cap, sizeof(*ps)) : NULL;
-    for (size_t i = 0; br && i < br->n; i++) {
-        if (strcmp(br->ids[i], d->p.id) == 0)
-            continue;
-        project(ctx_find(c, br->ids[i]), c->now, &ps[n++]);
+    if (!b)
+        return;
+    char **ids = NULL;
+    size_t nids = 0, capids = 0;
+    store_txn_t *txn = NULL;
+    store_cursor_t *cur = NULL;
+    uint8_t hk[8];
+    store_val_t k = store_key_u64(hk, cap_hash64(b, strlen(b))), v;
+    int rc = store_txn_begin(s->env, 1, &txn);
+    if (rc == 0)
+        rc = store_cursor_open(txn, s->dbi_branch, &cur);
+    for (int r = rc ? rc : store_cursor_get(cur, &k, &v, STORE_SET_KEY); r == 0;
+         r = store_cursor_get(cur, &k, &v, STORE_NEXT_DUP))
+        strv_push(&ids, &nids, &capids, v.data, v.len);
+    for (size_t i = 0; i < s->pbranch.len; i++) {
+        const seq_id_t *e = &s->pbranch.v[s->pbranch.head + i];
+        if (strcmp(e->branch, b) == 0)
+            strv_push(&ids, &nids, &capids, e->id, strlen(e->id));
     }
     for (size_t i = 0; i < c->n; i++) {
-        const prom__doc_t *x = c->docs[i];
-        const char *xb = prom_promise_tag(&x->p, "resonate:branch");
-        if (smap_get(&c->s->docs, x->p.id) || x == d || !xb || !b || strcmp(xb, b) != 0)
-            continue;
-        project(x, c->now, &ps[n++]);
+        const char *xb = prom_promise_tag(&c->docs[i]->p, "resonate:branch");
+        if (c->docs[i]->created && xb && strcmp(xb, b) == 0)
+            strv_push(&ids, &nids, &capids, c->docs[i]->p.id, strlen(c->docs[i]->p.id));
     }
-    if (n > 1)
-        qsort(ps, n, sizeof(*ps), cmp_promise_id);
-    while (n > c->s->opts.preload_limit)
-        prom_promise_clear(&ps[--n]);
+    if (nids > 1)
+        qsort(ids, nids, sizeof(char *), cmp_str);
+    prom_promise_t *ps = nids ? cap_calloc(nids, sizeof(*ps)) : NULL;
+    size_t n = 0;
+    for (size_t i = 0; i < nids && n < s->opts.preload_limit; i++) {
+        if ((i > 0 && strcmp(ids[i], ids[i - 1]) == 0) || strcmp(ids[i], d->p.id) == 0)
+            continue;
+        const prom__doc_t *x = ctx_find_mem(c, ids[i]);
+        prom__doc_t *loaded = NULL;
+        if (!x && txn &&
+            store_get(txn, s->dbi_docs, (store_val_t){ids[i], strlen(ids[i])}, &v) == 0) {
+            int r = prom__doc_decode(v.data, v.len, &loaded);
+            if (r == 0)
+                x = loaded;
+            else if (!s->load_err)
+                s->load_err = r;
+        }
+        const char *xb = x ? prom_promise_tag(&x->p, "resonate:branch") : NULL;
+        if (xb && strcmp(xb, b) == 0)
+            project(x, c->now, &ps[n++]);
+        prom__doc_free(loaded);
+    }
+    store_cursor_close(cur);
+    store_txn_abort(txn);
+    for (size_t i = 0; i < nids; i++)
+        cap_free(ids[i]);
+    cap_free(ids);
     res->promises = ps;
     res->npromises = n;
 }
@@ -777,6 +907,8 @@ static void op_begin(prom_store_t *s, octx_t *c, prom_result_t *res)
     memset(res, 0, sizeof(*res));
     c->s = s;
     pthread_mutex_lock(&s->mu);
+    s->load_err = 0;
+    evict_some(s); /* what earlier ops made durable (no document pointer is held here) */
     c->now = prom_store_now(s);
 }
 /* Tells the settle observer about the op's settles once they are durable (rc 0), then frees the
@@ -798,7 +930,8 @@ static int op_end(octx_t *c, prom_result_t *res)
 {
     prom_store_t *s = c->s;
     prom__wait_t w;
-    int rc = ctx_commit(c, &w);
+    /* a document that failed to read from prom.docs: the op decided without it, write nothing */
+    int rc = s->load_err ? s->load_err : ctx_commit(c, &w);
     uint64_t seen = s->last_seq;
     ctx_free(c);
     pthread_mutex_unlock(&s->mu);
@@ -830,6 +963,7 @@ static int do_create(octx_t *c, const prom_create_t *req, const prom__doc_t **ou
     n->p.timeout_at = req->timeout_at;
     const char *target = prom_promise_tag(&n->p, "resonate:target");
     n->has_task = target != NULL;
+    n->created = 1;
     ctx_push(c, n);
     if (c->now >= req->timeout_at) {
         n->p.state = timeout_state(n);
@@ -1012,6 +1146,60 @@ static int cmp_doc_id(const void *a, const void *b)
     return strcmp((*(const prom__doc_t *const *)a)->p.id, (*(const prom__doc_t *const *)b)->p.id);
 }
 
+/* The matching documents of prom.docs that are not resident, after req->cursor, in id order:
+ * stops at k + 1 of them, or at k when `resident` matches already prove a next page. Under s->mu
+ * (the resident set cannot change; a document is evicted only once prom.docs holds its state). */
+static int search_evicted(prom_store_t *s, const prom_search_t *req, size_t k, size_t resident,
+                          prom__doc_t ***out, size_t *nout)
+{
+    store_txn_t *txn = NULL;
+    store_cursor_t *cur = NULL;
+    store_val_t key = {req->cursor, req->cursor ? strlen(req->cursor) : 0}, v;
+    prom__doc_t **l = cap_calloc(k + 1, sizeof(*l));
+    size_t nl = 0;
+    char id[WAL_MAX_KEY + 1];
+    int rc = store_txn_begin(s->env, 1, &txn);
+    if (rc == 0)
+        rc = store_cursor_open(txn, s->dbi_docs, &cur);
+    if (rc == 0)
+        rc = store_cursor_get(cur, &key, &v,
+                              req->cursor && req->cursor[0] ? STORE_SET_RANGE : STORE_FIRST);
+    while (rc == 0 && nl <= k && !(nl == k && resident > 0)) {
+        if (key.len <= WAL_MAX_KEY) {
+            memcpy(id, key.data, key.len);
+            id[key.len] = 0;
+            prom__doc_t *d = NULL;
+            if ((!req->cursor || strcmp(id, req->cursor) > 0) && !smap_get(&s->docs, id)) {
+                rc = prom__doc_decode(v.data, v.len, &d);
+                if (rc) {
+                    cap_log(CAP_LOG_ERROR, "promise",
+                            "%s: prom.docs: the document of \"%.200s\" does not decode",
+                            store_env_path(s->env), id);
+                    break;
+                }
+                if (search_match(req, &d->p))
+                    l[nl++] = d;
+                else
+                    prom__doc_free(d);
+            }
+        }
+        rc = store_cursor_get(cur, &key, &v, STORE_NEXT);
+    }
+    store_cursor_close(cur);
+    store_txn_abort(txn);
+    if (rc == CAP_ENOTFOUND)
+        rc = 0;
+    if (rc) {
+        for (size_t i = 0; i < nl; i++)
+            prom__doc_free(l[i]);
+        cap_free(l);
+        return rc;
+    }
+    *out = l;
+    *nout = nl;
+    return 0;
+}
+
 int prom_promise_search(prom_store_t *s, const prom_search_t *req, prom_result_t *res)
 {
     memset(res, 0, sizeof(*res));
@@ -1065,12 +1253,34 @@ int prom_promise_search(prom_store_t *s, const prom_search_t *req, prom_result_t
     }
     if (nh > 1)
         qsort(h, nh, sizeof(*h), cmp_doc_id);
-    res->promises = nh ? cap_calloc(nh, sizeof(prom_promise_t)) : NULL;
-    for (size_t i = 0; i < nh; i++)
-        project(h[i], now, &res->promises[i]);
-    res->npromises = nh;
-    if (matched > nh)
-        res->cursor = cap_strdup(h[nh - 1]->p.id);
+    /* evicted documents (settled, so never a pending match): prom.docs in id order after the
+     * cursor, skipping the resident ones (memory has their current state); the first k matches
+     * are all that can make the page, one more tells whether a next page exists */
+    prom__doc_t **l = NULL;
+    size_t nl = 0;
+    if (req->state != PROM_PENDING) {
+        int rc = search_evicted(s, req, k, matched, &l, &nl);
+        if (rc) {
+            cap_free(h);
+            pthread_mutex_unlock(&s->mu);
+            return rc;
+        }
+    }
+    size_t take = nh + nl < k ? nh + nl : k;
+    res->promises = take ? cap_calloc(take, sizeof(prom_promise_t)) : NULL;
+    for (size_t i = 0, j = 0; i + j < take;) {
+        prom_promise_t *dst = &res->promises[i + j];
+        if (j == nl || (i < nh && strcmp(h[i]->p.id, l[j]->p.id) < 0))
+            project(h[i++], now, dst);
+        else
+            project(l[j++], now, dst);
+    }
+    res->npromises = take;
+    if (matched + nl > take)
+        res->cursor = cap_strdup(res->promises[take - 1].id);
+    for (size_t j = 0; j < nl; j++)
+        prom__doc_free(l[j]);
+    cap_free(l);
     cap_free(h);
     set_status(res, PROM_S_OK, NULL);
     uint64_t seen = s->last_seq;
@@ -1440,13 +1650,15 @@ int prom_store_tick(prom_store_t *s, int64_t now, size_t *fired)
         c.s = s;
         c.now = now;
         pthread_mutex_lock(&s->mu);
+        evict_some(s);
         size_t nf = 0;
         /* Timers fire in (deadline, id) order. A document already changed by an earlier timer's
          * effects in this batch is judged by its new state: within a tick, deadlines only move
          * past `now` (or vanish), so an entry still equal to its deadline is due exactly once. */
         while (s->nheap && s->heap[0].at <= now && c.n < PROM_MAX_BATCH_DOCS) {
             theap_ent_t e = heap_pop(s);
-            const prom__doc_t *d = ctx_find(&c, e.id);
+            /* memory only: a document with a deadline is resident, an evicted one has none */
+            const prom__doc_t *d = ctx_find_mem(&c, e.id);
             if (d && doc_deadline(d) == e.at) {
                 fire(&c, e.id);
                 nf++;
@@ -1506,7 +1718,7 @@ int prom_outbox_take(prom_store_t *s, size_t max, prom_msg_t **msgs, size_t *n)
         out[i].id = cap_strdup(m->id);
         out[i].version = m->version;
         if (m->kind == PROM_MSG_UNBLOCK) {
-            const prom__doc_t *d = smap_get(&s->docs, m->id);
+            const prom__doc_t *d = doc_get(s, m->id);
             if (d) {
                 out[i].promise = cap_calloc(1, sizeof(prom_promise_t));
                 project(d, c.now, out[i].promise);
@@ -1519,7 +1731,7 @@ int prom_outbox_take(prom_store_t *s, size_t max, prom_msg_t **msgs, size_t *n)
         c.del_last = s->outq[s->outhead + k - 1].mid;
     }
     prom__wait_t w;
-    int rc = ctx_commit(&c, &w);
+    int rc = s->load_err ? s->load_err : ctx_commit(&c, &w);
     if (rc == 0 && k) {
         for (size_t i = 0; i < k; i++)
             prom__msg_clear(&s->outq[s->outhead + i]);
@@ -1562,6 +1774,30 @@ size_t prom_outbox_len(prom_store_t *s)
 }
 
 /* ---------- apply (writer thread) ---------- */
+/* Keeps prom.live and prom.branch for one document written to prom.docs in txn: live = pending;
+ * created (the first record of the promise) with its branch adds the branch entry (put again on a
+ * replay: the same pair is a no-op). */
+static int index_doc(prom_store_t *s, store_txn_t *txn, store_val_t id, int live, int created,
+                     const void *branch, size_t blen)
+{
+    int rc;
+    if (live)
+        rc = store_put(txn, s->dbi_live, id, (store_val_t){"", 0}, 0);
+    else if (created)
+        rc = 0; /* created settled: never was live */
+    else
+        rc = store_del(txn, s->dbi_live, id, NULL);
+    if (rc == CAP_ENOTFOUND)
+        rc = 0;
+    if (rc == 0 && branch) {
+        uint8_t hk[8];
+        rc = store_put(txn, s->dbi_branch, store_key_u64(hk, cap_hash64(branch, blen)), id, 0);
+        if (rc == CAP_EEXIST)
+            rc = 0;
+    }
+    return rc;
+}
+
 static int prom_apply(void *arg, store_txn_t *txn, const wal_entry_t *e)
 {
     prom_store_t *s = arg;
@@ -1581,11 +1817,15 @@ static int prom_apply(void *arg, store_txn_t *txn, const wal_entry_t *e)
         if (s->opts.checkpoint_ms > 0)
             goto out;
         uint8_t mb[8];
-        rc = store_put(txn, s->dbi_docs, (store_val_t){e->key, e->key_len},
-                       (store_val_t){f1->data, f1->len}, 0);
+        store_val_t id = {e->key, e->key_len};
+        rc = store_put(txn, s->dbi_docs, id, (store_val_t){f1->data, f1->len}, 0);
         if (rc == 0)
             rc = store_put(txn, s->dbi_meta, (store_val_t){"docs_seq", 8},
                            store_key_u64(mb, e->seq), 0);
+        const wal_field_t *f2 = wal_entry_field(e, 2), *f3 = wal_entry_field(e, 3);
+        if (rc == 0 && f2)
+            rc = index_doc(s, txn, id, f2->u & PROM_DOC_LIVE, f2->u & PROM_DOC_CREATED,
+                           f3 ? f3->data : NULL, f3 ? f3->len : 0);
     } else if (e->kind == PROM_REC_MSG_ADD) {
         if (!f1 || e->key_len != 8) {
             rc = CAP_ECORRUPT;
@@ -1623,6 +1863,42 @@ static int open_dbis(store_txn_t *txn, void *arg)
         rc = store_dbi_open(txn, "prom.outbox", STORE_DB_CREATE, &s->dbi_outbox);
     if (rc == 0)
         rc = store_dbi_open(txn, "prom.meta", STORE_DB_CREATE, &s->dbi_meta);
+    if (rc == 0)
+        rc = store_dbi_open(txn, "prom.live", STORE_DB_CREATE, &s->dbi_live);
+    if (rc == 0)
+        rc = store_dbi_open(txn, "prom.branch", STORE_DB_CREATE | STORE_DB_DUPSORT, &s->dbi_branch);
+    if (rc)
+        return rc;
+    /* a store written before prom.live / prom.branch existed: build them from prom.docs, once */
+    store_val_t v;
+    rc = store_get(txn, s->dbi_meta, (store_val_t){"indexes", 7}, &v);
+    if (rc != CAP_ENOTFOUND)
+        return rc;
+    store_cursor_t *cur = NULL;
+    store_val_t k;
+    rc = store_cursor_open(txn, s->dbi_docs, &cur);
+    int r = rc ? rc : store_cursor_get(cur, &k, &v, STORE_FIRST);
+    while (r == 0) {
+        prom__doc_t *d;
+        rc = prom__doc_decode(v.data, v.len, &d);
+        if (rc) {
+            cap_log(CAP_LOG_ERROR, "promise",
+                    "%s: prom.docs: the document of \"%.*s\" does not decode",
+                    store_env_path(s->env), (int)(k.len < 200 ? k.len : 200), (const char *)k.data);
+            break;
+        }
+        const char *b = prom_promise_tag(&d->p, "resonate:branch");
+        rc = index_doc(s, txn, k, d->p.state == PROM_PENDING, 1, b, b ? strlen(b) : 0);
+        prom__doc_free(d);
+        if (rc)
+            break;
+        r = store_cursor_get(cur, &k, &v, STORE_NEXT);
+    }
+    store_cursor_close(cur);
+    if (rc == 0 && r != CAP_ENOTFOUND)
+        rc = r;
+    if (rc == 0)
+        rc = store_put(txn, s->dbi_meta, (store_val_t){"indexes", 7}, (store_val_t){"1", 1}, 0);
     return rc;
 }
 
@@ -1641,16 +1917,20 @@ static int load(prom_store_t *s)
         s->flushed_seq = cap_get_be64(v.data);
     else if (rc != CAP_ENOTFOUND)
         goto out;
-    rc = store_cursor_open(txn, s->dbi_docs, &cur);
+    /* the live set only: prom.live names the pending documents */
+    rc = store_cursor_open(txn, s->dbi_live, &cur);
     if (rc)
         goto out;
     int r = store_cursor_get(cur, &k, &v, STORE_FIRST);
     while (r == 0) {
         prom__doc_t *d;
-        rc = prom__doc_decode(v.data, v.len, &d);
+        rc = store_get(txn, s->dbi_docs, k, &v);
+        if (rc == 0)
+            rc = prom__doc_decode(v.data, v.len, &d);
         if (rc) {
+            rc = CAP_ECORRUPT;
             cap_log(CAP_LOG_ERROR, "promise",
-                    "%s: prom.docs: the document of \"%.*s\" does not decode",
+                    "%s: prom.docs: the live document \"%.*s\" is missing or does not decode",
                     store_env_path(s->env), (int)(k.len < 200 ? k.len : 200), (const char *)k.data);
             goto out;
         }
@@ -1701,6 +1981,9 @@ typedef struct flush_batch {
     char **ids;
     uint8_t **bufs;
     size_t *lens;
+    int *live;
+    size_t nbr;
+    seq_id_t *br; /* branch entries (copies) up to mark */
     uint64_t mark;
 } flush_batch_t;
 
@@ -1709,9 +1992,15 @@ static int flush_write(store_txn_t *txn, void *arg)
     flush_batch_t *b = arg;
     int rc = 0;
     uint8_t mb[8];
-    for (size_t i = 0; i < b->n && rc == 0; i++)
-        rc = store_put(txn, b->s->dbi_docs, (store_val_t){b->ids[i], strlen(b->ids[i])},
-                       (store_val_t){b->bufs[i], b->lens[i]}, 0);
+    for (size_t i = 0; i < b->n && rc == 0; i++) {
+        store_val_t id = {b->ids[i], strlen(b->ids[i])};
+        rc = store_put(txn, b->s->dbi_docs, id, (store_val_t){b->bufs[i], b->lens[i]}, 0);
+        if (rc == 0)
+            rc = index_doc(b->s, txn, id, b->live[i], 0, NULL, 0);
+    }
+    for (size_t i = 0; i < b->nbr && rc == 0; i++)
+        rc = index_doc(b->s, txn, (store_val_t){b->br[i].id, strlen(b->br[i].id)}, 1, 1,
+                       b->br[i].branch, strlen(b->br[i].branch));
     if (rc == 0)
         rc = store_put(txn, b->s->dbi_meta, (store_val_t){"docs_seq", 8},
                        store_key_u64(mb, b->mark), 0);
@@ -1721,18 +2010,28 @@ static int flush_write(store_txn_t *txn, void *arg)
 /* Checkpoints the dirty documents. Called with s->mu held; returns with it held. */
 static int flush_locked(prom_store_t *s)
 {
-    flush_batch_t b = {s, 0, NULL, NULL, NULL, s->last_seq};
+    flush_batch_t b = {0};
     int rc = 0;
+    b.s = s;
+    b.mark = s->last_seq;
     if (s->ndirty == 0 && s->flushed_seq >= b.mark)
         return 0;
     b.n = s->ndirty;
     b.ids = s->dirty;
     b.bufs = cap_calloc(b.n + 1, sizeof(uint8_t *));
     b.lens = cap_calloc(b.n + 1, sizeof(size_t));
+    b.live = cap_calloc(b.n + 1, sizeof(int));
     for (size_t i = 0; i < b.n; i++) {
-        prom__doc_t *d = smap_get(&s->docs, b.ids[i]);
+        prom__doc_t *d = smap_get(&s->docs, b.ids[i]); /* a dirty document is never evicted */
         d->dirty = 0;
+        b.live[i] = d->p.state == PROM_PENDING;
         prom__doc_encode(d, &b.bufs[i], &b.lens[i]);
+    }
+    b.br = cap_calloc(s->pbranch.len + 1, sizeof(seq_id_t));
+    for (size_t i = 0; i < s->pbranch.len; i++) {
+        const seq_id_t *e = &s->pbranch.v[s->pbranch.head + i];
+        if (e->seq <= b.mark)
+            b.br[b.nbr++] = (seq_id_t){e->seq, cap_strdup(e->id), cap_strdup(e->branch)};
     }
     s->dirty = NULL;
     s->ndirty = s->capdirty = 0;
@@ -1751,12 +2050,30 @@ static int flush_locked(prom_store_t *s)
                 cap_strerror(rc));
     }
     for (size_t i = 0; i < b.n; i++) {
-        cap_free(b.ids[i]);
+        prom__doc_t *d = rc ? smap_get(&s->docs, b.ids[i]) : NULL;
+        if (d && !d->dirty) { /* not written: dirty again (not evictable, in the next checkpoint) */
+            d->dirty = 1;
+            if (s->ndirty == s->capdirty) {
+                s->capdirty = s->capdirty ? s->capdirty * 2 : 256;
+                s->dirty = cap_realloc(s->dirty, s->capdirty * sizeof(char *));
+            }
+            s->dirty[s->ndirty++] = b.ids[i];
+        } else {
+            cap_free(b.ids[i]);
+        }
         cap_free(b.bufs[i]);
     }
+    for (size_t i = 0; i < b.nbr; i++) {
+        cap_free(b.br[i].id);
+        cap_free(b.br[i].branch);
+    }
+    cap_free(b.br);
+    cap_free(b.live);
     cap_free(b.ids);
     cap_free(b.bufs);
     cap_free(b.lens);
+    if (rc == 0)
+        evict_some(s);
     return rc;
 }
 
@@ -1819,6 +2136,12 @@ static int replay(prom_store_t *s)
                     (unsigned long long)e.seq);
             goto out;
         }
+        /* its branch entry may not be in prom.branch yet (checkpoint mode writes it with the
+         * document): the next checkpoint puts it (again: idempotent) */
+        const char *br = prom_promise_tag(&d->p, "resonate:branch");
+        d->seq = e.seq;
+        if (br)
+            fifo_push(&s->pbranch, e.seq, d->p.id, br);
         store_install(s, d, 1);
     }
     if (rc == CAP_ECORRUPT)
@@ -1840,6 +2163,9 @@ int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **ou
         s->opts.retry_ms = 30000;
     if (!s->opts.preload_limit)
         s->opts.preload_limit = 1000;
+    s->settled_cache = s->opts.settled_cache < 0    ? 0
+                       : s->opts.settled_cache == 0 ? 1024
+                                                    : (size_t)s->opts.settled_cache;
     s->next_mid = 1;
     pthread_mutex_init(&s->mu, NULL);
     pthread_mutex_init(&s->dmu, NULL);
@@ -1906,18 +2232,9 @@ void prom_store_close(prom_store_t *s)
     cap_free(s->dirty);
     for (size_t i = 0; i < s->docs.cap; i++)
         prom__doc_free(s->docs.e[i].val);
-    cap_free(s->docs.e);
-    for (size_t i = 0; i < s->branches.cap; i++) {
-        branch_t *b = s->branches.e[i].val;
-        if (!b)
-            continue;
-        for (size_t j = 0; j < b->n; j++)
-            cap_free(b->ids[j]);
-        cap_free(b->ids);
-        cap_free(b->name);
-        cap_free(b);
-    }
-    cap_free(s->branches.e);
+    prom__smap_free(&s->docs);
+    fifo_free(&s->evq);
+    fifo_free(&s->pbranch);
     while (s->nheap)
         cap_free(heap_pop(s).id);
     cap_free(s->heap);
@@ -1928,6 +2245,15 @@ void prom_store_close(prom_store_t *s)
     pthread_mutex_destroy(&s->dmu);
     pthread_cond_destroy(&s->dcv);
     cap_free(s);
+}
+
+void prom_store_stats(prom_store_t *s, prom_store_stats_t *out)
+{
+    pthread_mutex_lock(&s->mu);
+    evict_some(s);
+    *out = s->st;
+    out->resident_docs = s->docs.n;
+    pthread_mutex_unlock(&s->mu);
 }
 
 wal_log_t *prom_store_wal(prom_store_t *s)

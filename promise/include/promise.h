@@ -14,8 +14,14 @@
  * `prom.outbox` and (by default) `prom.docs` in the same LMDB transaction as the records, with the
  * last applied seq in `prom.meta`; in checkpoint mode (prom_opts_t.checkpoint_ms) `prom.docs` is
  * written by a flusher thread instead. Open loads the tables and replays the document records
- * after prom.meta's seq; the log must not be truncated past prom_store_checkpoint_seq(). Timer and
- * branch indexes are derived in memory on open. Every document is resident in memory.
+ * after prom.meta's seq; the log must not be truncated past prom_store_checkpoint_seq().
+ *
+ * Memory: only the live set is resident - pending promises (and their tasks, callbacks,
+ * listeners), settled documents whose record is not yet in prom.docs, and a small cache of recently
+ * settled ones. Other settled documents are evicted and read back from prom.docs on demand (with
+ * the same answers). prom.live (the pending ids) and prom.branch (every promise id by branch) are
+ * kept with prom.docs, so open loads only the live set and preload reads its branch from LMDB.
+ * The timer heap is derived in memory on open.
  *
  * Sharing the log: prom_store_open() opens THE wal_log_t of the env (the wal takes one apply
  * callback at open, and promise needs it). Other modules (the engine) append their own record
@@ -50,10 +56,16 @@ typedef struct prom_store prom_store_t;
  * kinds"). */
 enum {
     PROM_REC_FIRST = 0x10,
-    PROM_REC_DOC = 0x10,     /* key: promise id; field 1: the full encoded document */
+    PROM_REC_DOC = 0x10,     /* key: promise id; field 1: the full encoded document; field 2:
+                                PROM_DOC_* flags; field 3 (created, with resonate:branch): branch */
     PROM_REC_MSG_ADD = 0x11, /* key: BE64 message id; fields 1 kind, 2 address, 3 id, 4 version */
     PROM_REC_MSG_DEL = 0x12, /* fields 1: first message id, 2: last message id (inclusive) */
     PROM_REC_LAST = 0x2F
+};
+/* PROM_REC_DOC field 2 (absent in records written before it existed: then neither is set). */
+enum {
+    PROM_DOC_LIVE = 1,   /* the promise is pending (prom.live holds its id) */
+    PROM_DOC_CREATED = 2 /* the record creates the promise */
 };
 
 /* Protocol outcome of an operation (the HTTP status of the Resonate envelope). */
@@ -183,15 +195,21 @@ typedef struct prom_opts {
      * outside the store's lock. It must not block (post to a loop); it may call operations. */
     void (*on_settle)(void *arg, const char *id);
     void *on_settle_arg;
+    /* Settled documents are evicted from memory once their record is in prom.docs (lookups that
+     * miss memory read prom.docs). This many of the most recently settled ones stay resident as a
+     * cache: 0 = 1024; < 0 = none (evict as soon as durable; the tests use it to force eviction).
+     */
+    int settled_cache;
     /* Options of the shared log. durability/sync/batch are passed through; apply (if set) is
      * called for records of kinds outside 0x10..0x2F (see the top of this file). */
     wal_opts_t wal;
 } prom_opts_t;
 
 /* Opens the promise store in `env` (borrowed; must outlive the store): creates the tables if
- * missing, loads every promise document and outbox message, rebuilds the timer and branch
- * indexes, then opens the env's wal with promise's apply callback. Errors: CAP_ECORRUPT (a stored
- * document does not decode), wal and store errors. Call once per env. */
+ * missing (a store written before prom.live/prom.branch existed gets them built once), loads the
+ * live documents (prom.live) and the outbox, rebuilds the timer heap, then opens the env's wal with
+ * promise's apply callback. Errors: CAP_ECORRUPT (a stored document does not decode), wal and store
+ * errors. Call once per env. */
 int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **out);
 /* Closes the wal (acknowledging everything queued) and frees the store. NULL is a no-op. No
  * operation may be in flight. */
@@ -199,6 +217,20 @@ void prom_store_close(prom_store_t *s);
 /* The log sequence number up to which prom.docs holds every document; open replays the records
  * after it, so the log must not be truncated past it. Default mode: the last durable seq. */
 uint64_t prom_store_checkpoint_seq(prom_store_t *s);
+/* Memory of the store (the engine exposes these as metrics). Resident documents are the pending
+ * promises (with their tasks, callbacks and listeners: everything a timer or an awaiter needs),
+ * settled ones whose record is not yet in prom.docs, and the settled cache
+ * (prom_opts_t.settled_cache). */
+typedef struct prom_store_stats {
+    uint64_t resident_docs;  /* documents in memory */
+    uint64_t resident_bytes; /* bytes those documents hold (structs, strings, buffers) */
+    uint64_t evictions;      /* documents dropped from memory since open */
+    uint64_t misses;         /* lookups that missed memory and were served from prom.docs */
+    uint64_t records;        /* promise records appended to the wal since open */
+} prom_store_stats_t;
+/* A snapshot of the counters (any thread). */
+void prom_store_stats(prom_store_t *s, prom_store_stats_t *out);
+
 /* The shared log (borrowed, valid until close): for other modules' record kinds. */
 wal_log_t *prom_store_wal(prom_store_t *s);
 /* The store's clock reading (ms). */

@@ -27,6 +27,7 @@ typedef struct ptest {
     prom_lineage_t lineage;
     int nosync;
     int64_t retry_ms;
+    int settled_cache; /* prom_opts_t.settled_cache (PROM_SETTLED_CACHE overrides) */
 } ptest_t;
 
 static inline void ptest_open(ptest_t *t)
@@ -44,6 +45,10 @@ static inline void ptest_open(ptest_t *t)
      * in both modes) */
     const char *ck = getenv("PROM_CHECKPOINT_MS");
     po.checkpoint_ms = ck ? atoi(ck) : 0;
+    /* PROM_SETTLED_CACHE=-1 evicts every settled document as soon as it is durable (ctest runs
+     * the model, crash and durable tests so as well) */
+    const char *sc = getenv("PROM_SETTLED_CACHE");
+    po.settled_cache = sc ? atoi(sc) : t->settled_cache;
     po.wal.durability = t->nosync ? WAL_NOSYNC : WAL_SYNC;
     CHECK_OK(prom_store_open(t->env, &po, &t->ps));
 }

@@ -133,14 +133,15 @@ static void test_msg_codec(void)
     prom__msg_clear(&m);
 }
 
-/* A damaged document in prom.docs: open refuses with CAP_ECORRUPT; the data stays as it was. */
+/* A damaged live document in prom.docs: open refuses with CAP_ECORRUPT; the data stays as it
+ * was. A damaged evicted (settled) one: open works (it loads only the live set) and an operation
+ * that needs it fails with CAP_ECORRUPT instead of answering 404. */
 static int put_garbage(store_txn_t *txn, void *arg)
 {
-    (void)arg;
     store_dbi_t dbi;
     int rc = store_dbi_open(txn, "prom.docs", 0, &dbi);
     if (rc == 0) {
-        store_val_t k = {"p1", 2}, v = {"\x01\x02junk", 6};
+        store_val_t k = {arg, strlen(arg)}, v = {"\x01\x02junk", 6};
         rc = store_put(txn, dbi, k, v, 0);
     }
     return rc;
@@ -155,11 +156,30 @@ static void test_damaged_table(void)
     prom_create_t c = {"p0", 2000000, NULL, NULL, 0};
     CHECK_OK(prom_promise_create(t.ps, &c, &r));
     prom_result_clear(&r);
+    prom_create_t c2 = {"p2", 2000000, NULL, NULL, 0};
+    CHECK_OK(prom_promise_create(t.ps, &c2, &r));
+    prom_result_clear(&r);
+    prom_settle_t st = {"p2", PROM_RESOLVED, NULL};
+    CHECK_OK(prom_promise_settle(t.ps, &st, &r));
+    prom_result_clear(&r);
     prom_store_close(t.ps);
     t.ps = NULL;
-    CHECK_OK(store_env_write(t.env, put_garbage, NULL));
+    CHECK_OK(store_env_write(t.env, put_garbage, "p2"));
     prom_opts_t po = {0};
+    po.settled_cache = -1;
     prom_store_t *ps = NULL;
+    CHECK_OK(prom_store_open(t.env, &po, &ps));
+    CHECK_OK(prom_promise_get(ps, "p0", &r));
+    CHECK(r.status == PROM_S_OK);
+    prom_result_clear(&r);
+    CHECK_ERR(prom_promise_get(ps, "p2", &r), CAP_ECORRUPT);
+    CHECK(r.promise == NULL);
+    CHECK_ERR(prom_promise_create(ps, &c2, &r), CAP_ECORRUPT);
+    prom_search_t q = {-1, NULL, 0, 10, NULL};
+    CHECK_ERR(prom_promise_search(ps, &q, &r), CAP_ECORRUPT);
+    prom_store_close(ps);
+    ps = NULL;
+    CHECK_OK(store_env_write(t.env, put_garbage, "p0"));
     CHECK_ERR(prom_store_open(t.env, &po, &ps), CAP_ECORRUPT);
     CHECK(ps == NULL);
     store_env_close(t.env);

@@ -7,6 +7,16 @@
  */
 #include "model.h"
 
+/* Adds the store's counters (since its open) to *sum; resident = the store's current count. */
+static void stats_add(prom_store_stats_t *sum, prom_store_t *ps)
+{
+    prom_store_stats_t st;
+    prom_store_stats(ps, &st);
+    sum->resident_docs = st.resident_docs;
+    sum->evictions += st.evictions;
+    sum->misses += st.misses;
+}
+
 int main(void)
 {
     const char *e = getenv("PROM_MODEL_OPS");
@@ -27,14 +37,25 @@ int main(void)
     model_t *m = calloc(1, sizeof(*m));
     m->now = t.clock.now;
     long counts[20] = {0};
+    prom_store_stats_t sum = {0};
     for (long n = 0; n < nops; n++) {
         counts[m_step(m, t.ps, &t.clock, rng)]++;
         if (n % 30000 == 29999) {
+            stats_add(&sum, t.ps);
             ptest_reopen(&t);
             m_compare_all(m, t.ps);
         }
     }
     m_compare_all(m, t.ps);
+    stats_add(&sum, t.ps);
+    fprintf(stderr,
+            "promise model: resident %llu docs at the end, %llu evictions, %llu misses "
+            "served from prom.docs\n",
+            (unsigned long long)sum.resident_docs, (unsigned long long)sum.evictions,
+            (unsigned long long)sum.misses);
+    const char *sc = getenv("PROM_SETTLED_CACHE");
+    if (sc && atoi(sc) < 0) /* forced eviction: answers really came from prom.docs */
+        CHECK(sum.evictions > (uint64_t)nops / 20 && sum.misses > (uint64_t)nops / 20);
     ptest_reopen(&t);
     m_compare_all(m, t.ps);
     fprintf(stderr, "promise model: %ld operations (seed %#llx) matched the model; per op:", nops,
