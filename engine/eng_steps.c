@@ -9,7 +9,8 @@
  * (resonate:timer=true) whose deadline, fixed by the first create, is absolute: promise/ reads it
  * as resolved once due, so a re-run after a restart waits only for what remains.
  *
- * eng__step_run blocks (it waits for the group commit): durability threads only.
+ * eng__step_run blocks (it waits for the group commit): run it off the loop (engine.c runs it on
+ * libuv's thread pool).
  */
 #include <stdio.h>
 #include <stdlib.h>

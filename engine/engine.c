@@ -6,23 +6,23 @@
  *   - the LOOP thread (own or the caller's) owns every session, execution and worker; nothing
  *     else touches them. Public calls post a message (eng_msg_t) to a mutex-protected queue and
  *     uv_async_send; the loop runs it.
- *   - DURABILITY threads (dur_threads) run the blocking promise operations (prom_*): they wait for
- *     their group commit off the loop, concurrently (so many sessions share one commit), then post
- *     the completion back to the loop. The loop never waits for a commit.
- *   - the WAL writer thread calls the done callback of the engine's own records (ENG_REC_*), which
- *     only posts a message to the loop.
+ *   - promise operations are started ON the loop in their asynchronous form (prom_*_async): the
+ *     loop never waits for a commit, and many sessions' records share one group commit.
+ *   - the WAL writer thread calls their completions and the done callback of the engine's own
+ *     records (ENG_REC_*); both only post a message to the loop.
  *
  * The life of an execution (log before act):
  *   1. submit: execution promise "capsule/x/<eid>" created (param: code, session, options); only
- *      when that is durable is the execution eligible to run (a durability thread waits).
+ *      when that is durable is the execution eligible to run.
  *   2. input(): input promise ".../in/<k>" created durably before the client is asked; if it is
  *      already resolved (a re-run after a crash) the recorded reply is given to the worker at once.
  *      A client's reply settles it durably before the worker gets it.
  *   3. result: ONE wal record ENG_REC_FINISH (key eid) carries the result, the bounded output and
  *      the namespace delta (when committed, with the session's next ordinal). Its apply writes
- *      eng.results and eng.deltas in the same transaction. Only once it is durable is the client
- *      told. Then the execution promise is settled (a derived fact: recovery settles it from
- *      eng.results if a crash came in between).
+ *      eng.results and eng.deltas in the same transaction, which also settles the execution promise
+ *      (one append: prom_promise_settle_async with the FINISH as an extra record). Only once it is
+ *      durable is the client told. (Older logs may hold a FINISH without the settle: recovery
+ *      settles it from eng.results.)
  *   A rolled-back execution (transaction policy) or a dead worker: the worker is replaced and the
  *   namespace restored from the recorded chain (checkpoint + deltas) BEFORE the FINISH record is
  *   written, so the result can report the names that failed to restore.
@@ -96,8 +96,9 @@ struct exec {
     size_t nls;
     char *out;
     size_t out_len, out_dropped;
-    eng_result_t r; /* filled at the result */
-    uint8_t *delta; /* kept while a restore precedes the FINISH (uncommitted: NULL) */
+    uint64_t t_sub, t_req, t_res; /* cap_now_ns(): submitted, request durable, worker's result */
+    eng_result_t r;               /* filled at the result */
+    uint8_t *delta;               /* kept while a restore precedes the FINISH (uncommitted: NULL) */
     size_t delta_len;
 };
 
@@ -155,16 +156,6 @@ struct eng {
     waiter_t *close_waiter;
     int open_handles; /* (loop) handles whose close callback is still due */
 
-    /* durability threads */
-    pthread_t *dthr;
-    uint32_t ndthr;
-    pthread_mutex_t jmu;
-    pthread_cond_t jcv;
-    struct job *jhead, *jtail;
-    int jstop;
-    struct job *dhead; /* deferred settles (loop thread) */
-    uint32_t ndeferred;
-    uv_timer_t dtimer;
     uv_timer_t itimer; /* idle release */
 
     /* loop-side */
@@ -300,6 +291,10 @@ static void stats_add(eng_t *e, eng_stats_t d)
     e->stats.executions += d.executions;
     e->stats.recovered_execs += d.recovered_execs;
     e->stats.worker_deaths += d.worker_deaths;
+    e->stats.timed += d.timed;
+    e->stats.t_request_ns += d.t_request_ns;
+    e->stats.t_run_ns += d.t_run_ns;
+    e->stats.t_finish_ns += d.t_finish_ns;
     e->stats.pool_idle = e->npool;
     pthread_mutex_unlock(&e->mu);
 }
@@ -342,14 +337,15 @@ static void on_async(uv_async_t *a)
     drain(a->data);
 }
 
-/* ---------- durability threads: blocking promise operations off the loop ---------- */
+/* ---------- promise operations without waiting: prom_*_async from the loop ---------- */
+/* A job is one asynchronous promise operation started on the loop. Its completion (wal writer
+ * thread, or the loop itself when nothing had to be waited for) only posts j->m back to the loop,
+ * where the job's done function runs. */
 typedef struct job job_t;
-typedef void (*job_fn)(eng_t *e, job_t *j);
 struct job {
     eng_msg_t m; /* the completion, run on the loop */
-    job_t *jnext;
-    job_fn work;
-    int op; /* J_CREATE, J_SETTLE, J_GET */
+    eng_t *e;
+    int op; /* J_CREATE, J_SETTLE */
     char *id;
     prom_kv_t hdr[8];
     size_t nhdr;
@@ -367,27 +363,7 @@ struct job {
     int aux;
     eng_step_t *step; /* a durable step operation (eng_steps.c) instead of op */
 };
-enum { J_CREATE, J_SETTLE, J_GET };
-
-static void job_run(eng_t *e, job_t *j)
-{
-    if (j->step) {
-        eng__step_run(e->ps, j->step);
-        return;
-    }
-    prom_value_t v = {j->hdr, j->nhdr, j->data, j->len};
-    if (j->op == J_CREATE) {
-        prom_create_t c = {j->id, PROM_FOREVER, &v, j->tags, j->ntags};
-        j->rc = prom_promise_create(e->ps, &c, &j->res);
-    } else if (j->op == J_SETTLE) {
-        prom_settle_t st = {j->id, j->state, &v};
-        j->rc = prom_promise_settle(e->ps, &st, &j->res);
-    } else {
-        j->rc = prom_promise_get(e->ps, j->id, &j->res);
-    }
-    if (!j->rc && j->res.status != PROM_S_OK)
-        j->rc = j->res.status == PROM_S_NOTFOUND ? CAP_ENOTFOUND : CAP_ECONFLICT;
-}
+enum { J_CREATE, J_SETTLE, J_GET /* a step: the op is j->step's */ };
 
 static job_t *job_new(int op, const char *id, eng_msg_fn done)
 {
@@ -431,92 +407,34 @@ static void job_free(job_t *j)
     cap_free(j);
 }
 
-static void deferred_flush(eng_t *e);
-static void on_dtimer(uv_timer_t *t)
+/* prom_done_fn: the job's result is durable (wal writer thread or the loop): hand it to the loop.
+ */
+static void job_durable(void *arg, int rc)
 {
-    deferred_flush(t->data);
+    job_t *j = arg;
+    j->rc = rc;
+    if (!rc && j->res.status != PROM_S_OK)
+        j->rc = j->res.status == PROM_S_NOTFOUND ? CAP_ENOTFOUND : CAP_ECONFLICT;
+    post(j->e, &j->m);
 }
 
-static void job_enqueue(eng_t *e, job_t *j)
-{
-    j->jnext = NULL;
-    if (e->jtail)
-        e->jtail->jnext = j;
-    else
-        e->jhead = j;
-    e->jtail = j;
-}
-
-/* Submits the deferred settles (loop thread). */
-static void deferred_flush(eng_t *e)
-{
-    e->ndeferred = 0;
-    if (!e->dhead)
-        return;
-    pthread_mutex_lock(&e->jmu);
-    while (e->dhead) {
-        job_t *j = e->dhead;
-        e->dhead = j->jnext;
-        job_enqueue(e, j);
-        pthread_cond_signal(&e->jcv);
-    }
-    pthread_mutex_unlock(&e->jmu);
-}
-
-/* Loop thread. */
+/* Loop thread: starts the operation; j's done function runs on the loop once it is durable. */
 static void job_submit(eng_t *e, job_t *j)
 {
-    pthread_mutex_lock(&e->jmu);
-    job_enqueue(e, j);
-    pthread_cond_signal(&e->jcv);
-    pthread_mutex_unlock(&e->jmu);
-}
-
-/* Loop thread. A settle nobody waits for (derived from a durable FINISH): held for up to
- * ENG_SETTLE_DELAY_MS (or until ENG_SETTLE_BATCH are held), then all are submitted at once so they
- * share one group commit instead of each costing a commit on the path of the next execution. */
-#define ENG_SETTLE_DELAY_MS 10
-#define ENG_SETTLE_BATCH    256
-static void job_defer(eng_t *e, job_t *j)
-{
-    j->jnext = e->dhead;
-    e->dhead = j;
-    if (++e->ndeferred >= ENG_SETTLE_BATCH) {
-        deferred_flush(e);
-        return;
+    prom_value_t v = {j->hdr, j->nhdr, j->data, j->len};
+    int rc;
+    j->e = e;
+    if (j->op == J_CREATE) {
+        prom_create_t c = {j->id, PROM_FOREVER, &v, j->tags, j->ntags};
+        rc = prom_promise_create_async(e->ps, &c, &j->res, job_durable, j);
+    } else {
+        prom_settle_t st = {j->id, j->state, &v};
+        rc = prom_promise_settle_async(e->ps, &st, NULL, 0, &j->res, job_durable, j);
     }
-    if (!uv_is_active((uv_handle_t *)&e->dtimer))
-        uv_timer_start(&e->dtimer, on_dtimer, ENG_SETTLE_DELAY_MS, 0);
-}
-
-static void *dur_main(void *arg)
-{
-    eng_t *e = arg;
-    for (;;) {
-        pthread_mutex_lock(&e->jmu);
-        while (!e->jhead && !e->jstop)
-            pthread_cond_wait(&e->jcv, &e->jmu);
-        job_t *j = e->jhead;
-        if (!j) {
-            pthread_mutex_unlock(&e->jmu);
-            return NULL;
-        }
-        e->jhead = j->jnext;
-        if (!e->jhead)
-            e->jtail = NULL;
-        pthread_mutex_unlock(&e->jmu);
-        job_run(e, j);
+    if (rc) {
+        j->rc = rc;
         post(e, &j->m);
     }
-}
-
-/* A settle nobody waits for (a derived fact, or a closing session's). */
-static void job_free_done(eng_t *e, eng_msg_t *m)
-{
-    job_t *j = (job_t *)m;
-    if (j->rc && !e->dead)
-        cap_log(CAP_LOG_WARN, "engine", "settle of %s failed: %s", j->id, cap_strerror(j->rc));
-    job_free(j);
 }
 
 static char *exec_pid(const char *eid)
@@ -525,25 +443,6 @@ static char *exec_pid(const char *eid)
     char *p = cap_malloc(n);
     snprintf(p, n, "capsule/x/%s", eid);
     return p;
-}
-
-static void settle_exec_promise(eng_t *e, const eng_result_t *r)
-{
-    char *pid = exec_pid(r->eid);
-    job_t *j = job_new(J_SETTLE, pid, job_free_done);
-    cap_free(pid);
-    j->state = r->status == ENG_ST_OK ? PROM_RESOLVED
-               : r->status == ENG_ST_CANCELLED || r->status == ENG_ST_REFUSED
-                   ? PROM_REJECTED_CANCELED
-                   : PROM_REJECTED;
-    char st[16];
-    snprintf(st, sizeof(st), "%d", (int)r->status);
-    job_hdr(j, "capsule:status", st);
-    if (r->repr) {
-        j->data = cap_strdup(r->repr);
-        j->len = strlen(r->repr);
-    }
-    job_defer(e, j);
 }
 
 /* ---------- workers and the pool ---------- */
@@ -701,13 +600,14 @@ typedef struct finish_msg {
     eng_t *e;
     exec_t *x;
     int status;
+    prom_result_t res; /* the settle of the execution promise */
 } finish_msg_t;
 
 static void finish_done(eng_t *e, eng_msg_t *m);
 
-static void finish_wal_done(void *arg, int status, uint64_t first_seq)
+/* prom_done_fn of the FINISH + settle append (wal writer thread, or the loop). */
+static void finish_durable(void *arg, int status)
 {
-    (void)first_seq;
     finish_msg_t *f = arg;
     f->status = status;
     post(f->e, &f->m);
@@ -758,7 +658,20 @@ static void finish_append(eng_t *e, exec_t *x)
     fm->e = e;
     fm->x = x;
     x->refs++;
-    int rc = wal_log_append(e->wal, &rec, 1, finish_wal_done, fm, NULL);
+    /* the FINISH and the settle of the execution promise: one append, one commit */
+    char *pid = exec_pid(x->eid);
+    char st[16];
+    snprintf(st, sizeof(st), "%d", (int)r->status);
+    prom_kv_t hdr = {"capsule:status", st};
+    prom_value_t v = {&hdr, 1, r->repr, r->repr ? strlen(r->repr) : 0};
+    prom_settle_t ps = {pid,
+                        r->status == ENG_ST_OK ? PROM_RESOLVED
+                        : r->status == ENG_ST_CANCELLED || r->status == ENG_ST_REFUSED
+                            ? PROM_REJECTED_CANCELED
+                            : PROM_REJECTED,
+                        &v};
+    int rc = prom_promise_settle_async(e->ps, &ps, &rec, 1, &fm->res, finish_durable, fm);
+    cap_free(pid);
     cap_free(enc);
     cap_free(x->delta);
     x->delta = NULL;
@@ -775,6 +688,7 @@ static void finish_done(eng_t *e, eng_msg_t *m)
     finish_msg_t *f = (finish_msg_t *)m;
     exec_t *x = f->x;
     session_t *s = x->s;
+    prom_result_clear(&f->res);
     if (e->dead || f->status) {
         cap_free(f);
         exec_unref(x);
@@ -783,8 +697,14 @@ static void finish_done(eng_t *e, eng_msg_t *m)
     x->st = X_DONE;
     xmap_del(e, x);
     exec_notify_done(e, x, &x->r);
-    settle_exec_promise(e, &x->r);
-    stats_add(e, (eng_stats_t){.executions = 1, .running = s->cur == x ? (uint32_t)-1 : 0});
+    eng_stats_t d = {.executions = 1, .running = s->cur == x ? (uint32_t)-1 : 0};
+    if (x->t_sub && x->t_req >= x->t_sub && x->t_res >= x->t_req) {
+        d.timed = 1;
+        d.t_request_ns = x->t_req - x->t_sub;
+        d.t_run_ns = x->t_res - x->t_req;
+        d.t_finish_ns = cap_now_ns() - x->t_res;
+    }
+    stats_add(e, d);
     if (s->cur == x) {
         s->cur = NULL;
         exec_unref(x); /* the session's reference */
@@ -868,6 +788,7 @@ static void exec_create_done(eng_t *e, eng_msg_t *m)
         goto out;
     }
     x->created = 1;
+    x->t_req = cap_now_ns();
     x->st = X_QUEUED;
     if (x->cancel_req || s->st == S_CLOSING) {
         queue_remove(s, x);
@@ -1030,14 +951,37 @@ static int pwait_take(eng_t *e, const char *pid, const char *eid, uint64_t wid)
 
 static void step_done(eng_t *e, eng_msg_t *m);
 
+/* A step's operation (several blocking promise reads and writes: eng__step_run) runs on libuv's
+ * thread pool; its after-callback is on the loop. Steps are not on the path of a plain cell. */
+static void step_work(uv_work_t *req)
+{
+    job_t *j = req->data;
+    eng__step_run(j->e->ps, j->step);
+}
+
+static void step_after(uv_work_t *req, int status)
+{
+    (void)status;
+    job_t *j = req->data;
+    cap_free(req);
+    j->m.fn(j->e, &j->m);
+}
+
 static void step_submit(eng_t *e, exec_t *x, eng_step_t *st)
 {
     job_t *j = job_new(J_GET, x->eid, step_done);
+    j->e = e;
     j->step = st;
     j->x = x;
     x->refs++;
     j->aux = (int)x->wid;
-    job_submit(e, j);
+    uv_work_t *req = cap_calloc(1, sizeof(*req));
+    req->data = j;
+    if (uv_queue_work(e->loop, req, step_work, step_after) != 0) {
+        cap_free(req);
+        st->state = ENG_STEP_FAILED;
+        step_done(e, &j->m);
+    }
 }
 
 /* Re-reads external promise pid for the waiting execution x. */
@@ -1174,6 +1118,7 @@ static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
     eng_t *e = r->e;
     session_t *s = x->s;
     eng_result_t *res = &x->r;
+    x->t_res = cap_now_ns();
     eng__result_clear(res);
     res->status = (eng_status_t)pr->status;
     res->repr = xstrdup(pr->repr);
@@ -1471,6 +1416,7 @@ static void do_execute(eng_t *e, eng_msg_t *m)
         goto out;
     }
     x = exec_new(e, s, c->eid, c->code, c->len, c->req.tx);
+    x->t_sub = cap_now_ns();
     exec_listen(x, &c->cb, c->arg);
     xmap_put(e, x);
     queue_push(s, x);
@@ -1944,8 +1890,8 @@ static void ckpt_done(eng_t *e, eng_msg_t *m)
 }
 
 /* -- close -- */
-/* The engine's three handles (async, two timers) live inside eng_t: eng_close may free it only
- * after all three close callbacks ran (on the caller's loop, nothing else would wait for them). */
+/* The engine's two handles (async, the idle timer) live inside eng_t: eng_close may free it only
+ * after both close callbacks ran (on the caller's loop, nothing else would wait for them). */
 static void on_handle_closed(uv_handle_t *h)
 {
     eng_t *e = h->data;
@@ -1967,9 +1913,7 @@ static void do_shutdown(eng_t *e, eng_msg_t *m)
     }
     e->npool = 0;
     drain(e);
-    deferred_flush(e);
-    e->open_handles = 3;
-    uv_close((uv_handle_t *)&e->dtimer, on_handle_closed);
+    e->open_handles = 2;
     uv_close((uv_handle_t *)&e->itimer, on_handle_closed);
     e->dead = 1;
     pthread_mutex_lock(&e->mu);
@@ -2196,12 +2140,8 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
         e->o.max_queue = 64;
     if (!e->o.max_output)
         e->o.max_output = 1u << 20;
-    if (!e->o.dur_threads)
-        e->o.dur_threads = 16;
     e->ord_next = (uint64_t)cap_wall_ms() * 1000;
     pthread_mutex_init(&e->mu, NULL);
-    pthread_mutex_init(&e->jmu, NULL);
-    pthread_cond_init(&e->jcv, NULL);
     e->pcb.on_output = pcb_output;
     e->pcb.on_input = pcb_input;
     e->pcb.on_promise = pcb_promise;
@@ -2265,19 +2205,12 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
         goto fail;
     e->async.data = e;
     __atomic_store_n(&e->observe, 1, __ATOMIC_RELEASE);
-    uv_timer_init(e->loop, &e->dtimer);
-    e->dtimer.data = e;
     uv_timer_init(e->loop, &e->itimer);
     e->itimer.data = e;
     if (e->o.idle_release_ms) {
         uint64_t every = e->o.idle_release_ms / 4 ? e->o.idle_release_ms / 4 : 1;
         uv_timer_start(&e->itimer, on_itimer, every, every);
     }
-    e->ndthr = e->o.dur_threads;
-    e->dthr = cap_calloc(e->ndthr, sizeof(pthread_t));
-    for (uint32_t i = 0; i < e->ndthr; i++)
-        if (pthread_create(&e->dthr[i], NULL, dur_main, e) != 0)
-            cap_fatal("engine", "cannot start a durability thread");
     eng_msg_t *start = cap_calloc(1, sizeof(*start));
     start->fn = do_start;
     post(e, start);
@@ -2335,20 +2268,6 @@ void eng_close(eng_t *e)
         /* the workers' handles close in later loop turns */
         uv_run(e->loop, UV_RUN_DEFAULT);
     }
-    /* stop the durability threads (what they hold completes, then posts: drained below) */
-    pthread_mutex_lock(&e->jmu);
-    e->jstop = 1;
-    pthread_cond_broadcast(&e->jcv);
-    pthread_mutex_unlock(&e->jmu);
-    for (uint32_t i = 0; i < e->ndthr; i++)
-        pthread_join(e->dthr[i], NULL);
-    while (e->jhead) {
-        job_t *j = e->jhead;
-        e->jhead = j->jnext;
-        if (j->w)
-            waiter_wake(j->w, CAP_ECLOSED);
-        job_free(j);
-    }
     prom_store_close(e->ps); /* acknowledges queued records: their callbacks post */
     drain(e);
     for (size_t b = 0; b < NBUCKET; b++) {
@@ -2379,10 +2298,7 @@ void eng_close(eng_t *e)
         uv_loop_close(&e->own_loop);
     pyw_zygote_close(e->zy);
     store_env_close(e->env);
-    cap_free(e->dthr);
     pthread_mutex_destroy(&e->mu);
-    pthread_mutex_destroy(&e->jmu);
-    pthread_cond_destroy(&e->jcv);
     cap_free(e->dir);
     cap_free(e->worker_path);
     cap_free(e->warmup);

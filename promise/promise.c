@@ -89,6 +89,13 @@ typedef struct prom__wait {
     int done;
     int status;
     size_t nrec;
+    /* asynchronous ops: the completion (called once, then the wait is freed) */
+    prom_done_fn fn;
+    void *fnarg;
+    uint64_t target;         /* wrote nothing: complete when durable_seq reaches this */
+    struct prom__wait *next; /* s->seq_waiters */
+    char **settled;          /* ids the op settled, for the on_settle observer */
+    size_t nsettled;
 } prom__wait_t;
 
 struct prom_store {
@@ -126,6 +133,7 @@ struct prom_store {
     uint64_t durable_seq;
     int nreaders;
     int failed;
+    prom__wait_t *seq_waiters; /* async ops that wrote nothing, waiting for durable_seq */
 };
 
 /* ---------- clock ---------- */
@@ -570,10 +578,32 @@ static prom__doc_t *doc_get(prom_store_t *s, const char *id)
 }
 
 /* ---------- durability ---------- */
+/* Tells the settle observer about ids (settled by one op) once durable (rc 0); frees them. */
+static void notify_settled(prom_store_t *s, char **ids, size_t n, int rc)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (rc == 0)
+            s->opts.on_settle(s->opts.on_settle_arg, ids[i]);
+        cap_free(ids[i]);
+    }
+    cap_free(ids);
+}
+
+/* Completes an asynchronous op: the settle observer (when durable), then done; frees w. */
+static void wait_complete(prom_store_t *s, prom__wait_t *w, int rc)
+{
+    notify_settled(s, w->settled, w->nsettled, rc);
+    w->fn(w->fnarg, rc);
+    cap_free(w);
+}
+
+/* The wal's done callback of an op's append (wal writer thread): moves durable_seq, wakes the
+ * blocking waiter, or calls the asynchronous completions that are now due (outside dmu). */
 static void on_done(void *arg, int status, uint64_t first_seq)
 {
     prom__wait_t *w = arg;
     prom_store_t *s = w->s;
+    prom__wait_t *due = NULL;
     pthread_mutex_lock(&s->dmu);
     if (status == 0) {
         uint64_t last = first_seq + w->nrec - 1;
@@ -584,10 +614,31 @@ static void on_done(void *arg, int status, uint64_t first_seq)
     }
     w->status = status;
     w->done = 1;
-    pthread_cond_signal(&w->cv);
+    if (w->fn) {
+        w->next = due;
+        due = w;
+    } else {
+        pthread_cond_signal(&w->cv);
+    }
+    for (prom__wait_t **pp = &s->seq_waiters; *pp;) {
+        prom__wait_t *q = *pp;
+        if (q->target <= s->durable_seq || s->failed) {
+            *pp = q->next;
+            q->status = q->target <= s->durable_seq ? 0 : CAP_ECLOSED;
+            q->next = due;
+            due = q;
+        } else {
+            pp = &q->next;
+        }
+    }
     if (s->nreaders)
         pthread_cond_broadcast(&s->dcv);
     pthread_mutex_unlock(&s->dmu);
+    while (due) {
+        prom__wait_t *q = due;
+        due = q->next;
+        wait_complete(s, q, q->status);
+    }
 }
 
 static int wait_seq(prom_store_t *s, uint64_t target)
@@ -608,10 +659,10 @@ static int wait_seq(prom_store_t *s, uint64_t target)
 
 /* Appends the working set as one batch and installs it. Called under s->mu. On 0, *w is armed
  * (the caller waits with wait_own after unlocking) or w->nrec == 0 (nothing to write). */
-static int ctx_commit(octx_t *c, prom__wait_t *w)
+static int ctx_commit(octx_t *c, prom__wait_t *w, const wal_rec_t *extra, size_t nextra)
 {
     prom_store_t *s = c->s;
-    size_t nrec = c->n + c->nmsgs + (c->has_del ? 1 : 0);
+    size_t nrec = nextra + c->n + c->nmsgs + (c->has_del ? 1 : 0);
     int rc = 0;
     w->s = s;
     w->done = 0;
@@ -624,6 +675,8 @@ static int ctx_commit(octx_t *c, prom__wait_t *w)
     uint8_t **bufs = cap_calloc(nrec, sizeof(uint8_t *));
     uint8_t(*keys)[8] = cap_calloc(nrec, 8);
     size_t k = 0;
+    for (size_t i = 0; i < nextra; i++, k++)
+        recs[k] = extra[i]; /* the caller's records first, in the same append */
     for (size_t i = 0; i < c->n; i++, k++) {
         /* field 2: PROM_DOC_LIVE (pending: prom.live holds it), PROM_DOC_CREATED; field 3: the
          * branch of a created promise (prom.branch gets it) */
@@ -655,7 +708,8 @@ static int ctx_commit(octx_t *c, prom__wait_t *w)
         k++;
     }
     uint64_t first = 0;
-    pthread_cond_init(&w->cv, NULL);
+    if (!w->fn)
+        pthread_cond_init(&w->cv, NULL);
     rc = wal_log_append(s->wal, recs, nrec, on_done, w, &first);
     for (size_t i = 0; i < nrec; i++)
         cap_free(bufs[i]);
@@ -664,7 +718,8 @@ static int ctx_commit(octx_t *c, prom__wait_t *w)
     cap_free(fields);
     cap_free(recs);
     if (rc != 0) {
-        pthread_cond_destroy(&w->cv);
+        if (!w->fn)
+            pthread_cond_destroy(&w->cv);
         w->nrec = 0;
         goto out;
     }
@@ -915,12 +970,7 @@ static void op_begin(prom_store_t *s, octx_t *c, prom_result_t *res)
  * list (outside the lock). */
 static void ctx_notify(prom_store_t *s, octx_t *c, int rc)
 {
-    for (size_t i = 0; i < c->nsettled; i++) {
-        if (rc == 0)
-            s->opts.on_settle(s->opts.on_settle_arg, c->settled[i]);
-        cap_free(c->settled[i]);
-    }
-    cap_free(c->settled);
+    notify_settled(s, c->settled, c->nsettled, rc);
     c->settled = NULL;
     c->nsettled = 0;
 }
@@ -929,9 +979,9 @@ static void ctx_notify(prom_store_t *s, octx_t *c, int rc)
 static int op_end(octx_t *c, prom_result_t *res)
 {
     prom_store_t *s = c->s;
-    prom__wait_t w;
+    prom__wait_t w = {0};
     /* a document that failed to read from prom.docs: the op decided without it, write nothing */
-    int rc = s->load_err ? s->load_err : ctx_commit(c, &w);
+    int rc = s->load_err ? s->load_err : ctx_commit(c, &w, NULL, 0);
     uint64_t seen = s->last_seq;
     ctx_free(c);
     pthread_mutex_unlock(&s->mu);
@@ -941,6 +991,48 @@ static int op_end(octx_t *c, prom_result_t *res)
     if (rc != 0)
         prom_result_clear(res);
     return rc;
+}
+/* The asynchronous end of an op: commits (with the caller's extra records first in the same
+ * append), unlocks, and arranges for done(arg, rc) once the op's records - or, when it wrote
+ * nothing, every record appended before it - are durable. */
+static int op_end_async(octx_t *c, prom_result_t *res, const wal_rec_t *extra, size_t nextra,
+                        prom_done_fn done, void *arg)
+{
+    prom_store_t *s = c->s;
+    prom__wait_t *w = cap_calloc(1, sizeof(*w));
+    w->fn = done;
+    w->fnarg = arg;
+    w->settled = c->settled; /* told to the observer at completion */
+    w->nsettled = c->nsettled;
+    c->settled = NULL;
+    c->nsettled = 0;
+    /* counted before the append: from then on the writer may complete and free w */
+    size_t nrec = nextra + c->n + c->nmsgs + (c->has_del ? 1 : 0);
+    /* a document that failed to read from prom.docs: write nothing (as op_end) */
+    int rc = s->load_err ? s->load_err : ctx_commit(c, w, extra, nextra);
+    uint64_t seen = s->last_seq;
+    ctx_free(c);
+    pthread_mutex_unlock(&s->mu);
+    if (rc != 0) {
+        notify_settled(s, w->settled, w->nsettled, rc); /* frees */
+        cap_free(w);
+        prom_result_clear(res);
+        return rc;
+    }
+    if (nrec)
+        return 0;
+    pthread_mutex_lock(&s->dmu);
+    if (s->durable_seq >= seen || s->failed) {
+        rc = s->durable_seq >= seen ? 0 : CAP_ECLOSED;
+        pthread_mutex_unlock(&s->dmu);
+        wait_complete(s, w, rc);
+        return 0;
+    }
+    w->target = seen;
+    w->next = s->seq_waiters;
+    s->seq_waiters = w;
+    pthread_mutex_unlock(&s->dmu);
+    return 0;
 }
 static void set_status(prom_result_t *res, int status, const char *msg)
 {
@@ -1016,35 +1108,66 @@ int prom_promise_get(prom_store_t *s, const char *id, prom_result_t *res)
     return op_end(&c, res);
 }
 
-int prom_promise_create(prom_store_t *s, const prom_create_t *req, prom_result_t *res)
+static void create_body(octx_t *c, const prom_create_t *req, prom_result_t *res)
 {
-    octx_t c;
-    op_begin(s, &c, res);
-    const char *bad = create_invalid(s, req);
+    const char *bad = create_invalid(c->s, req);
     if (bad) {
         set_status(res, PROM_S_BAD, bad);
     } else {
         const prom__doc_t *d;
-        set_status(res, do_create(&c, req, &d), NULL);
-        res_promise(res, d, c.now);
+        set_status(res, do_create(c, req, &d), NULL);
+        res_promise(res, d, c->now);
     }
+}
+
+int prom_promise_create(prom_store_t *s, const prom_create_t *req, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    create_body(&c, req, res);
     return op_end(&c, res);
+}
+
+int prom_promise_create_async(prom_store_t *s, const prom_create_t *req, prom_result_t *res,
+                              prom_done_fn done, void *arg)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    create_body(&c, req, res);
+    return op_end_async(&c, res, NULL, 0, done, arg);
+}
+
+static void settle_body(octx_t *c, const prom_settle_t *req, prom_result_t *res)
+{
+    const prom__doc_t *d = NULL;
+    if (!req || !req->id || !req->id[0] || !settle_state_valid(req->state)) {
+        set_status(res, PROM_S_BAD, "Invalid settle request");
+    } else if (do_settle_op(c, req, &d) == PROM_S_NOTFOUND) {
+        set_status(res, PROM_S_NOTFOUND, "Promise not found");
+    } else {
+        set_status(res, PROM_S_OK, NULL);
+        res_promise(res, d, c->now);
+    }
 }
 
 int prom_promise_settle(prom_store_t *s, const prom_settle_t *req, prom_result_t *res)
 {
     octx_t c;
     op_begin(s, &c, res);
-    const prom__doc_t *d = NULL;
-    if (!req || !req->id || !req->id[0] || !settle_state_valid(req->state)) {
-        set_status(res, PROM_S_BAD, "Invalid settle request");
-    } else if (do_settle_op(&c, req, &d) == PROM_S_NOTFOUND) {
-        set_status(res, PROM_S_NOTFOUND, "Promise not found");
-    } else {
-        set_status(res, PROM_S_OK, NULL);
-        res_promise(res, d, c.now);
-    }
+    settle_body(&c, req, res);
     return op_end(&c, res);
+}
+
+int prom_promise_settle_async(prom_store_t *s, const prom_settle_t *req, const wal_rec_t *extra,
+                              size_t nextra, prom_result_t *res, prom_done_fn done, void *arg)
+{
+    for (size_t i = 0; i < nextra; i++)
+        if (extra[i].kind >= PROM_REC_FIRST && extra[i].kind <= PROM_REC_LAST)
+            return CAP_EINVAL;
+    octx_t c;
+    op_begin(s, &c, res);
+    settle_body(&c, req, res);
+    return op_end_async(&c, res, extra, nextra, done, arg);
 }
 
 int prom_promise_register_callback(prom_store_t *s, const char *awaited, const char *awaiter,
@@ -1666,8 +1789,8 @@ int prom_store_tick(prom_store_t *s, int64_t now, size_t *fired)
             cap_free(e.id);
         }
         int more = s->nheap && s->heap[0].at <= now;
-        prom__wait_t w;
-        rc = ctx_commit(&c, &w);
+        prom__wait_t w = {0};
+        rc = ctx_commit(&c, &w, NULL, 0);
         uint64_t seen = s->last_seq;
         if (rc != 0)
             heap_rebuild(s); /* the popped entries must come back */
@@ -1730,8 +1853,8 @@ int prom_outbox_take(prom_store_t *s, size_t max, prom_msg_t **msgs, size_t *n)
         c.del_first = s->outq[s->outhead].mid;
         c.del_last = s->outq[s->outhead + k - 1].mid;
     }
-    prom__wait_t w;
-    int rc = s->load_err ? s->load_err : ctx_commit(&c, &w);
+    prom__wait_t w = {0};
+    int rc = s->load_err ? s->load_err : ctx_commit(&c, &w, NULL, 0);
     if (rc == 0 && k) {
         for (size_t i = 0; i < k; i++)
             prom__msg_clear(&s->outq[s->outhead + i]);

@@ -74,7 +74,8 @@ typedef struct eng_opts {
     uint32_t max_queue;        /* queued executions per session at most; 0 = 64 */
     size_t max_output;         /* output bytes kept per execution; beyond: truncated with a marker;
                                   0 = 1 MiB */
-    uint32_t dur_threads;      /* threads that wait for promise commits; 0 = 16 */
+    uint32_t dur_threads;      /* unused since promise operations are asynchronous (kept for
+                                  source compatibility) */
     int eager_restore;         /* 1: restore every open session at eng_open (default lazy) */
     uint32_t checkpoint_every; /* a checkpoint every N committed executions of a session (a
                                   restore then applies at most N deltas); 0 = only on request */
@@ -250,6 +251,10 @@ typedef struct eng_stats {
     uint64_t checkpoints;              /* checkpoints recorded since open */
     uint64_t zygote_restarts;          /* the fork server died and was started again */
     int zygote_pid;
+    /* where an execution's time goes, summed over the `timed` executions finished since open
+     * (each run from submission to its durable FINISH): submission -> request record durable
+     * (includes waiting in the session's queue) -> result from the worker -> FINISH durable */
+    uint64_t timed, t_request_ns, t_run_ns, t_finish_ns;
 } eng_stats_t;
 void eng_stats(eng_t *e, eng_stats_t *out); /* any thread; a consistent-enough snapshot */
 /* The shared log's statistics (wal.h's wal_log_stats: commits, records, batch-size and

@@ -31,7 +31,7 @@
  *
  * Threads: every prom_* operation may be called from any thread, concurrently; the state machine
  * is under one mutex, the durable wait is outside it, so concurrent callers share group commits.
- * None may be called from a wal done or apply callback.
+ * None may be called from a wal done or apply callback. The *_async forms (below) do not wait.
  *
  * Ownership: inputs are borrowed for the duration of the call. Everything in a prom_result_t is
  * owned by the result and released by prom_result_clear().
@@ -252,6 +252,27 @@ int prom_promise_create(prom_store_t *s, const prom_create_t *req, prom_result_t
  * 400 (state not resolved/rejected/rejected_canceled). Settling fulfils the task, resumes
  * suspended awaiters and queues `unblock` for listeners. */
 int prom_promise_settle(prom_store_t *s, const prom_settle_t *req, prom_result_t *res);
+/* ---- asynchronous forms (for an event loop that must not wait for a commit). ----
+ * The op runs at once in the calling thread (state machine, records appended to the group
+ * commit, res filled exactly as the blocking form fills it), but the call does not wait: done(arg,
+ * rc) is called exactly once when what res reports is durable - the op's own records, or, for an
+ * op that wrote nothing (an idempotent repeat), every record appended before it. rc is 0, or a
+ * negative code if the log failed or closed first (res must then not be trusted).
+ * Which thread calls done: the wal writer thread (usually), or the calling thread before the call
+ * returns when nothing needed waiting. done must be short and must not call prom_* or wal_*
+ * functions (post to your loop instead, e.g. uv_async_send). res must stay valid until done.
+ * Returns 0 (done will be or was called), or a negative code for a failure before anything was
+ * appended (done is NOT called; res is cleared). */
+typedef void (*prom_done_fn)(void *arg, int rc);
+int prom_promise_create_async(prom_store_t *s, const prom_create_t *req, prom_result_t *res,
+                              prom_done_fn done, void *arg);
+/* settle, plus `extra` records of another module (kinds outside PROM_REC_FIRST..LAST, else
+ * CAP_EINVAL) appended FIRST in the same wal append: one transaction, all or nothing, whatever the
+ * settle's status (a 404 or an already settled promise still appends them). Records are borrowed
+ * for the call. This is how the engine makes an execution's FINISH and its promise's settle one
+ * commit. */
+int prom_promise_settle_async(prom_store_t *s, const prom_settle_t *req, const wal_rec_t *extra,
+                              size_t nextra, prom_result_t *res, prom_done_fn done, void *arg);
 /* promise.register_callback: 200 {promise: awaited} | 400 (same id; origins differ when lineage
  * is checked) | 404 (awaited missing) | 422 (awaiter missing or without a task; awaited
  * internal). Stored only while both are pending; if awaited is settled and awaiter's task is

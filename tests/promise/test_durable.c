@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "prom_int.h"
+#include "prom_log.h"
 #include "prom_test.h"
 
 #define WRITERS    8
@@ -26,30 +26,9 @@ static atomic_long published[WRITERS]; /* ids [0, published) of writer w are bei
 static atomic_long violations, reads_checked;
 static atomic_int stop;
 
-/* The state of id in the committed log (the last PROM_REC_DOC record with key id, read in a
- * fresh LMDB snapshot), or -1 when there is none. */
 static int committed_state(const char *id)
 {
-    wal_iter_t *it;
-    wal_iter_opts_t io = {0};
-    wal_entry_t e;
-    int st = -1, rc;
-    io.kind = PROM_REC_DOC;
-    io.key = id;
-    io.key_len = strlen(id);
-    io.decode = 1;
-    CHECK_OK(wal_iter_open(prom_store_wal(t.ps), &io, &it));
-    while ((rc = wal_iter_next(it, &e)) == 0) {
-        const wal_field_t *f = wal_entry_field(&e, 1);
-        prom__doc_t *d;
-        CHECK(f);
-        CHECK_OK(prom__doc_decode(f->data, f->len, &d));
-        st = (int)d->p.state;
-        prom__doc_free(d);
-    }
-    CHECK_ERR(rc, CAP_ENOTFOUND);
-    wal_iter_close(it);
-    return st;
+    return prom_log_state(t.ps, id, NULL);
 }
 
 static void *writer(void *arg)
