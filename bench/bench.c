@@ -36,6 +36,13 @@ void bench_lat_free(bench_lat_t *l)
     memset(l, 0, sizeof(*l));
 }
 
+void bench_lat_merge(bench_lat_t *dst, bench_lat_t *src)
+{
+    for (size_t k = 0; k < src->n; k++)
+        bench_lat_add(dst, src->v[k]);
+    bench_lat_free(src);
+}
+
 static int cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;

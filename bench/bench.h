@@ -35,6 +35,8 @@ void bench_lat_add(bench_lat_t *l, uint64_t x);
 /* The p-th percentile (0..1) of l, in l's unit; sorts l->v in place; 0 when l is empty. */
 double bench_lat_pct(bench_lat_t *l, double p);
 void bench_lat_free(bench_lat_t *l);
+/* Appends every sample of src to dst, then frees src (merging per-thread samples). */
+void bench_lat_merge(bench_lat_t *dst, bench_lat_t *src);
 
 /* The p-th percentile (0..1) of v[0..n); sorts v in place; 0 when n is 0. */
 double bench_pct_u64(uint64_t *v, size_t n, double p);

@@ -106,9 +106,7 @@ static result_t run_workers(prom_store_t *ps, wal_log_t *wal, int nthreads, int 
     for (int i = 0; i < nthreads; i++) {
         pthread_join(th[i], NULL);
         ops += w[i].ops;
-        for (size_t k = 0; k < w[i].lat.n; k++)
-            bench_lat_add(&all, w[i].lat.v[k]);
-        bench_lat_free(&w[i].lat);
+        bench_lat_merge(&all, &w[i].lat);
     }
     double secs = (double)(cap_now_ns() - t0) / 1e9;
     result_t r = {(double)ops / secs, bench_lat_pct(&all, 0.5) / 1e3,

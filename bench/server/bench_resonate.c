@@ -160,9 +160,7 @@ static result_t run(int nthreads, int http, prom_store_t *ps)
     for (int i = 0; i < nthreads; i++) {
         pthread_join(th[i], NULL);
         ops += ws[i].ops;
-        for (size_t k = 0; k < ws[i].lat.n; k++)
-            bench_lat_add(&all, ws[i].lat.v[k]);
-        bench_lat_free(&ws[i].lat);
+        bench_lat_merge(&all, &ws[i].lat);
     }
     result_t r = {(double)ops / bench_secs_since(t0), bench_lat_pct(&all, 0.5) / 1e3,
                   bench_lat_pct(&all, 0.99) / 1e3};
