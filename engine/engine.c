@@ -409,12 +409,18 @@ static void job_free(job_t *j)
 
 /* prom_done_fn: the job's result is durable (wal writer thread or the loop): hand it to the loop.
  */
+/* The engine's code for an operation that returned rc and filled res. */
+static int job_res_rc(const job_t *j, int rc)
+{
+    if (!rc && j->res.status != PROM_S_OK)
+        rc = j->res.status == PROM_S_NOTFOUND ? CAP_ENOTFOUND : CAP_ECONFLICT;
+    return rc;
+}
+
 static void job_durable(void *arg, int rc)
 {
     job_t *j = arg;
-    j->rc = rc;
-    if (!rc && j->res.status != PROM_S_OK)
-        j->rc = j->res.status == PROM_S_NOTFOUND ? CAP_ENOTFOUND : CAP_ECONFLICT;
+    j->rc = job_res_rc(j, rc);
     post(j->e, &j->m);
 }
 
@@ -1528,35 +1534,71 @@ static session_t *session_new(eng_t *e, const char *sid, const eng_session_opts_
     return s;
 }
 
+/* Takes s (not yet served) out of the engine again: its open failed. */
+static void session_unregister(eng_t *e, session_t *s)
+{
+    smap_del(e, s);
+    e->nsessions--;
+    stats_add(e, (eng_stats_t){.sessions = (uint32_t)-1});
+    session_unref(s);
+}
+
+/* s is registered: it serves from now on (with an empty chain, the restore is a pool pop). */
+static void session_start(eng_t *e, session_t *s)
+{
+    s->st = S_COLD;
+    eng__last_ordinal(&e->tb, s->sid, &s->last_ord);
+    session_restore(e, s);
+}
+
+/* The open's answer from the session promise's create: 0, the create's error, or CAP_EEXIST for
+ * a closed session (its id is not reused). */
+static int session_create_rc(const job_t *j, int rc)
+{
+    rc = job_res_rc(j, rc);
+    if (!rc && j->res.promise && j->res.promise->state != PROM_PENDING)
+        rc = CAP_EEXIST;
+    return rc;
+}
+
+/* The session promise is durable. j->aux: the opener was answered at the append already (the
+ * session serves since then), else it waited for this. */
 static void session_created(eng_t *e, eng_msg_t *m)
 {
     job_t *j = (job_t *)m;
     session_t *s = j->s;
     waiter_t *w = j->w;
+    if (j->aux) {
+        /* a failed commit after the append: the log is closing (or the store failed, which
+         * the wal does not survive); the session's next records fail the same way */
+        if (j->rc && !e->dead)
+            cap_log(CAP_LOG_ERROR, "engine", "session %s: record not durable: %s", s->sid,
+                    cap_strerror(j->rc));
+        goto out;
+    }
     if (e->dead) {
         waiter_wake(w, CAP_ECLOSED);
         goto out;
     }
-    int rc = j->rc;
-    if (!rc && j->res.promise && j->res.promise->state != PROM_PENDING)
-        rc = CAP_EEXIST; /* a closed session's id is not reused */
+    int rc = session_create_rc(j, j->rc);
     if (rc) {
-        smap_del(e, s);
-        e->nsessions--;
-        stats_add(e, (eng_stats_t){.sessions = (uint32_t)-1});
-        session_unref(s);
+        session_unregister(e, s);
         waiter_wake(w, rc);
         goto out;
     }
-    s->st = S_COLD;
-    eng__last_ordinal(&e->tb, s->sid, &s->last_ord);
-    session_restore(e, s); /* with an empty chain: a pop from the pool */
+    session_start(e, s);
     waiter_wake(w, 0);
 out:
     job_free(j);
 }
 
-static void session_promise_create(eng_t *e, session_t *s, waiter_t *w)
+/* Creates s's promise. durable: the opener (w) is answered when it is durable (a fork, whose base
+ * record came first). Otherwise the opener is answered at once from the append (a pop from the
+ * warm pool, no commit waited for): the promise is appended to the log before any record of the
+ * session's executions, input or close, so whatever is acknowledged about the session later
+ * implies its open is durable; a crash before that commit loses only the open itself (an empty
+ * session nobody was told anything about but its id; nothing leaks, see ARCHITECTURE.md). */
+static void session_promise_create(eng_t *e, session_t *s, waiter_t *w, int durable)
 {
     size_t n = strlen(s->sid) + 16;
     char *pid = cap_malloc(n);
@@ -1578,7 +1620,34 @@ static void session_promise_create(eng_t *e, session_t *s, waiter_t *w)
     j->s = s;
     s->refs++;
     j->w = w;
-    job_submit(e, j);
+    if (durable) {
+        job_submit(e, j);
+        return;
+    }
+    /* res is filled by the call; the completion runs on this thread later (posted), so reading
+     * res here does not race with it */
+    j->e = e;
+    prom_value_t v = {j->hdr, j->nhdr, NULL, 0};
+    prom_create_t c = {j->id, PROM_FOREVER, &v, j->tags, j->ntags};
+    int rc = prom_promise_create_async(e->ps, &c, &j->res, job_durable, j);
+    if (rc) {
+        /* nothing appended, the completion never comes */
+        session_unregister(e, s);
+        waiter_wake(w, rc);
+        job_free(j);
+        return;
+    }
+    j->aux = 1;
+    j->w = NULL;
+    rc = session_create_rc(j, 0);
+    if (rc) {
+        /* a closed session's id (nothing was appended for it: the completion only frees j) */
+        session_unregister(e, s);
+        waiter_wake(w, rc);
+        return;
+    }
+    session_start(e, s);
+    waiter_wake(w, 0);
 }
 
 static void do_session_open(eng_t *e, eng_msg_t *m)
@@ -1599,7 +1668,7 @@ static void do_session_open(eng_t *e, eng_msg_t *m)
         goto out;
     }
     s = session_new(e, c->sid, &c->so);
-    session_promise_create(e, s, w);
+    session_promise_create(e, s, w, 0);
 out:
     cmd_free(c);
 }
@@ -1767,14 +1836,11 @@ static void fork_base_done(eng_t *e, eng_msg_t *m)
     fork_ctx_t *f = (fork_ctx_t *)m;
     session_t *s = f->s;
     if (e->dead || f->status) {
-        if (!e->dead) {
-            smap_del(e, s);
-            e->nsessions--;
-            session_unref(s);
-        }
+        if (!e->dead)
+            session_unregister(e, s);
         waiter_wake(f->w, f->status ? f->status : CAP_ECLOSED);
     } else {
-        session_promise_create(e, s, f->w);
+        session_promise_create(e, s, f->w, 1);
     }
     session_unref(s);
     cap_free(f);

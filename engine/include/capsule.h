@@ -190,10 +190,16 @@ int eng_open(const eng_opts_t *opts, eng_t **out);
  * running the loop until this returns (call it from another thread). NULL is a no-op. Blocking. */
 void eng_close(eng_t *e);
 
-/* Opens session `sid` (NULL: a generated id) durably; an already open sid is returned as is.
+/* Opens session `sid` (NULL: a generated id); an already open sid is returned as is. The open
+ * does not wait for a commit (a pop from the warm pool): the session's record is appended to the
+ * log before any record of its executions, so it is durable by the time anything about the
+ * session is acknowledged (an execution's result, a close); a crash before that loses only the
+ * empty session (after a restart the id is unknown and may be opened again). With o->warmup the
+ * call returns after the warm-up's result, so the open is durable then.
  * *sid_out (optional) gets the id (caller frees with cap_free). Returns 0, CAP_ELIMIT (max
- * sessions), CAP_EINVAL (bad id), CAP_ECLOSED, CAP_EUNPROCESSABLE (o->warmup raised; the session
- * is open). o->warmup is not stored in the session's options. Blocking. */
+ * sessions), CAP_EINVAL (bad id), CAP_EEXIST (a closed session's id: not reused), CAP_ECLOSED,
+ * CAP_EUNPROCESSABLE (o->warmup raised; the session is open). o->warmup is not stored in the
+ * session's options. Blocking. */
 int eng_session_open(eng_t *e, const char *sid, const eng_session_opts_t *o, char **sid_out);
 /* Closes a session durably (its queued executions are refused with CAP_ECLOSED; the running one
  * is cancelled). Returns 0 or CAP_ENOTFOUND. Blocking. */

@@ -5,8 +5,11 @@
 #ifndef ENG_TEST_H
 #define ENG_TEST_H
 
+#include <poll.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "capsule.h"
 #include "check.h"
@@ -50,6 +53,51 @@ static inline void etest_expect(eng_t *e, const char *sid, const char *code, con
     else
         CHECK(r->repr == NULL);
     eng_result_free(r);
+}
+
+/* Starts argv[0] (this test re-executed as a child) with its stdout on a pipe: returns the pipe's
+ * read end, *pid the child. */
+static inline int etest_child(char *const *argv, pid_t *pid)
+{
+    int fds[2];
+    CHECK(pipe(fds) == 0);
+    *pid = fork();
+    CHECK(*pid >= 0);
+    if (*pid == 0) {
+        dup2(fds[1], 1);
+        close(fds[0]);
+        close(fds[1]);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    close(fds[1]);
+    return fds[0];
+}
+
+/* One line from fd without its newline: 0, or -1 on EOF / timeout. */
+static inline int etest_read_line(int fd, char *buf, size_t n, int timeout_ms)
+{
+    size_t l = 0;
+    while (l + 1 < n) {
+        struct pollfd p = {fd, POLLIN, 0};
+        if (poll(&p, 1, timeout_ms) <= 0)
+            return -1;
+        char c;
+        if (read(fd, &c, 1) <= 0)
+            return -1;
+        if (c == '\n')
+            break;
+        buf[l++] = c;
+    }
+    buf[l] = 0;
+    return 0;
+}
+
+/* Workers of a killed child are reparented here (the subreaper): collect them. */
+static inline void etest_reap_orphans(void)
+{
+    while (waitpid(-1, NULL, WNOHANG) > 0)
+        ;
 }
 
 #endif

@@ -15,12 +15,10 @@
  * Rounds alternate sync and nosync. CAPSULE_CRASH_ROUNDS overrides the number of rounds (112).
  */
 #include <errno.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -160,33 +158,6 @@ static int child(const char *dir, int start, int nosync, unsigned seed)
 }
 
 /* ---------- the parent ---------- */
-static int read_line(int fd, char *buf, size_t n, int timeout_ms)
-{
-    size_t l = 0;
-    while (l + 1 < n) {
-        struct pollfd p = {fd, POLLIN, 0};
-        int r = poll(&p, 1, timeout_ms);
-        if (r <= 0)
-            return -1;
-        char c;
-        ssize_t g = read(fd, &c, 1);
-        if (g <= 0)
-            return -1;
-        if (c == '\n')
-            break;
-        buf[l++] = c;
-    }
-    buf[l] = 0;
-    return 0;
-}
-
-static void reap_orphans(void)
-{
-    /* workers of a killed child are reparented here (the subreaper): collect them */
-    while (waitpid(-1, NULL, WNOHANG) > 0)
-        ;
-}
-
 static const char *const scen_names = "abcdefg";
 
 int main(int argc, char **argv)
@@ -220,22 +191,13 @@ int main(int argc, char **argv)
     for (int round = 0; round < rounds; round++) {
         int scen = round % 7;
         int nosync = round & 1;
-        int fds[2];
-        CHECK(pipe(fds) == 0);
-        pid_t pid = fork();
-        CHECK(pid >= 0);
-        if (pid == 0) {
-            dup2(fds[1], 1);
-            close(fds[0]);
-            close(fds[1]);
-            char a1[16], a2[16], a3[16];
-            snprintf(a1, sizeof(a1), "%d", next);
-            snprintf(a2, sizeof(a2), "%d", nosync);
-            snprintf(a3, sizeof(a3), "%u", seed + (unsigned)round);
-            execl(self, self, "child", dir, a1, a2, a3, (char *)NULL);
-            _exit(127);
-        }
-        close(fds[1]);
+        char a1[16], a2[16], a3[16];
+        snprintf(a1, sizeof(a1), "%d", next);
+        snprintf(a2, sizeof(a2), "%d", nosync);
+        snprintf(a3, sizeof(a3), "%u", seed + (unsigned)round);
+        char *args[] = {self, "child", dir, a1, a2, a3, NULL};
+        pid_t pid;
+        int fds[1] = {etest_child(args, &pid)};
         /* choose the kill point */
         int target = 1 + rand() % 6; /* kill at the target-th matching event */
         const char *want = NULL;
@@ -270,7 +232,7 @@ int main(int argc, char **argv)
         int last_sub = next - 1, seen = 0;
         char line[128];
         int killed = 0;
-        while (!killed && read_line(fds[0], line, sizeof(line), 20000) == 0) {
+        while (!killed && etest_read_line(fds[0], line, sizeof(line), 20000) == 0) {
             int v = -1;
             char w[32];
             if (sscanf(line, "%31s %d", w, &v) != 2)
@@ -295,7 +257,7 @@ int main(int argc, char **argv)
         if (!killed)
             kill(pid, SIGKILL);
         /* drain what the child said before it died */
-        while (read_line(fds[0], line, sizeof(line), 2000) == 0) {
+        while (etest_read_line(fds[0], line, sizeof(line), 2000) == 0) {
             int v;
             char w[32];
             if (sscanf(line, "%31s %d", w, &v) == 2 && strcmp(w, "sub") == 0)
@@ -311,7 +273,7 @@ int main(int argc, char **argv)
             CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
         if (killed)
             kills[scen]++;
-        reap_orphans();
+        etest_reap_orphans();
 
         /* recovery: every submitted execution by id, in order */
         e = etest_open(dir, 0);
@@ -342,7 +304,7 @@ int main(int argc, char **argv)
         snprintf(check, sizeof(check), "acc == list(range(%d))", next);
         etest_expect(e, "c", check, "True");
         eng_close(e);
-        reap_orphans();
+        etest_reap_orphans();
     }
     fprintf(stderr,
             "crash: %d executions verified, %d re-run after a crash; kills a=%d b=%d c=%d d=%d "
