@@ -39,6 +39,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 
 #include "eng_int.h"
 #include "promise.h"
@@ -150,6 +151,7 @@ struct eng {
     uv_async_t async;
     pthread_mutex_t mu;
     eng_msg_t *mhead, *mtail;
+    int draining;   /* (under mu) the loop is in drain(): a post needs no wake-up */
     int closing;    /* no more public commands */
     int dead;       /* loop gone: messages only release */
     int async_gone; /* (under mu) the async handle is closing: post only queues */
@@ -300,6 +302,11 @@ static void stats_add(eng_t *e, eng_stats_t d)
 }
 
 /* ---------- posting to the loop ---------- */
+/* Queues m for the loop. While the loop is draining the queue (e->draining, read under the same
+ * mutex that drain() takes to find the queue empty before it stops), the message is run by that
+ * drain: no wake-up (an eventfd write, then an extra loop turn) is needed. This is the common case
+ * of a callback on the loop submitting the next execution, and of the wal writer's completions
+ * arriving while the loop works. */
 static void post(eng_t *e, eng_msg_t *m)
 {
     m->next = NULL;
@@ -309,9 +316,9 @@ static void post(eng_t *e, eng_msg_t *m)
     else
         e->mhead = m;
     e->mtail = m;
-    int gone = e->async_gone;
+    int wake = !e->async_gone && !e->draining;
     pthread_mutex_unlock(&e->mu);
-    if (!gone)
+    if (wake)
         uv_async_send(&e->async);
 }
 
@@ -321,6 +328,7 @@ static void drain(eng_t *e)
         pthread_mutex_lock(&e->mu);
         eng_msg_t *m = e->mhead;
         e->mhead = e->mtail = NULL;
+        e->draining = m != NULL;
         pthread_mutex_unlock(&e->mu);
         if (!m)
             return;
@@ -1406,7 +1414,7 @@ static void do_execute(eng_t *e, eng_msg_t *m)
         goto out;
     }
     eng_result_t *r = NULL;
-    if (eng__result_read(&e->tb, c->eid, &r) == 0) {
+    if (!c->flag && eng__result_read(&e->tb, c->eid, &r) == 0) {
         if (c->cb.on_done)
             c->cb.on_done(c->arg, r);
         eng_result_free(r);
@@ -2031,6 +2039,7 @@ void eng_wal_stats(eng_t *e, wal_stats_t *out)
 static void loop_main(void *arg)
 {
     eng_t *e = arg;
+    prctl(PR_SET_NAME, "capsule-loop"); /* per-thread CPU figures (bench_engine), ps/top */
     uv_run(e->loop, UV_RUN_DEFAULT);
 }
 
@@ -2557,6 +2566,7 @@ int eng_execute(eng_t *e, const eng_exec_req_t *req, const eng_exec_cb_t *cb, vo
     pthread_mutex_lock(&e->mu);
     int closing = e->closing;
     c->eid = req->eid ? cap_strdup(req->eid) : gen_id(e, "x");
+    c->flag = !req->eid; /* a generated id has no recorded result to look up */
     pthread_mutex_unlock(&e->mu);
     if (closing) {
         cmd_free(c);
