@@ -2296,13 +2296,15 @@ int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **ou
     rc = store_env_write(env, open_dbis, s);
     if (rc)
         goto out;
-    rc = load(s);
-    if (rc)
-        goto out;
     wal_opts_t wo = s->opts.wal;
     wo.apply = prom_apply;
     wo.apply_arg = s;
+    /* the log first: its open may re-apply records from its journal (prom_apply writes the
+     * tables), and load() must see them */
     rc = wal_log_open(env, &wo, &s->wal);
+    if (rc)
+        goto out;
+    rc = load(s);
     if (rc)
         goto out;
     s->track_dirty = 1;

@@ -14,7 +14,9 @@
 #include "store.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <lmdb.h>
+#include <stdlib.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -36,6 +38,16 @@ struct store_env {
     pthread_rwlock_t grow_lock;
     _Atomic uint64_t grows;
     int stale_readers; /* cleared at open */
+
+    /* checkpoints (store.ckpt); changed under a write txn */
+    int have_ckpt;  /* store.ckpt exists and is ours */
+    int ckpt_clean; /* the newest slot is marked clean */
+    int ckpt_fd;    /* -1 until the first checkpoint of this open */
+    int ckpt_slot;  /* slot of the newest valid checkpoint */
+    uint64_t ckpt_counter;
+    uint8_t ckpt_user[STORE_CKPT_USER];
+    int deferred; /* MDB_NOSYNC set by store_env_set_deferred */
+    MDB_txn *pin; /* read txn on the checkpoint's snapshot, or NULL */
 };
 
 struct store_txn {
@@ -97,6 +109,10 @@ static int store__err(const store_env_t *env, int rc, const char *what)
     }
 }
 
+static int store__ckpt_load(store_env_t *env, uint8_t *slot_out);
+static int store__ckpt_restore(store_env_t *env, const uint8_t *slot, const char *now_boot);
+static void store__boot_id(char out[48]);
+
 static int store__mkdir(const char *dir)
 {
     struct stat st;
@@ -149,6 +165,24 @@ int store_env_open(const char *dir, const store_env_opts_t *opts, store_env_t **
     e->nosync = o.nosync ? 1 : 0;
     e->readonly = o.readonly ? 1 : 0;
     pthread_rwlock_init(&e->grow_lock, NULL);
+    e->ckpt_fd = -1;
+    e->ckpt_slot = 1;
+
+    if (!o.readonly) {
+        /* A checkpoint left unclean under another boot id: the machine went down while commits
+         * were not flushed; put back the meta pages of the last snapshot known on disk. */
+        uint8_t *slot = cap_malloc(16384);
+        rc = store__ckpt_load(e, slot);
+        if (rc == 0 && e->have_ckpt && !e->ckpt_clean) {
+            char boot[48];
+            store__boot_id(boot);
+            if (!boot[0] || strncmp(boot, (const char *)slot + 32, sizeof boot) != 0)
+                rc = store__ckpt_restore(e, slot, boot);
+        }
+        cap_free(slot);
+        if (rc)
+            goto out;
+    }
 
     rc = mdb_env_create(&e->env);
     if (rc) {
@@ -185,11 +219,21 @@ int store_env_open(const char *dir, const store_env_opts_t *opts, store_env_t **
     if (dead)
         cap_log(CAP_LOG_INFO, "store", "%s: cleared %d stale reader slot(s)", dir, dead);
     e->stale_readers = dead;
+    if (e->have_ckpt) {
+        /* Whatever this process writes next, the snapshot now on disk is the fallback. */
+        rc = store_env_checkpoint(e, NULL, 0);
+        if (rc)
+            goto out;
+    }
     *out = e;
     e = NULL;
     rc = 0;
 out:
     if (e) {
+        if (e->pin)
+            mdb_txn_abort(e->pin);
+        if (e->ckpt_fd >= 0)
+            close(e->ckpt_fd);
         if (e->env)
             mdb_env_close(e->env);
         pthread_rwlock_destroy(&e->grow_lock);
@@ -203,6 +247,19 @@ void store_env_close(store_env_t *env)
 {
     if (!env)
         return;
+    if (!env->readonly && env->have_ckpt && !env->ckpt_clean) {
+        /* back to LMDB's own flushing, and a final clean checkpoint: no restore needed */
+        int rc = store_env_set_deferred(env, 0);
+        if (rc == 0)
+            rc = store_env_checkpoint(env, NULL, 1);
+        if (rc)
+            cap_log(CAP_LOG_ERROR, "store", "%s: final checkpoint failed: %s", env->path,
+                    cap_strerror(rc));
+    }
+    if (env->pin)
+        mdb_txn_abort(env->pin);
+    if (env->ckpt_fd >= 0)
+        close(env->ckpt_fd);
     mdb_env_close(env->env);
     pthread_rwlock_destroy(&env->grow_lock);
     cap_free(env->path);
@@ -560,4 +617,417 @@ void store_cursor_close(store_cursor_t *cur)
         return;
     mdb_cursor_close(cur->cur);
     cap_free(cur);
+}
+
+/* ---- checkpoints: store.ckpt (format in store.h and ARCHITECTURE.md) ---- */
+
+#define STORE_CKPT_FILE    "store.ckpt"
+#define STORE_CKPT_MAGIC   0x504B4343u /* "CCKP" little-endian */
+#define STORE_CKPT_VERSION 1u
+#define STORE_CKPT_SLOT    16384u
+#define STORE_CKPT_HDR     128u
+#define STORE_CKPT_MAXPG   ((STORE_CKPT_SLOT - STORE_CKPT_HDR) / 2)
+#define STORE_CKPT_CLEAN   1u
+#define STORE_BOOT_LEN     48u
+/* LMDB's meta page (lmdb 0.9, 64-bit): a 16-byte page header, then MDB_meta {magic u32, version
+ * u32, address, mapsize, two 48-byte MDB_db, last_pg} and the txnid at byte 128 of MDB_meta. */
+#define STORE_META_MAGIC_AT 16u
+#define STORE_META_TXNID_AT 144u
+#define STORE_LMDB_MAGIC    0xBEEFC0DEu
+
+/* The slot header (bytes 0..127 of a slot; the meta pages follow). Written byte by byte with the
+ * little-endian helpers; the struct pins the layout down. */
+struct store_ckpt_hdr {
+    uint32_t magic;
+    uint32_t version;
+    uint64_t counter; /* newest valid slot wins */
+    uint64_t txnid;   /* LMDB txnid of the saved snapshot */
+    uint32_t psize;   /* bytes per saved meta page */
+    uint32_t flags;   /* STORE_CKPT_CLEAN */
+    char boot_id[STORE_BOOT_LEN];
+    uint8_t user[STORE_CKPT_USER];
+    uint64_t reserved;
+    uint64_t checksum; /* XXH3-64 of the slot's first 128 + 2 * psize bytes, this field 0 */
+};
+_Static_assert(sizeof(struct store_ckpt_hdr) == STORE_CKPT_HDR, "checkpoint header is 128 bytes");
+_Static_assert(offsetof(struct store_ckpt_hdr, boot_id) == 32, "boot id at 32");
+_Static_assert(offsetof(struct store_ckpt_hdr, user) == 80, "user area at 80");
+_Static_assert(offsetof(struct store_ckpt_hdr, checksum) == 120, "checksum at 120");
+
+static void store__boot_id(char out[STORE_BOOT_LEN])
+{
+    memset(out, 0, STORE_BOOT_LEN);
+    const char *t = getenv("CAPSULE_TEST_BOOT_ID"); /* test-only: simulates a reboot */
+    if (t && *t) {
+        snprintf(out, STORE_BOOT_LEN, "%s", t);
+        return;
+    }
+    int fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return; /* unknown: an unclean checkpoint is then always restored (safe, slower) */
+    ssize_t n = read(fd, out, STORE_BOOT_LEN - 1);
+    close(fd);
+    while (n > 0 && (out[n - 1] == '\n' || out[n - 1] == 0))
+        out[--n] = 0;
+    if (n < 0)
+        out[0] = 0;
+}
+
+static int store__fsync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc = fsync(fd) ? -errno : 0;
+    close(fd);
+    return rc;
+}
+
+static void store__file(const store_env_t *env, const char *name, char *buf, size_t len)
+{
+    snprintf(buf, len, "%s/%s", env->path, name);
+}
+
+static uint64_t store__slot_sum(uint8_t *slot, uint32_t psize)
+{
+    uint8_t saved[8];
+    memcpy(saved, slot + 120, 8);
+    memset(slot + 120, 0, 8);
+    uint64_t h = cap_hash64(slot, STORE_CKPT_HDR + 2 * (size_t)psize);
+    memcpy(slot + 120, saved, 8);
+    return h;
+}
+
+/* Checks one slot; NULL when valid, else a static reason. */
+static const char *store__slot_check(uint8_t *slot, size_t have)
+{
+    if (have < STORE_CKPT_SLOT)
+        return "missing (the file is short)";
+    uint32_t magic = cap_get_le32(slot), ver = cap_get_le32(slot + 4);
+    uint32_t psize = cap_get_le32(slot + 24);
+    if (magic == 0 && ver == 0)
+        return "empty";
+    if (magic != STORE_CKPT_MAGIC)
+        return "bad magic";
+    if (ver != STORE_CKPT_VERSION)
+        return "unknown version";
+    if (psize < 512 || psize > STORE_CKPT_MAXPG || (psize & (psize - 1)))
+        return "bad page size";
+    if (store__slot_sum(slot, psize) != cap_get_le64(slot + 120))
+        return "checksum mismatch";
+    return NULL;
+}
+
+/* Reads store.ckpt (if any) into env->have_ckpt etc.; the chosen slot is copied to slot_out
+ * (STORE_CKPT_SLOT bytes). CAP_ECORRUPT when no slot is valid. */
+static int store__ckpt_load(store_env_t *env, uint8_t *slot_out)
+{
+    char path[4200];
+    uint8_t *buf = NULL;
+    const char *why[2];
+    int rc = 0, best = -1;
+    store__file(env, STORE_CKPT_FILE, path, sizeof path);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT)
+            return 0;
+        rc = -errno;
+        cap_log(CAP_LOG_ERROR, "store", "cannot open %s: %s", path, strerror(-rc));
+        return rc;
+    }
+    buf = cap_calloc(2, STORE_CKPT_SLOT);
+    ssize_t n = pread(fd, buf, 2 * STORE_CKPT_SLOT, 0);
+    close(fd);
+    if (n < 0) {
+        rc = -errno;
+        cap_log(CAP_LOG_ERROR, "store", "cannot read %s: %s", path, strerror(-rc));
+        goto out;
+    }
+    for (int i = 0; i < 2; i++) {
+        size_t have = (size_t)n > i * STORE_CKPT_SLOT ? (size_t)n - i * STORE_CKPT_SLOT : 0;
+        why[i] = store__slot_check(buf + i * STORE_CKPT_SLOT, have);
+        if (!why[i] && (best < 0 || cap_get_le64(buf + i * STORE_CKPT_SLOT + 8) >
+                                        cap_get_le64(buf + best * STORE_CKPT_SLOT + 8)))
+            best = i;
+    }
+    if (best < 0) {
+        cap_log(CAP_LOG_ERROR, "store",
+                "%s: no valid checkpoint (slot 0: %s; slot 1: %s): cannot tell which state of "
+                "data.mdb is on disk",
+                path, why[0], why[1]);
+        rc = CAP_ECORRUPT;
+        goto out;
+    }
+    if (why[best ^ 1] && strcmp(why[best ^ 1], "empty") != 0)
+        cap_log(CAP_LOG_WARN, "store", "%s: slot %d is damaged (%s); using slot %d", path, best ^ 1,
+                why[best ^ 1], best);
+    uint8_t *s = buf + best * STORE_CKPT_SLOT;
+    memcpy(slot_out, s, STORE_CKPT_SLOT);
+    env->have_ckpt = 1;
+    env->ckpt_slot = best;
+    env->ckpt_counter = cap_get_le64(s + 8);
+    env->ckpt_clean = (cap_get_le32(s + 28) & STORE_CKPT_CLEAN) != 0;
+    memcpy(env->ckpt_user, s + 80, STORE_CKPT_USER);
+out:
+    cap_free(buf);
+    return rc;
+}
+
+/* Writes the slot's saved meta pages back into data.mdb (before LMDB opens it). */
+static int store__ckpt_restore(store_env_t *env, const uint8_t *slot, const char *now_boot)
+{
+    char path[4200];
+    uint32_t psize = cap_get_le32(slot + 24);
+    int rc = 0;
+    store__file(env, "data.mdb", path, sizeof path);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        rc = errno == ENOENT ? CAP_ECORRUPT : -errno;
+        cap_log(CAP_LOG_ERROR, "store", "%s/%s is present but %s cannot be opened: %s", env->path,
+                STORE_CKPT_FILE, path, strerror(errno));
+        return rc;
+    }
+    ssize_t w = pwrite(fd, slot + STORE_CKPT_HDR, 2 * (size_t)psize, 0);
+    if (w != (ssize_t)(2 * (size_t)psize) || fdatasync(fd) != 0) {
+        rc = w < 0 || errno ? -errno : -EIO;
+        cap_log(CAP_LOG_ERROR, "store", "%s: restoring the checkpoint's meta pages failed: %s",
+                path, strerror(-rc));
+    } else {
+        cap_log(CAP_LOG_WARN, "store",
+                "%s was not closed cleanly before the machine restarted (boot id %.40s, now "
+                "%.40s): data.mdb rolled back to its checkpoint at txn %llu; the journal "
+                "re-applies what came after",
+                env->path, (const char *)slot + 32, now_boot,
+                (unsigned long long)cap_get_le64(slot + 16));
+    }
+    close(fd);
+    return rc;
+}
+
+/* Test hook (CAPSULE_TEST_CKPT_COPY=path): the on-disk image of data.mdb at this checkpoint. */
+static void store__test_copy(store_env_t *env)
+{
+    const char *dst = getenv("CAPSULE_TEST_CKPT_COPY");
+    if (!dst || !*dst)
+        return;
+    char src[4200], tmp[4200];
+    store__file(env, "data.mdb", src, sizeof src);
+    snprintf(tmp, sizeof tmp, "%s.tmp", dst);
+    int in = open(src, O_RDONLY | O_CLOEXEC);
+    int out = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    char buf[65536];
+    ssize_t n;
+    int ok = in >= 0 && out >= 0;
+    while (ok && (n = read(in, buf, sizeof buf)) > 0)
+        ok = write(out, buf, (size_t)n) == n;
+    if (in >= 0)
+        close(in);
+    if (out >= 0)
+        close(out);
+    if (!ok || rename(tmp, dst) != 0)
+        cap_fatal("store", "CAPSULE_TEST_CKPT_COPY: copying %s to %s failed", src, dst);
+}
+
+static int store__ckpt_fd(store_env_t *env)
+{
+    char path[4200];
+    if (env->ckpt_fd >= 0)
+        return 0;
+    store__file(env, STORE_CKPT_FILE, path, sizeof path);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        /* Created at full size, zero-filled and synced, its directory entry too: later
+         * checkpoints only overwrite allocated blocks. */
+        char tmp[4300];
+        snprintf(tmp, sizeof tmp, "%s.tmp", path);
+        fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (fd < 0)
+            goto fail;
+        uint8_t *z = cap_calloc(2, STORE_CKPT_SLOT);
+        ssize_t w = pwrite(fd, z, 2 * STORE_CKPT_SLOT, 0);
+        cap_free(z);
+        if (w != 2 * STORE_CKPT_SLOT || fsync(fd) != 0 || rename(tmp, path) != 0 ||
+            store__fsync_dir(env->path) != 0) {
+            int e = errno ? errno : EIO;
+            close(fd);
+            unlink(tmp);
+            errno = e;
+            goto fail;
+        }
+        env->have_ckpt = 0;
+        env->ckpt_slot = 1; /* the first checkpoint goes to slot 0 */
+    }
+    if (fd < 0)
+        goto fail;
+    env->ckpt_fd = fd;
+    return 0;
+fail:;
+    int rc = -errno;
+    cap_log(CAP_LOG_ERROR, "store", "cannot create %s: %s", path, strerror(-rc));
+    return rc;
+}
+
+int store_env_checkpoint(store_env_t *env, const uint8_t *user, int clean)
+{
+    store_txn_t *w = NULL;
+    MDB_txn *pin = NULL;
+    uint8_t *slot = NULL;
+    char path[4200], boot[STORE_BOOT_LEN];
+    int rc, fd = -1;
+
+    if (!env || env->readonly)
+        return CAP_EINVAL;
+    rc = store_txn_begin(env, 0, &w); /* no other write may commit until we are done */
+    if (rc)
+        return rc;
+    rc = mdb_env_sync(env->env, 1);
+    if (rc) {
+        rc = store__err(env, rc, "checkpoint: syncing data.mdb");
+        goto out;
+    }
+    MDB_stat st;
+    MDB_envinfo info;
+    if ((rc = mdb_env_stat(env->env, &st)) != 0 || (rc = mdb_env_info(env->env, &info)) != 0) {
+        rc = store__err(env, rc, "checkpoint: reading env info");
+        goto out;
+    }
+    if (st.ms_psize < 512 || st.ms_psize > STORE_CKPT_MAXPG) {
+        cap_log(CAP_LOG_ERROR, "store", "%s: page size %u does not fit a checkpoint slot",
+                env->path, st.ms_psize);
+        rc = CAP_ELIMIT;
+        goto out;
+    }
+    slot = cap_calloc(1, STORE_CKPT_SLOT);
+    store__file(env, "data.mdb", path, sizeof path);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    size_t mlen = 2 * (size_t)st.ms_psize;
+    if (fd < 0 || pread(fd, slot + STORE_CKPT_HDR, mlen, 0) != (ssize_t)mlen) {
+        rc = errno ? -errno : -EIO;
+        cap_log(CAP_LOG_ERROR, "store", "checkpoint: cannot read the meta pages of %s: %s", path,
+                strerror(-rc));
+        goto out;
+    }
+    int found = 0;
+    for (int i = 0; i < 2; i++) {
+        const uint8_t *m = slot + STORE_CKPT_HDR + (size_t)i * st.ms_psize;
+        uint64_t txnid;
+        uint32_t magic;
+        memcpy(&magic, m + STORE_META_MAGIC_AT, 4); /* LMDB writes its metas in host order */
+        memcpy(&txnid, m + STORE_META_TXNID_AT, 8);
+        if (magic == STORE_LMDB_MAGIC && txnid == (uint64_t)info.me_last_txnid)
+            found = 1;
+    }
+    if (!found) {
+        cap_log(CAP_LOG_ERROR, "store",
+                "checkpoint: %s on disk holds no meta page of txn %llu after a sync", path,
+                (unsigned long long)info.me_last_txnid);
+        rc = CAP_ESTORE;
+        goto out;
+    }
+    store__test_copy(env);
+    rc = store__ckpt_fd(env);
+    if (rc)
+        goto out;
+    store__boot_id(boot);
+    uint64_t counter = env->ckpt_counter + 1;
+    int idx = env->ckpt_slot ^ 1;
+    cap_put_le32(slot, STORE_CKPT_MAGIC);
+    cap_put_le32(slot + 4, STORE_CKPT_VERSION);
+    cap_put_le64(slot + 8, counter);
+    cap_put_le64(slot + 16, (uint64_t)info.me_last_txnid);
+    cap_put_le32(slot + 24, st.ms_psize);
+    cap_put_le32(slot + 28, clean ? STORE_CKPT_CLEAN : 0);
+    memcpy(slot + 32, boot, STORE_BOOT_LEN);
+    memcpy(slot + 80, user ? user : env->ckpt_user, STORE_CKPT_USER);
+    cap_put_le64(slot + 120, store__slot_sum(slot, st.ms_psize));
+    if (pwrite(env->ckpt_fd, slot, STORE_CKPT_SLOT, (off_t)idx * STORE_CKPT_SLOT) !=
+            STORE_CKPT_SLOT ||
+        fdatasync(env->ckpt_fd) != 0) {
+        rc = errno ? -errno : -EIO;
+        cap_log(CAP_LOG_ERROR, "store", "checkpoint: writing %s/%s failed: %s", env->path,
+                STORE_CKPT_FILE, strerror(-rc));
+        goto out;
+    }
+    if (!clean) {
+        rc = mdb_txn_begin(env->env, NULL, MDB_RDONLY, &pin); /* sees the snapshot just saved */
+        if (rc) {
+            rc = store__err(env, rc, "checkpoint: pinning the snapshot");
+            goto out;
+        }
+    }
+    if (env->pin)
+        mdb_txn_abort(env->pin);
+    env->pin = pin;
+    env->have_ckpt = 1;
+    env->ckpt_clean = clean ? 1 : 0;
+    env->ckpt_slot = idx;
+    env->ckpt_counter = counter;
+    if (user)
+        memcpy(env->ckpt_user, user, STORE_CKPT_USER);
+    rc = 0;
+out:
+    if (fd >= 0)
+        close(fd);
+    cap_free(slot);
+    store_txn_abort(w);
+    return rc;
+}
+
+int store_env_ckpt_user(store_env_t *env, uint8_t user[STORE_CKPT_USER])
+{
+    if (!env->have_ckpt)
+        return CAP_ENOTFOUND;
+    memcpy(user, env->ckpt_user, STORE_CKPT_USER);
+    return 0;
+}
+
+int store_env_ckpt_remove(store_env_t *env)
+{
+    char path[4200];
+    store_txn_t *w = NULL;
+    if (env->readonly)
+        return CAP_EINVAL;
+    int rc = store_txn_begin(env, 0, &w);
+    if (rc)
+        return rc;
+    rc = mdb_env_sync(env->env, 1);
+    if (rc) {
+        rc = store__err(env, rc, "syncing data.mdb");
+        goto out;
+    }
+    store__file(env, STORE_CKPT_FILE, path, sizeof path);
+    if ((unlink(path) != 0 && errno != ENOENT) || store__fsync_dir(env->path) != 0) {
+        rc = -errno;
+        cap_log(CAP_LOG_ERROR, "store", "cannot remove %s: %s", path, strerror(-rc));
+        goto out;
+    }
+    if (env->pin)
+        mdb_txn_abort(env->pin);
+    env->pin = NULL;
+    if (env->ckpt_fd >= 0)
+        close(env->ckpt_fd);
+    env->ckpt_fd = -1;
+    env->have_ckpt = env->ckpt_clean = 0;
+    env->ckpt_counter = 0;
+    env->ckpt_slot = 1;
+    memset(env->ckpt_user, 0, STORE_CKPT_USER);
+out:
+    store_txn_abort(w);
+    return rc;
+}
+
+int store_env_set_deferred(store_env_t *env, int on)
+{
+    store_txn_t *w = NULL;
+    if (env->readonly)
+        return CAP_EINVAL;
+    int rc = store_txn_begin(env, 0, &w); /* no commit runs while the flag changes */
+    if (rc)
+        return rc;
+    if (!env->nosync)
+        rc = mdb_env_set_flags(env->env, MDB_NOSYNC, on ? 1 : 0);
+    if (rc == 0)
+        env->deferred = on ? 1 : 0;
+    store_txn_abort(w);
+    return rc ? store__err(env, rc, "changing the sync mode") : 0;
 }

@@ -23,7 +23,9 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
+#include <unistd.h>
 
 #define WAL_DEFAULT_BATCH_RECORDS 4096u
 #define WAL_DEFAULT_BATCH_BYTES   ((size_t)64 << 20)
@@ -82,6 +84,13 @@ struct wal_log {
     uint64_t last_activity_ns; /* end of the last batch */
     int dirty;                 /* commits since the last fsync (WAL_NOSYNC) */
     uint64_t last_sync_ns;
+
+    /* the journal (WAL_SYNC; writer-thread only once open) */
+    wal_journal_t *jr;
+    struct wal_jpos jpos;  /* where the next block goes */
+    struct wal_jpos jckpt; /* the position saved by the last checkpoint */
+    struct wal_jframe *jf; /* scratch: the batch's frames */
+    size_t jf_cap;
 };
 
 struct wal_dbs wal__log_dbs(wal_log_t *log)
@@ -240,6 +249,7 @@ out:
 }
 
 static void *wal__writer_main(void *arg);
+static int wal__journal_setup(wal_log_t *log);
 
 int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out)
 {
@@ -302,11 +312,24 @@ int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out)
     pthread_cond_init(&log->work_cv, NULL);
     log->last_sync_ns = cap_now_ns();
     if (!log->readonly) {
-        rc = pthread_create(&log->writer, NULL, wal__writer_main, log);
+        uint64_t jb = log->opts.journal_bytes ? log->opts.journal_bytes : WAL_JOURNAL_DEFAULT;
+        if (jb < WAL_JOURNAL_MIN)
+            jb = WAL_JOURNAL_MIN;
+        log->opts.journal_bytes = (size_t)((jb + WAL_JBLOCK - 1) / WAL_JBLOCK * WAL_JBLOCK);
+        rc = wal__journal_setup(log);
+        if (rc == 0 && log->st.replayed)
+            rc = wal__scan_bounds(log, &first, &last, &high, &indexed);
+        if (rc == 0) {
+            log->next_seq = log->committed_seq + 1;
+            log->st.first_seq = first;
+            log->st.last_seq = last;
+            rc = pthread_create(&log->writer, NULL, wal__writer_main, log);
+            rc = rc ? -rc : 0;
+        }
         if (rc) {
+            wal__journal_close(log->jr);
             pthread_cond_destroy(&log->work_cv);
             pthread_mutex_destroy(&log->mu);
-            rc = -rc;
             goto fail;
         }
         log->have_writer = 1;
@@ -552,6 +575,69 @@ static void wal__sync(wal_log_t *log)
     pthread_mutex_unlock(&log->mu);
 }
 
+/* ---- the journal (WAL_SYNC) ---- */
+
+/* A journal position as one number: bytes written since the epoch began. */
+static uint64_t wal__jabs(const wal_log_t *log, const struct wal_jpos *p)
+{
+    return p->lap * wal__journal_size(log->jr) + p->pos;
+}
+
+/* Checkpoints the store at the current journal position: everything before it is in a snapshot
+ * known to be on disk, so that journal space may be reused. Writer thread (or open/close). */
+static int wal__checkpoint_try(wal_log_t *log, int clean)
+{
+    uint8_t user[STORE_CKPT_USER] = {0};
+    uint64_t t0 = cap_now_ns();
+    wal__jpos_put(user, &log->jpos);
+    int rc = store_env_checkpoint(log->env, user, clean);
+    if (rc)
+        return rc;
+    log->jckpt = log->jpos;
+    pthread_mutex_lock(&log->mu);
+    log->st.checkpoints++;
+    log->st.checkpoint_ns += cap_now_ns() - t0;
+    pthread_mutex_unlock(&log->mu);
+    return 0;
+}
+
+static void wal__checkpoint(wal_log_t *log)
+{
+    int rc = wal__checkpoint_try(log, 0);
+    if (rc)
+        cap_fatal("wal",
+                  "%s: checkpoint failed: %s (%d); the log cannot promise durability, "
+                  "stopping",
+                  store_env_path(log->env), cap_strerror(rc), rc);
+}
+
+/* Writes a batch's frames as one journal block and flushes it (checkpointing first when the
+ * block would reach journal space the last checkpoint still needs). */
+static void wal__journal_batch(wal_log_t *log, struct wal_append *head, size_t recs, size_t bytes)
+{
+    uint64_t blen = wal__jblock_len(bytes), size = wal__journal_size(log->jr);
+    struct wal_jpos at = log->jpos;
+    wal__journal_place(log->jr, &at, blen);
+    if (wal__jabs(log, &at) + blen - wal__jabs(log, &log->jckpt) > size)
+        wal__checkpoint(log);
+    if (log->jf_cap < recs) {
+        cap_free(log->jf);
+        log->jf_cap = recs;
+        log->jf = cap_malloc(recs * sizeof(*log->jf));
+    }
+    size_t n = 0;
+    for (struct wal_append *a = head; a; a = a->next)
+        for (size_t i = 0; i < a->n; i++)
+            log->jf[n++] = (struct wal_jframe){a->f[i].p, a->f[i].len};
+    int rc = wal__journal_put(log->jr, &log->jpos, head->first_seq, (uint32_t)recs, log->jf, n,
+                              bytes, 1);
+    if (rc)
+        cap_fatal("wal",
+                  "%s: writing or flushing the journal failed: %s; the log cannot promise "
+                  "durability, stopping",
+                  store_env_path(log->env), cap_strerror(rc));
+}
+
 /* Called with mu held; returns with mu held. */
 static void wal__run_batch(wal_log_t *log)
 {
@@ -570,18 +656,26 @@ static void wal__run_batch(wal_log_t *log)
     pthread_mutex_unlock(&log->mu);
 
     struct wal_batch b = {log, head};
+    uint64_t top = last->first_seq + last->n - 1;
     uint64_t t0 = cap_now_ns();
+    int big = log->jr && wal__jblock_len(bytes) > wal__journal_size(log->jr) / 2;
+    if (log->jr && !big)
+        wal__journal_batch(log, head, recs, bytes);
     int rc = store_env_write(log->env, wal__batch_fn, &b);
-    uint64_t took = cap_now_ns() - t0;
     if (rc)
         cap_fatal("wal", "%s: committing %zu record(s) from seq %llu failed: %s (%d)",
                   store_env_path(log->env), recs, (unsigned long long)head->first_seq,
                   cap_strerror(rc), rc);
+    if (big) {
+        /* too large for the journal: durable by a checkpoint (LMDB's own two flushes) */
+        log->jpos.next_seq = top + 1;
+        wal__checkpoint(log);
+    }
+    uint64_t took = cap_now_ns() - t0;
     if (log->opts.durability == WAL_NOSYNC)
         log->dirty = 1;
 
     pthread_mutex_lock(&log->mu);
-    uint64_t top = last->first_seq + last->n - 1;
     log->committed_seq = top;
     log->st.last_seq = top;
     if (!log->st.first_seq)
@@ -605,6 +699,9 @@ static void wal__run_batch(wal_log_t *log)
             a->done(a->arg, 0, a->first_seq);
         wal__append_free(a);
     }
+    if (log->jr &&
+        wal__jabs(log, &log->jpos) - wal__jabs(log, &log->jckpt) >= wal__journal_size(log->jr) / 2)
+        wal__checkpoint(log);
     pthread_mutex_lock(&log->mu);
 }
 
@@ -771,6 +868,125 @@ static void *wal__writer_main(void *arg)
     return NULL;
 }
 
+/* Re-applies one journal block's records that wal.log does not hold yet (open only). */
+static int wal__replay_block(void *arg, const uint8_t *frames, size_t len, uint64_t first,
+                             uint32_t count)
+{
+    wal_log_t *log = arg;
+    if (first + count - 1 <= log->committed_seq)
+        return 0;
+    struct wal_append *a = cap_calloc(1, sizeof(*a) + count * sizeof(a->f[0]));
+    size_t off = 0;
+    for (uint32_t i = 0; i < count && off < len; i++) {
+        size_t fl = wal__frame_len(frames + off); /* verified by the scan */
+        if (first + i > log->committed_seq) {
+            if (!a->n)
+                a->first_seq = first + i;
+            a->f[a->n].p = cap_malloc(fl);
+            memcpy(a->f[a->n].p, frames + off, fl);
+            a->f[a->n++].len = fl;
+            a->bytes += fl;
+        }
+        off += fl;
+    }
+    struct wal_batch b = {log, a};
+    int rc = store_env_write(log->env, wal__batch_fn, &b);
+    if (rc == 0) {
+        log->committed_seq = a->first_seq + a->n - 1;
+        log->st.replayed += a->n;
+    }
+    wal__append_free(a);
+    return rc;
+}
+
+/* At open (not read-only): re-applies what the journal holds past the checkpoint, then
+ * (WAL_SYNC) starts a new journal epoch with a checkpoint, or (WAL_NOSYNC) removes store.ckpt.
+ * log->mu is initialised; the writer is not running. */
+static int wal__journal_setup(wal_log_t *log)
+{
+    const char *dir = store_env_path(log->env);
+    uint8_t user[STORE_CKPT_USER];
+    struct wal_jpos from = {0};
+    wal_journal_t *j = NULL;
+    int have_ckpt = 0;
+    int rc = store_env_ckpt_user(log->env, user);
+    if (rc == 0) {
+        have_ckpt = 1;
+        wal__jpos_get(user, &from);
+    } else if (rc != CAP_ENOTFOUND) {
+        return rc;
+    }
+    rc = 0;
+    if (from.epoch) {
+        rc = wal__journal_open(dir, &j);
+        if (rc) {
+            cap_log(CAP_LOG_ERROR, "wal",
+                    "%s/store.ckpt refers to the journal %s/%s, which cannot be opened (%s): "
+                    "acknowledged records may be missing; not opening the log",
+                    dir, dir, WAL_JOURNAL_FILE, cap_strerror(rc));
+            return rc == -ENOENT ? CAP_ECORRUPT : rc;
+        }
+        rc = store_env_set_deferred(log->env, 1); /* the checkpoint below makes it durable */
+        uint64_t before = log->committed_seq, blocks = 0;
+        const char *stop = "end";
+        if (rc == 0)
+            rc = wal__journal_scan(j, &from, wal__replay_block, log, &blocks, &stop);
+        if (rc)
+            goto out;
+        if (log->committed_seq > before)
+            cap_log(CAP_LOG_INFO, "wal",
+                    "%s: re-applied %llu record(s), seq %llu..%llu, from the journal (%llu "
+                    "block(s) after the checkpoint; the scan stopped at: %s)",
+                    dir, (unsigned long long)(log->committed_seq - before),
+                    (unsigned long long)before + 1, (unsigned long long)log->committed_seq,
+                    (unsigned long long)blocks, stop);
+    }
+    if (log->opts.durability == WAL_NOSYNC) {
+        if (have_ckpt)
+            rc = store_env_ckpt_remove(log->env); /* syncs first */
+        goto out;
+    }
+    uint64_t want = log->opts.journal_bytes;
+    if (j && wal__journal_size(j) != want) {
+        /* the journal is about to be replaced: first a checkpoint that needs none of it */
+        struct wal_jpos none = {0};
+        wal__jpos_put(user, &none);
+        rc = store_env_checkpoint(log->env, user, 0);
+        if (rc)
+            goto out;
+        wal__journal_close(j);
+        j = NULL;
+    }
+    if (!j) {
+        rc = wal__journal_open(dir, &j);
+        if (rc == 0 && wal__journal_size(j) != want) {
+            wal__journal_close(j);
+            j = NULL;
+            rc = -ENOENT;
+        }
+        if (rc == -ENOENT) {
+            rc = wal__journal_create(dir, want);
+            if (rc == 0)
+                rc = wal__journal_open(dir, &j);
+        }
+        if (rc)
+            goto out;
+    }
+    uint64_t epoch = 0;
+    while (!epoch)
+        if (getrandom(&epoch, sizeof epoch, 0) != (ssize_t)sizeof epoch)
+            epoch = cap_now_ns() ^ ((uint64_t)getpid() << 32);
+    log->jr = j;
+    j = NULL;
+    log->jpos = (struct wal_jpos){epoch, 0, 0, log->committed_seq + 1};
+    rc = store_env_set_deferred(log->env, 1);
+    if (rc == 0)
+        rc = wal__checkpoint_try(log, 0);
+out:
+    wal__journal_close(j);
+    return rc;
+}
+
 /* ---- truncate, stats, close ---- */
 
 int wal_log_truncate(wal_log_t *log, uint64_t before_seq)
@@ -827,6 +1043,17 @@ void wal_log_close(wal_log_t *log)
         pthread_cond_signal(&log->work_cv);
         pthread_mutex_unlock(&log->mu);
         pthread_join(log->writer, NULL);
+    }
+    if (log->jr) {
+        /* back to flushed commits, then a clean checkpoint: the next open restores nothing */
+        int rc = store_env_set_deferred(log->env, 0);
+        if (rc == 0)
+            rc = wal__checkpoint_try(log, 1);
+        if (rc)
+            cap_log(CAP_LOG_ERROR, "wal", "%s: the final checkpoint failed: %s",
+                    store_env_path(log->env), cap_strerror(rc));
+        wal__journal_close(log->jr);
+        cap_free(log->jf);
     }
     pthread_cond_destroy(&log->work_cv);
     pthread_mutex_destroy(&log->mu);

@@ -53,6 +53,36 @@
  * Only then is the body given to tpl, and only after tpl_peek confirms the format "A(uUB)", the
  * image loads with exactly body_len bytes, and the array count is at most body_len / 16 (the
  * smallest encoded element). Anything else is CAP_ECORRUPT with the sequence number.
+ *
+ * THE JOURNAL (WAL_SYNC only): "wal.journal" in the data directory, a file of fixed size
+ * (wal_opts_t.journal_bytes, default 16 MiB, a multiple of 4096), zero-filled when created. Each
+ * group commit writes its frames (the same bytes as in wal.log) as one block, then fdatasyncs
+ * the file, before the LMDB transaction commits without a flush. A block starts at a multiple of
+ * 4096, is padded with zeros to the next one, and starts with a 64-byte header (little-endian):
+ *
+ *   offset size  field
+ *        0    4  magic       0x4C4E4A43 (the bytes "CJNL")
+ *        4    4  version     WAL_JVERSION (1)
+ *        8    8  epoch       random, chosen when the log opens (stale blocks of earlier opens
+ *                            carry another)
+ *       16    8  lap         times the writer wrapped to offset 0 within this epoch
+ *       24    8  first_seq   seq of the first frame
+ *       32    4  count       frames in the block (>= 1)
+ *       36    4  reserved    0
+ *       40    8  frames_len  bytes of frames after the header
+ *       48    8  frames_sum  XXH3-64 of those bytes
+ *       56    8  checksum    XXH3-64 of header bytes 0..55
+ *   64           count frames, back to back, then zeros up to the block's end.
+ *
+ * A block that does not fit between its offset and the end of the file goes to offset 0 with
+ * lap + 1. The position of the next block {epoch, lap, offset, next seq} is saved with every
+ * checkpoint (store.ckpt's caller area). A BLOCK IS VALID only if, in this order: its header fits
+ * the file, magic and checksum match, version is known and reserved 0, epoch and lap are the
+ * expected ones, first_seq is the expected next seq, count >= 1 and frames_len fits the file,
+ * frames_sum matches, and the frames are valid (the frame rule above) with seqs first_seq,
+ * first_seq+1, ... filling frames_len exactly. A scan starts at the checkpoint's position; when
+ * the block there is not valid it tries offset 0 of the next lap; it stops at the first block
+ * that is not valid.
  */
 #ifndef WAL_FORMAT_H
 #define WAL_FORMAT_H
@@ -73,6 +103,14 @@
 #define WAL_META_FORMAT  "format"
 #define WAL_META_HIGH    "high"
 #define WAL_META_INDEXED "indexed"
+
+#define WAL_JOURNAL_FILE    "wal.journal"
+#define WAL_JMAGIC          0x4C4E4A43u
+#define WAL_JVERSION        1u
+#define WAL_JHDR            64u
+#define WAL_JBLOCK          4096u
+#define WAL_JOURNAL_DEFAULT ((uint64_t)16 << 20)
+#define WAL_JOURNAL_MIN     ((uint64_t)64 << 10)
 
 /* The header as a struct, to pin the layout down (the code reads and writes it byte by byte with
  * the little-endian helpers of cap.h, never by casting). */

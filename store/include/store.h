@@ -65,6 +65,38 @@ uint64_t store_env_grow_count(const store_env_t *env);
 /* Reader slots of dead processes cleared when this env was opened (for tests and logs). */
 int store_env_stale_readers(const store_env_t *env);
 
+/* ---- checkpoints (the journal's partner: see ARCHITECTURE.md, "store/: checkpoints") ----
+ *
+ * A journaled writer (the wal in WAL_SYNC) makes records durable in its own journal and commits
+ * LMDB without a flush (store_env_set_deferred). store.ckpt in the data directory then says which
+ * LMDB snapshot is known to be on disk: two alternating 16 KiB slots, each {magic, counter, txnid,
+ * page size, flags, boot id, a 32-byte area owned by the caller, the raw bytes of data.mdb's two
+ * meta pages, XXH3-64}; the valid slot with the highest counter wins. While a checkpoint is
+ * current, the env holds a read transaction on its snapshot, so LMDB never reuses a page of it.
+ *
+ * store_env_open (not read-only) with a store.ckpt present: if its newest slot is not marked
+ * clean and was written under another boot id (a power loss, or CAPSULE_TEST_BOOT_ID in tests),
+ * the saved meta pages are written back into data.mdb before LMDB opens it (a WARNING says so):
+ * LMDB then opens at the checkpoint's snapshot, whose pages the pin kept intact. Then (restored
+ * or not) the env checkpoints at once, keeping the caller's area. Both slots damaged:
+ * CAP_ECORRUPT, the message names the file. Read-only opens never touch store.ckpt. */
+#define STORE_CKPT_USER 32
+
+/* Syncs data.mdb (forced), saves its meta pages, the LMDB txnid, the boot id and `user` (NULL:
+ * keep the current area, zeros when none) into the older slot of store.ckpt (created with its
+ * directory entry synced when missing), fdatasyncs it, then moves the pin to this snapshot.
+ * clean = 1: the env is in synced mode and nothing written later needs a restore (the pin is
+ * released). Serialised with writers (it holds a write transaction). Not on a read-only env. */
+int store_env_checkpoint(store_env_t *env, const uint8_t *user, int clean);
+/* The caller area of the current checkpoint: 0, CAP_ENOTFOUND when the env has no store.ckpt. */
+int store_env_ckpt_user(store_env_t *env, uint8_t user[STORE_CKPT_USER]);
+/* Removes store.ckpt (after syncing data.mdb) and releases the pin: the env is back to LMDB's
+ * own durability. For a WAL_NOSYNC log, which keeps no journal. */
+int store_env_ckpt_remove(store_env_t *env);
+/* on = 1: commits no longer flush (MDB_NOSYNC) - only for a writer whose own journal makes its
+ * commits durable and which checkpoints; on = 0: back to the mode the env was opened with. */
+int store_env_set_deferred(store_env_t *env, int on);
+
 /* Database flags for store_dbi_open. */
 enum {
     STORE_DB_CREATE = 1 << 0, /* create if missing (needs a write txn) */

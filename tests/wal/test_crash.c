@@ -10,6 +10,15 @@
  *   - each (round, thread)'s records appear in the order the thread appended them.
  * The parent also truncates between rounds, so truncation is crash-tested too.
  * CRASH_ROUNDS (default 220) sets the number of kill points.
+ *
+ * `test_wal_crash powerloss` (ctest wal.powerloss) simulates power losses instead: every round
+ * is WAL_SYNC with a small journal (a checkpoint every 64 KiB), and the child copies data.mdb at
+ * each checkpoint right after its sync (CAPSULE_TEST_CKPT_COPY: the image on disk then). After
+ * the kill -9 the parent builds what a power loss could leave: each 4 KiB page of data.mdb
+ * (meta pages included) is, at random, the current page or the checkpoint image's (pages past
+ * the image: current or zeros); then it reopens under another boot id (CAPSULE_TEST_BOOT_ID), so
+ * the store restores the checkpoint's meta pages and the journal re-applies the rest, and runs
+ * the same checks. POWERLOSS_ROUNDS (default 60).
  */
 #include "check.h"
 #include "wal.h"
@@ -51,6 +60,7 @@ struct child {
 };
 
 static struct child child_ctx;
+static int powerloss;
 
 static void *child_producer(void *arg)
 {
@@ -94,9 +104,11 @@ static void *child_producer(void *arg)
 static void child_main(const char *dir, uint64_t round, int wfd, pid_t parent)
 {
     store_env_t *env;
-    int nosync = (int)(round & 1);
+    int nosync = powerloss ? 0 : (int)(round & 1);
     store_env_opts_t eo = {.map_size = MAP_SIZE, .nosync = nosync};
-    wal_opts_t wo = {.durability = nosync ? WAL_NOSYNC : WAL_SYNC, .sync_interval_ms = 10};
+    wal_opts_t wo = {.durability = nosync ? WAL_NOSYNC : WAL_SYNC,
+                     .sync_interval_ms = 10,
+                     .journal_bytes = powerloss ? (128 << 10) : 0};
     alarm(20); /* never outlive a broken parent */
     if (store_env_open(dir, &eo, &env) != 0)
         _exit(6);
@@ -263,11 +275,66 @@ static uint64_t verify(wal_log_t *log, const struct acks *a, uint64_t cut)
     return prev;
 }
 
-int main(void)
+/* Reads a whole file (NULL when missing); *len its size. */
+static uint8_t *slurp(const char *path, size_t *len)
 {
-    const char *env_rounds = getenv("CRASH_ROUNDS");
-    int rounds = env_rounds ? atoi(env_rounds) : 220;
-    char *dir = check_tmpdir("wal-crash");
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return NULL;
+    off_t end = lseek(fd, 0, SEEK_END);
+    CHECK(end >= 0);
+    uint8_t *b = cap_malloc((size_t)end + 1);
+    CHECK(pread(fd, b, (size_t)end, 0) == end);
+    close(fd);
+    *len = (size_t)end;
+    return b;
+}
+
+/* Rewrites dir/data.mdb as a power loss could leave it: every page either the current one or
+ * the one of the last checkpoint's image (beyond the image: current or zeros). */
+static void power_loss(const char *dir, const char *img_path, uint64_t *mixed)
+{
+    char path[4200];
+    size_t cl = 0, il = 0;
+    snprintf(path, sizeof path, "%s/data.mdb", dir);
+    uint8_t *cur = slurp(path, &cl), *img = slurp(img_path, &il);
+    CHECK(cur != NULL);
+    if (!img)
+        return; /* killed before the first checkpoint finished: nothing unflushed to lose */
+    const size_t pg = 4096;
+    for (size_t off = 0; off + pg <= cl; off += pg) {
+        if (rand() % 2)
+            continue;
+        if (off + pg <= il) {
+            if (memcmp(cur + off, img + off, pg) != 0)
+                (*mixed)++;
+            memcpy(cur + off, img + off, pg);
+        } else {
+            memset(cur + off, 0, pg);
+            (*mixed)++;
+        }
+    }
+    int fd = open(path, O_WRONLY);
+    CHECK(fd >= 0);
+    CHECK(pwrite(fd, cur, cl, 0) == (ssize_t)cl);
+    close(fd);
+    cap_free(cur);
+    cap_free(img);
+}
+
+int main(int argc, char **argv)
+{
+    powerloss = argc > 1 && strcmp(argv[1], "powerloss") == 0;
+    const char *env_rounds = getenv(powerloss ? "POWERLOSS_ROUNDS" : "CRASH_ROUNDS");
+    int rounds = env_rounds ? atoi(env_rounds) : powerloss ? 60 : 220;
+    char *dir = check_tmpdir(powerloss ? "wal-powerloss" : "wal-crash");
+    char img[4200], boot[64];
+    uint64_t mixed = 0, restored = 0;
+    snprintf(img, sizeof img, "%s.ckpt-image", dir);
+    if (powerloss) {
+        CHECK(setenv("CAPSULE_TEST_CKPT_COPY", img, 1) == 0);
+        CHECK(setenv("CAPSULE_TEST_BOOT_ID", "boot-0", 1) == 0);
+    }
     struct acks acks = {0};
     uint64_t cut = 0, total_acks_at_kill = 0, kills_before_ack = 0;
     const char *env_seed = getenv("CRASH_SEED");
@@ -289,7 +356,9 @@ int main(void)
         }
         close(fds[1]);
         /* read acks until the random kill moment */
-        uint64_t deadline = cap_now_ns() + (uint64_t)(rand() % 60000) * 1000u;
+        uint64_t delay_us =
+            powerloss ? 20000 + (uint64_t)(rand() % 280000) : (uint64_t)(rand() % 60000);
+        uint64_t deadline = cap_now_ns() + delay_us * 1000u;
         uint8_t buf[sizeof(struct ack_msg) * 256];
         size_t have = 0;
         size_t before = acks.n;
@@ -343,14 +412,23 @@ int main(void)
             kills_before_ack++;
         total_acks_at_kill += acks.n - before;
 
+        if (powerloss) {
+            /* the machine "restarts": another boot id, data.mdb as the disk could hold it */
+            power_loss(dir, img, &mixed);
+            snprintf(boot, sizeof boot, "boot-%d", round);
+            CHECK(setenv("CAPSULE_TEST_BOOT_ID", boot, 1) == 0);
+        }
+
         /* reopen (as the engine would after a crash) and verify */
         store_env_t *env;
         wal_log_t *log;
         store_env_opts_t eo = {.map_size = MAP_SIZE};
+        wal_opts_t wo = {.journal_bytes = powerloss ? (128 << 10) : 0};
         CHECK_OK(store_env_open(dir, &eo, &env));
-        CHECK_OK(wal_log_open(env, NULL, &log));
+        CHECK_OK(wal_log_open(env, &wo, &log));
         wal_stats_t st;
         wal_log_stats(log, &st);
+        restored += st.replayed;
         uint64_t last = verify(log, &acks, cut);
         CHECK(last == 0 || st.last_seq == last);
         /* keep the log short: truncate all but the last ~1000 records */
@@ -365,15 +443,24 @@ int main(void)
     }
     double secs = (double)(cap_now_ns() - t0) / 1e9;
     fprintf(stderr,
-            "crash: %d kill -9 points in %.1f s, %zu acknowledged appends verified "
+            "%s: %d kill -9 points in %.1f s, %zu acknowledged appends verified "
             "(%llu rounds killed before their first ack)\n",
-            rounds, secs, acks.n, (unsigned long long)kills_before_ack);
+            powerloss ? "powerloss" : "crash", rounds, secs, acks.n,
+            (unsigned long long)kills_before_ack);
+    if (powerloss) {
+        fprintf(stderr,
+                "powerloss: %llu pages rolled back to a checkpoint image or zeroed, %llu records "
+                "re-applied from the journal\n",
+                (unsigned long long)mixed, (unsigned long long)restored);
+        CHECK(mixed > 0 && restored > 0);
+        unlink(img);
+    }
     CHECK(acks.n > 0);
     CHECK(total_acks_at_kill == acks.n);
     cap_free(acks.v);
     cap_free(acks.round);
     check_rmtree(dir);
     cap_free(dir);
-    fprintf(stderr, "wal.crash: ok\n");
+    fprintf(stderr, "%s: ok\n", powerloss ? "wal.powerloss" : "wal.crash");
     return 0;
 }

@@ -5,9 +5,11 @@
  * THE ON-DISK FORMAT (byte by byte) and THE VALIDITY RULE are documented in wal/wal_format.h.
  *
  * Durability contract:
- *   - WAL_SYNC (default): a producer is told a record is done only after the LMDB transaction
- *     holding it has committed and been fsynced. An acknowledged record survives kill -9 and
- *     power loss (as far as the disk honours fsync).
+ *   - WAL_SYNC (default): a producer is told a record is done only after its frame is in the
+ *     journal (DIR/wal.journal, fdatasynced: one flush per batch) and the LMDB transaction
+ *     holding it has committed (unflushed; checkpoints in store.ckpt bound what a power loss
+ *     rolls back, and the journal re-applies it at the next open). An acknowledged record
+ *     survives kill -9 and power loss (as far as the disk honours fdatasync).
  *   - WAL_NOSYNC: commits do not fsync; a background sync runs every sync_interval_ms (default
  *     100). Acknowledged records survive kill -9 of the process (they are in the OS page cache)
  *     but a machine crash can lose the records acknowledged in the last interval.
@@ -102,9 +104,12 @@ typedef struct wal_opts {
     size_t max_record_bytes;     /* one record's encoded size at most; 0 = 64 MiB */
     wal_apply_fn apply;          /* optional, see above */
     void *apply_arg;
-    uint32_t index_lag; /* (added) the key index may lag the log by this many records, written
-                           in sorted chunks off the commit path; reads by key scan the lagging
-                           tail. 0 = 8192; 1 = index after every batch */
+    uint32_t index_lag;   /* (added) the key index may lag the log by this many records, written
+                             in sorted chunks off the commit path; reads by key scan the lagging
+                             tail. 0 = 8192; 1 = index after every batch */
+    size_t journal_bytes; /* (added) WAL_SYNC: size of wal.journal, rounded up to 4 KiB; 0 =
+                             16 MiB, at least 64 KiB. A checkpoint runs every half of it; a
+                             batch larger than half of it is made durable by a checkpoint. */
 } wal_opts_t;
 
 /* Opens the log inside an open env (borrowed: it must outlive the log). Creates the log's
@@ -150,12 +155,14 @@ typedef struct wal_stats {
     uint64_t indexed_seq; /* (added) the key index covers every record <= this */
     /* Histograms since open (counts per bucket, not cumulative; the last bucket is "more"):
      * batch_hist by records per commit, bucket i holds <= wal_batch_bounds[i];
-     * commit_hist by the time of one commit transaction (in WAL_SYNC it includes LMDB's fsync),
+     * commit_hist by the time of one commit (in WAL_SYNC it includes the journal's fdatasync),
      * bucket i holds <= wal_commit_bounds_us[i] microseconds. */
     uint64_t batch_hist[WAL_HIST_N];
     uint64_t commit_hist[WAL_HIST_N];
     uint64_t commit_ns;      /* total time in commit transactions */
     uint64_t syncs, sync_ns; /* explicit fsyncs of the env (WAL_NOSYNC's background sync) */
+    uint64_t checkpoints, checkpoint_ns; /* (added) WAL_SYNC: store checkpoints since open */
+    uint64_t replayed; /* (added) records re-applied from the journal when the log opened */
 } wal_stats_t;
 extern const uint32_t wal_batch_bounds[WAL_HIST_N - 1];
 extern const uint32_t wal_commit_bounds_us[WAL_HIST_N - 1];
