@@ -182,6 +182,12 @@ int store_env_open(const char *dir, const store_env_opts_t *opts, store_env_t **
         cap_free(slot);
         if (rc)
             goto out;
+    } else {
+        /* read-only: only to report the checkpoint's caller area; never restores or writes */
+        uint8_t *slot = cap_malloc(16384);
+        if (store__ckpt_load(e, slot) != 0)
+            e->have_ckpt = 0;
+        cap_free(slot);
     }
 
     rc = mdb_env_create(&e->env);
@@ -219,7 +225,7 @@ int store_env_open(const char *dir, const store_env_opts_t *opts, store_env_t **
     if (dead)
         cap_log(CAP_LOG_INFO, "store", "%s: cleared %d stale reader slot(s)", dir, dead);
     e->stale_readers = dead;
-    if (e->have_ckpt) {
+    if (e->have_ckpt && !o.readonly) {
         /* Whatever this process writes next, the snapshot now on disk is the fallback. */
         rc = store_env_checkpoint(e, NULL, 0);
         if (rc)

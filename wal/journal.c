@@ -109,12 +109,12 @@ out:
     return rc;
 }
 
-int wal__journal_open(const char *dir, wal_journal_t **out)
+int wal__journal_open(const char *dir, int readonly, wal_journal_t **out)
 {
     char path[4200];
     struct stat st;
     wal__jpath(dir, path, sizeof path);
-    int fd = open(path, O_RDWR | O_CLOEXEC);
+    int fd = open(path, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     if (fd < 0) {
         int rc = -errno;
         if (rc != -ENOENT)

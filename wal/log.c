@@ -918,7 +918,7 @@ static int wal__journal_setup(wal_log_t *log)
     }
     rc = 0;
     if (from.epoch) {
-        rc = wal__journal_open(dir, &j);
+        rc = wal__journal_open(dir, 0, &j);
         if (rc) {
             cap_log(CAP_LOG_ERROR, "wal",
                     "%s/store.ckpt refers to the journal %s/%s, which cannot be opened (%s): "
@@ -958,7 +958,7 @@ static int wal__journal_setup(wal_log_t *log)
         j = NULL;
     }
     if (!j) {
-        rc = wal__journal_open(dir, &j);
+        rc = wal__journal_open(dir, 0, &j);
         if (rc == 0 && wal__journal_size(j) != want) {
             wal__journal_close(j);
             j = NULL;
@@ -967,7 +967,7 @@ static int wal__journal_setup(wal_log_t *log)
         if (rc == -ENOENT) {
             rc = wal__journal_create(dir, want);
             if (rc == 0)
-                rc = wal__journal_open(dir, &j);
+                rc = wal__journal_open(dir, 0, &j);
         }
         if (rc)
             goto out;
@@ -984,6 +984,43 @@ static int wal__journal_setup(wal_log_t *log)
         rc = wal__checkpoint_try(log, 0);
 out:
     wal__journal_close(j);
+    return rc;
+}
+
+struct wal_jcount {
+    uint64_t after, n;
+};
+
+static int wal__jcount_block(void *arg, const uint8_t *frames, size_t len, uint64_t first,
+                             uint32_t count)
+{
+    struct wal_jcount *c = arg;
+    (void)frames;
+    (void)len;
+    for (uint32_t i = 0; i < count; i++)
+        c->n += first + i > c->after;
+    return 0;
+}
+
+int wal_journal_pending(store_env_t *env, uint64_t after_seq, uint64_t *records)
+{
+    uint8_t user[STORE_CKPT_USER];
+    struct wal_jpos from;
+    wal_journal_t *j = NULL;
+    struct wal_jcount c = {after_seq, 0};
+    *records = 0;
+    if (store_env_ckpt_user(env, user) != 0)
+        return 0;
+    wal__jpos_get(user, &from);
+    if (!from.epoch)
+        return 0;
+    int rc = wal__journal_open(store_env_path(env), 1, &j);
+    if (rc)
+        return rc == -ENOENT ? CAP_ECORRUPT : rc;
+    rc = wal__journal_scan(j, &from, wal__jcount_block, &c, NULL, NULL);
+    wal__journal_close(j);
+    if (rc == 0)
+        *records = c.n;
     return rc;
 }
 

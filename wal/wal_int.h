@@ -67,7 +67,7 @@ void wal__journal_place(const wal_journal_t *j, struct wal_jpos *p, uint64_t ble
 /* (Re)creates DIR/wal.journal: size bytes of zeros, fsynced, renamed into place, dir fsynced. */
 int wal__journal_create(const char *dir, uint64_t size);
 /* Opens DIR/wal.journal (-ENOENT when missing). */
-int wal__journal_open(const char *dir, wal_journal_t **out);
+int wal__journal_open(const char *dir, int readonly, wal_journal_t **out);
 void wal__journal_close(wal_journal_t *j);
 uint64_t wal__journal_size(const wal_journal_t *j);
 /* Writes one block of nf sealed frames (bytes in all, seqs first_seq..first_seq+count-1) at *at

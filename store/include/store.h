@@ -79,7 +79,8 @@ int store_env_stale_readers(const store_env_t *env);
  * the saved meta pages are written back into data.mdb before LMDB opens it (a WARNING says so):
  * LMDB then opens at the checkpoint's snapshot, whose pages the pin kept intact. Then (restored
  * or not) the env checkpoints at once, keeping the caller's area. Both slots damaged:
- * CAP_ECORRUPT, the message names the file. Read-only opens never touch store.ckpt. */
+ * CAP_ECORRUPT, the message names the file. Read-only opens only read store.ckpt (for
+ * store_env_ckpt_user), never restore or write. */
 #define STORE_CKPT_USER 32
 
 /* Syncs data.mdb (forced), saves its meta pages, the LMDB txnid, the boot id and `user` (NULL:
@@ -88,7 +89,8 @@ int store_env_stale_readers(const store_env_t *env);
  * clean = 1: the env is in synced mode and nothing written later needs a restore (the pin is
  * released). Serialised with writers (it holds a write transaction). Not on a read-only env. */
 int store_env_checkpoint(store_env_t *env, const uint8_t *user, int clean);
-/* The caller area of the current checkpoint: 0, CAP_ENOTFOUND when the env has no store.ckpt. */
+/* The caller area of the current checkpoint: 0, CAP_ENOTFOUND when the env has no store.ckpt.
+ * On a read-only env: the newest valid slot as found at open (read only). */
 int store_env_ckpt_user(store_env_t *env, uint8_t user[STORE_CKPT_USER]);
 /* Removes store.ckpt (after syncing data.mdb) and releases the pin: the env is back to LMDB's
  * own durability. For a WAL_NOSYNC log, which keeps no journal. */

@@ -478,6 +478,13 @@ int rp_cmd_verify(int argc, char **argv)
         if (v->per_kind[k])
             printf("  kind 0x%02x %-15s %" PRIu64 "\n", k, rp_kind_name(k, kb), v->per_kind[k]);
     printf("damaged records: %" PRIu64 ", sequence gaps: %" PRIu64 "\n", v->corrupt, v->gaps);
+    uint64_t pending = 0;
+    if (wal_journal_pending(c.env, last > high ? last : high, &pending) != 0)
+        problem(v, "%s/store.ckpt names a journal that cannot be read\n", dir);
+    else if (pending)
+        printf("%" PRIu64 " records in the journal not yet applied (the next engine open applies "
+               "them)\n",
+               pending);
     printf("bodies decoded: %s\n",
            deep ? "yes (--deep)" : "promise and engine kinds only (--deep decodes all)");
     int any = 0;

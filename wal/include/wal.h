@@ -167,6 +167,11 @@ typedef struct wal_stats {
 extern const uint32_t wal_batch_bounds[WAL_HIST_N - 1];
 extern const uint32_t wal_commit_bounds_us[WAL_HIST_N - 1];
 void wal_log_stats(wal_log_t *log, wal_stats_t *out);
+/* (added) For tools on a directory opened read-only: how many records the journal holds past the
+ * last checkpoint with seq > after_seq (the log's highest), i.e. acknowledged records the next
+ * read-write open re-applies. 0 and *records = 0 when there is no checkpoint or journal;
+ * CAP_ECORRUPT when store.ckpt names a journal that is missing. Reads files only. */
+int wal_journal_pending(store_env_t *env, uint64_t after_seq, uint64_t *records);
 
 /* The env the log lives in (borrowed). */
 store_env_t *wal_log_env(wal_log_t *log);
