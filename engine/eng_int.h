@@ -76,9 +76,14 @@ enum {
     ENG_STEP_SETTLE = 2,
     ENG_STEP_SLEEP = 3,
     ENG_STEP_AWAIT = 4,
-    ENG_STEP_PRELOAD = 5
+    ENG_STEP_PRELOAD = 5,
+    ENG_STEP_START = 6,  /* the running mark (no reply): held, see eng__mark_* */
+    ENG_STEP_ATTEMPT = 7 /* a failed attempt that will be retried */
 };
-#define ENG_PRELOAD_MAX (8u << 20) /* bytes of recorded values one preload carries */
+/* How long a running mark is held before it is written (a step that ends sooner writes only its
+ * result: one record, one commit). */
+#define ENG_MARK_DELAY_MS 50
+#define ENG_PRELOAD_MAX   (8u << 20) /* bytes of recorded values one preload carries */
 /* reply states: the PYW_PS_* values */
 enum { ENG_STEP_PENDING = 0, ENG_STEP_RESOLVED = 1, ENG_STEP_REJECTED = 2, ENG_STEP_FAILED = 3 };
 typedef struct eng_step {
@@ -89,6 +94,8 @@ typedef struct eng_step {
     int recheck;       /* await: a re-read after the waiter was registered / a settle was seen */
     uint32_t attempts; /* settle: attempts made */
     uint64_t num;      /* settle: ENG_STEP_RESOLVED/REJECTED; sleep: delay ms */
+    int64_t due;       /* start: when the held mark is written (ms, store clock) */
+    struct eng_step *next; /* start: the held marks' list */
     uint8_t *in;
     size_t in_len;
     /* reply */
@@ -107,6 +114,14 @@ char *eng__ext_pid(const char *sid, const char *name);
 /* Performs st's operation on the promise store (blocks for the commit) and fills the reply. */
 void eng__step_run(prom_store_t *ps, eng_step_t *st);
 void eng__step_free(eng_step_t *st);
+/* Running marks (loop thread). hold: keeps START st (owned) until `due`. drop: forgets the mark
+ * of eid/path (its result is being recorded). flush: writes every mark due at `now` as the
+ * step's pending promise without waiting for durability, and returns the next due time
+ * (INT64_MAX: none). free: forgets them all (engine close). */
+void eng__mark_hold(eng_step_t **marks, eng_step_t *st);
+void eng__mark_drop(eng_step_t **marks, const char *eid, const char *path);
+int64_t eng__mark_flush(prom_store_t *ps, eng_step_t **marks, int64_t now);
+void eng__marks_free(eng_step_t **marks);
 /* The steps of execution eid, ordered by path. CAP_ENOTFOUND: no such execution. Blocking. */
 int eng__tasks_list(prom_store_t *ps, const char *eid, eng_task_info_t **out, size_t *n);
 

@@ -9,6 +9,14 @@
  * (resonate:timer=true) whose deadline, fixed by the first create, is absolute: promise/ reads it
  * as resolved once due, so a re-run after a restart waits only for what remains.
  *
+ * What is durable when: a step's result is ONE record, written by SETTLE (the promise created and
+ * settled in one batch) before the worker is answered; OPEN and PRELOAD only read. The running
+ * mark (START) is held in memory for ENG_MARK_DELAY_MS and dropped if the result comes first, else
+ * written as the pending promise without anyone waiting for it. A failed attempt that will be
+ * retried is recorded (ATTEMPT: the promise "<step id>#a<k>" rejected with its error, and the
+ * step's pending promise) before the retry starts, so a re-run after a crash resumes at the same
+ * attempt count.
+ *
  * eng__step_run blocks (it waits for the group commit): run it off the loop (engine.c runs it on
  * libuv's thread pool).
  */
@@ -37,6 +45,49 @@ char *eng__ext_pid(const char *sid, const char *name)
     char *p = cap_malloc(n);
     snprintf(p, n, "%s%.*s%s", ENG_EXT_PREFIX, plen, sid ? sid : "", name);
     return p;
+}
+
+/* Splits a SETTLE/ATTEMPT body {u32 n, param, value}; 0 or CAP_EPROTO. */
+static int split_body(const eng_step_t *st, prom_value_t *param, prom_value_t *value)
+{
+    memset(param, 0, sizeof *param);
+    memset(value, 0, sizeof *value);
+    if (st->in_len < 4)
+        return CAP_EPROTO;
+    size_t n = cap_get_le32(st->in);
+    if (n > st->in_len - 4)
+        return CAP_EPROTO;
+    param->data = st->in + 4;
+    param->len = n;
+    value->data = st->in + 4 + n;
+    value->len = st->in_len - 4 - n;
+    return 0;
+}
+
+/* "<step id>#a<k>": the record of the step's failed attempt k. */
+static char *attempt_pid(const char *pid, uint32_t k)
+{
+    size_t n = strlen(pid) + 16;
+    char *a = cap_malloc(n);
+    snprintf(a, n, "%s#a%u", pid, k);
+    return a;
+}
+
+/* How many failed attempts of step pid are recorded (their records are numbered from 1). */
+static uint32_t failed_attempts(prom_store_t *ps, const char *pid)
+{
+    uint32_t k = 0;
+    for (;;) {
+        prom_result_t res = {0};
+        char *a = attempt_pid(pid, k + 1);
+        int rc = prom_promise_get(ps, a, &res);
+        int found = !rc && res.status == PROM_S_OK;
+        prom_result_clear(&res);
+        cap_free(a);
+        if (!found || k >= 100000)
+            return k;
+        k++;
+    }
 }
 
 static uint32_t attempts_of(const prom_promise_t *p)
@@ -93,14 +144,15 @@ static void buf_put(uint8_t **b, size_t *n, size_t *cap, int with_len, const voi
     *n += len;
 }
 
-/* Every settled step of st->eid, packed for the worker (see PYW_PO_PRELOAD). */
+/* Every settled step of st->eid (and its failed attempts "<path>#a<k>"), packed for the worker (see
+ * PYW_PO_PRELOAD); out_num = 1 when none was left out. */
 static int preload(prom_store_t *ps, eng_step_t *st)
 {
     uint8_t *b = NULL;
     size_t n = 0, cap = 0;
     char *cursor = NULL;
     prom_kv_t tag = {"capsule:exec", st->eid};
-    int rc = 0;
+    int rc = 0, complete = 1;
     do {
         prom_result_t res = {0};
         prom_search_t q = {-1, &tag, 1, 1000, cursor};
@@ -112,8 +164,12 @@ static int preload(prom_store_t *ps, eng_step_t *st)
         for (size_t i = 0; !rc && i < res.npromises; i++) {
             const prom_promise_t *p = &res.promises[i];
             const char *path = path_of(p->id, st->eid);
-            if (!path || p->state == PROM_PENDING || n + p->value.len > ENG_PRELOAD_MAX)
+            if (!path || p->state == PROM_PENDING)
                 continue;
+            if (n + p->value.len > ENG_PRELOAD_MAX) {
+                complete = 0; /* the worker asks for the others one by one */
+                continue;
+            }
             uint8_t state = p->state == PROM_RESOLVED ? ENG_STEP_RESOLVED : ENG_STEP_REJECTED;
             buf_put(&b, &n, &cap, 1, path, strlen(path));
             buf_put(&b, &n, &cap, 0, &state, 1);
@@ -130,7 +186,51 @@ static int preload(prom_store_t *ps, eng_step_t *st)
     st->state = ENG_STEP_RESOLVED;
     st->out = b;
     st->out_len = n;
+    st->out_num = (uint64_t)complete;
     return 0;
+}
+
+/* The tags of a step's promise (sleep: a timer promise). */
+static void step_tags(const eng_step_t *st, const char *kind, prom_kv_t tags[4])
+{
+    tags[0] = (prom_kv_t){"capsule:kind", (char *)kind};
+    tags[1] = (prom_kv_t){"capsule:exec", st->eid};
+    tags[2] = (prom_kv_t){"capsule:task", st->label ? st->label : ""};
+    tags[3] = (prom_kv_t){"resonate:timer", "true"};
+}
+
+/* SETTLE: the step created (if the running mark did not already) and settled, one record in one
+ * commit. ATTEMPT: the step pending (its running mark) and its failed attempt k's record created
+ * rejected with the error, one append; the reply is the attempt's record. */
+static int record(prom_store_t *ps, const eng_step_t *st, const char *pid, int64_t now,
+                  prom_result_t *res)
+{
+    (void)now;
+    prom_value_t param, value;
+    if (split_body(st, &param, &value))
+        return CAP_EPROTO;
+    char att[16];
+    snprintf(att, sizeof att, "%u", st->attempts);
+    prom_kv_t hdr = {"capsule:attempts", att};
+    value.headers = &hdr;
+    value.nheaders = 1;
+    prom_kv_t tags[4], atags[4];
+    step_tags(st, "step", tags);
+    prom_create_t c = {pid, STEP_FOREVER, &param, tags, 3};
+    if (st->op == ENG_STEP_SETTLE) {
+        prom_settle_t s = {pid, st->num == ENG_STEP_RESOLVED ? PROM_RESOLVED : PROM_REJECTED,
+                           &value};
+        prom_op_t ops[2] = {{&c, NULL}, {NULL, &s}};
+        return prom_promise_batch(ps, ops, 2, res);
+    }
+    char *apid = attempt_pid(pid, st->attempts);
+    step_tags(st, "attempt", atags);
+    prom_create_t a = {apid, STEP_FOREVER, NULL, atags, 3};
+    prom_settle_t s = {apid, PROM_REJECTED, &value};
+    prom_op_t ops[3] = {{&c, NULL}, {&a, NULL}, {NULL, &s}};
+    int rc = prom_promise_batch(ps, ops, 3, res);
+    cap_free(apid);
+    return rc;
 }
 
 void eng__step_run(prom_store_t *ps, eng_step_t *st)
@@ -155,21 +255,24 @@ void eng__step_run(prom_store_t *ps, eng_step_t *st)
         prom_value_t param = {NULL, 0, st->in, st->in_len};
         prom_create_t c = {pid, STEP_FOREVER, &param, &tag, 1};
         rc = prom_promise_create(ps, &c, &res);
-    } else if (st->op == ENG_STEP_SETTLE) {
-        char att[16];
-        snprintf(att, sizeof att, "%u", st->attempts);
-        prom_kv_t hdr = {"capsule:attempts", att};
-        prom_value_t v = {&hdr, 1, st->in, st->in_len};
-        prom_settle_t s = {pid, st->num == ENG_STEP_RESOLVED ? PROM_RESOLVED : PROM_REJECTED, &v};
-        rc = prom_promise_settle(ps, &s, &res);
+    } else if (st->op == ENG_STEP_OPEN) {
+        /* a read: the step's outcome if recorded, else pending with its failed attempts */
+        rc = prom_promise_get(ps, pid, &res);
+        if (!rc && (res.status == PROM_S_NOTFOUND ||
+                    (res.status == PROM_S_OK && res.promise->state == PROM_PENDING))) {
+            st->state = ENG_STEP_PENDING;
+            st->out_attempts = failed_attempts(ps, pid);
+            st->out_num = 0;
+            prom_result_clear(&res);
+            cap_free(pid);
+            return;
+        }
+    } else if (st->op == ENG_STEP_SETTLE || st->op == ENG_STEP_ATTEMPT) {
+        rc = record(ps, st, pid, now, &res);
     } else {
         int sleep = st->op == ENG_STEP_SLEEP;
-        prom_kv_t tags[4] = {
-            {"capsule:kind", sleep ? "sleep" : "step"},
-            {"capsule:exec", st->eid},
-            {"capsule:task", st->label ? st->label : ""},
-            {"resonate:timer", "true"},
-        };
+        prom_kv_t tags[4];
+        step_tags(st, sleep ? "sleep" : "step", tags);
         prom_value_t param = {NULL, 0, st->in, st->in_len};
         int64_t deadline =
             sleep ? now + (int64_t)(st->num > (uint64_t)1 << 40 ? (uint64_t)1 << 40 : st->num)
@@ -177,7 +280,9 @@ void eng__step_run(prom_store_t *ps, eng_step_t *st)
         prom_create_t c = {pid, deadline, &param, tags, sleep ? 4 : 3};
         rc = prom_promise_create(ps, &c, &res);
     }
-    if (rc)
+    if (rc == CAP_EPROTO)
+        fail(st, "malformed step record", rc);
+    else if (rc)
         fail(st, "step not recorded", rc);
     else if (res.status != PROM_S_OK || !res.promise)
         fail(st, res.message ? res.message : "step refused", CAP_ECONFLICT);
@@ -200,6 +305,67 @@ void eng__step_free(eng_step_t *st)
     cap_free(st);
 }
 
+/* ---- running marks ---- */
+
+void eng__mark_hold(eng_step_t **marks, eng_step_t *st)
+{
+    st->next = *marks;
+    *marks = st;
+}
+
+void eng__mark_drop(eng_step_t **marks, const char *eid, const char *path)
+{
+    for (eng_step_t **pp = marks; *pp; pp = &(*pp)->next) {
+        eng_step_t *m = *pp;
+        if (strcmp(m->path, path) == 0 && strcmp(m->eid, eid) == 0) {
+            *pp = m->next;
+            eng__step_free(m);
+            return;
+        }
+    }
+}
+
+static void mark_written(void *arg, int rc)
+{
+    (void)rc; /* a mark lost with the log only loses "running" of an attempt run again anyway */
+    prom_result_clear(arg);
+    cap_free(arg);
+}
+
+int64_t eng__mark_flush(prom_store_t *ps, eng_step_t **marks, int64_t now)
+{
+    int64_t next = INT64_MAX;
+    for (eng_step_t **pp = marks; *pp;) {
+        eng_step_t *m = *pp;
+        if (m->due > now) {
+            next = m->due < next ? m->due : next;
+            pp = &m->next;
+            continue;
+        }
+        *pp = m->next;
+        char *pid = eng__step_pid(m->eid, m->path);
+        prom_kv_t tags[4];
+        step_tags(m, "step", tags);
+        prom_value_t param = {NULL, 0, m->in, m->in_len};
+        prom_create_t c = {pid, STEP_FOREVER, &param, tags, 3};
+        prom_result_t *res = cap_calloc(1, sizeof *res);
+        if (prom_promise_create_async(ps, &c, res, mark_written, res))
+            cap_free(res);
+        cap_free(pid);
+        eng__step_free(m);
+    }
+    return next;
+}
+
+void eng__marks_free(eng_step_t **marks)
+{
+    while (*marks) {
+        eng_step_t *m = *marks;
+        *marks = m->next;
+        eng__step_free(m);
+    }
+}
+
 /* ---- listing ---- */
 
 static const char *path_of(const char *id, const char *eid)
@@ -208,6 +374,18 @@ static const char *path_of(const char *id, const char *eid)
     if (strncmp(id, "capsule/x/", 10) == 0 && strncmp(id + 10, eid, n) == 0 && id[10 + n] == '.')
         return id + 10 + n + 1;
     return NULL;
+}
+
+static void strv_add(char ***v, size_t *n, size_t *cap, const char *s, size_t len)
+{
+    if (*n == *cap) {
+        *cap = *cap ? *cap * 2 : 8;
+        *v = cap_realloc(*v, *cap * sizeof **v);
+    }
+    char *c = cap_malloc(len + 1);
+    memcpy(c, s, len);
+    c[len] = 0;
+    (*v)[(*n)++] = c;
 }
 
 /* Orders step paths numerically per level ("2" < "10", "2" < "2.1" < "3"). */
@@ -246,8 +424,8 @@ int eng__tasks_list(prom_store_t *ps, const char *eid, eng_task_info_t **out, si
     }
     int exec_running = res.promise->state == PROM_PENDING;
     prom_result_clear(&res);
-    size_t cap = 0;
-    char *cursor = NULL;
+    size_t cap = 0, nfailed = 0, capfailed = 0;
+    char *cursor = NULL, **failed = NULL;
     prom_kv_t tag = {"capsule:exec", (char *)eid};
     do {
         prom_search_t q = {-1, &tag, 1, 1000, cursor};
@@ -257,6 +435,9 @@ int eng__tasks_list(prom_store_t *ps, const char *eid, eng_task_info_t **out, si
         if (rc || res.status != PROM_S_OK) {
             rc = rc ? rc : CAP_EINVAL;
             prom_result_clear(&res);
+            for (size_t k = 0; k < nfailed; k++)
+                cap_free(failed[k]);
+            cap_free(failed);
             eng_tasks_free(*out, *n);
             *out = NULL;
             *n = 0;
@@ -267,6 +448,10 @@ int eng__tasks_list(prom_store_t *ps, const char *eid, eng_task_info_t **out, si
             const char *path = path_of(p->id, eid);
             if (!path)
                 continue;
+            if (strchr(path, '#')) { /* a failed attempt's record: counted below */
+                strv_add(&failed, &nfailed, &capfailed, path, (size_t)(strchr(path, '#') - path));
+                continue;
+            }
             if (*n == cap) {
                 cap = cap ? cap * 2 : 16;
                 *out = cap_realloc(*out, cap * sizeof **out);
@@ -291,6 +476,18 @@ int eng__tasks_list(prom_store_t *ps, const char *eid, eng_task_info_t **out, si
         cursor = res.cursor ? cap_strdup(res.cursor) : NULL;
         prom_result_clear(&res);
     } while (cursor);
+    /* a step not settled yet: its failed attempts (recorded) + the one in flight or left */
+    for (size_t i = 0; i < *n; i++) {
+        eng_task_info_t *t = &(*out)[i];
+        if (t->settled_at || strcmp(t->kind, "step") != 0)
+            continue;
+        t->attempts = 1;
+        for (size_t k = 0; k < nfailed; k++)
+            t->attempts += strcmp(failed[k], t->path) == 0;
+    }
+    for (size_t k = 0; k < nfailed; k++)
+        cap_free(failed[k]);
+    cap_free(failed);
     if (*n)
         qsort(*out, *n, sizeof **out, cmp_path);
     return 0;

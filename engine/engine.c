@@ -178,6 +178,8 @@ struct eng {
      * observer may post (set once the async handle exists) */
     struct pwait *pwaits;
     int observe;
+    eng_step_t *marks; /* running marks held (eng__mark_*), written by mtimer when due */
+    uv_timer_t mtimer;
 };
 
 /* ---------- small helpers ---------- */
@@ -1079,14 +1081,26 @@ static void on_prom_settle(void *arg, const char *id)
     post(e, &sm->m);
 }
 
+/* Writes the running marks that are due and re-arms for the next. */
+static void on_mtimer(uv_timer_t *t)
+{
+    eng_t *e = t->data;
+    int64_t now = prom_store_now(e->ps), next = eng__mark_flush(e->ps, &e->marks, now);
+    if (next != INT64_MAX)
+        uv_timer_start(&e->mtimer, on_mtimer, (uint64_t)(next > now ? next - now : 1), 0);
+}
+
 static void pcb_promise(pyw_worker_t *w, uint64_t wid, const pyw_promise_req_t *q)
 {
     wref_t *r = pyw_worker_data(w);
     exec_t *x = cur_exec(r->s, wid);
+    if (!x && q->op == ENG_STEP_START)
+        return;
     if (!x) {
         pyw_worker_promise_reply(w, wid, ENG_STEP_FAILED, 0, 0, "no running execution", 20);
         return;
     }
+    eng_t *e = r->e;
     eng_step_t *st = cap_calloc(1, sizeof *st);
     st->op = q->op;
     st->eid = cap_strdup(x->eid);
@@ -1098,7 +1112,16 @@ static void pcb_promise(pyw_worker_t *w, uint64_t wid, const pyw_promise_req_t *
     st->in_len = q->len;
     if (q->op == ENG_STEP_AWAIT)
         st->ext = eng__ext_pid(x->s->sid, q->name);
-    step_submit(r->e, x, st);
+    if (q->op == ENG_STEP_START) { /* no reply: held, written only if the step lasts */
+        st->due = prom_store_now(e->ps) + ENG_MARK_DELAY_MS;
+        if (!e->marks)
+            uv_timer_start(&e->mtimer, on_mtimer, ENG_MARK_DELAY_MS, 0);
+        eng__mark_hold(&e->marks, st);
+        return;
+    }
+    if (q->op == ENG_STEP_SETTLE || q->op == ENG_STEP_ATTEMPT)
+        eng__mark_drop(&e->marks, st->eid, st->path); /* written with the record */
+    step_submit(e, x, st);
 }
 
 static eng_tx_t exec_tx(const exec_t *x)
@@ -1987,8 +2010,10 @@ static void do_shutdown(eng_t *e, eng_msg_t *m)
     }
     e->npool = 0;
     drain(e);
-    e->open_handles = 2;
+    e->open_handles = 3;
     uv_close((uv_handle_t *)&e->itimer, on_handle_closed);
+    eng__marks_free(&e->marks);
+    uv_close((uv_handle_t *)&e->mtimer, on_handle_closed);
     e->dead = 1;
     pthread_mutex_lock(&e->mu);
     e->async_gone = 1;
@@ -2282,6 +2307,8 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     __atomic_store_n(&e->observe, 1, __ATOMIC_RELEASE);
     uv_timer_init(e->loop, &e->itimer);
     e->itimer.data = e;
+    uv_timer_init(e->loop, &e->mtimer);
+    e->mtimer.data = e;
     if (e->o.idle_release_ms) {
         uint64_t every = e->o.idle_release_ms / 4 ? e->o.idle_release_ms / 4 : 1;
         uv_timer_start(&e->itimer, on_itimer, every, every);

@@ -1150,6 +1150,25 @@ static void settle_body(octx_t *c, const prom_settle_t *req, prom_result_t *res)
     }
 }
 
+int prom_promise_batch(prom_store_t *s, const prom_op_t *ops, size_t n, prom_result_t *res)
+{
+    octx_t c;
+    op_begin(s, &c, res);
+    set_status(res, PROM_S_BAD, "Empty batch");
+    for (size_t i = 0; i < n; i++) {
+        prom_result_clear(res);
+        if (!ops[i].create == !ops[i].settle)
+            set_status(res, PROM_S_BAD, "Invalid batch operation");
+        else if (ops[i].create)
+            create_body(&c, ops[i].create, res);
+        else
+            settle_body(&c, ops[i].settle, res);
+        if (res->status != PROM_S_OK)
+            break;
+    }
+    return op_end(&c, res);
+}
+
 int prom_promise_settle(prom_store_t *s, const prom_settle_t *req, prom_result_t *res)
 {
     octx_t c;

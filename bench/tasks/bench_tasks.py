@@ -7,7 +7,11 @@
   - `capsule run hello.py` (the seed's file; engine already running) beside
     `/usr/bin/python3.11 hello.py`, alternated in the same run: wall time and ratio.
 
-usage: bench_tasks [--quick] --engine PATH --capsule PATH
+With --base-engine/--base-worker (an engine and worker built from another commit), the durable
+step is also measured A/B: rounds alternating this build and that one, sync and nosync, in the
+same run (rows step_durable_ab_*: value = this build, peer = the base).
+
+usage: bench_tasks [--quick] --engine PATH --capsule PATH [--base-engine PATH --base-worker PATH]
 Prints a table on stderr and one JSON object per figure on stdout.
 """
 from __future__ import annotations
@@ -92,9 +96,11 @@ def runs(url: str, capsule: str, k: int, tmp: str) -> tuple[list[float], list[fl
     return cap, py
 
 
-def engine_start(exe: str, data: str, durability: str) -> tuple[subprocess.Popen, str]:
+def engine_start(exe: str, data: str, durability: str,
+                 worker: str | None = None) -> tuple[subprocess.Popen, str]:
+    extra = ["--worker-path", worker] if worker else []
     eng = subprocess.Popen([exe, "--listen", "127.0.0.1:0", "--data-dir", data,
-                            "--durability", durability, "--log-level", "warn"],
+                            "--durability", durability, "--log-level", "warn"] + extra,
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = eng.stdout.readline() if eng.stdout else ""
     if "listening on port" not in line:
@@ -103,12 +109,34 @@ def engine_start(exe: str, data: str, durability: str) -> tuple[subprocess.Popen
     return eng, "http://127.0.0.1:" + line.split()[-1]
 
 
+def ab(a: argparse.Namespace, n: int, rounds: int, tmp: str) -> list[tuple]:
+    """Durable step p50 of this build and of the base, alternated round by round."""
+    got: dict[tuple[str, str], list[float]] = {}
+    for r in range(rounds):
+        for who, exe, worker in (("new", a.engine, None),
+                                 ("base", a.base_engine, a.base_worker)):
+            for dur in ("sync", "nosync"):
+                eng, url = engine_start(exe, f"{tmp}/ab-{who}-{dur}-{r}", dur, worker)
+                try:
+                    t = asyncio.run(steps(url, n))
+                finally:
+                    eng.terminate()
+                    eng.wait(30)
+                got.setdefault((who, dur), []).extend(t["durable"])
+    return [(f"step_durable_ab_{dur}_p50", pick(got[("new", dur)], 0.5), "base build",
+             pick(got[("base", dur)], 0.5), None) for dur in ("sync", "nosync")]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--engine", required=True)
     ap.add_argument("--capsule", required=True)
+    ap.add_argument("--base-engine")
+    ap.add_argument("--base-worker")
     a = ap.parse_args()
+    if bool(a.base_engine) != bool(a.base_worker):
+        ap.error("--base-engine and --base-worker go together")
     n, k = (100, 5) if a.quick else (1000, 30)
     tmp = tempfile.mkdtemp(prefix="bench-tasks-")
     load0 = os.getloadavg()[0]
@@ -126,6 +154,7 @@ def main() -> int:
         finally:
             eng.terminate()
             eng.wait(30)
+        rows_ab = ab(a, n, 2 if a.quick else 4, tmp) if a.base_engine else []
         load1 = os.getloadavg()[0]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,7 +167,7 @@ def main() -> int:
         ("step_replayed_p50", pick(t["replayed"], 0.5), "plain call", plain50, 0.1),
         ("step_replayed_p99", pick(t["replayed"], 0.99), "plain call", plain99, None),
         ("capsule_run_hello_p50", pick(cap, 0.5), "python3.11 hello.py", pick(py, 0.5), None),
-    ]
+    ] + rows_ab
     err = sys.stderr
     err.write(f"bench_tasks: steps n={n}, capsule run k={k}, sync durability (nosync where "
               f"named), load {load0:.2f} "

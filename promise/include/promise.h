@@ -252,6 +252,17 @@ int prom_promise_create(prom_store_t *s, const prom_create_t *req, prom_result_t
  * 400 (state not resolved/rejected/rejected_canceled). Settling fulfils the task, resumes
  * suspended awaiters and queues `unblock` for listeners. */
 int prom_promise_settle(prom_store_t *s, const prom_settle_t *req, prom_result_t *res);
+/* Several creates and settles as one operation: run in order under one lock, their records in
+ * ONE wal append (one transaction, one durable wait), so a promise created and settled here is a
+ * single record and a reader never sees the first ops without the last. Each op sets exactly one
+ * of create/settle. res is the last op's outcome; the batch stops at the first op that does not
+ * answer 200 (400 for an empty batch or an op with neither or both): the ops before it are still
+ * written. The engine records a durable step (its promise created and settled) this way. */
+typedef struct prom_op {
+    const prom_create_t *create;
+    const prom_settle_t *settle;
+} prom_op_t;
+int prom_promise_batch(prom_store_t *s, const prom_op_t *ops, size_t n, prom_result_t *res);
 /* ---- asynchronous forms (for an event loop that must not wait for a commit). ----
  * The op runs at once in the calling thread (state machine, records appended to the group
  * commit, res filled exactly as the blocking form fills it), but the call does not wait: done(arg,

@@ -140,13 +140,14 @@ typedef struct pyw_exit {
 /* A durable step operation of a running cell (PROMISE frame; see pyw_proto.h PYW_PO_* and
  * ARCHITECTURE.md "Durable steps"). Answer with pyw_worker_promise_reply. */
 typedef struct pyw_promise_req {
-    int op;            /* 1 open, 2 settle, 3 sleep, 4 await an external promise, 5 preload */
+    int op;            /* PYW_PO_*: 1 open, 2 settle, 3 sleep, 4 await an external promise, 5
+                        * preload, 6 start (answer NOTHING), 7 a failed attempt */
     const char *name;  /* the step's path below the execution ("1", "2.1"): [0-9.]{1,200};
                         * await: the user's promise id, [A-Za-z0-9._-]{1,128} */
-    const char *label; /* open: the task's name (may be empty) */
-    uint32_t attempts; /* settle: attempts made */
+    const char *label; /* start/settle/attempt: the task's name (may be empty) */
+    uint32_t attempts; /* start: the attempt starting; settle/attempt: attempts made */
     uint64_t num;      /* settle: 1 resolved / 2 rejected; sleep: delay ms */
-    const void *data;  /* open: the param (pickle); settle: the value (pickle) */
+    const void *data;  /* start: the param (pickle); settle/attempt: {u32 n, param, value} */
     size_t len;
 } pyw_promise_req_t;
 

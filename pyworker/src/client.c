@@ -567,13 +567,16 @@ static int handle_frame(pyw_worker_t *w, uint8_t type, uint64_t id, const uint8_
                                    ? "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU"
                                      "VWXYZ0123456789._-"
                                    : "0123456789.";
-        if (op < PYW_PO_OPEN || op > PYW_PO_PRELOAD || !name[0] ||
-            strlen(name) > (op == PYW_PO_AWAIT ? 128u : 200u) ||
-            strspn(name, ok_chars) != strlen(name))
+        int bad = op < PYW_PO_OPEN || op > PYW_PO_ATTEMPT || !name[0] ||
+                  strlen(name) > (op == PYW_PO_AWAIT ? 128u : 200u) ||
+                  strspn(name, ok_chars) != strlen(name);
+        if (bad && op == PYW_PO_START)
+            ; /* nobody waits for an answer: a bad running mark is not written */
+        else if (bad)
             pyw_worker_promise_reply(w, id, PYW_PS_FAILED, 0, 0, "bad step request", 16);
         else if (w->cb.on_promise)
             w->cb.on_promise(w, id, &q);
-        else
+        else if (op != PYW_PO_START)
             pyw_worker_promise_reply(w, id, PYW_PS_FAILED, 0, 0, "no durable steps here", 21);
         cap_free(name);
         cap_free(label);

@@ -65,21 +65,28 @@ enum {
 /* PROMISE operations (see ARCHITECTURE.md, "Durable steps"). name is the step's path below the
  * execution ("1", "2.1"); the engine's promise id is "capsule/x/<eid>." + name. */
 enum {
-    PYW_PO_OPEN = 1,    /* get the step, creating it pending (data = the param, a pickle of the
-                         * call; num unused): reply RESOLVED/REJECTED with the recorded value or
-                         * PENDING (run it) */
-    PYW_PO_SETTLE = 2,  /* num = PYW_PS_RESOLVED or PYW_PS_REJECTED, data = the value (pickle),
-                         * attempts = attempts made: reply after the settle is durable */
+    PYW_PO_OPEN = 1,    /* a read (nothing written): reply RESOLVED/REJECTED with the recorded
+                         * value, or PENDING with attempts = the failed attempts recorded (run
+                         * it). Needed only when the preload was not complete */
+    PYW_PO_SETTLE = 2,  /* the step's result: num = PYW_PS_RESOLVED or PYW_PS_REJECTED, attempts
+                         * = attempts made, label = the task's name, data = {u32 n, param (the
+                         * pickled call), value (pickle)}: the promise created and settled in
+                         * one record; reply after it is durable */
     PYW_PO_SLEEP = 3,   /* a timer step: num = delay ms, created with deadline now + num on the
                          * first call only; reply RESOLVED when due, else PENDING with num = the
                          * milliseconds that remain */
     PYW_PO_AWAIT = 4,   /* an external promise: name = the user's id ([A-Za-z0-9._-]{1,128}),
                          * created pending if missing (data = its param); the reply comes when it
                          * is settled (by anyone: REST, another protocol, a timeout) */
-    PYW_PO_PRELOAD = 5, /* name "0": every settled step of the execution, for a re-run to answer
-                         * its replayed steps without a round trip each: reply RESOLVED, data =
-                         * records {u32 n, path, u8 state, u32 n, value} (at most 8 MiB; later
-                         * steps are asked one by one) */
+    PYW_PO_PRELOAD = 5, /* name "0": every settled step of the execution and every failed
+                         * attempt record ("<path>#a<k>"), for a re-run to answer its replayed
+                         * steps without a round trip each: reply RESOLVED, num = 1 if complete
+                         * (a step not in it was never recorded), data = records {u32 n, path,
+                         * u8 state, u32 n, value} (at most 8 MiB) */
+    PYW_PO_START = 6,   /* NO REPLY: attempt `attempts` of step `name` starts (label, data =
+                         * param): the running mark, written only if the step lasts */
+    PYW_PO_ATTEMPT = 7, /* attempt `attempts` failed and will be retried: data as SETTLE's (value
+                         * = the pickled error); reply after it is durable */
 };
 /* PROMISE_REPLY states. */
 enum { PYW_PS_PENDING = 0, PYW_PS_RESOLVED = 1, PYW_PS_REJECTED = 2, PYW_PS_FAILED = 3 };

@@ -491,9 +491,24 @@ static PyObject *capmod_input(PyObject *self, PyObject *args)
     return ret;
 }
 
+static void prom_frame(pyw_buf_t *b, uint64_t id, int op, unsigned int attempts,
+                       unsigned long long num, const char *name, size_t nlen, const char *label,
+                       size_t llen, const Py_buffer *data)
+{
+    pyw__frame_begin(b, PYW_F_PROMISE, id);
+    pyw__put_u8(b, (uint8_t)op);
+    pyw__put_u32(b, attempts);
+    pyw__put_u64(b, num);
+    pyw__put_str(b, name, nlen);
+    pyw__put_str(b, label, llen);
+    pyw__put_str(b, data->buf, (size_t)data->len);
+    pyw__frame_end(b, 0);
+}
+
 /* promise(op, name, label, attempts, num, data) -> (state, attempts, num, data bytes): one durable
  * step operation of the running cell, answered by the engine once its effect is durable (a PROMISE
- * frame, then a wait like input()'s; a cancel raises KeyboardInterrupt). */
+ * frame, then a wait like input()'s; a cancel raises KeyboardInterrupt). START (the running mark)
+ * is sent without waiting and returns None. */
 static PyObject *capmod_promise(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -523,6 +538,18 @@ static PyObject *capmod_promise(PyObject *self, PyObject *args)
     uint32_t rattempts = 0;
     uint64_t rnum = 0;
     int cancelled = 0;
+    if (op == PYW_PO_START) { /* the running mark: no answer comes, nothing to wait for */
+        uint64_t id = current_exec_id();
+        Py_BEGIN_ALLOW_THREADS;
+        pyw_buf_t b;
+        pyw__buf_init(&b);
+        prom_frame(&b, id, op, attempts, num, name, (size_t)nlen, label, (size_t)llen, &data);
+        send_buf(&b);
+        pyw__buf_free(&b);
+        Py_END_ALLOW_THREADS;
+        PyBuffer_Release(&data);
+        Py_RETURN_NONE;
+    }
     Py_BEGIN_ALLOW_THREADS;
     pthread_mutex_lock(&g_prom_mu);
     uint64_t id = current_exec_id();
@@ -533,14 +560,7 @@ static PyObject *capmod_promise(PyObject *self, PyObject *args)
     pthread_mutex_unlock(&g_mu);
     pyw_buf_t b;
     pyw__buf_init(&b);
-    pyw__frame_begin(&b, PYW_F_PROMISE, id);
-    pyw__put_u8(&b, (uint8_t)op);
-    pyw__put_u32(&b, attempts);
-    pyw__put_u64(&b, num);
-    pyw__put_str(&b, name, (size_t)nlen);
-    pyw__put_str(&b, label, (size_t)llen);
-    pyw__put_str(&b, data.buf, (size_t)data.len);
-    pyw__frame_end(&b, 0);
+    prom_frame(&b, id, op, attempts, num, name, (size_t)nlen, label, (size_t)llen, &data);
     send_buf(&b);
     pyw__buf_free(&b);
     pthread_mutex_lock(&g_mu);

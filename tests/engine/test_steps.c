@@ -8,7 +8,11 @@
  *   - kill -9: a child process embeds the engine and runs a three-step workflow appending to a
  *     file; it is killed during step 3; a new engine on the same directory re-runs the execution,
  *     which completes with steps 1 and 2 in the file exactly once;
- *   - a durable sleep across a kill -9: the re-run waits only for what remains of the deadline.
+ *   - a durable sleep across a kill -9: the re-run waits only for what remains of the deadline;
+ *   - cost: a recorded step is ONE promise record and ONE wal commit (the cell with 20 steps
+ *     against the same cell with none); a step that lasts shows "running" (its held mark written);
+ *   - attempts across a kill -9: killed during attempt 3 of a task with max_retries=2, the re-run
+ *     runs attempt 3 again (not attempts 1..3): 4 calls in all, the failure recorded with 3.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -21,8 +25,11 @@
 #include <unistd.h>
 
 #include "eng_test.h"
+#include "promise.h"
 
 static char g_dir[512];
+
+static void wait_file(const char *path, double timeout_s);
 
 static double now_s(void)
 {
@@ -325,6 +332,131 @@ static void settle_when_created(eng_t *e, const char *id, int resolve, const cha
     CHECK_EQ(st, resolve ? 1 : 2);
 }
 
+static void wal_counts(eng_t *e, uint64_t *records, uint64_t *commits)
+{
+    wal_stats_t ws;
+    wal_log_stats(prom_store_wal(eng_promise_store(e)), &ws);
+    *records = ws.records;
+    *commits = ws.commits;
+}
+
+/* The promise records with key id in the log. */
+static uint64_t doc_records(eng_t *e, const char *id)
+{
+    wal_iter_t *it;
+    wal_iter_opts_t io = {0};
+    wal_entry_t en;
+    uint64_t n = 0;
+    int rc;
+    io.kind = PROM_REC_DOC;
+    io.key = id;
+    io.key_len = strlen(id);
+    CHECK_OK(wal_iter_open(prom_store_wal(eng_promise_store(e)), &io, &it));
+    while ((rc = wal_iter_next(it, &en)) == 0)
+        n++;
+    CHECK_ERR(rc, CAP_ENOTFOUND);
+    wal_iter_close(it);
+    return n;
+}
+
+/* What a step costs in the log: the same cell with 20 steps and with none (the execution's own
+ * records are the same in both). */
+static void test_step_cost(eng_t *e)
+{
+    const char *code = "from capsule import task\n"
+                       "@task\n"
+                       "def inc(x):\n"
+                       "    return x + 1\n"
+                       "N = %d\n"
+                       "sum(inc(i) for i in range(N))";
+    char c0[512], c20[512];
+    snprintf(c0, sizeof c0, code, 0);
+    snprintf(c20, sizeof c20, code, 20);
+    uint64_t r0, k0, r1, k1, r2, k2;
+    eng_result_free(run_ok(e, "s", "cost-warm", c0));
+    usleep(200000); /* nothing else in flight */
+    wal_counts(e, &r0, &k0);
+    eng_result_free(run_ok(e, "s", "cost-0", c0));
+    usleep(200000);
+    wal_counts(e, &r1, &k1);
+    eng_result_t *r = run_ok(e, "s", "cost-20", c20);
+    CHECK_STREQ(r->repr, "210");
+    eng_result_free(r);
+    usleep(200000);
+    wal_counts(e, &r2, &k2);
+    fprintf(stderr,
+            "step cost: cell without steps %llu records / %llu commits, with 20 steps "
+            "%llu / %llu\n",
+            (unsigned long long)(r1 - r0), (unsigned long long)(k1 - k0),
+            (unsigned long long)(r2 - r1), (unsigned long long)(k2 - k1));
+    /* a step that outlasted ENG_MARK_DELAY_MS (a stall of a loaded machine) also wrote its
+     * running mark: counted from the log, one more record and commit each */
+    uint64_t marks = 0;
+    for (int i = 1; i <= 20; i++) {
+        char id[64];
+        snprintf(id, sizeof id, "capsule/x/cost-20.%d", i);
+        uint64_t nrec = doc_records(e, id);
+        CHECK(nrec == 1 || nrec == 2);
+        marks += nrec - 1;
+    }
+    if (marks)
+        fprintf(stderr, "step cost: %llu of 20 steps lasted long enough to write their mark\n",
+                (unsigned long long)marks);
+    CHECK_EQ((r2 - r1) - (r1 - r0), 20 + marks); /* one record per step */
+    CHECK_EQ((k2 - k1) - (k1 - k0), 20 + marks); /* one commit per step */
+    eng_task_info_t *v;
+    size_t n;
+    CHECK_OK(eng_tasks_list(e, "cost-20", &v, &n));
+    CHECK_EQ(n, 20);
+    for (size_t i = 0; i < n; i++) {
+        CHECK_STREQ(v[i].state, "completed");
+        CHECK_EQ(v[i].attempts, 1);
+    }
+    eng_tasks_free(v, n);
+
+    /* a step that lasts: its running mark is written (after ENG_MARK_DELAY_MS) and listed */
+    char mark[700], go[700], lcode[2048];
+    snprintf(mark, sizeof mark, "%s/long-in", g_dir);
+    snprintf(go, sizeof go, "%s/long-go", g_dir);
+    snprintf(lcode, sizeof lcode,
+             "from capsule import task\n"
+             "import os, time\n"
+             "@task(name='long')\n"
+             "def long():\n"
+             "    open('%s', 'w').close()\n"
+             "    while not os.path.exists('%s'):\n"
+             "        time.sleep(0.01)\n"
+             "    return 'done'\n"
+             "long()",
+             mark, go);
+    done_wait_t d;
+    dw_start(e, &d, "long-1", lcode);
+    wait_file(mark, 60);
+    double t0 = now_s();
+    for (;;) {
+        int rc = eng_tasks_list(e, "long-1", &v, &n);
+        CHECK(rc == 0 || rc == CAP_ENOTFOUND);
+        if (rc == 0 && n == 1)
+            break;
+        if (rc == 0)
+            eng_tasks_free(v, n);
+        CHECK(now_s() - t0 < 30);
+        usleep(10000);
+    }
+    CHECK_STREQ(v[0].state, "running");
+    CHECK_STREQ(v[0].name, "long");
+    CHECK_EQ(v[0].attempts, 1);
+    eng_tasks_free(v, n);
+    FILE *f = fopen(go, "w");
+    CHECK(f);
+    fclose(f);
+    dw_end(&d, ENG_ST_OK, "'done'", NULL);
+    CHECK_OK(eng_tasks_list(e, "long-1", &v, &n));
+    CHECK_EQ(n, 1);
+    CHECK_STREQ(v[0].state, "completed");
+    eng_tasks_free(v, n);
+}
+
 static void test_external(eng_t *e)
 {
     done_wait_t d;
@@ -402,13 +534,32 @@ static void kill_child(pid_t pid)
         ;
 }
 
+/* Runs execution eid of `code` in a child engine on dir and kill -9s the child once `mark` exists
+ * (+ settle_us). */
+static void run_until_mark_then_kill(const char *self, const char *dir, const char *eid,
+                                     const char *code, const char *mark, useconds_t settle_us)
+{
+    pid_t pid = spawn_child(self, dir, eid, code);
+    wait_file(mark, 60);
+    usleep(settle_us);
+    kill_child(pid);
+}
+
+/* dir = g_dir/<sub> (created), log and mark under g_dir. */
+static void crash_paths(const char *sub, const char *logname, const char *markname, char *dir,
+                        char *log, char *mark)
+{
+    snprintf(dir, 600, "%s/%s", g_dir, sub);
+    CHECK(mkdir(dir, 0700) == 0);
+    if (log)
+        snprintf(log, 700, "%s/%s", g_dir, logname);
+    snprintf(mark, 700, "%s/%s", g_dir, markname);
+}
+
 static void test_kill9_workflow(const char *self)
 {
     char dir[600], log[700], mark[700], code[4096];
-    snprintf(dir, sizeof dir, "%s/wf", g_dir);
-    CHECK(mkdir(dir, 0700) == 0);
-    snprintf(log, sizeof log, "%s/steps.txt", g_dir);
-    snprintf(mark, sizeof mark, "%s/in-step3", g_dir);
+    crash_paths("wf", "steps.txt", "in-step3", dir, log, mark);
     /* step 3 blocks the first time (the parent kills the engine then); the re-run finds the
      * marker and completes */
     snprintf(code, sizeof code,
@@ -447,10 +598,7 @@ static void test_kill9_workflow(const char *self)
              "    return [step1(), step2(1), step3(2), r]\n"
              "main()",
              log, mark);
-    pid_t pid = spawn_child(self, dir, "wf-run-1", code);
-    wait_file(mark, 60);
-    usleep(50000);
-    kill_child(pid);
+    run_until_mark_then_kill(self, dir, "wf-run-1", code, mark, 50000);
     char *t = slurp(log);
     CHECK_STREQ(t, "boom\nstep1\nstep2\nstep3-start\n");
     free(t);
@@ -485,9 +633,7 @@ static void test_kill9_workflow(const char *self)
 static void test_kill9_sleep(const char *self)
 {
     char dir[600], mark[700], code[2048];
-    snprintf(dir, sizeof dir, "%s/sl", g_dir);
-    CHECK(mkdir(dir, 0700) == 0);
-    snprintf(mark, sizeof mark, "%s/sleeping", g_dir);
+    crash_paths("sl", NULL, "sleeping", dir, NULL, mark);
     snprintf(code, sizeof code,
              "import capsule, time\n"
              "t0 = time.time()\n"
@@ -497,10 +643,7 @@ static void test_kill9_sleep(const char *self)
              "'woke'",
              mark);
     double t0 = now_s();
-    pid_t pid = spawn_child(self, dir, "sl-1", code);
-    wait_file(mark, 60);
-    usleep(300000);
-    kill_child(pid);
+    run_until_mark_then_kill(self, dir, "sl-1", code, mark, 300000);
     double t_restart = now_s();
     eng_t *e = etest_open(dir, 0);
     eng_result_t *r = run_ok(e, "wf", "sl-1", code);
@@ -522,6 +665,58 @@ static void test_kill9_sleep(const char *self)
     eng_close(e);
 }
 
+/* Killed during attempt 3 of a task with max_retries=2 (attempts 1 and 2 failed and were
+ * recorded before their retries): the re-run resumes at attempt 3, so the task is called 4 times
+ * in all (not 6) and fails with 3 attempts recorded. */
+static void test_kill9_attempts(const char *self)
+{
+    char dir[600], log[700], mark[700], code[4096];
+    crash_paths("at", "tries.txt", "in-try3", dir, log, mark);
+    snprintf(code, sizeof code,
+             "from capsule import task\n"
+             "import time\n"
+             "LOG, MARK = '%s', '%s'\n"
+             "@task(name='flaky', max_retries=2)\n"
+             "def flaky():\n"
+             "    with open(LOG, 'a') as f:\n"
+             "        f.write('try\\n')\n"
+             "    n = open(LOG).read().count('try')\n"
+             "    if n == 3:\n"
+             "        open(MARK, 'w').close()\n"
+             "        time.sleep(60)\n"
+             "    raise ValueError(f'call {n}')\n"
+             "@task(name='main')\n"
+             "def main():\n"
+             "    try:\n"
+             "        flaky()\n"
+             "    except ValueError as e:\n"
+             "        return str(e)\n"
+             "main()",
+             log, mark);
+    run_until_mark_then_kill(self, dir, "at-1", code, mark, 100000);
+    char *t = slurp(log);
+    CHECK_EQ(count_lines(t, "try"), 3);
+    free(t);
+    eng_t *e = etest_open(dir, 0);
+    eng_result_t *r = run_ok(e, "wf", "at-1", code);
+    CHECK_STREQ(r->repr, "'call 4'");
+    CHECK(r->restarted);
+    eng_result_free(r);
+    t = slurp(log);
+    CHECK_EQ(count_lines(t, "try"), 4);
+    free(t);
+    eng_task_info_t *v;
+    size_t n;
+    CHECK_OK(eng_tasks_list(e, "at-1", &v, &n));
+    CHECK_EQ(n, 2); /* main and flaky: the attempts' records are not listed as steps */
+    const eng_task_info_t *f = find_task(v, n, "1.1");
+    CHECK_STREQ(f->name, "flaky");
+    CHECK_STREQ(f->state, "failed");
+    CHECK_EQ(f->attempts, 3);
+    eng_tasks_free(v, n);
+    eng_close(e);
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "child") == 0)
@@ -539,10 +734,12 @@ int main(int argc, char **argv)
     CHECK_OK(eng_session_open(e, "s", NULL, NULL));
     test_steps_basic(e);
     test_retries_and_limits(e);
+    test_step_cost(e);
     test_external(e);
     eng_close(e);
     test_kill9_workflow(self);
     test_kill9_sleep(self);
+    test_kill9_attempts(self);
     check_rmtree(dir);
     free(dir);
     fprintf(stderr, "steps: ok\n");

@@ -9,6 +9,8 @@
  *   - extra records of another module go in the same append as the settle (consecutive sequence
  *     numbers, one transaction), also when the settle is a 404 or the promise is already settled;
  *     extras of promise's own kinds are refused (CAP_EINVAL, no completion, nothing written);
+ *   - prom_promise_batch: a promise created and settled in one batch is one record, one commit;
+ *     several promises in one batch share one append;
  *   - closing the store completes every outstanding op (rc 0) before it returns.
  */
 #include <pthread.h>
@@ -219,6 +221,71 @@ static void test_close_completes(void)
     }
 }
 
+/* prom_promise_batch: a create and a settle of the same promise are ONE record (created and
+ * settled) in one commit; two promises in one batch share one append (consecutive seqs); a batch
+ * that re-creates an existing pending promise settles it; bad batches answer 400. */
+static void test_batch(void)
+{
+    wal_stats_t before, after;
+    prom_result_t res = {0};
+    prom_kv_t tag = {"k", "v"};
+    prom_value_t val = {NULL, 0, "42", 2};
+    prom_create_t c = {"b1", INT64_MAX / 2, NULL, &tag, 1};
+    prom_settle_t st = {"b1", PROM_RESOLVED, &val};
+    prom_op_t one[2] = {{&c, NULL}, {NULL, &st}};
+    wal_log_stats(prom_store_wal(t.ps), &before);
+    CHECK_OK(prom_promise_batch(t.ps, one, 2, &res));
+    wal_log_stats(prom_store_wal(t.ps), &after);
+    CHECK_EQ(res.status, PROM_S_OK);
+    CHECK(res.promise && res.promise->state == PROM_RESOLVED);
+    CHECK_EQ(res.promise->value.len, (size_t)2);
+    CHECK_EQ(after.records - before.records, (uint64_t)1);
+    CHECK_EQ(after.commits - before.commits, (uint64_t)1);
+    CHECK_EQ(committed_doc("b1", NULL), (int)PROM_RESOLVED); /* durable on return */
+    prom_result_clear(&res);
+
+    /* an existing pending promise + a new one created and settled */
+    prom_create_t p2 = {"b2", INT64_MAX / 2, NULL, NULL, 0};
+    CHECK_OK(prom_promise_create(t.ps, &p2, &res));
+    prom_result_clear(&res);
+    prom_create_t a3 = {"b2#a1", INT64_MAX / 2, NULL, NULL, 0};
+    prom_settle_t s3 = {"b2#a1", PROM_REJECTED, &val};
+    prom_op_t two[3] = {{&p2, NULL}, {&a3, NULL}, {NULL, &s3}};
+    wal_log_stats(prom_store_wal(t.ps), &before);
+    CHECK_OK(prom_promise_batch(t.ps, two, 3, &res));
+    wal_log_stats(prom_store_wal(t.ps), &after);
+    CHECK_EQ(res.status, PROM_S_OK);
+    CHECK(res.promise && res.promise->state == PROM_REJECTED);
+    CHECK_EQ(after.records - before.records, (uint64_t)1); /* b2 unchanged: nothing written */
+    CHECK_EQ(committed_doc("b2#a1", NULL), (int)PROM_REJECTED);
+    CHECK_EQ(committed_doc("b2", NULL), (int)PROM_PENDING);
+    prom_result_clear(&res);
+    /* the pending one settled in a batch with a new one: two records, one append */
+    prom_create_t c4 = {"b4", INT64_MAX / 2, NULL, NULL, 0};
+    prom_settle_t s2 = {"b2", PROM_RESOLVED, &val};
+    prom_op_t three[2] = {{&c4, NULL}, {NULL, &s2}};
+    CHECK_OK(prom_promise_batch(t.ps, three, 2, &res));
+    uint64_t q2 = 0, q4 = 0;
+    CHECK_EQ(committed_doc("b2", &q2), (int)PROM_RESOLVED);
+    CHECK_EQ(committed_doc("b4", &q4), (int)PROM_PENDING);
+    CHECK_EQ(q2, q4 + 1);
+    prom_result_clear(&res);
+
+    /* refusals */
+    CHECK_OK(prom_promise_batch(t.ps, NULL, 0, &res));
+    CHECK_EQ(res.status, PROM_S_BAD);
+    prom_op_t both = {&c, &st}, none = {NULL, NULL};
+    CHECK_OK(prom_promise_batch(t.ps, &both, 1, &res));
+    CHECK_EQ(res.status, PROM_S_BAD);
+    CHECK_OK(prom_promise_batch(t.ps, &none, 1, &res));
+    CHECK_EQ(res.status, PROM_S_BAD);
+    prom_settle_t missing = {"nope", PROM_RESOLVED, &val};
+    prom_op_t m[1] = {{NULL, &missing}};
+    CHECK_OK(prom_promise_batch(t.ps, m, 1, &res));
+    CHECK_EQ(res.status, PROM_S_NOTFOUND);
+    prom_result_clear(&res);
+}
+
 int main(void)
 {
     ptest_init(&t, "prom-async");
@@ -226,6 +293,7 @@ int main(void)
     test_create_many();
     test_repeat_writes_nothing();
     test_settle_with_extra();
+    test_batch();
     test_close_completes();
     ptest_fini(&t);
     printf("promise.async: ok\n");

@@ -8,10 +8,12 @@ One implementation with two homes:
   the deterministic id ``capsule/x/<eid>.<path>``: ``path`` counts calls in order at each level
   (``1``, ``2``, and ``2.1`` for the first call inside step 2), as Resonate SDKs derive child ids.
   Before running, the worker asks the engine for that promise: a settled one gives back its
-  recorded value (or raises its recorded error) without running; otherwise the engine creates it
-  pending, the function runs (with retries and a per-attempt timeout), and its result is settled
-  durably before the caller continues. So an execution re-run after a crash skips the steps that
-  had finished.
+  recorded value (or raises its recorded error) without running (the answer comes from one
+  preload of the execution's recorded steps, so a new step asks nothing); otherwise the function
+  runs (with retries and a per-attempt timeout) and its result is recorded durably (the promise
+  created and settled in one record) before the caller continues. A failed attempt that will be
+  retried is recorded before the retry. So an execution re-run after a crash skips the steps that
+  had finished and resumes a retried step at its attempt count.
 * Outside a session (the client package's ``capsule.task``, a plain ``python3 hello.py``) the
   decorator validates its options and the function is an ordinary call: no durability, no
   retries, no limits.
@@ -55,7 +57,7 @@ LOW, MEDIUM, HIGH = "LOW", "MEDIUM", "HIGH"
 COMPUTE = {LOW: 0.5, MEDIUM: 1.0, HIGH: 2.0}
 
 # the worker protocol's PROMISE operations and reply states (pyworker/src/pyw_proto.h)
-_PO_OPEN, _PO_SETTLE, _PO_SLEEP, _PO_AWAIT, _PO_PRELOAD = 1, 2, 3, 4, 5
+_PO_OPEN, _PO_SETTLE, _PO_SLEEP, _PO_AWAIT, _PO_PRELOAD, _PO_START, _PO_ATTEMPT = range(1, 8)
 _PS_PENDING, _PS_RESOLVED, _PS_REJECTED, _PS_FAILED = 0, 1, 2, 3
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -142,7 +144,7 @@ _level = contextvars.ContextVar("capsule_step_level", default=None)
 _top = {"eid": None, "level": None}  # top-level calls of the running execution
 # settled steps of the running execution, read once at its first step (PRELOAD): a re-run after a
 # crash answers its finished steps from here, without a round trip each
-_cache = {"eid": None, "steps": {}}
+_cache = {"eid": None, "steps": {}, "complete": False}
 
 
 def _durable():
@@ -160,13 +162,16 @@ def _next_path():
 
 
 def _preloaded(path):
-    """The recorded (state, value) of step `path` if the execution's preload holds it."""
+    """The recorded (state, value) of step `path` if the execution's preload holds it. The
+    preload also holds the failed attempts' records ``<path>#a<k>``; ``_cache["complete"]`` says
+    whether a step missing from it was never recorded (else the engine is asked, OPEN)."""
     eid = _capsule.exec_id()
     if _cache["eid"] != eid:
-        _cache["eid"], _cache["steps"] = eid, {}
-        state, _, _, blob = _capsule.promise(_PO_PRELOAD, "0", "", 0, 0, b"")
+        _cache["eid"], _cache["steps"], _cache["complete"] = eid, {}, False
+        state, _, complete, blob = _capsule.promise(_PO_PRELOAD, "0", "", 0, 0, b"")
         if state == _PS_FAILED:  # no preload: every step is asked for by itself
-            blob = b""
+            blob, complete = b"", 0
+        _cache["complete"] = complete == 1
         mv, i = memoryview(blob), 0
         while i < len(mv):
             n = int.from_bytes(mv[i:i + 4], "little")
@@ -176,6 +181,19 @@ def _preloaded(path):
             _cache["steps"][p] = (state, bytes(mv[i + 9 + n:i + 9 + n + m]))
             i += 9 + n + m
     return _cache["steps"].pop(path, None)
+
+
+def _failed_before(path):
+    """How many failed attempts of step `path` the preload holds (a re-run after a crash)."""
+    k = 0
+    while f"{path}#a{k + 1}" in _cache["steps"]:
+        k += 1
+    return k
+
+
+def _body(param, value):
+    """A SETTLE/ATTEMPT body: {u32 n, param, value}."""
+    return len(param).to_bytes(4, "little") + param + value
 
 
 def _call(op, path, attempts=0, num=0, data=b"", label=""):
@@ -360,10 +378,14 @@ def _run_step(t, args, kwargs):
     hit = _preloaded(path)
     if hit is not None:  # recorded before this run: no round trip
         return _recorded(hit[0], hit[1], t.name)
-    state, _, _, value = _call(_PO_OPEN, path, 0, 0, param, t.name)
-    if state != _PS_PENDING:  # finished before: the recorded outcome, without running
-        return _recorded(state, value, t.name)
-    attempts = 0
+    if _cache["complete"]:  # the preload holds every recorded step: this one is new
+        attempts = _failed_before(path)
+    else:
+        state, attempts, _, value = _call(_PO_OPEN, path, 0, 0, b"", t.name)
+        if state != _PS_PENDING:  # finished before: the recorded outcome, without running
+            return _recorded(state, value, t.name)
+    # the running mark: no answer awaited (the engine writes it only if the step lasts)
+    _capsule.promise(_PO_START, path, t.name, attempts + 1, 0, param)
     token = _level.set(_Level(path))
     try:
         while True:
@@ -374,10 +396,13 @@ def _run_step(t, args, kwargs):
             except (KeyboardInterrupt, SystemExit, GeneratorExit):
                 raise  # a cancel or exit is not the task's failure: nothing is recorded
             except BaseException as e:  # noqa: BLE001
+                err = _pickle_error(t.name, e)
                 if attempts <= t.max_retries:
+                    # recorded before the retry: a crash from here on resumes at this count
+                    _call(_PO_ATTEMPT, path, attempts, 0, _body(param, err), t.name)
                     time.sleep(min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (attempts - 1)))
                     continue
-                _call(_PO_SETTLE, path, attempts, _PS_REJECTED, _pickle_error(t.name, e))
+                _call(_PO_SETTLE, path, attempts, _PS_REJECTED, _body(param, err), t.name)
                 raise
     finally:
         _level.reset(token)
@@ -386,9 +411,10 @@ def _run_step(t, args, kwargs):
     except Exception as e:  # noqa: BLE001
         err = TypeError(f"task {t.name!r}: its result cannot be pickled: "
                         f"{type(e).__name__}: {e}")
-        _call(_PO_SETTLE, path, attempts, _PS_REJECTED, _pickle_error(t.name, err))
+        _call(_PO_SETTLE, path, attempts, _PS_REJECTED, _body(param, _pickle_error(t.name, err)),
+              t.name)
         raise err from None
-    _call(_PO_SETTLE, path, attempts, _PS_RESOLVED, blob)
+    _call(_PO_SETTLE, path, attempts, _PS_RESOLVED, _body(param, blob), t.name)
     return result
 
 
