@@ -328,6 +328,7 @@ int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out)
         }
         if (rc) {
             wal__journal_close(log->jr);
+            store_env_set_deferred(env, 0); /* no journal: commits flush again */
             pthread_cond_destroy(&log->work_cv);
             pthread_mutex_destroy(&log->mu);
             goto fail;
@@ -976,6 +977,9 @@ static int wal__journal_setup(wal_log_t *log)
     while (!epoch)
         if (getrandom(&epoch, sizeof epoch, 0) != (ssize_t)sizeof epoch)
             epoch = cap_now_ns() ^ ((uint64_t)getpid() << 32);
+    rc = wal__journal_writer(j);
+    if (rc)
+        goto out;
     log->jr = j;
     j = NULL;
     log->jpos = (struct wal_jpos){epoch, 0, 0, log->committed_seq + 1};

@@ -69,13 +69,17 @@ int wal__journal_create(const char *dir, uint64_t size);
 /* Opens DIR/wal.journal (-ENOENT when missing). */
 int wal__journal_open(const char *dir, int readonly, wal_journal_t **out);
 void wal__journal_close(wal_journal_t *j);
+/* Switches j to its writer descriptor: O_DIRECT | O_DSYNC when the file system allows (then
+ * every block write is durable when it returns), else unchanged (pwrite + fdatasync). After it,
+ * j is only written (no scans). */
+int wal__journal_writer(wal_journal_t *j);
 uint64_t wal__journal_size(const wal_journal_t *j);
 /* Writes one block of nf sealed frames (bytes in all, seqs first_seq..first_seq+count-1) at *at
- * (placed by wal__journal_place), fdatasyncs it when sync, and moves *at past it. CAP_ETOOBIG
+ * (placed by wal__journal_place), makes it durable when sync (fdatasync, or O_DSYNC on the
+ * writer descriptor), and moves *at past it. CAP_ETOOBIG
  * when the block is larger than the file; -errno on I/O errors. Writer thread only. */
 int wal__journal_put(wal_journal_t *j, struct wal_jpos *at, uint64_t first_seq, uint32_t count,
                      const struct wal_jframe *f, size_t nf, size_t bytes, int sync);
-int wal__journal_sync(wal_journal_t *j);
 /* Calls fn for each valid block from *p on (the frames verified, consecutive seqs from
  * p->next_seq), moving *p past it; stops at the first block failing a check (*stop gets the
  * reason) or when fn returns non-zero (returned). *blocks counts the blocks delivered. */
