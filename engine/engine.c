@@ -35,7 +35,11 @@
  *   - an execution stays in the engine's map (and is attachable) until its FINISH is durable;
  *     from then on eng.results answers for it.
  */
+#include <dirent.h>
+#include <errno.h>
 #include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,8 +49,9 @@
 #include "promise.h"
 #include "pyworker.h"
 
-#define NBUCKET      4096
-#define PROM_FOREVER ((int64_t)1 << 62)
+#define ENG_MAX_OWN_TIDS 4
+#define NBUCKET          4096
+#define PROM_FOREVER     ((int64_t)1 << 62)
 
 typedef struct eng_msg eng_msg_t;
 typedef void (*eng_msg_fn)(eng_t *e, eng_msg_t *m);
@@ -123,6 +128,7 @@ struct session {
     struct waiter *snap_waiter; /* eng_checkpoint's caller (NULL for an automatic one) */
     int snapping;               /* a snapshot was asked for: nothing runs until it is back */
     uint64_t snap_ord;          /* the ordinal the snapshot follows */
+    int busy;                   /* its worker runs a cell (counted in eng.nbusy) */
 };
 
 typedef struct waiter {
@@ -159,6 +165,7 @@ struct eng {
     int open_handles; /* (loop) handles whose close callback is still due */
 
     uv_timer_t itimer; /* idle release */
+    uv_timer_t ptimer; /* CPU placement: unpins a lone cell that runs long */
 
     /* loop-side */
     session_t *smap[NBUCKET];
@@ -170,6 +177,15 @@ struct eng {
     uint64_t wid_next;
     uint64_t ord_next;
     uint64_t gen_ctr;
+    uint32_t nbusy;   /* sessions whose worker runs a cell */
+    session_t *pin_s; /* the session whose running worker is pinned to the loop's CPU */
+    /* the engine's own threads that a lone execution pins with its worker: the wal's (started
+     * by prom_store_open) and, with its own loop, the loop thread; their mask at open */
+    pid_t eng_tids[ENG_MAX_OWN_TIDS];
+    int neng_tids, eng_cpu;  /* eng_cpu: where they are pinned, -1 none */
+    uint64_t crowd_ns;       /* cap_now_ns() when two executions were last in flight at once */
+    unsigned long mask0[16]; /* CPU mask at eng_open (1024 CPUs) */
+    size_t mask0_len;
 
     /* stats (under mu) */
     eng_stats_t stats;
@@ -299,6 +315,8 @@ static void stats_add(eng_t *e, eng_stats_t d)
     e->stats.t_request_ns += d.t_request_ns;
     e->stats.t_run_ns += d.t_run_ns;
     e->stats.t_finish_ns += d.t_finish_ns;
+    e->stats.pinned += d.pinned;
+    e->stats.unpinned += d.unpinned;
     e->stats.pool_idle = e->npool;
     pthread_mutex_unlock(&e->mu);
 }
@@ -819,6 +837,102 @@ out:
 }
 
 /* Starts the next execution of s if it can run. */
+/* ---------- CPU placement (eng_opts_t.affinity) ----------
+ * A lone execution keeps the whole request on one CPU: its worker, the loop thread and the wal's
+ * threads are pinned to the CPU the loop runs on, so the hand-offs loop -> wal writer -> loop ->
+ * worker protocol thread -> main thread -> loop are switches on a running CPU, never wake-ups of
+ * an idle one. As soon as a second execution is in flight (and for CROWD_CALM_NS after), or the
+ * lone cell runs longer than PIN_MAX_MS, the pins are dropped so busy sessions use every CPU. */
+#define PIN_MAX_MS 2
+/* after two executions were in flight at once, nothing is pinned for this long */
+#define CROWD_CALM_NS (10u * 1000000u)
+
+static int set_mask(pid_t tid, const unsigned long *mask, size_t len)
+{
+    return syscall(SYS_sched_setaffinity, tid, len, mask) == 0 || errno == ESRCH ? 0 : -errno;
+}
+
+/* The engine's threads (loop, wal) to one CPU, or back to the mask at open (cpu -1). */
+static void eng_threads_pin(eng_t *e, int cpu)
+{
+    if (cpu == e->eng_cpu || !e->mask0_len)
+        return;
+    unsigned long one[16] = {0};
+    if (cpu >= 0)
+        one[cpu / 64] = 1ul << (cpu % 64);
+    const unsigned long *m = cpu >= 0 ? one : e->mask0;
+    size_t len = cpu >= 0 ? sizeof one : e->mask0_len;
+    if (e->own)
+        (void)set_mask(0, m, len);
+    for (int i = 0; i < e->neng_tids; i++)
+        (void)set_mask(e->eng_tids[i], m, len);
+    e->eng_cpu = cpu;
+}
+
+static void unpin(eng_t *e)
+{
+    session_t *s = e->pin_s;
+    e->pin_s = NULL;
+    uv_timer_stop(&e->ptimer);
+    if (s && s->w)
+        (void)pyw_worker_set_cpu(s->w->w, -1);
+    stats_add(e, (eng_stats_t){.unpinned = 1});
+}
+
+static void on_ptimer(uv_timer_t *t)
+{
+    unpin(t->data);
+}
+
+/* s's worker is about to get a cell */
+static void busy_begin(eng_t *e, session_t *s)
+{
+    s->busy = 1;
+    e->nbusy++;
+    if (e->o.affinity != ENG_AFFINITY_AUTO)
+        return;
+    uint64_t now = cap_now_ns();
+    /* e->stats.running (only the loop writes it) counts executions from their start on a worker
+     * to their FINISH being durable: this one alone means nothing else is in flight */
+    if (e->nbusy > 1 || e->stats.running > 1 || now - e->crowd_ns < CROWD_CALM_NS) {
+        if (e->nbusy > 1 || e->stats.running > 1)
+            e->crowd_ns = now;
+        (void)pyw_worker_set_cpu(s->w->w, -1);
+        if (e->pin_s)
+            unpin(e);
+        eng_threads_pin(e, -1);
+        return;
+    }
+    unsigned cpu;
+    if (syscall(SYS_getcpu, &cpu, NULL, NULL) != 0)
+        return;
+    if (e->eng_cpu >= 0) /* the loop is pinned: it runs there */
+        cpu = (unsigned)e->eng_cpu;
+    else
+        eng_threads_pin(e, (int)cpu);
+    if (pyw_worker_set_cpu(s->w->w, (int)cpu) == 0) {
+        stats_add(e, (eng_stats_t){.pinned = 1});
+        e->pin_s = s;
+        uv_timer_start(&e->ptimer, on_ptimer, PIN_MAX_MS, 0);
+    }
+}
+
+/* s's worker no longer runs a cell (its result came, or the worker went). An idle worker keeps
+ * its pin: the next lone cell finds it in place. */
+static void busy_end(eng_t *e, session_t *s)
+{
+    if (!s->busy)
+        return;
+    s->busy = 0;
+    e->nbusy--;
+    if (e->nbusy > 0)
+        e->crowd_ns = cap_now_ns(); /* two were in flight until now */
+    if (e->pin_s == s) {
+        e->pin_s = NULL;
+        uv_timer_stop(&e->ptimer);
+    }
+}
+
 static void session_pump(eng_t *e, session_t *s)
 {
     if (e->closing || s->st == S_CLOSING || s->st == S_CREATING)
@@ -842,8 +956,10 @@ static void session_pump(eng_t *e, session_t *s)
     x->wid = ++e->wid_next;
     x->in_k = 0;
     stats_add(e, (eng_stats_t){.queued = (uint32_t)-1, .running = 1});
+    busy_begin(e, s);
     int rc = pyw_worker_execute(s->w->w, x->wid, x->eid, x->code, x->len, s->so.timeout_ms);
     if (rc) {
+        busy_end(e, s);
         /* the worker is gone: its exit callback restores the session and re-runs x */
         x->st = X_QUEUED;
         s->cur = NULL;
@@ -1140,6 +1256,7 @@ static void session_detach_worker(session_t *s)
         s->snap_waiter = NULL;
     }
     if (s->w) {
+        busy_end(s->w->e, s);
         s->w->s = NULL;
         worker_drop(s->w);
         s->w = NULL;
@@ -1156,6 +1273,7 @@ static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
     session_t *s = x->s;
     eng_result_t *res = &x->r;
     x->t_res = cap_now_ns();
+    busy_end(e, s);
     eng__result_clear(res);
     res->status = (eng_status_t)pr->status;
     res->repr = xstrdup(pr->repr);
@@ -2010,10 +2128,11 @@ static void do_shutdown(eng_t *e, eng_msg_t *m)
     }
     e->npool = 0;
     drain(e);
-    e->open_handles = 3;
+    e->open_handles = 4;
     uv_close((uv_handle_t *)&e->itimer, on_handle_closed);
     eng__marks_free(&e->marks);
     uv_close((uv_handle_t *)&e->mtimer, on_handle_closed);
+    uv_close((uv_handle_t *)&e->ptimer, on_handle_closed);
     e->dead = 1;
     pthread_mutex_lock(&e->mu);
     e->async_gone = 1;
@@ -2222,6 +2341,41 @@ static void *zygote_main(void *arg)
     return NULL;
 }
 
+/* The threads of this process (at most max), from /proc/self/task. */
+static int list_tids(pid_t *out, int max)
+{
+    int n = 0;
+    DIR *d = opendir("/proc/self/task");
+    if (!d)
+        return 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL && n < max) {
+        char *end;
+        long t = strtol(de->d_name, &end, 10);
+        if (!*end && t > 0)
+            out[n++] = (pid_t)t;
+    }
+    closedir(d);
+    return n;
+}
+
+/* The threads prom_store_open started (the wal writer, the document flusher) and the mask to
+ * return them to, for CPU placement. */
+static void note_new_tids(eng_t *e, const pid_t *before, int nbefore)
+{
+    pid_t now[64];
+    int n = list_tids(now, 64);
+    long len = syscall(SYS_sched_getaffinity, 0, sizeof e->mask0, e->mask0);
+    e->mask0_len = len > 0 ? (size_t)len : 0;
+    for (int i = 0; i < n && e->neng_tids < ENG_MAX_OWN_TIDS; i++) {
+        int old = 0;
+        for (int k = 0; k < nbefore && !old; k++)
+            old = now[i] == before[k];
+        if (!old)
+            e->eng_tids[e->neng_tids++] = now[i];
+    }
+}
+
 int eng_open(const eng_opts_t *opts, eng_t **out)
 {
     if (!opts || !opts->dir || !out)
@@ -2241,6 +2395,7 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     if (!e->o.max_output)
         e->o.max_output = 1u << 20;
     e->ord_next = (uint64_t)cap_wall_ms() * 1000;
+    e->eng_cpu = -1;
     pthread_mutex_init(&e->mu, NULL);
     e->pcb.on_output = pcb_output;
     e->pcb.on_input = pcb_input;
@@ -2270,8 +2425,12 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     po.wal.apply_arg = &e->tb;
     po.on_settle = on_prom_settle;
     po.on_settle_arg = e;
+    pid_t before[64];
+    int nbefore = list_tids(before, 64);
     if (!rc)
         rc = prom_store_open(e->env, &po, &e->ps);
+    if (!rc)
+        note_new_tids(e, before, nbefore);
     if (!rc)
         e->wal = prom_store_wal(e->ps);
     uint64_t t1 = cap_now_ns();
@@ -2309,6 +2468,8 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     e->itimer.data = e;
     uv_timer_init(e->loop, &e->mtimer);
     e->mtimer.data = e;
+    uv_timer_init(e->loop, &e->ptimer);
+    e->ptimer.data = e;
     if (e->o.idle_release_ms) {
         uint64_t every = e->o.idle_release_ms / 4 ? e->o.idle_release_ms / 4 : 1;
         uv_timer_start(&e->itimer, on_itimer, every, every);

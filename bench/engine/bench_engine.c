@@ -85,10 +85,13 @@ static uint64_t lmdb_commit(lmdb_peer_t *p)
 }
 
 static uint32_t g_checkpoint_every;
+static eng_affinity_t g_affinity; /* --affinity (default: the engine's default) */
 
-static eng_t *open_engine(const char *dir, int nosync, uint32_t pool, uint32_t max_sessions)
+static eng_t *open_engine_aff(const char *dir, int nosync, uint32_t pool, uint32_t max_sessions,
+                              eng_affinity_t aff)
 {
     eng_opts_t o = {0};
+    o.affinity = aff;
     o.checkpoint_every = g_checkpoint_every;
     o.dir = dir;
     o.nosync = nosync;
@@ -99,6 +102,11 @@ static eng_t *open_engine(const char *dir, int nosync, uint32_t pool, uint32_t m
     if (rc)
         die("eng_open", rc);
     return e;
+}
+
+static eng_t *open_engine(const char *dir, int nosync, uint32_t pool, uint32_t max_sessions)
+{
+    return open_engine_aff(dir, nosync, pool, max_sessions, g_affinity);
 }
 
 static void run_ok(eng_t *e, const char *sid, const char *code, char *repr_out, size_t n)
@@ -125,18 +133,25 @@ static double g_raw_sync_p50_us;
 static void bench_latency(int nosync)
 {
     size_t n = quick ? 200 : 2000;
-    char d[2][1100];
+    char d[3][1100];
     fresh_dir(d[0], sizeof(d[0]), nosync ? "lat-ns" : "lat");
     fresh_dir(d[1], sizeof(d[1]), nosync ? "lat-ns-lmdb" : "lat-lmdb");
+    fresh_dir(d[2], sizeof(d[2]), nosync ? "lat-ns-sched" : "lat-sched");
     eng_t *e = open_engine(d[0], nosync, 2, 16);
+    /* the same beside it with the other worker placement (ENG_AFFINITY_NONE vs the default) */
+    eng_affinity_t other = g_affinity == ENG_AFFINITY_NONE ? ENG_AFFINITY_AUTO : ENG_AFFINITY_NONE;
+    eng_t *eo = open_engine_aff(d[2], nosync, 2, 16, other);
     lmdb_peer_t lp;
     lmdb_open(&lp, d[1], nosync);
     int rc = eng_session_open(e, "lat", NULL, NULL);
-    if (rc)
+    if (rc || (rc = eng_session_open(eo, "lat", NULL, NULL)))
         die("session", rc);
-    for (int i = 0; i < 20; i++)
+    for (int i = 0; i < 20; i++) {
         run_ok(e, "lat", "2+2", NULL, 0);
+        run_ok(eo, "lat", "2+2", NULL, 0);
+    }
     uint64_t *le = malloc(n * sizeof(uint64_t)), *ll = malloc(n * sizeof(uint64_t));
+    uint64_t *lo = malloc(n * sizeof(uint64_t));
     char repr[32];
     eng_stats_t s0, s1;
     eng_stats(e, &s0);
@@ -147,6 +162,9 @@ static void bench_latency(int nosync)
         if (strcmp(repr, "4") != 0)
             die("2+2 != 4", -1);
         ll[i] = lmdb_commit(&lp);
+        t0 = cap_now_ns();
+        run_ok(eo, "lat", "2+2", NULL, 0);
+        lo[i] = cap_now_ns() - t0;
     }
     eng_stats(e, &s1);
     double cpe = (double)(s1.wal_commits - s0.wal_commits) / (double)n;
@@ -185,12 +203,25 @@ static void bench_latency(int nosync)
                l99, 0, 1);
     snprintf(m, sizeof(m), "exec_2plus2_commits_per_exec_%s", mode);
     bench_emit(m, cpe, "commits", "floor", 2, 0, 1);
+    double o50 = bench_pct_u64(lo, n, 0.5) / 1e3;
+    const char *oname = other == ENG_AFFINITY_NONE ? "affinity_none" : "affinity_auto";
+    fprintf(stderr, "%34s | %10.1f %10.1f\n",
+            other == ENG_AFFINITY_NONE ? "2+2, workers placed by the scheduler"
+                                       : "2+2, workers pinned when alone (auto)",
+            o50, bench_pct_u64(lo, n, 0.99) / 1e3);
+    char peer[64];
+    snprintf(m, sizeof(m), "exec_2plus2_p50_us_%s_%s", mode, oname);
+    snprintf(peer, sizeof(peer), "exec_2plus2_p50_us_%s", mode);
+    bench_emit(m, o50, "us", peer, e50, 0, 1);
     free(le);
     free(ll);
+    free(lo);
     eng_close(e);
+    eng_close(eo);
     mdb_env_close(lp.env);
     bench_rmtree(d[0]);
     bench_rmtree(d[1]);
+    bench_rmtree(d[2]);
 }
 
 /* ---- 2. 64 busy sessions ---- */
@@ -367,6 +398,9 @@ static void bench_throughput(void)
     fprintf(stderr, "%34s | %10.1f us  (engine loop thread)\n", "CPU per execution", cl);
     fprintf(stderr, "%34s | %10.1f us  (wal writer + other threads)\n", "", cr);
     fprintf(stderr, "%34s | %10.1f us  (the 64 workers)\n", "", cw);
+    fprintf(stderr, "%34s | %10llu / %llu\n", "executions pinned / pins dropped",
+            (unsigned long long)(s1.pinned - s0.pinned),
+            (unsigned long long)(s1.unpinned - s0.unpinned));
     bench_emit("execs_per_s_64_sessions_sync", rate, "1/s", "raw_lmdb_sync_commits_per_s", peer,
                20000, 0);
     bench_emit("tp_cpu_us_per_exec_loop", cl, "us", NULL, 0, 0, BENCH_LOWER);
@@ -726,10 +760,13 @@ int main(int argc, char **argv)
             snprintf(base_dir, sizeof(base_dir), "%s", argv[++i]);
         else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc)
             only = argv[++i];
+        else if (strcmp(argv[i], "--affinity") == 0 && i + 1 < argc &&
+                 (strcmp(argv[i + 1], "auto") == 0 || strcmp(argv[i + 1], "none") == 0))
+            g_affinity = strcmp(argv[++i], "none") == 0 ? ENG_AFFINITY_NONE : ENG_AFFINITY_AUTO;
         else {
             fprintf(stderr,
                     "usage: %s [--quick] [--dir DIR] [--only lat|tp|acq|mem|rec|cpu] "
-                    "[--rec-execs N]\n",
+                    "[--rec-execs N] [--affinity auto|none]\n",
                     argv[0]);
             return 2;
         }

@@ -4,6 +4,8 @@
  * Figures (peers measured side by side in the same run):
  *   1. execute "2+2" round trip through the C client (send -> on_result), p50 and p99;
  *      peer: a PING/PONG round trip on the same socket (the IPC floor). Goal: p50 <= 100 us.
+ *      The same with the client thread and the worker pinned to one CPU (pyw_worker_set_cpu,
+ *      as the engine does for a lone execution), in blocks alternating with the unpinned runs.
  *   2. start to READY: zygote fork vs cold fork+exec. Goals: <= 3 ms vs <= 60 ms (p50). The
  *      zygote keeps one pre-forked spare; a burst of spawns (back to back) is also reported.
  *   3. private memory (USS: Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) per idle
@@ -18,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "cap.h"
@@ -157,20 +160,49 @@ static double uss_kib(int pid)
 
 /* ---- the figures ---- */
 
+/* The calling thread's affinity: one CPU (cpu >= 0) or the mask in `all`. */
+static void pin_self(int cpu, const unsigned long *all, size_t all_len)
+{
+    unsigned long one[16] = {0};
+    if (cpu >= 0)
+        one[cpu / 64] = 1ul << (cpu % 64);
+    if (syscall(SYS_sched_setaffinity, 0, cpu >= 0 ? sizeof one : all_len, cpu >= 0 ? one : all))
+        cap_fatal("bench", "sched_setaffinity failed");
+}
+
 static void bench_roundtrip(uv_loop_t *loop)
 {
-    bw_t b;
-    bench_lat_t ex = {0}, ping = {0}, inw = {0};
-    int n = quick ? 500 : 5000;
+    bw_t b, bp;
+    bench_lat_t ex = {0}, ping = {0}, inw = {0}, exp = {0}, pingp = {0};
+    int n = quick ? 500 : 5000, block = 50;
+    unsigned long all[16];
+    long all_len = syscall(SYS_sched_getaffinity, 0, sizeof all, all);
+    unsigned cpu = 0;
+    if (all_len <= 0 || syscall(SYS_getcpu, &cpu, NULL, NULL) != 0)
+        cap_fatal("bench", "sched_getaffinity/getcpu failed");
     bw_open(&b, loop, NULL);
+    bw_open(&bp, loop, NULL);
+    int rc = pyw_worker_set_cpu(bp.w, (int)cpu);
+    if (rc)
+        cap_fatal("bench", "pyw_worker_set_cpu: %s", cap_strerror(rc));
     for (int i = 0; i < 200; i++) { /* warm-up */
         bw_exec(&b, "2+2");
         bw_ping(&b);
+        bw_exec(&bp, "2+2");
     }
-    for (int i = 0; i < n; i++) { /* interleaved, so both see the same machine state */
-        bench_lat_add(&ex, bw_exec(&b, "2+2"));
-        bench_lat_add(&inw, b.in_worker_ns);
-        bench_lat_add(&ping, bw_ping(&b));
+    /* interleaved (blocks of `block`: unpinned, then pinned), so both see the same machine */
+    for (int i = 0; i < n; i += block) {
+        for (int k = 0; k < block; k++) {
+            bench_lat_add(&ex, bw_exec(&b, "2+2"));
+            bench_lat_add(&inw, b.in_worker_ns);
+            bench_lat_add(&ping, bw_ping(&b));
+        }
+        pin_self((int)cpu, all, (size_t)all_len);
+        for (int k = 0; k < block; k++) {
+            bench_lat_add(&exp, bw_exec(&bp, "2+2"));
+            bench_lat_add(&pingp, bw_ping(&bp));
+        }
+        pin_self(-1, all, (size_t)all_len);
     }
     double e50 = lat_us(&ex, 0.5), e99 = lat_us(&ex, 0.99);
     double p50 = lat_us(&ping, 0.5), p99 = lat_us(&ping, 0.99);
@@ -179,10 +211,19 @@ static void bench_roundtrip(uv_loop_t *loop)
     /* where the time goes: the part spent inside the worker's run_cell (compile, run, repr,
      * JSON, namespace delta) */
     bench_emit("execute_2plus2_in_run_cell_p50", lat_us(&inw, 0.5), "us", NULL, 0, 0, 1);
+    bench_emit("execute_2plus2_pinned_p50", lat_us(&exp, 0.5), "us", "execute_2plus2_p50", e50, 100,
+               1);
+    bench_emit("execute_2plus2_pinned_p99", lat_us(&exp, 0.99), "us", "execute_2plus2_p99", e99, 0,
+               1);
+    bench_emit("ping_roundtrip_pinned_p50", lat_us(&pingp, 0.5), "us", "ping_roundtrip_p50", p50, 0,
+               1);
     bench_lat_free(&inw);
     bw_close(&b);
+    bw_close(&bp);
     bench_lat_free(&ex);
     bench_lat_free(&ping);
+    bench_lat_free(&exp);
+    bench_lat_free(&pingp);
 }
 
 static void bench_start_and_memory(uv_loop_t *loop)

@@ -63,6 +63,13 @@ typedef enum {
     ENG_TX_ROLLBACK_ALWAYS = 3,     /* never recorded: the namespace is restored afterwards */
 } eng_tx_t;
 
+/* CPU placement of workers. AUTO: while a single cell runs in the whole engine, its worker is
+ * pinned to the CPU the loop thread is on (a request then goes loop -> worker -> loop without
+ * waking another CPU: on a VM an idle vCPU's wake-up costs tens of microseconds); the pin is
+ * dropped when a second cell starts or the cell runs longer than 2 ms, so busy sessions and
+ * CPU-bound cells use every CPU. NONE: the scheduler places workers. */
+typedef enum { ENG_AFFINITY_AUTO = 0, ENG_AFFINITY_NONE = 1 } eng_affinity_t;
+
 typedef struct eng_opts {
     const char *dir;           /* data directory (LMDB env); required */
     int nosync;                /* 1: WAL_NOSYNC (acknowledged = survives kill -9, not power loss) */
@@ -82,6 +89,7 @@ typedef struct eng_opts {
     uint32_t idle_release_ms;  /* idle expiry: a session unused this long gives its worker back
                                   (restored from the log when next used); 0 = never */
     size_t map_size;           /* initial LMDB map; 0 = 1 GiB */
+    eng_affinity_t affinity;   /* where workers run; default ENG_AFFINITY_AUTO */
 } eng_opts_t;
 
 typedef struct eng_session_opts {
@@ -261,6 +269,9 @@ typedef struct eng_stats {
      * (each run from submission to its durable FINISH): submission -> request record durable
      * (includes waiting in the session's queue) -> result from the worker -> FINISH durable */
     uint64_t timed, t_request_ns, t_run_ns, t_finish_ns;
+    /* CPU placement (eng_opts_t.affinity): executions started with their worker pinned, and
+     * pins dropped (a second execution in flight, or a lone cell past 2 ms) */
+    uint64_t pinned, unpinned;
 } eng_stats_t;
 void eng_stats(eng_t *e, eng_stats_t *out); /* any thread; a consistent-enough snapshot */
 /* The shared log's statistics (wal.h's wal_log_stats: commits, records, batch-size and

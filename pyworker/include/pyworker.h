@@ -244,6 +244,18 @@ const char *pyw_worker_python_version(const pyw_worker_t *w);
 /* 1 once READY was received and until the worker exits. */
 int pyw_worker_is_ready(const pyw_worker_t *w);
 
+/* CPU affinity of a ready worker. cpu >= 0: the worker's own threads (protocol, output reader,
+ * and the main thread that runs cells) run only on that CPU, so a request handed from a loop
+ * on that CPU to the worker and back never wakes the other, idle, CPU (on a VM that wake-up costs
+ * tens of microseconds each way). Threads a cell starts meanwhile inherit the pin. cpu = -1: every
+ * thread the worker has now goes to the CPUs of the client process's main thread (where the
+ * process is placed; a worker forked from a pinned thread inherited its pin until this). Repeating
+ * the current setting costs nothing. Returns 0, CAP_EINVAL (cpu out of range, or not allowed by the
+ * process's cpuset: the worker then stays unpinned), CAP_ECLOSED (not ready or exited), -errno. */
+int pyw_worker_set_cpu(pyw_worker_t *w, int cpu);
+/* The CPU the worker is pinned to, or -1. */
+int pyw_worker_cpu(const pyw_worker_t *w);
+
 /* ---- zygote (fork server) ---- */
 
 typedef struct pyw_zygote_options {

@@ -70,9 +70,16 @@ struct pyw_worker {
     char *pyver;
     pyw_exec_t *execs;
     int reap_tries;
+    /* CPU affinity (pyw_worker_set_cpu): the worker's own threads as listed at READY, the mask
+     * they started with, and the CPU they are pinned to (-1: none) */
+    pid_t tids[PYW_OWN_THREADS];
+    int ntids, cpu; /* cpu: -2 = inherited, unknown */
+    unsigned long mask0[PYW_MASK_WORDS];
+    size_t mask0_len;
 };
 
 static void worker_handle_exit(pyw_worker_t *w, int status);
+static void affinity_learn(pyw_worker_t *w);
 static void on_hb_timer(uv_timer_t *t);
 #define HB_ID_BIT (1ull << 63)
 static void worker_kill_for(pyw_worker_t *w, pyw_exit_reason_t why, const char *note);
@@ -508,6 +515,7 @@ static int handle_frame(pyw_worker_t *w, uint8_t type, uint64_t id, const uint8_
         }
         w->pyver = pv;
         w->ready = 1;
+        affinity_learn(w);
         uv_timer_stop(&w->start_timer);
         w->hb_last_ns = cap_now_ns();
         if (w->hb_ms)
@@ -1223,6 +1231,91 @@ void pyw_worker_close(pyw_worker_t *w)
     uv_close((uv_handle_t *)&w->hb_timer, on_handle_closed);
     if (w->pidfd >= 0)
         close(w->pidfd);
+}
+
+/* ---- CPU affinity ---- */
+
+/* At READY the worker runs exactly its own threads (main, output reader, protocol): remember
+ * them, and the mask an unpin restores: the CPUs of this process's main thread (a worker forked
+ * from a pinned thread inherited that pin: then its placement is unknown, -2, until set). Raw
+ * syscalls: the CPU set macros need _GNU_SOURCE. */
+static void affinity_learn(pyw_worker_t *w)
+{
+    char path[64];
+    unsigned long cur[PYW_MASK_WORDS] = {0};
+    w->ntids = 0;
+    memset(w->mask0, 0, sizeof w->mask0);
+    long n = syscall(SYS_sched_getaffinity, getpid(), sizeof w->mask0, w->mask0);
+    long k = syscall(SYS_sched_getaffinity, w->pid, sizeof cur, cur);
+    w->mask0_len = n > 0 ? (size_t)n : 0;
+    w->cpu = n > 0 && k > 0 && memcmp(cur, w->mask0, sizeof cur) != 0 ? -2 : -1;
+    snprintf(path, sizeof path, "/proc/%d/task", (int)w->pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL && w->ntids < PYW_OWN_THREADS) {
+        char *end;
+        long tid = strtol(e->d_name, &end, 10);
+        if (!*end && tid > 0)
+            w->tids[w->ntids++] = (pid_t)tid;
+    }
+    closedir(d);
+}
+
+static int set_mask(pid_t tid, const unsigned long *mask, size_t len)
+{
+    if (syscall(SYS_sched_setaffinity, tid, len, mask) == 0 || errno == ESRCH)
+        return 0; /* a thread that ended needs nothing */
+    return errno == EINVAL ? CAP_EINVAL : -errno;
+}
+
+int pyw_worker_set_cpu(pyw_worker_t *w, int cpu)
+{
+    if (!w || cpu < -1 || cpu >= PYW_MASK_WORDS * (int)sizeof(unsigned long) * 8)
+        return CAP_EINVAL;
+    if (!w->ready || w->exited)
+        return CAP_ECLOSED;
+    if (cpu == w->cpu)
+        return 0;
+    int rc = 0;
+    if (cpu >= 0) {
+        unsigned long one[PYW_MASK_WORDS] = {0};
+        one[cpu / (8 * sizeof(unsigned long))] = 1ul << (cpu % (8 * sizeof(unsigned long)));
+        for (int i = 0; i < w->ntids && !rc; i++)
+            rc = set_mask(w->tids[i], one, sizeof one);
+        if (rc) {
+            for (int i = 0; i < w->ntids; i++)
+                (void)set_mask(w->tids[i], w->mask0, w->mask0_len);
+            w->cpu = -1;
+            return rc;
+        }
+    } else {
+        /* every thread the process has now: those a cell started while pinned inherited the pin
+         */
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/task", (int)w->pid);
+        DIR *d = opendir(path);
+        if (!d)
+            return -errno;
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            char *end;
+            long tid = strtol(e->d_name, &end, 10);
+            if (!*end && tid > 0 && !rc)
+                rc = set_mask((pid_t)tid, w->mask0, w->mask0_len);
+        }
+        closedir(d);
+        if (rc)
+            return rc;
+    }
+    w->cpu = cpu;
+    return 0;
+}
+
+int pyw_worker_cpu(const pyw_worker_t *w)
+{
+    return w->ready && w->cpu >= 0 ? w->cpu : -1;
 }
 
 int pyw_worker_pid(const pyw_worker_t *w)

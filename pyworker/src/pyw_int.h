@@ -9,6 +9,11 @@
 #include "pyworker.h"
 #include "pyw_proto.h"
 
+/* A worker's own threads: main (cells), output reader, protocol. */
+#define PYW_OWN_THREADS 3
+/* CPU masks handled: 1024 CPUs. */
+#define PYW_MASK_WORDS 16
+
 /* Creates the client-side object for a started worker: sock is our end of its socket (owned from
  * here on), pid its pid (the caller must be its parent or subreaper), cgroup the directory it
  * joins ("" for none; removed when it exits). Starts reading, reaping and the start timer. */

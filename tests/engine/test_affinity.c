@@ -1,0 +1,128 @@
+/*
+ * test_affinity.c - CPU placement of an execution (eng_opts_t.affinity), observed by the cells
+ * themselves through the kernel: with ENG_AFFINITY_AUTO a lone execution's worker runs on one
+ * CPU, the same as the engine's loop and wal threads; a cell that runs longer than 2 ms is
+ * unpinned, an execution started while another is in flight is not pinned and unpins the
+ * engine's threads, and a lone execution afterwards is pinned again.
+ * ENG_AFFINITY_NONE pins nothing.
+ */
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cap.h"
+#include "eng_test.h"
+
+/* The cell's answer: "n/k": the CPUs its thread may use, and how many threads of the engine
+ * process (its parent) are pinned to exactly the cell's own set when that is one CPU. */
+static const char *PLACE =
+    "import os\n"
+    "mine = os.sched_getaffinity(0)\n"
+    "tasks = os.listdir('/proc/%d/task' % os.getppid())\n"
+    "k = sum(1 for t in tasks if len(mine) == 1 and os.sched_getaffinity(int(t)) == mine)\n"
+    "'%d/%d' % (len(mine), k)";
+
+static char *place(eng_t *e, const char *sid, const char *prefix)
+{
+    char code[1024];
+    snprintf(code, sizeof code, "%s%s", prefix, PLACE);
+    eng_result_t *r = etest_run(e, sid, NULL, code);
+    if (r->status != ENG_ST_OK)
+        fprintf(stderr, "cell failed: %s: %s\n%s\n", r->etype ? r->etype : "?",
+                r->emsg ? r->emsg : "", r->traceback ? r->traceback : "");
+    CHECK_EQ(r->status, ENG_ST_OK);
+    char *v = cap_strdup(r->repr);
+    eng_result_free(r);
+    return v;
+}
+
+static void expect_place(eng_t *e, const char *sid, const char *prefix, const char *want)
+{
+    char *v = place(e, sid, prefix);
+    if (strcmp(v, want) != 0)
+        fprintf(stderr, "placement in %s after '%s': got %s, want %s\n", sid, prefix, v, want);
+    CHECK_STREQ(v, want);
+    cap_free(v);
+}
+
+static atomic_int g_done;
+static void on_done(void *arg, const eng_result_t *r)
+{
+    (void)arg;
+    CHECK_EQ(r->status, ENG_ST_OK);
+    atomic_store(&g_done, 1);
+}
+
+int main(void)
+{
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    if (ncpu < 2) {
+        fprintf(stderr, "affinity: skipped (1 CPU)\n");
+        return 0;
+    }
+    char all[32], lone[32];
+    snprintf(all, sizeof all, "'%ld/0'", ncpu);
+    char *dir = check_tmpdir("eng-affinity");
+    eng_t *e = etest_open(dir, 1); /* the default: ENG_AFFINITY_AUTO */
+    CHECK_OK(eng_session_open(e, "a", NULL, NULL));
+    CHECK_OK(eng_session_open(e, "b", NULL, NULL));
+    /* lone: one CPU, shared with the loop and the wal's threads (loop, writer).
+     * A cell whose wall time passes 2 ms (a loaded machine) is unpinned: a few tries. */
+    char *v = NULL;
+    int n = 0, k = 0;
+    for (int i = 0; i < 50 && n != 1; i++) {
+        cap_free(v);
+        v = place(e, "a", "");
+        CHECK_EQ(sscanf(v, "'%d/%d'", &n, &k), 2);
+    }
+    CHECK_EQ(n, 1);
+    if (k < 2)
+        fprintf(stderr, "lone placement %s\n", v);
+    CHECK(k >= 2);
+    snprintf(lone, sizeof lone, "%s", v);
+    cap_free(v);
+    /* a cell that runs past 2 ms is let go (the engine's threads keep their place) */
+    v = place(e, "a", "import time\ntime.sleep(0.03)\n");
+    CHECK_EQ(sscanf(v, "'%d/%d'", &n, &k), 2);
+    CHECK_EQ(n, (int)ncpu);
+    cap_free(v);
+    /* two in flight: the second is not pinned, nor are the engine's threads */
+    eng_exec_req_t rq = {0};
+    rq.sid = "a";
+    rq.code = "import time\ntime.sleep(0.3)";
+    eng_exec_cb_t cb = {0};
+    cb.on_done = on_done;
+    CHECK_OK(eng_execute(e, &rq, &cb, NULL));
+    usleep(50000);
+    expect_place(e, "b", "", all);
+    while (!atomic_load(&g_done))
+        usleep(1000);
+    /* after it: lone again, on the engine's CPU */
+    usleep(30000);
+    v = place(e, "b", "");
+    for (int i = 0; i < 50 && strcmp(v, lone) != 0; i++) {
+        cap_free(v);
+        v = place(e, "b", "");
+    }
+    CHECK_STREQ(v, lone);
+    cap_free(v);
+    eng_close(e);
+    check_rmtree(dir);
+
+    /* ENG_AFFINITY_NONE */
+    eng_opts_t o = {0};
+    o.dir = dir;
+    o.nosync = 1;
+    o.map_size = 64u << 20;
+    o.affinity = ENG_AFFINITY_NONE;
+    CHECK_OK(eng_open(&o, &e));
+    CHECK_OK(eng_session_open(e, "a", NULL, NULL));
+    expect_place(e, "a", "", all);
+    expect_place(e, "a", "", all);
+    eng_close(e);
+    check_rmtree(dir);
+    cap_free(dir);
+    fprintf(stderr, "affinity: ok\n");
+    return 0;
+}
