@@ -77,8 +77,9 @@ enum {
     ENG_STEP_SLEEP = 3,
     ENG_STEP_AWAIT = 4,
     ENG_STEP_PRELOAD = 5,
-    ENG_STEP_START = 6,  /* the running mark (no reply): held, see eng__mark_* */
-    ENG_STEP_ATTEMPT = 7 /* a failed attempt that will be retried */
+    ENG_STEP_START = 6,   /* the running mark (no reply): held, see eng__mark_* */
+    ENG_STEP_ATTEMPT = 7, /* a failed attempt that will be retried */
+    ENG_STEP_CHILD = 8    /* an attempt of a task with its own limits, in its own session */
 };
 /* How long a running mark is held before it is written (a step that ends sooner writes only its
  * result: one record, one commit). */
@@ -114,6 +115,12 @@ char *eng__ext_pid(const char *sid, const char *name);
 /* Performs st's operation on the promise store (blocks for the commit) and fills the reply. */
 void eng__step_run(prom_store_t *ps, eng_step_t *st);
 void eng__step_free(eng_step_t *st);
+/* CHILD: the id of the session and of the execution that run an attempt of step `path` of eid
+ * ("<eid>-t<path>", cap_malloc'd), NULL if it would not be a valid id. */
+char *eng__child_id(const char *eid, const char *path);
+/* CHILD: fills st's reply from the child execution's result: RESOLVED with its repr (the
+ * pickled outcome the child cell returns), else REJECTED with what ended it. */
+void eng__child_answer(eng_step_t *st, const eng_result_t *r);
 /* Running marks (loop thread). hold: keeps START st (owned) until `due`. drop: forgets the mark
  * of eid/path (its result is being recorded). flush: writes every mark due at `now` as the
  * step's pending promise without waiting for durability, and returns the next due time

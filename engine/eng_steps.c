@@ -305,6 +305,41 @@ void eng__step_free(eng_step_t *st)
     cap_free(st);
 }
 
+/* ---- tasks with their own limits ---- */
+
+char *eng__child_id(const char *eid, const char *path)
+{
+    size_t n = strlen(eid) + strlen(path) + 3;
+    char *id = cap_malloc(n);
+    snprintf(id, n, "%s-t%s", eid, path);
+    if (!eng__id_valid(id)) {
+        cap_free(id);
+        return NULL;
+    }
+    return id;
+}
+
+void eng__child_answer(eng_step_t *st, const eng_result_t *r)
+{
+    static const char *what[] = {"ok", "error", "cancelled", "timed out", "died", "refused"};
+    cap_free(st->out);
+    if (r->status == ENG_ST_OK && r->repr) {
+        st->state = ENG_STEP_RESOLVED;
+        st->out = (uint8_t *)cap_strdup(r->repr);
+        st->out_len = strlen(r->repr);
+        return;
+    }
+    char msg[512];
+    int s = r->status >= ENG_ST_OK && r->status <= ENG_ST_REFUSED ? (int)r->status : 1;
+    snprintf(msg, sizeof msg, "%s%s%s%s%s", what[s], r->etype || r->emsg ? ": " : "",
+             r->etype ? r->etype : "", r->etype && r->emsg ? ": " : "", r->emsg ? r->emsg : "");
+    if (r->status == ENG_ST_REFUSED && !r->emsg)
+        snprintf(msg, sizeof msg, "refused: %s", cap_strerror(r->err));
+    st->state = ENG_STEP_REJECTED;
+    st->out = (uint8_t *)cap_strdup(msg);
+    st->out_len = strlen(msg);
+}
+
 /* ---- running marks ---- */
 
 void eng__mark_hold(eng_step_t **marks, eng_step_t *st)

@@ -1099,7 +1099,8 @@ static void step_after(uv_work_t *req, int status)
     j->m.fn(j->e, &j->m);
 }
 
-static void step_submit(eng_t *e, exec_t *x, eng_step_t *st)
+/* The job of step st of execution x (answered by step_done to x's worker of now). */
+static job_t *step_job(eng_t *e, exec_t *x, eng_step_t *st)
 {
     job_t *j = job_new(J_GET, x->eid, step_done);
     j->e = e;
@@ -1107,6 +1108,12 @@ static void step_submit(eng_t *e, exec_t *x, eng_step_t *st)
     j->x = x;
     x->refs++;
     j->aux = (int)x->wid;
+    return j;
+}
+
+static void step_submit(eng_t *e, exec_t *x, eng_step_t *st)
+{
+    job_t *j = step_job(e, x, st);
     uv_work_t *req = cap_calloc(1, sizeof(*req));
     req->data = j;
     if (uv_queue_work(e->loop, req, step_work, step_after) != 0) {
@@ -1197,6 +1204,113 @@ static void on_prom_settle(void *arg, const char *id)
     post(e, &sm->m);
 }
 
+/* ---- a task with its own limits (op CHILD): its attempt runs as the execution "<eid>-t<path>"
+ * of the session of the same id, opened with the task's CPU limit (so in a worker of its own). A
+ * pool thread opens the session (blocking) and starts the execution; its on_done (loop) answers
+ * the parent's worker like any step, then a pool thread closes the session. ---- */
+typedef struct child_work {
+    eng_t *e;
+    job_t *j;
+    int started; /* eng_execute took it: child_on_done answers */
+    char *sid;   /* closing: the session */
+} child_work_t;
+
+static void child_close_work(uv_work_t *req)
+{
+    child_work_t *cw = req->data;
+    eng_session_close(cw->e, cw->sid);
+}
+
+static void child_close_after(uv_work_t *req, int status)
+{
+    (void)status;
+    child_work_t *cw = req->data;
+    cap_free(cw->sid);
+    cap_free(cw);
+    cap_free(req);
+}
+
+static void child_on_done(void *arg, const eng_result_t *r)
+{
+    job_t *j = arg;
+    eng_t *e = j->e;
+    eng__child_answer(j->step, r);
+    step_done(e, &j->m); /* answers the parent's worker (if it still waits); frees j */
+    if (!r->sid || e->closing)
+        return;
+    child_work_t *cw = cap_calloc(1, sizeof *cw);
+    cw->e = e;
+    cw->sid = cap_strdup(r->sid);
+    uv_work_t *req = cap_calloc(1, sizeof(*req));
+    req->data = cw;
+    if (uv_queue_work(e->loop, req, child_close_work, child_close_after) != 0)
+        child_close_after(req, 0);
+}
+
+static void child_work(uv_work_t *req)
+{
+    child_work_t *cw = req->data;
+    job_t *j = cw->j;
+    eng_step_t *st = j->step;
+    char *id = eng__child_id(st->eid, st->path);
+    int rc = id ? 0 : CAP_EINVAL;
+    eng_session_opts_t o = {0};
+    o.cpu_seconds = (uint32_t)(st->num > UINT32_MAX ? UINT32_MAX : st->num);
+    if (!rc)
+        rc = eng_session_open(j->e, id, &o, NULL);
+    if (rc == CAP_EEXIST)
+        rc = 0;
+    if (!rc) {
+        eng_exec_req_t rq = {0};
+        rq.sid = id;
+        rq.eid = id;
+        rq.code = (const char *)st->in;
+        rq.len = st->in_len;
+        eng_exec_cb_t cb = {0};
+        cb.on_done = child_on_done;
+        cw->started = 1;
+        if ((rc = eng_execute(j->e, &rq, &cb, j)))
+            cw->started = 0;
+    }
+    if (rc) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "its session could not start: %s",
+                 id ? cap_strerror(rc) : "the step's id is too long for a session id");
+        st->state = ENG_STEP_FAILED;
+        st->out = (uint8_t *)cap_strdup(msg);
+        st->out_len = strlen(msg);
+    }
+    cap_free(id);
+}
+
+static void child_after(uv_work_t *req, int status)
+{
+    (void)status;
+    child_work_t *cw = req->data;
+    if (!cw->started) /* refused: answer now */
+        cw->j->m.fn(cw->j->e, &cw->j->m);
+    cap_free(cw);
+    cap_free(req);
+}
+
+static void child_submit(eng_t *e, exec_t *x, eng_step_t *st)
+{
+    job_t *j = step_job(e, x, st);
+    st->in = cap_realloc(st->in, st->in_len + 1); /* the cell's code, 0-terminated */
+    st->in[st->in_len] = 0;
+    child_work_t *cw = cap_calloc(1, sizeof *cw);
+    cw->e = e;
+    cw->j = j;
+    uv_work_t *req = cap_calloc(1, sizeof(*req));
+    req->data = cw;
+    if (uv_queue_work(e->loop, req, child_work, child_after) != 0) {
+        cap_free(req);
+        cap_free(cw);
+        st->state = ENG_STEP_FAILED;
+        step_done(e, &j->m);
+    }
+}
+
 /* Writes the running marks that are due and re-arms for the next. */
 static void on_mtimer(uv_timer_t *t)
 {
@@ -1237,7 +1351,10 @@ static void pcb_promise(pyw_worker_t *w, uint64_t wid, const pyw_promise_req_t *
     }
     if (q->op == ENG_STEP_SETTLE || q->op == ENG_STEP_ATTEMPT)
         eng__mark_drop(&e->marks, st->eid, st->path); /* written with the record */
-    step_submit(e, x, st);
+    if (q->op == ENG_STEP_CHILD)
+        child_submit(e, x, st);
+    else
+        step_submit(e, x, st);
 }
 
 static eng_tx_t exec_tx(const exec_t *x)

@@ -139,7 +139,8 @@ typedef struct eng_task_info {
     char *kind;        /* "step" or "sleep" */
     const char *state; /* "completed", "failed", "running" (pending while its execution is
                         * unfinished), "pending" (left pending by an execution that ended) */
-    uint32_t attempts; /* attempts made, recorded when it settled (0 while pending) */
+    uint32_t attempts; /* attempts made, recorded when it settled; while pending: the failed
+                        * attempts recorded + 1 */
     int64_t created_at, settled_at, timeout_at; /* ms since the epoch; 0 = none */
 } eng_task_info_t;
 /* The steps of execution eid in path order (durable state only). Returns 0, CAP_ENOTFOUND (no

@@ -141,7 +141,8 @@ typedef struct pyw_exit {
  * ARCHITECTURE.md "Durable steps"). Answer with pyw_worker_promise_reply. */
 typedef struct pyw_promise_req {
     int op;            /* PYW_PO_*: 1 open, 2 settle, 3 sleep, 4 await an external promise, 5
-                        * preload, 6 start (answer NOTHING), 7 a failed attempt */
+                        * preload, 6 start (answer NOTHING), 7 a failed attempt, 8 an
+                        * attempt in its own session (data = the cell, num = CPU seconds) */
     const char *name;  /* the step's path below the execution ("1", "2.1"): [0-9.]{1,200};
                         * await: the user's promise id, [A-Za-z0-9._-]{1,128} */
     const char *label; /* start/settle/attempt: the task's name (may be empty) */

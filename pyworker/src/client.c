@@ -575,7 +575,7 @@ static int handle_frame(pyw_worker_t *w, uint8_t type, uint64_t id, const uint8_
                                    ? "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU"
                                      "VWXYZ0123456789._-"
                                    : "0123456789.";
-        int bad = op < PYW_PO_OPEN || op > PYW_PO_ATTEMPT || !name[0] ||
+        int bad = op < PYW_PO_OPEN || op > PYW_PO_CHILD || !name[0] ||
                   strlen(name) > (op == PYW_PO_AWAIT ? 128u : 200u) ||
                   strspn(name, ok_chars) != strlen(name);
         if (bad && op == PYW_PO_START)

@@ -87,6 +87,10 @@ enum {
                          * param): the running mark, written only if the step lasts */
     PYW_PO_ATTEMPT = 7, /* attempt `attempts` failed and will be retried: data as SETTLE's (value
                          * = the pickled error); reply after it is durable */
+    PYW_PO_CHILD = 8,   /* an attempt of a task with its own limits: the engine runs data (a
+                         * cell) as execution "<eid>-t<name>" in a session of that id with
+                         * RLIMIT_CPU = num seconds (0: none); reply RESOLVED with the cell's
+                         * repr, REJECTED with what ended it otherwise (a limit, an error) */
 };
 /* PROMISE_REPLY states. */
 enum { PYW_PS_PENDING = 0, PYW_PS_RESOLVED = 1, PYW_PS_REJECTED = 2, PYW_PS_FAILED = 3 };

@@ -198,22 +198,71 @@ static void test_retries_and_limits(eng_t *e)
     CHECK_STREQ(v[0].state, "failed");
     eng_tasks_free(v, n);
 
+    /* a task with its own limits runs in its own session and worker: another process, its
+     * helpers and imports rebuilt there, its nested steps durable under its own execution */
+    r = run_ok(e, "s", "own-1",
+               "from capsule import task, step\n"
+               "import os\n"
+               "K = 10\n"
+               "def helper(x):\n"
+               "    return x * K\n"
+               "@task(name='inner')\n"
+               "def inner(x):\n"
+               "    return x + 1\n"
+               "@task(name='own', compute='LOW', ram='64MB')\n"
+               "def own(x, y=1):\n"
+               "    return (os.getpid(), helper(x) + y, inner(x))\n"
+               "pid, v, w = own(4, y=2)\n"
+               "(pid != os.getpid(), v, w)");
+    CHECK_STREQ(r->repr, "(True, 42, 5)");
+    eng_result_free(r);
+    CHECK_OK(eng_tasks_list(e, "own-1", &v, &n));
+    CHECK_EQ(n, 1);
+    CHECK_STREQ(v[0].name, "own");
+    CHECK_STREQ(v[0].state, "completed");
+    eng_tasks_free(v, n);
+    CHECK_OK(eng_tasks_list(e, "own-1-t1", &v, &n)); /* the child execution's own step */
+    CHECK_EQ(n, 1);
+    CHECK_STREQ(v[0].name, "inner");
+    CHECK_STREQ(v[0].state, "completed");
+    eng_tasks_free(v, n);
+
 #ifndef __SANITIZE_ADDRESS__
-    /* ram: allocating beyond the task's limit is a MemoryError naming it; the session lives.
-     * (An ASan worker's allocator aborts on an allocation failure instead of raising.) */
+    /* ram: allocating beyond the task's limit is a MemoryError naming it, raised in its own
+     * worker; the caller's session lives. (An ASan worker's allocator aborts on an allocation
+     * failure instead of raising.) */
     r = etest_run(e, "s", "ram-1",
                   "from capsule import task\n"
-                  "@task(ram='32MB')\n"
+                  "@task(ram='64MB')\n"
                   "def big():\n"
-                  "    return len(bytearray(400_000_000))\n"
+                  "    return len(bytearray(200_000_000))\n"
                   "big()");
     CHECK_EQ(r->status, ENG_ST_ERROR);
     CHECK_STREQ(r->etype, "MemoryError");
-    CHECK(strstr(r->emsg, "memory limit (ram=32MB) exceeded") != NULL);
+    CHECK(strstr(r->emsg, "memory limit (ram=64MB) exceeded") != NULL);
     eng_result_free(r);
-    /* the limit is lifted after the task: the same allocation outside it works */
-    etest_expect(e, "s", "len(bytearray(400_000_000))", "400000000");
+    /* the caller's worker never had the limit: the same allocation there works */
+    etest_expect(e, "s", "len(bytearray(200_000_000))", "200000000");
 #endif
+    /* compute: CPU seconds of the task's own worker (RLIMIT_CPU): a spinning task is stopped,
+     * the caller gets a TaskError saying why, and its session lives */
+    t0 = now_s();
+    r = etest_run(e, "s", "cpu-1",
+                  "from capsule import task\n"
+                  "@task(name='spin', compute=1)\n"
+                  "def spin():\n"
+                  "    while True:\n"
+                  "        pass\n"
+                  "spin()");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK_STREQ(r->etype, "TaskError");
+    CHECK(strstr(r->emsg, "CPU time limit") != NULL);
+    fprintf(stderr, "compute=1: %s (%.1f s)\n", r->emsg, now_s() - t0);
+    eng_result_free(r);
+    CHECK_OK(eng_tasks_list(e, "cpu-1", &v, &n));
+    CHECK_STREQ(v[0].state, "failed");
+    eng_tasks_free(v, n);
+    etest_expect(e, "s", "'alive'", "'alive'");
 
     /* unpicklable argument and result: clear errors at the call */
     r = etest_run(e, "s", "pickle-1",

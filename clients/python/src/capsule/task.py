@@ -25,10 +25,12 @@ at the call. Standard library only (it runs in the worker's embedded interpreter
 import contextvars
 import functools
 import json
+import marshal
 import pickle
 import re
 import threading
 import time
+import types
 
 try:  # the worker's C module: present only inside a capsule worker
     import _capsule
@@ -53,11 +55,13 @@ __all__ = [
 ]
 
 LOW, MEDIUM, HIGH = "LOW", "MEDIUM", "HIGH"
-# compute levels as CPU budgets (cores); a number is taken as is
-COMPUTE = {LOW: 0.5, MEDIUM: 1.0, HIGH: 2.0}
+# compute levels as CPU budgets: CPU seconds of one attempt in the task's own worker; a number
+# (or "90s", "5m") is taken as such a budget
+COMPUTE = {LOW: 30.0, MEDIUM: 120.0, HIGH: 600.0}
 
 # the worker protocol's PROMISE operations and reply states (pyworker/src/pyw_proto.h)
-_PO_OPEN, _PO_SETTLE, _PO_SLEEP, _PO_AWAIT, _PO_PRELOAD, _PO_START, _PO_ATTEMPT = range(1, 8)
+(_PO_OPEN, _PO_SETTLE, _PO_SLEEP, _PO_AWAIT, _PO_PRELOAD, _PO_START, _PO_ATTEMPT,
+ _PO_CHILD) = range(1, 9)
 _PS_PENDING, _PS_RESOLVED, _PS_REJECTED, _PS_FAILED = 0, 1, 2, 3
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -115,13 +119,13 @@ def parse_duration(v):
 
 
 def _parse_compute(v):
-    if isinstance(v, str) and v.upper() in COMPUTE:
-        return COMPUTE[v.upper()]
-    if isinstance(v, str) and re.fullmatch(r"\d+(\.\d+)?", v.strip()):  # a custom budget
-        v = float(v)
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
-        return float(v)
-    raise ValueError(f"compute: expected LOW, MEDIUM, HIGH or a positive number, got {v!r}")
+    if isinstance(v, str) and v.strip().upper() in COMPUTE:
+        return COMPUTE[v.strip().upper()]
+    try:
+        return parse_duration(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"compute: expected LOW, MEDIUM, HIGH or CPU seconds (like 90, '90s', "
+                         f"'5m'), got {v!r}") from None
 
 
 # ---- the step context: which promise a call becomes ----
@@ -316,7 +320,7 @@ class Task:
     """A function made durable by ``@task``. Calling it inside a capsule execution is a durable
     step; elsewhere it is a plain call. ``fn`` is the undecorated function."""
 
-    def __init__(self, fn, name=None, compute=LOW, ram=None, timeout=None, max_retries=0):
+    def __init__(self, fn, name=None, compute=None, ram=None, timeout=None, max_retries=0):
         if not callable(fn):
             raise TypeError(f"task: {fn!r} is not callable")
         if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
@@ -325,7 +329,8 @@ class Task:
             raise ValueError(f"name: expected a non-empty string, got {name!r}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "task")
-        self.compute = _parse_compute(compute)
+        self.compute_text = compute
+        self.compute = _parse_compute(compute) if compute is not None else None
         self.ram_text = ram
         self.ram = parse_size(ram) if ram is not None else None
         self.timeout = parse_duration(timeout) if timeout is not None else None
@@ -344,17 +349,24 @@ class Task:
             self._top_call = (_capsule.exec_id(), result)
         return result
 
-    def _attempt(self, args, kwargs):
+    def _options(self):
+        return {"name": self.name, "compute": self.compute_text, "ram": self.ram_text,
+                "timeout": self.timeout, "max_retries": self.max_retries}
+
+    def _attempt(self, path, attempt, param, args, kwargs):
+        if self.ram is not None or self.compute is not None:  # its own limits: its own worker
+            return _run_in_child(self, path, attempt, param)
         with _Ram(self.ram, self.name, self.ram_text), _Alarm(self.timeout, self.name):
             return self.fn(*args, **kwargs)
 
 
-def task(fn=None, *, name=None, compute=LOW, ram=None, timeout=None, max_retries=0):
+def task(fn=None, *, name=None, compute=None, ram=None, timeout=None, max_retries=0):
     """Decorator: ``@task`` or ``@task(name="main", compute="LOW", ram="64MB", timeout="30s",
     max_retries=1)``. ``max_retries`` is the number of retries after a failed attempt (with
     exponential backoff); ``timeout`` bounds each attempt; ``ram`` bounds the memory the task may
-    add to its worker; ``compute`` (LOW/MEDIUM/HIGH or a number of cores) is validated and
-    recorded."""
+    add to its worker; ``compute`` (LOW = 30, MEDIUM = 120, HIGH = 600 CPU seconds, or a number
+    of CPU seconds) bounds the CPU time of an attempt. A task with ``ram`` or ``compute`` runs
+    each attempt in its own session and worker (created by the engine with those limits)."""
     def wrap(f):
         return Task(f, name=name, compute=compute, ram=ram, timeout=timeout,
                     max_retries=max_retries)
@@ -391,7 +403,7 @@ def _run_step(t, args, kwargs):
         while True:
             attempts += 1
             try:
-                result = t._attempt(args, kwargs)
+                result = t._attempt(path, attempts, param, args, kwargs)
                 break
             except (KeyboardInterrupt, SystemExit, GeneratorExit):
                 raise  # a cancel or exit is not the task's failure: nothing is recorded
@@ -416,6 +428,113 @@ def _run_step(t, args, kwargs):
         raise err from None
     _call(_PO_SETTLE, path, attempts, _PS_RESOLVED, _body(param, blob), t.name)
     return result
+
+
+# ---- a task with its own limits: its own session/worker ----
+
+def _code_names(code):
+    names = set(code.co_names)
+    for k in code.co_consts:
+        if isinstance(k, types.CodeType):
+            names |= _code_names(k)
+    return names
+
+
+def _export(fn):
+    """`fn` (a function or Task of the session) as data another worker can rebuild: the marshalled
+    code of it and of every function of the session its code names (transitively), modules by
+    name, Tasks with their options, other globals it names as pickles (left out if they do not
+    pickle). Returns (encoded fn, {global name: encoded value})."""
+    glb = fn.fn.__globals__ if isinstance(fn, Task) else fn.__globals__
+    names = {}
+
+    def enc(v):
+        if isinstance(v, types.ModuleType):
+            return ("mod", v.__name__)
+        if isinstance(v, Task):
+            return ("task", enc(v.fn), v._options())
+        if isinstance(v, types.FunctionType) and v.__globals__ is glb:
+            for n in _code_names(v.__code__):
+                if n not in names and n in glb:
+                    names[n] = None  # visiting (recursion)
+                    names[n] = enc(glb[n])
+            cells = tuple(enc(c.cell_contents) for c in v.__closure__ or ())
+            return ("fn", marshal.dumps(v.__code__), v.__name__,
+                    pickle.dumps((v.__defaults__, v.__kwdefaults__), protocol=5), cells)
+        try:
+            return ("pickle", pickle.dumps(v, protocol=5))
+        except Exception:  # noqa: BLE001 - not carried: a NameError if the task uses it
+            return None
+
+    top = enc(fn)
+    return top, {n: v for n, v in names.items() if v is not None}
+
+
+def _import(v, ns):
+    kind = v[0]
+    if kind == "mod":
+        import importlib
+
+        return importlib.import_module(v[1])
+    if kind == "task":
+        return Task(_import(v[1], ns), **v[2])
+    if kind == "fn":
+        cells = tuple(types.CellType(_import(c, ns) if c else None) for c in v[4])
+        defaults, kwdefaults = pickle.loads(v[3])
+        f = types.FunctionType(marshal.loads(v[1]), ns, v[2], defaults, cells or None)
+        f.__kwdefaults__ = kwdefaults
+        return f
+    return pickle.loads(v[1])
+
+
+def _run_in_child(t, path, attempt, param):
+    """One attempt of `t` in its own session and worker: the engine opens the session
+    ``<eid>-t<path>`` with the task's CPU limit and runs there, as the execution of the same id,
+    a cell that rebuilds the task and calls it (`_child_main`); its result (or error) comes back
+    as a pickle. The child's own steps are durable under that execution."""
+    blob = pickle.dumps({"fn": _export(t), "param": param, "attempt": attempt}, protocol=5)
+    code = f"import capsule\ncapsule._child_main(globals(), {blob!r})\n"
+    cpu = 0 if t.compute is None else max(1, int(-(-t.compute // 1)))
+    state, _, _, value = _call(_PO_CHILD, path, attempt, cpu, code.encode(), t.name)
+    text = value.decode("utf-8", "replace")
+    if state != _PS_RESOLVED:  # the child's worker died (a limit), or it could not run
+        raise TaskError(f"task {t.name!r} (its own worker): {text}")
+    import base64
+
+    kind, payload = pickle.loads(base64.b64decode(text.strip("'")))
+    if kind == "ok":
+        return pickle.loads(payload)
+    _recorded(_PS_REJECTED, payload, t.name)
+
+
+def _child_main(ns, blob):
+    """The cell of a task's own session: rebuilds the task's functions in this namespace, calls
+    it once (its ram and timeout applied here) and returns base64(pickle((kind, pickle)))."""
+    import base64
+
+    d = pickle.loads(blob)
+    (top, names), param = d["fn"], d["param"]
+    for n, v in names.items():
+        try:
+            ns[n] = _import(v, ns)
+        except Exception:  # noqa: BLE001 - not rebuildable here: a NameError if used
+            pass
+    t = _import(top, ns)
+    t = t if isinstance(t, Task) else Task(t)
+    _, args, kwargs = pickle.loads(param)
+    try:
+        with _Ram(t.ram, t.name, t.ram_text), _Alarm(t.timeout, t.name):
+            r = t.fn(*args, **kwargs)
+        try:
+            out = ("ok", pickle.dumps(r, protocol=5))
+        except Exception as e:  # noqa: BLE001
+            out = ("err", _pickle_error(t.name, TypeError(
+                f"task {t.name!r}: its result cannot be pickled: {type(e).__name__}: {e}")))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001
+        out = ("err", _pickle_error(t.name, e))
+    return base64.b64encode(pickle.dumps(out, protocol=5)).decode()
 
 
 def _run_main(ns, name, argv):
