@@ -25,11 +25,31 @@ from .errors import (
     ServerError,
     WorkerDied,
 )
-from .pool import PoolConfig, SessionPool
-from .session import Checkpoint, DurableSession, Session
-from .types import ExecutionResult, Message
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what __getattr__ below loads, for type checkers
+    from .pool import PoolConfig, SessionPool
+    from .session import Checkpoint, DurableSession, Session
+    from .types import ExecutionResult, Message
 
 __version__ = "0.1.0"
+
+# The client (httpx, websockets, asyncio) is imported on first use: `from capsule import task` in a
+# plain `python3 hello.py` and the CLI's subcommands load only what they use.
+_LAZY = {"Session": "session", "DurableSession": "session", "Checkpoint": "session",
+         "SessionPool": "pool", "PoolConfig": "pool", "ExecutionResult": "types",
+         "Message": "types"}
+
+
+def __getattr__(name: str) -> object:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'capsule' has no attribute {name!r}")
+    import importlib
+
+    v = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = v
+    return v
 
 __all__ = [
     "Session", "DurableSession", "SessionPool", "PoolConfig", "Checkpoint", "ExecutionResult",
