@@ -394,6 +394,10 @@ def run_cell(cell_no, cell_id, source):
     try:
         code, has_last = _compile(source, filename)
     except BaseException as e:  # SyntaxError and friends: nothing ran
+        if isinstance(e, KeyboardInterrupt) and _capsule.cancel_requested():
+            _capsule.cancel_ack()  # cancelled while compiling: a cancel, not an error
+            return (2, None, None, type(e).__name__, "", _format_tb(e), None,
+                    "the cell was cancelled before it ran")
         return (1, None, None, type(e).__name__, str(e), _format_tb(e), None,
                 "the cell did not compile")
     if _ns is not None:
