@@ -74,6 +74,7 @@ typedef struct wref {
 typedef struct listener {
     eng_exec_cb_t cb;
     void *arg;
+    int accepted; /* on_accepted was called (it waits for the execution to be durable) */
 } listener_t;
 
 enum { X_CREATING, X_QUEUED, X_RUNNING, X_FINISHING, X_DONE };
@@ -780,6 +781,18 @@ static void queue_remove(session_t *s, exec_t *x)
     s->qlen--;
 }
 
+/* on_accepted for every listener still waiting for it (the execution is durable now). */
+static void exec_notify_accepted(exec_t *x)
+{
+    for (size_t i = 0; i < x->nls; i++) {
+        if (x->ls[i].accepted)
+            continue;
+        x->ls[i].accepted = 1;
+        if (x->ls[i].cb.on_accepted)
+            x->ls[i].cb.on_accepted(x->ls[i].arg, x->eid);
+    }
+}
+
 static void exec_create_done(eng_t *e, eng_msg_t *m)
 {
     job_t *j = (job_t *)m;
@@ -824,6 +837,7 @@ static void exec_create_done(eng_t *e, eng_msg_t *m)
     x->created = 1;
     x->t_req = cap_now_ns();
     x->st = X_QUEUED;
+    exec_notify_accepted(x); /* the execution is durably recorded: now it is accepted */
     if (x->cancel_req || s->st == S_CLOSING) {
         queue_remove(s, x);
         stats_add(e, (eng_stats_t){.queued = (uint32_t)-1});
@@ -1632,6 +1646,7 @@ static void exec_listen(exec_t *x, const eng_exec_cb_t *cb, void *arg)
     x->ls = cap_realloc(x->ls, (x->nls + 1) * sizeof(*x->ls));
     x->ls[x->nls].cb = *cb;
     x->ls[x->nls].arg = arg;
+    x->ls[x->nls].accepted = 0;
     x->nls++;
 }
 
@@ -1658,8 +1673,8 @@ static void do_execute(eng_t *e, eng_msg_t *m)
     if (x) {
         /* the same id again: attach to the running execution */
         exec_listen(x, &c->cb, c->arg);
-        if (c->cb.on_accepted)
-            c->cb.on_accepted(c->arg, x->eid);
+        if (x->created) /* durable already; otherwise exec_create_done accepts it */
+            exec_notify_accepted(x);
         if (x->restarted && c->cb.on_restarted)
             c->cb.on_restarted(c->arg, x->eid);
         /* what this run printed before the listener came, as one chunk (stream 0), so the
@@ -1693,9 +1708,7 @@ static void do_execute(eng_t *e, eng_msg_t *m)
     xmap_put(e, x);
     queue_push(s, x);
     stats_add(e, (eng_stats_t){.queued = 1});
-    if (c->cb.on_accepted)
-        c->cb.on_accepted(c->arg, x->eid);
-    /* 1. the request is durable before the worker sees it */
+    /* 1. the request is durable before the worker sees it, and before it is accepted */
     char *pid = exec_pid(x->eid);
     job_t *j = job_new(J_CREATE, pid, exec_create_done);
     cap_free(pid);

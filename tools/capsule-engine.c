@@ -151,6 +151,7 @@ typedef struct sub {
     int kind;
     xs_t *x;
     wsc_t *wc;        /* SUB_WS */
+    int acked;        /* SUB_WS / SUB_STREAM: the "accepted" event was sent */
     srv_req_t *req;   /* SUB_WAIT / SUB_STREAM / SUB_ACCEPT */
     struct sub *next; /* in x->subs */
 } sub_t;
@@ -475,7 +476,23 @@ static void reply_accepted(srv_req_t *req, xs_t *x)
         json_pack("{s:s,s:s,s:s}", "id", x->ceid, "session", x->csid, "status", "accepted"));
 }
 
-/* The engine queued it (or attached): a wait=false request gets its 202 now. */
+/* A WebSocket or stream subscriber's "accepted" event, once. */
+static void sub_send_accepted(sub_t *s)
+{
+    xs_t *x = s->x;
+    if (s->acked)
+        return;
+    s->acked = 1;
+    json_t *ev = json_pack("{s:s,s:s,s:s,s:I}", "type", "accepted", "eid", x->ceid, "session",
+                           x->csid, "seq", (json_int_t)x->seq);
+    if (s->kind == SUB_WS)
+        srv_ws_send(s->wc->ws, ev);
+    else
+        srv_stream_send(s->req, ev, "accepted", NULL);
+}
+
+/* The engine recorded it durably (queued, or attached to the running one): a wait=false request
+ * gets its 202 and WebSocket subscribers their "accepted" now. */
 static void on_accepted(void *arg, const char *eid)
 {
     (void)eid;
@@ -483,7 +500,9 @@ static void on_accepted(void *arg, const char *eid)
     x->accepted = 1;
     for (sub_t *s = x->subs, *next; s; s = next) {
         next = s->next;
-        if (s->kind == SUB_ACCEPT) {
+        if (s->kind == SUB_WS || s->kind == SUB_STREAM) {
+            sub_send_accepted(s);
+        } else if (s->kind == SUB_ACCEPT) {
             srv_req_on_abort(s->req, NULL, NULL);
             reply_accepted(s->req, x);
             sub_remove(x, s);
@@ -527,9 +546,13 @@ static void on_done(void *arg, const eng_result_t *r)
         sub_t *s = x->subs;
         x->subs = s->next;
         if (s->kind == SUB_WS) {
+            if (r->status != ENG_ST_REFUSED)
+                sub_send_accepted(s); /* a finished id: its recorded result is there */
             srv_ws_send(s->wc->ws, json_incref(ev));
         } else if (s->kind == SUB_STREAM) {
             srv_req_on_abort(s->req, NULL, NULL);
+            if (r->status != ENG_ST_REFUSED)
+                sub_send_accepted(s);
             srv_stream_send(s->req, json_incref(ev), "result", id);
             srv_stream_end(s->req);
         } else if (s->kind == SUB_ACCEPT && r->status != ENG_ST_REFUSED) {
@@ -1140,9 +1163,8 @@ static void h_execute(srv_req_t *req, void *arg)
     srv_req_on_abort(req, req_abort_sub, s);
     if (kind) {
         srv_stream_start(req, (srv_stream_kind_t)kind);
-        json_t *ev = json_pack("{s:s,s:s,s:s,s:I}", "type", "accepted", "eid", x->ceid, "session",
-                               x->csid, "seq", (json_int_t)x->seq);
-        srv_stream_send(req, ev, "accepted", NULL);
+        if (x->accepted) /* otherwise on_accepted sends it, once the execution is durable */
+            sub_send_accepted(s);
         if (x->out_len) /* attached to a running execution: what it printed so far */
             srv_stream_send(req,
                             json_pack("{s:s,s:s,s:s,s:I,s:s,s:i,s:o}", "type", "output", "eid",
@@ -1384,6 +1406,14 @@ static sub_t *ws_subscribed(xs_t *x, wsc_t *wc)
     return NULL;
 }
 
+/* A resuming client follows the execution's events; it gets no "accepted" (it did not ask). */
+static void ws_sub_resume(xs_t *x, wsc_t *wc)
+{
+    sub_t *s = sub_add(x, SUB_WS);
+    s->wc = wc;
+    s->acked = 1;
+}
+
 static void ws_message(srv_ws_t *ws, json_t *m, void *arg)
 {
     wsc_t *wc = arg;
@@ -1431,11 +1461,18 @@ static void ws_message(srv_ws_t *ws, json_t *m, void *arg)
             ws_err(wc, eid, "refused", cap_strerror(rc));
             goto out;
         }
-        srv_ws_send(wc->ws, json_pack("{s:s,s:s,s:s,s:I}", "type", "accepted", "eid", x->ceid,
-                                      "session", x->csid, "seq", (json_int_t)x->seq));
-        if (!ws_subscribed(x, wc)) {
-            sub_add(x, SUB_WS)->wc = wc;
+        /* "accepted" once the engine has recorded it durably (on_accepted); a refusal (full
+         * queue, unknown session) comes as a "result" with status "refused" instead */
+        sub_t *sub = ws_subscribed(x, wc);
+        if (!sub) {
+            sub = sub_add(x, SUB_WS);
+            sub->wc = wc;
+            if (x->accepted)
+                sub_send_accepted(sub);
             xs_replay_ws(x, wc, 0); /* attached to a running one: what it printed so far */
+        } else if (x->accepted) {
+            sub->acked = 0; /* the same id again on this socket: answered again */
+            sub_send_accepted(sub);
         }
     } else if (strcmp(type, "resume") == 0) {
         static const srv_field_t f[] = {{"type", SRV_JSTRING, 1},
@@ -1454,7 +1491,7 @@ static void ws_message(srv_ws_t *ws, json_t *m, void *arg)
         if (x) {
             cap_free(e);
             if (!ws_subscribed(x, wc))
-                sub_add(x, SUB_WS)->wc = wc;
+                ws_sub_resume(x, wc);
             xs_replay_ws(x, wc, (uint64_t)off);
             goto out;
         }
@@ -1547,7 +1584,7 @@ static void ws_resume_done(bjob_t *j)
             return;
         }
         if (!ws_subscribed(x, wc))
-            sub_add(x, SUB_WS)->wc = wc;
+            ws_sub_resume(x, wc);
         xs_replay_ws(x, wc, j->offset);
     } else if (j->rc == CAP_ENOTFOUND) {
         ws_err(wc, j->ceid, "execution_not_found", "no execution with this id");

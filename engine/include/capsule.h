@@ -169,9 +169,11 @@ typedef struct eng_exec_cb {
     void (*on_restarted)(void *arg, const char *eid);
     /* Exactly once: the execution finished and its result is durable (or it was refused). */
     void (*on_done)(void *arg, const eng_result_t *r);
-    /* The engine took the execution: queued (not refused), or attached to the running one.
-     * Comes before any other callback of this listener; not called when on_done answers at once
-     * (a refusal, or the recorded result of a finished id). */
+    /* The engine took the execution: its request is durably recorded (it survives kill -9
+     * from here on and will run, or re-run after a restart), queued or attached to the running
+     * one. Comes before any other callback of this listener; not called when on_done answers
+     * without it (a refusal, a request that could not be recorded, or the recorded result of a
+     * finished id). */
     void (*on_accepted)(void *arg, const char *eid);
 } eng_exec_cb_t;
 

@@ -571,6 +571,94 @@ def t_kill9(server, data, tokfile):
     assert rc == 0, err
 
 
+async def accepted_then_kill(e):
+    """Executes queued behind a sleeping one; kill -9 the moment any "accepted" arrives."""
+    socks = []
+    for k in range(4):
+        ws = await ws_open(e.port, f"ad{k}")
+        await ws.send(json.dumps({"type": "execute", "eid": f"ad{k}-sleep",
+                                  "code": "import time\ntime.sleep(5)"}))
+        socks.append(ws)
+    for ws in socks:
+        await ws_until(ws, lambda m: m["type"] == "accepted")
+    for i in range(10):
+        for k, ws in enumerate(socks):
+            await ws.send(json.dumps({"type": "execute", "eid": f"ad{k}-{i}", "code": f"{i}*2"}))
+    accepted = []
+
+    async def first(ws):
+        m = json.loads(await asyncio.wait_for(ws.recv(), 20))
+        assert m["type"] == "accepted", m  # nothing else can come before it
+        return m["eid"]
+
+    done, pending = await asyncio.wait([asyncio.ensure_future(first(ws)) for ws in socks],
+                                       return_when=asyncio.FIRST_COMPLETED)
+    e.proc.kill()  # as soon as a client holds an "accepted"
+    accepted = [t.result() for t in done]
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    e.proc.wait()
+    e.proc.stderr.read()
+    for ws in socks:  # whatever had reached the client socket before the kill counts too
+        try:
+            while True:
+                m = json.loads(await asyncio.wait_for(ws.recv(), 1))
+                if m["type"] == "accepted":
+                    accepted.append(m["eid"])
+        except Exception:
+            pass
+    return accepted
+
+
+def t_accepted_durable(server, data, tokfile):
+    """A WebSocket "accepted" means the execution is durably recorded: kill -9 right after a
+    client saw it, and the restarted server has the execution (re-run to its result). A full
+    queue answers a "refused" result and never "accepted"."""
+    e = Engine(server, data, tokfile)
+    for k in range(4):
+        assert req(e.port, "POST", "/sessions", {"id": f"ad{k}"})[0] == 201
+    loop = asyncio.new_event_loop()
+    accepted = loop.run_until_complete(accepted_then_kill(e))
+    assert accepted, "no accepted before the kill"
+    e = Engine(server, data, tokfile, ("--max-queue", "3"))
+    for eid in accepted:
+        st, r = req(e.port, "GET", f"/executions/{eid}")
+        assert st == 200, (eid, st, r)  # recorded: pending, running or finished, never lost
+        if not eid.endswith("sleep"):
+            r = wait_result(e.port, eid)
+            i = int(eid.split("-")[1])
+            assert r["status"] == "ok" and r["value"] == i * 2, (eid, r)
+
+    async def full_queue():
+        # a fresh session: ad0..ad3 may still be re-running what the kill interrupted
+        assert req(e.port, "POST", "/sessions", {"id": "fq"})[0] == 201
+        ws = await ws_open(e.port, "fq")
+        types = {}
+        for i in range(100, 120):  # more than the queue holds (3 here)
+            await ws.send(json.dumps({"type": "execute", "eid": f"fq-{i}",
+                                      "code": "import time\ntime.sleep(0.01)"}))
+        results = 0
+        while results < 20:
+            m = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            seen = types.setdefault(m["eid"], [])
+            seen.append(m["type"])
+            if m["type"] == "result":
+                results += 1
+                if m["status"] == "refused":
+                    assert seen == ["result"] and m["error"]["code"] == "queue_full", (m, seen)
+                else:
+                    assert seen[0] == "accepted" and m["status"] == "ok", (m, seen)
+        await ws.close()
+        refused = sum(1 for v in types.values() if "accepted" not in v)
+        assert 0 < refused < 20, types
+
+    loop.run_until_complete(full_queue())
+    loop.close()
+    rc, err = e.term()
+    assert rc == 0, err
+
+
 def t_graceful(server, data, tokfile):
     e = Engine(server, data, tokfile)
     opts = {"tx": "rollback_always", "timeout_ms": 30000, "mem_bytes": 0, "cpu_seconds": 60,
@@ -715,7 +803,8 @@ def t_spec_statuses(server, data, tokfile):
     call("POST", X, "/sessions/sp/executions",
          {"code": "import time\ntime.sleep(30)", "wait": False, "id": "cx"})
     call("POST", E + "/cancel", "/executions/cx/cancel")
-    assert wait_result(e.port, "cx")["status"] == "cancelled"
+    r = wait_result(e.port, "cx")
+    assert r["status"] == "cancelled", r
     # durable steps and external promises (tools/engine_tasks.c)
     T = E + "/tasks"
     call("POST", X, "/sessions/sp/executions",
@@ -819,7 +908,7 @@ def main():
             if os.environ.get("VERBOSE"):
                 sys.stderr.write(err)
         assert rc == 0, err
-        for t in (t_limit_flags, t_kill9, t_graceful, t_spec_statuses):
+        for t in (t_limit_flags, t_kill9, t_accepted_durable, t_graceful, t_spec_statuses):
             if want(t.__name__):
                 t0 = time.time()
                 t(args.server, os.path.join(tmp, t.__name__), tokfile)
