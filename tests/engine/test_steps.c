@@ -12,7 +12,11 @@
  *   - cost: a recorded step is ONE promise record and ONE wal commit (the cell with 20 steps
  *     against the same cell with none); a step that lasts shows "running" (its held mark written);
  *   - attempts across a kill -9: killed during attempt 3 of a task with max_retries=2, the re-run
- *     runs attempt 3 again (not attempts 1..3): 4 calls in all, the failure recorded with 3.
+ *     runs attempt 3 again (not attempts 1..3): 4 calls in all, the failure recorded with 3;
+ *   - a task with its own limits runs in another worker (its helpers and nested steps with it), a
+ *     ram limit there is a MemoryError while the caller lives, compute stops a spinning task;
+ *     kill -9 during its third nested step: the re-run attaches to its execution, steps 1 and 2
+ *     are not repeated.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -605,6 +609,32 @@ static void crash_paths(const char *sub, const char *logname, const char *markna
     snprintf(mark, 700, "%s/%s", g_dir, markname);
 }
 
+/* Three steps appending to LOG; step 3 blocks the first time (creating MARK: the parent kills
+ * the engine then) and completes when re-run. Formats: LOG, MARK. */
+#define THREE_STEPS                                                                                \
+    "from capsule import task\n"                                                                   \
+    "import os, time\n"                                                                            \
+    "LOG, MARK = '%s', '%s'\n"                                                                     \
+    "def note(s):\n"                                                                               \
+    "    with open(LOG, 'a') as f:\n"                                                              \
+    "        f.write(s + '\\n')\n"                                                                 \
+    "@task\n"                                                                                      \
+    "def step1():\n"                                                                               \
+    "    note('step1')\n"                                                                          \
+    "    return 1\n"                                                                               \
+    "@task\n"                                                                                      \
+    "def step2(x):\n"                                                                              \
+    "    note('step2')\n"                                                                          \
+    "    return x + 1\n"                                                                           \
+    "@task\n"                                                                                      \
+    "def step3(x):\n"                                                                              \
+    "    note('step3-start')\n"                                                                    \
+    "    if not os.path.exists(MARK):\n"                                                           \
+    "        open(MARK, 'w').close()\n"                                                            \
+    "        time.sleep(60)\n"                                                                     \
+    "    note('step3')\n"                                                                          \
+    "    return x + 1\n"
+
 static void test_kill9_workflow(const char *self)
 {
     char dir[600], log[700], mark[700], code[4096];
@@ -612,40 +642,18 @@ static void test_kill9_workflow(const char *self)
     /* step 3 blocks the first time (the parent kills the engine then); the re-run finds the
      * marker and completes */
     snprintf(code, sizeof code,
-             "from capsule import task\n"
-             "import os, time\n"
-             "LOG, MARK = '%s', '%s'\n"
-             "def note(s):\n"
-             "    with open(LOG, 'a') as f:\n"
-             "        f.write(s + '\\n')\n"
-             "@task\n"
-             "def step1():\n"
-             "    note('step1')\n"
-             "    return 1\n"
-             "@task\n"
-             "def step2(x):\n"
-             "    note('step2')\n"
-             "    return x + 1\n"
-             "@task\n"
-             "def step3(x):\n"
-             "    note('step3-start')\n"
-             "    if not os.path.exists(MARK):\n"
-             "        open(MARK, 'w').close()\n"
-             "        time.sleep(60)\n"
-             "    note('step3')\n"
-             "    return x + 1\n"
-             "@task\n"
-             "def boom():\n"
-             "    note('boom')\n"
-             "    raise ValueError('recorded')\n"
-             "@task(name='main')\n"
-             "def main():\n"
-             "    try:\n"
-             "        boom()\n"
-             "    except ValueError as e:\n"
-             "        r = str(e)\n"
-             "    return [step1(), step2(1), step3(2), r]\n"
-             "main()",
+             THREE_STEPS "@task\n"
+                         "def boom():\n"
+                         "    note('boom')\n"
+                         "    raise ValueError('recorded')\n"
+                         "@task(name='main')\n"
+                         "def main():\n"
+                         "    try:\n"
+                         "        boom()\n"
+                         "    except ValueError as e:\n"
+                         "        r = str(e)\n"
+                         "    return [step1(), step2(1), step3(2), r]\n"
+                         "main()",
              log, mark);
     run_until_mark_then_kill(self, dir, "wf-run-1", code, mark, 50000);
     char *t = slurp(log);
@@ -766,6 +774,40 @@ static void test_kill9_attempts(const char *self)
     eng_close(e);
 }
 
+/* kill -9 while a task with its own limits (its own session and worker) runs its third nested
+ * step: after the restart the engine re-runs both executions, the parent's re-run reaches the task
+ * again and attaches to the child execution (same id), whose finished steps are not repeated. */
+static void test_kill9_own_worker(const char *self)
+{
+    char dir[600], log[700], mark[700], code[4096];
+    crash_paths("ow", "own.txt", "in-own3", dir, log, mark);
+    snprintf(code, sizeof code,
+             THREE_STEPS "@task(name='main', ram='256MB')\n"
+                         "def main():\n"
+                         "    return [step3(step2(step1())), os.getpid()]\n"
+                         "r = main()\n"
+                         "(r[0], r[1] != os.getpid())",
+             log, mark);
+    run_until_mark_then_kill(self, dir, "ow-1", code, mark, 100000);
+    eng_t *e = etest_open(dir, 0);
+    eng_result_t *r = run_ok(e, "wf", "ow-1", code);
+    CHECK_STREQ(r->repr, "(3, True)");
+    eng_result_free(r);
+    char *t = slurp(log);
+    CHECK_EQ(count_lines(t, "step1"), 1);
+    CHECK_EQ(count_lines(t, "step2"), 1);
+    CHECK_EQ(count_lines(t, "step3-start"), 2);
+    free(t);
+    eng_task_info_t *v;
+    size_t n;
+    CHECK_OK(eng_tasks_list(e, "ow-1-t1", &v, &n));
+    CHECK_EQ(n, 3);
+    for (size_t i = 0; i < n; i++)
+        CHECK_STREQ(v[i].state, "completed");
+    eng_tasks_free(v, n);
+    eng_close(e);
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "child") == 0)
@@ -789,6 +831,7 @@ int main(int argc, char **argv)
     test_kill9_workflow(self);
     test_kill9_sleep(self);
     test_kill9_attempts(self);
+    test_kill9_own_worker(self);
     check_rmtree(dir);
     free(dir);
     fprintf(stderr, "steps: ok\n");
