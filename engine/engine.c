@@ -481,6 +481,8 @@ static char *exec_pid(const char *eid)
 }
 
 /* ---------- workers and the pool ---------- */
+static void eng_threads_pin(eng_t *e, int cpu);
+
 static int worker_spawn(eng_t *e, session_t *s, wref_t **out)
 {
     wref_t *r = cap_calloc(1, sizeof(*r));
@@ -502,6 +504,7 @@ static int worker_spawn(eng_t *e, session_t *s, wref_t **out)
         zo.worker_path = e->worker_path;
         zo.warmup = e->warmup;
         pyw_zygote_t *nz = NULL;
+        eng_threads_pin(e, -1); /* the new zygote and its workers must not inherit a pin */
         int zrc = pyw_zygote_open(&zo, &nz);
         if (zrc == 0) {
             pyw_zygote_close(e->zy);

@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -107,6 +108,12 @@ static void test_zygote_death(eng_t *e)
     eng_stats(e, &st);
     CHECK_EQ(st.zygote_restarts, 1);
     CHECK(st.zygote_pid > 0);
+    /* started from the loop thread, which a lone execution pins (affinity auto): the new zygote
+     * must not inherit that pin, or every later worker would */
+    unsigned long zm[16] = {0}, pm[16] = {0};
+    CHECK(syscall(SYS_sched_getaffinity, st.zygote_pid, sizeof zm, zm) > 0);
+    CHECK(syscall(SYS_sched_getaffinity, getpid(), sizeof pm, pm) > 0);
+    CHECK(memcmp(zm, pm, sizeof zm) == 0);
 }
 
 static void test_tx(eng_t *e)
