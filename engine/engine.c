@@ -165,8 +165,10 @@ struct eng {
     waiter_t *close_waiter;
     int open_handles; /* (loop) handles whose close callback is still due */
 
-    uv_timer_t itimer; /* idle release */
-    uv_timer_t ptimer; /* CPU placement: unpins a lone cell that runs long */
+    uv_timer_t itimer;  /* idle release */
+    uv_timer_t ptimer;  /* CPU placement: unpins a lone cell that runs long */
+    uv_timer_t rtimer;  /* the pool's refill, out of the way of running executions */
+    uint64_t refill_by; /* cap_now_ns() by which the refill runs even if executions are running */
 
     /* loop-side */
     session_t *smap[NBUCKET];
@@ -174,7 +176,6 @@ struct eng {
     uint32_t nsessions;
     wref_t *pool;
     uint32_t npool;
-    int refill_posted;
     uint64_t wid_next;
     uint64_t ord_next;
     uint64_t gen_ctr;
@@ -560,12 +561,25 @@ static void pool_remove(eng_t *e, wref_t *r)
     }
 }
 
-static void do_refill(eng_t *e, eng_msg_t *m)
+/* The refill. A spawn blocks the loop until the zygote answers (a fork: about a millisecond, more
+ * on a loaded machine), so it waits while executions are running (the first execution of the
+ * session that just popped a worker is the usual one), checked every REFILL_RECHECK_MS, for at
+ * most REFILL_MAX_DEFER_MS (busy sessions never leave a gap). */
+#define REFILL_RECHECK_MS   1
+#define REFILL_MAX_DEFER_MS 50
+static void on_rtimer(uv_timer_t *t)
 {
-    cap_free(m);
-    e->refill_posted = 0;
-    if (!e->dead)
-        pool_fill(e);
+    eng_t *e = t->data;
+    if (e->closing)
+        return;
+    pthread_mutex_lock(&e->mu);
+    uint32_t running = e->stats.running;
+    pthread_mutex_unlock(&e->mu);
+    if (running && cap_now_ns() < e->refill_by) {
+        uv_timer_start(t, on_rtimer, REFILL_RECHECK_MS, 0);
+        return;
+    }
+    pool_fill(e);
 }
 
 /* A worker for session s: a pooled one (a pop) unless s has its own limits. */
@@ -583,12 +597,10 @@ static int worker_acquire(eng_t *e, session_t *s, wref_t **out)
     }
     if (!rc)
         (*out)->s = s;
-    /* refill in the background: after what is being handled now (the caller is told first) */
-    if (!e->refill_posted && !e->closing) {
-        eng_msg_t *m = cap_calloc(1, sizeof(*m));
-        m->fn = do_refill;
-        e->refill_posted = 1;
-        post(e, m);
+    /* refill in the background, after what is being handled now (the caller is told first) */
+    if (!e->closing && !uv_is_active((uv_handle_t *)&e->rtimer)) {
+        e->refill_by = cap_now_ns() + (uint64_t)REFILL_MAX_DEFER_MS * 1000000u;
+        uv_timer_start(&e->rtimer, on_rtimer, REFILL_RECHECK_MS, 0);
     }
     return rc;
 }
@@ -2238,8 +2250,9 @@ static void ckpt_done(eng_t *e, eng_msg_t *m)
 }
 
 /* -- close -- */
-/* The engine's two handles (async, the idle timer) live inside eng_t: eng_close may free it only
- * after both close callbacks ran (on the caller's loop, nothing else would wait for them). */
+/* The engine's handles (async; the idle, mark, placement and refill timers) live inside eng_t:
+ * eng_close may free it only after their close callbacks ran (on the caller's loop, nothing else
+ * would wait for them). */
 static void on_handle_closed(uv_handle_t *h)
 {
     eng_t *e = h->data;
@@ -2261,11 +2274,12 @@ static void do_shutdown(eng_t *e, eng_msg_t *m)
     }
     e->npool = 0;
     drain(e);
-    e->open_handles = 4;
+    e->open_handles = 5;
     uv_close((uv_handle_t *)&e->itimer, on_handle_closed);
     eng__marks_free(&e->marks);
     uv_close((uv_handle_t *)&e->mtimer, on_handle_closed);
     uv_close((uv_handle_t *)&e->ptimer, on_handle_closed);
+    uv_close((uv_handle_t *)&e->rtimer, on_handle_closed);
     e->dead = 1;
     pthread_mutex_lock(&e->mu);
     e->async_gone = 1;
@@ -2603,6 +2617,8 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     e->mtimer.data = e;
     uv_timer_init(e->loop, &e->ptimer);
     e->ptimer.data = e;
+    uv_timer_init(e->loop, &e->rtimer);
+    e->rtimer.data = e;
     if (e->o.idle_release_ms) {
         uint64_t every = e->o.idle_release_ms / 4 ? e->o.idle_release_ms / 4 : 1;
         uv_timer_start(&e->itimer, on_itimer, every, every);

@@ -186,7 +186,7 @@ typedef struct eng_exec_req {
 } eng_exec_req_t;
 
 /* With a caller's loop (opts->loop): call eng_open on the thread that runs that loop, outside
- * uv_run or from one of its callbacks (it adds an async handle and two timers to the loop), then
+ * uv_run or from one of its callbacks (it adds an async handle and four timers to the loop), then
  * keep running the loop; call the blocking functions from other threads. After eng_close the loop
  * holds no handle of the engine (uv_loop_close succeeds once the loop ran dry).
  *
