@@ -2572,6 +2572,10 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     po.wal.apply_arg = &e->tb;
     po.on_settle = on_prom_settle;
     po.on_settle_arg = e;
+    /* prom.docs in each commit, not checkpointed behind the log (promise/'s default):
+     * capsule-replay's listings read prom.docs as the state of a live or killed engine's
+     * directory and do not overlay the log's tail yet */
+    po.checkpoint_ms = -1;
     pid_t before[64];
     int nbefore = list_tids(before, 64);
     if (!rc)
@@ -2883,9 +2887,16 @@ int eng_checkpoint(eng_t *e, const char *sid, int truncate, size_t *bytes)
         if (bytes)
             *bytes = w.n;
         uint64_t seq = (uint64_t)(uintptr_t)w.p;
-        /* every engine and promise fact lives in tables the log's apply keeps; records before
-         * the checkpoint are no longer needed to rebuild anything */
-        if (truncate && seq)
+        /* every engine fact lives in tables the log's apply keeps, every promise document in
+         * prom.docs up to prom_store_checkpoint_seq (its checkpoint lags the log: written now):
+         * records before both are no longer needed to rebuild anything */
+        if (truncate && seq) {
+            rc = prom_store_checkpoint(e->ps);
+            uint64_t pseq = prom_store_checkpoint_seq(e->ps) + 1;
+            if (pseq < seq)
+                seq = pseq;
+        }
+        if (rc == 0 && truncate && seq)
             rc = wal_log_truncate(e->wal, seq);
     }
     return rc;

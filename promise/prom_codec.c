@@ -316,6 +316,8 @@ prom__doc_t *prom__doc_clone(const prom__doc_t *d)
     c->tpid = d->tpid ? cap_strdup(d->tpid) : NULL;
     c->awaiters = strs_copy(d->awaiters, d->nawaiters);
     c->listeners = strs_copy(d->listeners, d->nlisteners);
+    c->enc = NULL;
+    c->enclen = 0;
     return c;
 }
 
@@ -327,6 +329,7 @@ void prom__doc_free(prom__doc_t *d)
     cap_free(d->tpid);
     strs_free(d->awaiters, d->nawaiters);
     strs_free(d->listeners, d->nlisteners);
+    cap_free(d->enc);
     cap_free(d);
 }
 

@@ -31,6 +31,9 @@ typedef struct prom__doc {
     int created;  /* created by the operation that holds it in its working set */
     uint64_t seq; /* the wal seq of the record that wrote this state; 0 = read from prom.docs */
     size_t mem;   /* bytes this document holds in memory (prom_store_stats) */
+    uint8_t *enc; /* checkpoint mode: this state's encoding, as appended, until the checkpoint
+                     writes it (NULL otherwise; never copied by prom__doc_clone) */
+    size_t enclen;
 } prom__doc_t;
 
 /* An outbox message as stored. */

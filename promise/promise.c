@@ -127,6 +127,9 @@ struct prom_store {
     int track_dirty; /* checkpoint mode, or replaying at open */
     pthread_cond_t fcv;
     uint64_t flushed_seq; /* prom.docs reflects the log up to here */
+    int flushing;         /* a checkpoint is being written (s->mu released meanwhile) */
+    size_t flushing_n;    /* documents in it */
+    pthread_cond_t fdone; /* flushing went back to 0 */
 
     pthread_mutex_t dmu; /* durability */
     pthread_cond_t dcv;
@@ -711,24 +714,25 @@ static int ctx_commit(octx_t *c, prom__wait_t *w, const wal_rec_t *extra, size_t
     if (!w->fn)
         pthread_cond_init(&w->cv, NULL);
     rc = wal_log_append(s->wal, recs, nrec, on_done, w, &first);
-    for (size_t i = 0; i < nrec; i++)
-        cap_free(bufs[i]);
-    cap_free(bufs);
     cap_free(keys);
-    cap_free(fields);
     cap_free(recs);
     if (rc != 0) {
         if (!w->fn)
             pthread_cond_destroy(&w->cv);
         w->nrec = 0;
-        goto out;
+        goto done;
     }
     s->last_seq = first + nrec - 1;
     s->next_mid = mid;
     s->st.records += nrec;
     for (size_t i = 0; i < c->n; i++) {
         prom__doc_t *d = c->docs[i];
-        d->seq = first + i;
+        d->seq = first + nextra + i;
+        if (s->track_dirty) { /* the checkpoint writes these bytes: no second encoding */
+            d->enc = bufs[nextra + i];
+            d->enclen = fields[3 * (nextra + i)].len;
+            bufs[nextra + i] = NULL;
+        }
         const char *br = d->created ? prom_promise_tag(&d->p, "resonate:branch") : NULL;
         if (br)
             fifo_push(&s->pbranch, d->seq, d->p.id, br);
@@ -748,6 +752,11 @@ static int ctx_commit(octx_t *c, prom__wait_t *w, const wal_rec_t *extra, size_t
         s->outq[s->outhead + s->outlen++] = c->msgs[i];
     }
     c->nmsgs = 0;
+done:
+    for (size_t i = 0; i < nrec; i++)
+        cap_free(bufs[i]);
+    cap_free(bufs);
+    cap_free(fields);
 out:
     return rc;
 }
@@ -2140,8 +2149,10 @@ static int flush_write(store_txn_t *txn, void *arg)
         if (rc == 0)
             rc = index_doc(b->s, txn, id, b->live[i], 0, NULL, 0);
     }
+    /* the branch entries only (live 0 + created 1 leaves prom.live alone: the document's own
+     * entry above keeps it) */
     for (size_t i = 0; i < b->nbr && rc == 0; i++)
-        rc = index_doc(b->s, txn, (store_val_t){b->br[i].id, strlen(b->br[i].id)}, 1, 1,
+        rc = index_doc(b->s, txn, (store_val_t){b->br[i].id, strlen(b->br[i].id)}, 0, 1,
                        b->br[i].branch, strlen(b->br[i].branch));
     if (rc == 0)
         rc = store_put(txn, b->s->dbi_meta, (store_val_t){"docs_seq", 8},
@@ -2149,25 +2160,39 @@ static int flush_write(store_txn_t *txn, void *arg)
     return rc;
 }
 
-/* Checkpoints the dirty documents. Called with s->mu held; returns with it held. */
+/* Checkpoints the dirty documents. Called with s->mu held; returns with it held. One checkpoint
+ * at a time: flushed_seq = mark claims every earlier batch written. */
 static int flush_locked(prom_store_t *s)
 {
     flush_batch_t b = {0};
     int rc = 0;
+    while (s->flushing)
+        pthread_cond_wait(&s->fdone, &s->mu);
     b.s = s;
     b.mark = s->last_seq;
     if (s->ndirty == 0 && s->flushed_seq >= b.mark)
         return 0;
+    s->flushing = 1;
+    s->flushing_n = s->ndirty;
     b.n = s->ndirty;
     b.ids = s->dirty;
     b.bufs = cap_calloc(b.n + 1, sizeof(uint8_t *));
     b.lens = cap_calloc(b.n + 1, sizeof(size_t));
     b.live = cap_calloc(b.n + 1, sizeof(int));
+    /* in key order: the puts walk prom.docs and prom.live left to right */
+    if (b.n > 1)
+        qsort(b.ids, b.n, sizeof(char *), cmp_str);
     for (size_t i = 0; i < b.n; i++) {
         prom__doc_t *d = smap_get(&s->docs, b.ids[i]); /* a dirty document is never evicted */
         d->dirty = 0;
         b.live[i] = d->p.state == PROM_PENDING;
-        prom__doc_encode(d, &b.bufs[i], &b.lens[i]);
+        if (d->enc) { /* the bytes its record carried */
+            b.bufs[i] = d->enc;
+            b.lens[i] = d->enclen;
+            d->enc = NULL;
+        } else {
+            prom__doc_encode(d, &b.bufs[i], &b.lens[i]);
+        }
     }
     b.br = cap_calloc(s->pbranch.len + 1, sizeof(seq_id_t));
     for (size_t i = 0; i < s->pbranch.len; i++) {
@@ -2185,6 +2210,8 @@ static int flush_locked(prom_store_t *s)
     if (rc == 0) {
         if (b.mark > s->flushed_seq)
             s->flushed_seq = b.mark;
+        s->st.checkpoints++;
+        s->st.checkpoint_docs += b.n;
     } else {
         cap_log(CAP_LOG_ERROR, "promise",
                 "checkpoint of prom.docs failed: %s (the log keeps "
@@ -2214,6 +2241,9 @@ static int flush_locked(prom_store_t *s)
     cap_free(b.ids);
     cap_free(b.bufs);
     cap_free(b.lens);
+    s->flushing = 0;
+    s->flushing_n = 0;
+    pthread_cond_broadcast(&s->fdone);
     if (rc == 0)
         evict_some(s);
     return rc;
@@ -2239,6 +2269,20 @@ static void *flusher_main(void *arg)
     flush_locked(s);
     pthread_mutex_unlock(&s->mu);
     return NULL;
+}
+
+int prom_store_checkpoint(prom_store_t *s)
+{
+    if (s->opts.checkpoint_ms < 0) { /* the apply wrote every document with its record */
+        pthread_mutex_lock(&s->mu);
+        uint64_t seen = s->last_seq;
+        pthread_mutex_unlock(&s->mu);
+        return wait_seq(s, seen);
+    }
+    pthread_mutex_lock(&s->mu);
+    int rc = flush_locked(s);
+    pthread_mutex_unlock(&s->mu);
+    return rc;
 }
 
 uint64_t prom_store_checkpoint_seq(prom_store_t *s)
@@ -2305,6 +2349,8 @@ int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **ou
         s->opts.retry_ms = 30000;
     if (!s->opts.preload_limit)
         s->opts.preload_limit = 1000;
+    if (s->opts.checkpoint_ms == 0)
+        s->opts.checkpoint_ms = PROM_CHECKPOINT_MS_DEFAULT; /* < 0: tables in each commit */
     s->settled_cache = s->opts.settled_cache < 0    ? 0
                        : s->opts.settled_cache == 0 ? 1024
                                                     : (size_t)s->opts.settled_cache;
@@ -2312,6 +2358,7 @@ int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **ou
     pthread_mutex_init(&s->mu, NULL);
     pthread_mutex_init(&s->dmu, NULL);
     pthread_cond_init(&s->dcv, NULL);
+    pthread_cond_init(&s->fdone, NULL);
     rc = store_env_write(env, open_dbis, s);
     if (rc)
         goto out;
@@ -2388,6 +2435,7 @@ void prom_store_close(prom_store_t *s)
     pthread_mutex_destroy(&s->mu);
     pthread_mutex_destroy(&s->dmu);
     pthread_cond_destroy(&s->dcv);
+    pthread_cond_destroy(&s->fdone);
     cap_free(s);
 }
 
@@ -2397,6 +2445,7 @@ void prom_store_stats(prom_store_t *s, prom_store_stats_t *out)
     evict_some(s);
     *out = s->st;
     out->resident_docs = s->docs.n;
+    out->unflushed_docs = s->opts.checkpoint_ms > 0 ? s->ndirty + s->flushing_n : 0;
     pthread_mutex_unlock(&s->mu);
 }
 

@@ -28,6 +28,7 @@
 #include "capsule.h"
 #include "cap.h"
 #include "engine_tasks.h"
+#include "promise.h"
 #include "rsn.h"
 #include "srv.h"
 #include "wal.h"
@@ -1298,8 +1299,10 @@ static void h_metrics(srv_req_t *req, void *arg)
     eng_stats_t es;
     srv_stats_t hs;
     wal_stats_t ws;
+    prom_store_stats_t ps;
     eng_stats(G.eng, &es);
     eng_wal_stats(G.eng, &ws);
+    prom_store_stats(eng_promise_store(G.eng), &ps);
     srv_server_stats(G.srv, &hs);
     size_t cap = 32768, n = 0;
     char *b = cap_malloc(cap);
@@ -1331,6 +1334,24 @@ static void h_metrics(srv_req_t *req, void *arg)
         {"capsule_wal_fsyncs_total", "counter",
          "Explicit fsyncs of the log (nosync durability's background sync).", (double)ws.syncs},
         {"capsule_wal_fsync_seconds_total", "counter", "", (double)ws.sync_ns / 1e9},
+        /* the promise store (prom_store_stats) */
+        {"capsule_promise_resident_docs", "gauge",
+         "Promise documents in memory (pending, not yet checkpointed, settled cache).",
+         (double)ps.resident_docs},
+        {"capsule_promise_resident_bytes", "gauge", "", (double)ps.resident_bytes},
+        {"capsule_promise_evictions_total", "counter",
+         "Settled promise documents dropped from memory.", (double)ps.evictions},
+        {"capsule_promise_misses_total", "counter",
+         "Promise lookups served from prom.docs (not in memory).", (double)ps.misses},
+        {"capsule_promise_records_total", "counter", "Promise records appended to the log.",
+         (double)ps.records},
+        {"capsule_promise_unflushed_docs", "gauge",
+         "Promise documents changed since the last checkpoint of prom.docs.",
+         (double)ps.unflushed_docs},
+        {"capsule_promise_checkpoints_total", "counter", "Checkpoints of prom.docs written.",
+         (double)ps.checkpoints},
+        {"capsule_promise_checkpoint_docs_total", "counter", "Documents those checkpoints wrote.",
+         (double)ps.checkpoint_docs},
     };
     for (size_t i = 0; i < sizeof(one) / sizeof(one[0]); i++) {
         if (*one[i].help)

@@ -11,10 +11,12 @@
  * caller is told, and no caller is ever told anything that depends on a record that is not yet
  * durable (a read that sees a not-yet-durable state waits for it). Records carry the new full state
  * of each changed promise document, so they are idempotent. The wal apply callback keeps
- * `prom.outbox` and (by default) `prom.docs` in the same LMDB transaction as the records, with the
- * last applied seq in `prom.meta`; in checkpoint mode (prom_opts_t.checkpoint_ms) `prom.docs` is
- * written by a flusher thread instead. Open loads the tables and replays the document records
- * after prom.meta's seq; the log must not be truncated past prom_store_checkpoint_seq().
+ * `prom.outbox` in the same LMDB transaction as the records. `prom.docs` (with prom.live,
+ * prom.branch and the seq they cover in `prom.meta`) is by default written by a flusher thread,
+ * a sorted batch every checkpoint_ms, behind the log (checkpoint mode); with checkpoint_ms < 0
+ * the apply writes it in each record's transaction instead. Open loads the tables and replays the
+ * document records after prom.meta's seq; the log must not be truncated past
+ * prom_store_checkpoint_seq().
  *
  * Memory: only the live set is resident - pending promises (and their tasks, callbacks,
  * listeners), settled documents whose record is not yet in prom.docs, and a small cache of recently
@@ -177,17 +179,20 @@ typedef struct prom_task_ref {
 
 typedef int64_t (*prom_clock_fn)(void *arg);
 
+#define PROM_CHECKPOINT_MS_DEFAULT 50
+
 typedef struct prom_opts {
     prom_clock_fn clock; /* milliseconds; NULL = cap_wall_ms() */
     void *clock_arg;
     int64_t retry_ms;       /* pending task re-sends execute after this; 0 = 30000 */
     prom_lineage_t lineage; /* default PROM_LINEAGE_OFF */
     size_t preload_limit;   /* at most this many promises in a preload; 0 = 1000 */
-    /* 0 (default): every document is written to prom.docs by the wal apply, in the record's own
-     * transaction, so the state survives any log truncation. > 0: checkpoint mode - a flusher
-     * thread writes changed documents every checkpoint_ms and open replays the records after the
-     * checkpoint (faster: no random-key put inside the group commit), and the log must not be
-     * truncated past prom_store_checkpoint_seq(). */
+    /* > 0, or 0 = PROM_CHECKPOINT_MS_DEFAULT: checkpoint mode - a flusher thread writes the
+     * changed documents (prom.docs, prom.live, prom.branch) every checkpoint_ms in one sorted
+     * transaction, behind the log, and open replays the records after that checkpoint; no
+     * random-key put inside the group commit. The log must not be truncated past
+     * prom_store_checkpoint_seq(). < 0: every document is written by the wal apply in its
+     * record's own transaction (the tables never lag; slower: see ARCHITECTURE.md). */
     int checkpoint_ms;
     /* The settle observer (NULL: none): called with the id of every promise an operation
      * settled (promise.settle, task.fulfill, a timeout materialised by any op or by
@@ -215,8 +220,13 @@ int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **ou
  * operation may be in flight. */
 void prom_store_close(prom_store_t *s);
 /* The log sequence number up to which prom.docs holds every document; open replays the records
- * after it, so the log must not be truncated past it. Default mode: the last durable seq. */
+ * after it, so the log must not be truncated past it (wal_log_truncate(log, seq + 1) at most).
+ * With checkpoint_ms < 0: the last durable seq. */
 uint64_t prom_store_checkpoint_seq(prom_store_t *s);
+/* Writes the checkpoint now: returns once prom.docs holds every document changed by operations
+ * that returned before the call (checkpoint mode), or once their records are durable (< 0). Not
+ * from a wal callback. 0, or a store error (then the next checkpoint retries). */
+int prom_store_checkpoint(prom_store_t *s);
 /* Memory of the store (the engine exposes these as metrics). Resident documents are the pending
  * promises (with their tasks, callbacks and listeners: everything a timer or an awaiter needs),
  * settled ones whose record is not yet in prom.docs, and the settled cache
@@ -227,6 +237,10 @@ typedef struct prom_store_stats {
     uint64_t evictions;      /* documents dropped from memory since open */
     uint64_t misses;         /* lookups that missed memory and were served from prom.docs */
     uint64_t records;        /* promise records appended to the wal since open */
+    /* checkpoint mode (0 otherwise): */
+    uint64_t unflushed_docs;  /* resident because changed since prom.docs last covered them */
+    uint64_t checkpoints;     /* checkpoints of prom.docs written since open */
+    uint64_t checkpoint_docs; /* documents they wrote */
 } prom_store_stats_t;
 /* A snapshot of the counters (any thread). */
 void prom_store_stats(prom_store_t *s, prom_store_stats_t *out);

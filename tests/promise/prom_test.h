@@ -41,8 +41,8 @@ static inline void ptest_open(ptest_t *t)
     po.clock_arg = &t->clock;
     po.lineage = t->lineage;
     po.retry_ms = t->retry_ms;
-    /* PROM_CHECKPOINT_MS selects checkpoint mode (ctest runs the model, crash and durable tests
-     * in both modes) */
+    /* PROM_CHECKPOINT_MS: -1 selects the tables-in-each-commit mode (ctest runs the model, crash
+     * and durable tests in both modes); unset: the default (checkpoint mode) */
     const char *ck = getenv("PROM_CHECKPOINT_MS");
     po.checkpoint_ms = ck ? atoi(ck) : 0;
     /* PROM_SETTLED_CACHE=-1 evicts every settled document as soon as it is durable (ctest runs

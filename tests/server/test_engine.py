@@ -452,7 +452,11 @@ def t_metrics(e):
                  "capsule_ws_sessions_open", "capsule_wal_commits_total",
                  "capsule_wal_records_total", "capsule_wal_batch_records_count",
                  "capsule_wal_commit_seconds_sum", "capsule_wal_fsyncs_total",
-                 "capsule_checkpoints_total"]:
+                 "capsule_checkpoints_total", "capsule_promise_resident_docs",
+                 "capsule_promise_resident_bytes", "capsule_promise_evictions_total",
+                 "capsule_promise_misses_total", "capsule_promise_records_total",
+                 "capsule_promise_unflushed_docs", "capsule_promise_checkpoints_total",
+                 "capsule_promise_checkpoint_docs_total"]:
         assert name in m0, name
     # the counters move for real: executions commit to the log, a worker killed is a death
     assert req(e.port, "POST", "/sessions", {"id": "met"})[0] == 201
@@ -461,7 +465,8 @@ def t_metrics(e):
     st, r = req(e.port, "POST", "/sessions/met/executions",
                 {"code": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"})
     assert st == 200 and r["status"] == "died", r
-    assert req(e.port, "POST", "/sessions/met/checkpoint", {})[0] == 200
+    # truncate: the engine first has the promise store write its checkpoint of prom.docs
+    assert req(e.port, "POST", "/sessions/met/checkpoint", {"truncate": True})[0] == 200
     m1 = metrics(e.port)
     assert m1["capsule_wal_commits_total"] >= m0["capsule_wal_commits_total"] + 6
     assert m1["capsule_wal_records_total"] >= m0["capsule_wal_records_total"] + 12
@@ -476,6 +481,15 @@ def t_metrics(e):
     assert m1['capsule_executions_total{status="died"}'] == \
         m0['capsule_executions_total{status="died"}'] + 1
     check_histogram(m1, "capsule_execution_seconds")
+    # the promise store: every execution is a promise created and settled (2 records at least);
+    # prom.docs is written in each commit by the engine (no checkpoints, nothing unflushed) and
+    # the 6 settled executions stay in the settled cache
+    assert m1["capsule_promise_records_total"] >= m0["capsule_promise_records_total"] + 12
+    assert m1["capsule_promise_checkpoints_total"] == 0
+    assert m1["capsule_promise_checkpoint_docs_total"] == 0
+    assert m1["capsule_promise_unflushed_docs"] == 0
+    assert m1["capsule_promise_resident_docs"] >= 6
+    assert m1["capsule_promise_resident_bytes"] > 0
 
 
 async def crash_setup(e):
