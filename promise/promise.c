@@ -520,16 +520,19 @@ static uint64_t persisted_seq(prom_store_t *s)
 }
 
 /* Drops from memory the settled documents that prom.docs holds, beyond the settled cache, and
- * the branch entries prom.branch holds. Under s->mu, between operations (no document pointer of
- * an operation is live). A document is evicted only if it is still the state that made it a
- * candidate (same seq), settled (so no deadline, no awaiters, no listeners, its task fulfilled)
- * and not waiting for a checkpoint. */
-static void evict_some(prom_store_t *s)
+ * the branch entries prom.branch holds; at most `max` of each (an operation evicts a bounded
+ * amount, so that a checkpoint that made thousands evictable does not stall the one that comes
+ * next; operations install fewer than they evict, so the queue drains). Under s->mu, between
+ * operations (no document pointer of an operation is live). A document is evicted only if it is
+ * still the state that made it a candidate (same seq), settled (so no deadline, no awaiters, no
+ * listeners, its task fulfilled) and not waiting for a checkpoint. */
+#define PROM_EVICT_PER_OP 64
+static void evict_some(prom_store_t *s, size_t max)
 {
     uint64_t ps = persisted_seq(s);
-    while (s->pbranch.len && s->pbranch.v[s->pbranch.head].seq <= ps)
+    for (size_t n = 0; n < max && s->pbranch.len && s->pbranch.v[s->pbranch.head].seq <= ps; n++)
         fifo_pop(&s->pbranch);
-    while (s->evq.len > s->settled_cache) {
+    for (size_t n = 0; n < max && s->evq.len > s->settled_cache; n++) {
         const seq_id_t *e = &s->evq.v[s->evq.head];
         if (e->seq > ps)
             break;
@@ -972,7 +975,8 @@ static void op_begin(prom_store_t *s, octx_t *c, prom_result_t *res)
     c->s = s;
     pthread_mutex_lock(&s->mu);
     s->load_err = 0;
-    evict_some(s); /* what earlier ops made durable (no document pointer is held here) */
+    /* what earlier ops made durable (no document pointer is held here) */
+    evict_some(s, PROM_EVICT_PER_OP);
     c->now = prom_store_now(s);
 }
 /* Tells the settle observer about the op's settles once they are durable (rc 0), then frees the
@@ -1801,7 +1805,7 @@ int prom_store_tick(prom_store_t *s, int64_t now, size_t *fired)
         c.s = s;
         c.now = now;
         pthread_mutex_lock(&s->mu);
-        evict_some(s);
+        evict_some(s, PROM_EVICT_PER_OP + PROM_MAX_BATCH_DOCS); /* a tick installs up to 256 */
         size_t nf = 0;
         /* Timers fire in (deadline, id) order. A document already changed by an earlier timer's
          * effects in this batch is judged by its new state: within a tick, deadlines only move
@@ -2126,17 +2130,25 @@ out:
  * is durable, and writes the documents plus prom.meta "docs_seq" = mark in one transaction. Open
  * loads prom.docs and replays the PROM_REC_DOC records after docs_seq from the log. The log must
  * therefore not be truncated past prom_store_checkpoint_seq(). */
+typedef struct flush_ent {
+    char *id;
+    uint8_t *buf;
+    size_t len;
+    int live;
+} flush_ent_t;
 typedef struct flush_batch {
     prom_store_t *s;
     size_t n;
-    char **ids;
-    uint8_t **bufs;
-    size_t *lens;
-    int *live;
+    flush_ent_t *e; /* sorted by id before the write */
     size_t nbr;
     seq_id_t *br; /* branch entries (copies) up to mark */
     uint64_t mark;
 } flush_batch_t;
+
+static int flush_ent_cmp(const void *a, const void *b)
+{
+    return strcmp(((const flush_ent_t *)a)->id, ((const flush_ent_t *)b)->id);
+}
 
 static int flush_write(store_txn_t *txn, void *arg)
 {
@@ -2144,10 +2156,10 @@ static int flush_write(store_txn_t *txn, void *arg)
     int rc = 0;
     uint8_t mb[8];
     for (size_t i = 0; i < b->n && rc == 0; i++) {
-        store_val_t id = {b->ids[i], strlen(b->ids[i])};
-        rc = store_put(txn, b->s->dbi_docs, id, (store_val_t){b->bufs[i], b->lens[i]}, 0);
+        store_val_t id = {b->e[i].id, strlen(b->e[i].id)};
+        rc = store_put(txn, b->s->dbi_docs, id, (store_val_t){b->e[i].buf, b->e[i].len}, 0);
         if (rc == 0)
-            rc = index_doc(b->s, txn, id, b->live[i], 0, NULL, 0);
+            rc = index_doc(b->s, txn, id, b->e[i].live, 0, NULL, 0);
     }
     /* the branch entries only (live 0 + created 1 leaves prom.live alone: the document's own
      * entry above keeps it) */
@@ -2161,7 +2173,10 @@ static int flush_write(store_txn_t *txn, void *arg)
 }
 
 /* Checkpoints the dirty documents. Called with s->mu held; returns with it held. One checkpoint
- * at a time: flushed_seq = mark claims every earlier batch written. */
+ * at a time: flushed_seq = mark claims every earlier batch written. Operations wait for s->mu,
+ * so it is held only to take the batch (pointer moves: the bytes were encoded by the ops) and to
+ * publish the new mark; sorting, writing and freeing run without it. Eviction is left to the
+ * operations (bounded per op). */
 static int flush_locked(prom_store_t *s)
 {
     flush_batch_t b = {0};
@@ -2175,23 +2190,18 @@ static int flush_locked(prom_store_t *s)
     s->flushing = 1;
     s->flushing_n = s->ndirty;
     b.n = s->ndirty;
-    b.ids = s->dirty;
-    b.bufs = cap_calloc(b.n + 1, sizeof(uint8_t *));
-    b.lens = cap_calloc(b.n + 1, sizeof(size_t));
-    b.live = cap_calloc(b.n + 1, sizeof(int));
-    /* in key order: the puts walk prom.docs and prom.live left to right */
-    if (b.n > 1)
-        qsort(b.ids, b.n, sizeof(char *), cmp_str);
+    b.e = cap_calloc(b.n + 1, sizeof(flush_ent_t));
     for (size_t i = 0; i < b.n; i++) {
-        prom__doc_t *d = smap_get(&s->docs, b.ids[i]); /* a dirty document is never evicted */
+        prom__doc_t *d = smap_get(&s->docs, s->dirty[i]); /* a dirty document is never evicted */
         d->dirty = 0;
-        b.live[i] = d->p.state == PROM_PENDING;
+        b.e[i].id = s->dirty[i];
+        b.e[i].live = d->p.state == PROM_PENDING;
         if (d->enc) { /* the bytes its record carried */
-            b.bufs[i] = d->enc;
-            b.lens[i] = d->enclen;
+            b.e[i].buf = d->enc;
+            b.e[i].len = d->enclen;
             d->enc = NULL;
         } else {
-            prom__doc_encode(d, &b.bufs[i], &b.lens[i]);
+            prom__doc_encode(d, &b.e[i].buf, &b.e[i].len);
         }
     }
     b.br = cap_calloc(s->pbranch.len + 1, sizeof(seq_id_t));
@@ -2200,12 +2210,28 @@ static int flush_locked(prom_store_t *s)
         if (e->seq <= b.mark)
             b.br[b.nbr++] = (seq_id_t){e->seq, cap_strdup(e->id), cap_strdup(e->branch)};
     }
+    cap_free(s->dirty);
     s->dirty = NULL;
     s->ndirty = s->capdirty = 0;
     pthread_mutex_unlock(&s->mu);
+    /* in key order: the puts walk prom.docs and prom.live left to right */
+    if (b.n > 1)
+        qsort(b.e, b.n, sizeof(flush_ent_t), flush_ent_cmp);
     rc = wait_seq(s, b.mark);
     if (rc == 0)
         rc = store_env_write(s->env, flush_write, &b);
+    for (size_t i = 0; i < b.n; i++) {
+        cap_free(b.e[i].buf);
+        if (rc == 0) {
+            cap_free(b.e[i].id);
+            b.e[i].id = NULL;
+        }
+    }
+    for (size_t i = 0; i < b.nbr; i++) {
+        cap_free(b.br[i].id);
+        cap_free(b.br[i].branch);
+    }
+    cap_free(b.br);
     pthread_mutex_lock(&s->mu);
     if (rc == 0) {
         if (b.mark > s->flushed_seq)
@@ -2217,35 +2243,24 @@ static int flush_locked(prom_store_t *s)
                 "checkpoint of prom.docs failed: %s (the log keeps "
                 "the state; the next open replays it)",
                 cap_strerror(rc));
-    }
-    for (size_t i = 0; i < b.n; i++) {
-        prom__doc_t *d = rc ? smap_get(&s->docs, b.ids[i]) : NULL;
-        if (d && !d->dirty) { /* not written: dirty again (not evictable, in the next checkpoint) */
-            d->dirty = 1;
-            if (s->ndirty == s->capdirty) {
-                s->capdirty = s->capdirty ? s->capdirty * 2 : 256;
-                s->dirty = cap_realloc(s->dirty, s->capdirty * sizeof(char *));
+        for (size_t i = 0; i < b.n; i++) {
+            prom__doc_t *d = smap_get(&s->docs, b.e[i].id);
+            if (d && !d->dirty) { /* not written: dirty again (not evictable, in the next one) */
+                d->dirty = 1;
+                if (s->ndirty == s->capdirty) {
+                    s->capdirty = s->capdirty ? s->capdirty * 2 : 256;
+                    s->dirty = cap_realloc(s->dirty, s->capdirty * sizeof(char *));
+                }
+                s->dirty[s->ndirty++] = b.e[i].id;
+            } else {
+                cap_free(b.e[i].id);
             }
-            s->dirty[s->ndirty++] = b.ids[i];
-        } else {
-            cap_free(b.ids[i]);
         }
-        cap_free(b.bufs[i]);
     }
-    for (size_t i = 0; i < b.nbr; i++) {
-        cap_free(b.br[i].id);
-        cap_free(b.br[i].branch);
-    }
-    cap_free(b.br);
-    cap_free(b.live);
-    cap_free(b.ids);
-    cap_free(b.bufs);
-    cap_free(b.lens);
+    cap_free(b.e);
     s->flushing = 0;
     s->flushing_n = 0;
     pthread_cond_broadcast(&s->fdone);
-    if (rc == 0)
-        evict_some(s);
     return rc;
 }
 
@@ -2442,7 +2457,7 @@ void prom_store_close(prom_store_t *s)
 void prom_store_stats(prom_store_t *s, prom_store_stats_t *out)
 {
     pthread_mutex_lock(&s->mu);
-    evict_some(s);
+    evict_some(s, SIZE_MAX); /* everything evictable: the counts are exact */
     *out = s->st;
     out->resident_docs = s->docs.n;
     out->unflushed_docs = s->opts.checkpoint_ms > 0 ? s->ndirty + s->flushing_n : 0;
