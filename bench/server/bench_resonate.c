@@ -225,6 +225,7 @@ int main(int argc, char **argv)
     store_env_opts_t eo = {0};
     eo.map_size = 1ull << 30;
     prom_opts_t po = {0};
+    po.checkpoint_ms = -1; /* as the engine opens its store: the tables in each commit */
     if (store_env_open(pdir, &eo, &env) != 0 || prom_store_open(env, &po, &ps) != 0)
         cap_fatal("bench", "peer store open");
 
