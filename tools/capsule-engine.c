@@ -19,6 +19,7 @@
  *     recovers at the next start.
  */
 #include <errno.h>
+#include <malloc.h> /* mallinfo2, for /v1/metrics */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1304,6 +1305,7 @@ static void h_metrics(srv_req_t *req, void *arg)
     eng_wal_stats(G.eng, &ws);
     prom_store_stats(eng_promise_store(G.eng), &ps);
     srv_server_stats(G.srv, &hs);
+    struct mallinfo2 mi = mallinfo2(); /* walks every arena: a scrape's cost, not a hot path */
     size_t cap = 32768, n = 0;
     char *b = cap_malloc(cap);
 /* never past the end: once full, the rest is measured, not written (and cut below) */
@@ -1352,6 +1354,16 @@ static void h_metrics(srv_req_t *req, void *arg)
          (double)ps.checkpoints},
         {"capsule_promise_checkpoint_docs_total", "counter", "Documents those checkpoints wrote.",
          (double)ps.checkpoint_docs},
+        {"capsule_server_executions_followed", "gauge",
+         "Executions this server holds a record for (running or queued).", (double)G.nlive},
+        {"capsule_heap_in_use_bytes", "gauge",
+         "malloc'ed and not freed (glibc mallinfo2: arenas + mmapped chunks; 0 under ASan).",
+         (double)(mi.uordblks + mi.hblkhd)},
+        {"capsule_heap_free_bytes", "gauge",
+         "Free memory kept inside malloc's arenas (fragmentation when it grows).",
+         (double)mi.fordblks},
+        {"capsule_heap_arena_bytes", "gauge", "Memory malloc's arenas took from the system.",
+         (double)mi.arena},
     };
     for (size_t i = 0; i < sizeof(one) / sizeof(one[0]); i++) {
         if (*one[i].help)

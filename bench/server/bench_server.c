@@ -12,9 +12,14 @@
  * fresh data directory; the client is a minimal blocking HTTP/WebSocket client written here.
  *
  * Human table on stderr, one JSON object per figure on stdout. --quick: small counts.
- *   - 200 WebSocket clients (20 with --quick), each on its own session, executing back to back
- *     for 60 s (5 s): errors (goal 0), p50/p99 (goal p99 <= 10 ms), throughput, and the server's
- *     anonymous RSS growth after warm-up (goal <= 10%; the LMDB map's file pages not counted).
+ *   - 200 WebSocket clients (20 with --quick), each on its own session, each offering one "2+2"
+ *     every 500 ms (CAPSULE_SOAK_GAP_MS; 400/s in all, a fixed rate well under what the machine
+ *     can do) for 60 s (6 s): errors (goal 0), p50/p99 from when each cell was due (goal p99 <=
+ *     10 ms), throughput, and the server's anonymous RSS growth from the end of warm-up (the
+ *     first third) to the end (goal <= 10%; the LMDB map's file pages not counted), with malloc's
+ *     own account beside it (in use / free in its arenas, from /v1/metrics: a leak grows the
+ *     first, fragmentation the second). Then the same clients back to back for 15 s (3 s): the
+ *     most this machine does (its latency is then queueing: clients / throughput).
  */
 #define _GNU_SOURCE /* memmem */
 #include <errno.h>
@@ -57,6 +62,14 @@ static int cli_connect(cli_t *c, int port)
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     return connect(c->fd, (struct sockaddr *)&a, sizeof(a));
+}
+
+/* A fresh connection for a REST client that sat idle (the server closes idle connections). */
+static void cli_reconnect(cli_t *c, int port)
+{
+    close(c->fd);
+    if (cli_connect(c, port) != 0)
+        die("connect");
 }
 
 static void cli_send(cli_t *c, const void *d, size_t n)
@@ -218,76 +231,138 @@ static long rss_kib(pid_t pid)
     return v;
 }
 
+#define SOAK_TREND 64
+
+/* One gauge of the server's /v1/metrics, in KiB (bytes / 1024); -1 when absent. */
+static long metric_kib(cli_t *rest, const char *name)
+{
+    static char m[1 << 16];
+    if (http_do(rest, "GET", "/v1/metrics", NULL, m, sizeof(m)) != 200)
+        return -1;
+    char key[128];
+    snprintf(key, sizeof(key), "\n%s ", name);
+    char *p = strstr(m, key);
+    return p ? (long)(atof(p + strlen(key)) / 1024) : -1;
+}
+
+typedef struct mem_sample {
+    long rss, heap_use, heap_free; /* KiB: RssAnon, malloc'ed, free inside malloc's arenas */
+} mem_sample_t;
+
+static mem_sample_t mem_sample(cli_t *rest, pid_t pid)
+{
+    mem_sample_t m = {rss_kib(pid), metric_kib(rest, "capsule_heap_in_use_bytes"),
+                      metric_kib(rest, "capsule_heap_free_bytes")};
+    return m;
+}
+
 typedef struct soak_res {
     uint64_t *lat;
     size_t n, errors, done;
     long rss_warm, rss_end;
-    long rss_trend[11]; /* at every tenth of the run */
-    double secs;
+    mem_sample_t warm, last;
+    mem_sample_t trend[SOAK_TREND]; /* every 5 s from the start */
+    size_t ntrend;
+    double secs; /* the measured part (after warm-up) */
 } soak_res_t;
 
 /*
- * n clients, each with its own session and WebSocket, each executing "2+2" back to back for
- * `secs`; latencies after the first 20% (warm-up) are kept. Errors: an error message, a result
- * that is not ok/4, a connection lost. The server's RSS is sampled at the end of warm-up and at
- * the end.
+ * n clients, each with its own session and WebSocket, each executing "2+2" for `secs`.
+ *
+ * gap_ms > 0: each client offers one execution every gap_ms (a fixed rate: think time between
+ * its cells, phases spread at random); when an answer comes after the next one was due, the next
+ * is sent at once, and its latency counts from when it was due (so a slow server is not hidden
+ * by clients that wait for it: no coordinated omission). gap_ms == 0: back to back (closed loop),
+ * which measures what the machine can do at most, at the price of queueing: the latency is then
+ * n / throughput whatever the server does.
+ *
+ * The first third of the run is warm-up (sessions get workers, pages get touched); latencies
+ * after it are kept. Errors: an error message, a result that is not ok/4, a connection lost. The
+ * server's RssAnon is sampled every 5 s; the growth is from the end of warm-up to the end.
  */
-static void soak(cli_t *rest, int port, pid_t pid, size_t n, double secs, soak_res_t *out)
+static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n, double secs,
+                 uint32_t gap_ms, soak_res_t *out)
 {
     char body[8192], msg[8192];
     cli_t *cl = cap_calloc(n, sizeof(cli_t));
-    uint64_t *sent = cap_calloc(n, sizeof(uint64_t));
+    uint64_t *due = cap_calloc(n, sizeof(uint64_t)); /* when its current/next cell is due */
+    unsigned char *busy = cap_calloc(n, 1);          /* an execution outstanding */
     struct pollfd *pf = cap_calloc(n, sizeof(struct pollfd));
     size_t cap = 1 << 16;
+    uint64_t gap = (uint64_t)gap_ms * 1000000ull;
     memset(out, 0, sizeof(*out));
     out->lat = cap_malloc(cap * sizeof(uint64_t));
+    cli_reconnect(rest, port);
     for (size_t i = 0; i < n; i++) {
         char b[64], path[64];
-        snprintf(b, sizeof(b), "{\"id\":\"soak%zu\"}", i);
+        snprintf(b, sizeof(b), "{\"id\":\"%s%zu\"}", prefix, i);
         if (http_do(rest, "POST", "/v1/sessions", b, body, sizeof(body)) != 201) {
             fprintf(stderr, "bench_server: soak session %zu: %s\n", i, body);
             exit(1);
         }
         if (cli_connect(&cl[i], port) != 0)
             die("connect");
-        snprintf(path, sizeof(path), "/v1/sessions/soak%zu/ws", i);
+        snprintf(path, sizeof(path), "/v1/sessions/%s%zu/ws", prefix, i);
         ws_upgrade(&cl[i], path);
         pf[i].fd = cl[i].fd;
         pf[i].events = POLLIN;
     }
     static const char ex[] = "{\"type\":\"execute\",\"code\":\"2+2\"}";
-    uint64_t t0 = cap_now_ns(), warm_end = t0 + (uint64_t)(secs * 0.2e9),
+    uint64_t t0 = cap_now_ns(), warm_end = t0 + (uint64_t)(secs * 1e9 / 3),
              end = t0 + (uint64_t)(secs * 1e9), drain_end = end + 10000000000ull;
-    int warmed = 0;
-    size_t outstanding = 0;
+    uint64_t rng = 0x9e3779b97f4a7c15ull;
     for (size_t i = 0; i < n; i++) {
-        ws_send_text(&cl[i], ex);
-        sent[i] = cap_now_ns();
-        outstanding++;
+        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+        due[i] = t0 + (gap ? rng % gap : 0);
     }
-    while (outstanding > 0) {
+    int warmed = 0;
+    size_t active = n; /* clients not finished */
+    uint64_t next_sample = t0;
+    while (active > 0) {
         uint64_t now = cap_now_ns();
         if (now > drain_end) {
-            out->errors += outstanding; /* never answered */
+            for (size_t i = 0; i < n; i++)
+                out->errors += busy[i]; /* never answered */
             break;
         }
         if (!warmed && now >= warm_end) {
             warmed = 1;
-            out->rss_warm = rss_kib(pid);
+            out->warm = mem_sample(rest, pid);
+            out->rss_warm = out->warm.rss;
         }
-        size_t tenth = now >= end ? 10 : (size_t)((now - t0) * 10 / (end - t0));
-        if (!out->rss_trend[tenth])
-            out->rss_trend[tenth] = rss_kib(pid);
-        if (poll(pf, (nfds_t)n, 100) < 0 && errno != EINTR)
+        if (now >= next_sample && now < end && out->ntrend < SOAK_TREND) {
+            out->trend[out->ntrend++] = mem_sample(rest, pid);
+            next_sample += 5000000000ull;
+        }
+        /* send what is due; the earliest future due time bounds the wait */
+        uint64_t wake = now + 100000000ull;
+        for (size_t i = 0; i < n; i++) {
+            if (busy[i] || pf[i].fd < 0)
+                continue;
+            if (due[i] >= end) {
+                pf[i].fd = -1;
+                active--;
+                continue;
+            }
+            if (due[i] <= now) {
+                ws_send_text(&cl[i], ex);
+                busy[i] = 1;
+            } else if (due[i] < wake) {
+                wake = due[i];
+            }
+        }
+        int wait_ms = (int)((wake - now + 999999) / 1000000);
+        if (poll(pf, (nfds_t)n, wait_ms) < 0 && errno != EINTR)
             die("poll");
         for (size_t i = 0; i < n; i++) {
-            if (!(pf[i].revents & (POLLIN | POLLHUP | POLLERR)))
+            if (pf[i].fd < 0 || !(pf[i].revents & (POLLIN | POLLHUP | POLLERR)))
                 continue;
             ssize_t k = read(cl[i].fd, cl[i].buf + cl[i].len, sizeof(cl[i].buf) - cl[i].len);
             if (k <= 0) {
                 out->errors++;
-                outstanding--;
+                busy[i] = 0;
                 pf[i].fd = -1;
+                active--;
                 continue;
             }
             cl[i].len += (size_t)k;
@@ -302,26 +377,29 @@ static void soak(cli_t *rest, int port, pid_t pid, size_t n, double secs, soak_r
                 if (!strstr(msg, "\"status\":\"ok\"") || !strstr(msg, "\"value\":4"))
                     out->errors++;
                 out->done++;
-                if (sent[i] >= warm_end && t <= end) {
+                if (due[i] >= warm_end && t <= end) {
                     if (out->n == cap)
                         out->lat = cap_realloc(out->lat, (cap *= 2) * sizeof(uint64_t));
-                    out->lat[out->n++] = t - sent[i];
+                    out->lat[out->n++] = t - due[i];
                 }
-                if (t < end) {
-                    ws_send_text(&cl[i], ex);
-                    sent[i] = cap_now_ns();
-                } else {
-                    outstanding--;
-                }
+                busy[i] = 0;
+                due[i] = gap ? due[i] + gap : t; /* late: due already, sent at once */
             }
         }
     }
-    out->rss_end = rss_kib(pid);
-    out->secs = secs * 0.8;
-    for (size_t i = 0; i < n; i++)
+    cli_reconnect(rest, port);
+    out->last = mem_sample(rest, pid);
+    out->rss_end = out->last.rss;
+    out->secs = secs * 2 / 3;
+    for (size_t i = 0; i < n; i++) {
+        char path[64];
         close(cl[i].fd);
+        snprintf(path, sizeof(path), "/v1/sessions/%s%zu", prefix, i);
+        http_do(rest, "DELETE", path, NULL, body, sizeof(body)); /* its worker goes back */
+    }
     cap_free(cl);
-    cap_free(sent);
+    cap_free(due);
+    cap_free(busy);
     cap_free(pf);
 }
 
@@ -440,16 +518,22 @@ int main(int argc, char **argv)
     double w50 = pct(t, n_ws, 0.5), w99 = pct(t, n_ws, 0.99);
     close(w->fd);
 
-    /* many clients at once */
+    /* many clients at once: each at a fixed rate (one cell every gap_ms), then back to back */
     size_t n_soak = quick ? 20 : 200;
-    double soak_secs = quick ? 5 : 60;
+    double soak_secs = quick ? 6 : 60, cap_secs = quick ? 3 : 15;
+    uint32_t gap_ms = 500;
     if (getenv("CAPSULE_SOAK_CLIENTS")) /* for longer or smaller manual runs */
         n_soak = (size_t)atol(getenv("CAPSULE_SOAK_CLIENTS"));
     if (getenv("CAPSULE_SOAK_SECS"))
         soak_secs = atof(getenv("CAPSULE_SOAK_SECS"));
-    soak_res_t sk;
-    soak(c, port, pid, n_soak, soak_secs, &sk);
+    if (getenv("CAPSULE_SOAK_GAP_MS"))
+        gap_ms = (uint32_t)atol(getenv("CAPSULE_SOAK_GAP_MS"));
+    soak_res_t sk, cp;
+    soak(c, port, pid, "soak", n_soak, soak_secs, gap_ms, &sk);
+    soak(c, port, pid, "cap", n_soak, cap_secs, 0, &cp);
     double s50 = sk.n ? pct(sk.lat, sk.n, 0.5) : 0, s99 = sk.n ? pct(sk.lat, sk.n, 0.99) : 0;
+    double k50 = cp.n ? pct(cp.lat, cp.n, 0.5) : 0, k99 = cp.n ? pct(cp.lat, cp.n, 0.99) : 0;
+    double offered = gap_ms ? (double)n_soak * 1000.0 / gap_ms : 0;
     double growth =
         sk.rss_warm > 0 ? 100.0 * (double)(sk.rss_end - sk.rss_warm) / (double)sk.rss_warm : 0;
     close(c->fd);
@@ -516,15 +600,28 @@ int main(int argc, char **argv)
                 "2+2 via jupyter_client + ipykernel (not durable)", j50, j99);
     fprintf(stderr, "  %-52s %10.3f %10.3f\n", "session create over REST (warm pool)", c50, c99);
     fprintf(stderr,
-            "  %zu WebSocket clients for %.0f s: %-18s %10.3f %10.3f\n"
+            "  %zu WebSocket clients, one 2+2 each every %u ms (%.0f/s offered), %.0f s:\n"
+            "    %-48s %10.3f %10.3f\n"
             "    %zu results (%.0f/s after warm-up), %zu errors, server RssAnon %ld -> %ld KiB "
-            "(%+.1f%%)\n",
-            n_soak, soak_secs, "2+2 latency", s50, s99, sk.done, (double)sk.n / sk.secs, sk.errors,
-            sk.rss_warm, sk.rss_end, growth);
-    fprintf(stderr, "    server RssAnon KiB at each tenth of the run:");
-    for (int i = 0; i <= 10; i++)
-        fprintf(stderr, " %ld", sk.rss_trend[i]);
-    fprintf(stderr, "\n");
+            "(%+.1f%% from the end of warm-up, %.0f s, to the end)\n",
+            n_soak, gap_ms, offered, soak_secs, "latency from when due", s50, s99, sk.done,
+            (double)sk.n / sk.secs, sk.errors, sk.rss_warm, sk.rss_end, growth, soak_secs / 3);
+    fprintf(
+        stderr,
+        "    server KiB every 5 s, RssAnon / malloc'ed in use / free in malloc's arenas:\n     ");
+    for (size_t i = 0; i < sk.ntrend; i++)
+        fprintf(stderr, " %ld/%ld/%ld", sk.trend[i].rss, sk.trend[i].heap_use,
+                sk.trend[i].heap_free);
+    fprintf(stderr,
+            "\n    from the end of warm-up to the end: malloc'ed in use %ld -> %ld KiB, free in "
+            "arenas %ld -> %ld KiB\n",
+            sk.warm.heap_use, sk.last.heap_use, sk.warm.heap_free, sk.last.heap_free);
+    fprintf(stderr,
+            "  the same clients back to back (closed loop, %.0f s): %.0f/s at most on this "
+            "machine;\n    %-48s %10.3f %10.3f\n    (%zu errors; queueing: latency ~ clients / "
+            "throughput = %.1f ms)\n",
+            cap_secs, (double)cp.n / cp.secs, "latency", k50, k99, cp.errors,
+            cp.n ? 1000.0 * (double)n_soak / ((double)cp.n / cp.secs) : 0);
     fprintf(stderr, "  WebSocket vs in-process engine p50: %.3fx; goal p50 <= 0.8 ms", w50 / p50);
     if (j50 > 0)
         fprintf(stderr, "; Jupyter / capsule p50: %.2fx (goal >= 6x)", j50 / w50);
@@ -541,14 +638,24 @@ int main(int argc, char **argv)
     printf("{\"bench\":\"server\",\"metric\":\"soak_errors\",\"value\":%zu,\"unit\":\"count\","
            "\"peer\":null,\"peer_value\":null,\"ratio\":null,\"goal\":0,\"met\":%s,"
            "\"better\":\"lower\",\"goal_on\":\"value\"}\n",
-           sk.errors, sk.errors == 0 ? "true" : "false");
+           sk.errors + cp.errors, sk.errors + cp.errors == 0 ? "true" : "false");
     bench_emit("soak_2plus2_p50", s50, "ms", NULL, 0, 0, 1);
     bench_emit("soak_2plus2_p99", s99, "ms", NULL, 0, 10.0, 1);
+    bench_emit("soak_offered_rate", offered, "exec/s", NULL, 0, 0, 0);
     bench_emit("soak_throughput", (double)sk.n / sk.secs, "exec/s", NULL, 0, 0, 0);
     bench_emit("soak_server_rss_growth", growth, "%", NULL, 0, 10.0, 1);
+    bench_emit("soak_server_heap_in_use_growth",
+               sk.warm.heap_use > 0 ? 100.0 * (double)(sk.last.heap_use - sk.warm.heap_use) /
+                                          (double)sk.warm.heap_use
+                                    : 0,
+               "%", NULL, 0, 0, 1);
+    bench_emit("soak_capacity_throughput", (double)cp.n / cp.secs, "exec/s", NULL, 0, 0, 0);
+    bench_emit("soak_capacity_p50", k50, "ms", NULL, 0, 0, 1);
+    bench_emit("soak_capacity_p99", k99, "ms", NULL, 0, 0, 1);
     bench_emit("rest_session_create_p50", c50, "ms", NULL, 0, 0, 1);
     bench_emit("rest_session_create_p99", c99, "ms", NULL, 0, 0, 1);
     cap_free(sk.lat);
+    cap_free(cp.lat);
     cap_free(t);
     cap_free(c);
     cap_free(w);
