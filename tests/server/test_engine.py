@@ -640,12 +640,26 @@ def t_accepted_durable(server, data, tokfile):
     client saw it, and the restarted server has the execution (re-run to its result). A full
     queue answers a "refused" result and never "accepted"."""
     e = Engine(server, data, tokfile)
-    for k in range(4):
-        assert req(e.port, "POST", "/sessions", {"id": f"ad{k}"})[0] == 201
     loop = asyncio.new_event_loop()
-    accepted = loop.run_until_complete(accepted_then_kill(e))
+    try:
+        for k in range(4):
+            assert req(e.port, "POST", "/sessions", {"id": f"ad{k}"})[0] == 201
+        accepted = loop.run_until_complete(accepted_then_kill(e))
+    finally:
+        e.proc.kill()  # (killed already when all went well; never left running on a failure)
     assert accepted, "no accepted before the kill"
     e = Engine(server, data, tokfile, ("--max-queue", "3"))
+    try:
+        accepted_after_restart(e, accepted, loop)
+    except BaseException:
+        e.kill9()
+        raise
+    loop.close()
+    rc, err = e.term()
+    assert rc == 0, err
+
+
+def accepted_after_restart(e, accepted, loop):
     for eid in accepted:
         st, r = req(e.port, "GET", f"/executions/{eid}")
         assert st == 200, (eid, st, r)  # recorded: pending, running or finished, never lost
@@ -678,9 +692,6 @@ def t_accepted_durable(server, data, tokfile):
         assert 0 < refused < 20, types
 
     loop.run_until_complete(full_queue())
-    loop.close()
-    rc, err = e.term()
-    assert rc == 0, err
 
 
 def t_graceful(server, data, tokfile):
