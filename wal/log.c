@@ -69,6 +69,7 @@ struct wal_log {
     pthread_cond_t work_cv; /* writer waits here */
     struct wal_append *head, *tail;
     struct wal_trunc *trunc_head, *trunc_tail;
+    int writer_waiting;     /* the writer sleeps on work_cv: an append must wake it */
     uint64_t next_seq;      /* next to assign */
     uint64_t committed_seq; /* highest durable (acknowledged) */
     int closing;
@@ -394,8 +395,13 @@ int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn 
         log->head = a;
     log->tail = a;
     log->st.pending += n;
-    pthread_cond_signal(&log->work_cv);
+    /* only a sleeping writer needs the signal: a busy one takes the queue when it is done. Sent
+     * after the unlock, so that the woken writer does not block on mu at once. */
+    int wake = log->writer_waiting;
+    log->writer_waiting = 0;
     pthread_mutex_unlock(&log->mu);
+    if (wake)
+        pthread_cond_signal(&log->work_cv);
     if (first_seq)
         *first_seq = first;
     a = NULL;
@@ -810,6 +816,28 @@ static void wal__run_index(wal_log_t *log)
     log->st.indexed_seq = c.upto;
 }
 
+/* Sleeps on work_cv until an append, truncate or close signals it, or (due_ns != UINT64_MAX)
+ * until cap_now_ns() reaches due_ns; now is cap_now_ns() of the caller. Called with mu held. */
+static void wal__writer_wait(wal_log_t *log, uint64_t now, uint64_t due_ns)
+{
+    log->writer_waiting = 1;
+    if (due_ns == UINT64_MAX) {
+        pthread_cond_wait(&log->work_cv, &log->mu);
+    } else {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t wait = due_ns > now ? due_ns - now : 0;
+        ts.tv_sec += (time_t)(wait / 1000000000u);
+        ts.tv_nsec += (long)(wait % 1000000000u);
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&log->work_cv, &log->mu, &ts);
+    }
+    log->writer_waiting = 0;
+}
+
 static void *wal__writer_main(void *arg)
 {
     wal_log_t *log = arg;
@@ -850,20 +878,7 @@ static void *wal__writer_main(void *arg)
             if (idx_due < due)
                 due = idx_due;
         }
-        if (due == UINT64_MAX) {
-            pthread_cond_wait(&log->work_cv, &log->mu);
-            continue;
-        }
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        uint64_t wait = due - now;
-        ts.tv_sec += (time_t)(wait / 1000000000u);
-        ts.tv_nsec += (long)(wait % 1000000000u);
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&log->work_cv, &log->mu, &ts);
+        wal__writer_wait(log, now, due);
     }
     pthread_mutex_unlock(&log->mu);
     return NULL;
