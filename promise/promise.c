@@ -663,6 +663,8 @@ static int wait_seq(prom_store_t *s, uint64_t target)
     return rc;
 }
 
+#define CTX_LOCAL_RECS 4 /* records of an op whose arrays ctx_commit keeps on the stack */
+
 /* Appends the working set as one batch and installs it. Called under s->mu. On 0, *w is armed
  * (the caller waits with wait_own after unlocking) or w->nrec == 0 (nothing to write). */
 static int ctx_commit(octx_t *c, prom__wait_t *w, const wal_rec_t *extra, size_t nextra)
@@ -676,10 +678,21 @@ static int ctx_commit(octx_t *c, prom__wait_t *w, const wal_rec_t *extra, size_t
     w->nrec = nrec;
     if (nrec == 0)
         goto out;
-    wal_rec_t *recs = cap_calloc(nrec, sizeof(wal_rec_t));
-    wal_field_t *fields = cap_calloc(nrec * 3, sizeof(wal_field_t));
-    uint8_t **bufs = cap_calloc(nrec, sizeof(uint8_t *));
-    uint8_t(*keys)[8] = cap_calloc(nrec, 8);
+    /* most ops write one or two records: their arrays live on the stack */
+    wal_rec_t recs_l[CTX_LOCAL_RECS];
+    wal_field_t fields_l[3 * CTX_LOCAL_RECS];
+    uint8_t *bufs_l[CTX_LOCAL_RECS];
+    uint8_t keys_l[CTX_LOCAL_RECS][8];
+    int local = nrec <= CTX_LOCAL_RECS;
+    if (local) {
+        memset(recs_l, 0, sizeof(recs_l));
+        memset(fields_l, 0, sizeof(fields_l));
+        memset(bufs_l, 0, sizeof(bufs_l));
+    }
+    wal_rec_t *recs = local ? recs_l : cap_calloc(nrec, sizeof(wal_rec_t));
+    wal_field_t *fields = local ? fields_l : cap_calloc(nrec * 3, sizeof(wal_field_t));
+    uint8_t **bufs = local ? bufs_l : cap_calloc(nrec, sizeof(uint8_t *));
+    uint8_t(*keys)[8] = local ? keys_l : cap_calloc(nrec, 8);
     size_t k = 0;
     for (size_t i = 0; i < nextra; i++, k++)
         recs[k] = extra[i]; /* the caller's records first, in the same append */
@@ -717,8 +730,10 @@ static int ctx_commit(octx_t *c, prom__wait_t *w, const wal_rec_t *extra, size_t
     if (!w->fn)
         pthread_cond_init(&w->cv, NULL);
     rc = wal_log_append(s->wal, recs, nrec, on_done, w, &first);
-    cap_free(keys);
-    cap_free(recs);
+    if (!local) {
+        cap_free(keys);
+        cap_free(recs);
+    }
     if (rc != 0) {
         if (!w->fn)
             pthread_cond_destroy(&w->cv);
@@ -758,8 +773,10 @@ static int ctx_commit(octx_t *c, prom__wait_t *w, const wal_rec_t *extra, size_t
 done:
     for (size_t i = 0; i < nrec; i++)
         cap_free(bufs[i]);
-    cap_free(bufs);
-    cap_free(fields);
+    if (!local) {
+        cap_free(bufs);
+        cap_free(fields);
+    }
 out:
     return rc;
 }
