@@ -45,6 +45,18 @@ def test_run_seed_hello(engine: Engine, tmp_path: Path) -> None:
     assert q.returncode == 0 and q.stdout == "Hello from Capsule!\n", q
 
 
+def test_run_imports_only_the_standard_library(engine: Engine, tmp_path: Path) -> None:
+    """`capsule run` is a short process: it runs over http.client, without asyncio, httpx or
+    websockets (whose imports took longer than the run)."""
+    (tmp_path / "hello.py").write_text(HELLO)
+    code = ("import sys\nfrom capsule.cli import main\nst = main(['run', 'hello.py'])\n"
+            "print(st, sorted(m for m in ('asyncio', 'httpx', 'websockets') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=tmp_path, env=dict(os.environ, CAPSULE_URL=engine.url), timeout=60)
+    assert p.returncode == 0, p
+    assert p.stdout == "Hello from Capsule!\n0 []\n", p
+
+
 def test_run_input_args_steps_and_errors(engine: Engine, tmp_path: Path) -> None:
     (tmp_path / "ask.py").write_text('''import sys
 from capsule import task

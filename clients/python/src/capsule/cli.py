@@ -28,7 +28,6 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ast
 import codeop
 import getpass
@@ -36,56 +35,61 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
-from typing import Any, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 from . import __version__
 from .errors import APIError, CapsuleConnectionError, CapsuleError, ExecutionError
-from .session import Session, _Api, new_id, resolve_url
+
+if TYPE_CHECKING:  # imported where used: `capsule run` needs neither (capsule._rest)
+    import asyncio
+
+    from .session import Session, _Api
+    from .types import ExecutionResult
 
 COMMANDS = {"run", "repl", "sessions", "close", "show", "engine", "tasks", "promise"}
 SPIN = "|/-\\"
 
 
 class _Progress:
-    """A one-line "running" indicator on stderr while no output arrives (terminals only)."""
+    """The "running" line on stderr while no output arrives (terminals only), from a thread."""
 
     def __init__(self, enabled: bool, err: TextIO) -> None:
         self.enabled = enabled
         self.err = err
-        self.t0 = time.monotonic()
-        self.last = time.monotonic()
-        self.shown = False
-        self.paused = False
-        self.task: Optional[asyncio.Task[None]] = None
+        self.lock = threading.Lock()
+        self.t0 = self.last = time.monotonic()
+        self.shown = self.paused = False
+        self.done = threading.Event()
 
     def start(self) -> None:
         if self.enabled:
-            self.task = asyncio.create_task(self._run())
+            threading.Thread(target=self._run, daemon=True).start()
 
-    async def _run(self) -> None:
+    def _run(self) -> None:
         i = 0
-        while True:
-            await asyncio.sleep(0.2)
-            if self.paused or time.monotonic() - self.last < 1.0:
-                continue
-            i += 1
-            self.err.write(f"\r{SPIN[i % 4]} running {time.monotonic() - self.t0:.1f} s "
-                           f"(Ctrl-C cancels)\x1b[K")
-            self.err.flush()
-            self.shown = True
+        while not self.done.wait(0.2):
+            with self.lock:
+                if self.paused or time.monotonic() - self.last < 1.0:
+                    continue
+                i += 1
+                self.err.write(f"\r{SPIN[i % 4]} running {time.monotonic() - self.t0:.1f} s "
+                               f"(Ctrl-C cancels)\x1b[K")
+                self.err.flush()
+                self.shown = True
 
     def clear(self) -> None:
-        self.last = time.monotonic()
-        if self.shown:
-            self.err.write("\r\x1b[K")
-            self.err.flush()
-            self.shown = False
+        with self.lock:
+            self.last = time.monotonic()
+            if self.shown:
+                self.err.write("\r\x1b[K")
+                self.err.flush()
+                self.shown = False
 
     def stop(self) -> None:
+        self.done.set()
         self.clear()
-        if self.task is not None:
-            self.task.cancel()
 
 
 def _read_reply(prompt: str, password: bool) -> Optional[str]:
@@ -109,6 +113,10 @@ def _read_reply(prompt: str, password: bool) -> Optional[str]:
 async def run_code(session: Session, code: str, *, execution_id: Optional[str] = None,
                    show_value: bool = False, progress: bool = True) -> int:
     """Runs code in the session with streamed output; returns the exit status."""
+    import asyncio
+
+    from .session import new_id
+
     loop = asyncio.get_running_loop()
     eid = execution_id or new_id()
     state: dict[str, Any] = {"eid": eid, "cancels": 0}
@@ -164,25 +172,13 @@ async def run_code(session: Session, code: str, *, execution_id: Optional[str] =
                 prog.clear()
                 sys.stderr.write("[capsule: the server restarted; the execution is re-run, "
                                  "output continues]\n")
-            elif msg.type == "result":
+            elif msg.type in ("result", "error"):
                 prog.clear()
-                r = msg.result
-                if show_value and r is not None and r.repr is not None and r.repr != "None":
-                    sys.stdout.write(r.repr + "\n")
-                    sys.stdout.flush()
-            elif msg.type == "error":
-                prog.clear()
-                r = msg.result
-                err = msg.error or {}
-                if r is not None and r.status == "cancelled":
-                    sys.stderr.write("KeyboardInterrupt (execution cancelled; the session "
-                                     "is kept)\n")
-                    status = 130
+                if msg.result is not None:
+                    status = _finish(msg.result, show_value)
                 else:
-                    tb = err.get("traceback") or f"{err.get('type')}: {err.get('message', '')}\n"
-                    if r is not None and r.status not in ("error",):
-                        tb = f"[{r.status}] " + tb
-                    sys.stderr.write(tb if tb.endswith("\n") else tb + "\n")
+                    err = msg.error or {}
+                    sys.stderr.write(f"{err.get('type')}: {err.get('message', '')}\n")
                     status = 1
     finally:
         prog.stop()
@@ -190,6 +186,24 @@ async def run_code(session: Session, code: str, *, execution_id: Optional[str] =
             loop.remove_signal_handler(signal.SIGINT)
     sys.stdout.flush()
     return status
+
+
+def _finish(r: ExecutionResult, show_value: bool) -> int:
+    """Prints the end of an execution like the CLI; returns the exit status."""
+    if r.ok:
+        if show_value and r.repr is not None and r.repr != "None":
+            sys.stdout.write(r.repr + "\n")
+            sys.stdout.flush()
+        return 0
+    if r.status == "cancelled":
+        sys.stderr.write("KeyboardInterrupt (execution cancelled; the session is kept)\n")
+        return 130
+    err = r.error or {"type": r.status}
+    tb = err.get("traceback") or f"{err.get('type')}: {err.get('message', '')}\n"
+    if r.status not in ("error",):
+        tb = f"[{r.status}] " + tb
+    sys.stderr.write(tb if tb.endswith("\n") else tb + "\n")
+    return 1
 
 
 def _retry() -> float:
@@ -201,6 +215,8 @@ def _token(args: argparse.Namespace) -> Optional[str]:
 
 
 def _session(args: argparse.Namespace) -> Session:
+    from .session import Session
+
     return Session(args.url, token=args.token, session_id=args.session,
                    keep=True if args.session else False)
 
@@ -255,6 +271,8 @@ class _Repl:
         tty = sys.stdin.isatty()
         if tty:
             self._setup_readline()
+        import asyncio
+
         loop = asyncio.new_event_loop()
         session = _session(self.args)
         try:
@@ -315,8 +333,20 @@ class _Repl:
         return line.rstrip("\n")
 
 
+def _arun(coro: Any) -> int:
+    import asyncio
+
+    return int(asyncio.run(coro))
+
+
+async def _api(args: argparse.Namespace) -> _Api:
+    from .session import _Api, resolve_url
+
+    return _Api(await resolve_url(args.url), _token(args), _retry())
+
+
 async def _cmd_sessions(args: argparse.Namespace) -> int:
-    api = _Api(await resolve_url(args.url), _token(args), _retry())
+    api = await _api(args)
     try:
         d = await api.call("GET", "/sessions")
     finally:
@@ -330,7 +360,7 @@ async def _cmd_sessions(args: argparse.Namespace) -> int:
 
 
 async def _cmd_close(args: argparse.Namespace) -> int:
-    api = _Api(await resolve_url(args.url), _token(args), _retry())
+    api = await _api(args)
     status = 0
     try:
         for sid in args.names:
@@ -346,7 +376,7 @@ async def _cmd_close(args: argparse.Namespace) -> int:
 
 
 async def _cmd_show(args: argparse.Namespace) -> int:
-    api = _Api(await resolve_url(args.url), _token(args), _retry())
+    api = await _api(args)
     try:
         d = await api.call("GET", f"/executions/{args.eid}")
     finally:
@@ -446,7 +476,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             code = sys.stdin.read()
         if code is None:
             return _Repl(args).run()
-        return asyncio.run(_cmd_exec(args, code))
+        return _arun(_cmd_exec(args, code))
     except ExecutionError as e:  # a failing warm-up, for instance
         sys.stderr.write(e.traceback or f"{e}\n")
         return 1
@@ -473,7 +503,7 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
         code = _load_code(args, p)
         if code is None:
             p.error("capsule run needs FILE or -c CODE")
-        return asyncio.run(_cmd_exec(args, str(code)))
+        return _arun(_cmd_exec(args, str(code)))
     if cmd == "repl":
         p = argparse.ArgumentParser(prog="capsule repl", description="interactive session")
         _common(p)
@@ -483,14 +513,14 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
     p.add_argument("--token", default=None)
     if cmd == "sessions":
         p.add_argument("--json", action="store_true")
-        return asyncio.run(_cmd_sessions(p.parse_args(rest)))
+        return _arun(_cmd_sessions(p.parse_args(rest)))
     if cmd == "close":
         p.add_argument("names", nargs="+", metavar="NAME")
-        return asyncio.run(_cmd_close(p.parse_args(rest)))
+        return _arun(_cmd_close(p.parse_args(rest)))
     if cmd == "show":
         p.add_argument("eid")
         p.add_argument("--json", action="store_true")
-        return asyncio.run(_cmd_show(p.parse_args(rest)))
+        return _arun(_cmd_show(p.parse_args(rest)))
     p.add_argument("action", choices=["status", "stop"])
     return _cmd_engine(p.parse_args(rest))
 

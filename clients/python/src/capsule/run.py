@@ -14,14 +14,12 @@ values instead of running again. The session is closed once the run has finished
 """
 
 import argparse
-import asyncio
 import json
+import os
 import sys
-import uuid
-from typing import Optional
+from typing import Any, Optional
 
-from .errors import NotFoundError
-from .session import Session, _Api, resolve_url
+from .errors import CapsuleConnectionError, NotFoundError
 from .types import ExecutionResult
 
 
@@ -59,21 +57,22 @@ def _print_result(value: object, repr_: Optional[str]) -> None:
     sys.stdout.flush()
 
 
-async def cmd_run(a: argparse.Namespace) -> int:
-    from .cli import run_code  # the CLI's streaming loop (output, input(), Ctrl-C)
+def cmd_run(a: argparse.Namespace) -> int:
+    """The run, synchronously over plain HTTP (capsule._rest: no asyncio, httpx or websockets,
+    whose imports took longer than a short run)."""
+    from ._rest import Rest, resolve_url_sync, stream_run
 
-    rid = a.resume or a.id or "r-" + uuid.uuid4().hex[:16]
+    rid = a.resume or a.id or "r-" + os.urandom(8).hex()
+    rest = Rest(resolve_url_sync(a.url), a.token or os.environ.get("CAPSULE_TOKEN") or None,
+                float(os.environ.get("CAPSULE_RECONNECT_TIMEOUT", "30")))
     known = None
     if a.resume or a.id:
-        api = _Api(await resolve_url(a.url), a.token, 10.0)
         try:
-            known = ExecutionResult.from_json(await api.call("GET", f"/executions/{rid}"))
+            known = ExecutionResult.from_json(rest.call("GET", f"/executions/{rid}"))
         except NotFoundError:
             if a.resume:
                 sys.stderr.write(f"capsule: no run {rid}\n")
                 return 3
-        finally:
-            await api.close()
     if known is not None and known.finished:  # its record: output, then result or error
         sys.stderr.write(f"capsule: run {rid} finished before: its recorded result\n")
         sys.stdout.write(known.output)
@@ -95,18 +94,21 @@ async def cmd_run(a: argparse.Namespace) -> int:
         code = run_source(source, a.file, a.task, a.args)
     sys.stderr.write(f"capsule: run {rid} (resume: capsule run --resume {rid})\n")
     sys.stderr.flush()
-    s = Session(a.url, token=a.token, session_id=f"run-{rid}", keep=True, dedent=False)
-    await s.start()
+    sid = f"run-{rid}"
+    rest.call("POST", "/sessions", {"id": sid})
     finished = False
     try:
-        status = await run_code(s, code, execution_id=rid, progress=not a.no_progress)
-        r = await s.get_execution(rid)
-        finished = r.finished
-        if r.ok:
+        status, r = stream_run(rest, sid, code, rid, progress=not a.no_progress)
+        finished = r is not None and r.finished
+        if r is not None and r.ok:
             _print_result(r.value, r.repr)
         return status
     finally:
-        await s.close(delete=finished)
+        if finished:
+            try:
+                rest.call("DELETE", f"/sessions/{sid}", retry=False)
+            except (NotFoundError, CapsuleConnectionError):
+                pass
 
 
 def main_run(rest: list[str]) -> int:
@@ -117,11 +119,13 @@ def main_run(rest: list[str]) -> int:
         p.error("capsule run needs FILE (or --resume ID, or -c CODE)")
     if a.resume and a.file:
         p.error("give either --resume ID or FILE")
-    return asyncio.run(cmd_run(a))
+    return cmd_run(a)
 
 
 async def _with_api(a: argparse.Namespace, method: str, path: str,
-                    body: Optional[dict] = None) -> dict:
+                    body: Optional[dict] = None) -> Any:
+    from .session import _Api, resolve_url
+
     api = _Api(await resolve_url(a.url), a.token, 10.0)
     try:
         return await api.call(method, path, body)
@@ -166,7 +170,7 @@ def main_tasks(rest: list[str]) -> int:
     p.add_argument("--token", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("eid")
-    return asyncio.run(cmd_tasks(p.parse_args(rest)))
+    return _arun(cmd_tasks(p.parse_args(rest)))
 
 
 def main_promise(rest: list[str]) -> int:
@@ -179,4 +183,10 @@ def main_promise(rest: list[str]) -> int:
     p.add_argument("action", choices=["resolve", "reject"])
     p.add_argument("id")
     p.add_argument("value", nargs="?", help="its value: JSON, else the text as a string")
-    return asyncio.run(cmd_promise(p.parse_args(rest)))
+    return _arun(cmd_promise(p.parse_args(rest)))
+
+
+def _arun(coro: Any) -> int:
+    import asyncio
+
+    return int(asyncio.run(coro))
