@@ -57,6 +57,13 @@ def test_run_imports_only_the_standard_library(engine: Engine, tmp_path: Path) -
     assert p.stdout == "Hello from Capsule!\n0 []\n", p
 
 
+def test_run_result_states_match_the_client() -> None:
+    """capsule._rest (the run's client, without dataclasses) knows the same finished states."""
+    from capsule import _rest, types
+
+    assert _rest.FINISHED == types.FINISHED
+
+
 def test_run_input_args_steps_and_errors(engine: Engine, tmp_path: Path) -> None:
     (tmp_path / "ask.py").write_text('''import sys
 from capsule import task

@@ -1,13 +1,15 @@
 """capsule._rest - the command line's synchronous REST client: the standard library only.
 
 ``capsule run`` is a short process: importing asyncio, httpx and websockets took longer than the
-run itself (issue 9). This module does what a run needs with http.client and json: REST calls
+run itself (issue 9). This module does what a run needs with a socket and json: REST calls
 with the same error mapping and reconnect policy as ``session._Api``, and one execution streamed
 as NDJSON (``POST /sessions/{sid}/executions`` with ``stream: "ndjson"``) with the CLI's
 behaviour: output as it comes, ``input()`` answered from the terminal, Ctrl-C cancels, the
 progress line, the final result.
 
 Invariants:
+  - HTTP/1.1 is spoken here over a socket (http.client pulls in the email package and ssl: ~40
+    ms of a ~150 ms run): Content-Length or chunked bodies, ``Connection: close`` requests.
   - every request uses its own connection (localhost setup is tens of microseconds), so an
     input reply or a cancel can be sent while the stream's connection is open.
   - a stream that drops (server restart, connection reset) is re-opened with the same execution
@@ -19,10 +21,10 @@ Invariants:
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -30,9 +32,29 @@ import urllib.parse
 from typing import Any, Optional
 
 from .errors import CapsuleConnectionError, CapsuleError, ConflictError, NotFoundError, api_error
-from .types import ExecutionResult
 
 _OK = (200, 201, 202, 204)
+FINISHED = frozenset({"ok", "error", "cancelled", "timeout", "died", "refused"})  # types.FINISHED
+
+
+class Result:
+    """The fields of a Result (tools/openapi.json) the command line uses: those of
+    capsule.types.ExecutionResult, without importing dataclasses (~12 ms of a ~100 ms run)."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.status = str(d.get("status") or "")
+        self.value = d.get("value")
+        self.repr: Optional[str] = d.get("repr")
+        self.output = str(d.get("output") or "")
+        self.error: Optional[dict[str, Any]] = d.get("error")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
 
 
 def resolve_url_sync(url: Optional[str]) -> str:
@@ -45,6 +67,77 @@ def resolve_url_sync(url: Optional[str]) -> str:
     if "://" not in u:
         u = "http://" + u
     return u.rstrip("/")
+
+
+class _BadHttp(ConnectionError):
+    """A malformed or cut HTTP answer (handled like a dropped connection)."""
+
+
+class _Response:
+    """The answer to one request on its own connection: status, headers, then the body whole
+    (``read``) or line by line as it arrives (``lines``, for NDJSON streams)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.f = sock.makefile("rb")
+        line = self.f.readline(65537)
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise _BadHttp(f"not an HTTP answer: {line[:80]!r}")
+        self.status = int(parts[1])
+        self.headers: dict[str, str] = {}
+        while True:
+            h = self.f.readline(65537)
+            if not h.endswith(b"\n"):
+                raise _BadHttp("the answer's headers were cut")
+            if h in (b"\r\n", b"\n"):
+                break
+            k, _, v = h.decode("latin-1").partition(":")
+            self.headers[k.strip().lower()] = v.strip()
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        cl = self.headers.get("content-length", "")
+        self.length = int(cl) if cl.isdigit() else None
+
+    def getheader(self, name: str) -> Optional[str]:
+        return self.headers.get(name.lower())
+
+    def _chunks(self) -> Any:
+        if not self.chunked:
+            b = self.f.read() if self.length is None else self.f.read(self.length)
+            if self.length is not None and len(b) < self.length:
+                raise _BadHttp("the answer's body was cut")
+            if b:
+                yield b
+            return
+        while True:
+            size = self.f.readline(1024).split(b";")[0].strip()
+            try:
+                n = int(size, 16)
+            except ValueError:
+                raise _BadHttp(f"bad chunk size {size[:20]!r}") from None
+            if n == 0:
+                return
+            b = self.f.read(n + 2)
+            if len(b) < n + 2:
+                raise _BadHttp("a chunk was cut")
+            yield b[:n]
+
+    def read(self) -> bytes:
+        return b"".join(self._chunks())
+
+    def lines(self) -> Any:
+        """The body's lines as they complete (a last unterminated line too)."""
+        buf = b""
+        for b in self._chunks():
+            buf += b
+            *done, buf = buf.split(b"\n")
+            yield from done
+        if buf:
+            yield buf
+
+    def close(self) -> None:
+        self.f.close()
+        self.sock.close()
 
 
 class Rest:
@@ -65,21 +158,24 @@ class Rest:
             self.headers["Authorization"] = f"Bearer {token}"
         self.reconnect_timeout = reconnect_timeout
 
-    def _conn(self, timeout: Optional[float]) -> http.client.HTTPConnection:
-        if self.https:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout)
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-
     def _send(self, method: str, path: str, body: Optional[dict[str, Any]],
-              timeout: Optional[float]) -> tuple[http.client.HTTPConnection,
-                                                 http.client.HTTPResponse]:
-        c = self._conn(timeout)
+              timeout: Optional[float]) -> _Response:
+        """Sends one request on a new connection; returns the answer's head."""
+        sock = socket.create_connection((self.host, self.port), timeout=5.0)
         try:
-            data = None if body is None else json.dumps(body).encode()
-            c.request(method, self.prefix + path, body=data, headers=self.headers)
-            return c, c.getresponse()
+            if self.https:
+                import ssl
+
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+            sock.settimeout(timeout)
+            data = b"" if body is None else json.dumps(body).encode()
+            head = f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            head += "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+            head += f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+            sock.sendall(head.encode("latin-1") + data)
+            return _Response(sock)
         except BaseException:
-            c.close()
+            sock.close()
             raise
 
     def call(self, method: str, path: str, body: Optional[dict[str, Any]] = None, *,
@@ -89,12 +185,12 @@ class Rest:
         delay = 0.05
         while True:
             try:
-                c, r = self._send(method, path, body, 30.0)
+                r = self._send(method, path, body, 30.0)
                 try:
                     raw = r.read()
                 finally:
-                    c.close()
-            except (OSError, http.client.HTTPException) as e:
+                    r.close()
+            except OSError as e:
                 if not retry or time.monotonic() + delay > deadline:
                     raise CapsuleConnectionError(
                         f"{method} {self.base}/v1{path}: {e.__class__.__name__}: {e}") from e
@@ -115,7 +211,7 @@ class Rest:
 
 
 def stream_run(rest: Rest, sid: str, code: str, eid: str, *, progress: bool = True,
-               show_value: bool = False) -> tuple[int, Optional[ExecutionResult]]:
+               show_value: bool = False) -> tuple[int, Optional[Result]]:
     """Runs ``code`` as execution ``eid`` of session ``sid`` with the CLI's behaviour; returns
     (exit status, the final result or None)."""
     from .cli import _finish, _Progress, _read_reply  # shared with the async client
@@ -146,8 +242,8 @@ def stream_run(rest: Rest, sid: str, code: str, eid: str, *, progress: bool = Tr
     try:
         while True:
             try:
-                c, r = rest._send("POST", f"/sessions/{sid}/executions", body, None)
-            except (OSError, http.client.HTTPException) as e:
+                r = rest._send("POST", f"/sessions/{sid}/executions", body, None)
+            except OSError as e:
                 if time.monotonic() + delay > deadline:
                     raise CapsuleConnectionError(f"execution {eid}: {e}") from e
                 time.sleep(delay)
@@ -164,7 +260,7 @@ def stream_run(rest: Rest, sid: str, code: str, eid: str, *, progress: bool = Tr
                         raise api_error(r.status, json.loads(raw) if raw else None)
                     except ValueError:
                         raise api_error(r.status, raw) from None
-                for line in r:
+                for line in r.lines():
                     if not line.strip():
                         continue
                     m = json.loads(line)
@@ -197,7 +293,7 @@ def stream_run(rest: Rest, sid: str, code: str, eid: str, *, progress: bool = Tr
                                          "re-run, output continues]\n")
                     elif t == "result":
                         prog.clear()
-                        res = ExecutionResult.from_json(m)
+                        res = Result(m)
                         whole = res.output.encode()
                         if len(whole) > offset:  # a tail no event brought
                             sys.stdout.write(whole[offset:].decode(errors="replace"))
@@ -207,11 +303,11 @@ def stream_run(rest: Rest, sid: str, code: str, eid: str, *, progress: bool = Tr
                         e = m.get("error") or {}
                         raise api_error(400 if e.get("code") == "invalid_message" else 409
                                         if e.get("code") == "no_input_request" else 503, m)
-            except (OSError, http.client.HTTPException, ValueError) as e:
+            except (OSError, ValueError) as e:
                 if time.monotonic() + delay > deadline:
                     raise CapsuleConnectionError(f"execution {eid}: the stream broke: {e}") from e
             finally:
-                c.close()
+                r.close()
             # the stream ended without a result: re-attach with the same id
             time.sleep(delay)
             delay = min(delay * 2, 1.0)

@@ -45,6 +45,7 @@ from .errors import APIError, CapsuleConnectionError, CapsuleError, ExecutionErr
 if TYPE_CHECKING:  # imported where used: `capsule run` needs neither (capsule._rest)
     import asyncio
 
+    from ._rest import Result
     from .session import Session, _Api
     from .types import ExecutionResult
 
@@ -188,7 +189,7 @@ async def run_code(session: Session, code: str, *, execution_id: Optional[str] =
     return status
 
 
-def _finish(r: ExecutionResult, show_value: bool) -> int:
+def _finish(r: ExecutionResult | Result, show_value: bool) -> int:
     """Prints the end of an execution like the CLI; returns the exit status."""
     if r.ok:
         if show_value and r.repr is not None and r.repr != "None":

@@ -20,7 +20,6 @@ import sys
 from typing import Any, Optional
 
 from .errors import CapsuleConnectionError, NotFoundError
-from .types import ExecutionResult
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -60,7 +59,7 @@ def _print_result(value: object, repr_: Optional[str]) -> None:
 def cmd_run(a: argparse.Namespace) -> int:
     """The run, synchronously over plain HTTP (capsule._rest: no asyncio, httpx or websockets,
     whose imports took longer than a short run)."""
-    from ._rest import Rest, resolve_url_sync, stream_run
+    from ._rest import Rest, Result, resolve_url_sync, stream_run
 
     rid = a.resume or a.id or "r-" + os.urandom(8).hex()
     rest = Rest(resolve_url_sync(a.url), a.token or os.environ.get("CAPSULE_TOKEN") or None,
@@ -68,7 +67,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     known = None
     if a.resume or a.id:
         try:
-            known = ExecutionResult.from_json(rest.call("GET", f"/executions/{rid}"))
+            known = Result(rest.call("GET", f"/executions/{rid}"))
         except NotFoundError:
             if a.resume:
                 sys.stderr.write(f"capsule: no run {rid}\n")
