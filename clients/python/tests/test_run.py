@@ -46,8 +46,8 @@ def test_run_seed_hello(engine: Engine, tmp_path: Path) -> None:
 
 
 def test_run_imports_only_the_standard_library(engine: Engine, tmp_path: Path) -> None:
-    """`capsule run` is a short process: it runs over http.client, without asyncio, httpx or
-    websockets (whose imports took longer than the run)."""
+    """`capsule run` (and `capsule -c`) is a short process: it runs over a socket, without
+    asyncio, httpx or websockets (whose imports took longer than the run)."""
     (tmp_path / "hello.py").write_text(HELLO)
     code = ("import sys\nfrom capsule.cli import main\nst = main(['run', 'hello.py'])\n"
             "print(st, sorted(m for m in ('asyncio', 'httpx', 'websockets') if m in sys.modules))")
@@ -55,6 +55,10 @@ def test_run_imports_only_the_standard_library(engine: Engine, tmp_path: Path) -
                        cwd=tmp_path, env=dict(os.environ, CAPSULE_URL=engine.url), timeout=60)
     assert p.returncode == 0, p
     assert p.stdout == "Hello from Capsule!\n0 []\n", p
+    code = code.replace("['run', 'hello.py']", "['-c', 'print(6 * 7)']")  # `capsule -c` too
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=tmp_path, env=dict(os.environ, CAPSULE_URL=engine.url), timeout=60)
+    assert p.returncode == 0 and p.stdout == "42\n0 []\n", p
 
 
 def test_run_result_states_match_the_client() -> None:

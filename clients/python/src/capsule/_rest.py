@@ -57,6 +57,24 @@ class Result:
         return self.status in FINISHED
 
 
+def new_id(prefix: str = "x") -> str:
+    """A fresh client-side id (valid for the server: [A-Za-z0-9._-], <= 128)."""
+    return f"{prefix}-{os.urandom(12).hex()}"
+
+
+def prepare_code(code: str, dedent: bool = True) -> str:
+    """The code as sent: dedented (the examples' indented triple-quoted strings), a leading
+    blank line dropped."""
+    if not dedent:
+        return code
+    import textwrap
+
+    code = textwrap.dedent(code)
+    if code.startswith("\n"):
+        code = code[1:]
+    return code
+
+
 def resolve_url_sync(url: Optional[str]) -> str:
     """The server URL: the argument, else CAPSULE_URL, else the embedded local engine."""
     u = url or os.environ.get("CAPSULE_URL") or ""

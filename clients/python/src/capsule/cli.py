@@ -40,7 +40,13 @@ import time
 from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 from . import __version__
-from .errors import APIError, CapsuleConnectionError, CapsuleError, ExecutionError
+from .errors import (
+    APIError,
+    CapsuleConnectionError,
+    CapsuleError,
+    ExecutionError,
+    NotFoundError,
+)
 
 if TYPE_CHECKING:  # imported where used: `capsule run` needs neither (capsule._rest)
     import asyncio
@@ -222,9 +228,25 @@ def _session(args: argparse.Namespace) -> Session:
                    keep=True if args.session else False)
 
 
-async def _cmd_exec(args: argparse.Namespace, code: str) -> int:
-    async with _session(args) as s:
-        return await run_code(s, code, execution_id=args.id, progress=not args.no_progress)
+def _cmd_exec(args: argparse.Namespace, code: str) -> int:
+    """``capsule -c CODE | FILE``: synchronous over plain HTTP (capsule._rest), like ``capsule
+    run``; a fresh session is closed afterwards, a named one (-s) is kept."""
+    from ._rest import Rest, new_id, prepare_code, resolve_url_sync, stream_run
+
+    rest = Rest(resolve_url_sync(args.url), _token(args),
+                float(os.environ.get("CAPSULE_RECONNECT_TIMEOUT", "30")))
+    sid = args.session or new_id("s")
+    rest.call("POST", "/sessions", {"id": sid})
+    try:
+        status, _ = stream_run(rest, sid, prepare_code(code), args.id or new_id(),
+                               progress=not args.no_progress)
+        return status
+    finally:
+        if not args.session:
+            try:
+                rest.call("DELETE", f"/sessions/{sid}", retry=False)
+            except (NotFoundError, CapsuleConnectionError):
+                pass
 
 
 class _Repl:
@@ -477,7 +499,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             code = sys.stdin.read()
         if code is None:
             return _Repl(args).run()
-        return _arun(_cmd_exec(args, code))
+        return _cmd_exec(args, code)
     except ExecutionError as e:  # a failing warm-up, for instance
         sys.stderr.write(e.traceback or f"{e}\n")
         return 1
@@ -504,7 +526,7 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
         code = _load_code(args, p)
         if code is None:
             p.error("capsule run needs FILE or -c CODE")
-        return _arun(_cmd_exec(args, str(code)))
+        return _cmd_exec(args, str(code))
     if cmd == "repl":
         p = argparse.ArgumentParser(prog="capsule repl", description="interactive session")
         _common(p)

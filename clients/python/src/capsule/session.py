@@ -25,9 +25,7 @@ import asyncio
 import json
 import os
 import re
-import textwrap
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
@@ -35,6 +33,7 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from ._rest import new_id, prepare_code, resolve_url_sync
 from .errors import (
     CapsuleConnectionError,
     CapsuleError,
@@ -48,35 +47,9 @@ from .types import ExecutionResult, Message
 __all__ = ["Session", "DurableSession", "Checkpoint", "resolve_url", "new_id", "prepare_code"]
 
 
-def new_id(prefix: str = "x") -> str:
-    """A fresh client-side id (valid for the server: [A-Za-z0-9._-], <= 128)."""
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def prepare_code(code: str, dedent: bool = True) -> str:
-    """The code as sent: dedented (the examples' indented triple-quoted strings), a leading
-    blank line dropped."""
-    if not dedent:
-        return code
-    code = textwrap.dedent(code)
-    if code.startswith("\n"):
-        code = code[1:]
-    return code
-
-
 async def resolve_url(url: Optional[str]) -> str:
     """The server URL: the argument, else CAPSULE_URL, else the embedded local engine."""
-    if url:
-        u = url
-    elif os.environ.get("CAPSULE_URL"):
-        u = os.environ["CAPSULE_URL"]
-    else:
-        from ._embedded import ensure_engine
-
-        u = await asyncio.to_thread(ensure_engine)
-    if "://" not in u:
-        u = "http://" + u
-    return u.rstrip("/")
+    return await asyncio.to_thread(resolve_url_sync, url)
 
 
 @dataclass
