@@ -107,7 +107,7 @@ run)
         log "capsule-engine on 127.0.0.1, data in $data"
         exec build/bin/capsule-engine --data-dir "$data" "${@:2}"
     fi
-    echo "capsule-engine is not built yet (issue 6); nothing to run." >&2
+    echo "build/bin/capsule-engine is missing after the build (see its output above)." >&2
     exit 1
     ;;
 *)
