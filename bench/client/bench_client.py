@@ -104,7 +104,8 @@ def main() -> int:
                   f"{('<' + str(goal)) if goal else '-':>8}\n")
         print(json.dumps({"bench": "client", "metric": name, "value": round(v, 4), "unit": "ms",
                           "peer": "jupyter_client+ipykernel", "peer_value": round(pv, 4),
-                          "ratio": round(v / pv, 4), "goal": f"<{goal} ms" if goal else None,
+                          "ratio": round(v / pv, 4), "goal": goal,
+                          "better": "lower" if goal else None,
                           "met": (v < goal) if goal else None}), flush=True)
     return 0
 

@@ -180,7 +180,7 @@ def main() -> int:
         print(json.dumps({"bench": "tasks", "metric": name, "value": round(v, 4), "unit": "ms",
                           "peer": peer, "peer_value": round(pv, 4),
                           "ratio": round(ratio, 2) if ratio else None,
-                          "goal": f"<={goal} ms" if goal else None,
+                          "goal": goal, "better": "lower" if goal else None,
                           "met": (v <= goal) if goal else None}), flush=True)
     return 0
 

@@ -8,11 +8,13 @@ and JSON error checked, and the server is checked to still serve afterwards (not
 usage: test_http.py --testd PATH [--only NAME]
 """
 import argparse
+import atexit
 import asyncio
 import base64
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -623,6 +625,7 @@ def main():
     ap.add_argument("--only")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="capsule-http-")
+    atexit.register(shutil.rmtree, tmp, True)  # pass or fail, the token files go
     tokfile = os.path.join(tmp, "tokens")
     with open(tokfile, "w") as f:
         f.write("# test tokens\n" + TOKENS[0] + "\n\n  " + TOKENS[1] + "  \n")
