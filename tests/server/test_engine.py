@@ -5,7 +5,6 @@ real workers, real HTTP (http.client) and WebSocket (websockets) clients, real k
 usage: test_engine.py --server PATH [--only NAME]
 """
 import argparse
-import atexit
 import asyncio
 import http.client
 import json
@@ -19,6 +18,8 @@ import tempfile
 import threading
 import time
 
+import started
+
 import websockets
 
 TOK_A, TOK_B = "alice-token-0001", "bob-token-0002"
@@ -26,25 +27,13 @@ A = {"Authorization": "Bearer " + TOK_A}
 B = {"Authorization": "Bearer " + TOK_B}
 
 
-STARTED = []  # every server this run started: none is left running when a test fails
-
-
-@atexit.register
-def _kill_left_running():
-    for p in STARTED:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
 class Engine:
     def __init__(self, path, data, tokfile, extra=()):
         self.path, self.data, self.tokfile = path, data, tokfile
-        self.proc = subprocess.Popen(
+        self.proc = started.popen(
             [path, "--listen", "127.0.0.1:0", "--data-dir", data, "--tokens-file", tokfile,
              "--pool-idle", "1", "--grace-ms", "5000", "--log-level", "warn", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        STARTED.append(self.proc)
         line = self.proc.stdout.readline()
         if "listening on port" not in line:
             raise AssertionError("engine did not start: " + line + self.proc.stderr.read())

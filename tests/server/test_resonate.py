@@ -7,7 +7,6 @@ answer's kind, status and record shape, and the execute/unblock messages on the 
 usage: test_resonate.py --server PATH --traces DIR [--only NAME]
 """
 import argparse
-import atexit
 import http.client
 import json
 import os
@@ -21,29 +20,19 @@ import tempfile
 import threading
 import time
 
+import started
+
 TOKEN = "resonate-token-0001"
 VERSION = "2026-04-01"
 FAR = 4102444800000  # 2100-01-01
 
 
-STARTED = []  # every server this run started: none is left running when a test fails
-
-
-@atexit.register
-def _kill_left_running():
-    for p in STARTED:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
 class Engine:
     def __init__(self, path, data, tokfile, extra=()):
-        self.proc = subprocess.Popen(
+        self.proc = started.popen(
             [path, "--listen", "127.0.0.1:0", "--data-dir", data, "--tokens-file", tokfile,
              "--pool-idle", "1", "--grace-ms", "2000", "--log-level", "warn", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        STARTED.append(self.proc)
         line = self.proc.stdout.readline()
         if "listening on port" not in line:
             raise AssertionError("engine did not start: " + line + self.proc.stderr.read())
