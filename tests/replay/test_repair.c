@@ -4,8 +4,11 @@
  * byte flipped in a record in the middle (report only; then --write: backup made, the tail from
  * that seq dropped, everything before kept, and an engine then starts on it with the session's
  * namespace whole), a live engine's dir (--write refused), compact with and without --write
- * (an engine started on the compacted dir restores the same namespaces), bad usage.
+ * (an engine started on the compacted dir restores the same namespaces), bad usage, and a dir
+ * left by a power loss with acknowledged records only in the journal: --write applies them
+ * first, so the cut is taken on the whole log and the journal brings nothing back afterwards.
  */
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +21,7 @@
 #include "capsule.h"
 #include "check.h"
 #include "rtest.h"
+#include "wal.h"
 
 static eng_t *engine(const char *dir)
 {
@@ -161,6 +165,92 @@ static void test_compact(void)
     cap_free(dir);
 }
 
+/* A raw WAL_SYNC log of n records written by a child that dies without closing, with data.mdb
+ * then put back to its last checkpoint's image and another boot id: a power loss. */
+static void power_lost_log(const char *dir, const char *img, int n)
+{
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        store_env_t *env;
+        wal_log_t *log;
+        wal_opts_t wo = {.journal_bytes = 1u << 20}; /* a checkpoint every 512 KiB */
+        setenv("CAPSULE_TEST_CKPT_COPY", img, 1);
+        if (store_env_open(dir, NULL, &env) || wal_log_open(env, &wo, &log))
+            _exit(2);
+        for (int i = 0; i < n; i++) {
+            char key[16];
+            snprintf(key, sizeof key, "k%d", i % 5);
+            wal_field_t f = {.tag = 1, .u = (uint64_t)i};
+            wal_rec_t r = {
+                .kind = 1, .key = key, .key_len = strlen(key), .fields = &f, .nfields = 1};
+            if (wal_log_append_sync(log, &r, 1, NULL))
+                _exit(3);
+        }
+        _exit(0); /* no close, no final checkpoint */
+    }
+    int st;
+    CHECK(waitpid(pid, &st, 0) == pid);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    char p[4200], buf[65536];
+    snprintf(p, sizeof p, "%s/data.mdb", dir);
+    int in = open(img, O_RDONLY), out = open(p, O_WRONLY | O_TRUNC);
+    CHECK(in >= 0 && out >= 0);
+    ssize_t r;
+    while ((r = read(in, buf, sizeof buf)) > 0)
+        CHECK(write(out, buf, (size_t)r) == r);
+    close(in);
+    close(out);
+    CHECK_OK(setenv("CAPSULE_TEST_BOOT_ID", "replay-after-power-loss", 1));
+}
+
+static void test_repair_journal(void)
+{
+    char *dir = check_tmpdir("replay-repair-journal");
+    char img[4200];
+    snprintf(img, sizeof img, "%s.ckpt-image", dir);
+    const int n = 1200; /* one 4 KiB journal block each: two checkpoints, ~170 records after */
+    power_lost_log(dir, img, n);
+    uint64_t last = 0, first = rt_stored_seq(dir, 0, &last);
+    CHECK_EQ(first, 1);
+    CHECK(last < (uint64_t)n); /* the image lacks what only the journal holds */
+    CHECK_EQ(RT_RUN("verify", dir), 0);
+    char want[128];
+    snprintf(want, sizeof want, "%llu records in the journal not yet applied",
+             (unsigned long long)(n - last));
+    CHECK(strstr(rt_out, want));
+    uint64_t bad = last / 2; /* damaged before the checkpoint: the cut is there */
+    rt_damage(dir, bad, 1);
+    CHECK_EQ(RT_RUN("repair", "--write", dir), 0);
+    snprintf(want, sizeof want, "journal: %llu acknowledged record(s) applied",
+             (unsigned long long)(n - last));
+    CHECK(strstr(rt_out, want));
+    snprintf(want, sizeof want, "%llu record(s) from seq %llu to %d",
+             (unsigned long long)(n - bad + 1), (unsigned long long)bad, n);
+    CHECK(strstr(rt_out, want)); /* the cut saw the whole log, journal records included */
+    backup_exists();
+    CHECK(strstr(rt_out, "REPAIRED"));
+    /* nothing comes back from the journal: an open (another boot id again) finds seq 1..bad-1 */
+    CHECK_OK(setenv("CAPSULE_TEST_BOOT_ID", "replay-after-repair", 1));
+    store_env_t *env;
+    wal_log_t *log;
+    wal_opts_t wo = {.journal_bytes = 1u << 20};
+    CHECK_OK(store_env_open(dir, NULL, &env));
+    CHECK_OK(wal_log_open(env, &wo, &log));
+    wal_stats_t st;
+    wal_log_stats(log, &st);
+    CHECK_EQ(st.replayed, 0);
+    CHECK_EQ(st.last_seq, bad - 1);
+    wal_log_close(log);
+    store_env_close(env);
+    CHECK_EQ(RT_RUN("repair", dir), 0);
+    CHECK(strstr(rt_out, "nothing to repair"));
+    CHECK_OK(unsetenv("CAPSULE_TEST_BOOT_ID"));
+    unlink(img);
+    check_rmtree(dir);
+    cap_free(dir);
+}
+
 static void test_usage(void)
 {
     CHECK_EQ(RT_RUN("repair"), 64);
@@ -178,6 +268,7 @@ int main(void)
     test_repair_flipped();
     test_repair_killed();
     test_compact();
+    test_repair_journal();
     printf("replay repair: ok\n");
     return 0;
 }

@@ -17,6 +17,9 @@
  * promise store: a prom.doc record after prom.meta docs_seq (checkpoint mode, not yet in
  * prom.docs) and everything after it is kept. The deletion is the wal's own wal_log_truncate.
  *
+ * With --write, rp_open first applies what the journal holds past the last checkpoint (the log
+ * opened and closed once, as an engine's open does), so both work on the whole log, the backup
+ * of data.mdb alone is complete, and the journal brings nothing back after the cut.
  * Both refuse --write while another process holds the directory (rp_open), print what they do,
  * and exit 0 (clean / done), 1 (damage found and not repaired), 2 (cannot open / write), 64.
  */
