@@ -8,16 +8,19 @@
  *
  * Threads of a session worker (none exist in a zygote, which must be single-threaded to fork):
  *   - the main thread is Python's main thread: it runs cells, snapshots and applies from a job
- *     queue (so SIGINT-driven KeyboardInterrupt, signal handlers and asyncio work as in a script);
- *   - the protocol thread reads frames, answers PING, queues work, routes input replies and
+ *     queue (so SIGINT-driven KeyboardInterrupt, signal handlers and asyncio work as in a script),
+ *     and reads the socket itself while it is idle (a short cell costs one wake-up);
+ *   - the protocol thread reads the socket while a job has run 10 ms or waits for input or a
+ *     step (see "socket ownership"): it answers PING, queues work, routes input replies and
  *     cancels (a cancel sets a flag and sends SIGINT to the main thread: blocking syscalls return
  *     EINTR and the runtime's handler raises KeyboardInterrupt, or cancels an async cell's task;
  *     an interrupt the runtime has not acknowledged is re-delivered every 50 ms);
  *   - the fd reader thread forwards what C code and child processes write to fds 1 and 2 (pipes)
  *     and flushes partial lines of sys.stdout/sys.stderr after 1 ms.
  * The zygote keeps one pre-forked spare worker, handed the socket and options on FORK.
- * Invariants: frames are written whole under send_mu and never exceed the frame limit; the
- * protocol and reader threads block SIGINT and never take the GIL; a process forked by user code
+ * Invariants: frames are written whole under send_mu and never exceed the frame limit; one
+ * thread at a time reads the socket, whole frames only; the protocol and reader threads block
+ * SIGINT and never take the GIL; a process forked by user code
  * (os.fork) is not the worker: it closes the socket and its sys.stdout writes go to fd 1 (the
  * capture pipe) instead; malformed frames are answered with ERROR frames and skipped, never
  * fatal; the zygote never holds a worker's socket when it forks.
@@ -36,7 +39,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
+#include <sys/eventfd.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -92,6 +95,14 @@ static atomic_int g_interrupt;    /* one KeyboardInterrupt owed to the running c
 static atomic_int g_cancel_acked; /* the runtime caught the interrupt (no re-delivery) */
 static uint64_t g_interrupt_at;   /* when the last interrupt was sent (g_mu) */
 #define REARM_NS 50000000ull      /* re-deliver an unacknowledged interrupt after 50 ms */
+/* Who reads the socket (see "socket ownership" below); all under g_mu. */
+enum { READER_MAIN, READER_PROTO };
+static int g_reader = READER_MAIN;
+static int g_busy;      /* the main thread is running a job (a cell, snapshot, apply) */
+static int g_want_back; /* the main thread asked the protocol thread to hand the socket back */
+static int g_engage_tfd = -1; /* timerfd: the protocol thread takes the socket when it fires */
+static int g_back_efd = -1;   /* eventfd: the main thread wants the socket back */
+#define ENGAGE_NS 10000000ull /* a job running this long gets the protocol thread reading */
 /* input: one request outstanding at a time (input_mu serialises requesters) */
 static pthread_mutex_t g_input_mu = PTHREAD_MUTEX_INITIALIZER;
 static int g_input_waiting, g_input_done, g_input_eof;
@@ -110,6 +121,7 @@ static char *g_prom_data;
 static size_t g_prom_len;
 
 static void wlog(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void proto_engage_now(void);
 static void wlog(const char *fmt, ...)
 {
     char buf[1024];
@@ -187,15 +199,11 @@ static void send_empty(uint8_t type, uint64_t id)
 
 /* ---- fd 1 / fd 2 capture ---- */
 
-static size_t pipe_pending(void)
+/* Whether fd-level output waits in a capture pipe (one poll, no wait). */
+static int pipes_pending(void)
 {
-    size_t total = 0;
-    for (int i = 1; i <= 2; i++) {
-        int n = 0;
-        if (g_pipe_rd[i] >= 0 && ioctl(g_pipe_rd[i], FIONREAD, &n) == 0 && n > 0)
-            total += (size_t)n;
-    }
-    return total;
+    struct pollfd pf[2] = {{g_pipe_rd[1], POLLIN, 0}, {g_pipe_rd[2], POLLIN, 0}};
+    return poll(pf, 2, 0) > 0 && ((pf[0].revents | pf[1].revents) & POLLIN);
 }
 
 static void send_stream(uint64_t id, int stream, const void *data, size_t len)
@@ -267,7 +275,7 @@ static void drain_locked(void)
     if (g_pipe_rd[1] < 0)
         return;
     uint64_t deadline = cap_now_ns() + 20000000ull;
-    while ((g_cap_busy || pipe_pending() > 0) && cap_now_ns() < deadline) {
+    while ((g_cap_busy || pipes_pending()) && cap_now_ns() < deadline) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_nsec += 200000;
@@ -464,6 +472,7 @@ static PyObject *capmod_input(PyObject *self, PyObject *args)
     pyw__frame_end(&b, 0);
     send_buf(&b);
     pyw__buf_free(&b);
+    proto_engage_now(); /* the reply is read by the protocol thread */
     pthread_mutex_lock(&g_mu);
     while (!g_input_done && !atomic_load(&g_cancel_flag))
         pthread_cond_wait(&g_cv, &g_mu);
@@ -563,6 +572,7 @@ static PyObject *capmod_promise(PyObject *self, PyObject *args)
     prom_frame(&b, id, op, attempts, num, name, (size_t)nlen, label, (size_t)llen, &data);
     send_buf(&b);
     pyw__buf_free(&b);
+    proto_engage_now();
     pthread_mutex_lock(&g_mu);
     while (!g_prom_done && !atomic_load(&g_cancel_flag))
         pthread_cond_wait(&g_cv, &g_mu);
@@ -1102,54 +1112,122 @@ static void dispatch(uint8_t type, uint64_t id, const uint8_t *body, size_t len)
     }
 }
 
+/* ---- socket ownership ----
+ * One thread at a time reads the engine socket, whole frames only. An idle main thread reads it
+ * itself, so a short job costs one wake-up (the main thread's read) instead of two (the protocol
+ * thread's read, then the hand-off to the main thread). While a job runs, someone must still
+ * answer PING, route input replies and deliver cancels: the main thread arms g_engage_tfd for
+ * ENGAGE_NS when it starts a job (and fires it at once when the job waits for input or a step),
+ * and the protocol thread, woken by it, takes the socket (g_reader = READER_PROTO) if a job is
+ * still running. When that job ends, the main thread asks for the socket back (g_want_back and
+ * g_back_efd); the protocol thread gives it back between two frames, unless a job runs again.
+ * g_reader changes only under g_mu, from MAIN to PROTO only while g_busy (the main thread is
+ * then not reading), from PROTO to MAIN only by the protocol thread between frames. */
+
+/* Reads one frame and dispatches it. *body: the reader's buffer (grown as needed). Returns 0, or
+ * nonzero when the socket is closed. */
+static int serve_frame(uint8_t **body)
+{
+    uint8_t lenb[4];
+    if (read_full(g_sock, lenb, 4))
+        return -1;
+    uint32_t len = cap_get_le32(lenb);
+    if (len < PYW_MIN_LEN) {
+        if (skip_bytes(g_sock, len))
+            return -1;
+        send_error(0, 0, CAP_EPROTO, "frame length %u below the minimum %u", len, PYW_MIN_LEN);
+        return 0;
+    }
+    if (len > g_max_frame) {
+        if (skip_bytes(g_sock, len))
+            return -1;
+        send_error(0, 0, CAP_ETOOBIG, "frame of %u bytes exceeds the limit of %u", len,
+                   g_max_frame);
+        return 0;
+    }
+    *body = cap_realloc(*body, len);
+    if (read_full(g_sock, *body, len))
+        return -1;
+    dispatch((*body)[0], cap_get_le64(*body + 1), *body + 9, len - 9);
+    return 0;
+}
+
+static void engage_timer_set(uint64_t ns)
+{
+    struct itimerspec it = {{0, 0}, {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)}};
+    (void)timerfd_settime(g_engage_tfd, 0, &it, NULL);
+}
+
+/* A job waits on the engine (input, a step): the protocol thread must read now. */
+static void proto_engage_now(void)
+{
+    pthread_mutex_lock(&g_mu);
+    int need = g_reader == READER_MAIN && g_busy;
+    pthread_mutex_unlock(&g_mu);
+    if (need)
+        engage_timer_set(1);
+}
+
+/* Serves the socket until the main thread takes it back. */
+static void proto_serve(uint8_t **body)
+{
+    for (;;) {
+        /* A KeyboardInterrupt raised where Python swallows it (a __del__, a GC callback) is lost:
+         * while a cancelled cell has not acknowledged it, deliver it again every REARM_NS. */
+        int pending, timeout = -1;
+        pthread_mutex_lock(&g_mu);
+        pending = g_running && atomic_load(&g_cancel_flag) && !atomic_load(&g_cancel_acked);
+        if (pending && !atomic_load(&g_interrupt) && cap_now_ns() - g_interrupt_at >= REARM_NS) {
+            atomic_store(&g_interrupt, 1);
+            g_interrupt_at = cap_now_ns();
+            pthread_kill(g_main_thread, SIGINT);
+        }
+        pthread_mutex_unlock(&g_mu);
+        if (pending)
+            timeout = (int)(REARM_NS / 1000000);
+        struct pollfd pf[2] = {{g_sock, POLLIN, 0}, {g_back_efd, POLLIN, 0}};
+        int n = poll(pf, 2, timeout);
+        if (n < 0 && errno != EINTR)
+            _exit(0);
+        if (n > 0 && (pf[0].revents & (POLLIN | POLLHUP | POLLERR)) && serve_frame(body))
+            _exit(0); /* the engine closed the socket (or died): nothing left to serve */
+        if (n > 0 && (pf[1].revents & POLLIN)) {
+            uint64_t v;
+            ssize_t r = read(g_back_efd, &v, sizeof v);
+            (void)r;
+        }
+        pthread_mutex_lock(&g_mu);
+        int back = g_want_back && !g_busy;
+        if (back) {
+            g_want_back = 0;
+            g_reader = READER_MAIN;
+            pthread_cond_broadcast(&g_cv);
+        }
+        pthread_mutex_unlock(&g_mu);
+        if (back)
+            return;
+    }
+}
+
 static void *proto_main(void *arg)
 {
     (void)arg;
     uint8_t *body = NULL;
     for (;;) {
-        uint8_t lenb[4];
-        /* A KeyboardInterrupt raised where Python swallows it (a __del__, a GC callback) is lost:
-         * while a cancelled cell has not acknowledged it, deliver it again every REARM_NS. */
-        for (;;) {
-            int pending;
-            pthread_mutex_lock(&g_mu);
-            pending = g_running && atomic_load(&g_cancel_flag) && !atomic_load(&g_cancel_acked);
-            if (pending && !atomic_load(&g_interrupt) &&
-                cap_now_ns() - g_interrupt_at >= REARM_NS) {
-                atomic_store(&g_interrupt, 1);
-                g_interrupt_at = cap_now_ns();
-                pthread_kill(g_main_thread, SIGINT);
-            }
-            pthread_mutex_unlock(&g_mu);
-            if (!pending)
-                break;
-            struct pollfd pf = {g_sock, POLLIN, 0};
-            if (poll(&pf, 1, (int)(REARM_NS / 1000000)) != 0)
-                break;
-        }
-        int rc = read_full(g_sock, lenb, 4);
-        if (rc)
+        struct pollfd pf = {g_engage_tfd, POLLIN, 0};
+        if (poll(&pf, 1, -1) < 0 && errno != EINTR)
             break;
-        uint32_t len = cap_get_le32(lenb);
-        if (len < PYW_MIN_LEN) {
-            if (skip_bytes(g_sock, len))
-                break;
-            send_error(0, 0, CAP_EPROTO, "frame length %u below the minimum %u", len, PYW_MIN_LEN);
+        uint64_t expirations;
+        if (read(g_engage_tfd, &expirations, sizeof expirations) <= 0)
             continue;
-        }
-        if (len > g_max_frame) {
-            if (skip_bytes(g_sock, len))
-                break;
-            send_error(0, 0, CAP_ETOOBIG, "frame of %u bytes exceeds the limit of %u", len,
-                       g_max_frame);
-            continue;
-        }
-        body = cap_realloc(body, len);
-        if (read_full(g_sock, body, len))
-            break;
-        dispatch(body[0], cap_get_le64(body + 1), body + 9, len - 9);
+        pthread_mutex_lock(&g_mu);
+        int take = g_reader == READER_MAIN && g_busy;
+        if (take)
+            g_reader = READER_PROTO;
+        pthread_mutex_unlock(&g_mu);
+        if (take)
+            proto_serve(&body);
     }
-    /* the engine closed the socket (or died): exit at once, nothing left to serve */
     _exit(0);
     return NULL;
 }
@@ -1445,6 +1523,12 @@ static _Noreturn void worker_run(void)
     }
     g_main_thread = pthread_self();
     atomic_store(&g_is_worker, 1);
+    g_engage_tfd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+    g_back_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (g_engage_tfd < 0 || g_back_efd < 0) {
+        wlog("cannot create the worker's timerfd/eventfd: %s", strerror(errno));
+        _exit(3);
+    }
     sigemptyset(&block);
     sigaddset(&block, SIGINT);
     pthread_sigmask(SIG_BLOCK, &block, &old);
@@ -1456,12 +1540,30 @@ static _Noreturn void worker_run(void)
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     send_ready();
 
+    uint8_t *body = NULL; /* the main thread's frame buffer, while it reads the socket */
     for (;;) {
         job_t *j;
+        int armed;
         Py_BEGIN_ALLOW_THREADS;
         pthread_mutex_lock(&g_mu);
-        while (!g_head)
-            pthread_cond_wait(&g_cv, &g_mu);
+        if (g_reader == READER_PROTO && !g_head) { /* idle: take the socket back */
+            g_want_back = 1;
+            pthread_mutex_unlock(&g_mu);
+            uint64_t one = 1;
+            ssize_t w = write(g_back_efd, &one, sizeof one);
+            (void)w;
+            pthread_mutex_lock(&g_mu);
+        }
+        while (!g_head) {
+            if (g_reader == READER_MAIN) {
+                pthread_mutex_unlock(&g_mu);
+                if (serve_frame(&body))
+                    _exit(0); /* the engine closed the socket (or died): nothing left to serve */
+                pthread_mutex_lock(&g_mu);
+            } else {
+                pthread_cond_wait(&g_cv, &g_mu);
+            }
+        }
         j = g_head;
         g_head = j->next;
         if (!g_head)
@@ -1472,7 +1574,11 @@ static _Noreturn void worker_run(void)
             atomic_store(&g_cancel_flag, 0);
             atomic_store(&g_cancel_acked, 0);
         }
+        g_busy = 1;
+        armed = g_reader == READER_MAIN;
         pthread_mutex_unlock(&g_mu);
+        if (armed)
+            engage_timer_set(ENGAGE_NS);
         Py_END_ALLOW_THREADS;
         switch (j->type) {
         case PYW_F_EXECUTE:
@@ -1491,6 +1597,11 @@ static _Noreturn void worker_run(void)
             Py_END_ALLOW_THREADS;
             _exit(0);
         }
+        pthread_mutex_lock(&g_mu);
+        g_busy = 0;
+        pthread_mutex_unlock(&g_mu);
+        if (armed)
+            engage_timer_set(0);
         job_free(j);
         if (atomic_load(&g_forked_child))
             _exit(0); /* a process forked by the cell finished the cell: it is not the worker */

@@ -103,7 +103,9 @@ static void test_modes(pyw_sync_t *s)
                  "[1]", "[1]");
 }
 
-/* A cell blocks in time.sleep; the protocol thread still answers pings meanwhile. */
+/* A cell blocks in time.sleep; the protocol thread still answers pings meanwhile. The socket
+ * changes hands each round (the idle main thread reads it; the protocol thread takes it while a
+ * cell runs past 10 ms and gives it back after), with short cells and a ping in between. */
 static int g_pongs;
 static int g_done;
 static void on_pong(pyw_worker_t *w, uint64_t id)
@@ -116,11 +118,21 @@ static void on_result(pyw_worker_t *w, const pyw_result_t *r)
 {
     (void)w;
     CHECK_EQ(r->status, PYW_STATUS_OK);
-    g_done = 1;
+    g_done++;
 }
 static void on_ready(pyw_worker_t *w)
 {
     (void)w;
+}
+
+static void ping_wait(uv_loop_t *loop, pyw_worker_t *w, uint64_t id)
+{
+    int before = g_pongs;
+    uint64_t p0 = cap_now_ns();
+    CHECK_OK(pyw_worker_ping(w, id));
+    while (g_pongs == before)
+        uv_run(loop, UV_RUN_ONCE);
+    CHECK(cap_now_ns() - p0 < 100000000ull);
 }
 
 static void test_responsive(void)
@@ -137,22 +149,27 @@ static void test_responsive(void)
     CHECK_OK(pyw_worker_spawn(&loop, &opt, &w));
     while (!pyw_worker_is_ready(w))
         uv_run(&loop, UV_RUN_ONCE);
-    const char *src = "import time\ntime.sleep(0.5)";
-    CHECK_OK(pyw_worker_execute(w, 1, NULL, src, strlen(src), 0));
-    uint64_t t0 = cap_now_ns();
-    for (int i = 0; i < 5; i++) {
-        int before = g_pongs;
-        uint64_t p0 = cap_now_ns();
-        CHECK_OK(pyw_worker_ping(w, 100 + (uint64_t)i));
-        while (g_pongs == before)
+    uint64_t id = 1;
+    for (int round = 0; round < 3; round++) {
+        const char *src = "import time\ntime.sleep(0.3)";
+        int done = g_done;
+        CHECK_OK(pyw_worker_execute(w, id++, NULL, src, strlen(src), 0));
+        uint64_t t0 = cap_now_ns();
+        for (int i = 0; i < 4; i++) /* answered by the protocol thread while the cell sleeps */
+            ping_wait(&loop, w, 100 + (uint64_t)i);
+        CHECK_EQ(g_done, done);
+        while (g_done == done)
             uv_run(&loop, UV_RUN_ONCE);
-        /* answered by the protocol thread while the cell sleeps */
-        CHECK(cap_now_ns() - p0 < 100000000ull);
+        CHECK(cap_now_ns() - t0 >= 250000000ull);
+        for (int i = 0; i < 5; i++) { /* short cells, back to back and one at a time */
+            done = g_done;
+            CHECK_OK(pyw_worker_execute(w, id++, NULL, "1+1", 3, 0));
+            CHECK_OK(pyw_worker_execute(w, id++, NULL, "2+2", 3, 0));
+            while (g_done < done + 2)
+                uv_run(&loop, UV_RUN_ONCE);
+            ping_wait(&loop, w, 200 + (uint64_t)i);
+        }
     }
-    CHECK(!g_done);
-    while (!g_done)
-        uv_run(&loop, UV_RUN_ONCE);
-    CHECK(cap_now_ns() - t0 >= 400000000ull);
     pyw_worker_close(w);
     while (uv_run(&loop, UV_RUN_DEFAULT))
         ;
