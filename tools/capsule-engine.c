@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "capsule.h"
@@ -206,11 +207,59 @@ static struct {
     uint64_t hist[16];
     double hist_sum;
     uint64_t hist_n;
+    /* the loop's busy time per iteration (everything but the wait in epoll), see loop_watch */
+    uv_prepare_t lw_prep;
+    uint64_t lw_t, lw_idle, lw_cpu; /* at the previous prepare: hrtime, idle, thread CPU time */
+    uint64_t lw_hist[16];
+    double lw_sum, lw_cpu_sum;
+    uint64_t lw_max_ns, lw_max_cpu_ns; /* the longest since the last scrape, its CPU time */
 } G;
 
 static const double hist_bounds[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                      0.25,   0.5,   1,      2.5,   5,    10,    60};
 #define NHIST (sizeof(hist_bounds) / sizeof(hist_bounds[0]))
+static const double lw_bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                   0.025,  0.05,    0.1,    0.25,  0.5,    1};
+#define NLW (sizeof(lw_bounds) / sizeof(lw_bounds[0]))
+
+/*
+ * Loop stalls. Everything the server does for a client (HTTP and WebSocket I/O, JSON, the
+ * engine's callbacks, its hand-offs to workers and to the log) runs on this one loop, so an
+ * iteration that keeps the loop busy delays every client by that much. At each prepare (just
+ * before the loop blocks in epoll) the time since the previous prepare, minus what libuv counted
+ * as idle (blocked in epoll) in between, is the busy time of that iteration:
+ * capsule_loop_busy_seconds, and its maximum since the last scrape. The thread's CPU time over
+ * the same iteration tells work from waiting for a CPU: an iteration long in wall time but short
+ * in CPU time was the loop thread runnable and not running (other threads or processes on its
+ * CPU), not the server doing something slow.
+ */
+static uint64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void loop_watch(uv_prepare_t *p)
+{
+    uint64_t t = uv_hrtime(), idle = uv_metrics_idle_time(p->loop), cpu = thread_cpu_ns();
+    if (G.lw_t) {
+        uint64_t d = t - G.lw_t, id = idle - G.lw_idle, busy = d > id ? d - id : 0;
+        size_t b = 0;
+        while (b < NLW && (double)busy / 1e9 > lw_bounds[b])
+            b++;
+        G.lw_hist[b]++;
+        G.lw_sum += (double)busy / 1e9;
+        G.lw_cpu_sum += (double)(cpu - G.lw_cpu) / 1e9;
+        if (busy > G.lw_max_ns) {
+            G.lw_max_ns = busy;
+            G.lw_max_cpu_ns = cpu - G.lw_cpu;
+        }
+    }
+    G.lw_t = t;
+    G.lw_idle = idle;
+    G.lw_cpu = cpu;
+}
 
 static uint32_t bucket(const char *k)
 {
@@ -1389,6 +1438,19 @@ static void h_metrics(srv_req_t *req, void *arg)
     prom_hist(b, cap, &n, "capsule_execution_seconds",
               "Submit to durable result, as seen by the server.", hist_bounds, NHIST, G.hist,
               G.hist_sum);
+    prom_hist(b, cap, &n, "capsule_loop_busy_seconds",
+              "Busy time of one iteration of the server's event loop (a stall delays every "
+              "client).",
+              lw_bounds, NLW, G.lw_hist, G.lw_sum);
+    P("# HELP capsule_loop_cpu_seconds_total CPU time of the loop thread over those iterations "
+      "(far under their busy time: the thread waited for a CPU).\n"
+      "# TYPE capsule_loop_cpu_seconds_total counter\ncapsule_loop_cpu_seconds_total %.6f\n"
+      "# HELP capsule_loop_busy_max_seconds The longest loop iteration since the last scrape.\n"
+      "# TYPE capsule_loop_busy_max_seconds gauge\ncapsule_loop_busy_max_seconds %.6f\n"
+      "# HELP capsule_loop_busy_max_cpu_seconds The loop thread's CPU time in that iteration.\n"
+      "# TYPE capsule_loop_busy_max_cpu_seconds gauge\ncapsule_loop_busy_max_cpu_seconds %.6f\n",
+      G.lw_cpu_sum, (double)G.lw_max_ns / 1e9, (double)G.lw_max_cpu_ns / 1e9);
+    G.lw_max_ns = G.lw_max_cpu_ns = 0;
     P("# TYPE capsule_http_connections_open gauge\ncapsule_http_connections_open %u\n",
       hs.conns_open);
     P("# TYPE capsule_http_connections_rejected_total counter\n"
@@ -1716,6 +1778,7 @@ static void finish_shutdown(void)
 {
     uv_timer_stop(&G.grace);
     uv_close((uv_handle_t *)&G.grace, NULL);
+    uv_close((uv_handle_t *)&G.lw_prep, NULL);
     for (wsc_t *wc = G.wscs; wc; wc = wc->next)
         srv_ws_close(wc->ws, 1001, "server shutting down");
     rsn_close(resonate); /* resonate: before the server (it ends its poll streams) */
@@ -1855,6 +1918,7 @@ int main(int argc, char **argv)
     G.max_output = maxout ? maxout : 1 << 20;
     G.grace_ms = grace;
     G.loop = uv_default_loop();
+    uv_loop_configure(G.loop, UV_METRICS_IDLE_TIME);
 
     /* The front end first: a bad address or missing tokens fail before workers start. */
     srv_config_t sc = {.listen = optv(O_LISTEN),
@@ -1915,6 +1979,9 @@ int main(int argc, char **argv)
     /* ---- end resonate */
 
     uv_timer_init(G.loop, &G.grace);
+    uv_prepare_init(G.loop, &G.lw_prep);
+    uv_prepare_start(&G.lw_prep, loop_watch);
+    uv_unref((uv_handle_t *)&G.lw_prep); /* never what keeps the loop running */
     uv_signal_init(G.loop, &G.sigterm);
     uv_signal_init(G.loop, &G.sigint);
     uv_signal_start(&G.sigterm, on_signal, SIGTERM);

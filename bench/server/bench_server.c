@@ -215,17 +215,19 @@ static void ws_recv_text(cli_t *c, char *out, size_t outn)
         cli_fill(c);
 }
 
-/* Anonymous resident memory (heap, stacks): what a leak grows. File-backed pages (the LMDB map,
- * which grows with the log) are RssFile and not counted. */
-static long rss_kib(pid_t pid)
+/* A resident-memory line of /proc/PID/status in KiB: RssAnon (heap, stacks, LMDB's malloc'ed
+ * dirty pages: what a leak grows) or RssFile (file pages mapped: the LMDB map, which grows with
+ * the log, and the executable's own). */
+static long rss_kib(pid_t pid, const char *key)
 {
     char path[64], line[256];
     snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
     FILE *f = fopen(path, "r");
     long v = -1;
+    size_t kl = strlen(key);
     while (f && fgets(line, sizeof(line), f))
-        if (strncmp(line, "RssAnon:", 8) == 0)
-            v = atol(line + 8);
+        if (strncmp(line, key, kl) == 0)
+            v = atol(line + kl);
     if (f)
         fclose(f);
     return v;
@@ -233,32 +235,77 @@ static long rss_kib(pid_t pid)
 
 #define SOAK_TREND 64
 
-/* One gauge of the server's /v1/metrics, in KiB (bytes / 1024); -1 when absent. */
-static long metric_kib(cli_t *rest, const char *name)
+/* The server's /v1/metrics text (a static buffer), or "" when the scrape failed. */
+static const char *metrics_text(cli_t *rest)
 {
     static char m[1 << 16];
     if (http_do(rest, "GET", "/v1/metrics", NULL, m, sizeof(m)) != 200)
-        return -1;
-    char key[128];
+        m[0] = 0;
+    return m;
+}
+
+/* One series' value in a metrics text (name with its labels, as printed); -1 when absent. */
+static double metric_val(const char *m, const char *name)
+{
+    char key[160];
     snprintf(key, sizeof(key), "\n%s ", name);
-    char *p = strstr(m, key);
-    return p ? (long)(atof(p + strlen(key)) / 1024) : -1;
+    const char *p = strstr(m, key);
+    return p ? atof(p + strlen(key)) : -1;
+}
+
+/* Cumulative counts of a histogram at the bounds asked (le as printed by the server). */
+#define HIST_LE 3
+typedef struct hist_snap {
+    double le[HIST_LE], count;
+} hist_snap_t;
+
+static hist_snap_t hist_take(const char *m, const char *name, const char *const le[HIST_LE])
+{
+    hist_snap_t h;
+    char key[160];
+    for (int i = 0; i < HIST_LE; i++) {
+        snprintf(key, sizeof(key), "%s_bucket{le=\"%s\"}", name, le[i]);
+        h.le[i] = metric_val(m, key);
+    }
+    snprintf(key, sizeof(key), "%s_count", name);
+    h.count = metric_val(m, key);
+    return h;
 }
 
 typedef struct mem_sample {
-    long rss, heap_use, heap_free; /* KiB: RssAnon, malloc'ed, free inside malloc's arenas */
+    long rss, rss_file;       /* KiB: RssAnon (heap, stacks, LMDB's malloc'ed pages), RssFile */
+    long heap_use, heap_free; /* KiB: malloc'ed, free inside malloc's arenas */
+    hist_snap_t exec, busy;   /* capsule_execution_seconds, capsule_loop_busy_seconds */
+    double busy_max, busy_max_cpu; /* the longest loop iteration since the previous scrape, and
+                                    * the loop thread's CPU time in it */
+    double busy_sum, cpu_sum;      /* the loop's busy time and its thread's CPU time, totals */
 } mem_sample_t;
+
+static const char *const exec_le[HIST_LE] = {"0.005", "0.01", "0.05"};
+static const char *const busy_le[HIST_LE] = {"0.005", "0.01", "0.05"};
 
 static mem_sample_t mem_sample(cli_t *rest, pid_t pid)
 {
-    mem_sample_t m = {rss_kib(pid), metric_kib(rest, "capsule_heap_in_use_bytes"),
-                      metric_kib(rest, "capsule_heap_free_bytes")};
-    return m;
+    const char *m = metrics_text(rest);
+    mem_sample_t s = {rss_kib(pid, "RssAnon:"),
+                      rss_kib(pid, "RssFile:"),
+                      (long)(metric_val(m, "capsule_heap_in_use_bytes") / 1024),
+                      (long)(metric_val(m, "capsule_heap_free_bytes") / 1024),
+                      hist_take(m, "capsule_execution_seconds", exec_le),
+                      hist_take(m, "capsule_loop_busy_seconds", busy_le),
+                      metric_val(m, "capsule_loop_busy_max_seconds"),
+                      metric_val(m, "capsule_loop_busy_max_cpu_seconds"),
+                      metric_val(m, "capsule_loop_busy_seconds_sum"),
+                      metric_val(m, "capsule_loop_cpu_seconds_total")};
+    return s;
 }
 
 typedef struct soak_res {
     uint64_t *lat;
-    size_t n, errors, done;
+    uint64_t *lag; /* this client's own lateness: a free client's send after its due time */
+    size_t n, nlag, errors, done;
+    double busy_max, busy_max_cpu; /* the server loop's longest iteration after warm-up, and
+                                    * the loop thread's CPU time in it, seconds */
     long rss_warm, rss_end;
     mem_sample_t warm, last;
     mem_sample_t trend[SOAK_TREND]; /* every 5 s from the start */
@@ -285,13 +332,15 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
 {
     char body[8192], msg[8192];
     cli_t *cl = cap_calloc(n, sizeof(cli_t));
-    uint64_t *due = cap_calloc(n, sizeof(uint64_t)); /* when its current/next cell is due */
-    unsigned char *busy = cap_calloc(n, 1);          /* an execution outstanding */
+    uint64_t *due = cap_calloc(n, sizeof(uint64_t));   /* when its current/next cell is due */
+    unsigned char *busy = cap_calloc(n, 1);            /* an execution outstanding */
+    uint64_t *freed = cap_calloc(n, sizeof(uint64_t)); /* when its last answer was read */
     struct pollfd *pf = cap_calloc(n, sizeof(struct pollfd));
-    size_t cap = 1 << 16;
+    size_t cap = 1 << 16, lagcap = 1 << 16;
     uint64_t gap = (uint64_t)gap_ms * 1000000ull;
     memset(out, 0, sizeof(*out));
     out->lat = cap_malloc(cap * sizeof(uint64_t));
+    out->lag = cap_malloc(cap * sizeof(uint64_t));
     cli_reconnect(rest, port);
     for (size_t i = 0; i < n; i++) {
         char b[64], path[64];
@@ -331,7 +380,12 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
             out->rss_warm = out->warm.rss;
         }
         if (now >= next_sample && now < end && out->ntrend < SOAK_TREND) {
-            out->trend[out->ntrend++] = mem_sample(rest, pid);
+            mem_sample_t m = mem_sample(rest, pid);
+            out->trend[out->ntrend++] = m;
+            if (warmed && m.busy_max > out->busy_max) {
+                out->busy_max = m.busy_max;
+                out->busy_max_cpu = m.busy_max_cpu;
+            }
             next_sample += 5000000000ull;
         }
         /* send what is due; the earliest future due time bounds the wait */
@@ -347,6 +401,13 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
             if (due[i] <= now) {
                 ws_send_text(&cl[i], ex);
                 busy[i] = 1;
+                /* late through this client alone (it was free when the cell was due) */
+                uint64_t from = freed[i] > due[i] ? freed[i] : due[i];
+                if (due[i] >= warm_end) {
+                    if (out->nlag == lagcap)
+                        out->lag = cap_realloc(out->lag, (lagcap *= 2) * sizeof(uint64_t));
+                    out->lag[out->nlag++] = now - from;
+                }
             } else if (due[i] < wake) {
                 wake = due[i];
             }
@@ -383,12 +444,17 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
                     out->lat[out->n++] = t - due[i];
                 }
                 busy[i] = 0;
+                freed[i] = t;
                 due[i] = gap ? due[i] + gap : t; /* late: due already, sent at once */
             }
         }
     }
     cli_reconnect(rest, port);
     out->last = mem_sample(rest, pid);
+    if (out->last.busy_max > out->busy_max) {
+        out->busy_max = out->last.busy_max;
+        out->busy_max_cpu = out->last.busy_max_cpu;
+    }
     out->rss_end = out->last.rss;
     out->secs = secs * 2 / 3;
     for (size_t i = 0; i < n; i++) {
@@ -400,6 +466,7 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
     cap_free(cl);
     cap_free(due);
     cap_free(busy);
+    cap_free(freed);
     cap_free(pf);
 }
 
@@ -536,6 +603,18 @@ int main(int argc, char **argv)
     double offered = gap_ms ? (double)n_soak * 1000.0 / gap_ms : 0;
     double growth =
         sk.rss_warm > 0 ? 100.0 * (double)(sk.rss_end - sk.rss_warm) / (double)sk.rss_warm : 0;
+    double file_growth =
+        sk.warm.rss_file > 0
+            ? 100.0 * (double)(sk.last.rss_file - sk.warm.rss_file) / (double)sk.warm.rss_file
+            : 0;
+    double lag99 = sk.nlag ? pct(sk.lag, sk.nlag, 0.99) : 0;
+    /* the server's own view over the measured part: executions over 10 ms (submit to durable
+     * result, capsule_execution_seconds) and loop iterations busy over 10 ms */
+    double sx_n = sk.last.exec.count - sk.warm.exec.count,
+           sx_over = sx_n - (sk.last.exec.le[1] - sk.warm.exec.le[1]);
+    double lb_n = sk.last.busy.count - sk.warm.busy.count,
+           lb_over = lb_n - (sk.last.busy.le[1] - sk.warm.busy.le[1]),
+           lb_over50 = lb_n - (sk.last.busy.le[2] - sk.warm.busy.le[2]);
     close(c->fd);
     kill(pid, SIGTERM);
     int status;
@@ -606,12 +685,26 @@ int main(int argc, char **argv)
             "(%+.1f%% from the end of warm-up, %.0f s, to the end)\n",
             n_soak, gap_ms, offered, soak_secs, "latency from when due", s50, s99, sk.done,
             (double)sk.n / sk.secs, sk.errors, sk.rss_warm, sk.rss_end, growth, soak_secs / 3);
-    fprintf(
-        stderr,
-        "    server KiB every 5 s, RssAnon / malloc'ed in use / free in malloc's arenas:\n     ");
+    fprintf(stderr,
+            "    this client's own lateness (a free client's send after its due time) p99 %.3f ms;"
+            "\n    the server's view: %.0f of %.0f executions over 10 ms (%.2f%%, submit to "
+            "durable result);\n    loop iterations busy over 10 ms: %.0f, over 50 ms: %.0f (of "
+            "%.0f), longest %.1f ms (%.1f ms of it on a CPU);\n    the loop thread was on a CPU "
+            "%.0f%% of its busy time (the rest: runnable, waiting for a CPU)\n",
+            lag99, sx_over, sx_n, sx_n > 0 ? 100.0 * sx_over / sx_n : 0, lb_over, lb_over50, lb_n,
+            sk.busy_max * 1e3, sk.busy_max_cpu * 1e3,
+            sk.last.busy_sum > sk.warm.busy_sum ? 100.0 * (sk.last.cpu_sum - sk.warm.cpu_sum) /
+                                                      (sk.last.busy_sum - sk.warm.busy_sum)
+                                                : 0);
+    fprintf(stderr,
+            "    server RssFile %ld -> %ld KiB (%+.1f%%; the LMDB map's pages, not counted "
+            "above)\n",
+            sk.warm.rss_file, sk.last.rss_file, file_growth);
+    fprintf(stderr, "    server KiB every 5 s, RssAnon / RssFile / malloc'ed in use / free in "
+                    "malloc's arenas:\n     ");
     for (size_t i = 0; i < sk.ntrend; i++)
-        fprintf(stderr, " %ld/%ld/%ld", sk.trend[i].rss, sk.trend[i].heap_use,
-                sk.trend[i].heap_free);
+        fprintf(stderr, " %ld/%ld/%ld/%ld", sk.trend[i].rss, sk.trend[i].rss_file,
+                sk.trend[i].heap_use, sk.trend[i].heap_free);
     fprintf(stderr,
             "\n    from the end of warm-up to the end: malloc'ed in use %ld -> %ld KiB, free in "
             "arenas %ld -> %ld KiB\n",
@@ -649,6 +742,11 @@ int main(int argc, char **argv)
                                           (double)sk.warm.heap_use
                                     : 0,
                "%", NULL, 0, 0, 1);
+    bench_emit("soak_server_rss_file_growth", file_growth, "%", NULL, 0, 0, 1);
+    bench_emit("soak_client_lateness_p99", lag99, "ms", NULL, 0, 0, 1);
+    bench_emit("soak_server_exec_over_10ms", sx_n > 0 ? 100.0 * sx_over / sx_n : 0, "%", NULL, 0, 0,
+               1);
+    bench_emit("soak_server_loop_busy_max", sk.busy_max * 1e3, "ms", NULL, 0, 0, 1);
     bench_emit("soak_capacity_throughput", (double)cp.n / cp.secs, "exec/s", NULL, 0, 0, 0);
     bench_emit("soak_capacity_p50", k50, "ms", NULL, 0, 0, 1);
     bench_emit("soak_capacity_p99", k99, "ms", NULL, 0, 0, 1);
@@ -656,6 +754,8 @@ int main(int argc, char **argv)
     bench_emit("rest_session_create_p99", c99, "ms", NULL, 0, 0, 1);
     cap_free(sk.lat);
     cap_free(cp.lat);
+    cap_free(sk.lag);
+    cap_free(cp.lag);
     cap_free(t);
     cap_free(c);
     cap_free(w);

@@ -493,6 +493,14 @@ def t_metrics(e):
     assert m1['capsule_executions_total{status="died"}'] == \
         m0['capsule_executions_total{status="died"}'] + 1
     check_histogram(m1, "capsule_execution_seconds")
+    # the loop's stall watch: iterations counted with their busy time, the thread's CPU time
+    # beside it, the longest iteration since the previous scrape (reset by each scrape)
+    assert check_histogram(m1, "capsule_loop_busy_seconds") > \
+        check_histogram(m0, "capsule_loop_busy_seconds")
+    assert m1["capsule_loop_busy_seconds_sum"] > m0["capsule_loop_busy_seconds_sum"]
+    assert m1["capsule_loop_cpu_seconds_total"] > m0["capsule_loop_cpu_seconds_total"]
+    assert m1["capsule_loop_busy_max_seconds"] > 0, m1
+    assert m1["capsule_loop_busy_max_cpu_seconds"] <= m1["capsule_loop_busy_max_seconds"] + 0.001
     # the promise store: every execution is a promise created and settled (2 records at least);
     # prom.docs is written in each commit by the engine (no checkpoints, nothing unflushed) and
     # the 6 settled executions stay in the settled cache
