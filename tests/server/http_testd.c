@@ -216,11 +216,17 @@ static void ws_message(srv_ws_t *ws, json_t *msg, void *arg)
         json_t *data = json_object_get(msg, "data");
         srv_ws_send(ws, json_pack("{s:s,s:O?,s:s}", "type", "echo", "data", data, "principal",
                                   srv_ws_principal(ws)));
-    } else if (strcmp(op, "burst") == 0) {
+    } else if (strcmp(op, "burst") == 0) { /* n messages at once, each padded with `size` bytes */
         json_int_t n = json_integer_value(json_object_get(msg, "n"));
+        json_int_t size = json_integer_value(json_object_get(msg, "size"));
+        char *pad = cap_malloc((size_t)(size > 0 ? size : 0) + 1);
+        memset(pad, 'x', (size_t)(size > 0 ? size : 0));
+        pad[size > 0 ? size : 0] = 0;
         for (json_int_t i = 0; i < n; i++)
-            if (srv_ws_send(ws, json_pack("{s:s,s:I}", "type", "burst", "seq", i)) != 0)
+            if (srv_ws_send(ws,
+                            json_pack("{s:s,s:I,s:s}", "type", "burst", "seq", i, "pad", pad)) != 0)
                 break;
+        cap_free(pad);
     } else if (strcmp(op, "close") == 0) {
         srv_ws_close(ws, 1000, "bye");
     } else {
@@ -269,8 +275,9 @@ static int set_limit(srv_limits_t *l, const char *kv)
     }
     L(max_conns)
     L(max_url_bytes)
-    L(max_header_bytes) L(max_headers) L(max_body_bytes) L(read_timeout_ms) L(idle_timeout_ms)
-        L(ws_max_frame) L(ws_max_msg) L(json_max_depth) L(max_out_bytes)
+    L(max_header_bytes)
+    L(max_headers) L(max_body_bytes) L(read_timeout_ms) L(idle_timeout_ms) L(ws_max_frame)
+        L(ws_max_msg) L(json_max_depth) L(max_out_bytes)
 #undef L
             return -1;
 }

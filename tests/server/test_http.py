@@ -446,6 +446,13 @@ async def ws_main(port):
     await ws.send(json.dumps({"op": "burst", "n": 200}))
     seqs = [json.loads(await ws.recv())["seq"] for _ in range(200)]
     assert seqs == list(range(200))
+    # small messages of one loop iteration leave together, big ones at once: all arrive, in
+    # order, whole, whatever their mix (4 MiB in all: more than max_out_bytes, read as it comes)
+    for n, size in [(300, 10), (40, 100000), (3, 20000)]:
+        await ws.send(json.dumps({"op": "burst", "n": n, "size": size}))
+        got = [json.loads(await ws.recv()) for _ in range(n)]
+        assert [m["seq"] for m in got] == list(range(n)), (n, size)
+        assert all(m["pad"] == "x" * size for m in got), (n, size)
     # bad JSON, too deep, binary, unknown op: an error message, the session goes on
     for bad, code in [("{nope", "malformed_json"), ("[" * 20 + "]" * 20, "json_too_deep"),
                       (b"\x01\x02", "unsupported_message"), (json.dumps({"op": "x"}), "unknown_op")]:
@@ -502,8 +509,40 @@ async def ws_main(port):
         await s.close()
 
 
+def ws_raw(port, rcvbuf=None):
+    """A WebSocket upgraded over a raw socket (to control reading); masked text frames out."""
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /v1/ws HTTP/1.1\r\nAuthorization: Bearer %s\r\nUpgrade: websocket\r\n"
+              b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % TOKENS[0].encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return s
+
+
+def ws_raw_send(s, text):
+    data = text.encode()
+    assert len(data) < 126
+    mask = b"\x01\x02\x03\x04"
+    s.sendall(bytes([0x81, 0x80 | len(data)]) + mask +
+              bytes(c ^ mask[i % 4] for i, c in enumerate(data)))
+
+
 def t_websocket(port):
     asyncio.run(ws_main(port))
+    # a WebSocket client that does not read is dropped once max_out_bytes (1 MiB here) are
+    # queued for it: 64 messages of 64 KiB sent at once
+    before = stats(port)
+    s = ws_raw(port, rcvbuf=4096)
+    ws_raw_send(s, json.dumps({"op": "burst", "n": 64, "size": 65536}))
+    wait_for(lambda: stats(port)["ws_closed"] == before["ws_closed"] + 1, timeout=20,
+             what="the WebSocket that does not read dropped")
+    s.close()
     # handshake errors over plain HTTP
     resp = raw(port, b"GET /v1/ws HTTP/1.1\r\nAuthorization: Bearer %s\r\n\r\n"
                % TOKENS[0].encode())

@@ -98,6 +98,11 @@ struct conn {
     int closing, shutting, reading, in_process, rejected, continue_sent;
     int open_handles;
     char peer[64];
+    /* WebSocket frames waiting for the end of the loop iteration (see ws_write) */
+    char *ob;
+    size_t olen, ocap;
+    conn_t *onext;
+    int oqueued;
 };
 
 struct srv_server {
@@ -114,6 +119,11 @@ struct srv_server {
     int port;
     uint64_t seq;
     char idprefix[12];
+    /* connections with WebSocket frames to write, flushed before the loop blocks again */
+    conn_t *ohead;
+    uv_prepare_t oprep;
+    uv_check_t ocheck;
+    int flush_open; /* oprep and ocheck not yet closed */
 };
 
 typedef struct wreq {
@@ -278,6 +288,97 @@ static int conn_write(conn_t *c, const void *data, size_t len)
         return CAP_ELIMIT;
     }
     return 0;
+}
+
+/*
+ * WebSocket output is corked for the rest of the loop iteration: ws_write appends a frame to the
+ * connection's buffer and queues the connection; out_flush writes the buffer with one uv_write.
+ * The server flushes every queued connection just before the loop blocks again (uv_prepare, for
+ * what timers and pending callbacks queued) and right after its I/O callbacks (uv_check, for
+ * what they queued), so nothing waits for the next event. What that buys: a frame's header and
+ * payload (two callbacks from wslay) leave in one write and one TCP segment, as do several
+ * messages of one iteration; and a message sent from inside an engine callback ("accepted", from
+ * the log's commit) is written after that callback has handed the execution to its worker, so
+ * the worker starts without waiting for the client's wake-up on the same CPUs.
+ */
+static void out_unqueue(conn_t *c)
+{
+    if (!c->oqueued)
+        return;
+    conn_t **p = &c->srv->ohead;
+    while (*p != c)
+        p = &(*p)->onext;
+    *p = c->onext;
+    c->onext = NULL;
+    c->oqueued = 0;
+    c->olen = 0;
+}
+
+static void out_flush(conn_t *c)
+{
+    if (!c->oqueued)
+        return;
+    size_t n = c->olen;
+    out_unqueue(c);
+    conn_write(c, c->ob, n);
+}
+
+static void out_flush_all(srv_server_t *srv)
+{
+    while (srv->ohead)
+        out_flush(srv->ohead);
+    uv_prepare_stop(&srv->oprep);
+    uv_check_stop(&srv->ocheck);
+}
+
+static void on_out_prepare(uv_prepare_t *h)
+{
+    out_flush_all(h->data);
+}
+
+static void on_out_check(uv_check_t *h)
+{
+    out_flush_all(h->data);
+}
+
+/* Appends bytes to c's corked output. Big writes are not held: what is buffered goes out, then
+ * they do, through conn_write (which drops a client that has left more than max_out_bytes
+ * unread, counting what the kernel did not take at once, as for every other write). */
+#define OUT_CORK_MAX 16384
+
+static void out_append(conn_t *c, const void *data, size_t len)
+{
+    srv_server_t *srv = c->srv;
+    if (c->closing || c->shutting || len == 0)
+        return;
+    if (srv->closing || c->olen + len > OUT_CORK_MAX) { /* closing: the flush handles are gone */
+        out_flush(c);
+        conn_write(c, data, len);
+        return;
+    }
+    if (c->olen + len > c->ocap) {
+        size_t cap = c->ocap ? c->ocap : 512;
+        while (cap < c->olen + len)
+            cap *= 2;
+        c->ob = cap_realloc(c->ob, cap);
+        c->ocap = cap;
+    }
+    memcpy(c->ob + c->olen, data, len);
+    c->olen += len;
+    if (!c->oqueued) {
+        c->oqueued = 1;
+        c->onext = srv->ohead;
+        srv->ohead = c;
+        uv_prepare_start(&srv->oprep, on_out_prepare);
+        uv_check_start(&srv->ocheck, on_out_check);
+    }
+}
+
+static void on_out_closed(uv_handle_t *h)
+{
+    srv_server_t *srv = h->data;
+    srv->flush_open--;
+    server_maybe_free(srv);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -994,7 +1095,7 @@ static void ws_on_binary(void *arg, size_t len)
 static void ws_write(void *arg, const uint8_t *data, size_t len)
 {
     srv_ws_t *ws = arg;
-    conn_write(ws->conn, data, len);
+    out_append(ws->conn, data, len);
 }
 
 int srv_ws_accept(srv_req_t *r, const srv_ws_callbacks_t *cb, void *arg, srv_ws_t **out)
@@ -1242,6 +1343,7 @@ static void conn_free_if_done(conn_t *c)
     srv->st.conns_open = srv->nconns;
     srv__hparser_free(c->hp);
     cap_free(c->in);
+    cap_free(c->ob);
     cap_free(c);
     server_maybe_free(srv);
 }
@@ -1280,6 +1382,7 @@ static void conn_close(conn_t *c)
 {
     if (c->closing)
         return;
+    out_unqueue(c); /* what was not written is dropped with the connection */
     c->closing = 1;
     uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
@@ -1307,6 +1410,9 @@ static void on_shutdown(uv_shutdown_t *sh, int status)
 static void conn_shutdown(conn_t *c)
 {
     if (c->closing || c->shutting)
+        return;
+    out_flush(c); /* frames queued in this iteration (a close frame) go before the FIN */
+    if (c->closing)
         return;
     c->shutting = 1;
     c->in_len = 0;
@@ -1465,6 +1571,10 @@ int srv_server_open(uv_loop_t *loop, const srv_config_t *cfg, srv_server_t **out
     srv->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                                   : ((struct sockaddr_in *)&bound)->sin_port);
     srv->accepting = 1;
+    uv_prepare_init(loop, &srv->oprep);
+    uv_check_init(loop, &srv->ocheck);
+    srv->oprep.data = srv->ocheck.data = srv;
+    srv->flush_open = 2;
     cap_log(CAP_LOG_INFO, "http", "listening on %s port %d (auth %s)", cfg->listen, srv->port,
             srv__auth_enabled(srv->auth) ? "on" : "off");
 out:
@@ -1529,7 +1639,7 @@ void srv_server_stop_accepting(srv_server_t *srv)
 
 static void server_maybe_free(srv_server_t *srv)
 {
-    if (!srv->closing || srv->listener_open || srv->nconns)
+    if (!srv->closing || srv->listener_open || srv->nconns || srv->flush_open)
         return;
     for (size_t i = 0; i < srv->nroutes; i++) {
         cap_free(srv->routes[i].pattern);
@@ -1562,6 +1672,11 @@ void srv_server_close(srv_server_t *srv)
         } else {
             conn_close(c);
         }
+    }
+    out_flush_all(srv);
+    if (srv->flush_open) {
+        uv_close((uv_handle_t *)&srv->oprep, on_out_closed);
+        uv_close((uv_handle_t *)&srv->ocheck, on_out_closed);
     }
     server_maybe_free(srv);
 }
