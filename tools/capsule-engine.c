@@ -34,8 +34,8 @@
 #include "rsn.h"
 #include "srv.h"
 #include "wal.h"
+#include "wsmsg.h"
 
-#define ID_MAX  128
 #define NBUCKET 1024
 #define API     "/v1"
 
@@ -301,19 +301,7 @@ static void xs_free(xs_t *x)
     cap_free(x);
 }
 
-/* ---- ids ---- */
-int client_id_ok(const char *s)
-{
-    size_t n = s ? strlen(s) : 0;
-    if (n == 0 || n > ID_MAX)
-        return 0;
-    for (; *s; s++)
-        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
-              *s == '.' || *s == '_' || *s == '-'))
-            return 0;
-    return 1;
-}
-
+/* ---- ids (client_id_ok: wsmsg.c) ---- */
 char *eng_id(const char *principal, const char *cid)
 {
     size_t n = strlen(principal) + strlen(cid) + 2;
@@ -764,21 +752,6 @@ static void bjob_work(uv_work_t *w)
     }
 }
 
-/* The transaction policies by name (index = eng_tx_t). */
-static const char *const tx_names[] = {"default", "rollback_on_failure", "commit_always",
-                                       "rollback_always"};
-
-/* name -> policy (NULL: ENG_TX_DEFAULT); -1 for an unknown name */
-static int tx_from_name(const char *t)
-{
-    if (!t)
-        return ENG_TX_DEFAULT;
-    for (int i = ENG_TX_ROLLBACK_ON_FAILURE; i <= ENG_TX_ROLLBACK_ALWAYS; i++)
-        if (strcmp(t, tx_names[i]) == 0)
-            return i;
-    return -1;
-}
-
 static json_t *session_json(const char *esid)
 {
     return json_pack("{s:s,s:s}", "id", strip_ns(esid), "state", "open");
@@ -791,7 +764,7 @@ static json_t *session_info_json(const char *esid, const eng_session_info_t *in)
     unsigned tx = o->tx <= ENG_TX_ROLLBACK_ALWAYS ? (unsigned)o->tx : 0;
     return json_pack("{s:s,s:s,s:{s:s,s:I,s:I,s:I,s:b},s:I,s:I,s:b,s:b}", "id", strip_ns(esid),
                      "state", "open", "options", "tx",
-                     tx_names[tx ? tx : ENG_TX_ROLLBACK_ON_FAILURE], "timeout_ms",
+                     tx_name(tx ? tx : ENG_TX_ROLLBACK_ON_FAILURE), "timeout_ms",
                      (json_int_t)o->timeout_ms, "mem_bytes", (json_int_t)o->mem_bytes,
                      "cpu_seconds", (json_int_t)o->cpu_seconds, "retry_on_death", o->retry_on_death,
                      "ordinal", (json_int_t)in->ordinal, "queued", (json_int_t)in->queued,
@@ -1026,7 +999,7 @@ static void h_session_create(srv_req_t *req, void *arg)
         goto out;
     if (sid && !client_id_ok(sid)) {
         srv_reply_error(req, 400, "invalid_request",
-                        "id must be 1..%d characters of [A-Za-z0-9._-]", ID_MAX);
+                        "id must be 1..%d characters of [A-Za-z0-9._-]", WSMSG_ID_MAX);
         goto out;
     }
     if (fork_of && !client_id_ok(fork_of)) {
@@ -1171,7 +1144,7 @@ static void h_execute(srv_req_t *req, void *arg)
         goto out;
     if (eid && !client_id_ok(eid)) {
         srv_reply_error(req, 400, "invalid_request",
-                        "id must be 1..%d characters of [A-Za-z0-9._-]", ID_MAX);
+                        "id must be 1..%d characters of [A-Za-z0-9._-]", WSMSG_ID_MAX);
         goto out;
     }
     if (stream && strcmp(stream, "ndjson") == 0)
@@ -1514,44 +1487,25 @@ static void ws_message(srv_ws_t *ws, json_t *m, void *arg)
     wsc_t *wc = arg;
     char err[256];
     char gen[24];
-    const char *type = json_string_value(json_object_get(m, "type"));
-    const char *eid = json_string_value(json_object_get(m, "eid"));
+    wsmsg_t q;
     (void)ws;
-    if (!type) {
-        ws_err(wc, eid, "invalid_message", "every message needs a \"type\"");
+    if (wsmsg_parse(m, &q, err, sizeof(err)) != 0) {
+        ws_err(wc, q.eid, "invalid_message", err);
         goto out;
     }
-    if (eid && !client_id_ok(eid)) {
-        ws_err(wc, NULL, "invalid_message", "eid must be 1..128 characters of [A-Za-z0-9._-]");
-        goto out;
-    }
-    if (strcmp(type, "execute") == 0) {
-        static const srv_field_t f[] = {{"type", SRV_JSTRING, 1},
-                                        {"eid", SRV_JSTRING, 0},
-                                        {"code", SRV_JSTRING, 1},
-                                        {"tx", SRV_JSTRING, 0},
-                                        {NULL, 0, 0}};
-        if (srv_json_check(m, f, err, sizeof(err)) != 0) {
-            ws_err(wc, eid, "invalid_message", err);
-            goto out;
-        }
+    const char *eid = q.eid;
+    switch (q.type) {
+    case WSMSG_EXECUTE: {
         if (G.draining) {
             ws_err(wc, eid, "shutting_down", "the server is shutting down");
             goto out;
         }
-        int txi = tx_from_name(json_string_value(json_object_get(m, "tx")));
-        if (txi < 0) {
-            ws_err(wc, eid, "invalid_message", "unknown tx policy");
-            goto out;
-        }
-        eng_tx_t tx = (eng_tx_t)txi;
         if (!eid) {
             gen_id('x', gen, sizeof(gen));
             eid = gen;
         }
         int rc = 0;
-        xs_t *x = xs_start(wc->principal, wc->csid, eid,
-                           json_string_value(json_object_get(m, "code")), tx, NULL, &rc);
+        xs_t *x = xs_start(wc->principal, wc->csid, eid, q.code, (eng_tx_t)q.tx, NULL, &rc);
         if (!x) {
             ws_err(wc, eid, "refused", cap_strerror(rc));
             goto out;
@@ -1569,25 +1523,16 @@ static void ws_message(srv_ws_t *ws, json_t *m, void *arg)
             sub->acked = 0; /* the same id again on this socket: answered again */
             sub_send_accepted(sub);
         }
-    } else if (strcmp(type, "resume") == 0) {
-        static const srv_field_t f[] = {{"type", SRV_JSTRING, 1},
-                                        {"eid", SRV_JSTRING, 1},
-                                        {"output_offset", SRV_JINT, 0},
-                                        {NULL, 0, 0}};
-        if (srv_json_check(m, f, err, sizeof(err)) != 0) {
-            ws_err(wc, eid, "invalid_message", err);
-            goto out;
-        }
-        json_int_t off = json_integer_value(json_object_get(m, "output_offset"));
-        if (off < 0)
-            off = 0;
+        break;
+    }
+    case WSMSG_RESUME: {
         char *e = eng_id(wc->principal, eid);
         xs_t *x = xs_get(e);
         if (x) {
             cap_free(e);
             if (!ws_subscribed(x, wc))
                 ws_sub_resume(x, wc);
-            xs_replay_ws(x, wc, (uint64_t)off);
+            xs_replay_ws(x, wc, q.offset);
             goto out;
         }
         /* Not running in this process: ask the log (on the thread pool) whether it finished. */
@@ -1597,7 +1542,7 @@ static void ws_message(srv_ws_t *ws, json_t *m, void *arg)
         j->a = e;
         j->ceid = cap_strdup(eid);
         j->wsid = wc->id;
-        j->offset = (uint64_t)off;
+        j->offset = q.offset;
         j->principal = cap_strdup(wc->principal);
         if (uv_queue_work(G.loop, &j->w, bjob_work, bjob_done) != 0) {
             ws_err(wc, eid, "busy", "cannot queue work");
@@ -1606,44 +1551,31 @@ static void ws_message(srv_ws_t *ws, json_t *m, void *arg)
             cap_free(j->principal);
             cap_free(j);
         }
-    } else if (strcmp(type, "input_reply") == 0) {
-        static const srv_field_t f[] = {{"type", SRV_JSTRING, 1},
-                                        {"eid", SRV_JSTRING, 1},
-                                        {"text", SRV_JSTRING, 0},
-                                        {"eof", SRV_JBOOL, 0},
-                                        {NULL, 0, 0}};
-        if (srv_json_check(m, f, err, sizeof(err)) != 0) {
-            ws_err(wc, eid, "invalid_message", err);
-            goto out;
-        }
+        break;
+    }
+    case WSMSG_INPUT_REPLY: {
         char *e = eng_id(wc->principal, eid);
         xs_t *x = xs_get(e);
-        const char *text = json_string_value(json_object_get(m, "text"));
-        int eof = json_is_true(json_object_get(m, "eof"));
         if (!x)
             ws_err(wc, eid, "execution_not_found", "no running execution with this id");
         else if (!x->in_wait)
             ws_err(wc, eid, "no_input_request", "the execution is not waiting for input");
         else {
             x->in_wait = 0;
-            eng_input_reply(G.eng, e, text ? text : "", text ? strlen(text) : 0, eof || !text);
+            eng_input_reply(G.eng, e, q.text ? q.text : "", q.text ? strlen(q.text) : 0, q.eof);
         }
         cap_free(e);
-    } else if (strcmp(type, "cancel") == 0) {
-        static const srv_field_t f[] = {
-            {"type", SRV_JSTRING, 1}, {"eid", SRV_JSTRING, 1}, {NULL, 0, 0}};
-        if (srv_json_check(m, f, err, sizeof(err)) != 0) {
-            ws_err(wc, eid, "invalid_message", err);
-            goto out;
-        }
+        break;
+    }
+    case WSMSG_CANCEL: {
         char *e = eng_id(wc->principal, eid);
         if (!xs_get(e))
             ws_err(wc, eid, "execution_not_found", "no running execution with this id");
         else
             eng_cancel(G.eng, e);
         cap_free(e);
-    } else {
-        ws_err(wc, eid, "invalid_message", "type must be execute, resume, input_reply or cancel");
+        break;
+    }
     }
 out:
     json_decref(m);

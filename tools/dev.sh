@@ -7,7 +7,7 @@
 #                       then the libFuzzer targets for a bounded time, then every benchmark once
 #                       with --quick so none of them rots)
 #   tools/dev.sh deps | build | asan | fuzz   the single steps
-#   (fuzz: CAPSULE_FUZZ_SECONDS per target, default 25; 3 targets)
+#   (fuzz: CAPSULE_FUZZ_SECONDS per target, default 25; 4 targets)
 #
 # Idempotent: packages already installed are not installed again; builds are incremental.
 set -euo pipefail
@@ -70,7 +70,7 @@ fuzz() {
         -DCAPSULE_FUZZ=ON >/dev/null
     cmake --build build-fuzz -j "$JOBS"
     mkdir -p build-fuzz/crashes
-    for t in http ws json; do
+    for t in http ws json wsmsg; do
         mkdir -p "build-fuzz/corpus/$t"
         if ! build-fuzz/bin/fuzz_$t -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
             -max_len=8192 -print_final_stats=1 -artifact_prefix="build-fuzz/crashes/$t-" \

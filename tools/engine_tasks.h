@@ -10,12 +10,12 @@
 
 #include "capsule.h"
 #include "srv.h"
+#include "wsmsg.h"
 
 /* Registers the routes under `api` ("/v1"); blocking engine calls run on `loop`'s thread pool. */
 void tasks_routes(srv_server_t *s, const char *api, eng_t *eng, uv_loop_t *loop);
 
-/* From capsule-engine.c: a valid client id ([A-Za-z0-9._-]{1,128}); "<principal>:<cid>". */
-int client_id_ok(const char *s);
+/* From capsule-engine.c: "<principal>:<cid>" (client_id_ok: wsmsg.h). */
 char *eng_id(const char *principal, const char *cid);
 
 #endif

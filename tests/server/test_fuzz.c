@@ -2,13 +2,13 @@
  * test_fuzz.c - a bounded fuzz run over everything capsule_http does with network bytes, with
  * any compiler (the libFuzzer build needs clang: fuzz/fuzz_libfuzzer.c). The targets are in
  * fuzz/fuzz_targets.c: HTTP request parsing (fed in random splits, pipelined), WebSocket framing
- * (frames mutated, fed in random splits, text messages parsed as JSON) and JSON parsing + field
- * checking.
+ * (frames mutated, fed in random splits, text messages parsed as JSON), JSON parsing + field
+ * checking, and capsule-engine's WebSocket message validation (tools/wsmsg.c).
  *
  * usage: test_server_fuzz CORPUS_DIR
- * First every file of CORPUS_DIR/{http,ws,json}/ runs through its target: the seed corpus, which
- * also holds every input that ever crashed a target (regression tests). Then a random + mutation
- * loop (bit flips, byte overwrite/insert/delete, splices between seeds, repeated runs) for
+ * First every file of CORPUS_DIR/{http,ws,json,wsmsg}/ runs through its target: the seed corpus,
+ * which also holds every input that ever crashed a target (regression tests). Then a random +
+ * mutation loop (bit flips, byte overwrite/insert/delete, splices between seeds, repeated runs) for
  * CAPSULE_FUZZ_SECONDS (default 8) or CAPSULE_FUZZ_ITERS, whichever ends first; the seed is
  * printed (CAPSULE_FUZZ_SEED replays). CI runs it in the ASan+UBSan build too, where any memory
  * error aborts.
@@ -176,13 +176,13 @@ int main(int argc, char **argv)
     }
     fprintf(stderr,
             "fuzz: %llu inputs; http requests parsed %llu, refused %llu; ws text %llu; json ok "
-            "%llu\n",
+            "%llu; engine ws messages accepted %llu\n",
             (unsigned long long)i, (unsigned long long)fuzz_counts.http_done,
             (unsigned long long)fuzz_counts.http_err, (unsigned long long)fuzz_counts.ws_text,
-            (unsigned long long)fuzz_counts.json_ok);
+            (unsigned long long)fuzz_counts.json_ok, (unsigned long long)fuzz_counts.wsmsg_ok);
     /* The run must have reached each target's accepting paths, or it fuzzed nothing useful. */
     CHECK(fuzz_counts.http_done > 0 && fuzz_counts.http_err > 0 && fuzz_counts.ws_text > 0 &&
-          fuzz_counts.json_ok > 0);
+          fuzz_counts.json_ok > 0 && fuzz_counts.wsmsg_ok > 0);
     for (size_t k = 0; k < ncorpus; k++)
         cap_free(corpus[k].d);
     cap_free(corpus);

@@ -1,7 +1,7 @@
 /*
  * fuzz_libfuzzer.c - the libFuzzer entry point of one target, chosen at compile time by
- * FUZZ_TARGET (FUZZ_HTTP, FUZZ_WS or FUZZ_JSON): fuzz_http_lf, fuzz_ws_lf, fuzz_json_lf. Built only
- * with clang (-DCAPSULE_FUZZ=ON, see tests/server/fuzz/CMakeLists.txt); tools/dev.sh fuzz runs
+ * FUZZ_TARGET (FUZZ_HTTP, FUZZ_WS, FUZZ_JSON or FUZZ_WSMSG): fuzz_http, fuzz_ws, fuzz_json,
+ * fuzz_wsmsg. Built only with clang (-DCAPSULE_FUZZ=ON, see tests/server/fuzz/CMakeLists.txt); tools/dev.sh fuzz runs
  * each for a bounded time from the seed corpus in tests/server/fuzz/corpus/<target>/.
  */
 #include "cap.h"

@@ -5,13 +5,15 @@
 
 #include <string.h>
 
+#include "capsule.h"
 #include "check.h"
+#include "wsmsg.h"
 
 fuzz_counts_t fuzz_counts;
 srv_limits_t fuzz_lim;
 static uint64_t rng = 88172645463325252ULL;
 
-const char *const fuzz_target_names[FUZZ_NTARGETS] = {"http", "ws", "json"};
+const char *const fuzz_target_names[FUZZ_NTARGETS] = {"http", "ws", "json", "wsmsg"};
 
 void fuzz_init(uint64_t seed)
 {
@@ -149,6 +151,67 @@ void fuzz_ws(const uint8_t *d, size_t n)
     srv__wsproto_free(c.ws);
 }
 
+void fuzz_wsmsg(const uint8_t *d, size_t n)
+{
+    json_t *v = NULL;
+    char err[256];
+    int rc = srv_json_parse((const char *)d, n, fuzz_lim.json_max_depth, &v, err, sizeof(err));
+    if (rc != 0)
+        return; /* the JSON layer's own target covers this */
+    wsmsg_t q;
+    err[0] = 0;
+    if (wsmsg_parse(v, &q, err, sizeof(err)) != 0) {
+        CHECK(err[0] != 0 && strlen(err) < sizeof(err));
+        /* the error names the message's eid only when it is a valid id, or the type is missing */
+        CHECK(q.eid == NULL || client_id_ok(q.eid) || !json_is_string(json_object_get(v, "type")));
+        json_decref(v);
+        return;
+    }
+    fuzz_counts.wsmsg_ok++;
+    /* an accepted message: exactly the fields its type allows, each of the right kind */
+    const char *type = json_string_value(json_object_get(v, "type"));
+    CHECK(type != NULL);
+    CHECK(q.eid == NULL || (client_id_ok(q.eid) && strchr(q.eid, ':') == NULL));
+    CHECK(q.eid == json_string_value(json_object_get(v, "eid")));
+    switch (q.type) {
+    case WSMSG_EXECUTE:
+        CHECK(strcmp(type, "execute") == 0);
+        CHECK(q.code != NULL && q.code == json_string_value(json_object_get(v, "code")));
+        CHECK(q.tx >= ENG_TX_DEFAULT && q.tx <= ENG_TX_ROLLBACK_ALWAYS);
+        CHECK(!json_is_string(json_object_get(v, "tx")) || q.tx != ENG_TX_DEFAULT);
+        break;
+    case WSMSG_RESUME: {
+        CHECK(strcmp(type, "resume") == 0 && q.eid != NULL);
+        json_int_t off = json_integer_value(json_object_get(v, "output_offset"));
+        CHECK(q.offset == (off > 0 ? (uint64_t)off : 0));
+        break;
+    }
+    case WSMSG_INPUT_REPLY:
+        CHECK(strcmp(type, "input_reply") == 0 && q.eid != NULL);
+        CHECK(q.text == json_string_value(json_object_get(v, "text")));
+        CHECK(q.text != NULL || q.eof);
+        break;
+    case WSMSG_CANCEL:
+        CHECK(strcmp(type, "cancel") == 0 && q.eid != NULL);
+        break;
+    default:
+        CHECK(!"unknown message type accepted");
+    }
+    /* no field beyond the type's own */
+    const char *key;
+    json_t *val;
+    json_object_foreach(v, key, val)
+    {
+        (void)val;
+        CHECK(
+            strcmp(key, "type") == 0 || strcmp(key, "eid") == 0 ||
+            (q.type == WSMSG_EXECUTE && (strcmp(key, "code") == 0 || strcmp(key, "tx") == 0)) ||
+            (q.type == WSMSG_RESUME && strcmp(key, "output_offset") == 0) ||
+            (q.type == WSMSG_INPUT_REPLY && (strcmp(key, "text") == 0 || strcmp(key, "eof") == 0)));
+    }
+    json_decref(v);
+}
+
 void fuzz_run(int target, const uint8_t *d, size_t n)
 {
     switch (target) {
@@ -157,6 +220,9 @@ void fuzz_run(int target, const uint8_t *d, size_t n)
         break;
     case FUZZ_WS:
         fuzz_ws(d, n);
+        break;
+    case FUZZ_WSMSG:
+        fuzz_wsmsg(d, n);
         break;
     default:
         fuzz_json(d, n);
