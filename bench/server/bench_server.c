@@ -3,10 +3,10 @@
  *   - "2+2" over one WebSocket, sync durability: send {"type":"execute"} until the "result"
  *     message arrives (the result is durable when it is sent); p50 / p99. Goal: p50 <= 0.8 ms.
  *     Peer, in the same run: the same cell through the engine's C API in-process
- *     (eng_execute_sync, sync durability, its own data directory), so the ratio is what the
- *     HTTP/WebSocket layer and the process hop cost. And Jupyter: ipykernel driven by
- *     jupyter_client (bench/server/jupyter_peer.py), timed to execute_reply; goal: capsule at
- *     least 6x faster at p50 while durable.
+ *     (eng_execute_sync, sync durability, its own data directory), in blocks alternating with
+ *     the WebSocket's, so the ratio is what the HTTP/WebSocket layer and the process hop cost. And
+ * Jupyter: ipykernel driven by jupyter_client (bench/server/jupyter_peer.py), timed to
+ * execute_reply; goal: capsule at least 6x faster at p50 while durable.
  *   - session create over REST (POST /v1/sessions, served from the warm pool): p50 / p99.
  * The server is started as a child process (bin/capsule-engine next to this executable) on a
  * fresh data directory; the client is a minimal blocking HTTP/WebSocket client written here.
@@ -559,31 +559,65 @@ int main(int argc, char **argv)
     }
     double c50 = pct(t, n_create, 0.5), c99 = pct(t, n_create, 0.99);
 
-    /* 2+2 over the WebSocket */
+    /* 2+2 over the WebSocket, interleaved with the peer: the engine's C API in this process
+     * (same cell, same durability, its own data directory), in alternating blocks of 1/10th, so
+     * both see the same moments of a shared machine and their ratio is the HTTP/WebSocket layer
+     * plus the process hop, not the load of the minute */
+    eng_opts_t eo = {.dir = edata, .pool_idle = 4};
+    eng_t *e;
+    if (eng_open(&eo, &e) != 0) {
+        fprintf(stderr, "bench_server: eng_open failed\n");
+        return 1;
+    }
+    char *sid = NULL;
+    eng_session_open(e, "peer", NULL, &sid);
     cli_t *w = cap_calloc(1, sizeof(*w));
     if (cli_connect(w, port) != 0)
         die("connect");
     ws_upgrade(w, "/v1/sessions/bench/ws");
     char msg[8192];
-    for (size_t i = 0; i < warm + n_ws; i++) {
-        uint64_t t0 = cap_now_ns();
-        ws_send_text(w, "{\"type\":\"execute\",\"code\":\"2+2\"}");
-        for (;;) {
-            ws_recv_text(w, msg, sizeof(msg));
-            if (strstr(msg, "\"type\":\"result\""))
-                break;
-        }
-        if (i >= warm)
-            t[i - warm] = cap_now_ns() - t0;
-        if (!strstr(msg, "\"value\":4")) {
-            fprintf(stderr, "bench_server: unexpected result %s\n", msg);
-            return 1;
+    uint64_t *tp = cap_calloc(n_ws, sizeof(uint64_t)); /* the peer's */
+    size_t nw = 0, np = 0, block = n_ws / 10;
+    for (size_t b = 0; b < 10; b++) {
+        for (int side = 0; side < 2; side++) {
+            int ws_side = (side == 0) == (b % 2 == 0);
+            size_t count = block + (b == 0 ? warm : 0);
+            for (size_t i = 0; i < count; i++) {
+                int timed = b > 0 || i >= warm;
+                uint64_t t0 = cap_now_ns();
+                if (ws_side) {
+                    ws_send_text(w, "{\"type\":\"execute\",\"code\":\"2+2\"}");
+                    do
+                        ws_recv_text(w, msg, sizeof(msg));
+                    while (!strstr(msg, "\"type\":\"result\""));
+                    if (timed)
+                        t[nw++] = cap_now_ns() - t0;
+                    if (!strstr(msg, "\"value\":4")) {
+                        fprintf(stderr, "bench_server: unexpected result %s\n", msg);
+                        return 1;
+                    }
+                } else {
+                    eng_exec_req_t rq = {.sid = "peer", .code = "2+2"};
+                    eng_result_t *r = NULL;
+                    if (eng_execute_sync(e, &rq, NULL, 0, &r) != 0 || r->status != ENG_ST_OK) {
+                        fprintf(stderr, "bench_server: peer execution failed\n");
+                        return 1;
+                    }
+                    if (timed)
+                        tp[np++] = cap_now_ns() - t0;
+                    eng_result_free(r);
+                }
+            }
         }
     }
-    if (bench_samples_save("ws_2plus2_ms", t, n_ws, 1e6) != 0)
+    if (bench_samples_save("ws_2plus2_ms", t, nw, 1e6) != 0)
         fprintf(stderr, "bench_server: could not write the samples file\n");
-    double w50 = pct(t, n_ws, 0.5), w99 = pct(t, n_ws, 0.99);
+    double w50 = pct(t, nw, 0.5), w99 = pct(t, nw, 0.99);
+    double p50 = pct(tp, np, 0.5), p99 = pct(tp, np, 0.99);
     close(w->fd);
+    cap_free(tp);
+    cap_free(sid);
+    eng_close(e); /* its workers go before the soak */
 
     /* many clients at once: each at a fixed rate (one cell every gap_ms), then back to back */
     size_t n_soak = quick ? 20 : 200;
@@ -619,31 +653,6 @@ int main(int argc, char **argv)
     kill(pid, SIGTERM);
     int status;
     waitpid(pid, &status, 0);
-
-    /* ---- the peer: the engine's C API in this process, same cell, same durability ---- */
-    eng_opts_t eo = {.dir = edata, .pool_idle = 4};
-    eng_t *e;
-    if (eng_open(&eo, &e) != 0) {
-        fprintf(stderr, "bench_server: eng_open failed\n");
-        return 1;
-    }
-    char *sid = NULL;
-    eng_session_open(e, "peer", NULL, &sid);
-    for (size_t i = 0; i < warm + n_ws; i++) {
-        eng_exec_req_t rq = {.sid = "peer", .code = "2+2"};
-        eng_result_t *r = NULL;
-        uint64_t t0 = cap_now_ns();
-        if (eng_execute_sync(e, &rq, NULL, 0, &r) != 0 || r->status != ENG_ST_OK) {
-            fprintf(stderr, "bench_server: peer execution failed\n");
-            return 1;
-        }
-        if (i >= warm)
-            t[i - warm] = cap_now_ns() - t0;
-        eng_result_free(r);
-    }
-    double p50 = pct(t, n_ws, 0.5), p99 = pct(t, n_ws, 0.99);
-    cap_free(sid);
-    eng_close(e);
 
     /* ---- the Jupyter peer: ipykernel + jupyter_client, same cell, same run ---- */
     double j50 = 0, j99 = 0;
