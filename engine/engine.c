@@ -167,10 +167,12 @@ struct eng {
     waiter_t *close_waiter;
     int open_handles; /* (loop) handles whose close callback is still due */
 
-    uv_timer_t itimer;  /* idle release */
-    uv_timer_t ptimer;  /* CPU placement: unpins a lone cell that runs long */
-    uv_timer_t rtimer;  /* the pool's refill, out of the way of running executions */
-    uint64_t refill_by; /* cap_now_ns() by which the refill runs even if executions are running */
+    uv_timer_t itimer;   /* idle release */
+    uv_timer_t ptimer;   /* CPU placement: unpins a lone cell that runs long */
+    uv_timer_t rtimer;   /* the pool's refill, out of the way of running executions */
+    uint64_t refill_by;  /* cap_now_ns() by which the refill runs even if executions are running */
+    uv_poll_t *zpoll;    /* the zygote's control socket: answers to refill requests */
+    struct wref *refill; /* the worker a refill request in flight will be (one at a time) */
 
     /* loop-side */
     session_t *smap[NBUCKET];
@@ -502,6 +504,71 @@ static char *exec_pid(const char *eid)
 /* ---------- workers and the pool ---------- */
 static void eng_threads_pin(eng_t *e, int cpu);
 
+static void zy_collect(eng_t *e);
+static void on_zpoll(uv_poll_t *p, int status, int events);
+
+static void on_zpoll_closed(uv_handle_t *h)
+{
+    cap_free(h);
+}
+
+/* Watches the current zygote's control socket (after a start or a replacement). */
+static void zy_watch(eng_t *e)
+{
+    int fd = pyw_zygote_fd(e->zy);
+    if (fd < 0)
+        return;
+    e->zpoll = cap_calloc(1, sizeof(*e->zpoll));
+    e->zpoll->data = e;
+    if (uv_poll_init(e->loop, e->zpoll, fd) == 0) {
+        if (uv_poll_start(e->zpoll, UV_READABLE | UV_DISCONNECT, on_zpoll) == 0)
+            return;
+        uv_close((uv_handle_t *)e->zpoll, on_zpoll_closed);
+    } else {
+        cap_free(e->zpoll);
+    }
+    cap_log(CAP_LOG_WARN, "engine", "cannot watch the zygote's socket: refills block the loop");
+    e->zpoll = NULL;
+}
+
+/* Stops watching (before the socket closes); cb frees the handle. */
+static void zy_unwatch(eng_t *e, uv_close_cb cb)
+{
+    if (!e->zpoll)
+        return;
+    uv_close((uv_handle_t *)e->zpoll, cb);
+    e->zpoll = NULL;
+}
+
+/* The zygote is gone: start a new one (blocks the loop for its start-up; rare). 0 or an error. */
+static int zy_restart(eng_t *e)
+{
+    cap_log(CAP_LOG_WARN, "engine", "the zygote (pid %d) is gone: starting a new one",
+            pyw_zygote_pid(e->zy));
+    pyw_zygote_options_t zo = {0};
+    zo.worker_path = e->worker_path;
+    zo.warmup = e->warmup;
+    pyw_zygote_t *nz = NULL;
+    eng_threads_pin(e, -1); /* the new zygote and its workers must not inherit a pin */
+    int rc = pyw_zygote_open(&zo, &nz);
+    if (rc) {
+        cap_log(CAP_LOG_ERROR, "engine", "zygote restart failed: %s", cap_strerror(rc));
+        return rc;
+    }
+    zy_unwatch(e, on_zpoll_closed);
+    pyw_zygote_close(e->zy); /* also drops the refill request in flight */
+    cap_free(e->refill);
+    e->refill = NULL;
+    pthread_mutex_lock(&e->mu);
+    e->zy = nz;
+    e->stats.zygote_restarts++;
+    pthread_mutex_unlock(&e->mu);
+    zy_watch(e);
+    return 0;
+}
+
+/* A worker now, blocking the loop until the zygote answers (a session with its own limits, or an
+ * empty pool). */
 static int worker_spawn(eng_t *e, session_t *s, wref_t **out)
 {
     wref_t *r = cap_calloc(1, sizeof(*r));
@@ -515,27 +582,10 @@ static int worker_spawn(eng_t *e, session_t *s, wref_t **out)
     }
     r->e = e;
     int rc = pyw_zygote_spawn(e->zy, e->loop, &po, &r->w);
-    if (rc == CAP_EWORKER && !e->closing) {
-        /* the zygote is gone: start a new one (blocks the loop for its start-up; rare) */
-        cap_log(CAP_LOG_WARN, "engine", "the zygote (pid %d) is gone: starting a new one",
-                pyw_zygote_pid(e->zy));
-        pyw_zygote_options_t zo = {0};
-        zo.worker_path = e->worker_path;
-        zo.warmup = e->warmup;
-        pyw_zygote_t *nz = NULL;
-        eng_threads_pin(e, -1); /* the new zygote and its workers must not inherit a pin */
-        int zrc = pyw_zygote_open(&zo, &nz);
-        if (zrc == 0) {
-            pyw_zygote_close(e->zy);
-            pthread_mutex_lock(&e->mu);
-            e->zy = nz;
-            e->stats.zygote_restarts++;
-            pthread_mutex_unlock(&e->mu);
-            rc = pyw_zygote_spawn(e->zy, e->loop, &po, &r->w);
-        } else {
-            cap_log(CAP_LOG_ERROR, "engine", "zygote restart failed: %s", cap_strerror(zrc));
-        }
-    }
+    if (rc == CAP_EWORKER && !e->closing && zy_restart(e) == 0)
+        rc = pyw_zygote_spawn(e->zy, e->loop, &po, &r->w);
+    /* the refill's answer may have been read meanwhile: its socket will not tell again */
+    zy_collect(e);
     if (rc) {
         cap_free(r);
         return rc;
@@ -552,22 +602,6 @@ static void worker_drop(wref_t *r)
     cap_free(r);
 }
 
-static void pool_fill(eng_t *e)
-{
-    while (!e->closing && e->npool < e->o.pool_idle) {
-        wref_t *r;
-        int rc = worker_spawn(e, NULL, &r);
-        if (rc) {
-            cap_log(CAP_LOG_WARN, "engine", "pool: spawn failed: %s", cap_strerror(rc));
-            return;
-        }
-        r->next = e->pool;
-        e->pool = r;
-        e->npool++;
-    }
-    stats_add(e, (eng_stats_t){0});
-}
-
 static void pool_remove(eng_t *e, wref_t *r)
 {
     wref_t **pp = &e->pool;
@@ -579,25 +613,124 @@ static void pool_remove(eng_t *e, wref_t *r)
     }
 }
 
-/* The refill. A spawn blocks the loop until the zygote answers (a fork: about a millisecond, more
- * on a loaded machine), so it waits while executions are running (the first execution of the
- * session that just popped a worker is the usual one), checked every REFILL_RECHECK_MS, for at
- * most REFILL_MAX_DEFER_MS (busy sessions never leave a gap). */
+static void pool_add(eng_t *e, wref_t *r)
+{
+    r->next = e->pool;
+    e->pool = r;
+    e->npool++;
+    stats_add(e, (eng_stats_t){0});
+}
+
+/* The refill, one worker at a time and never blocking the loop: a FORK request is sent to the
+ * zygote (pool_request) and the worker is adopted when the zygote's answer makes its socket
+ * readable (zy_collect), which schedules the next request. A request waits while executions are
+ * running (the first execution of the session that just popped a worker is the usual one) or
+ * commands are queued for the loop (an acquire), checked every REFILL_RECHECK_MS, for at most
+ * REFILL_MAX_DEFER_MS (busy sessions never leave a gap): the zygote's forks then compete less
+ * for the CPU with what a caller waits for. */
 #define REFILL_RECHECK_MS   1
 #define REFILL_MAX_DEFER_MS 50
+static void on_rtimer(uv_timer_t *t);
+
+static void refill_schedule(eng_t *e)
+{
+    if (e->closing || e->refill || e->npool >= e->o.pool_idle ||
+        uv_is_active((uv_handle_t *)&e->rtimer))
+        return;
+    e->refill_by = cap_now_ns() + (uint64_t)REFILL_MAX_DEFER_MS * 1000000u;
+    uv_timer_start(&e->rtimer, on_rtimer, REFILL_RECHECK_MS, 0);
+}
+
+/* Sends one refill request (without a watched zygote socket: spawns, blocking). */
+static void pool_request(eng_t *e)
+{
+    if (e->closing || e->refill || e->npool >= e->o.pool_idle)
+        return;
+    if (pyw_zygote_fd(e->zy) < 0 && zy_restart(e))
+        return; /* tried again at the next acquire or pool worker's death */
+    wref_t *r;
+    int rc;
+    if (!e->zpoll) {
+        if ((rc = worker_spawn(e, NULL, &r)) == 0)
+            pool_add(e, r);
+        else
+            cap_log(CAP_LOG_WARN, "engine", "pool: spawn failed: %s", cap_strerror(rc));
+        refill_schedule(e);
+        return;
+    }
+    r = cap_calloc(1, sizeof(*r));
+    r->e = e;
+    pyw_options_t po = {0};
+    po.worker_path = e->worker_path;
+    po.cb = &e->pcb;
+    po.data = r;
+    rc = pyw_zygote_request(e->zy, &po, NULL);
+    if (rc == CAP_EWORKER && zy_restart(e) == 0)
+        rc = pyw_zygote_request(e->zy, &po, NULL);
+    if (rc) {
+        cap_log(CAP_LOG_WARN, "engine", "pool: fork request failed: %s", cap_strerror(rc));
+        cap_free(r);
+        return;
+    }
+    e->refill = r;
+}
+
+/* Adopts what the zygote answered: the refill's worker into the pool (or notes its failure). A
+ * zygote found gone is replaced, and the refill goes on. */
+static void zy_collect(eng_t *e)
+{
+    int gone = 0;
+    for (;;) {
+        pyw_worker_t *w = NULL;
+        int rc = pyw_zygote_collect(e->zy, e->loop, &w, NULL);
+        if (rc == -EAGAIN)
+            break;
+        if (rc == 0) {
+            wref_t *r = pyw_worker_data(w);
+            r->w = w;
+            if (r == e->refill)
+                e->refill = NULL;
+            pool_add(e, r);
+            continue;
+        }
+        /* the refill's request failed (the only one collected here), or the zygote is gone */
+        cap_free(e->refill);
+        e->refill = NULL;
+        if (pyw_zygote_fd(e->zy) < 0 && pyw_zygote_pending(e->zy) == 0) {
+            gone = 1;
+            break;
+        }
+        if (rc != CAP_EWORKER)
+            cap_log(CAP_LOG_WARN, "engine", "pool: fork failed: %s", cap_strerror(rc));
+    }
+    if (gone) {
+        zy_unwatch(e, on_zpoll_closed); /* its socket stays readable (EOF) */
+        if (!e->closing)
+            zy_restart(e);
+    }
+    refill_schedule(e);
+}
+
+static void on_zpoll(uv_poll_t *p, int status, int events)
+{
+    (void)status;
+    (void)events;
+    zy_collect(p->data);
+}
+
 static void on_rtimer(uv_timer_t *t)
 {
     eng_t *e = t->data;
     if (e->closing)
         return;
     pthread_mutex_lock(&e->mu);
-    uint32_t running = e->stats.running;
+    int busy = e->stats.running || e->mhead;
     pthread_mutex_unlock(&e->mu);
-    if (running && cap_now_ns() < e->refill_by) {
+    if (busy && cap_now_ns() < e->refill_by) {
         uv_timer_start(t, on_rtimer, REFILL_RECHECK_MS, 0);
         return;
     }
-    pool_fill(e);
+    pool_request(e);
 }
 
 /* A worker for session s: a pooled one (a pop) unless s has its own limits. */
@@ -616,10 +749,7 @@ static int worker_acquire(eng_t *e, session_t *s, wref_t **out)
     if (!rc)
         (*out)->s = s;
     /* refill in the background, after what is being handled now (the caller is told first) */
-    if (!e->closing && !uv_is_active((uv_handle_t *)&e->rtimer)) {
-        e->refill_by = cap_now_ns() + (uint64_t)REFILL_MAX_DEFER_MS * 1000000u;
-        uv_timer_start(&e->rtimer, on_rtimer, REFILL_RECHECK_MS, 0);
-    }
+    refill_schedule(e);
     return rc;
 }
 
@@ -1485,7 +1615,7 @@ static void pcb_exit(pyw_worker_t *w, const pyw_exit_t *ex)
         /* a pooled (or detached) worker died: replace it */
         pool_remove(e, r);
         worker_drop(r);
-        pool_fill(e);
+        refill_schedule(e);
         return;
     }
     stats_add(e, (eng_stats_t){.worker_deaths = 1});
@@ -2277,6 +2407,13 @@ static void on_handle_closed(uv_handle_t *h)
     if (--e->open_handles == 0)
         waiter_wake(e->close_waiter, 0);
 }
+static void on_zpoll_last_closed(uv_handle_t *h)
+{
+    eng_t *e = h->data;
+    cap_free(h);
+    if (--e->open_handles == 0)
+        waiter_wake(e->close_waiter, 0);
+}
 static void do_shutdown(eng_t *e, eng_msg_t *m)
 {
     cap_free(m);
@@ -2293,6 +2430,12 @@ static void do_shutdown(eng_t *e, eng_msg_t *m)
     e->npool = 0;
     drain(e);
     e->open_handles = 5;
+    if (e->zpoll) {
+        e->open_handles++;
+        zy_unwatch(e, on_zpoll_last_closed);
+    }
+    cap_free(e->refill); /* its request, if answered, is killed by pyw_zygote_close */
+    e->refill = NULL;
     uv_close((uv_handle_t *)&e->itimer, on_handle_closed);
     eng__marks_free(&e->marks);
     uv_close((uv_handle_t *)&e->mtimer, on_handle_closed);
@@ -2483,7 +2626,8 @@ out:
 static void do_start(eng_t *e, eng_msg_t *m)
 {
     cap_free(m);
-    pool_fill(e);
+    zy_watch(e);
+    pool_request(e);
     for (size_t b = 0; b < NBUCKET; b++)
         for (session_t *s = e->smap[b]; s; s = s->hnext)
             if (s->qhead || e->o.eager_restore)

@@ -275,8 +275,24 @@ int pyw_zygote_open(const pyw_zygote_options_t *opt, pyw_zygote_t **out);
  * ignored). Returns CAP_EWORKER if the zygote is gone. */
 int pyw_zygote_spawn(pyw_zygote_t *z, uv_loop_t *loop, const pyw_options_t *opt,
                      pyw_worker_t **out);
+/* Sends a FORK without waiting for its answer; *req (if not NULL) receives the request's id.
+ * opt is copied shallowly (what it points to must outlive the worker, as for spawn). The answer
+ * makes pyw_zygote_fd readable; collect it with pyw_zygote_collect. Returns 0, CAP_EWORKER (the
+ * zygote is gone), or an error of the options (as pyw_worker_spawn). */
+int pyw_zygote_request(pyw_zygote_t *z, const pyw_options_t *opt, uint64_t *req);
+/* Collects one answered request, never blocking: 0 with *out (the worker, attached to loop as by
+ * pyw_zygote_spawn) and *req; the request's error with *out NULL and *req (e.g. a failed fork);
+ * -EAGAIN when no answer is there yet; CAP_EWORKER when the zygote is gone, once every request
+ * has been collected (each failed with CAP_EWORKER). Call it until -EAGAIN when the fd is
+ * readable, and after a pyw_zygote_spawn (which may read other requests' answers). */
+int pyw_zygote_collect(pyw_zygote_t *z, uv_loop_t *loop, pyw_worker_t **out, uint64_t *req);
+/* The zygote's control socket (to watch for readability), or -1 once it is known to be gone. */
+int pyw_zygote_fd(const pyw_zygote_t *z);
+/* Requests sent and not collected yet. */
+size_t pyw_zygote_pending(const pyw_zygote_t *z);
 int pyw_zygote_pid(const pyw_zygote_t *z);
-/* Stops the zygote (its workers live on). pyw_zygote_close(NULL) is a no-op. */
+/* Stops the zygote (its workers live on; those of requests not collected are killed and
+ * reaped). pyw_zygote_close(NULL) is a no-op. */
 void pyw_zygote_close(pyw_zygote_t *z);
 
 /* ---- a blocking convenience layer (tests, tools): runs its own private loop ---- */

@@ -6,8 +6,14 @@
  * session workers on FORK frames. The new worker's socket travels with the FORK frame as
  * SCM_RIGHTS. The zygote double-forks and the intermediate child sends FORKED {pid} before it
  * exits, so the worker is reparented to this process (PR_SET_CHILD_SUBREAPER), which reaps it.
- * Invariants: the control socket is used from one thread at a time with blocking I/O and bounded
- * waits (poll); a zygote that stops answering is reported as CAP_EWORKER/CAP_ETIMEDOUT.
+ * A FORK can be sent without waiting (pyw_zygote_request): the caller watches the control socket
+ * (pyw_zygote_fd) and collects the worker when the answer came (pyw_zygote_collect), so a loop
+ * never blocks on a fork. pyw_zygote_spawn is the same request followed by a bounded wait for its
+ * answer; answers to other requests read meanwhile stay noted in theirs for collect.
+ * Invariants: the control socket is used from one thread at a time, read without blocking into
+ * z->in (waits are bounded polls); every request sent is in z->reqs until collected or the zygote
+ * is closed, and a worker forked for a request that is never collected is killed and reaped (it
+ * is our child); a zygote that stops answering is reported as CAP_EWORKER/CAP_ETIMEDOUT.
  */
 #include "pyw_int.h"
 
@@ -23,59 +29,189 @@
 
 #include "cap.h"
 
+/* A FORK sent and not answered yet (or answered and not collected). */
+typedef struct zreq {
+    struct zreq *next;
+    uint64_t id;
+    int sock;          /* our end of the worker's socket */
+    pyw_options_t opt; /* a shallow copy: its pointers are the requester's */
+    pyw_wopts_t wo;    /* wo.cgroup: created for this worker, removed if it never starts */
+    int rc;            /* 1 while unanswered; then 0 (pid set) or the error */
+    pid_t pid;
+} zreq_t;
+
 struct pyw_zygote {
     int sock;
     pid_t pid;
     uint64_t next_req;
+    zreq_t *reqs; /* in the order sent */
+    size_t nreqs;
+    uint8_t *in; /* bytes read and not parsed yet */
+    size_t in_len, in_cap;
 };
 
-/* Reads exactly n bytes with a deadline. */
-static int read_deadline(int fd, void *p, size_t n, uint64_t deadline_ns)
+/* Appends what the socket has to z->in: waits (poll) until deadline_ns for something to read,
+ * or not at all when deadline_ns is 0. 0 when bytes were read, -EAGAIN when none came in time,
+ * CAP_EWORKER at EOF, -errno. */
+static int zfill(pyw_zygote_t *z, uint64_t deadline_ns)
 {
-    uint8_t *q = p;
-    while (n) {
-        uint64_t now = cap_now_ns();
-        if (now >= deadline_ns)
-            return CAP_ETIMEDOUT;
-        struct pollfd pf = {fd, POLLIN, 0};
-        int k = poll(&pf, 1, (int)((deadline_ns - now) / 1000000 + 1));
-        if (k < 0 && errno != EINTR)
-            return -errno;
-        if (k <= 0)
-            continue;
-        ssize_t r = read(fd, q, n);
+    for (;;) {
+        if (deadline_ns) {
+            uint64_t now = cap_now_ns();
+            if (now >= deadline_ns)
+                return -EAGAIN;
+            struct pollfd pf = {z->sock, POLLIN, 0};
+            int k = poll(&pf, 1, (int)((deadline_ns - now) / 1000000 + 1));
+            if (k < 0 && errno != EINTR)
+                return -errno;
+            if (k <= 0)
+                continue;
+        }
+        if (z->in_cap - z->in_len < 4096) {
+            z->in_cap = z->in_cap ? z->in_cap * 2 : 8192;
+            z->in = cap_realloc(z->in, z->in_cap);
+        }
+        ssize_t r = recv(z->sock, z->in + z->in_len, z->in_cap - z->in_len, MSG_DONTWAIT);
         if (r == 0)
             return CAP_EWORKER;
         if (r < 0) {
-            if (errno == EINTR || errno == EAGAIN)
+            if (errno == EINTR)
                 continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if (!deadline_ns)
+                    return -EAGAIN;
+                continue;
+            }
             return -errno;
         }
-        q += r;
-        n -= (size_t)r;
+        z->in_len += (size_t)r;
+        return 0;
     }
-    return 0;
 }
 
-/* Reads one frame from the zygote: type, id and a cap_malloc'd body. */
-static int zread(pyw_zygote_t *z, uint64_t deadline, uint8_t *type, uint64_t *id, uint8_t **body,
-                 size_t *blen)
+/* Takes one whole frame out of z->in: 1 and type, id, a cap_malloc'd body; 0 if no whole frame
+ * is there yet; CAP_EPROTO for a malformed header. */
+static int znext(pyw_zygote_t *z, uint8_t *type, uint64_t *id, uint8_t **body, size_t *blen)
 {
-    uint8_t h[PYW_HDR_SIZE];
     uint32_t len;
-    int rc = read_deadline(z->sock, h, sizeof h, deadline);
+    if (z->in_len < PYW_HDR_SIZE)
+        return 0;
+    int rc = pyw__hdr_parse(z->in, 1u << 20, &len, type, id);
     if (rc)
         return rc;
-    if ((rc = pyw__hdr_parse(h, 1u << 20, &len, type, id)))
-        return rc;
-    uint8_t *b = cap_malloc(len - 9 + 1);
-    if ((rc = read_deadline(z->sock, b, len - 9, deadline))) {
-        cap_free(b);
-        return rc;
-    }
+    size_t whole = (size_t)len + 4;
+    if (z->in_len < whole)
+        return 0;
+    size_t n = len - 9;
+    uint8_t *b = cap_malloc(n + 1);
+    memcpy(b, z->in + PYW_HDR_SIZE, n);
+    memmove(z->in, z->in + whole, z->in_len - whole);
+    z->in_len -= whole;
     *body = b;
-    *blen = len - 9;
-    return 0;
+    *blen = n;
+    return 1;
+}
+
+/* Reads one frame from the zygote, waiting until deadline_ns: type, id and a cap_malloc'd body.
+ * CAP_ETIMEDOUT when none came in time. */
+static int zread(pyw_zygote_t *z, uint64_t deadline_ns, uint8_t *type, uint64_t *id, uint8_t **body,
+                 size_t *blen)
+{
+    for (;;) {
+        int rc = znext(z, type, id, body, blen);
+        if (rc)
+            return rc < 0 ? rc : 0;
+        rc = zfill(z, deadline_ns);
+        if (rc)
+            return rc == -EAGAIN ? CAP_ETIMEDOUT : rc;
+    }
+}
+
+static void zreq_free(zreq_t *q)
+{
+    if (q->sock >= 0)
+        close(q->sock);
+    if (q->rc == 0 && q->pid > 0) {
+        /* answered, never attached: the worker is our child (subreaper); it exits at the EOF of
+         * its socket, but make sure and reap it */
+        int st;
+        kill(q->pid, SIGKILL);
+        while (waitpid(q->pid, &st, 0) < 0 && errno == EINTR)
+            ;
+    }
+    pyw__cgroup_destroy(q->wo.cgroup);
+    cap_free(q);
+}
+
+static zreq_t *zreq_unlink(pyw_zygote_t *z, uint64_t id)
+{
+    for (zreq_t **pp = &z->reqs; *pp; pp = &(*pp)->next) {
+        if ((*pp)->id == id) {
+            zreq_t *q = *pp;
+            *pp = q->next;
+            z->nreqs--;
+            return q;
+        }
+    }
+    return NULL;
+}
+
+/* Handles one frame of the zygote: an answer to a FORK (FORKED or ERROR) is noted in its
+ * request; a spare that died unused (FORKED, id 0) is reaped. Anything else is ignored. */
+static void zhandle(pyw_zygote_t *z, uint8_t type, uint64_t id, const uint8_t *body, size_t blen)
+{
+    pyw_rd_t r;
+    uint32_t v;
+    pyw__rd_init(&r, body, blen);
+    if (type == PYW_F_FORKED && id == 0) {
+        if (pyw__get_u32(&r, &v) == 0 && v > 0) {
+            int st;
+            while (waitpid((pid_t)v, &st, 0) < 0 && errno == EINTR)
+                ;
+        }
+        return;
+    }
+    zreq_t *q = NULL;
+    for (zreq_t *p = z->reqs; p; p = p->next)
+        if (p->id == id && p->rc == 1)
+            q = p;
+    if (!q || (type != PYW_F_FORKED && type != PYW_F_ERROR))
+        return;
+    if (type == PYW_F_ERROR) {
+        q->rc = pyw__get_u32(&r, &v) || v == 0 ? CAP_EWORKER : -(int)v;
+    } else if (pyw__get_u32(&r, &v) || pyw__rd_end(&r) || v == 0) {
+        q->rc = CAP_EWORKER;
+    } else {
+        q->pid = (pid_t)v;
+        q->rc = 0;
+    }
+}
+
+/* Parses what was read: every whole frame is handled. 0, or CAP_EWORKER (a malformed stream: the
+ * zygote cannot be trusted any more). */
+static int zparse(pyw_zygote_t *z)
+{
+    for (;;) {
+        uint8_t type, *body;
+        uint64_t id;
+        size_t blen;
+        int rc = znext(z, &type, &id, &body, &blen);
+        if (rc <= 0)
+            return rc ? CAP_EWORKER : 0;
+        zhandle(z, type, id, body, blen);
+        cap_free(body);
+    }
+}
+
+/* The zygote is gone or broken: its socket is closed and every request fails. */
+static void zfail(pyw_zygote_t *z)
+{
+    if (z->sock >= 0)
+        close(z->sock);
+    z->sock = -1;
+    for (zreq_t *q = z->reqs; q; q = q->next)
+        if (q->rc == 1)
+            q->rc = CAP_EWORKER;
 }
 
 int pyw_zygote_open(const pyw_zygote_options_t *opt, pyw_zygote_t **out)
@@ -157,29 +293,32 @@ out:
     return rc;
 }
 
-int pyw_zygote_spawn(pyw_zygote_t *z, uv_loop_t *loop, const pyw_options_t *opt, pyw_worker_t **out)
+int pyw_zygote_request(pyw_zygote_t *z, const pyw_options_t *opt, uint64_t *req)
 {
     static const pyw_options_t defaults;
-    pyw_wopts_t wo;
     char optstr[512];
     int sv[2] = {-1, -1}, rc;
     pyw_buf_t b;
-    uint8_t *body = NULL;
-    pyw__buf_init(&b);
     if (!opt)
         opt = &defaults;
     if (!z || z->sock < 0)
         return CAP_EWORKER;
-    if ((rc = pyw__wopts_prepare(opt, &wo)))
+    zreq_t *q = cap_calloc(1, sizeof *q);
+    q->sock = -1;
+    q->opt = *opt;
+    pyw__buf_init(&b);
+    if ((rc = pyw__wopts_prepare(opt, &q->wo))) {
+        cap_free(q);
         return rc;
-    if ((rc = pyw__wopts_format(&wo, optstr, sizeof optstr)))
+    }
+    if ((rc = pyw__wopts_format(&q->wo, optstr, sizeof optstr)))
         goto out;
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
         rc = -errno;
         goto out;
     }
-    uint64_t req = ++z->next_req;
-    pyw__frame_begin(&b, PYW_F_FORK, req);
+    q->id = ++z->next_req;
+    pyw__frame_begin(&b, PYW_F_FORK, q->id);
     pyw__put_cstr(&b, optstr);
     pyw__frame_end(&b, 0);
     union {
@@ -206,54 +345,109 @@ int pyw_zygote_spawn(pyw_zygote_t *z, uv_loop_t *loop, const pyw_options_t *opt,
         rc = CAP_EWORKER;
         goto out;
     }
-    close(sv[1]);
-    sv[1] = -1;
-    uint8_t type;
-    uint64_t id;
-    size_t blen;
-    uint64_t deadline = cap_now_ns() + 5000000000ull;
-    pyw_rd_t r;
-    for (;;) {
-        if ((rc = zread(z, deadline, &type, &id, &body, &blen))) {
-            rc = CAP_EWORKER;
-            goto out;
-        }
-        pyw__rd_init(&r, body, blen);
-        uint32_t dead;
-        if (!(type == PYW_F_FORKED && id == 0))
-            break;
-        /* a spare that died unused: it is our child (subreaper); reap it */
-        if (pyw__get_u32(&r, &dead) == 0 && dead > 0) {
-            int st;
-            while (waitpid((pid_t)dead, &st, 0) < 0 && errno == EINTR)
-                ;
-        }
-        cap_free(body);
-        body = NULL;
-    }
-    if (type == PYW_F_ERROR) {
-        uint32_t code;
-        rc = pyw__get_u32(&r, &code) ? CAP_EWORKER : -(int)code;
-        goto out;
-    }
-    uint32_t pid;
-    if (type != PYW_F_FORKED || id != req || pyw__get_u32(&r, &pid) || pyw__rd_end(&r) ||
-        pid == 0) {
-        rc = CAP_EWORKER;
-        goto out;
-    }
-    rc = pyw__worker_attach(loop, opt, sv[0], (pid_t)pid, wo.cgroup, out);
+    q->sock = sv[0];
     sv[0] = -1;
-    wo.cgroup[0] = 0; /* owned by the worker now */
+    q->rc = 1;
+    zreq_t **pp = &z->reqs;
+    while (*pp)
+        pp = &(*pp)->next;
+    *pp = q;
+    z->nreqs++;
+    if (req)
+        *req = q->id;
+    q = NULL;
+    rc = 0;
 out:
     pyw__buf_free(&b);
-    cap_free(body);
     if (sv[0] >= 0)
         close(sv[0]);
     if (sv[1] >= 0)
         close(sv[1]);
-    pyw__cgroup_destroy(wo.cgroup);
+    if (q)
+        zreq_free(q);
     return rc;
+}
+
+int pyw_zygote_fd(const pyw_zygote_t *z)
+{
+    return z ? z->sock : -1;
+}
+
+size_t pyw_zygote_pending(const pyw_zygote_t *z)
+{
+    return z ? z->nreqs : 0;
+}
+
+/* Turns the answered request q (unlinked) into its worker, or its error. */
+static int zreq_finish(zreq_t *q, uv_loop_t *loop, pyw_worker_t **out)
+{
+    int rc = q->rc;
+    if (rc == 0) {
+        rc = pyw__worker_attach(loop, &q->opt, q->sock, q->pid, q->wo.cgroup, out);
+        q->sock = -1;        /* the worker's now (closed by attach on failure) */
+        q->pid = 0;          /* reaped by the worker's handle */
+        q->wo.cgroup[0] = 0; /* owned by the worker now */
+    }
+    zreq_free(q);
+    return rc;
+}
+
+int pyw_zygote_collect(pyw_zygote_t *z, uv_loop_t *loop, pyw_worker_t **out, uint64_t *req)
+{
+    *out = NULL;
+    if (!z)
+        return CAP_EWORKER;
+    /* read what has come (never blocking), unless an answer is already there */
+    int answered = 0;
+    for (zreq_t *q = z->reqs; q; q = q->next)
+        answered |= q->rc != 1;
+    while (!answered && z->sock >= 0) {
+        int rc = zfill(z, 0);
+        if (rc == -EAGAIN)
+            break;
+        if (rc || zparse(z)) {
+            zfail(z);
+            break;
+        }
+        for (zreq_t *q = z->reqs; q; q = q->next)
+            answered |= q->rc != 1;
+    }
+    for (zreq_t *q = z->reqs; q; q = q->next) {
+        if (q->rc == 1)
+            continue;
+        if (req)
+            *req = q->id;
+        zreq_unlink(z, q->id);
+        return zreq_finish(q, loop, out);
+    }
+    return z->sock < 0 ? CAP_EWORKER : -EAGAIN;
+}
+
+int pyw_zygote_spawn(pyw_zygote_t *z, uv_loop_t *loop, const pyw_options_t *opt, pyw_worker_t **out)
+{
+    uint64_t id;
+    int rc = pyw_zygote_request(z, opt, &id);
+    if (rc)
+        return rc;
+    /* answers to other requests that come first stay noted in theirs, for pyw_zygote_collect */
+    uint64_t deadline = cap_now_ns() + 5000000000ull;
+    zreq_t *q = NULL;
+    for (;;) {
+        for (zreq_t *p = z->reqs; p; p = p->next)
+            if (p->id == id)
+                q = p;
+        if (q->rc != 1 || z->sock < 0)
+            break;
+        rc = zfill(z, deadline);
+        if (rc == -EAGAIN) {
+            q->rc = CAP_EWORKER; /* no answer in time */
+            break;
+        }
+        if (rc || zparse(z))
+            zfail(z);
+    }
+    zreq_unlink(z, id);
+    return zreq_finish(q, loop, out);
 }
 
 int pyw_zygote_pid(const pyw_zygote_t *z)
@@ -287,9 +481,16 @@ void pyw_zygote_close(pyw_zygote_t *z)
             pyw__rd_init(&r, body, blen);
             if (type == PYW_F_FORKED && id == 0 && pyw__get_u32(&r, &pid) == 0 && pid > 0)
                 spare = (pid_t)pid;
+            else
+                zhandle(z, type, id, body, blen); /* a request's answer: its worker is reaped */
             cap_free(body);
         }
         close(z->sock); /* the zygote exits on EOF too */
+    }
+    while (z->reqs) {
+        zreq_t *q = z->reqs;
+        z->reqs = q->next;
+        zreq_free(q);
     }
     if (z->pid > 0) {
         int st;
@@ -303,6 +504,7 @@ void pyw_zygote_close(pyw_zygote_t *z)
             usleep(1000);
         }
     }
+    cap_free(z->in);
     if (spare > 0) {
         int st;
         kill(spare, SIGKILL);

@@ -1,0 +1,171 @@
+/*
+ * test_pool.c - the warm pool's refill, which asks the zygote for workers without blocking the
+ * loop and adopts them as they come, one at a time:
+ *   - the pool fills to pool_idle after open and after acquires, and never beyond it;
+ *   - sessions opened back to back while a refill is in flight (more than the pool holds, so
+ *     some are spawned at once) all serve, and no worker is left over or lost: the engine's
+ *     children are its zygote, its spare, the sessions' workers and the pool's, nothing else;
+ *   - pooled workers killed with kill -9 are replaced (the zygote is not restarted);
+ *   - the zygote killed (kill -9) at random points after an acquire, with a refill in flight or
+ *     not: a new zygote is started, sessions carry on, the pool fills again from it.
+ */
+#include <dirent.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "eng_test.h"
+
+#define POOL 3
+
+/* This process's children that are still running (zombies and exiting ones not counted), and
+ * their pids (up to max). */
+static int children(pid_t *pids, int max)
+{
+    DIR *d = opendir("/proc");
+    CHECK(d != NULL);
+    struct dirent *de;
+    int n = 0;
+    while ((de = readdir(d)) != NULL) {
+        char *end, path[300], buf[512];
+        long pid = strtol(de->d_name, &end, 10);
+        if (*end || pid <= 0)
+            continue;
+        snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        size_t k = fread(buf, 1, sizeof(buf) - 1, f);
+        fclose(f);
+        buf[k] = 0;
+        char *p = strrchr(buf, ')'), st = 0;
+        int ppid = 0;
+        if (!p || sscanf(p + 1, " %c %d", &st, &ppid) != 2 || ppid != getpid() || st == 'Z' ||
+            st == 'X')
+            continue;
+        if (n < max)
+            pids[n] = (pid_t)pid;
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
+/* Waits (up to 10 s) until the pool holds want idle workers; fails the test otherwise. */
+static void pool_wait(eng_t *e, uint32_t want)
+{
+    eng_stats_t st;
+    uint64_t deadline = cap_now_ns() + 10000000000ull;
+    for (;;) {
+        eng_stats(e, &st);
+        if (st.pool_idle == want)
+            return;
+        if (cap_now_ns() > deadline) {
+            fprintf(stderr, "pool_idle %u, want %u\n", st.pool_idle, want);
+            CHECK(0);
+        }
+        usleep(2000);
+    }
+}
+
+/* Checks the engine's children: the zygote, its spare (0 or 1), `workers` busy and POOL idle
+ * ones, once the refill and the spare have settled (a worker becomes our child when the zygote's
+ * intermediate process has exited, which can come after its FORKED under a sanitizer). */
+static void children_expect(eng_t *e, int workers)
+{
+    pool_wait(e, POOL);
+    pid_t p[64];
+    int n, lo = workers + POOL + 1, hi = lo + 1;
+    uint64_t deadline = cap_now_ns() + 10000000000ull;
+    while (((n = children(p, 64)) < lo || n > hi) && cap_now_ns() < deadline)
+        usleep(5000);
+    if (n < lo || n > hi)
+        fprintf(stderr, "%d children, want %d (+1 spare)\n", n, lo);
+    CHECK(n >= lo && n <= hi);
+    usleep(100000);
+    eng_stats_t st;
+    eng_stats(e, &st);
+    CHECK_EQ(st.pool_idle, (uint32_t)POOL); /* never beyond pool_idle */
+    CHECK(children(p, 64) <= hi);
+}
+
+int main(void)
+{
+    srand((unsigned)time(NULL) ^ (unsigned)getpid());
+    char *dir = check_tmpdir("eng-pool");
+    eng_opts_t o = {0};
+    o.dir = dir;
+    o.map_size = 64u << 20;
+    o.pool_idle = POOL;
+    o.dur_threads = 4;
+    eng_t *e = NULL;
+    CHECK_OK(eng_open(&o, &e));
+    children_expect(e, 0);
+
+    /* back to back, more sessions than the pool holds: acquires land on refills in flight */
+    char sid[32];
+    for (int i = 0; i < 2 * POOL; i++) {
+        snprintf(sid, sizeof(sid), "b%d", i);
+        CHECK_OK(eng_session_open(e, sid, NULL, NULL));
+    }
+    for (int i = 0; i < 2 * POOL; i++) {
+        snprintf(sid, sizeof(sid), "b%d", i);
+        char code[32], want[32];
+        snprintf(code, sizeof(code), "n = %d\nn * 2", i);
+        snprintf(want, sizeof(want), "%d", i * 2);
+        etest_expect(e, sid, code, want);
+    }
+    children_expect(e, 2 * POOL);
+    for (int i = 0; i < 2 * POOL; i++) {
+        snprintf(sid, sizeof(sid), "b%d", i);
+        CHECK_OK(eng_session_close(e, sid));
+    }
+    children_expect(e, 0);
+
+    /* pooled workers (and the spare) killed: replaced, the zygote stays */
+    eng_stats_t st;
+    eng_stats(e, &st);
+    int zpid = st.zygote_pid;
+    uint64_t restarts = st.zygote_restarts;
+    pid_t p[64];
+    int n = children(p, 64);
+    for (int i = 0; i < n && i < 64; i++)
+        if (p[i] != zpid)
+            CHECK_EQ(kill(p[i], SIGKILL), 0);
+    children_expect(e, 0);
+    eng_stats(e, &st);
+    CHECK_EQ(st.zygote_pid, zpid);
+    CHECK_EQ(st.zygote_restarts, restarts);
+    CHECK_OK(eng_session_open(e, "after-pool-kill", NULL, NULL));
+    etest_expect(e, "after-pool-kill", "'fine'", "'fine'");
+
+    /* the zygote killed at a random point after an acquire (its refill in flight or not) */
+    for (int round = 0; round < 5; round++) {
+        eng_stats(e, &st);
+        restarts = st.zygote_restarts;
+        zpid = st.zygote_pid;
+        snprintf(sid, sizeof(sid), "z%d", round);
+        CHECK_OK(eng_session_open(e, sid, NULL, NULL));
+        usleep((useconds_t)(rand() % 4000));
+        CHECK_EQ(kill(zpid, SIGKILL), 0);
+        etest_expect(e, sid, "'served'", "'served'");
+        for (int i = 0; i < POOL + 1; i++) { /* past the pool: from the new zygote */
+            char s2[48];
+            snprintf(s2, sizeof(s2), "z%d-%d", round, i);
+            CHECK_OK(eng_session_open(e, s2, NULL, NULL));
+            etest_expect(e, s2, "1 + 1", "2");
+            CHECK_OK(eng_session_close(e, s2));
+        }
+        pool_wait(e, POOL);
+        eng_stats(e, &st);
+        CHECK_EQ(st.zygote_restarts, restarts + 1);
+        CHECK(st.zygote_pid > 0 && st.zygote_pid != zpid);
+    }
+    eng_close(e);
+    check_rmtree(dir);
+    cap_free(dir);
+    printf("ok\n");
+    return 0;
+}
