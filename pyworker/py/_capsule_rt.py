@@ -469,3 +469,33 @@ def apply(blob):
 def warmup(source):
     """Zygote warm-up code: run in __main__ before gc.freeze()."""
     exec(compile(source, "<warmup>", "exec"), _main)
+
+
+def rehearse():
+    """Runs throwaway cells in a scratch namespace, tracked by a scratch Namespace: what the first
+    cell of a session would otherwise do for the first time (the compiler's and the namespace
+    module's first use, their lazily made state, and in a forked process the copy-on-write faults
+    of the pages they touch) is done before a session exists. A zygote calls it before
+    gc.freeze(), its pre-forked spare before it waits to be handed out. Leaves __main__, the
+    session's Namespace and every cache a cell reads as they were."""
+    g = {"__name__": "__rehearsal__", "__builtins__": builtins}
+    try:
+        ns = None
+        if _ns is not None:
+            import _capsule_ns
+            ns = _capsule_ns.Namespace(g, _capsule.hash64)
+        for src in ("x = [2 + 2]\ny = x[0]\ny", "2 + 2"):
+            if "\n" in src:  # the AST path of _compile (a multi-line cell is not cached)
+                code, has_last = _compile(src, "<rehearsal>")
+            else:  # the eval path, without _compile's cache of one-line expressions
+                code = compile(src, "<rehearsal>", "eval", flags=_FLAGS, dont_inherit=True)
+            if ns is not None:
+                ns.before_cell("rehearsal", src, code)
+            v = eval(code, g)
+            v = g.pop(_LAST, v)
+            _jsonable(v)
+            repr(v)
+            if ns is not None:
+                ns.after_cell(code)
+    except Exception:
+        pass  # only a rehearsal: a real cell reports its own failures

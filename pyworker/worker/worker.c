@@ -1722,7 +1722,18 @@ static _Noreturn void spare_wait(int sp)
     worker_run();
 }
 
-/* Forks (zygote -> intermediate -> spare); the intermediate reports the spare's pid and exits. */
+/* Throwaway cells in a scratch namespace (_capsule_rt.rehearse): the first-use work of a cell is
+ * done here rather than in a session's first cell. */
+static void rehearse(void)
+{
+    PyObject *r = PyObject_CallMethod(g_rt, "rehearse", NULL);
+    if (!r)
+        PyErr_Clear();
+    Py_XDECREF(r);
+}
+
+/* Forks (zygote -> intermediate -> spare); the intermediate reports the spare's pid and exits.
+ * The spare rehearses a cell before it waits (its copy-on-write faults off a session's path). */
 static void spare_make(void)
 {
     int sp[2];
@@ -1738,6 +1749,7 @@ static void spare_make(void)
             setpgid(0, 0); /* its own process group, as a cold worker has */
             close(g_sock);
             close(sp[0]);
+            rehearse();
             spare_wait(sp[1]);
         }
         ssize_t w = write(sp[1], &b, sizeof b);
@@ -1809,6 +1821,7 @@ static _Noreturn void zygote_run(void)
 {
     /* single-threaded from here on: fork is safe */
     signal(SIGPIPE, SIG_IGN);
+    rehearse(); /* what it makes lazily is inherited by every worker */
     PyObject *gc = PyImport_ImportModule("gc");
     PyObject *r = gc ? PyObject_CallMethod(gc, "freeze", NULL) : NULL;
     if (!r)
