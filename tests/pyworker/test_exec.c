@@ -2,11 +2,13 @@
  * test_exec.c - execution modes through a real worker: plain cells, top-level await, async
  * for/with, blocking sleep in a thread while the protocol stays responsive, asyncio.run inside a
  * plain cell, the last expression's value (repr, JSON, `;`, _ / __ / ___), a persistent
- * namespace, exceptions with tracebacks that show the cell's source lines.
+ * namespace, exceptions with tracebacks that show the cell's source lines; the interpreter a
+ * worker runs on (standalone, or /usr/bin/python3.11 with the host module) and what a cell sees.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "pyworker.h"
@@ -228,6 +230,59 @@ static void test_errors(pyw_sync_t *s)
     CHECK_OK(pyw_sync_ping(s));
 }
 
+/* The interpreter a worker runs on: standalone (CAPSULE_PYWORKER_HOST=0, or no host module next
+ * to the executable) or /usr/bin/python3.11 with the host module; the state a cell sees is the
+ * same either way. Returns the worker's /proc/PID/exe. */
+static char *interpreter_check(const char *host)
+{
+    pyw_sync_t *s;
+    setenv("CAPSULE_PYWORKER_HOST", host, 1);
+    CHECK_OK(pyw_sync_open(NULL, NULL, &s));
+    unsetenv("CAPSULE_PYWORKER_HOST");
+    expect_value(s, "[k for k in globals() if not k.startswith('__')]", "[]", "[]");
+    expect_value(s, "import sys\nsys.argv", "['']", "[\"\"]");
+    expect_value(s,
+                 "sys.path == ['/usr/lib/python311.zip', '/usr/lib/python3.11', "
+                 "'/usr/lib/python3.11/lib-dynload', '/usr/local/lib/python3.11/dist-packages', "
+                 "'/usr/lib/python3/dist-packages']",
+                 "True", "true");
+    expect_value(s, "sys.executable, sys.flags.isolated, sys.flags.no_site",
+                 "('/usr/bin/python3.11', 1, 1)", "[\"/usr/bin/python3.11\", 1, 1]");
+    expect_value(s, "import _capsule\n_capsule.exec_id() > 0", "True", "true");
+    char path[64], exe[4096], comm[64] = "";
+    int pid = pyw_worker_pid(pyw_sync_worker(s));
+    snprintf(path, sizeof path, "/proc/%d/exe", pid);
+    ssize_t n = readlink(path, exe, sizeof exe - 1);
+    CHECK(n > 0);
+    exe[n] = 0;
+    snprintf(path, sizeof path, "/proc/%d/comm", pid);
+    FILE *f = fopen(path, "r");
+    CHECK(f && fgets(comm, sizeof comm, f));
+    fclose(f);
+    CHECK(strncmp(comm, "capsule-pyworke", 15) == 0); /* renamed back when hosted */
+    pyw_sync_close(s);
+    return strdup(exe);
+}
+
+static void test_interpreter(void)
+{
+    char *alone = interpreter_check("0");
+    CHECK(strstr(alone, "capsule-pyworker") != NULL);
+    char mod[4200];
+    snprintf(mod, sizeof mod, "%s", alone);
+    char *slash = strrchr(mod, '/');
+    CHECK(slash != NULL);
+    snprintf(slash + 1, sizeof mod - (size_t)(slash + 1 - mod), "capsule-pyworker-host.so");
+    char *hosted = interpreter_check("1");
+    if (access(mod, R_OK) == 0)
+        CHECK_STREQ(hosted, "/usr/bin/python3.11");
+    else
+        CHECK_STREQ(hosted, alone);
+    printf("worker interpreter: %s\n", hosted);
+    free(alone);
+    free(hosted);
+}
+
 int main(void)
 {
     pyw_sync_t *s;
@@ -246,6 +301,7 @@ int main(void)
     test_errors(s);
     pyw_sync_close(s);
     test_responsive();
+    test_interpreter();
     printf("ok\n");
     return 0;
 }
