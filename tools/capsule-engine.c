@@ -1358,6 +1358,10 @@ static void h_metrics(srv_req_t *req, void *arg)
         {"capsule_wal_fsyncs_total", "counter",
          "Explicit fsyncs of the log (nosync durability's background sync).", (double)ws.syncs},
         {"capsule_wal_fsync_seconds_total", "counter", "", (double)ws.sync_ns / 1e9},
+        {"capsule_wal_checkpoints_total", "counter",
+         "Store checkpoints of the log (sync durability), on its writer thread.",
+         (double)ws.checkpoints},
+        {"capsule_wal_checkpoint_seconds_total", "counter", "", (double)ws.checkpoint_ns / 1e9},
         /* the promise store (prom_store_stats) */
         {"capsule_promise_resident_docs", "gauge",
          "Promise documents in memory (pending, not yet checkpointed, settled cache).",

@@ -276,13 +276,16 @@ typedef struct mem_sample {
     long rss, rss_file;       /* KiB: RssAnon (heap, stacks, LMDB's malloc'ed pages), RssFile */
     long heap_use, heap_free; /* KiB: malloc'ed, free inside malloc's arenas */
     hist_snap_t exec, busy;   /* capsule_execution_seconds, capsule_loop_busy_seconds */
-    double busy_max, busy_max_cpu; /* the longest loop iteration since the previous scrape, and
-                                    * the loop thread's CPU time in it */
-    double busy_sum, cpu_sum;      /* the loop's busy time and its thread's CPU time, totals */
+    hist_snap_t commit;       /* capsule_wal_commit_seconds */
+    double commit_sum, ckpts, ckpt_sum; /* the log writer's time in commits and checkpoints */
+    double busy_max, busy_max_cpu;      /* the longest loop iteration since the previous scrape, and
+                                         * the loop thread's CPU time in it */
+    double busy_sum, cpu_sum;           /* the loop's busy time and its thread's CPU time, totals */
 } mem_sample_t;
 
 static const char *const exec_le[HIST_LE] = {"0.005", "0.01", "0.05"};
 static const char *const busy_le[HIST_LE] = {"0.005", "0.01", "0.05"};
+static const char *const commit_le[HIST_LE] = {"0.01", "0.05", "0.1"};
 
 static mem_sample_t mem_sample(cli_t *rest, pid_t pid)
 {
@@ -293,6 +296,10 @@ static mem_sample_t mem_sample(cli_t *rest, pid_t pid)
                       (long)(metric_val(m, "capsule_heap_free_bytes") / 1024),
                       hist_take(m, "capsule_execution_seconds", exec_le),
                       hist_take(m, "capsule_loop_busy_seconds", busy_le),
+                      hist_take(m, "capsule_wal_commit_seconds", commit_le),
+                      metric_val(m, "capsule_wal_commit_seconds_sum"),
+                      metric_val(m, "capsule_wal_checkpoints_total"),
+                      metric_val(m, "capsule_wal_checkpoint_seconds_total"),
                       metric_val(m, "capsule_loop_busy_max_seconds"),
                       metric_val(m, "capsule_loop_busy_max_cpu_seconds"),
                       metric_val(m, "capsule_loop_busy_seconds_sum"),
@@ -303,7 +310,8 @@ static mem_sample_t mem_sample(cli_t *rest, pid_t pid)
 typedef struct soak_res {
     uint64_t *lat;
     uint64_t *lag; /* this client's own lateness: a free client's send after its due time */
-    size_t n, nlag, errors, done;
+    uint64_t *acc; /* from when due to the "accepted" message (durably recorded) */
+    size_t n, nlag, nacc, errors, done;
     double busy_max, busy_max_cpu; /* the server loop's longest iteration after warm-up, and
                                     * the loop thread's CPU time in it, seconds */
     long rss_warm, rss_end;
@@ -336,11 +344,12 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
     unsigned char *busy = cap_calloc(n, 1);            /* an execution outstanding */
     uint64_t *freed = cap_calloc(n, sizeof(uint64_t)); /* when its last answer was read */
     struct pollfd *pf = cap_calloc(n, sizeof(struct pollfd));
-    size_t cap = 1 << 16, lagcap = 1 << 16;
+    size_t cap = 1 << 16, lagcap = 1 << 16, acccap = 1 << 16;
     uint64_t gap = (uint64_t)gap_ms * 1000000ull;
     memset(out, 0, sizeof(*out));
     out->lat = cap_malloc(cap * sizeof(uint64_t));
     out->lag = cap_malloc(cap * sizeof(uint64_t));
+    out->acc = cap_malloc(acccap * sizeof(uint64_t));
     cli_reconnect(rest, port);
     for (size_t i = 0; i < n; i++) {
         char b[64], path[64];
@@ -430,6 +439,15 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
             while (ws_try_text(&cl[i], msg, sizeof(msg))) {
                 if (strstr(msg, "\"type\":\"error\"")) {
                     out->errors++;
+                    continue;
+                }
+                if (strstr(msg, "\"type\":\"accepted\"")) {
+                    uint64_t t = cap_now_ns();
+                    if (due[i] >= warm_end && t <= end) {
+                        if (out->nacc == acccap)
+                            out->acc = cap_realloc(out->acc, (acccap *= 2) * sizeof(uint64_t));
+                        out->acc[out->nacc++] = t - due[i];
+                    }
                     continue;
                 }
                 if (!strstr(msg, "\"type\":\"result\""))
@@ -642,6 +660,11 @@ int main(int argc, char **argv)
             ? 100.0 * (double)(sk.last.rss_file - sk.warm.rss_file) / (double)sk.warm.rss_file
             : 0;
     double lag99 = sk.nlag ? pct(sk.lag, sk.nlag, 0.99) : 0;
+    double acc50 = sk.nacc ? pct(sk.acc, sk.nacc, 0.5) : 0,
+           acc99 = sk.nacc ? pct(sk.acc, sk.nacc, 0.99) : 0;
+    double cm_n = sk.last.commit.count - sk.warm.commit.count,
+           cm_over10 = cm_n - (sk.last.commit.le[0] - sk.warm.commit.le[0]),
+           cm_over50 = cm_n - (sk.last.commit.le[1] - sk.warm.commit.le[1]);
     /* the server's own view over the measured part: executions over 10 ms (submit to durable
      * result, capsule_execution_seconds) and loop iterations busy over 10 ms */
     double sx_n = sk.last.exec.count - sk.warm.exec.count,
@@ -694,6 +717,14 @@ int main(int argc, char **argv)
             "(%+.1f%% from the end of warm-up, %.0f s, to the end)\n",
             n_soak, gap_ms, offered, soak_secs, "latency from when due", s50, s99, sk.done,
             (double)sk.n / sk.secs, sk.errors, sk.rss_warm, sk.rss_end, growth, soak_secs / 3);
+    fprintf(stderr, "    %-48s %10.3f %10.3f\n", "the \"accepted\" message (durably recorded)",
+            acc50, acc99);
+    double ck_n = sk.last.ckpts - sk.warm.ckpts, ck_s = sk.last.ckpt_sum - sk.warm.ckpt_sum;
+    fprintf(stderr,
+            "    log commits over 10 ms: %.0f, over 50 ms: %.0f (of %.0f, %.1f s in all); "
+            "checkpoints %.0f (%.1f ms each on average)\n",
+            cm_over10, cm_over50, cm_n, sk.last.commit_sum - sk.warm.commit_sum, ck_n,
+            ck_n > 0 ? 1e3 * ck_s / ck_n : 0);
     fprintf(stderr,
             "    this client's own lateness (a free client's send after its due time) p99 %.3f ms;"
             "\n    the server's view: %.0f of %.0f executions over 10 ms (%.2f%%, submit to "
@@ -753,6 +784,7 @@ int main(int argc, char **argv)
                "%", NULL, 0, 0, 1);
     bench_emit("soak_server_rss_file_growth", file_growth, "%", NULL, 0, 0, 1);
     bench_emit("soak_client_lateness_p99", lag99, "ms", NULL, 0, 0, 1);
+    bench_emit("soak_accepted_p99", acc99, "ms", NULL, 0, 0, 1);
     bench_emit("soak_server_exec_over_10ms", sx_n > 0 ? 100.0 * sx_over / sx_n : 0, "%", NULL, 0, 0,
                1);
     bench_emit("soak_server_loop_busy_max", sk.busy_max * 1e3, "ms", NULL, 0, 0, 1);
@@ -765,6 +797,8 @@ int main(int argc, char **argv)
     cap_free(cp.lat);
     cap_free(sk.lag);
     cap_free(cp.lag);
+    cap_free(sk.acc);
+    cap_free(cp.acc);
     cap_free(t);
     cap_free(c);
     cap_free(w);
