@@ -183,7 +183,10 @@ typedef struct pyw_callbacks {
 } pyw_callbacks_t;
 
 typedef struct pyw_options {
-    const char *worker_path; /* NULL: $CAPSULE_PYWORKER, else the build's bin/capsule-pyworker */
+    /* NULL: $CAPSULE_PYWORKER, else the build's bin/capsule-pyworker (which runs on
+     * /usr/bin/python3.11 when capsule-pyworker-host.so is next to it, unless the environment has
+     * CAPSULE_PYWORKER_HOST=0) */
+    const char *worker_path;
     pyw_limits_t limits;
     uint32_t max_frame;        /* 0: PYW_DEFAULT_MAX_FRAME; else >= 1024 (CAP_EINVAL) */
     uint32_t cancel_grace_ms;  /* after cancel/timeout, kill the worker if no result (0: 1000) */

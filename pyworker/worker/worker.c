@@ -1,5 +1,8 @@
 /*
- * worker.c - capsule-pyworker: the worker executable embedding Debian's libpython3.11.
+ * worker.c - capsule-pyworker: the worker executable embedding Debian's libpython3.11. When
+ * capsule-pyworker-host.so (this file built with PYW_HOSTED) sits next to it, it exec()s
+ * /usr/bin/python3.11 on that module instead, so cells run on Debian's PGO+LTO interpreter (see
+ * "running on /usr/bin/python3.11's interpreter" at the end).
  *
  * Two modes:
  *   capsule-pyworker --fd N [--opts LIST]      a session worker on the inherited socket N
