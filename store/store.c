@@ -39,15 +39,17 @@ struct store_env {
     _Atomic uint64_t grows;
     int stale_readers; /* cleared at open */
 
-    /* checkpoints (store.ckpt); changed under a write txn */
+    /* checkpoints (store.ckpt); changed under a write txn or ckpt_mu */
     int have_ckpt;  /* store.ckpt exists and is ours */
     int ckpt_clean; /* the newest slot is marked clean */
     int ckpt_fd;    /* -1 until the first checkpoint of this open */
     int ckpt_slot;  /* slot of the newest valid checkpoint */
     uint64_t ckpt_counter;
     uint8_t ckpt_user[STORE_CKPT_USER];
-    int deferred; /* MDB_NOSYNC set by store_env_set_deferred */
-    MDB_txn *pin; /* read txn on the checkpoint's snapshot, or NULL */
+    int deferred;            /* MDB_NOSYNC set by store_env_set_deferred */
+    MDB_txn *pin;            /* read txn on the checkpoint's snapshot, or NULL */
+    pthread_mutex_t ckpt_mu; /* the fields above from have_ckpt on, once a checkpoint completes
+                              * outside a write txn (store_env_ckpt_finish) */
 };
 
 struct store_txn {
@@ -165,6 +167,7 @@ int store_env_open(const char *dir, const store_env_opts_t *opts, store_env_t **
     e->nosync = o.nosync ? 1 : 0;
     e->readonly = o.readonly ? 1 : 0;
     pthread_rwlock_init(&e->grow_lock, NULL);
+    pthread_mutex_init(&e->ckpt_mu, NULL);
     e->ckpt_fd = -1;
     e->ckpt_slot = 1;
 
@@ -243,6 +246,7 @@ out:
         if (e->env)
             mdb_env_close(e->env);
         pthread_rwlock_destroy(&e->grow_lock);
+        pthread_mutex_destroy(&e->ckpt_mu);
         cap_free(e->path);
         cap_free(e);
     }
@@ -268,6 +272,7 @@ void store_env_close(store_env_t *env)
         close(env->ckpt_fd);
     mdb_env_close(env->env);
     pthread_rwlock_destroy(&env->grow_lock);
+    pthread_mutex_destroy(&env->ckpt_mu);
     cap_free(env->path);
     cap_free(env);
 }
@@ -834,65 +839,88 @@ static void store__test_copy(store_env_t *env)
         cap_fatal("store", "CAPSULE_TEST_CKPT_COPY: copying %s to %s failed", src, dst);
 }
 
-static int store__ckpt_fd(store_env_t *env)
+/* Opens store.ckpt into env->ckpt_fd. Missing: *fresh = 1 (store__ckpt_create makes it). */
+static int store__ckpt_fd(store_env_t *env, int *fresh)
 {
     char path[4200];
+    *fresh = 0;
     if (env->ckpt_fd >= 0)
         return 0;
     store__file(env, STORE_CKPT_FILE, path, sizeof path);
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0 && errno == ENOENT) {
-        /* Created at full size, zero-filled and synced, its directory entry too: later
-         * checkpoints only overwrite allocated blocks. */
-        char tmp[4300];
-        snprintf(tmp, sizeof tmp, "%s.tmp", path);
-        fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-        if (fd < 0)
-            goto fail;
-        uint8_t *z = cap_calloc(2, STORE_CKPT_SLOT);
-        ssize_t w = pwrite(fd, z, 2 * STORE_CKPT_SLOT, 0);
-        cap_free(z);
-        if (w != 2 * STORE_CKPT_SLOT || fsync(fd) != 0 || rename(tmp, path) != 0 ||
-            store__fsync_dir(env->path) != 0) {
-            int e = errno ? errno : EIO;
-            close(fd);
-            unlink(tmp);
-            errno = e;
-            goto fail;
-        }
-        env->have_ckpt = 0;
-        env->ckpt_slot = 1; /* the first checkpoint goes to slot 0 */
+        *fresh = 1;
+        return 0;
     }
-    if (fd < 0)
-        goto fail;
+    if (fd < 0) {
+        int rc = -errno;
+        cap_log(CAP_LOG_ERROR, "store", "cannot open %s: %s", path, strerror(-rc));
+        return rc;
+    }
     env->ckpt_fd = fd;
     return 0;
-fail:;
-    int rc = -errno;
+}
+
+/* Creates store.ckpt at full size with `slot` already in slot 0 (the rest zeros), synced,
+ * renamed into place, its directory synced: the file never exists without a valid slot, and
+ * later checkpoints only overwrite allocated blocks. */
+static int store__ckpt_create(store_env_t *env, const uint8_t *slot)
+{
+    char path[4200], tmp[4300];
+    store__file(env, STORE_CKPT_FILE, path, sizeof path);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd >= 0) {
+        uint8_t *z = cap_calloc(2, STORE_CKPT_SLOT);
+        memcpy(z, slot, STORE_CKPT_SLOT);
+        ssize_t w = pwrite(fd, z, 2 * STORE_CKPT_SLOT, 0);
+        cap_free(z);
+        if (w == 2 * STORE_CKPT_SLOT && fsync(fd) == 0 && rename(tmp, path) == 0 &&
+            store__fsync_dir(env->path) == 0) {
+            env->ckpt_fd = fd;
+            return 0;
+        }
+    }
+    int rc = errno ? -errno : -EIO;
+    if (fd >= 0)
+        close(fd);
+    unlink(tmp);
     cap_log(CAP_LOG_ERROR, "store", "cannot create %s: %s", path, strerror(-rc));
     return rc;
 }
 
-int store_env_checkpoint(store_env_t *env, const uint8_t *user, int clean)
-{
-    store_txn_t *w = NULL;
-    MDB_txn *pin = NULL;
-    uint8_t *slot = NULL;
-    char path[4200], boot[STORE_BOOT_LEN];
-    int rc, fd = -1;
+/* A checkpoint between its capture and its completion: the slot image with the meta pages of
+ * the captured snapshot, and the read transaction that keeps that snapshot's pages from reuse. */
+struct store_ckpt {
+    store_env_t *env;
+    uint8_t *slot; /* STORE_CKPT_SLOT bytes: header fields filled at completion, metas at capture */
+    uint32_t psize;
+    uint64_t txnid;
+    MDB_txn *snap; /* read txn on the captured snapshot; becomes the pin */
+    uint8_t user[STORE_CKPT_USER];
+};
 
-    if (!env || env->readonly)
-        return CAP_EINVAL;
-    rc = store_txn_begin(env, 0, &w); /* no other write may commit until we are done */
-    if (rc)
-        return rc;
-    rc = mdb_env_sync(env->env, 1);
-    if (rc) {
-        rc = store__err(env, rc, "checkpoint: syncing data.mdb");
-        goto out;
-    }
+static void store__ckpt_free(store_ckpt_t *ck)
+{
+    if (!ck)
+        return;
+    if (ck->snap)
+        mdb_txn_abort(ck->snap);
+    cap_free(ck->slot);
+    cap_free(ck);
+}
+
+/* Captures the snapshot committed now. The caller holds a write transaction of env (no commit
+ * can slip in). The meta pages are read from data.mdb through the page cache: what the disk
+ * will hold once data.mdb is flushed. One of them must carry the txnid LMDB reports. */
+static int store__ckpt_capture(store_env_t *env, const uint8_t *user, store_ckpt_t **out)
+{
+    char path[4200];
     MDB_stat st;
     MDB_envinfo info;
+    int rc, fd = -1;
+    store_ckpt_t *ck = cap_calloc(1, sizeof(*ck));
+    ck->env = env;
     if ((rc = mdb_env_stat(env->env, &st)) != 0 || (rc = mdb_env_info(env->env, &info)) != 0) {
         rc = store__err(env, rc, "checkpoint: reading env info");
         goto out;
@@ -903,11 +931,14 @@ int store_env_checkpoint(store_env_t *env, const uint8_t *user, int clean)
         rc = CAP_ELIMIT;
         goto out;
     }
-    slot = cap_calloc(1, STORE_CKPT_SLOT);
+    ck->psize = st.ms_psize;
+    ck->txnid = (uint64_t)info.me_last_txnid;
+    memcpy(ck->user, user ? user : env->ckpt_user, STORE_CKPT_USER);
+    ck->slot = cap_calloc(1, STORE_CKPT_SLOT);
     store__file(env, "data.mdb", path, sizeof path);
     fd = open(path, O_RDONLY | O_CLOEXEC);
     size_t mlen = 2 * (size_t)st.ms_psize;
-    if (fd < 0 || pread(fd, slot + STORE_CKPT_HDR, mlen, 0) != (ssize_t)mlen) {
+    if (fd < 0 || pread(fd, ck->slot + STORE_CKPT_HDR, mlen, 0) != (ssize_t)mlen) {
         rc = errno ? -errno : -EIO;
         cap_log(CAP_LOG_ERROR, "store", "checkpoint: cannot read the meta pages of %s: %s", path,
                 strerror(-rc));
@@ -915,76 +946,153 @@ int store_env_checkpoint(store_env_t *env, const uint8_t *user, int clean)
     }
     int found = 0;
     for (int i = 0; i < 2; i++) {
-        const uint8_t *m = slot + STORE_CKPT_HDR + (size_t)i * st.ms_psize;
+        const uint8_t *m = ck->slot + STORE_CKPT_HDR + (size_t)i * st.ms_psize;
         uint64_t txnid;
         uint32_t magic;
         memcpy(&magic, m + STORE_META_MAGIC_AT, 4); /* LMDB writes its metas in host order */
         memcpy(&txnid, m + STORE_META_TXNID_AT, 8);
-        if (magic == STORE_LMDB_MAGIC && txnid == (uint64_t)info.me_last_txnid)
+        if (magic == STORE_LMDB_MAGIC && txnid == ck->txnid)
             found = 1;
     }
     if (!found) {
-        cap_log(CAP_LOG_ERROR, "store",
-                "checkpoint: %s on disk holds no meta page of txn %llu after a sync", path,
-                (unsigned long long)info.me_last_txnid);
+        cap_log(CAP_LOG_ERROR, "store", "checkpoint: %s holds no meta page of txn %llu", path,
+                (unsigned long long)ck->txnid);
         rc = CAP_ESTORE;
         goto out;
     }
-    store__test_copy(env);
-    rc = store__ckpt_fd(env);
+    rc = mdb_txn_begin(env->env, NULL, MDB_RDONLY, &ck->snap); /* sees the snapshot captured */
     if (rc)
+        rc = store__err(env, rc, "checkpoint: pinning the snapshot");
+out:
+    if (fd >= 0)
+        close(fd);
+    if (rc) {
+        store__ckpt_free(ck);
+        ck = NULL;
+    }
+    *out = ck;
+    return rc;
+}
+
+/* Test hook (CAPSULE_TEST_CKPT_DELAY_MS=n): sleeps n ms after the sync of data.mdb, widening the
+ * window in which commits run beside a checkpoint (the crash tests kill the process in it). */
+static void store__test_delay(void)
+{
+    const char *d = getenv("CAPSULE_TEST_CKPT_DELAY_MS");
+    if (d && *d)
+        usleep((useconds_t)atoi(d) * 1000u);
+}
+
+/* Makes a captured checkpoint durable and current: forced sync of data.mdb (every page of the
+ * snapshot was written before it), the slot into the older half of store.ckpt, fdatasync, then
+ * the snapshot's read txn replaces the pin (clean: released). Frees ck. Commits may run beside
+ * all of it: they never touch a page of the snapshot (its read txn) nor of the previous
+ * checkpoint's (the old pin, released only once the new slot is durable). */
+static int store__ckpt_complete(store_ckpt_t *ck, int clean)
+{
+    store_env_t *env = ck->env;
+    char boot[STORE_BOOT_LEN];
+    uint8_t *slot = ck->slot;
+    int rc = mdb_env_sync(env->env, 1);
+    if (rc) {
+        rc = store__err(env, rc, "checkpoint: syncing data.mdb");
         goto out;
+    }
+    store__test_copy(env);
+    store__test_delay();
+    pthread_mutex_lock(&env->ckpt_mu);
+    int fresh;
+    rc = store__ckpt_fd(env, &fresh);
+    if (rc)
+        goto unlock;
+    if (fresh) {
+        env->have_ckpt = 0;
+        env->ckpt_slot = 1; /* the first checkpoint goes to slot 0 */
+    }
     store__boot_id(boot);
     uint64_t counter = env->ckpt_counter + 1;
     int idx = env->ckpt_slot ^ 1;
     cap_put_le32(slot, STORE_CKPT_MAGIC);
     cap_put_le32(slot + 4, STORE_CKPT_VERSION);
     cap_put_le64(slot + 8, counter);
-    cap_put_le64(slot + 16, (uint64_t)info.me_last_txnid);
-    cap_put_le32(slot + 24, st.ms_psize);
+    cap_put_le64(slot + 16, ck->txnid);
+    cap_put_le32(slot + 24, ck->psize);
     cap_put_le32(slot + 28, clean ? STORE_CKPT_CLEAN : 0);
     memcpy(slot + 32, boot, STORE_BOOT_LEN);
-    memcpy(slot + 80, user ? user : env->ckpt_user, STORE_CKPT_USER);
-    cap_put_le64(slot + 120, store__slot_sum(slot, st.ms_psize));
-    if (pwrite(env->ckpt_fd, slot, STORE_CKPT_SLOT, (off_t)idx * STORE_CKPT_SLOT) !=
-            STORE_CKPT_SLOT ||
-        fdatasync(env->ckpt_fd) != 0) {
+    memcpy(slot + 80, ck->user, STORE_CKPT_USER);
+    cap_put_le64(slot + 120, store__slot_sum(slot, ck->psize));
+    if (fresh) {
+        rc = store__ckpt_create(env, slot);
+        if (rc)
+            goto unlock;
+    } else if (pwrite(env->ckpt_fd, slot, STORE_CKPT_SLOT, (off_t)idx * STORE_CKPT_SLOT) !=
+                   STORE_CKPT_SLOT ||
+               fdatasync(env->ckpt_fd) != 0) {
         rc = errno ? -errno : -EIO;
         cap_log(CAP_LOG_ERROR, "store", "checkpoint: writing %s/%s failed: %s", env->path,
                 STORE_CKPT_FILE, strerror(-rc));
-        goto out;
-    }
-    if (!clean) {
-        rc = mdb_txn_begin(env->env, NULL, MDB_RDONLY, &pin); /* sees the snapshot just saved */
-        if (rc) {
-            rc = store__err(env, rc, "checkpoint: pinning the snapshot");
-            goto out;
-        }
+        goto unlock;
     }
     if (env->pin)
         mdb_txn_abort(env->pin);
-    env->pin = pin;
+    env->pin = clean ? NULL : ck->snap;
+    if (!clean)
+        ck->snap = NULL;
     env->have_ckpt = 1;
     env->ckpt_clean = clean ? 1 : 0;
     env->ckpt_slot = idx;
     env->ckpt_counter = counter;
-    if (user)
-        memcpy(env->ckpt_user, user, STORE_CKPT_USER);
-    rc = 0;
+    memcpy(env->ckpt_user, ck->user, STORE_CKPT_USER);
+unlock:
+    pthread_mutex_unlock(&env->ckpt_mu);
 out:
-    if (fd >= 0)
-        close(fd);
-    cap_free(slot);
+    store__ckpt_free(ck);
+    return rc;
+}
+
+int store_env_checkpoint(store_env_t *env, const uint8_t *user, int clean)
+{
+    store_txn_t *w = NULL;
+    store_ckpt_t *ck = NULL;
+    if (!env || env->readonly)
+        return CAP_EINVAL;
+    int rc = store_txn_begin(env, 0, &w); /* no other write may commit until we are done */
+    if (rc)
+        return rc;
+    rc = store__ckpt_capture(env, user, &ck);
+    if (rc == 0)
+        rc = store__ckpt_complete(ck, clean);
     store_txn_abort(w);
     return rc;
 }
 
+int store_env_ckpt_begin(store_env_t *env, const uint8_t *user, store_ckpt_t **out)
+{
+    store_txn_t *w = NULL;
+    *out = NULL;
+    if (!env || env->readonly || env->nosync)
+        return CAP_EINVAL;
+    int rc = store_txn_begin(env, 0, &w); /* brief: only reads of the page cache */
+    if (rc)
+        return rc;
+    rc = store__ckpt_capture(env, user, out);
+    store_txn_abort(w);
+    return rc;
+}
+
+int store_env_ckpt_finish(store_ckpt_t *ck)
+{
+    return store__ckpt_complete(ck, 0);
+}
+
 int store_env_ckpt_user(store_env_t *env, uint8_t user[STORE_CKPT_USER])
 {
-    if (!env->have_ckpt)
-        return CAP_ENOTFOUND;
-    memcpy(user, env->ckpt_user, STORE_CKPT_USER);
-    return 0;
+    pthread_mutex_lock(&env->ckpt_mu);
+    int have = env->have_ckpt;
+    if (have)
+        memcpy(user, env->ckpt_user, STORE_CKPT_USER);
+    pthread_mutex_unlock(&env->ckpt_mu);
+    return have ? 0 : CAP_ENOTFOUND;
 }
 
 int store_env_ckpt_remove(store_env_t *env)

@@ -89,9 +89,21 @@ struct wal_log {
     /* the journal (WAL_SYNC; writer-thread only once open) */
     wal_journal_t *jr;
     struct wal_jpos jpos;  /* where the next block goes */
-    struct wal_jpos jckpt; /* the position saved by the last checkpoint */
     struct wal_jframe *jf; /* scratch: the batch's frames */
     size_t jf_cap;
+
+    /* the checkpoint thread (WAL_SYNC): completes the checkpoints the writer captures, so that
+     * the flush of data.mdb runs beside the writer's commits */
+    pthread_mutex_t ck_mu;
+    pthread_cond_t ck_cv;       /* a job posted, a checkpoint durable, quit */
+    struct wal_jpos jckpt;      /* the position saved by the last durable checkpoint */
+    store_ckpt_t *ck_job;       /* captured, not yet taken by the thread */
+    struct wal_jpos ck_job_pos; /* its journal position */
+    uint64_t ck_job_t0;         /* when it was captured */
+    int ck_busy;                /* a checkpoint captured and not yet durable */
+    int ck_quit;
+    int have_ck_thread;
+    pthread_t ck_thread;
 };
 
 struct wal_dbs wal__log_dbs(wal_log_t *log)
@@ -250,7 +262,9 @@ out:
 }
 
 static void *wal__writer_main(void *arg);
+static void *wal__ckpt_main(void *arg);
 static int wal__journal_setup(wal_log_t *log);
+static void wal__ckpt_stop(wal_log_t *log);
 
 int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out)
 {
@@ -311,6 +325,8 @@ int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out)
         log->opts.index_lag = WAL_DEFAULT_INDEX_LAG;
     pthread_mutex_init(&log->mu, NULL);
     pthread_cond_init(&log->work_cv, NULL);
+    pthread_mutex_init(&log->ck_mu, NULL);
+    pthread_cond_init(&log->ck_cv, NULL);
     log->last_sync_ns = cap_now_ns();
     if (!log->readonly) {
         uint64_t jb = log->opts.journal_bytes ? log->opts.journal_bytes : WAL_JOURNAL_DEFAULT;
@@ -324,12 +340,20 @@ int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out)
             log->next_seq = log->committed_seq + 1;
             log->st.first_seq = first;
             log->st.last_seq = last;
-            rc = pthread_create(&log->writer, NULL, wal__writer_main, log);
+            if (log->jr) {
+                rc = pthread_create(&log->ck_thread, NULL, wal__ckpt_main, log);
+                log->have_ck_thread = rc == 0;
+            }
+            if (rc == 0)
+                rc = pthread_create(&log->writer, NULL, wal__writer_main, log);
             rc = rc ? -rc : 0;
         }
         if (rc) {
+            wal__ckpt_stop(log);
             wal__journal_close(log->jr);
             store_env_set_deferred(env, 0); /* no journal: commits flush again */
+            pthread_cond_destroy(&log->ck_cv);
+            pthread_mutex_destroy(&log->ck_mu);
             pthread_cond_destroy(&log->work_cv);
             pthread_mutex_destroy(&log->mu);
             goto fail;
@@ -590,8 +614,28 @@ static uint64_t wal__jabs(const wal_log_t *log, const struct wal_jpos *p)
     return p->lap * wal__journal_size(log->jr) + p->pos;
 }
 
-/* Checkpoints the store at the current journal position: everything before it is in a snapshot
- * known to be on disk, so that journal space may be reused. Writer thread (or open/close). */
+/* The position of the last durable checkpoint (the journal space from it on is still needed). */
+static struct wal_jpos wal__jckpt(wal_log_t *log, int *busy)
+{
+    pthread_mutex_lock(&log->ck_mu);
+    struct wal_jpos p = log->jckpt;
+    if (busy)
+        *busy = log->ck_busy;
+    pthread_mutex_unlock(&log->ck_mu);
+    return p;
+}
+
+static void wal__ckpt_count(wal_log_t *log, uint64_t t0)
+{
+    pthread_mutex_lock(&log->mu);
+    log->st.checkpoints++;
+    log->st.checkpoint_ns += cap_now_ns() - t0;
+    pthread_mutex_unlock(&log->mu);
+}
+
+/* Checkpoints the store at the current journal position, synchronously: everything before it is
+ * in a snapshot known to be on disk, so that journal space may be reused. No checkpoint may be
+ * in flight (open, close, or the writer after wal__ckpt_wait). */
 static int wal__checkpoint_try(wal_log_t *log, int clean)
 {
     uint8_t user[STORE_CKPT_USER] = {0};
@@ -600,22 +644,119 @@ static int wal__checkpoint_try(wal_log_t *log, int clean)
     int rc = store_env_checkpoint(log->env, user, clean);
     if (rc)
         return rc;
+    pthread_mutex_lock(&log->ck_mu);
     log->jckpt = log->jpos;
-    pthread_mutex_lock(&log->mu);
-    log->st.checkpoints++;
-    log->st.checkpoint_ns += cap_now_ns() - t0;
-    pthread_mutex_unlock(&log->mu);
+    pthread_mutex_unlock(&log->ck_mu);
+    wal__ckpt_count(log, t0);
     return 0;
 }
 
+static void wal__ckpt_fatal(wal_log_t *log, int rc)
+{
+    cap_fatal("wal",
+              "%s: checkpoint failed: %s (%d); the log cannot promise durability, "
+              "stopping",
+              store_env_path(log->env), cap_strerror(rc), rc);
+}
+
+/* Writer thread: waits until no checkpoint is in flight. */
+static void wal__ckpt_wait(wal_log_t *log)
+{
+    uint64_t t0 = 0;
+    pthread_mutex_lock(&log->ck_mu);
+    if (log->ck_busy)
+        t0 = cap_now_ns();
+    while (log->ck_busy)
+        pthread_cond_wait(&log->ck_cv, &log->ck_mu);
+    pthread_mutex_unlock(&log->ck_mu);
+    if (t0) {
+        uint64_t d = cap_now_ns() - t0;
+        pthread_mutex_lock(&log->mu);
+        log->st.checkpoint_wait_ns += d;
+        log->st.checkpoint_stall_ns += d;
+        pthread_mutex_unlock(&log->mu);
+    }
+}
+
+static void wal__ckpt_stall(wal_log_t *log, uint64_t t0)
+{
+    pthread_mutex_lock(&log->mu);
+    log->st.checkpoint_stall_ns += cap_now_ns() - t0;
+    pthread_mutex_unlock(&log->mu);
+}
+
+/* Writer thread: a synchronous checkpoint, after the one in flight (if any). */
 static void wal__checkpoint(wal_log_t *log)
 {
+    wal__ckpt_wait(log);
+    uint64_t t0 = cap_now_ns();
     int rc = wal__checkpoint_try(log, 0);
     if (rc)
-        cap_fatal("wal",
-                  "%s: checkpoint failed: %s (%d); the log cannot promise durability, "
-                  "stopping",
-                  store_env_path(log->env), cap_strerror(rc), rc);
+        wal__ckpt_fatal(log, rc);
+    wal__ckpt_stall(log, t0);
+}
+
+/* Writer thread, between batches (every journal block before log->jpos is committed in LMDB):
+ * captures the snapshot committed now and hands it to the checkpoint thread, which makes it
+ * durable while the writer goes on. Until then the previous checkpoint stays in force, with its
+ * journal position (jckpt) and its pin: the journal space after it is not reused. */
+static void wal__checkpoint_start(wal_log_t *log)
+{
+    uint8_t user[STORE_CKPT_USER] = {0};
+    store_ckpt_t *ck = NULL;
+    uint64_t t0 = cap_now_ns();
+    wal__jpos_put(user, &log->jpos);
+    int rc = store_env_ckpt_begin(log->env, user, &ck);
+    if (rc)
+        wal__ckpt_fatal(log, rc);
+    pthread_mutex_lock(&log->ck_mu);
+    log->ck_job = ck;
+    log->ck_job_pos = log->jpos;
+    log->ck_job_t0 = t0;
+    log->ck_busy = 1;
+    pthread_cond_broadcast(&log->ck_cv);
+    pthread_mutex_unlock(&log->ck_mu);
+    wal__ckpt_stall(log, t0);
+}
+
+static void *wal__ckpt_main(void *arg)
+{
+    wal_log_t *log = arg;
+    pthread_mutex_lock(&log->ck_mu);
+    for (;;) {
+        while (!log->ck_job && !log->ck_quit)
+            pthread_cond_wait(&log->ck_cv, &log->ck_mu);
+        if (!log->ck_job)
+            break;
+        store_ckpt_t *ck = log->ck_job;
+        struct wal_jpos pos = log->ck_job_pos;
+        uint64_t t0 = log->ck_job_t0;
+        log->ck_job = NULL;
+        pthread_mutex_unlock(&log->ck_mu);
+        int rc = store_env_ckpt_finish(ck);
+        if (rc)
+            wal__ckpt_fatal(log, rc);
+        wal__ckpt_count(log, t0);
+        pthread_mutex_lock(&log->ck_mu);
+        log->jckpt = pos;
+        log->ck_busy = 0;
+        pthread_cond_broadcast(&log->ck_cv);
+    }
+    pthread_mutex_unlock(&log->ck_mu);
+    return NULL;
+}
+
+/* Lets the checkpoint thread finish what it was given, and joins it. */
+static void wal__ckpt_stop(wal_log_t *log)
+{
+    if (!log->have_ck_thread)
+        return;
+    pthread_mutex_lock(&log->ck_mu);
+    log->ck_quit = 1;
+    pthread_cond_broadcast(&log->ck_cv);
+    pthread_mutex_unlock(&log->ck_mu);
+    pthread_join(log->ck_thread, NULL);
+    log->have_ck_thread = 0;
 }
 
 /* Writes a batch's frames as one journal block and flushes it (checkpointing first when the
@@ -623,10 +764,14 @@ static void wal__checkpoint(wal_log_t *log)
 static void wal__journal_batch(wal_log_t *log, struct wal_append *head, size_t recs, size_t bytes)
 {
     uint64_t blen = wal__jblock_len(bytes), size = wal__journal_size(log->jr);
-    struct wal_jpos at = log->jpos;
+    struct wal_jpos at = log->jpos, ck = wal__jckpt(log, NULL);
     wal__journal_place(log->jr, &at, blen);
-    if (wal__jabs(log, &at) + blen - wal__jabs(log, &log->jckpt) > size)
-        wal__checkpoint(log);
+    if (wal__jabs(log, &at) + blen - wal__jabs(log, &ck) > size) {
+        wal__ckpt_wait(log); /* the checkpoint in flight may free enough */
+        ck = wal__jckpt(log, NULL);
+        if (wal__jabs(log, &at) + blen - wal__jabs(log, &ck) > size)
+            wal__checkpoint(log);
+    }
     if (log->jf_cap < recs) {
         cap_free(log->jf);
         log->jf_cap = recs;
@@ -664,6 +809,7 @@ static void wal__run_batch(wal_log_t *log)
 
     struct wal_batch b = {log, head};
     uint64_t top = last->first_seq + last->n - 1;
+    int overlap = 0; /* committed while a checkpoint was in flight */
     uint64_t t0 = cap_now_ns();
     int big = log->jr && wal__jblock_len(bytes) > wal__journal_size(log->jr) / 2;
     if (log->jr && !big)
@@ -706,10 +852,16 @@ static void wal__run_batch(wal_log_t *log)
             a->done(a->arg, 0, a->first_seq);
         wal__append_free(a);
     }
-    if (log->jr &&
-        wal__jabs(log, &log->jpos) - wal__jabs(log, &log->jckpt) >= wal__journal_size(log->jr) / 2)
-        wal__checkpoint(log);
+    if (log->jr) {
+        int busy;
+        struct wal_jpos ck = wal__jckpt(log, &busy);
+        if (busy)
+            overlap = 1;
+        else if (wal__jabs(log, &log->jpos) - wal__jabs(log, &ck) >= wal__journal_size(log->jr) / 2)
+            wal__checkpoint_start(log);
+    }
     pthread_mutex_lock(&log->mu);
+    log->st.checkpoint_overlap += (uint64_t)overlap;
 }
 
 /* One truncation chunk. Called with mu held; returns with mu held. */
@@ -1087,6 +1239,9 @@ void wal_log_stats(wal_log_t *log, wal_stats_t *out)
     pthread_mutex_lock(&log->mu);
     *out = log->st;
     pthread_mutex_unlock(&log->mu);
+    pthread_mutex_lock(&log->ck_mu);
+    out->checkpoint_in_flight = (uint64_t)log->ck_busy;
+    pthread_mutex_unlock(&log->ck_mu);
 }
 
 void wal_log_close(wal_log_t *log)
@@ -1100,6 +1255,7 @@ void wal_log_close(wal_log_t *log)
         pthread_mutex_unlock(&log->mu);
         pthread_join(log->writer, NULL);
     }
+    wal__ckpt_stop(log);
     if (log->jr) {
         /* back to flushed commits, then a clean checkpoint: the next open restores nothing */
         int rc = store_env_set_deferred(log->env, 0);
@@ -1111,6 +1267,8 @@ void wal_log_close(wal_log_t *log)
         wal__journal_close(log->jr);
         cap_free(log->jf);
     }
+    pthread_cond_destroy(&log->ck_cv);
+    pthread_mutex_destroy(&log->ck_mu);
     pthread_cond_destroy(&log->work_cv);
     pthread_mutex_destroy(&log->mu);
     wal_scratch_free(log->scratch);

@@ -276,6 +276,11 @@ static result_t cfg_close(cfg_t *c)
             (unsigned long long)ws.max_batch);
     if (c->mode == 3)
         fprintf(stderr, "; %llu wake-ups of the loop thread", (unsigned long long)c->wakeups);
+    if (ws.checkpoints)
+        fprintf(stderr, "; %llu checkpoints of %.1f ms, the writer held %.2f ms by them",
+                (unsigned long long)ws.checkpoints,
+                (double)ws.checkpoint_ns / 1e6 / (double)ws.checkpoints,
+                (double)ws.checkpoint_stall_ns / 1e6);
     fprintf(stderr, "]\n");
     if (c->wal)
         wal_log_close(c->wal);

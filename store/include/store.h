@@ -89,6 +89,18 @@ int store_env_stale_readers(const store_env_t *env);
  * clean = 1: the env is in synced mode and nothing written later needs a restore (the pin is
  * released). Serialised with writers (it holds a write transaction). Not on a read-only env. */
 int store_env_checkpoint(store_env_t *env, const uint8_t *user, int clean);
+/* The same checkpoint in two steps, so that commits go on while data.mdb is flushed.
+ * store_env_ckpt_begin captures the snapshot committed now, under a brief write transaction (no
+ * flush: data.mdb's meta pages are read from the page cache), and opens a read transaction on it,
+ * which from then on keeps LMDB from reusing any of its pages. store_env_ckpt_finish (any
+ * thread, while others commit) syncs data.mdb (forced), writes and fdatasyncs the slot, then
+ * makes that read transaction the pin and releases the previous one; it frees ck, also on error
+ * (the previous checkpoint then stays in force). `user` is saved as with store_env_checkpoint.
+ * At most one checkpoint of an env at a time: no store_env_checkpoint, ckpt_remove,
+ * set_deferred or close between begin and finish. Not on a read-only or nosync env. */
+typedef struct store_ckpt store_ckpt_t;
+int store_env_ckpt_begin(store_env_t *env, const uint8_t *user, store_ckpt_t **ck);
+int store_env_ckpt_finish(store_ckpt_t *ck);
 /* The caller area of the current checkpoint: 0, CAP_ENOTFOUND when the env has no store.ckpt.
  * On a read-only env: the newest valid slot as found at open (read only). */
 int store_env_ckpt_user(store_env_t *env, uint8_t user[STORE_CKPT_USER]);

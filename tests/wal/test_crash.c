@@ -18,7 +18,12 @@
  * (meta pages included) is, at random, the current page or the checkpoint image's (pages past
  * the image: current or zeros); then it reopens under another boot id (CAPSULE_TEST_BOOT_ID), so
  * the store restores the checkpoint's meta pages and the journal re-applies the rest, and runs
- * the same checks. POWERLOSS_ROUNDS (default 60).
+ * the same checks. POWERLOSS_ROUNDS (default 60). Checkpoints are flushed by the log's
+ * checkpoint thread while the writer goes on committing; two rounds in three hold that flush
+ * open 3 or 40 ms (CAPSULE_TEST_CKPT_DELAY_MS), so kills land with a checkpoint in flight (its
+ * image copied, its slot not yet written) and with the writer waiting for journal space. The
+ * children report both with each ack; with 30 rounds or more the test requires that they
+ * happened.
  */
 #include "check.h"
 #include "wal.h"
@@ -35,13 +40,16 @@
 #define NPROD    4
 #define MAP_SIZE (512 << 10)
 
-/* One pipe message: an acknowledged append. 32 bytes, below PIPE_BUF, so writes are atomic. */
+/* One pipe message: an acknowledged append. 40 bytes, below PIPE_BUF, so writes are atomic. */
 struct ack_msg {
     uint64_t first_seq;
     uint64_t n;
     uint64_t thread;
     uint64_t counter;
+    uint64_t ckpt; /* ACK_CKPT_* seen in the log's stats right after the ack */
 };
+#define ACK_CKPT_IN_FLIGHT 1u /* a checkpoint was being flushed beside the commits */
+#define ACK_CKPT_WAITED    2u /* the writer has waited for one (journal space) since open */
 
 static void payload(uint64_t round, uint64_t thread, uint64_t counter, uint64_t idx, uint8_t *p,
                     size_t *len)
@@ -93,7 +101,11 @@ static void *child_producer(void *arg)
         int rc = wal_log_append_sync(child_ctx.log, r, n, &first);
         if (rc)
             _exit(4);
-        struct ack_msg m = {first, n, thread, counter};
+        wal_stats_t st;
+        wal_log_stats(child_ctx.log, &st);
+        uint64_t ck = (st.checkpoint_in_flight ? ACK_CKPT_IN_FLIGHT : 0) |
+                      (st.checkpoint_wait_ns ? ACK_CKPT_WAITED : 0);
+        struct ack_msg m = {first, n, thread, counter, ck};
         if (write(child_ctx.wfd, &m, sizeof(m)) != (ssize_t)sizeof(m))
             _exit(5);
         counter++;
@@ -110,6 +122,12 @@ static void child_main(const char *dir, uint64_t round, int wfd, pid_t parent)
                      .sync_interval_ms = 10,
                      .journal_bytes = powerloss ? (128 << 10) : 0};
     alarm(20); /* never outlive a broken parent */
+    if (powerloss && round % 3) {
+        /* a checkpoint's flush held open 3 or 40 ms (the 40 ms ones make the writer wait for
+         * journal space): kills land while commits run beside a checkpoint in flight */
+        if (setenv("CAPSULE_TEST_CKPT_DELAY_MS", round % 3 == 1 ? "3" : "40", 1) != 0)
+            _exit(9);
+    }
     if (store_env_open(dir, &eo, &env) != 0)
         _exit(6);
     child_ctx = (struct child){.round = round, .wfd = wfd, .parent = parent};
@@ -337,6 +355,7 @@ int main(int argc, char **argv)
     }
     struct acks acks = {0};
     uint64_t cut = 0, total_acks_at_kill = 0, kills_before_ack = 0;
+    uint64_t acks_in_ckpt = 0, kills_in_ckpt = 0, rounds_waited = 0;
     const char *env_seed = getenv("CRASH_SEED");
     unsigned seed = env_seed ? (unsigned)strtoul(env_seed, NULL, 0) : (unsigned)cap_now_ns();
     fprintf(stderr, "crash: %d rounds, seed %u, dir %s\n", rounds, seed, dir);
@@ -410,6 +429,12 @@ int main(int argc, char **argv)
         close(fds[0]);
         if (acks.n == before)
             kills_before_ack++;
+        for (size_t i = before; i < acks.n; i++)
+            acks_in_ckpt += (acks.v[i].ckpt & ACK_CKPT_IN_FLIGHT) != 0;
+        if (acks.n > before) {
+            kills_in_ckpt += (acks.v[acks.n - 1].ckpt & ACK_CKPT_IN_FLIGHT) != 0;
+            rounds_waited += (acks.v[acks.n - 1].ckpt & ACK_CKPT_WAITED) != 0;
+        }
         total_acks_at_kill += acks.n - before;
 
         if (powerloss) {
@@ -447,12 +472,19 @@ int main(int argc, char **argv)
             "(%llu rounds killed before their first ack)\n",
             powerloss ? "powerloss" : "crash", rounds, secs, acks.n,
             (unsigned long long)kills_before_ack);
+    fprintf(stderr,
+            "%s: %llu acks while a checkpoint was in flight; %llu kills after such an ack; "
+            "%llu rounds where the writer waited for a checkpoint\n",
+            powerloss ? "powerloss" : "crash", (unsigned long long)acks_in_ckpt,
+            (unsigned long long)kills_in_ckpt, (unsigned long long)rounds_waited);
     if (powerloss) {
         fprintf(stderr,
                 "powerloss: %llu pages rolled back to a checkpoint image or zeroed, %llu records "
                 "re-applied from the journal\n",
                 (unsigned long long)mixed, (unsigned long long)restored);
         CHECK(mixed > 0 && restored > 0);
+        if (rounds >= 30) /* the interleavings this test is for did happen */
+            CHECK(acks_in_ckpt > 0 && kills_in_ckpt > 0 && rounds_waited > 0);
         unlink(img);
     }
     CHECK(acks.n > 0);

@@ -161,7 +161,18 @@ typedef struct wal_stats {
     uint64_t commit_hist[WAL_HIST_N];
     uint64_t commit_ns;      /* total time in commit transactions */
     uint64_t syncs, sync_ns; /* explicit fsyncs of the env (WAL_NOSYNC's background sync) */
-    uint64_t checkpoints, checkpoint_ns; /* (added) WAL_SYNC: store checkpoints since open */
+    uint64_t checkpoints, checkpoint_ns; /* (added) WAL_SYNC: store checkpoints since open and
+                                          * their time from capture to durable (most of it on
+                                          * the checkpoint thread, beside the commits) */
+    uint64_t checkpoint_overlap;         /* (added) commits made while a checkpoint was in
+                                          * flight (not a stall: they went on beside it) */
+    uint64_t checkpoint_wait_ns;         /* (added) time the writer waited for a checkpoint in
+                                          * flight (journal space, a batch too large for it) */
+    uint64_t checkpoint_stall_ns;        /* (added) time the writer spent on checkpoints: the
+                                          * captures, the waits above, synchronous ones (before
+                                          * the checkpoint thread: all of checkpoint_ns) */
+    uint64_t checkpoint_in_flight;       /* (added) 1 while a checkpoint is captured and not yet
+                                          * durable, else 0 */
     uint64_t replayed; /* (added) records re-applied from the journal when the log opened */
 } wal_stats_t;
 extern const uint32_t wal_batch_bounds[WAL_HIST_N - 1];
