@@ -1359,9 +1359,13 @@ static void h_metrics(srv_req_t *req, void *arg)
          "Explicit fsyncs of the log (nosync durability's background sync).", (double)ws.syncs},
         {"capsule_wal_fsync_seconds_total", "counter", "", (double)ws.sync_ns / 1e9},
         {"capsule_wal_checkpoints_total", "counter",
-         "Store checkpoints of the log (sync durability), on its writer thread.",
+         "Store checkpoints of the log (sync durability), flushed on its checkpoint thread "
+         "beside the commits.",
          (double)ws.checkpoints},
         {"capsule_wal_checkpoint_seconds_total", "counter", "", (double)ws.checkpoint_ns / 1e9},
+        {"capsule_wal_checkpoint_stall_seconds_total", "counter",
+         "Time the log's writer spent on checkpoints (captures, waits for journal space).",
+         (double)ws.checkpoint_stall_ns / 1e9},
         /* the promise store (prom_store_stats) */
         {"capsule_promise_resident_docs", "gauge",
          "Promise documents in memory (pending, not yet checkpointed, settled cache).",

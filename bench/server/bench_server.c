@@ -277,10 +277,12 @@ typedef struct mem_sample {
     long heap_use, heap_free; /* KiB: malloc'ed, free inside malloc's arenas */
     hist_snap_t exec, busy;   /* capsule_execution_seconds, capsule_loop_busy_seconds */
     hist_snap_t commit;       /* capsule_wal_commit_seconds */
-    double commit_sum, ckpts, ckpt_sum; /* the log writer's time in commits and checkpoints */
+    double commit_sum, ckpts, ckpt_sum; /* the log writer's time in commits; checkpoints and
+                                         * their time (on the log's checkpoint thread) */
     double busy_max, busy_max_cpu;      /* the longest loop iteration since the previous scrape, and
                                          * the loop thread's CPU time in it */
     double busy_sum, cpu_sum;           /* the loop's busy time and its thread's CPU time, totals */
+    double ckpt_stall;                  /* the log writer's time on checkpoints */
 } mem_sample_t;
 
 static const char *const exec_le[HIST_LE] = {"0.005", "0.01", "0.05"};
@@ -303,7 +305,8 @@ static mem_sample_t mem_sample(cli_t *rest, pid_t pid)
                       metric_val(m, "capsule_loop_busy_max_seconds"),
                       metric_val(m, "capsule_loop_busy_max_cpu_seconds"),
                       metric_val(m, "capsule_loop_busy_seconds_sum"),
-                      metric_val(m, "capsule_loop_cpu_seconds_total")};
+                      metric_val(m, "capsule_loop_cpu_seconds_total"),
+                      metric_val(m, "capsule_wal_checkpoint_stall_seconds_total")};
     return s;
 }
 
@@ -722,9 +725,9 @@ int main(int argc, char **argv)
     double ck_n = sk.last.ckpts - sk.warm.ckpts, ck_s = sk.last.ckpt_sum - sk.warm.ckpt_sum;
     fprintf(stderr,
             "    log commits over 10 ms: %.0f, over 50 ms: %.0f (of %.0f, %.1f s in all); "
-            "checkpoints %.0f (%.1f ms each on average)\n",
+            "checkpoints %.0f (%.1f ms each on average, the writer held %.2f ms by them)\n",
             cm_over10, cm_over50, cm_n, sk.last.commit_sum - sk.warm.commit_sum, ck_n,
-            ck_n > 0 ? 1e3 * ck_s / ck_n : 0);
+            ck_n > 0 ? 1e3 * ck_s / ck_n : 0, 1e3 * (sk.last.ckpt_stall - sk.warm.ckpt_stall));
     fprintf(stderr,
             "    this client's own lateness (a free client's send after its due time) p99 %.3f ms;"
             "\n    the server's view: %.0f of %.0f executions over 10 ms (%.2f%%, submit to "
