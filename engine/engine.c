@@ -171,6 +171,7 @@ struct eng {
     uv_timer_t ptimer;   /* CPU placement: unpins a lone cell that runs long */
     uv_timer_t rtimer;   /* the pool's refill, out of the way of running executions */
     uint64_t refill_by;  /* cap_now_ns() by which the refill runs even if executions are running */
+    uint64_t busy_ns;    /* (loop) cap_now_ns() when drain() last ran a command or completion */
     uv_poll_t *zpoll;    /* the zygote's control socket: answers to refill requests */
     struct wref *refill; /* the worker a refill request in flight will be (one at a time) */
 
@@ -366,6 +367,7 @@ static void drain(eng_t *e)
         pthread_mutex_unlock(&e->mu);
         if (!m)
             return;
+        e->busy_ns = cap_now_ns();
         while (m) {
             eng_msg_t *n = m->next;
             m->fn(e, m);
@@ -623,12 +625,14 @@ static void pool_add(eng_t *e, wref_t *r)
 
 /* The refill, one worker at a time and never blocking the loop: a FORK request is sent to the
  * zygote (pool_request) and the worker is adopted when the zygote's answer makes its socket
- * readable (zy_collect), which schedules the next request. A request waits while executions are
- * running (the first execution of the session that just popped a worker is the usual one) or
- * commands are queued for the loop (an acquire), checked every REFILL_RECHECK_MS, for at most
- * REFILL_MAX_DEFER_MS (busy sessions never leave a gap): the zygote's forks then compete less
- * for the CPU with what a caller waits for. */
+ * readable (zy_collect), which schedules the next request. A request waits until the loop has
+ * been quiet for REFILL_QUIET_MS (no execution running, no command or completion handled: the
+ * caller that just popped a worker has often not even been scheduled yet, and its first
+ * execution follows), checked every REFILL_RECHECK_MS, for at most REFILL_MAX_DEFER_MS (busy
+ * sessions never leave a gap): the handed-out worker's start and the zygote's next fork then
+ * compete less for the CPU with what a caller waits for. Below half the pool it does not wait. */
 #define REFILL_RECHECK_MS   1
+#define REFILL_QUIET_MS     5
 #define REFILL_MAX_DEFER_MS 50
 static void on_rtimer(uv_timer_t *t);
 
@@ -723,10 +727,15 @@ static void on_rtimer(uv_timer_t *t)
     eng_t *e = t->data;
     if (e->closing)
         return;
+    uint64_t now = cap_now_ns();
     pthread_mutex_lock(&e->mu);
-    int busy = e->stats.running || e->mhead;
+    /* below half the pool (a burst of acquires) it goes at once: the next acquire would
+     * otherwise find the pool empty and spawn, blocking the loop */
+    int busy =
+        e->npool * 2 >= e->o.pool_idle &&
+        (e->stats.running || e->mhead || now - e->busy_ns < (uint64_t)REFILL_QUIET_MS * 1000000u);
     pthread_mutex_unlock(&e->mu);
-    if (busy && cap_now_ns() < e->refill_by) {
+    if (busy && now < e->refill_by) {
         uv_timer_start(t, on_rtimer, REFILL_RECHECK_MS, 0);
         return;
     }
