@@ -1924,17 +1924,25 @@ static _Noreturn void zygote_run(void)
             send_forked(id, spare);
             goto next; /* the next spare is made once the zygote has been idle a moment */
         }
-        /* no spare: fork one for this request directly */
+        /* no spare: fork one for this request directly. The intermediate child reports the
+         * worker's pid to the zygote, which sends FORKED once it has reaped the intermediate:
+         * the worker is then already reparented to the subreaper (the engine) when the client
+         * adopts it (its getppid() is the engine from its first cell on). */
+        int ip[2];
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, ip) < 0) {
+            send_error(PYW_F_FORK, id, -errno, "socketpair failed");
+            goto next;
+        }
         PyOS_BeforeFork();
         pid_t a = fork();
         if (a == 0) {
-            /* the intermediate child: fork the worker, report its pid, exit (so the worker is
-             * reparented to the subreaper: the engine) */
             pid_t w = fork();
             if (w == 0) {
                 PyOS_AfterFork_Child();
                 setpgid(0, 0); /* its own process group, as a cold worker has */
                 close(g_sock);
+                close(ip[0]);
+                close(ip[1]);
                 if (g_spare_sock >= 0)
                     close(g_spare_sock);
                 g_sock = fd;
@@ -1943,29 +1951,30 @@ static _Noreturn void zygote_run(void)
                     _exit(4);
                 worker_run();
             }
-            pyw_buf_t b;
-            pyw__buf_init(&b);
-            if (w < 0) {
-                pyw__frame_begin(&b, PYW_F_ERROR, id);
-                pyw__put_u32(&b, (uint32_t)errno);
-                pyw__put_cstr(&b, "fork failed");
-                pyw__put_u8(&b, PYW_F_FORK);
-            } else {
-                pyw__frame_begin(&b, PYW_F_FORKED, id);
-                pyw__put_u32(&b, (uint32_t)w);
-            }
-            pyw__frame_end(&b, 0);
-            (void)write_all(g_sock, b.p, b.len);
-            _exit(0);
+            int v = w < 0 ? -errno : (int)w;
+            ssize_t k = write(ip[1], &v, sizeof v);
+            _exit(k == (ssize_t)sizeof v ? 0 : 1);
         }
         PyOS_AfterFork_Parent();
+        close(ip[1]);
         if (a < 0) {
             send_error(PYW_F_FORK, id, -errno, "fork failed");
         } else {
-            int st;
+            int st, v = -EIO;
             while (waitpid(a, &st, 0) < 0 && errno == EINTR)
                 ;
+            ssize_t k;
+            do {
+                k = read(ip[0], &v, sizeof v);
+            } while (k < 0 && errno == EINTR);
+            if (k != (ssize_t)sizeof v)
+                v = -EIO;
+            if (v > 0)
+                send_forked(id, (pid_t)v);
+            else
+                send_error(PYW_F_FORK, id, v, "fork failed");
         }
+        close(ip[0]);
     next:
         if (fd >= 0)
             close(fd);
