@@ -190,6 +190,7 @@ struct eng {
      * by prom_store_open) and, with its own loop, the loop thread; their mask at open */
     pid_t eng_tids[ENG_MAX_OWN_TIDS];
     int neng_tids, eng_cpu;  /* eng_cpu: where they are pinned, -1 none */
+    int io_cpu;              /* the data disk's interrupt CPU (eng__io_cpu), -1 none */
     uint64_t crowd_ns;       /* cap_now_ns() when two executions were last in flight at once */
     unsigned long mask0[16]; /* CPU mask at eng_open (1024 CPUs) */
     size_t mask0_len;
@@ -1090,12 +1091,13 @@ static void busy_begin(eng_t *e, session_t *s)
         return;
     }
     unsigned cpu;
-    if (syscall(SYS_getcpu, &cpu, NULL, NULL) != 0)
-        return;
-    if (e->eng_cpu >= 0) /* the loop is pinned: it runs there */
+    if (e->io_cpu >= 0) /* where the journal write's completion wakes the writer */
+        cpu = (unsigned)e->io_cpu;
+    else if (e->eng_cpu >= 0) /* the loop is pinned: it runs there */
         cpu = (unsigned)e->eng_cpu;
-    else
-        eng_threads_pin(e, (int)cpu);
+    else if (syscall(SYS_getcpu, &cpu, NULL, NULL) != 0)
+        return;
+    eng_threads_pin(e, (int)cpu); /* (nothing to do when they are there already) */
     if (pyw_worker_set_cpu(s->w->w, (int)cpu) == 0) {
         stats_add(e, (eng_stats_t){.pinned = 1});
         e->pin_s = s;
@@ -2686,6 +2688,9 @@ static void note_new_tids(eng_t *e, const pid_t *before, int nbefore)
     int n = list_tids(now, 64);
     long len = syscall(SYS_sched_getaffinity, 0, sizeof e->mask0, e->mask0);
     e->mask0_len = len > 0 ? (size_t)len : 0;
+    int io = eng__io_cpu(e->dir);
+    if (io >= 0 && (size_t)io / 8 < e->mask0_len && (e->mask0[io / 64] >> (io % 64) & 1))
+        e->io_cpu = io; /* only a CPU this process may run on */
     for (int i = 0; i < n && e->neng_tids < ENG_MAX_OWN_TIDS; i++) {
         int old = 0;
         for (int k = 0; k < nbefore && !old; k++)
@@ -2722,6 +2727,7 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
         e->o.max_output = 1u << 20;
     e->ord_next = (uint64_t)cap_wall_ms() * 1000;
     e->eng_cpu = -1;
+    e->io_cpu = -1;
     pthread_mutex_init(&e->mu, NULL);
     e->pcb.on_output = pcb_output;
     e->pcb.on_input = pcb_input;

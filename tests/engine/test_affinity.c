@@ -4,14 +4,20 @@
  * CPU, the same as the engine's loop and wal threads; a cell that runs longer than 2 ms is
  * unpinned, an execution started while another is in flight is not pinned and unpins the
  * engine's threads, and a lone execution afterwards is pinned again.
- * ENG_AFFINITY_NONE pins nothing.
+ * ENG_AFFINITY_NONE pins nothing. The CPU of a lone execution is the one that takes the data
+ * disk's interrupts when eng__io_cpu finds one (CAPSULE_IO_CPU overrides; its parsing and the
+ * sysfs walk's answers are checked here too).
  */
+#define _GNU_SOURCE
+#include <sched.h>
 #include <stdatomic.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "cap.h"
+#include "eng_int.h"
 #include "eng_test.h"
 
 /* The cell's answer: "n/k": the CPUs its thread may use, and how many threads of the engine
@@ -54,6 +60,63 @@ static void on_done(void *arg, const eng_result_t *r)
     atomic_store(&g_done, 1);
 }
 
+/* eng__io_cpu: the override's parsing, and the sysfs walk's answers on this machine. */
+static void test_io_cpu(const char *dir, long ncpu)
+{
+    static const struct {
+        const char *env;
+        int want;
+    } cases[] = {{"0", 0},  {"1", 1},   {"-1", -1}, {"", -2},
+                 {"x", -1}, {"1x", -1}, {"-2", -1}, {"5000", -1}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        CHECK_OK(setenv("CAPSULE_IO_CPU", cases[i].env, 1));
+        int c = eng__io_cpu(dir);
+        if (cases[i].want == -2) /* empty: as if unset */
+            CHECK(c >= -1 && c < ncpu);
+        else
+            CHECK_EQ(c, cases[i].want);
+    }
+    CHECK_OK(unsetenv("CAPSULE_IO_CPU"));
+    int c = eng__io_cpu(dir); /* a disk's interrupt CPU, or no preference */
+    CHECK(c >= -1 && c < ncpu);
+    fprintf(stderr, "affinity: the interrupt CPU of %s's disk: %d\n", dir, c);
+    CHECK_EQ(eng__io_cpu("/proc"), -1); /* no block device under it */
+    CHECK_EQ(eng__io_cpu("/nonexistent/never"), -1);
+}
+
+/* With CAPSULE_IO_CPU=cpu, a lone execution (and the engine's threads) run on that CPU. */
+static void lone_on(const char *dir, int cpu)
+{
+    cpu_set_t set;
+    CHECK_OK(sched_getaffinity(0, sizeof set, &set));
+    if (!CPU_ISSET(cpu, &set)) {
+        fprintf(stderr, "affinity: CPU %d is not ours: CAPSULE_IO_CPU=%d not tried\n", cpu, cpu);
+        return;
+    }
+    char env[16], want[32];
+    snprintf(env, sizeof env, "%d", cpu);
+    snprintf(want, sizeof want, "'[%d]'", cpu);
+    CHECK_OK(setenv("CAPSULE_IO_CPU", env, 1));
+    eng_t *e = etest_open(dir, 1);
+    CHECK_OK(eng_session_open(e, "c", NULL, NULL));
+    char *v = NULL;
+    for (int i = 0; i < 50 && (!v || strcmp(v, want) != 0); i++) { /* (a cell past 2 ms) */
+        cap_free(v);
+        eng_result_t *r =
+            etest_run(e, "c", NULL, "import os\nstr(sorted(os.sched_getaffinity(0)))");
+        CHECK_EQ(r->status, ENG_ST_OK);
+        v = cap_strdup(r->repr);
+        eng_result_free(r);
+    }
+    if (strcmp(v, want) != 0)
+        fprintf(stderr, "CAPSULE_IO_CPU=%d: the lone cell ran on %s\n", cpu, v);
+    CHECK_STREQ(v, want);
+    cap_free(v);
+    eng_close(e);
+    check_rmtree(dir);
+    CHECK_OK(unsetenv("CAPSULE_IO_CPU"));
+}
+
 int main(void)
 {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -64,6 +127,9 @@ int main(void)
     char all[32], lone[32];
     snprintf(all, sizeof all, "'%ld/0'", ncpu);
     char *dir = check_tmpdir("eng-affinity");
+    test_io_cpu(dir, ncpu);
+    lone_on(dir, 0);
+    lone_on(dir, 1);
     eng_t *e = etest_open(dir, 1); /* the default: ENG_AFFINITY_AUTO */
     CHECK_OK(eng_session_open(e, "a", NULL, NULL));
     CHECK_OK(eng_session_open(e, "b", NULL, NULL));
