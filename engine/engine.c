@@ -2900,6 +2900,7 @@ void eng_close(eng_t *e)
     }
     if (e->own)
         uv_loop_close(&e->own_loop);
+    pyw_reap_wait(); /* closed workers are gone before eng_close returns */
     pyw_zygote_close(e->zy);
     store_env_close(e->env);
     pthread_mutex_destroy(&e->mu);

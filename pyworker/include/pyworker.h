@@ -240,6 +240,11 @@ int pyw_worker_send_raw(pyw_worker_t *w, const void *data, size_t len);
  * not called). The memory is freed once the loop has run the handles' close callbacks.
  * pyw_worker_close(NULL) is a no-op. */
 void pyw_worker_close(pyw_worker_t *w);
+/* A worker that pyw_worker_close had to kill is waited for, its cgroup removed and its process
+ * group swept on a short-lived thread, not on the caller's: this waits until every such reap
+ * is done (before a process that owns workers checks its children or exits). Any thread.
+ * pyw_zygote_close and pyw_sync_close call it. */
+void pyw_reap_wait(void);
 
 int pyw_worker_pid(const pyw_worker_t *w);
 void *pyw_worker_data(const pyw_worker_t *w);

@@ -16,6 +16,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1202,6 +1203,68 @@ int pyw_worker_send_raw(pyw_worker_t *w, const void *data, size_t len)
     return 0;
 }
 
+/* ---- reaping a closed worker off the caller's thread ----
+ * A killed worker still has to be waited for (its exit tears its memory down: milliseconds for
+ * a big namespace), its cgroup removed, and its process group swept through /proc: measured
+ * p50 3.5 ms, p99 32 ms at load 6 when done inline, on the engine's loop thread, at every
+ * session close. A detached thread per close does it instead; pyw_reap_wait waits for all. */
+static pthread_mutex_t reap_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t reap_cv = PTHREAD_COND_INITIALIZER;
+static int reap_pending;
+
+struct reap_job {
+    pid_t pid;
+    char cgroup[256];
+};
+
+static void reap_now(pid_t pid, const char *cgroup)
+{
+    int st;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) /* SIGKILL is prompt */
+        ;
+    pyw__cgroup_destroy(cgroup);
+    reap_group(pid);
+}
+
+static void *reaper_main(void *arg)
+{
+    struct reap_job *j = arg;
+    reap_now(j->pid, j->cgroup);
+    cap_free(j);
+    pthread_mutex_lock(&reap_mu);
+    if (--reap_pending == 0)
+        pthread_cond_broadcast(&reap_cv);
+    pthread_mutex_unlock(&reap_mu);
+    return NULL;
+}
+
+static void reap_later(pid_t pid, const char *cgroup)
+{
+    struct reap_job *j = cap_calloc(1, sizeof *j);
+    j->pid = pid;
+    snprintf(j->cgroup, sizeof j->cgroup, "%s", cgroup);
+    pthread_attr_t a;
+    pthread_t t;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&a, 64 * 1024);
+    pthread_mutex_lock(&reap_mu);
+    reap_pending++;
+    pthread_mutex_unlock(&reap_mu);
+    if (pthread_create(&t, &a, reaper_main, j) != 0) {
+        reaper_main(j); /* no thread: inline, as before */
+    }
+    pthread_attr_destroy(&a);
+}
+
+void pyw_reap_wait(void)
+{
+    pthread_mutex_lock(&reap_mu);
+    while (reap_pending > 0)
+        pthread_cond_wait(&reap_cv, &reap_mu);
+    pthread_mutex_unlock(&reap_mu);
+}
+
 void pyw_worker_close(pyw_worker_t *w)
 {
     if (!w || w->closed)
@@ -1209,13 +1272,8 @@ void pyw_worker_close(pyw_worker_t *w)
     w->closed = 1;
     if (!w->exited) {
         kill_tree(w);
-        /* reap synchronously: SIGKILL is prompt */
-        int st;
-        while (waitpid(w->pid, &st, 0) < 0 && errno == EINTR)
-            ;
+        reap_later(w->pid, w->cgroup);
         w->exited = 1;
-        pyw__cgroup_destroy(w->cgroup);
-        reap_group(w->pid);
     }
     while (w->execs) {
         pyw_exec_t *e = w->execs;

@@ -386,6 +386,7 @@ void pyw_sync_close(pyw_sync_t *s)
         (void)pyw_sync_wait_exit(s, 2000, &e);
     }
     pyw_worker_close(s->w);
+    pyw_reap_wait(); /* the synchronous API leaves no child behind */
     uv_close((uv_handle_t *)&s->cancel_timer, NULL);
     uv_close((uv_handle_t *)&s->wait_timer, NULL);
     while (uv_run(&s->loop, UV_RUN_DEFAULT) != 0)

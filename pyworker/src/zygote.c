@@ -512,4 +512,5 @@ void pyw_zygote_close(pyw_zygote_t *z)
             ;
     }
     cap_free(z);
+    pyw_reap_wait(); /* workers closed before: their reaps are done when the zygote is closed */
 }
