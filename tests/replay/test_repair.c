@@ -222,9 +222,13 @@ static void test_repair_journal(void)
     uint64_t bad = last / 2; /* damaged before the checkpoint: the cut is there */
     rt_damage(dir, bad, 1);
     CHECK_EQ(RT_RUN("repair", "--write", dir), 0);
-    snprintf(want, sizeof want, "journal: %llu acknowledged record(s) applied",
-             (unsigned long long)(n - last));
-    CHECK(strstr(rt_out, want));
+    /* at least what the image lacks: data.mdb is copied when the checkpoint thread syncs, so it
+     * may hold a few records past the checkpoint's own snapshot, which the open rolls back to */
+    char *applied = strstr(rt_out, "journal: ");
+    unsigned long long napplied = 0;
+    CHECK(applied &&
+          sscanf(applied, "journal: %llu acknowledged record(s) applied", &napplied) == 1);
+    CHECK(napplied >= (unsigned long long)(n - last));
     snprintf(want, sizeof want, "%llu record(s) from seq %llu to %d",
              (unsigned long long)(n - bad + 1), (unsigned long long)bad, n);
     CHECK(strstr(rt_out, want)); /* the cut saw the whole log, journal records included */
