@@ -85,6 +85,21 @@ double bench_secs_since(uint64_t t0)
     return (double)(cap_now_ns() - t0) / 1e9;
 }
 
+int bench_quick_arg(int argc, char **argv)
+{
+    if (argc == 1)
+        return 0;
+    if (argc == 2 && strcmp(argv[1], "--quick") == 0)
+        return 1;
+    if (argc == 2 && strcmp(argv[1], "--help") == 0) {
+        printf("usage: %s [--quick]\n", argv[0]);
+        exit(0);
+    }
+    fprintf(stderr, "usage: %s [--quick] (unknown argument: %s)\n", argv[0],
+            argv[argc > 2 && strcmp(argv[1], "--quick") == 0 ? 2 : 1]);
+    exit(64);
+}
+
 void bench_begin(const char *name)
 {
     bench_name = name;

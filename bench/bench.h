@@ -56,6 +56,9 @@ double bench_secs_since(uint64_t t0);
 
 /* Names the benchmark ("engine", "wal", ...) for the "bench" key of every figure. Call first. */
 void bench_begin(const char *name);
+/* The arguments of a bench that takes only --quick: 1 with --quick, 0 with none; --help prints
+ * the usage and exits 0, anything else prints it and exits 64. */
+int bench_quick_arg(int argc, char **argv);
 
 /* Prints one figure line on stdout (and flushes). peer NULL: no peer (peer_value ignored);
  * goal <= 0: no goal. The ratio is value / peer_value (null when peer_value is not > 0). */

@@ -206,7 +206,7 @@ static void replay_bench(const char *bin, int quick)
 
 int main(int argc, char **argv)
 {
-    int quick = argc > 1 && !strcmp(argv[1], "--quick");
+    int quick = bench_quick_arg(argc, argv);
     bench_begin("replay");
     uint64_t n = quick ? 50000 : 1000000;
     int runs = quick ? 5 : 9;

@@ -201,7 +201,7 @@ static pid_t start_server(const char *data)
 
 int main(int argc, char **argv)
 {
-    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    int quick = bench_quick_arg(argc, argv);
     if (quick)
         run_secs = 1.0;
     char exe[PATH_MAX];

@@ -535,7 +535,7 @@ static pid_t start_server(const char *data, int *port)
 
 int main(int argc, char **argv)
 {
-    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    int quick = bench_quick_arg(argc, argv);
     bench_begin("server");
     size_t n_ws = quick ? 300 : 3000, n_create = quick ? 30 : 200, warm = quick ? 30 : 200;
     char exe[PATH_MAX];

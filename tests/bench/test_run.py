@@ -96,6 +96,19 @@ def main():
                                timeout=60)
             check(p.returncode == 2 and "--rec-execs wants a count" in p.stderr,
                   "bench_engine --rec-execs %r: %d %r" % (bad, p.returncode, p.stderr))
+    # the benches that take only --quick: --help is their usage, anything else is refused
+    # before any work (they used to ignore it and run the whole benchmark)
+    for name in ("bench_replay", "bench_server", "bench_resonate"):
+        exe = os.path.join(bindir, name)
+        if not os.path.exists(exe):
+            continue
+        p = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=10)
+        check(p.returncode == 0 and "usage: " in p.stdout and "[--quick]" in p.stdout,
+              "%s --help: %d %r" % (name, p.returncode, p.stdout))
+        for bad in (["--frob"], ["--quick", "--frob"], ["quick"]):
+            p = subprocess.run([exe] + bad, capture_output=True, text=True, timeout=10)
+            check(p.returncode == 64 and "unknown argument: " + bad[-1] in p.stderr,
+                  "%s %r: %d %r" % (name, bad, p.returncode, p.stderr))
     print("ok")
 
 
