@@ -496,6 +496,25 @@ static void job_submit(eng_t *e, job_t *j)
     }
 }
 
+/* A lone execution's records (nosync: nothing else running or queued) are committed on the loop
+ * itself: the loop would only wait for the writer anyway, and the writer's wake-up and the
+ * completion's way back are two thread hand-offs per commit (wal_log_hold / wal_log_release; the
+ * done callback then posts its job while the loop runs). With more in flight the writer commits
+ * as before, in groups and beside the loop. */
+static int log_hold(eng_t *e)
+{
+    if (!e->o.nosync || e->stats.running + e->stats.queued > 1)
+        return 0;
+    wal_log_hold(e->wal);
+    return 1;
+}
+
+static void log_release(eng_t *e, int held)
+{
+    if (held)
+        (void)wal_log_release(e->wal, 1);
+}
+
 static char *exec_pid(const char *eid)
 {
     size_t n = strlen(eid) + 16;
@@ -878,6 +897,7 @@ static void finish_append(eng_t *e, exec_t *x)
                             ? PROM_REJECTED_CANCELED
                             : PROM_REJECTED,
                         &v};
+    int held = log_hold(e);
     int rc = prom_promise_settle_async(e->ps, &ps, &rec, 1, &fm->res, finish_durable, fm);
     cap_free(pid);
     cap_free(enc);
@@ -889,6 +909,7 @@ static void finish_append(eng_t *e, exec_t *x)
         fm->status = rc;
         finish_done(e, &fm->m);
     }
+    log_release(e, held);
 }
 
 static void finish_done(eng_t *e, eng_msg_t *m)
@@ -1897,7 +1918,9 @@ static void do_execute(eng_t *e, eng_msg_t *m)
     j->len = x->len;
     j->x = x;
     x->refs++;
+    int held = log_hold(e);
     job_submit(e, j);
+    log_release(e, held);
     if (s->st == S_COLD)
         session_restore(e, s); /* lazy restore overlaps the commit */
 out:

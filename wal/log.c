@@ -70,6 +70,8 @@ struct wal_log {
     struct wal_append *head, *tail;
     struct wal_trunc *trunc_head, *trunc_tail;
     int writer_waiting;     /* the writer sleeps on work_cv: an append must wake it */
+    int inline_run;         /* wal_log_release is committing a batch on its caller's thread */
+    int writer_parked;      /* the writer waits for that commit to end (it is woken then) */
     uint64_t next_seq;      /* next to assign */
     uint64_t committed_seq; /* highest durable (acknowledged) */
     int closing;
@@ -376,6 +378,11 @@ static void wal__append_free(struct wal_append *a)
     cap_free(a);
 }
 
+/* the log this thread holds (wal_log_hold): its appends do not wake the writer */
+static _Thread_local wal_log_t *wal__held;
+/* the log whose batch this thread is committing (wal_log_release): its callbacks run here */
+static _Thread_local wal_log_t *wal__inline;
+
 int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn done, void *arg,
                    uint64_t *first_seq)
 {
@@ -420,9 +427,11 @@ int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn 
     log->tail = a;
     log->st.pending += n;
     /* only a sleeping writer needs the signal: a busy one takes the queue when it is done. Sent
-     * after the unlock, so that the woken writer does not block on mu at once. */
-    int wake = log->writer_waiting;
-    log->writer_waiting = 0;
+     * after the unlock, so that the woken writer does not block on mu at once. Not while this
+     * thread holds the log (wal_log_hold): wal_log_release commits or wakes. */
+    int wake = log->writer_waiting && wal__held != log;
+    if (wake)
+        log->writer_waiting = 0;
     pthread_mutex_unlock(&log->mu);
     if (wake)
         pthread_cond_signal(&log->work_cv);
@@ -456,7 +465,8 @@ static void wal__waiter_done(void *arg, int status, uint64_t first_seq)
 int wal_log_append_sync(wal_log_t *log, const wal_rec_t *recs, size_t n, uint64_t *first_seq)
 {
     struct wal_waiter w = {.log = log};
-    if (log && log->have_writer && pthread_equal(pthread_self(), log->writer)) {
+    if (log &&
+        ((log->have_writer && pthread_equal(pthread_self(), log->writer)) || wal__inline == log)) {
         cap_log(CAP_LOG_ERROR, "wal",
                 "wal_log_append_sync from a done/apply callback would "
                 "wait for itself");
@@ -995,6 +1005,12 @@ static void *wal__writer_main(void *arg)
     wal_log_t *log = arg;
     pthread_mutex_lock(&log->mu);
     for (;;) {
+        if (log->inline_run) { /* a batch is being committed by wal_log_release: wait for it */
+            log->writer_parked = 1;
+            pthread_cond_wait(&log->work_cv, &log->mu);
+            log->writer_parked = 0;
+            continue;
+        }
         if (log->head)
             wal__run_batch(log);
         if (log->trunc_head) {
@@ -1197,13 +1213,50 @@ int wal_journal_pending(store_env_t *env, uint64_t after_seq, uint64_t *records)
 
 /* ---- truncate, stats, close ---- */
 
+void wal_log_hold(wal_log_t *log)
+{
+    wal__held = log;
+}
+
+int wal_log_release(wal_log_t *log, int here)
+{
+    wal__held = NULL;
+    pthread_mutex_lock(&log->mu);
+    /* nothing queued, or the writer is busy (it takes the queue when it is done) */
+    if (!log->head || !log->writer_waiting) {
+        pthread_mutex_unlock(&log->mu);
+        return 0;
+    }
+    int wake = 1, ran = 0;
+    if (here && log->opts.durability == WAL_NOSYNC && !log->trunc_head && !log->closing) {
+        /* the writer sleeps and stays asleep (parked if it wakes): this thread is the writer for
+         * one batch, which keeps the sequence order (no other batch runs meanwhile) */
+        log->inline_run = 1;
+        wal__inline = log;
+        wal__run_batch(log);
+        wal__inline = NULL;
+        log->inline_run = 0;
+        log->st.inline_commits++;
+        ran = 1;
+        /* a parked writer, or one asleep with appends that came meanwhile from threads that did
+         * not wake it (another holder), or a rest over the batch bounds */
+        wake = log->writer_parked || (log->head && log->writer_waiting);
+    }
+    if (wake)
+        log->writer_waiting = 0;
+    pthread_mutex_unlock(&log->mu);
+    if (wake)
+        pthread_cond_signal(&log->work_cv);
+    return ran;
+}
+
 int wal_log_truncate(wal_log_t *log, uint64_t before_seq)
 {
     if (!log)
         return CAP_EINVAL;
     if (log->readonly)
         return CAP_EINVAL;
-    if (log->have_writer && pthread_equal(pthread_self(), log->writer)) {
+    if ((log->have_writer && pthread_equal(pthread_self(), log->writer)) || wal__inline == log) {
         cap_log(CAP_LOG_ERROR, "wal",
                 "wal_log_truncate from a done/apply callback would wait "
                 "for itself");

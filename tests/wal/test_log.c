@@ -3,7 +3,8 @@
  * seq range / kind / key with decoded fields, multi-record appends, size limits (a record of
  * exactly max_record_bytes, one byte over -> CAP_ETOOBIG), bad arguments, reopen continues the
  * sequence, truncation (also of everything: the sequence never goes back), apply callback in the
- * commit transaction, nosync mode, close flushes the queue, map growth from 64 KiB.
+ * commit transaction, nosync mode, close flushes the queue, map growth from 64 KiB, commits on the
+ * producer's thread (wal_log_hold / wal_log_release).
  */
 #include "check.h"
 #include "wal.h"
@@ -395,6 +396,154 @@ static void test_callback_reentry(void)
     close_log(log, env);
     check_rmtree(dir);
     cap_free(dir);
+
+    /* the same from a batch committed on this thread by wal_log_release (nosync) */
+    dir = check_tmpdir("wal-reenter-ns");
+    wal_opts_t wo = {.durability = WAL_NOSYNC};
+    log = open_log(dir, &env, &wo, 1, 0);
+    int ran = 0;
+    for (int i = 0; i < 50 && !ran; i++) {
+        usleep(1000);
+        struct cb_ctx ci = {.log = log};
+        wal_log_hold(log);
+        CHECK_OK(wal_log_append(log, &r, 1, reentrant_done, &ci, NULL));
+        ran = wal_log_release(log, 1);
+        if (ran)
+            CHECK(atomic_load(&ci.checked)); /* ran here, before the return */
+        for (int k = 0; k < 5000 && !atomic_load(&ci.checked); k++)
+            usleep(1000);
+        CHECK(atomic_load(&ci.checked));
+    }
+    CHECK(ran);
+    close_log(log, env);
+    check_rmtree(dir);
+    cap_free(dir);
+}
+
+/* wal_log_hold / wal_log_release. nosync, writer asleep: the held appends are committed on the
+ * caller's thread, their done callbacks run there before release returns 1. here = 0, or WAL_SYNC:
+ * release only wakes the writer (returns 0, the callbacks come from the writer). With a second
+ * thread appending all the time: every record committed once, in sequence order (a batch
+ * committed by release and one by the writer never overlap: STORE_PUT_APPEND would fail). */
+struct hold_cb {
+    pthread_t self;
+    atomic_int calls, on_self, bad;
+};
+
+static void hold_done(void *arg, int status, uint64_t first_seq)
+{
+    struct hold_cb *h = arg;
+    (void)first_seq;
+    if (status != 0)
+        atomic_fetch_add(&h->bad, 1);
+    if (pthread_equal(pthread_self(), h->self))
+        atomic_fetch_add(&h->on_self, 1);
+    atomic_fetch_add(&h->calls, 1);
+}
+
+static void hold_append(wal_log_t *log, struct hold_cb *h, uint64_t i)
+{
+    char key[16], data[64];
+    wal_rec_t r[2];
+    wal_field_t f[2][2];
+    make_rec(i, &r[0], f[0], key, data);
+    r[1] = r[0];
+    CHECK_OK(wal_log_append(log, r, 2, hold_done, h, NULL)); /* two records, one transaction */
+}
+
+struct pounder {
+    wal_log_t *log;
+    atomic_int stop;
+    struct hold_cb cb;
+    int sent;
+};
+
+static void *pound(void *arg)
+{
+    struct pounder *p = arg;
+    while (!atomic_load(&p->stop)) {
+        hold_append(p->log, &p->cb, (uint64_t)p->sent);
+        p->sent++;
+        if (p->sent % 64 == 0)
+            usleep(50);
+    }
+    return NULL;
+}
+
+static void wait_calls(struct hold_cb *h, int n)
+{
+    for (int i = 0; i < 10000 && atomic_load(&h->calls) < n; i++)
+        usleep(1000);
+    CHECK_EQ(atomic_load(&h->calls), n);
+    CHECK_EQ(atomic_load(&h->bad), 0);
+}
+
+static void test_hold_release(void)
+{
+    for (int nosync = 0; nosync <= 1; nosync++) {
+        char *dir = check_tmpdir("wal-hold");
+        store_env_t *env;
+        wal_opts_t wo = {.durability = nosync ? WAL_NOSYNC : WAL_SYNC, .sync_interval_ms = 20};
+        wal_log_t *log = open_log(dir, &env, &wo, nosync, 0);
+        struct hold_cb h = {.self = pthread_self()};
+        int ran = 0, sent = 0;
+        for (int i = 0; i < 200; i++) {
+            usleep(200); /* the writer goes back to sleep */
+            int before = atomic_load(&h.calls);
+            wal_log_hold(log);
+            hold_append(log, &h, (uint64_t)i);
+            hold_append(log, &h, (uint64_t)i);
+            sent += 2;
+            int here = i % 4 != 3;
+            int r = wal_log_release(log, here);
+            CHECK(r == 0 || r == 1);
+            CHECK(!r || (nosync && here));
+            if (r) { /* both appends acknowledged on this thread, before the return */
+                CHECK_EQ(atomic_load(&h.calls), before + 2);
+                ran++;
+            }
+            wait_calls(&h, sent);
+        }
+        wal_stats_t st;
+        wal_log_stats(log, &st);
+        CHECK_EQ(st.inline_commits, (uint64_t)ran);
+        CHECK_EQ(st.records, (uint64_t)sent * 2);
+        CHECK_EQ(atomic_load(&h.on_self), nosync ? ran * 2 : 0);
+        if (nosync)
+            CHECK(ran >= 100); /* the writer sleeps most of the time */
+        else
+            CHECK_EQ(ran, 0);
+
+        /* beside a thread that appends all the time */
+        struct pounder p = {.log = log, .cb.self = pthread_self()};
+        pthread_t t;
+        CHECK(pthread_create(&t, NULL, pound, &p) == 0);
+        for (int i = 0; i < 3000; i++) {
+            wal_log_hold(log);
+            hold_append(log, &h, (uint64_t)i);
+            sent++;
+            ran += wal_log_release(log, 1);
+            if (i % 16 == 0)
+                usleep(100);
+        }
+        atomic_store(&p.stop, 1);
+        CHECK(pthread_join(t, NULL) == 0);
+        wait_calls(&h, sent);
+        wait_calls(&p.cb, p.sent);
+        wal_log_stats(log, &st);
+        CHECK_EQ(st.inline_commits, (uint64_t)ran);
+        CHECK_EQ(st.records, (uint64_t)(sent + p.sent) * 2);
+        CHECK_EQ(st.last_seq, st.records);
+        close_log(log, env);
+        log = open_log(dir, &env, &wo, nosync, 0);
+        wal_iter_opts_t all = {0};
+        CHECK_EQ(iter_count(log, all), (uint64_t)(sent + p.sent) * 2);
+        close_log(log, env);
+        fprintf(stderr, "wal.log: hold/release %s: %d of %d committed on the caller's thread\n",
+                nosync ? "nosync" : "sync", ran, sent);
+        check_rmtree(dir);
+        cap_free(dir);
+    }
 }
 
 static void test_truncate(void)
@@ -522,6 +671,7 @@ int main(void)
     test_default_max();
     test_close_flushes_and_nosync();
     test_callback_reentry();
+    test_hold_release();
     test_truncate();
     test_apply_and_growth();
     fprintf(stderr, "wal.log: ok\n");

@@ -131,6 +131,18 @@ int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn 
 /* The same, then waits until the records are durable. Not from a done or apply callback. */
 int wal_log_append_sync(wal_log_t *log, const wal_rec_t *recs, size_t n, uint64_t *first_seq);
 
+/* For a producer that appends and then waits on the same thread's loop anyway (the engine with
+ * one execution in flight): wal_log_hold(log) makes this thread's appends leave a sleeping writer
+ * asleep until wal_log_release(log, here). With here != 0, WAL_NOSYNC and the writer asleep,
+ * release commits the queued records ON THE CALLING THREAD (one batch, exactly as the writer
+ * would: same transaction, apply callbacks, done callbacks, which then run on this thread before
+ * it returns 1) and saves the two thread hand-offs of a commit (writer wake-up, completion back);
+ * otherwise it wakes the writer if an append needs it, and returns 0. The writer does not run
+ * while such a batch is committed (sequence order is kept). Not from a done or apply callback,
+ * and not while holding a lock a done callback takes. */
+void wal_log_hold(wal_log_t *log);
+int wal_log_release(wal_log_t *log, int here);
+
 /* Deletes every record with seq < before_seq (and its index entries), in bounded transactions on
  * the writer thread, interleaved with appends (writers are never stopped). Returns once done.
  * The sequence never goes backwards: later appends continue after the highest ever assigned. */
@@ -173,7 +185,9 @@ typedef struct wal_stats {
                                           * the checkpoint thread: all of checkpoint_ns) */
     uint64_t checkpoint_in_flight;       /* (added) 1 while a checkpoint is captured and not yet
                                           * durable, else 0 */
-    uint64_t replayed; /* (added) records re-applied from the journal when the log opened */
+    uint64_t replayed;       /* (added) records re-applied from the journal when the log opened */
+    uint64_t inline_commits; /* (added) batches committed on a producer's thread by
+                              * wal_log_release (included in commits) */
 } wal_stats_t;
 extern const uint32_t wal_batch_bounds[WAL_HIST_N - 1];
 extern const uint32_t wal_commit_bounds_us[WAL_HIST_N - 1];
