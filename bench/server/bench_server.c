@@ -18,8 +18,13 @@
  *     10 ms), throughput, and the server's anonymous RSS growth from the end of warm-up (the
  *     first third) to the end (goal <= 10%; the LMDB map's file pages not counted), with malloc's
  *     own account beside it (in use / free in its arenas, from /v1/metrics: a leak grows the
- *     first, fragmentation the second). Then the same clients back to back for 15 s (3 s): the
- *     most this machine does (its latency is then queueing: clients / throughput).
+ *     first, fragmentation the second). Every 250 ms: RssAnon / RssFile and the log's
+ *     checkpoints; from them the RssAnon slope after warm-up and over the last third (a plateau
+ *     shows as a last-third slope near 0), the growth per log record, and the latencies split
+ *     by whether a checkpoint was in flight during them (is the tail the checkpoints' flush?);
+ *     the CPU the server and this client used and the load average (is the tail the machine?).
+ *     Then the same clients back to back for 15 s (3 s): the most this machine does (its
+ *     latency is then queueing: clients / throughput).
  */
 #define _GNU_SOURCE /* memmem */
 #include <errno.h>
@@ -283,6 +288,7 @@ typedef struct mem_sample {
                                          * the loop thread's CPU time in it */
     double busy_sum, cpu_sum;           /* the loop's busy time and its thread's CPU time, totals */
     double ckpt_stall;                  /* the log writer's time on checkpoints */
+    double records;                     /* the log's records (capsule_wal_records_total) */
 } mem_sample_t;
 
 static const char *const exec_le[HIST_LE] = {"0.005", "0.01", "0.05"};
@@ -306,7 +312,8 @@ static mem_sample_t mem_sample(cli_t *rest, pid_t pid)
                       metric_val(m, "capsule_loop_busy_max_cpu_seconds"),
                       metric_val(m, "capsule_loop_busy_seconds_sum"),
                       metric_val(m, "capsule_loop_cpu_seconds_total"),
-                      metric_val(m, "capsule_wal_checkpoint_stall_seconds_total")};
+                      metric_val(m, "capsule_wal_checkpoint_stall_seconds_total"),
+                      metric_val(m, "capsule_wal_records_total")};
     return s;
 }
 
@@ -321,8 +328,47 @@ typedef struct soak_res {
     mem_sample_t warm, last;
     mem_sample_t trend[SOAK_TREND]; /* every 5 s from the start */
     size_t ntrend;
-    double secs; /* the measured part (after warm-up) */
+    double secs;       /* the measured part (after warm-up) */
+    uint64_t *lat_end; /* when each kept latency ended (beside lat) */
+    /* every 250 ms from the start: seconds since it, the server's RssAnon / RssFile (KiB), its
+     * checkpoints and their seconds (capsule_wal_checkpoint*_total) */
+    double *tick_t, *tick_ckpts, *tick_ckpt_s;
+    long *tick_rss, *tick_rss_file;
+    size_t nticks;
+    uint64_t t0;
+    double cpu_server, cpu_client; /* CPU seconds over the run: the server process, this one */
+    double load0, load1;           /* the 1-min load average at the start and the end */
+    double wall;                   /* seconds from the start to the last answer */
 } soak_res_t;
+
+/* utime + stime of a process in seconds (clock ticks of /proc/PID/stat) */
+static double proc_cpu_s(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    size_t n = f ? fread(buf, 1, sizeof(buf) - 1, f) : 0;
+    if (f)
+        fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may hold spaces */
+    unsigned long ut = 0, st = 0;
+    if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+        return 0;
+    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static double load_1min(void)
+{
+    double l = 0;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f) {
+        if (fscanf(f, "%lf", &l) != 1)
+            l = 0;
+        fclose(f);
+    }
+    return l;
+}
 
 /*
  * n clients, each with its own session and WebSocket, each executing "2+2" for `secs`.
@@ -353,6 +399,13 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
     out->lat = cap_malloc(cap * sizeof(uint64_t));
     out->lag = cap_malloc(cap * sizeof(uint64_t));
     out->acc = cap_malloc(acccap * sizeof(uint64_t));
+    out->lat_end = cap_malloc(cap * sizeof(uint64_t));
+    size_t tickcap = (size_t)(secs * 4) + 8;
+    out->tick_t = cap_calloc(tickcap, sizeof(double));
+    out->tick_ckpts = cap_calloc(tickcap, sizeof(double));
+    out->tick_ckpt_s = cap_calloc(tickcap, sizeof(double));
+    out->tick_rss = cap_calloc(tickcap, sizeof(long));
+    out->tick_rss_file = cap_calloc(tickcap, sizeof(long));
     cli_reconnect(rest, port);
     for (size_t i = 0; i < n; i++) {
         char b[64], path[64];
@@ -378,7 +431,11 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
     }
     int warmed = 0;
     size_t active = n; /* clients not finished */
-    uint64_t next_sample = t0;
+    uint64_t next_sample = t0, next_tick = t0;
+    out->t0 = t0;
+    out->cpu_server = proc_cpu_s(pid);
+    out->cpu_client = proc_cpu_s(getpid());
+    out->load0 = load_1min();
     while (active > 0) {
         uint64_t now = cap_now_ns();
         if (now > drain_end) {
@@ -399,6 +456,16 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
                 out->busy_max_cpu = m.busy_max_cpu;
             }
             next_sample += 5000000000ull;
+        }
+        if (now >= next_tick && now < end && out->nticks < tickcap) {
+            const char *m = metrics_text(rest);
+            size_t k = out->nticks++;
+            out->tick_t[k] = (double)(now - t0) / 1e9;
+            out->tick_ckpts[k] = metric_val(m, "capsule_wal_checkpoints_total");
+            out->tick_ckpt_s[k] = metric_val(m, "capsule_wal_checkpoint_seconds_total");
+            out->tick_rss[k] = rss_kib(pid, "RssAnon:");
+            out->tick_rss_file[k] = rss_kib(pid, "RssFile:");
+            next_tick += 250000000ull;
         }
         /* send what is due; the earliest future due time bounds the wait */
         uint64_t wake = now + 100000000ull;
@@ -460,8 +527,12 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
                     out->errors++;
                 out->done++;
                 if (due[i] >= warm_end && t <= end) {
-                    if (out->n == cap)
-                        out->lat = cap_realloc(out->lat, (cap *= 2) * sizeof(uint64_t));
+                    if (out->n == cap) {
+                        cap *= 2;
+                        out->lat = cap_realloc(out->lat, cap * sizeof(uint64_t));
+                        out->lat_end = cap_realloc(out->lat_end, cap * sizeof(uint64_t));
+                    }
+                    out->lat_end[out->n] = t;
                     out->lat[out->n++] = t - due[i];
                 }
                 busy[i] = 0;
@@ -470,6 +541,10 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
             }
         }
     }
+    out->cpu_server = proc_cpu_s(pid) - out->cpu_server;
+    out->cpu_client = proc_cpu_s(getpid()) - out->cpu_client;
+    out->load1 = load_1min();
+    out->wall = (double)(cap_now_ns() - t0) / 1e9;
     cli_reconnect(rest, port);
     out->last = mem_sample(rest, pid);
     if (out->last.busy_max > out->busy_max) {
@@ -495,6 +570,96 @@ static void soak(cli_t *rest, int port, pid_t pid, const char *prefix, size_t n,
 static double pct(uint64_t *v, size_t n, double p)
 {
     return bench_pct_u64(v, n, p) / 1e6;
+}
+
+/* The server's RssAnon over the run, from the ticks: at the start, at the end of the warm-up (a
+ * third), half-way through the measured part and at the end; the least-squares slope over the
+ * measured part and over its second half, KiB per minute. A plateau after warm-up shows as a
+ * second-half slope near 0; a leak as a slope that does not fall. */
+typedef struct mem_trend {
+    long start, warm, mid, end;
+    double slope, slope_late; /* KiB/min */
+} mem_trend_t;
+
+static double kib_slope(const soak_res_t *r, double from_s, double to_s)
+{
+    double n = 0, sx = 0, sy = 0, sxx = 0, sxy = 0;
+    for (size_t k = 0; k < r->nticks; k++) {
+        double x = r->tick_t[k] / 60, y = (double)r->tick_rss[k];
+        if (r->tick_t[k] < from_s || r->tick_t[k] > to_s || r->tick_rss[k] < 0)
+            continue;
+        n++, sx += x, sy += y, sxx += x * x, sxy += x * y;
+    }
+    double d = n * sxx - sx * sx;
+    return n >= 2 && d > 0 ? (n * sxy - sx * sy) / d : 0;
+}
+
+static long rss_at(const soak_res_t *r, double t_s)
+{
+    long v = r->nticks ? r->tick_rss[0] : -1;
+    for (size_t k = 0; k < r->nticks && r->tick_t[k] <= t_s; k++)
+        v = r->tick_rss[k];
+    return v;
+}
+
+static mem_trend_t mem_trend(const soak_res_t *r, double secs)
+{
+    mem_trend_t m = {
+        rss_at(r, 0),    rss_at(r, secs / 3),          rss_at(r, secs * 2 / 3),
+        rss_at(r, secs), kib_slope(r, secs / 3, secs), kib_slope(r, secs * 2 / 3, secs)};
+    return m;
+}
+
+/* The kept latencies split by whether they overlap a checkpoint: a checkpoint that completed
+ * between two ticks, taking d seconds (capture to durable), was in flight somewhere in
+ * [previous tick - d, this tick], a window at most 250 ms wider than it. */
+typedef struct ckpt_split {
+    size_t n_in, n_out, slow_in, slow_out; /* executions; those over 10 ms */
+    double p99_in, p99_out, time_in;       /* ms, ms; share of the measured time in windows */
+} ckpt_split_t;
+
+static ckpt_split_t ckpt_split(const soak_res_t *r, double warm_s, double end_s)
+{
+    ckpt_split_t c = {0};
+    size_t nw = 0;
+    double *w0 = cap_calloc(r->nticks + 1, sizeof(double)),
+           *w1 = cap_calloc(r->nticks + 1, sizeof(double));
+    for (size_t k = 1; k < r->nticks; k++) {
+        if (r->tick_ckpts[k] <= r->tick_ckpts[k - 1])
+            continue;
+        w0[nw] = r->tick_t[k - 1] - (r->tick_ckpt_s[k] - r->tick_ckpt_s[k - 1]);
+        w1[nw++] = r->tick_t[k];
+    }
+    for (size_t i = 0; i < nw; i++) { /* the windows' part of the measured time */
+        double a = w0[i] > warm_s ? w0[i] : warm_s, b = w1[i] < end_s ? w1[i] : end_s;
+        if (i + 1 < nw && b > w0[i + 1])
+            b = w0[i + 1]; /* overlapping windows count once */
+        c.time_in += b > a ? b - a : 0;
+    }
+    c.time_in /= end_s - warm_s;
+    uint64_t *in = cap_malloc((r->n + 1) * sizeof(uint64_t)),
+             *out = cap_malloc((r->n + 1) * sizeof(uint64_t));
+    for (size_t j = 0; j < r->n; j++) {
+        double e = (double)(r->lat_end[j] - r->t0) / 1e9, b = e - (double)r->lat[j] / 1e9;
+        int hit = 0;
+        for (size_t i = 0; i < nw && !hit; i++)
+            hit = b < w1[i] && e > w0[i];
+        int slow = r->lat[j] > 10000000ull;
+        if (hit) {
+            in[c.n_in++] = r->lat[j];
+            c.slow_in += (size_t)slow;
+        } else {
+            out[c.n_out++] = r->lat[j];
+            c.slow_out += (size_t)slow;
+        }
+    }
+    c.p99_in = c.n_in ? pct(in, c.n_in, 0.99) : 0;
+    c.p99_out = c.n_out ? pct(out, c.n_out, 0.99) : 0;
+    cap_free(in);
+    cap_free(out);
+    cap_free(w0);
+    cap_free(w1);
+    return c;
 }
 
 static pid_t start_server(const char *data, int *port)
@@ -653,6 +818,9 @@ int main(int argc, char **argv)
     soak_res_t sk, cp;
     soak(c, port, pid, "soak", n_soak, soak_secs, gap_ms, &sk);
     soak(c, port, pid, "cap", n_soak, cap_secs, 0, &cp);
+    /* before the percentiles below sort sk.lat */
+    ckpt_split_t cs = ckpt_split(&sk, soak_secs / 3, soak_secs);
+    mem_trend_t mt = mem_trend(&sk, soak_secs);
     double s50 = sk.n ? pct(sk.lat, sk.n, 0.5) : 0, s99 = sk.n ? pct(sk.lat, sk.n, 0.99) : 0;
     double k50 = cp.n ? pct(cp.lat, cp.n, 0.5) : 0, k99 = cp.n ? pct(cp.lat, cp.n, 0.99) : 0;
     double offered = gap_ms ? (double)n_soak * 1000.0 / gap_ms : 0;
@@ -743,6 +911,24 @@ int main(int argc, char **argv)
             "    server RssFile %ld -> %ld KiB (%+.1f%%; the LMDB map's pages, not counted "
             "above)\n",
             sk.warm.rss_file, sk.last.rss_file, file_growth);
+    fprintf(stderr,
+            "    server RssAnon KiB, sampled every 250 ms: start %ld, warm-up end %ld, half-way "
+            "%ld, end %ld;\n    slope after warm-up %+.0f KiB/min, over the last third %+.0f "
+            "KiB/min; %.0f bytes per log record written after warm-up\n",
+            mt.start, mt.warm, mt.mid, mt.end, mt.slope, mt.slope_late,
+            sk.last.records > sk.warm.records
+                ? 1024.0 * (double)(sk.rss_end - sk.rss_warm) / (sk.last.records - sk.warm.records)
+                : 0);
+    fprintf(stderr,
+            "    checkpoints in flight (windows of +-250 ms) over %.0f%% of the measured time: "
+            "%zu executions overlapped one, p99 %.3f ms, %zu over 10 ms;\n    %zu did not, p99 "
+            "%.3f ms, %zu over 10 ms\n",
+            100 * cs.time_in, cs.n_in, cs.p99_in, cs.slow_in, cs.n_out, cs.p99_out, cs.slow_out);
+    fprintf(stderr,
+            "    CPU during the soak (%.0f s): the server %.1f s (%.0f%% of the 2 cores), this "
+            "client %.1f s (%.0f%%); load average %.1f -> %.1f\n",
+            sk.wall, sk.cpu_server, 100 * sk.cpu_server / sk.wall / 2, sk.cpu_client,
+            100 * sk.cpu_client / sk.wall / 2, sk.load0, sk.load1);
     fprintf(stderr, "    server KiB every 5 s, RssAnon / RssFile / malloc'ed in use / free in "
                     "malloc's arenas:\n     ");
     for (size_t i = 0; i < sk.ntrend; i++)
@@ -786,6 +972,13 @@ int main(int argc, char **argv)
                                     : 0,
                "%", NULL, 0, 0, 1);
     bench_emit("soak_server_rss_file_growth", file_growth, "%", NULL, 0, 0, 1);
+    bench_emit("soak_server_rss_slope_after_warmup", mt.slope, "KiB/min", NULL, 0, 0, 1);
+    bench_emit("soak_server_rss_slope_last_third", mt.slope_late, "KiB/min", NULL, 0, 0, 1);
+    bench_emit("soak_p99_overlapping_checkpoint", cs.p99_in, "ms", NULL, 0, 0, 1);
+    bench_emit("soak_p99_outside_checkpoints", cs.p99_out, "ms", NULL, 0, 0, 1);
+    bench_emit("soak_server_cpu_share", 100 * sk.cpu_server / sk.wall / 2, "%", NULL, 0, 0, 1);
+    bench_emit("soak_client_cpu_share", 100 * sk.cpu_client / sk.wall / 2, "%", NULL, 0, 0, 1);
+    bench_emit("soak_load_average", (sk.load0 + sk.load1) / 2, "load", NULL, 0, 0, 1);
     bench_emit("soak_client_lateness_p99", lag99, "ms", NULL, 0, 0, 1);
     bench_emit("soak_accepted_p99", acc99, "ms", NULL, 0, 0, 1);
     bench_emit("soak_server_exec_over_10ms", sx_n > 0 ? 100.0 * sx_over / sx_n : 0, "%", NULL, 0, 0,
@@ -802,6 +995,15 @@ int main(int argc, char **argv)
     cap_free(cp.lag);
     cap_free(sk.acc);
     cap_free(cp.acc);
+    soak_res_t *rs[2] = {&sk, &cp};
+    for (int i = 0; i < 2; i++) {
+        cap_free(rs[i]->lat_end);
+        cap_free(rs[i]->tick_t);
+        cap_free(rs[i]->tick_ckpts);
+        cap_free(rs[i]->tick_ckpt_s);
+        cap_free(rs[i]->tick_rss);
+        cap_free(rs[i]->tick_rss_file);
+    }
     cap_free(t);
     cap_free(c);
     cap_free(w);
