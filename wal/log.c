@@ -35,6 +35,8 @@
 #define WAL_DEFAULT_INDEX_LAG     8192u
 #define WAL_INDEX_CHUNK           16384u
 #define WAL_INDEX_IDLE_NS         (20u * 1000000u) /* index the tail after 20 ms without appends */
+#define WAL_MAX_LINGER_US         100000u
+#define WAL_LINGER_MIN_APPENDS    8u /* a commit acknowledging fewer appends is never lingered on */
 
 struct wal_frame_ref {
     uint8_t *p;
@@ -72,6 +74,8 @@ struct wal_log {
     int writer_waiting;     /* the writer sleeps on work_cv: an append must wake it */
     int inline_run;         /* wal_log_release is committing a batch on its caller's thread */
     int writer_parked;      /* the writer waits for that commit to end (it is woken then) */
+    size_t queued;          /* appends in the queue */
+    size_t linger_want;     /* lingering: wake the writer when queued reaches it (0: not) */
     uint64_t next_seq;      /* next to assign */
     uint64_t committed_seq; /* highest durable (acknowledged) */
     int closing;
@@ -85,6 +89,9 @@ struct wal_log {
     wal_scratch_t *scratch;
     uint8_t *index_buf;        /* WAL_INDEX_CHUNK 16-byte entries */
     uint64_t last_activity_ns; /* end of the last batch */
+    size_t last_acked;         /* appends the last batch acknowledged (0 after an idle sleep) */
+    uint64_t last_took_ns;     /* that batch's commit time */
+    uint64_t linger_ns;        /* opts.linger_us in ns (0: never linger) */
     int dirty;                 /* commits since the last fsync (WAL_NOSYNC) */
     uint64_t last_sync_ns;
 
@@ -291,6 +298,13 @@ int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out)
         log->opts.max_batch_bytes = WAL_DEFAULT_BATCH_BYTES;
     if (!log->opts.max_record_bytes)
         log->opts.max_record_bytes = WAL_DEFAULT_MAX_RECORD;
+    if (log->opts.linger_us > WAL_MAX_LINGER_US) {
+        cap_log(CAP_LOG_ERROR, "wal", "linger_us %u over the maximum %u", log->opts.linger_us,
+                WAL_MAX_LINGER_US);
+        rc = CAP_EINVAL;
+        goto fail;
+    }
+    log->linger_ns = (uint64_t)log->opts.linger_us * 1000u;
     if (log->opts.max_record_bytes > WAL_MAX_RECORD_LIMIT ||
         log->opts.max_record_bytes < WAL_FRAME_HDR + 64) {
         cap_log(CAP_LOG_ERROR, "wal", "max_record_bytes %zu out of range [96, 2 GiB]",
@@ -426,12 +440,17 @@ int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn 
         log->head = a;
     log->tail = a;
     log->st.pending += n;
-    /* only a sleeping writer needs the signal: a busy one takes the queue when it is done. Sent
-     * after the unlock, so that the woken writer does not block on mu at once. Not while this
-     * thread holds the log (wal_log_hold): wal_log_release commits or wakes. */
-    int wake = log->writer_waiting && wal__held != log;
-    if (wake)
+    log->queued++;
+    /* only a sleeping writer needs the signal, or a lingering one once what it waits for is
+     * queued: a busy one takes the queue when it is done. Sent after the unlock, so that the
+     * woken writer does not block on mu at once. Not while this thread holds the log
+     * (wal_log_hold): wal_log_release commits or wakes. */
+    int wake = (log->writer_waiting && wal__held != log) ||
+               (log->linger_want && log->queued >= log->linger_want);
+    if (wake) {
         log->writer_waiting = 0;
+        log->linger_want = 0;
+    }
     pthread_mutex_unlock(&log->mu);
     if (wake)
         pthread_cond_signal(&log->work_cv);
@@ -804,13 +823,15 @@ static void wal__journal_batch(wal_log_t *log, struct wal_append *head, size_t r
 static void wal__run_batch(wal_log_t *log)
 {
     struct wal_append *head = log->head, *last = head, *a;
-    size_t recs = head->n, bytes = head->bytes;
+    size_t recs = head->n, bytes = head->bytes, appends = 1;
     while (last->next && recs + last->next->n <= log->opts.max_batch_records &&
            bytes + last->next->bytes <= log->opts.max_batch_bytes) {
         last = last->next;
         recs += last->n;
         bytes += last->bytes;
+        appends++;
     }
+    log->queued -= appends;
     log->head = last->next;
     if (!log->head)
         log->tail = NULL;
@@ -854,6 +875,8 @@ static void wal__run_batch(wal_log_t *log)
     log->st.pending -= recs;
     pthread_mutex_unlock(&log->mu);
     log->last_activity_ns = cap_now_ns();
+    log->last_acked = appends;
+    log->last_took_ns = took;
 
     while (head) {
         a = head;
@@ -978,26 +1001,62 @@ static void wal__run_index(wal_log_t *log)
     log->st.indexed_seq = c.upto;
 }
 
+/* Waits on work_cv for at most wait_ns. Called with mu held. */
+static void wal__timed_wait(wal_log_t *log, uint64_t wait_ns)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)(wait_ns / 1000000000u);
+    ts.tv_nsec += (long)(wait_ns % 1000000000u);
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    pthread_cond_timedwait(&log->work_cv, &log->mu, &ts);
+}
+
 /* Sleeps on work_cv until an append, truncate or close signals it, or (due_ns != UINT64_MAX)
  * until cap_now_ns() reaches due_ns; now is cap_now_ns() of the caller. Called with mu held. */
 static void wal__writer_wait(wal_log_t *log, uint64_t now, uint64_t due_ns)
 {
     log->writer_waiting = 1;
-    if (due_ns == UINT64_MAX) {
+    log->last_acked = 0; /* idle: the next batch is not lingered on */
+    if (due_ns == UINT64_MAX)
         pthread_cond_wait(&log->work_cv, &log->mu);
-    } else {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        uint64_t wait = due_ns > now ? due_ns - now : 0;
-        ts.tv_sec += (time_t)(wait / 1000000000u);
-        ts.tv_nsec += (long)(wait % 1000000000u);
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&log->work_cv, &log->mu, &ts);
-    }
+    else
+        wal__timed_wait(log, due_ns > now ? due_ns - now : 0);
     log->writer_waiting = 0;
+}
+
+/* The group-commit linger (opts.linger_us), before taking a batch right after one that
+ * acknowledged K >= WAL_LINGER_MIN_APPENDS appends: those callers are likely to append again at
+ * once, so the writer waits (bounded by linger_us and half the last commit's time) until K more
+ * appends than were queued are queued, and they all share the next commit. Without it, callers
+ * that re-issue on their acknowledgement settle into two halves that alternate, each commit
+ * carrying half of them. Called with mu held; returns with mu held. */
+static void wal__linger(wal_log_t *log)
+{
+    size_t k = log->last_acked;
+    log->last_acked = 0;
+    if (!log->linger_ns || k < WAL_LINGER_MIN_APPENDS || log->closing || log->trunc_head)
+        return;
+    size_t want = log->queued + k, before = log->queued;
+    if (want > log->opts.max_batch_records)
+        want = log->opts.max_batch_records;
+    if (log->queued >= want)
+        return;
+    uint64_t wait = log->last_took_ns / 2 < log->linger_ns ? log->last_took_ns / 2 : log->linger_ns;
+    uint64_t t0 = cap_now_ns(), now = t0;
+    log->linger_want = want;
+    while (log->queued < want && !log->closing && !log->trunc_head && now - t0 < wait) {
+        wal__timed_wait(log, wait - (now - t0));
+        now = cap_now_ns();
+    }
+    log->linger_want = 0;
+    log->st.lingers++;
+    log->st.linger_ns += now - t0;
+    log->st.linger_joined += log->queued - before;
+    log->st.linger_full += log->queued >= want;
 }
 
 static void *wal__writer_main(void *arg)
@@ -1011,8 +1070,10 @@ static void *wal__writer_main(void *arg)
             log->writer_parked = 0;
             continue;
         }
-        if (log->head)
+        if (log->head) {
+            wal__linger(log);
             wal__run_batch(log);
+        }
         if (log->trunc_head) {
             wal__run_trunc(log);
             continue;
@@ -1236,6 +1297,7 @@ int wal_log_release(wal_log_t *log, int here)
         wal__run_batch(log);
         wal__inline = NULL;
         log->inline_run = 0;
+        log->last_acked = 0; /* the writer was idle: its next batch is not lingered on */
         log->st.inline_commits++;
         ran = 1;
         /* a parked writer, or one asleep with appends that came meanwhile from threads that did

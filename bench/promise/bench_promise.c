@@ -16,6 +16,8 @@
  *      cores, 64 threads spend the machine on wake-ups: the raw log peer itself stays below 50k).
  *   2. single-caller create latency p50 (and p99); peer: one raw LMDB put + commit (fsync) of
  *      the same key/value size. Goal: p50 within 1.3x of the peer.
+ * The 64 asynchronous callers are also measured with the wal's group-commit linger
+ * (wal_opts_t.linger_us = 250, off by default) as an A/B peer of the default in the same run.
  * Every promise figure is taken in the default mode (prom.docs checkpointed behind the log) and,
  * as its A/B peer in the same run, with the tables written in each commit (checkpoint_ms < 0).
  * The machine is shared and its disk's fsync time drifts several-fold within seconds, so the
@@ -105,6 +107,7 @@ typedef struct result {
 typedef struct cfg {
     const char *name;
     int ncallers, mode, checkpoint_ms; /* mode: 0 create+settle threads, 1 wal, 3 async */
+    unsigned linger_us;                /* wal_opts_t.linger_us (0: off, the default) */
     char *dir;
     store_env_t *env;
     prom_store_t *ps;
@@ -247,7 +250,8 @@ static void slice_async(cfg_t *c, double secs)
 static void cfg_open(cfg_t *c)
 {
     char tag[64];
-    snprintf(tag, sizeof(tag), "cfg-%d-%d-%d", c->ncallers, c->mode, c->checkpoint_ms);
+    snprintf(tag, sizeof(tag), "cfg-%d-%d-%d-%u", c->ncallers, c->mode, c->checkpoint_ms,
+             c->linger_us);
     c->dir = fresh_dir(tag);
     store_env_opts_t eo = {0};
     eo.map_size = 1ull << 30;
@@ -255,12 +259,14 @@ static void cfg_open(cfg_t *c)
         cap_fatal("bench", "env");
     if (c->mode == 1) {
         wal_opts_t wo = {0};
+        wo.linger_us = c->linger_us;
         if (wal_log_open(c->env, &wo, &c->wal) != 0)
             cap_fatal("bench", "wal open");
         return;
     }
     prom_opts_t po = {0};
     po.checkpoint_ms = c->checkpoint_ms;
+    po.wal.linger_us = c->linger_us;
     if (prom_store_open(c->env, &po, &c->ps) != 0)
         cap_fatal("bench", "prom open");
 }
@@ -270,12 +276,20 @@ static result_t cfg_close(cfg_t *c)
 {
     wal_stats_t ws;
     wal_log_stats(c->wal ? c->wal : prom_store_wal(c->ps), &ws);
-    fprintf(stderr, "  [%s: %llu records in %llu commits (%.1f per commit), max batch %llu",
+    fprintf(stderr,
+            "  [%s: %llu records in %llu commits (%.1f per commit, %.0f us each), max batch %llu",
             c->name, (unsigned long long)ws.records, (unsigned long long)ws.commits,
             ws.commits ? (double)ws.records / (double)ws.commits : 0.0,
+            ws.commits ? (double)ws.commit_ns / 1e3 / (double)ws.commits : 0.0,
             (unsigned long long)ws.max_batch);
     if (c->mode == 3)
         fprintf(stderr, "; %llu wake-ups of the loop thread", (unsigned long long)c->wakeups);
+    if (ws.lingers)
+        fprintf(stderr,
+                "; %llu lingers of %.0f us on average, %.1f appends joined each, %.0f%% full",
+                (unsigned long long)ws.lingers, (double)ws.linger_ns / 1e3 / (double)ws.lingers,
+                (double)ws.linger_joined / (double)ws.lingers,
+                100.0 * (double)ws.linger_full / (double)ws.lingers);
     if (ws.checkpoints)
         fprintf(stderr, "; %llu checkpoints of %.1f ms, the writer held %.2f ms by them",
                 (unsigned long long)ws.checkpoints,
@@ -453,11 +467,12 @@ int main(int argc, char **argv)
          .mode = 3,
          .checkpoint_ms = -1},
         {.name = "wal, 64 threads", .ncallers = 64, .mode = 1},
+        {.name = "promise, 64 async, linger 250 us", .ncallers = 64, .mode = 3, .linger_us = 250},
     };
-    run_interleaved(many, 5, rounds);
+    run_interleaved(many, 6, rounds);
     result_t p1 = cfg_close(&one[0]), w1 = cfg_close(&one[1]);
     result_t p64 = cfg_close(&many[0]), i64 = cfg_close(&many[1]), a64 = cfg_close(&many[2]),
-             ia64 = cfg_close(&many[3]), w64 = cfg_close(&many[4]);
+             ia64 = cfg_close(&many[3]), w64 = cfg_close(&many[4]), la64 = cfg_close(&many[5]);
     lat_ab_t lab = bench_latency();
     result_t c1 = lab.def, ic1 = lab.incommit, lm = lab.lmdb;
 
@@ -476,6 +491,7 @@ int main(int argc, char **argv)
         {"  same, tables in each commit", i64, "same, 64 threads", w64.ops_s},
         {"create+settle ops/s, 64 async on 1 loop *", a64, "same, 64 threads", w64.ops_s},
         {"  same, tables in each commit", ia64, "same, 64 threads", w64.ops_s},
+        {"  same, group-commit linger 250 us", la64, "same, 64 async, no linger", a64.ops_s},
     };
     for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++)
         fprintf(stderr, "%-44s %10.0f %10.1f %10.1f | %-26s %10.0f %8.3f\n", rows[i].name,
@@ -498,6 +514,8 @@ int main(int argc, char **argv)
                "wal_append_sync_records_per_s_64", w64.ops_s, 50000, BENCH_HIGHER);
     bench_emit("create_settle_ops_per_s_64_async_incommit", ia64.ops_s, "ops/s",
                "wal_append_sync_records_per_s_64", w64.ops_s, 0, BENCH_HIGHER);
+    bench_emit("create_settle_ops_per_s_64_async_linger", la64.ops_s, "ops/s",
+               "create_settle_ops_per_s_64_async", a64.ops_s, 0, BENCH_HIGHER);
     bench_emit("create_settle_ops_per_s_64", p64.ops_s, "ops/s", "wal_append_sync_records_per_s_64",
                w64.ops_s, 0, BENCH_HIGHER);
     bench_emit("create_settle_ops_per_s_64_incommit", i64.ops_s, "ops/s",

@@ -110,6 +110,16 @@ typedef struct wal_opts {
     size_t journal_bytes; /* (added) WAL_SYNC: size of wal.journal, rounded up to 4 KiB; 0 =
                              16 MiB, at least 64 KiB. A checkpoint runs every half of it; a
                              batch larger than half of it is made durable by a checkpoint. */
+    uint32_t linger_us;   /* (added) group-commit linger, off by default (0): right after a
+                             commit that acknowledged at least 8 appends, the writer waits up to
+                             this long (and at most half that commit's time) until as many
+                             appends as it acknowledged have been queued on top of those already
+                             waiting, so that callers re-issuing on their acknowledgement share
+                             one commit instead of alternating in two half batches. Ends as soon
+                             as they are queued. Never after a smaller commit, nor once the
+                             writer went idle: a lone or occasional caller is not delayed. Off by
+                             default because on this 2-core machine it did not pay (see
+                             ARCHITECTURE.md, wal/). At most 100000 (CAP_EINVAL above). */
 } wal_opts_t;
 
 /* Opens the log inside an open env (borrowed: it must outlive the log). Creates the log's
@@ -188,6 +198,9 @@ typedef struct wal_stats {
     uint64_t replayed;       /* (added) records re-applied from the journal when the log opened */
     uint64_t inline_commits; /* (added) batches committed on a producer's thread by
                               * wal_log_release (included in commits) */
+    uint64_t lingers, linger_ns; /* (added) group-commit lingers (opts.linger_us) and their time */
+    uint64_t linger_joined;      /* (added) appends queued during them */
+    uint64_t linger_full;        /* (added) lingers ended because the awaited appends came */
 } wal_stats_t;
 extern const uint32_t wal_batch_bounds[WAL_HIST_N - 1];
 extern const uint32_t wal_commit_bounds_us[WAL_HIST_N - 1];
