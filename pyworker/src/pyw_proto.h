@@ -60,6 +60,9 @@ enum {
                                  * (open: the task's name), str data:
                                  * a durable step of the running cell (id = exec); one at a time
                                  * per worker, answered by PROMISE_REPLY */
+    PYW_F_SPARE = 0x8B,         /* from a zygote, id 0: u32 pid of the spare it just made (the
+                                 * client's child: the client kills and reaps it if the zygote
+                                 * dies without handing it out or naming it in FORKED id 0) */
 };
 
 /* PROMISE operations (see ARCHITECTURE.md, "Durable steps"). name is the step's path below the

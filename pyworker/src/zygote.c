@@ -48,6 +48,7 @@ struct pyw_zygote {
     size_t nreqs;
     uint8_t *in; /* bytes read and not parsed yet */
     size_t in_len, in_cap;
+    pid_t spare; /* the zygote's unused spare (SPARE), our child: reaped here if the zygote dies */
 };
 
 /* Appends what the socket has to z->in: waits (poll) until deadline_ns for something to read,
@@ -157,17 +158,25 @@ static zreq_t *zreq_unlink(pyw_zygote_t *z, uint64_t id)
 }
 
 /* Handles one frame of the zygote: an answer to a FORK (FORKED or ERROR) is noted in its
- * request; a spare that died unused (FORKED, id 0) is reaped. Anything else is ignored. */
+ * request; a spare that died unused (FORKED, id 0) is reaped; a new spare (SPARE) is noted.
+ * Anything else is ignored. */
 static void zhandle(pyw_zygote_t *z, uint8_t type, uint64_t id, const uint8_t *body, size_t blen)
 {
     pyw_rd_t r;
     uint32_t v;
     pyw__rd_init(&r, body, blen);
+    if (type == PYW_F_SPARE) {
+        if (pyw__get_u32(&r, &v) == 0 && pyw__rd_end(&r) == 0 && v > 0)
+            z->spare = (pid_t)v;
+        return;
+    }
     if (type == PYW_F_FORKED && id == 0) {
         if (pyw__get_u32(&r, &v) == 0 && v > 0) {
             int st;
             while (waitpid((pid_t)v, &st, 0) < 0 && errno == EINTR)
                 ;
+            if (z->spare == (pid_t)v)
+                z->spare = 0;
         }
         return;
     }
@@ -184,6 +193,8 @@ static void zhandle(pyw_zygote_t *z, uint8_t type, uint64_t id, const uint8_t *b
     } else {
         q->pid = (pid_t)v;
         q->rc = 0;
+        if (z->spare == q->pid)
+            z->spare = 0; /* handed out: the request's worker now */
     }
 }
 
@@ -260,8 +271,15 @@ int pyw_zygote_open(const pyw_zygote_options_t *opt, pyw_zygote_t **out)
     size_t blen;
     uint64_t deadline =
         cap_now_ns() + (uint64_t)(opt->start_timeout_ms ? opt->start_timeout_ms : 10000) * 1000000;
-    if ((rc = zread(z, deadline, &type, &id, &body, &blen)))
-        goto out;
+    for (;;) { /* READY, after the SPARE that names the first spare */
+        if ((rc = zread(z, deadline, &type, &id, &body, &blen)))
+            goto out;
+        if (type != PYW_F_SPARE)
+            break;
+        zhandle(z, type, id, body, blen);
+        cap_free(body);
+        body = NULL;
+    }
     pyw_rd_t r;
     uint32_t ver, zpid, maxf;
     const uint8_t *pv;
@@ -505,6 +523,8 @@ void pyw_zygote_close(pyw_zygote_t *z)
         }
     }
     cap_free(z->in);
+    if (spare <= 0)
+        spare = z->spare; /* the zygote died holding it (or never named it at the SHUTDOWN) */
     if (spare > 0) {
         int st;
         kill(spare, SIGKILL);

@@ -1835,6 +1835,21 @@ static void send_forked(uint64_t id, pid_t pid)
     pyw__buf_free(&b);
 }
 
+/* Names the spare just made to the client (SPARE): should the zygote die, the client, the
+ * spare's parent, kills and reaps it. */
+static void spare_announce(void)
+{
+    if (g_spare_pid <= 0)
+        return;
+    pyw_buf_t b;
+    pyw__buf_init(&b);
+    pyw__frame_begin(&b, PYW_F_SPARE, 0);
+    pyw__put_u32(&b, (uint32_t)g_spare_pid);
+    pyw__frame_end(&b, 0);
+    send_buf(&b);
+    pyw__buf_free(&b);
+}
+
 /* Hands the FORK to the spare. Returns its pid, or -1 (no spare, or it is gone). */
 static pid_t spare_use(const char *opts, int fd)
 {
@@ -1877,6 +1892,7 @@ static _Noreturn void zygote_run(void)
     Py_XDECREF(r);
     Py_XDECREF(gc);
     spare_make();
+    spare_announce(); /* before READY: the client knows the spare from its open on */
     send_ready();
     for (;;) {
         uint8_t type = 0, *body = NULL;
@@ -1888,8 +1904,10 @@ static _Noreturn void zygote_run(void)
          * requests is served by direct forks meanwhile). */
         if (g_spare_pid <= 0) {
             struct pollfd pf = {g_sock, POLLIN, 0};
-            if (poll(&pf, 1, SPARE_IDLE_MS) == 0)
+            if (poll(&pf, 1, SPARE_IDLE_MS) == 0) {
                 spare_make();
+                spare_announce();
+            }
         }
         int rc = zygote_read(&type, &id, &body, &blen, &fd);
         if (rc == CAP_ECLOSED)
