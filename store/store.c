@@ -910,6 +910,18 @@ static void store__ckpt_free(store_ckpt_t *ck)
     cap_free(ck);
 }
 
+/* Test hook (CAPSULE_TEST_CKPT_CAPTURE_FAIL=n, read at each capture): captures fail, as if
+ * data.mdb held no meta page of the snapshot, until n of them have failed in this process. */
+static int store__test_capture_fail(void)
+{
+    static atomic_int failed;
+    const char *d = getenv("CAPSULE_TEST_CKPT_CAPTURE_FAIL");
+    if (!d || !*d || atomic_load(&failed) >= atoi(d))
+        return 0;
+    atomic_fetch_add(&failed, 1);
+    return 1;
+}
+
 /* Captures the snapshot committed now. The caller holds a write transaction of env (no commit
  * can slip in). The meta pages are read from data.mdb through the page cache: what the disk
  * will hold once data.mdb is flushed. One of them must carry the txnid LMDB reports. */
@@ -945,18 +957,24 @@ static int store__ckpt_capture(store_env_t *env, const uint8_t *user, store_ckpt
         goto out;
     }
     int found = 0;
+    uint64_t seen[2];
+    uint32_t magics[2];
     for (int i = 0; i < 2; i++) {
         const uint8_t *m = ck->slot + STORE_CKPT_HDR + (size_t)i * st.ms_psize;
-        uint64_t txnid;
-        uint32_t magic;
-        memcpy(&magic, m + STORE_META_MAGIC_AT, 4); /* LMDB writes its metas in host order */
-        memcpy(&txnid, m + STORE_META_TXNID_AT, 8);
-        if (magic == STORE_LMDB_MAGIC && txnid == ck->txnid)
+        memcpy(&magics[i], m + STORE_META_MAGIC_AT, 4); /* LMDB writes its metas in host order */
+        memcpy(&seen[i], m + STORE_META_TXNID_AT, 8);
+        if (magics[i] == STORE_LMDB_MAGIC && seen[i] == ck->txnid)
             found = 1;
     }
+    if (store__test_capture_fail())
+        found = 0;
     if (!found) {
-        cap_log(CAP_LOG_ERROR, "store", "checkpoint: %s holds no meta page of txn %llu", path,
-                (unsigned long long)ck->txnid);
+        cap_log(CAP_LOG_ERROR, "store",
+                "checkpoint: %s holds no meta page of txn %llu (meta 0: txn %llu%s, meta 1: txn "
+                "%llu%s)",
+                path, (unsigned long long)ck->txnid, (unsigned long long)seen[0],
+                magics[0] == STORE_LMDB_MAGIC ? "" : ", bad magic", (unsigned long long)seen[1],
+                magics[1] == STORE_LMDB_MAGIC ? "" : ", bad magic");
         rc = CAP_ESTORE;
         goto out;
     }

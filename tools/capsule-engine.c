@@ -1366,6 +1366,9 @@ static void h_metrics(srv_req_t *req, void *arg)
         {"capsule_wal_checkpoint_stall_seconds_total", "counter",
          "Time the log's writer spent on checkpoints (captures, waits for journal space).",
          (double)ws.checkpoint_stall_ns / 1e9},
+        {"capsule_wal_checkpoints_skipped_total", "counter",
+         "Checkpoint captures that failed and were retried after the next commit (see the log).",
+         (double)ws.checkpoints_skipped},
         /* the promise store (prom_store_stats) */
         {"capsule_promise_resident_docs", "gauge",
          "Promise documents in memory (pending, not yet checkpointed, settled cache).",

@@ -728,7 +728,11 @@ static void wal__checkpoint(wal_log_t *log)
 /* Writer thread, between batches (every journal block before log->jpos is committed in LMDB):
  * captures the snapshot committed now and hands it to the checkpoint thread, which makes it
  * durable while the writer goes on. Until then the previous checkpoint stays in force, with its
- * journal position (jckpt) and its pin: the journal space after it is not reused. */
+ * journal position (jckpt) and its pin: the journal space after it is not reused. A capture
+ * that fails changed nothing (the previous checkpoint is still in force): it is logged, counted
+ * (checkpoints_skipped) and tried again after the next batch; should the journal fill up
+ * meanwhile, the synchronous checkpoint before the block that needs the space decides
+ * (wal__journal_batch: a failure there stops the log). */
 static void wal__checkpoint_start(wal_log_t *log)
 {
     uint8_t user[STORE_CKPT_USER] = {0};
@@ -736,8 +740,17 @@ static void wal__checkpoint_start(wal_log_t *log)
     uint64_t t0 = cap_now_ns();
     wal__jpos_put(user, &log->jpos);
     int rc = store_env_ckpt_begin(log->env, user, &ck);
-    if (rc)
-        wal__ckpt_fatal(log, rc);
+    if (rc) {
+        cap_log(CAP_LOG_WARN, "wal",
+                "%s: capturing a checkpoint failed: %s (%d); the previous one stays in force, "
+                "retried after the next batch",
+                store_env_path(log->env), cap_strerror(rc), rc);
+        pthread_mutex_lock(&log->mu);
+        log->st.checkpoints_skipped++;
+        pthread_mutex_unlock(&log->mu);
+        wal__ckpt_stall(log, t0);
+        return;
+    }
     pthread_mutex_lock(&log->ck_mu);
     log->ck_job = ck;
     log->ck_job_pos = log->jpos;

@@ -195,12 +195,14 @@ typedef struct wal_stats {
                                           * the checkpoint thread: all of checkpoint_ns) */
     uint64_t checkpoint_in_flight;       /* (added) 1 while a checkpoint is captured and not yet
                                           * durable, else 0 */
-    uint64_t replayed;       /* (added) records re-applied from the journal when the log opened */
-    uint64_t inline_commits; /* (added) batches committed on a producer's thread by
-                              * wal_log_release (included in commits) */
-    uint64_t lingers, linger_ns; /* (added) group-commit lingers (opts.linger_us) and their time */
-    uint64_t linger_joined;      /* (added) appends queued during them */
-    uint64_t linger_full;        /* (added) lingers ended because the awaited appends came */
+    uint64_t replayed; /* (added) records re-applied from the journal when the log opened */
+    uint64_t checkpoints_skipped; /* (added) checkpoint captures that failed and were retried
+                                   * after the next batch (the previous checkpoint stayed) */
+    uint64_t inline_commits;      /* (added) batches committed on a producer's thread by
+                                   * wal_log_release (included in commits) */
+    uint64_t lingers, linger_ns;  /* (added) group-commit lingers (opts.linger_us) and their time */
+    uint64_t linger_joined;       /* (added) appends queued during them */
+    uint64_t linger_full;         /* (added) lingers ended because the awaited appends came */
 } wal_stats_t;
 extern const uint32_t wal_batch_bounds[WAL_HIST_N - 1];
 extern const uint32_t wal_commit_bounds_us[WAL_HIST_N - 1];
