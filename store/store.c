@@ -1001,6 +1001,28 @@ static void store__test_delay(void)
         usleep((useconds_t)atoi(d) * 1000u);
 }
 
+/* Bytes of data.mdb written out per step before a checkpoint's sync (see store__ckpt_flush). */
+#define STORE_CKPT_FLUSH_CHUNK ((off_t)1 << 20)
+
+/* Writes data.mdb's dirty pages out a chunk at a time, each waited for before the next, so the
+ * device queue never holds more than one chunk of them: a journal write (a durable commit)
+ * issued meanwhile waits behind at most a chunk, not behind everything the checkpoint interval
+ * dirtied (one fdatasync submits it all at once). Only a way of issuing the writes: the
+ * fdatasync that follows still makes them durable (and flushes the file's metadata and the
+ * device cache); an error here is left to it. */
+static void store__ckpt_flush(store_env_t *env)
+{
+    int fd;
+    struct stat st;
+    if (mdb_env_get_fd(env->env, &fd) != 0 || fstat(fd, &st) != 0)
+        return;
+    for (off_t off = 0; off < st.st_size; off += STORE_CKPT_FLUSH_CHUNK)
+        if (sync_file_range(fd, off, STORE_CKPT_FLUSH_CHUNK,
+                            SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                                SYNC_FILE_RANGE_WAIT_AFTER) != 0)
+            return;
+}
+
 /* Makes a captured checkpoint durable and current: forced sync of data.mdb (every page of the
  * snapshot was written before it), the slot into the older half of store.ckpt, fdatasync, then
  * the snapshot's read txn replaces the pin (clean: released). Frees ck. Commits may run beside
@@ -1011,6 +1033,7 @@ static int store__ckpt_complete(store_ckpt_t *ck, int clean)
     store_env_t *env = ck->env;
     char boot[STORE_BOOT_LEN];
     uint8_t *slot = ck->slot;
+    store__ckpt_flush(env);
     int rc = mdb_env_sync(env->env, 1);
     if (rc) {
         rc = store__err(env, rc, "checkpoint: syncing data.mdb");
