@@ -34,6 +34,7 @@
 #define WAL_TRUNC_CHUNK           1024u
 #define WAL_DEFAULT_INDEX_LAG     8192u
 #define WAL_INDEX_CHUNK           16384u
+#define WAL_INDEX_SLICE           512u /* index entries per transaction (wal__index_slice_fn) */
 #define WAL_INDEX_IDLE_NS         (20u * 1000000u) /* index the tail after 20 ms without appends */
 #define WAL_MAX_LINGER_US         100000u
 #define WAL_LINGER_MIN_APPENDS    8u /* a commit acknowledging fewer appends is never lingered on */
@@ -938,6 +939,8 @@ struct wal_index_ctx {
     wal_log_t *log;
     uint64_t from, target; /* index records in [from, target] */
     uint64_t upto;         /* out: indexed through here */
+    size_t n;              /* entries gathered in log->index_buf, sorted */
+    size_t at;             /* entries before this are committed */
 };
 
 static int wal__index_cmp(const void *a, const void *b)
@@ -945,14 +948,44 @@ static int wal__index_cmp(const void *a, const void *b)
     return memcmp(a, b, 16);
 }
 
-/* Writes the wal.key entries of the next chunk of committed, not yet indexed records, sorted (so
- * each index leaf is dirtied once per chunk, not once per batch), and moves "indexed". */
+/* Puts the sorted entries [c->at, c->at + WAL_INDEX_SLICE) of the chunk; with the last of them,
+ * moves "indexed" to c->upto. A slice covers a contiguous range of the key space, so it dirties
+ * at most about WAL_INDEX_SLICE leaves of wal.key whatever the table's size: LMDB keeps a
+ * transaction's dirty pages (malloc'ed) for reuse by later ones, so the largest transaction sets
+ * the process's memory for good. One transaction for a whole chunk touched nearly every leaf
+ * (random keys): its dirty pages, and the server's RssAnon, grew with the table (~100-130 bytes
+ * per execution, up to 64 MiB). Entries committed before "indexed" moves are harmless: readers
+ * ignore index entries past the mark (the tail scan has them), and a crash between slices
+ * re-puts them (the same keys) from the old mark. Re-run safe (store_env_write). */
+static int wal__index_slice_fn(store_txn_t *txn, void *arg)
+{
+    struct wal_index_ctx *c = arg;
+    wal_log_t *log = c->log;
+    store_val_t empty = {"", 0};
+    uint8_t kb[8];
+    size_t end = c->n - c->at > WAL_INDEX_SLICE ? c->at + WAL_INDEX_SLICE : c->n;
+    for (size_t i = c->at; i < end; i++) {
+        store_val_t ik = {log->index_buf + 16 * i, 16};
+        int rc = store_put(txn, log->dbs.key, ik, empty, 0);
+        if (rc)
+            return rc;
+    }
+    if (end < c->n)
+        return 0;
+    store_val_t mk = {WAL_META_INDEXED, sizeof(WAL_META_INDEXED) - 1}, mv = {kb, 8};
+    cap_put_be64(kb, c->upto);
+    return store_put(txn, log->dbs.meta, mk, mv, 0);
+}
+
+/* Gathers the wal.key entries of the next chunk of committed, not yet indexed records, sorted (so
+ * each index leaf is dirtied once per chunk, not once per batch), and puts the first slice of
+ * them (wal__index_slice_fn; wal__run_index commits the others, each in its own transaction). */
 static int wal__index_fn(store_txn_t *txn, void *arg)
 {
     struct wal_index_ctx *c = arg;
     wal_log_t *log = c->log;
     store_cursor_t *cur = NULL;
-    store_val_t k, v, empty = {"", 0};
+    store_val_t k, v;
     uint8_t kb[8];
     size_t n = 0;
     int rc;
@@ -984,15 +1017,9 @@ static int wal__index_fn(store_txn_t *txn, void *arg)
     if (rc && rc != CAP_ENOTFOUND)
         return rc;
     qsort(log->index_buf, n, 16, wal__index_cmp);
-    for (size_t i = 0; i < n; i++) {
-        store_val_t ik = {log->index_buf + 16 * i, 16};
-        rc = store_put(txn, log->dbs.key, ik, empty, 0);
-        if (rc)
-            return rc;
-    }
-    store_val_t mk = {WAL_META_INDEXED, sizeof(WAL_META_INDEXED) - 1}, mv = {kb, 8};
-    cap_put_be64(kb, c->upto);
-    return store_put(txn, log->dbs.meta, mk, mv, 0);
+    c->n = n;
+    c->at = 0;
+    return wal__index_slice_fn(txn, c);
 }
 
 /* One index chunk. Called with mu held; returns with mu held. */
@@ -1004,6 +1031,10 @@ static void wal__run_index(wal_log_t *log)
     if (!log->index_buf)
         log->index_buf = cap_malloc((size_t)WAL_INDEX_CHUNK * 16);
     int rc = store_env_write(log->env, wal__index_fn, &c);
+    while (rc == 0 && c.n - c.at > WAL_INDEX_SLICE) {
+        c.at += WAL_INDEX_SLICE;
+        rc = store_env_write(log->env, wal__index_slice_fn, &c);
+    }
     if (rc)
         cap_fatal("wal", "%s: key index transaction failed: %s (%d)", store_env_path(log->env),
                   cap_strerror(rc), rc);

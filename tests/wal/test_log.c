@@ -661,6 +661,66 @@ static void test_apply_and_growth(void)
     cap_free(dir);
 }
 
+/* The key index written in slices (WAL_INDEX_SLICE entries per transaction): a chunk of 3000+
+ * entries (index_lag 3000) spans several transactions; afterwards every key is found once, by
+ * the index (the mark covers it), with its record; a reopen finds the same. */
+static void test_index_slices(void)
+{
+    char *dir = check_tmpdir("wal-index-slices");
+    store_env_t *env;
+    wal_opts_t wo = {.index_lag = 3000, .durability = WAL_NOSYNC};
+    wal_log_t *log = open_log(dir, &env, &wo, 1, 0);
+    enum { N = 7000, B = 100 };
+    for (int round = 0; round < 2; round++) {
+        if (round == 0) {
+            for (int b = 0; b < N / B; b++) {
+                char keys[B][16];
+                wal_rec_t r[B];
+                wal_field_t f[B];
+                for (int i = 0; i < B; i++) {
+                    int n = b * B + i;
+                    snprintf(keys[i], sizeof keys[i], "u%d", n);
+                    f[i] = (wal_field_t){.tag = 1, .u = (uint64_t)n};
+                    r[i] = (wal_rec_t){.kind = 1,
+                                       .key = keys[i],
+                                       .key_len = strlen(keys[i]),
+                                       .fields = &f[i],
+                                       .nfields = 1};
+                }
+                CHECK_OK(wal_log_append_sync(log, r, B, NULL));
+            }
+        }
+        wal_stats_t st;
+        uint64_t deadline = cap_now_ns() + 10000000000ull;
+        for (wal_log_stats(log, &st); st.indexed_seq < N; wal_log_stats(log, &st)) {
+            CHECK(cap_now_ns() < deadline); /* indexed after 20 ms without appends */
+            usleep(2000);
+        }
+        for (int n = 0; n < N; n += 13) {
+            char key[16];
+            snprintf(key, sizeof key, "u%d", n);
+            wal_iter_opts_t o = {.key = key, .key_len = strlen(key), .decode = 1};
+            wal_iter_t *it;
+            wal_entry_t e;
+            CHECK_OK(wal_iter_open(log, &o, &it));
+            CHECK_OK(wal_iter_next(it, &e));
+            CHECK_EQ(e.seq, (uint64_t)n + 1);
+            const wal_field_t *fv = wal_entry_field(&e, 1);
+            CHECK(fv && fv->u == (uint64_t)n);
+            CHECK_ERR(wal_iter_next(it, &e), CAP_ENOTFOUND);
+            wal_iter_close(it);
+        }
+        if (round == 0) {
+            close_log(log, env);
+            log = open_log(dir, &env, &wo, 1, 0);
+        }
+    }
+    close_log(log, env);
+    check_rmtree(dir);
+    cap_free(dir);
+    fprintf(stderr, "wal.log: key index in slices: ok\n");
+}
+
 int main(void)
 {
     test_empty_and_basic();
@@ -674,6 +734,7 @@ int main(void)
     test_hold_release();
     test_truncate();
     test_apply_and_growth();
+    test_index_slices();
     fprintf(stderr, "wal.log: ok\n");
     return 0;
 }
