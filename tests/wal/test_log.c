@@ -498,7 +498,7 @@ static void test_hold_release(void)
             int r = wal_log_release(log, here);
             CHECK(r == 0 || r == 1);
             CHECK(!r || (nosync && here));
-            if (r) { /* both appends acknowledged on this thread, before the return */
+            if (r) { /* both appends acknowledged before the return */
                 CHECK_EQ(atomic_load(&h.calls), before + 2);
                 ran++;
             }
@@ -508,7 +508,14 @@ static void test_hold_release(void)
         wal_log_stats(log, &st);
         CHECK_EQ(st.inline_commits, (uint64_t)ran);
         CHECK_EQ(st.records, (uint64_t)sent * 2);
-        CHECK_EQ(atomic_load(&h.on_self), nosync ? ran * 2 : 0);
+        /* an inline release acknowledges what is queued on this thread; the writer, woken by
+         * its own timer (nosync's background sync every 20 ms), may have taken the first of
+         * the two appends already (seen under ASan: 277 callbacks here for 139 inline runs) */
+        int self = atomic_load(&h.on_self);
+        if (nosync)
+            CHECK(self >= ran && self <= ran * 2);
+        else
+            CHECK_EQ(self, 0);
         if (nosync)
             CHECK(ran >= 100); /* the writer sleeps most of the time */
         else
