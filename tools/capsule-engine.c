@@ -83,6 +83,10 @@ static opt_t opts[] = {
     {"--max-out-bytes", "CAPSULE_MAX_OUT_BYTES", "16777216",
      "bytes queued to a client that does not read before it is dropped", NULL},
     {"--log-level", "CAPSULE_LOG_LEVEL", "info", "debug, info, warn or error", NULL},
+    {"--affinity", "CAPSULE_AFFINITY", "auto",
+     "auto (a lone execution runs on one CPU with the engine's threads) or none (the scheduler "
+     "places everything)",
+     NULL},
 };
 enum {
     O_LISTEN,
@@ -109,6 +113,7 @@ enum {
     O_DEPTH,
     O_OUTB,
     O_LOG,
+    O_AFFINITY,
     O_COUNT
 };
 
@@ -1853,6 +1858,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "capsule-engine: --durability must be sync or nosync\n");
         return 2;
     }
+    const char *aff = optv(O_AFFINITY);
+    if (strcmp(aff, "auto") != 0 && strcmp(aff, "none") != 0) {
+        fprintf(stderr, "capsule-engine: --affinity must be auto or none\n");
+        return 2;
+    }
     if (*optv(O_WARMUP) && !(warmup = read_file(optv(O_WARMUP)))) {
         fprintf(stderr, "capsule-engine: cannot read warm-up file %s: %s\n", optv(O_WARMUP),
                 strerror(errno));
@@ -1883,7 +1893,8 @@ int main(int argc, char **argv)
                      .max_sessions = maxs,
                      .max_queue = maxq,
                      .max_output = maxout,
-                     .idle_release_ms = idlerel};
+                     .idle_release_ms = idlerel,
+                     .affinity = strcmp(aff, "none") == 0 ? ENG_AFFINITY_NONE : ENG_AFFINITY_AUTO};
     if ((rc = eng_open(&eo, &G.eng)) != 0) {
         fprintf(stderr, "capsule-engine: cannot open the engine in %s: %s\n", eo.dir,
                 cap_strerror(rc));

@@ -115,8 +115,12 @@ def t_help(server):
     assert out.returncode == 0
     for name in ["--listen", "CAPSULE_LISTEN", "--data-dir", "CAPSULE_DATA_DIR", "CAPSULE_TOKENS",
                  "--tokens-file", "--durability", "--grace-ms", "--max-conns", "--max-body-bytes",
-                 "--ws-max-msg", "--json-max-depth", "127.0.0.1:8765"]:
+                 "--ws-max-msg", "--json-max-depth", "127.0.0.1:8765", "--affinity",
+                 "CAPSULE_AFFINITY"]:
         assert name in out.stdout, name
+    bad = subprocess.run([server, "--affinity", "sometimes"], capture_output=True, text=True,
+                         timeout=10)
+    assert bad.returncode == 2 and "--affinity must be auto or none" in bad.stderr, bad.stderr
     bad = subprocess.run([server, "--max-conns", "lots"], capture_output=True, text=True,
                          timeout=10)
     assert bad.returncode == 2 and "not a number" in bad.stderr
