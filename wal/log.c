@@ -398,6 +398,13 @@ static _Thread_local wal_log_t *wal__held;
 /* the log whose batch this thread is committing (wal_log_release): its callbacks run here */
 static _Thread_local wal_log_t *wal__inline;
 
+/* 1 on a thread that commits log's batches (its writer, or wal_log_release's caller inside the
+ * batch): waiting there for a commit would wait for itself. */
+static int wal__on_writer(const wal_log_t *log)
+{
+    return (log->have_writer && pthread_equal(pthread_self(), log->writer)) || wal__inline == log;
+}
+
 int wal_log_append(wal_log_t *log, const wal_rec_t *recs, size_t n, wal_done_fn done, void *arg,
                    uint64_t *first_seq)
 {
@@ -485,8 +492,7 @@ static void wal__waiter_done(void *arg, int status, uint64_t first_seq)
 int wal_log_append_sync(wal_log_t *log, const wal_rec_t *recs, size_t n, uint64_t *first_seq)
 {
     struct wal_waiter w = {.log = log};
-    if (log &&
-        ((log->have_writer && pthread_equal(pthread_self(), log->writer)) || wal__inline == log)) {
+    if (log && wal__on_writer(log)) {
         cap_log(CAP_LOG_ERROR, "wal",
                 "wal_log_append_sync from a done/apply callback would "
                 "wait for itself");
@@ -1362,7 +1368,7 @@ int wal_log_truncate(wal_log_t *log, uint64_t before_seq)
         return CAP_EINVAL;
     if (log->readonly)
         return CAP_EINVAL;
-    if ((log->have_writer && pthread_equal(pthread_self(), log->writer)) || wal__inline == log) {
+    if (wal__on_writer(log)) {
         cap_log(CAP_LOG_ERROR, "wal",
                 "wal_log_truncate from a done/apply callback would wait "
                 "for itself");
