@@ -29,6 +29,43 @@
     "    time.sleep(0.05)\n"                                                                       \
     "'end'"
 
+/* (b)'s code: the same lines, and after each one the worker's pid appended as a line to a marker
+ * file, so the test can see that the re-run after recovery has printed without guessing how long
+ * recovery takes (the killed run's worker may go on for a while; its lines carry another pid) */
+static char code_b[8192];
+static char mark_b[4096];
+
+static void code_b_init(const char *dir)
+{
+    snprintf(mark_b, sizeof(mark_b), "%s.mark", dir);
+    snprintf(code_b, sizeof(code_b),
+             "import time\n"
+             "for i in range(12):\n"
+             "    print('line', i, flush=True)\n"
+             "    with open(%s%s%s, 'a') as f: f.write('%%d\\n' %% __import__('os').getpid())\n"
+             "    time.sleep(0.05)\n"
+             "'end'",
+             "'", mark_b, "'");
+}
+
+/* lines in the marker file written by a pid other than the first line's: the re-run's */
+static int rerun_marks(void)
+{
+    FILE *f = fopen(mark_b, "r");
+    if (!f)
+        return 0;
+    long first = -1, pid;
+    int n = 0;
+    while (fscanf(f, "%ld", &pid) == 1) {
+        if (first < 0)
+            first = pid;
+        else if (pid != first)
+            n++;
+    }
+    fclose(f);
+    return n;
+}
+
 typedef struct lis {
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -187,7 +224,8 @@ static int child(const char *dir)
     CHECK_OK(eng_session_open(e, "b", &so, NULL));
     lis_t l;
     lis_init(&l);
-    eng_exec_req_t rq = {.sid = "b", .eid = "b-1", .code = CODE};
+    code_b_init(dir);
+    eng_exec_req_t rq = {.sid = "b", .eid = "b-1", .code = code_b};
     CHECK_OK(eng_execute(e, &rq, &lcb, &l));
     lis_wait_lines(&l, 3);
     CHECK(write(1, "go\n", 3) == 3);
@@ -219,12 +257,17 @@ static void test_attach_after_restart(const char *dir, const char *self)
     close(fds[0]);
     while (waitpid(-1, NULL, WNOHANG) > 0) /* its workers, reparented here */
         ;
-    /* recovery re-runs b-1 at once; attach only after it has printed a while */
+    /* recovery re-runs b-1 at once; attach only after the re-run has printed two lines (its
+     * second marker byte comes 50 ms after its first line was flushed) */
+    code_b_init(dir);
+    CHECK_EQ(rerun_marks(), 0);
     eng_t *e = etest_open(dir, 0);
-    usleep(300 * 1000);
+    for (int i = 0; i < 60000 && rerun_marks() < 2; i++)
+        usleep(1000);
+    CHECK(rerun_marks() >= 2);
     lis_t l;
     lis_init(&l);
-    eng_exec_req_t rq = {.sid = "b", .eid = "b-1", .code = CODE};
+    eng_exec_req_t rq = {.sid = "b", .eid = "b-1", .code = code_b};
     CHECK_OK(eng_execute(e, &rq, &lcb, &l));
     lis_wait_done(&l);
     want_all(&l);
@@ -247,6 +290,7 @@ static void test_attach_after_restart(const char *dir, const char *self)
     CHECK_ERR(eng_session_info(e, "nosuch", &in), CAP_ENOTFOUND);
     CHECK_ERR(eng_session_info(e, "bad id", &in), CAP_EINVAL);
     eng_close(e);
+    unlink(mark_b);
 }
 
 int main(int argc, char **argv)

@@ -618,6 +618,12 @@ def replay(eng, path):
         wait = t0 + o["t"] / 1000.0 - time.monotonic()
         if wait > 0:
             time.sleep(wait)
+        elif o["dir"] == "rpc":
+            # Behind the recording (a slow build, a loaded machine): take the lag as a pause
+            # in the recording, so the deadlines the next requests carry are as far ahead as
+            # they were recorded (a 300 ms timer created late must not be born expired).
+            t0 -= wait
+            delta += int(-wait * 1000) + 1
         if o["dir"] == "poll-connect":
             _, _, group, pid = o["url"].split("/")
             p = Poller(eng.port, group, pid)
