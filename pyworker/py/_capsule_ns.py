@@ -117,7 +117,10 @@ _ATOMS = frozenset({str, bytes, int, float, complex, bool, type(None), type(Elli
                     types.MappingProxyType, types.CellType})
 
 _ASYNC_FLAGS = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0x2000)
-_SRC_HINTS = ("def", "class", "import", "lambda")
+
+def _src_hint(source):
+    """True if the cell may hold a def/class/import/lambda statement (worth parsing)."""
+    return "def" in source or "class" in source or "import" in source or "lambda" in source
 
 
 def _type_name(v):
@@ -329,19 +332,6 @@ def _unwrap_functions(v):
         seen += 1
 
 
-class _Live:
-    """Membership in the tracked names of the last recorded state, when the keys are unchanged
-    (saves building a set of every name on the fast path)."""
-
-    __slots__ = ("_vals",)
-
-    def __init__(self, g, vals):
-        self._vals = vals
-
-    def __contains__(self, name):
-        return name in self._vals
-
-
 class Namespace:
     """Tracks one session namespace (a globals dict) and produces/applies delta blobs.
 
@@ -378,6 +368,7 @@ class Namespace:
         self._cell_file = None
         self._code_cache = {}
         self._klist, self._idl = [], []
+        self._empty_blob = None  # the delta of a cell that changed nothing (made once)
 
     # ---------------------------------------------------------------- public API
 
@@ -388,7 +379,7 @@ class Namespace:
         self._cellseq += 1
         self._cell_file = getattr(code, "co_filename", None)
         self._pending = {}
-        if source and any(h in source for h in _SRC_HINTS):
+        if source and _src_hint(source):
             try:
                 self._pending = _binders(source)
             except (RecursionError, MemoryError, ValueError):
@@ -423,8 +414,18 @@ class Namespace:
             added, deleted = set(), set()
             rebound = {k for k in itertools.compress(klist, map(operator.is_not, idl, self._idl))
                        if k in vals}
-            keys = _Live(g, vals)
+            keys = vals  # only `in` is asked of keys: the tracked names are the live ones
+            cands = None
+            if not rebound:
+                cands = self._candidates(code, keys)
+                if not cands:
+                    # Nothing added, deleted, rebound or possibly mutated (a `2+2`): the
+                    # recorded state stands and the delta is the empty one.
+                    self._pending = {}
+                    self._idl = idl
+                    return self._empty_delta()
         else:
+            cands = None
             keys = self._current_keys()
             old = vals.keys()
             added = keys - old
@@ -432,8 +433,8 @@ class Namespace:
             common = list(keys & old)
             rebound = set(itertools.compress(common, map(
                 operator.is_not, map(g.__getitem__, common), map(vals.__getitem__, common))))
-
-        cands = self._candidates(code, keys)
+        if cands is None:
+            cands = self._candidates(code, keys)
         pickles = {}
         mutated = set()
         cls_mutated = set()
@@ -462,13 +463,20 @@ class Namespace:
         mutated |= cls_mutated
         blob = self._encode(_KIND_DELTA, entries)
         self._pending = {}
-        if keys.__class__ is _Live:
+        if keys is vals:
             self._klist, self._idl = klist, idl
         else:
             self._sync_ids()
         info = {"added": sorted(added), "changed": sorted(rebound), "mutated": sorted(mutated),
                 "deleted": sorted(deleted), "unpicklable": unpick, "size": len(blob)}
         return blob, info
+
+    def _empty_delta(self):
+        blob = self._empty_blob
+        if blob is None:
+            blob = self._empty_blob = self._encode(_KIND_DELTA, [])
+        return blob, {"added": [], "changed": [], "mutated": [], "deleted": [],
+                      "unpicklable": {}, "size": len(blob)}
 
     def snapshot(self):
         """Returns (blob, info): every name, groups re-pickled, sources in definition order.
@@ -629,7 +637,11 @@ class Namespace:
         tracked names (anything supporting `in`)."""
         if code is None:
             return set(self._current_keys())
-        first = self._code_names(code)
+        # the cell's own code is new every time: not worth a place in the cache
+        first = set()
+        _code_names_uncached(code, first)
+        if not first:
+            return first  # a cell that names nothing (`2+2`)
         if not first.isdisjoint(_ESCAPE):
             return set(self._current_keys())
         cands = {n for n in first if n in keys}

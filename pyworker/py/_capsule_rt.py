@@ -374,11 +374,16 @@ def _delta(code):
         return None, "namespace delta failed: %s: %s" % (type(e).__name__, e)
 
 
+def _names(info, key):
+    v = info.get(key)
+    return v if type(v) is list else list(v or ())  # Namespace gives fresh lists: no copy
+
+
 def _delta_tuple(blob, info):
-    unp = info.get("unpicklable", {})
-    return (bytes(blob), list(info.get("added", ())), list(info.get("changed", ())),
-            list(info.get("mutated", ())), list(info.get("deleted", ())),
-            [(str(k), str(v)) for k, v in unp.items()])
+    unp = info.get("unpicklable")
+    return (blob if type(blob) is bytes else bytes(blob), _names(info, "added"),
+            _names(info, "changed"), _names(info, "mutated"), _names(info, "deleted"),
+            [(str(k), str(v)) for k, v in unp.items()] if unp else [])
 
 
 def run_cell(cell_no, cell_id, source):

@@ -219,6 +219,14 @@ class TestAliasing(Base):
         self.assertEqual(r.g["a"], {"v": [1]})
 
 
+# a class that counts how often its instances are pickled
+COUNTED = ("class Counted:\n"
+           "    n = 0\n"
+           "    def __reduce__(self):\n"
+           "        Counted.n += 1\n"
+           "        return (Counted, ())\n")
+
+
 class TestCandidates(Base):
     def test_function_mutating_a_global(self):
         self.run_cell("log = []\nother = []\ndef add(v):\n    log.append(v)")
@@ -255,18 +263,31 @@ class TestCandidates(Base):
 
     def test_small_cell_does_not_fingerprint_everything(self):
         self.run_cell(
-            "class Counted:\n"
-            "    n = 0\n"
-            "    def __reduce__(self):\n"
-            "        Counted.n += 1\n"
-            "        return (Counted, ())\n"
-            + "".join(f"v{i} = Counted()\n" for i in range(50)) + "x5 = 1")
+            COUNTED + "".join(f"v{i} = Counted()\n" for i in range(50)) + "x5 = 1")
         before = self.s.g["Counted"].n
         i = self.run_cell("x5 = 7")
         self.assertEqual(i["changed"], ["x5"])
         self.assertEqual(self.s.g["Counted"].n, before)  # no v* was pickled
         self.run_cell("v3.tag = 1")
         self.assertEqual(self.s.g["Counted"].n, before + 1)  # only v3
+
+    def test_cell_that_changes_nothing(self):
+        # the shortcut for a cell with no rebinding and no candidate (`2+2`, `print(1)`): the
+        # same empty delta as the full path, nothing pickled, and the next delta still chains
+        self.run_cell(COUNTED + "v = Counted()\nx = [1]")
+        before = self.s.g["Counted"].n
+        empty = self.s.ns._encode(_capsule_ns._KIND_DELTA, [])
+        for src in ("2+2", "print(end='')", "pass"):
+            i = self.run_cell(src)
+            self.assertEqual(self.blobs[-1], empty)
+            self.assertEqual((i["added"], i["changed"], i["mutated"], i["deleted"],
+                              i["unpicklable"]), ([], [], [], [], {}))
+        self.assertEqual(self.s.g["Counted"].n, before)
+        self.s.g["x"].append(2)  # mutated outside any cell: seen once the name is named
+        self.assertEqual(self.run_cell("2+2")["mutated"], [])
+        self.assertEqual(self.run_cell("len(x)")["mutated"], ["x"])
+        r, _ = self.restore()
+        self.assertSameNamespace(r)
 
 
 class TestSource(Base):
