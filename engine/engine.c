@@ -2703,8 +2703,24 @@ static int list_tids(pid_t *out, int max)
     return n;
 }
 
-/* The threads prom_store_open started (the wal writer, the document flusher) and the mask to
- * return them to, for CPU placement. */
+/* Whether thread tid of this process is named name (/proc/self/task/TID/comm). */
+static int tid_named(pid_t tid, const char *name)
+{
+    char path[64], comm[32] = "";
+    snprintf(path, sizeof(path), "/proc/self/task/%d/comm", (int)tid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    int ok = fgets(comm, sizeof(comm), f) != NULL;
+    fclose(f);
+    comm[strcspn(comm, "\n")] = 0;
+    return ok && strcmp(comm, name) == 0;
+}
+
+/* Of the threads prom_store_open started, the one a lone execution's commits run on (the wal
+ * writer; not the checkpoint thread nor the document flusher, which work in the background and,
+ * pinned, would take the loop's CPU while the other idles), and the mask to return it to, for
+ * CPU placement. */
 static void note_new_tids(eng_t *e, const pid_t *before, int nbefore)
 {
     pid_t now[64];
@@ -2718,7 +2734,7 @@ static void note_new_tids(eng_t *e, const pid_t *before, int nbefore)
         int old = 0;
         for (int k = 0; k < nbefore && !old; k++)
             old = now[i] == before[k];
-        if (!old)
+        if (!old && tid_named(now[i], WAL_THREAD_WRITER))
             e->eng_tids[e->neng_tids++] = now[i];
     }
 }

@@ -24,6 +24,7 @@
  *   - prom.docs + prom.meta docs_seq = the state after exactly the records <= docs_seq, and
  *     docs_seq is durable before it is written (see "the checkpoint of prom.docs" below).
  */
+#define _GNU_SOURCE /* pthread_setname_np */
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -2419,6 +2420,7 @@ int prom_store_open(store_env_t *env, const prom_opts_t *opts, prom_store_t **ou
             rc = -EAGAIN;
             goto out;
         }
+        (void)pthread_setname_np(s->flusher, "capsule-flush");
         s->flusher_on = 1;
     } else {
         /* documents replayed after a checkpoint-mode run's last checkpoint: write them now */

@@ -18,6 +18,7 @@
  *   - committed_seq only grows; "high" in wal.meta is written with every truncation chunk, so a
  *     reopened log never reuses a sequence number that was acknowledged.
  */
+#define _GNU_SOURCE /* pthread_setname_np */
 #include "wal_int.h"
 
 #include <errno.h>
@@ -357,12 +358,18 @@ int wal_log_open(store_env_t *env, const wal_opts_t *opts, wal_log_t **out)
             log->next_seq = log->committed_seq + 1;
             log->st.first_seq = first;
             log->st.last_seq = last;
+            /* named for ps/top/perf, and so the engine can tell the writer (on the path of
+             * every commit) from the checkpoint thread (background) when it places threads */
             if (log->jr) {
                 rc = pthread_create(&log->ck_thread, NULL, wal__ckpt_main, log);
                 log->have_ck_thread = rc == 0;
+                if (rc == 0)
+                    (void)pthread_setname_np(log->ck_thread, WAL_THREAD_CKPT);
             }
             if (rc == 0)
                 rc = pthread_create(&log->writer, NULL, wal__writer_main, log);
+            if (rc == 0)
+                (void)pthread_setname_np(log->writer, WAL_THREAD_WRITER);
             rc = rc ? -rc : 0;
         }
         if (rc) {

@@ -29,6 +29,15 @@ static const char *PLACE =
     "k = sum(1 for t in tasks if len(mine) == 1 and os.sched_getaffinity(int(t)) == mine)\n"
     "'%d/%d' % (len(mine), k)";
 
+/* The cell's answer: the names of the engine's threads pinned to the cell's one CPU. */
+static const char *PINNED =
+    "import os\n"
+    "mine = os.sched_getaffinity(0)\n"
+    "tasks = os.listdir('/proc/%d/task' % os.getppid())\n"
+    "names = ' '.join(sorted(open('/proc/%d/task/%s/comm' % (os.getppid(), t)).read().strip()\n"
+    "    for t in tasks if len(mine) == 1 and os.sched_getaffinity(int(t)) == mine))\n"
+    "names";
+
 static char *place(eng_t *e, const char *sid, const char *prefix)
 {
     char code[1024];
@@ -147,6 +156,20 @@ int main(void)
         fprintf(stderr, "lone placement %s\n", v);
     CHECK(k >= 2);
     snprintf(lone, sizeof lone, "%s", v);
+    cap_free(v);
+    /* the engine's threads on the lone cell's CPU are the loop and the wal writer, by name: not
+     * the background ones (the wal's checkpoint thread, the promise store's flusher) */
+    v = NULL;
+    for (int i = 0; i < 50 && (!v || strcmp(v, "'capsule-loop capsule-wal'") != 0); i++) {
+        cap_free(v);
+        eng_result_t *r = etest_run(e, "a", NULL, PINNED);
+        CHECK_EQ(r->status, ENG_ST_OK);
+        v = cap_strdup(r->repr);
+        eng_result_free(r);
+    }
+    if (strcmp(v, "'capsule-loop capsule-wal'") != 0)
+        fprintf(stderr, "pinned with the lone cell: %s\n", v);
+    CHECK_STREQ(v, "'capsule-loop capsule-wal'");
     cap_free(v);
     /* a cell that runs past 2 ms is let go (the engine's threads keep their place) */
     v = place(e, "a", "import time\ntime.sleep(0.03)\n");

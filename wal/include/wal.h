@@ -65,6 +65,11 @@ typedef struct wal_rec {
 #define WAL_MAX_KEY            511
 #define WAL_DEFAULT_MAX_RECORD (64u << 20)
 
+/* The names of the log's threads (/proc/PID/task/TID/comm): the writer commits every batch; the
+ * checkpoint thread captures and flushes in the background (journal mode only). */
+#define WAL_THREAD_WRITER "capsule-wal"
+#define WAL_THREAD_CKPT   "capsule-ckpt"
+
 /* A record as read back. Pointers are valid until the next wal_iter_next() or close; inside an
  * apply callback, until the callback returns. fields/nfields are set only when decoding was asked
  * for (wal_iter_opts_t.decode, and always in apply). */
