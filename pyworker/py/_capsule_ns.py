@@ -117,10 +117,21 @@ _ATOMS = frozenset({str, bytes, int, float, complex, bool, type(None), type(Elli
                     types.MappingProxyType, types.CellType})
 
 _ASYNC_FLAGS = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0x2000)
+_CODE = types.CodeType
 
-def _src_hint(source):
-    """True if the cell may hold a def/class/import/lambda statement (worth parsing)."""
-    return "def" in source or "class" in source or "import" in source or "lambda" in source
+
+def delta_tuple(blob, info):
+    """(blob, info) of after_cell or snapshot in the worker's form: (blob, added, changed,
+    mutated, deleted, [(name, reason), ...] unpicklable), the name lists sorted."""
+    unp = info.get("unpicklable")
+    return (blob if type(blob) is bytes else bytes(blob), _names(info, "added"),
+            _names(info, "changed"), _names(info, "mutated"), _names(info, "deleted"),
+            [(str(k), str(v)) for k, v in unp.items()] if unp else [])
+
+
+def _names(info, key):
+    v = info.get(key)
+    return v if type(v) is list else list(v or ())  # after_cell gives fresh lists: no copy
 
 
 def _type_name(v):
@@ -369,6 +380,7 @@ class Namespace:
         self._code_cache = {}
         self._klist, self._idl = [], []
         self._empty_blob = None  # the delta of a cell that changed nothing (made once)
+        self._empty_tuple = None  # and its after_cell_tuple
 
     # ---------------------------------------------------------------- public API
 
@@ -379,7 +391,8 @@ class Namespace:
         self._cellseq += 1
         self._cell_file = getattr(code, "co_filename", None)
         self._pending = {}
-        if source and _src_hint(source):
+        if source and ("def" in source or "class" in source or "import" in source
+                       or "lambda" in source):  # may bind a name from source: worth parsing
             try:
                 self._pending = _binders(source)
             except (RecursionError, MemoryError, ValueError):
@@ -392,6 +405,22 @@ class Namespace:
         If a previous after_cell/snapshot/apply failed half-way (the recorded state may be
         wrong), this one returns a snapshot-kind blob instead (applying it resets the namespace
         to the current state), with every name in "added"."""
+        r = self._after_cell_or_none(code)
+        return self._empty_delta() if r is None else r
+
+    def after_cell_tuple(self, code):
+        """after_cell in the worker's form: (blob, added, changed, mutated, deleted,
+        [(name, reason), ...] unpicklable), see delta_tuple. The tuple of the empty delta is made
+        once and shared: read it, never change it."""
+        r = self._after_cell_or_none(code)
+        if r is None:
+            t = self._empty_tuple
+            if t is None:
+                t = self._empty_tuple = delta_tuple(*self._empty_delta())
+            return t
+        return delta_tuple(*r)
+
+    def _after_cell_or_none(self, code):
         try:
             if self._resync:
                 self._pending = {}
@@ -417,13 +446,17 @@ class Namespace:
             keys = vals  # only `in` is asked of keys: the tracked names are the live ones
             cands = None
             if not rebound:
-                cands = self._candidates(code, keys)
+                if code is not None and not (code.co_names or code.co_varnames) \
+                        and _CODE not in map(type, code.co_consts):
+                    cands = ()  # the cell names nothing (`2+2`)
+                else:
+                    cands = self._candidates(code, keys)
                 if not cands:
-                    # Nothing added, deleted, rebound or possibly mutated (a `2+2`): the
-                    # recorded state stands and the delta is the empty one.
+                    # Nothing added, deleted, rebound or possibly mutated: the recorded state
+                    # stands and the delta is the empty one (None: see after_cell).
                     self._pending = {}
                     self._idl = idl
-                    return self._empty_delta()
+                    return None
         else:
             cands = None
             keys = self._current_keys()

@@ -368,28 +368,20 @@ def _delta(code):
     if _ns is None:
         return None, _ns_error
     try:
-        blob, info = _ns.after_cell(code)
-        return _delta_tuple(blob, info), None
+        return _ns.after_cell_tuple(code), None
     except BaseException as e:
         return None, "namespace delta failed: %s: %s" % (type(e).__name__, e)
 
 
-def _names(info, key):
-    v = info.get(key)
-    return v if type(v) is list else list(v or ())  # Namespace gives fresh lists: no copy
-
-
 def _delta_tuple(blob, info):
-    unp = info.get("unpicklable")
-    return (blob if type(blob) is bytes else bytes(blob), _names(info, "added"),
-            _names(info, "changed"), _names(info, "mutated"), _names(info, "deleted"),
-            [(str(k), str(v)) for k, v in unp.items()] if unp else [])
+    import _capsule_ns
+    return _capsule_ns.delta_tuple(blob, info)
 
 
 def run_cell(cell_no, cell_id, source):
     """Runs one cell. Returns (status, repr|None, json|None, etype|None, emsg|None, tb|None,
     delta tuple|None, delta_error|None); status 0 ok, 1 error, 2 cancelled."""
-    filename = "<cell %d>" % cell_no
+    filename = f"<cell {cell_no}>"
     lines = source.splitlines(True)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"

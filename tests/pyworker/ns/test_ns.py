@@ -289,6 +289,28 @@ class TestCandidates(Base):
         r, _ = self.restore()
         self.assertSameNamespace(r)
 
+    def test_after_cell_tuple_is_after_cell(self):
+        # the worker's form of a delta (after_cell_tuple) against delta_tuple(after_cell), cell
+        # by cell in twin namespaces; the empty delta's tuple is shared from the second on
+        cells = ["x = [1]\ny = x\nimport os", "2+2", "x.append(2)", "del y\nz = open",
+                 "2+2", "pass"]
+        twins = [Session(fresh_name()), Session(fresh_name())]
+        self.addCleanup(lambda: [sys.modules.pop(t.mod.__name__, None) for t in twins])
+        empties = []
+        for src in cells:
+            code = compile(src, "<twin>", "exec")
+            got = []
+            for t, tuple_form in zip(twins, (False, True)):
+                t.ns.before_cell("1", src, code)
+                exec(code, t.g)
+                got.append(t.ns.after_cell_tuple(code) if tuple_form
+                           else _capsule_ns.delta_tuple(*t.ns.after_cell(code)))
+            self.assertEqual(got[1], got[0])
+            if got[1][0] == twins[1].ns._encode(_capsule_ns._KIND_DELTA, []):
+                empties.append(got[1])
+        self.assertEqual(len(empties), 3)
+        self.assertIs(empties[1], empties[2])
+
 
 class TestSource(Base):
     def test_functions_lambdas_decorated(self):
