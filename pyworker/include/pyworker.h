@@ -299,6 +299,9 @@ int pyw_zygote_fd(const pyw_zygote_t *z);
 /* Requests sent and not collected yet. */
 size_t pyw_zygote_pending(const pyw_zygote_t *z);
 int pyw_zygote_pid(const pyw_zygote_t *z);
+/* The pid of the unused spare the zygote last named (SPARE, as read by pyw_zygote_collect): the
+ * one pyw_zygote_close reaps should the zygote die holding it; 0 when none is known. */
+int pyw_zygote_spare(const pyw_zygote_t *z);
 /* Stops the zygote (its workers live on; those of requests not collected are killed and
  * reaped). pyw_zygote_close(NULL) is a no-op. */
 void pyw_zygote_close(pyw_zygote_t *z);

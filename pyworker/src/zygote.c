@@ -473,6 +473,11 @@ int pyw_zygote_pid(const pyw_zygote_t *z)
     return (int)z->pid;
 }
 
+int pyw_zygote_spare(const pyw_zygote_t *z)
+{
+    return (int)z->spare;
+}
+
 void pyw_zygote_close(pyw_zygote_t *z)
 {
     pid_t spare = -1;
