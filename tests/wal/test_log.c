@@ -698,7 +698,7 @@ static void test_index_slices(void)
             }
         }
         wal_stats_t st;
-        uint64_t deadline = cap_now_ns() + 10000000000ull;
+        uint64_t deadline = cap_now_ns() + 60000000000ull;
         for (wal_log_stats(log, &st); st.indexed_seq < N; wal_log_stats(log, &st)) {
             CHECK(cap_now_ns() < deadline); /* indexed after 20 ms without appends */
             usleep(2000);
