@@ -108,6 +108,20 @@ def wait_result(port, eid, headers=A, timeout=20):
     raise AssertionError(f"execution {eid} did not finish")
 
 
+def wait_running(port, eid, headers=A, timeout=60):
+    """Waits until the execution is running (not queued): a fixed pause guessed it, and a loaded
+    machine can take longer to start it."""
+    end = time.time() + timeout
+    while time.time() < end:
+        st, d = req(port, "GET", f"/executions/{eid}", headers=headers)
+        assert st == 200, (st, d)
+        if d["status"] == "running":
+            return d
+        assert d["status"] == "pending", d
+        time.sleep(0.02)
+    raise AssertionError(f"execution {eid} did not start")
+
+
 # ----------------------------------------------------------------------------------------------
 
 def t_help(server):
@@ -747,7 +761,7 @@ def t_graceful(server, data, tokfile):
     # second signal: exits at once; the interrupted execution is re-run at the next start
     assert req(e.port, "POST", "/sessions/g1/executions",
                {"code": "import time\ntime.sleep(3)\n'again'", "wait": False, "id": "g-3"})[0] == 202
-    time.sleep(0.3)
+    wait_running(e.port, "g-3")
     e.proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     st, _ = None, None
@@ -831,7 +845,7 @@ def t_spec_statuses(server, data, tokfile):
     call("POST", X, "/sessions/sp/executions",
          {"code": "import time\ntime.sleep(1.5)\nv = input('v? ')\nv", "wait": False,
           "id": "long"})
-    time.sleep(0.2)  # long runs: the queue (1) takes one more, then it is full
+    wait_running(e.port, "long")  # long runs: the queue (1) takes one more, then it is full
     call("POST", X, "/sessions/sp/executions", {"code": "3", "wait": False, "id": "q1"})
     st, d = call("POST", X, "/sessions/sp/executions", {"code": "4", "wait": False, "id": "q2"})
     assert st == 429 and d["error"]["code"] == "queue_full", (st, d)
