@@ -348,11 +348,16 @@ class Namespace:
 
     globals_dict: the namespace (the worker: __main__.__dict__); borrowed for the lifetime of the
     object. hash_fn(bytes) -> int, a 64-bit fingerprint. exclude: extra names the worker injects
-    (never in deltas). Not thread-safe: call only between cells, from one thread, with the GIL.
+    (never in deltas). same_items(dict, keys, values) -> bool, optional (the worker:
+    _capsule.same_items, in C): the dict holds exactly these keys in this order, each bound to the
+    value at the same index, compared by identity; a cell that names nothing is then answered
+    without building the key and value lists. Not thread-safe: call only between cells, from one
+    thread, with the GIL.
     """
 
-    def __init__(self, globals_dict, hash_fn, exclude=()):
+    def __init__(self, globals_dict, hash_fn, exclude=(), same_items=None):
         self._setup(globals_dict, hash_fn, set(EXCLUDED) | set(exclude))
+        self._same = same_items
         names = self._current_keys()
         self._record(names, names, {}, {})
         self._sync_ids()
@@ -381,6 +386,7 @@ class Namespace:
         self._klist, self._idl = [], []
         self._empty_blob = None  # the delta of a cell that changed nothing (made once)
         self._empty_tuple = None  # and its after_cell_tuple
+        self._same = None  # same_items(dict, keys, values) -> bool, if given (see __init__)
 
     # ---------------------------------------------------------------- public API
 
@@ -433,6 +439,14 @@ class Namespace:
 
     def _after_cell(self, code):
         g = self._g
+        if (self._same is not None and code is not None
+                and not (code.co_names or code.co_varnames)
+                and _CODE not in map(type, code.co_consts)
+                and self._same(g, self._klist, self._idl)):
+            # the cell names nothing and every key and value is the very object of the last
+            # call (what the scan below finds with three lists): the empty delta
+            self._pending = {}
+            return None
         vals = self._vals
         # Fast path: the same keys in the same order: nothing was added or deleted, and the
         # rebound names are found by an identity scan against the values list kept from last

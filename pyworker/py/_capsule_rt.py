@@ -203,7 +203,7 @@ def init(main_dict, limits, preload):
         import asyncio  # noqa: F401
     try:
         import _capsule_ns
-        _ns = _capsule_ns.Namespace(_main, _capsule.hash64)
+        _ns = _capsule_ns.Namespace(_main, _capsule.hash64, same_items=_capsule.same_items)
     except Exception as e:  # the namespace module is optional until it lands
         _ns = None
         _ns_error = "namespace module unavailable: %s: %s" % (type(e).__name__, e)
@@ -480,7 +480,7 @@ def rehearse():
         ns = None
         if _ns is not None:
             import _capsule_ns
-            ns = _capsule_ns.Namespace(g, _capsule.hash64)
+            ns = _capsule_ns.Namespace(g, _capsule.hash64, same_items=_capsule.same_items)
         for src in ("x = [2 + 2]\ny = x[0]\ny", "2 + 2"):
             if "\n" in src:  # the AST path of _compile (a multi-line cell is not cached)
                 code, has_last = _compile(src, "<rehearsal>")

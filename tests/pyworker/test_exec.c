@@ -105,6 +105,63 @@ static void test_modes(pyw_sync_t *s)
                  "[1]", "[1]");
 }
 
+/* _capsule.same_items, the namespace module's "nothing added, deleted or rebound" test: order and
+ * identity count, equal objects do not; then the deltas of cells that name nothing, before and
+ * after names change behind them (the worker's `_` rotation, a deletion). */
+static void test_same_items(pyw_sync_t *s)
+{
+    expect_value(s,
+                 "import _capsule\n"
+                 "d = {'a': 1, 'b': [2]}\n"
+                 "k, v = list(d), list(d.values())\n"
+                 "r = [_capsule.same_items(d, k, v)]\n"
+                 "d['b'] = [2]\n"
+                 "r.append(_capsule.same_items(d, k, v))\n"
+                 "v = list(d.values())\n"
+                 "del d['a']\n"
+                 "d['a'] = 1\n"
+                 "r.append(_capsule.same_items(d, k, v))\n"
+                 "k, v = list(d), list(d.values())\n"
+                 "d['c'] = 3\n"
+                 "r.append(_capsule.same_items(d, k, v))\n"
+                 "del d['c']\n"
+                 "r.append(_capsule.same_items(d, k, v))\n"
+                 "r.append(_capsule.same_items(d, k[:1], v[:1]))\n"
+                 "try:\n"
+                 "    _capsule.same_items(d, k)\n"
+                 "except TypeError:\n"
+                 "    r.append('TypeError')\n"
+                 "r",
+                 "[True, False, False, False, True, False, 'TypeError']",
+                 "[true, false, false, false, true, false, \"TypeError\"]");
+    pyw_sync_run_t *r = run(s, "del d, k, v, r\nq = 1.5");
+    pyw_sync_run_free(r);
+    const char *cells[][2] = {
+        {"2+2", ""},      /* `_` rebound: not empty */
+        {"2+2", ""},      /* `__` rebound */
+        {"2+2", ""},      /* `___` rebound */
+        {"2+2", "empty"}, /* nothing changed */
+        {"globals().pop('q')", "q"},
+        {"2+2", ""}, /* `_` rebound to 4 again after the float */
+        {"2+2", ""},
+        {"2+2", ""},
+        {"2+2", "empty"},
+    };
+    for (size_t i = 0; i < sizeof(cells) / sizeof(cells[0]); i++) {
+        r = run(s, cells[i][0]);
+        CHECK_EQ(r->status, PYW_STATUS_OK);
+        CHECK(r->delta_blob != NULL);
+        int empty = !r->added[0] && !r->changed[0] && !r->mutated[0] && !r->deleted[0];
+        if (strcmp(cells[i][1], "empty") == 0)
+            CHECK(empty);
+        else if (cells[i][1][0])
+            CHECK_STREQ(r->deleted, cells[i][1]);
+        else
+            CHECK(!empty);
+        pyw_sync_run_free(r);
+    }
+}
+
 /* A cell blocks in time.sleep; the protocol thread still answers pings meanwhile. The socket
  * changes hands each round (the idle main thread reads it; the protocol thread takes it while a
  * cell runs past 10 ms and gives it back after), with short cells and a ping in between. */
@@ -299,6 +356,7 @@ int main(void)
     test_values(s);
     test_modes(s);
     test_errors(s);
+    test_same_items(s);
     pyw_sync_close(s);
     test_responsive();
     test_interpreter();
