@@ -242,13 +242,13 @@ _expr_cache = {}  # one-line expression source -> code object without nested cod
 def _compile(source, filename):
     """Returns (code, has_last). has_last: the code leaves the last expression's value in
     __main__[_LAST] (exec mode), or it is an expression code object ("eval" mode, has_last 2)."""
+    code = _expr_cache.get(source)
+    if code is not None:  # a repeated one-line expression (only those are cached, see below)
+        return code.replace(co_filename=filename), 2
     stripped = source.strip()
     if stripped and "\n" not in stripped and not stripped.endswith(";"):
         # fast path for a one-line expression: no AST round trip, and a repeated one reuses its
         # code object (renamed to this cell when it has no nested code, else compiled again)
-        code = _expr_cache.get(source)
-        if code is not None:
-            return code.replace(co_filename=filename), 2
         try:
             code = compile(source, filename, "eval", flags=_FLAGS, dont_inherit=True)
         except SyntaxError:
