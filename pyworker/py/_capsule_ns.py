@@ -129,6 +129,13 @@ def delta_tuple(blob, info):
             [(str(k), str(v)) for k, v in unp.items()] if unp else [])
 
 
+def _names_nothing(code):
+    """True if a cell's code object names no variable and holds no nested code (`2+2`): it can
+    bind, rebind or reach into no name of the namespace."""
+    return (code is not None and not (code.co_names or code.co_varnames)
+            and _CODE not in map(type, code.co_consts))
+
+
 def _names(info, key):
     v = info.get(key)
     return v if type(v) is list else list(v or ())  # after_cell gives fresh lists: no copy
@@ -439,9 +446,8 @@ class Namespace:
 
     def _after_cell(self, code):
         g = self._g
-        if (self._same is not None and code is not None
-                and not (code.co_names or code.co_varnames)
-                and _CODE not in map(type, code.co_consts)
+        names_nothing = _names_nothing(code)
+        if (names_nothing and self._same is not None
                 and self._same(g, self._klist, self._idl)):
             # the cell names nothing and every key and value is the very object of the last
             # call (what the scan below finds with three lists): the empty delta
@@ -460,9 +466,8 @@ class Namespace:
             keys = vals  # only `in` is asked of keys: the tracked names are the live ones
             cands = None
             if not rebound:
-                if code is not None and not (code.co_names or code.co_varnames) \
-                        and _CODE not in map(type, code.co_consts):
-                    cands = ()  # the cell names nothing (`2+2`)
+                if names_nothing:
+                    cands = ()  # `2+2`
                 else:
                     cands = self._candidates(code, keys)
                 if not cands:
