@@ -19,7 +19,8 @@
  *
  * Output: a table on stderr, one JSON object per figure on stdout (see bench/CMakeLists.txt);
  * ratio is always value / peer_value. Throughput figures are the median of the repetitions.
- * Usage: bench_wal [--quick] [--dir DIR]   (DIR: where the databases go; default $TMPDIR or /tmp)
+ * Usage: bench_wal [--quick] [--dir DIR] [--only tp|lat|replay]
+ *        (DIR: where the databases go; default $TMPDIR or /tmp)
  */
 #define _XOPEN_SOURCE 700
 #include "wal.h"
@@ -635,6 +636,7 @@ static double loadavg(void)
 
 int main(int argc, char **argv)
 {
+    const char *only = NULL;
     const char *t = getenv("TMPDIR");
     snprintf(base_dir, sizeof(base_dir), "%s", t && *t ? t : "/tmp");
     for (int i = 1; i < argc; i++) {
@@ -642,8 +644,12 @@ int main(int argc, char **argv)
             quick = 1;
         else if (strcmp(argv[i], "--dir") == 0 && i + 1 < argc)
             snprintf(base_dir, sizeof(base_dir), "%s", argv[++i]);
+        else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc &&
+                 (strcmp(argv[i + 1], "tp") == 0 || strcmp(argv[i + 1], "lat") == 0 ||
+                  strcmp(argv[i + 1], "replay") == 0))
+            only = argv[++i];
         else {
-            fprintf(stderr, "usage: %s [--quick] [--dir DIR]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--quick] [--dir DIR] [--only tp|lat|replay]\n", argv[0]);
             return 2;
         }
     }
@@ -660,9 +666,12 @@ int main(int argc, char **argv)
     cap_free(fr);
     fprintf(stderr, "bench_wal%s: databases under %s, record frame %zu bytes, load average %.2f\n",
             quick ? " --quick" : "", base_dir, g_frame_len, loadavg());
-    bench_throughput();
-    bench_latency();
-    bench_replay();
+    if (!only || strcmp(only, "tp") == 0)
+        bench_throughput();
+    if (!only || strcmp(only, "lat") == 0)
+        bench_latency();
+    if (!only || strcmp(only, "replay") == 0)
+        bench_replay();
     fprintf(stderr, "\nload average at the end: %.2f (%ld CPUs)\n", loadavg(),
             sysconf(_SC_NPROCESSORS_ONLN));
     return 0;
