@@ -325,6 +325,7 @@ static void stats_add(eng_t *e, eng_stats_t d)
     e->stats.t_finish_ns += d.t_finish_ns;
     e->stats.pinned += d.pinned;
     e->stats.unpinned += d.unpinned;
+    e->stats.pool_dead += d.pool_dead;
     e->stats.pool_idle = e->npool;
     pthread_mutex_unlock(&e->mu);
 }
@@ -766,15 +767,25 @@ static void on_rtimer(uv_timer_t *t)
 static int worker_acquire(eng_t *e, session_t *s, wref_t **out)
 {
     int rc = 0;
-    if (!s->so.mem_bytes && !s->so.cpu_seconds && e->pool) {
-        wref_t *r = e->pool;
+    wref_t *r = NULL;
+    while (!s->so.mem_bytes && !s->so.cpu_seconds && e->pool) {
+        r = e->pool;
         e->pool = r->next;
         e->npool--;
         r->next = NULL;
-        *out = r;
-    } else {
-        rc = worker_spawn(e, s, out);
+        if (!pyw_worker_exited(r->w))
+            break;
+        /* it died idle and the loop has not handled its exit yet: never hand it out */
+        cap_log(CAP_LOG_INFO, "engine", "pool: worker %d died idle; taking another",
+                pyw_worker_pid(r->w));
+        worker_drop(r);
+        r = NULL;
+        stats_add(e, (eng_stats_t){.pool_dead = 1});
     }
+    if (r)
+        *out = r;
+    else
+        rc = worker_spawn(e, s, out);
     if (!rc)
         (*out)->s = s;
     /* refill in the background, after what is being handled now (the caller is told first) */

@@ -247,6 +247,10 @@ void pyw_worker_close(pyw_worker_t *w);
 void pyw_reap_wait(void);
 
 int pyw_worker_pid(const pyw_worker_t *w);
+/* 1 when the worker is known gone or has exited without the loop having handled it yet (its
+ * pidfd is readable; one poll(2) with no wait), else 0. A worker that is only being killed (a
+ * signal on its way) still counts alive. For a caller about to hand out an idle worker. */
+int pyw_worker_exited(const pyw_worker_t *w);
 void *pyw_worker_data(const pyw_worker_t *w);
 /* The worker's Python version from READY ("3.11.2"), or NULL before READY. Borrowed. */
 const char *pyw_worker_python_version(const pyw_worker_t *w);

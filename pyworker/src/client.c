@@ -16,6 +16,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -1379,6 +1380,16 @@ int pyw_worker_cpu(const pyw_worker_t *w)
 int pyw_worker_pid(const pyw_worker_t *w)
 {
     return (int)w->pid;
+}
+
+int pyw_worker_exited(const pyw_worker_t *w)
+{
+    if (w->exited || w->closed || w->eof || !w->pid)
+        return 1;
+    if (w->pidfd < 0)
+        return kill(w->pid, 0) != 0 && errno == ESRCH;
+    struct pollfd p = {.fd = w->pidfd, .events = POLLIN};
+    return poll(&p, 1, 0) > 0;
 }
 
 void *pyw_worker_data(const pyw_worker_t *w)

@@ -6,13 +6,18 @@
  *     some are spawned at once) all serve, and no worker is left over or lost: the engine's
  *     children are its zygote, its spare, the sessions' workers and the pool's, nothing else;
  *   - pooled workers killed with kill -9 are replaced (the zygote is not restarted);
+ *   - pooled workers that died (kill -9) while the loop could not yet handle their exit are never
+ *     handed out: the acquire that finds them dead takes another (pool_dead counts them);
  *   - the zygote killed (kill -9) at random points after an acquire, with a refill in flight or
  *     not: a new zygote is started, sessions carry on, the pool fills again from it.
  */
 #include <dirent.h>
+#include <errno.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -91,6 +96,141 @@ static void children_expect(eng_t *e, int workers)
     CHECK(children(p, 64) <= hi);
 }
 
+/* Waits (up to 60 s) until pid has exited, every thread of it (its pidfd is readable, as the
+ * engine sees it), without reaping it. */
+static void exited_wait(pid_t pid)
+{
+    int fd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (fd < 0) {
+        CHECK_EQ(errno, ESRCH); /* already reaped */
+        return;
+    }
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int n;
+    while ((n = poll(&p, 1, 60000)) < 0 && errno == EINTR)
+        ;
+    CHECK_EQ(n, 1);
+    close(fd);
+}
+
+/* A cell whose on_done holds the loop thread until released (a test device: callbacks must not
+ * block), so that workers can die without the loop handling their exit. */
+typedef struct {
+    sem_t held, release, done;
+    int status;
+    char repr[64];
+} hold_t;
+
+static void hold_done(void *arg, const eng_result_t *r)
+{
+    hold_t *h = arg;
+    h->status = r->status;
+    snprintf(h->repr, sizeof(h->repr), "%s", r->repr ? r->repr : "");
+    sem_post(&h->held);
+    while (sem_wait(&h->release) != 0)
+        ;
+}
+
+static void note_done(void *arg, const eng_result_t *r)
+{
+    hold_t *h = arg;
+    h->status = r->status;
+    snprintf(h->repr, sizeof(h->repr), "%s", r->repr ? r->repr : "");
+    sem_post(&h->done);
+}
+
+static void sem_wait_ok(sem_t *s)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += 60;
+    while (sem_timedwait(s, &ts) != 0)
+        CHECK(errno == EINTR);
+}
+
+/* Kills (kill -9) every child but the zygote and `keep`, and waits until each has exited (a
+ * zombie, or gone: every thread of it) but not for the engine to reap it. Returns how many were
+ * killed. */
+static int kill_idle_workers(int zpid, pid_t keep)
+{
+    pid_t p[64];
+    int n = children(p, 64), k = 0;
+    for (int i = 0; i < n && i < 64; i++)
+        if (p[i] != zpid && p[i] != keep) {
+            CHECK_EQ(kill(p[i], SIGKILL), 0);
+            p[k++] = p[i];
+        }
+    for (int i = 0; i < k; i++)
+        exited_wait(p[i]);
+    return k;
+}
+
+/* Pooled workers die (kill -9) while the loop is held, so their exit is not handled yet, and an
+ * acquire is waiting on the loop (a cold session's first cell: with nothing to restore, a pop).
+ * Released, the loop finds the popped workers dead: the cell must run on a live one. */
+static void dead_in_pool(eng_t *e)
+{
+    eng_stats_t st;
+    eng_stats(e, &st);
+    uint64_t dead0 = st.pool_dead, deaths0 = st.worker_deaths;
+    int zpid = st.zygote_pid;
+    CHECK_OK(eng_session_open(e, "cold", NULL, NULL));
+    CHECK_OK(eng_session_release(e, "cold"));
+    CHECK_OK(eng_session_open(e, "holder", NULL, NULL));
+    pool_wait(e, POOL);
+
+    hold_t h = {0}, c = {0};
+    CHECK_EQ(sem_init(&h.held, 0, 0), 0);
+    CHECK_EQ(sem_init(&h.release, 0, 0), 0);
+    CHECK_EQ(sem_init(&c.done, 0, 0), 0);
+    eng_exec_req_t rq = {0};
+    rq.sid = "holder";
+    rq.code = "import os\nos.getpid()";
+    eng_exec_cb_t hcb = {0};
+    hcb.on_done = hold_done;
+    CHECK_OK(eng_execute(e, &rq, &hcb, &h));
+    sem_wait_ok(&h.held); /* the loop is held from here */
+    CHECK_EQ(h.status, ENG_ST_OK);
+    pid_t holder = (pid_t)atoi(h.repr);
+    CHECK(holder > 0);
+
+    rq.sid = "cold";
+    rq.code = "40 + 2";
+    eng_exec_cb_t ccb = {0};
+    ccb.on_done = note_done;
+    CHECK_OK(eng_execute(e, &rq, &ccb, &c)); /* queued for the loop, before any death */
+    CHECK(kill_idle_workers(zpid, holder) >= POOL);
+    sem_post(&h.release);
+    sem_wait_ok(&c.done);
+    if (c.status != ENG_ST_OK)
+        fprintf(stderr, "cold's cell after the pool died: status %d\n", c.status);
+    CHECK_EQ(c.status, ENG_ST_OK);
+    CHECK_STREQ(c.repr, "42");
+    eng_stats(e, &st);
+    /* the pop came before the loop could handle the exits: the dead were skipped, and no
+     * session was given one (a session's worker dying counts in worker_deaths) */
+    CHECK(st.pool_dead > dead0);
+    CHECK_EQ(st.worker_deaths, deaths0);
+    sem_destroy(&h.held);
+    sem_destroy(&h.release);
+    sem_destroy(&c.done);
+    CHECK_OK(eng_session_close(e, "cold"));
+
+    /* not held: kill -9, then an acquire as soon as the workers have exited (reaped or not) */
+    for (int round = 0; round < 3; round++) {
+        children_expect(e, 1);
+        eng_stats(e, &st);
+        kill_idle_workers(st.zygote_pid, holder);
+        char sid[32];
+        snprintf(sid, sizeof(sid), "dead-%d", round);
+        CHECK_OK(eng_session_open(e, sid, NULL, NULL));
+        etest_expect(e, sid, "'alive'", "'alive'");
+        CHECK_OK(eng_session_close(e, sid));
+    }
+    CHECK_OK(eng_session_close(e, "holder"));
+    children_expect(e, 0);
+}
+
 int main(void)
 {
     srand((unsigned)time(NULL) ^ (unsigned)getpid());
@@ -149,6 +289,8 @@ int main(void)
     CHECK_EQ(st.zygote_restarts, restarts);
     CHECK_OK(eng_session_open(e, "after-pool-kill", NULL, NULL));
     etest_expect(e, "after-pool-kill", "'fine'", "'fine'");
+    CHECK_OK(eng_session_close(e, "after-pool-kill"));
+    dead_in_pool(e);
 
     /* the zygote killed at a random point after an acquire (its refill in flight or not) */
     for (int round = 0; round < 5; round++) {
