@@ -205,7 +205,12 @@ int store_env_open(const char *dir, const store_env_opts_t *opts, store_env_t **
         goto out;
     }
     unsigned flags = MDB_NOTLS;
-    if (o.nosync)
+    /* nosync: commits write into the shared map instead of malloc'ed page copies written out by
+     * pwrite at commit (the same copy-on-write, the meta page still the commit point; a kill -9
+     * keeps what the page cache holds either way). Not with the sync journal's checkpoints. */
+    if (o.nosync && !o.readonly)
+        flags |= MDB_NOSYNC | MDB_WRITEMAP;
+    else if (o.nosync)
         flags |= MDB_NOSYNC;
     if (o.readonly)
         flags |= MDB_RDONLY;

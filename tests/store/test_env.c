@@ -211,7 +211,9 @@ static void test_dupsort(void)
     cap_free(dir);
 }
 
-/* Map growth: a 64 KiB map takes ~30 MB of records; concurrent readers keep reading. */
+/* Map growth: a 64 KiB map takes ~30 MB of records; concurrent readers keep reading. Both modes:
+ * nosync commits write into the map itself (MDB_WRITEMAP), so each growth re-maps a file whose
+ * pages the writer changes in place; its data then opens in the default mode too. */
 struct reader_arg {
     store_env_t *env;
     store_dbi_t dbi;
@@ -240,11 +242,11 @@ static void *reader_main(void *p)
     return NULL;
 }
 
-static void test_growth(void)
+static void test_growth(int nosync)
 {
     char *dir = check_tmpdir("store-grow");
     store_env_t *env;
-    store_env_opts_t o = {.map_size = 64 << 10};
+    store_env_opts_t o = {.map_size = 64 << 10, .nosync = nosync};
     struct seq_ctx c = {.from = 1, .n = 100, .vlen = 3000};
 
     CHECK_OK(store_env_open(dir, &o, &env));
@@ -262,8 +264,9 @@ static void test_growth(void)
     CHECK_OK(store_env_info(env, &map, &used));
     CHECK(map > (size_t)(30 << 20));
     CHECK(store_env_grow_count(env) >= 9);
-    fprintf(stderr, "growth: map %zu bytes after %llu grows, %llu concurrent reads\n", map,
-            (unsigned long long)store_env_grow_count(env), (unsigned long long)r.reads);
+    fprintf(stderr, "growth (%s): map %zu bytes after %llu grows, %llu concurrent reads\n",
+            nosync ? "nosync" : "sync", map, (unsigned long long)store_env_grow_count(env),
+            (unsigned long long)r.reads);
     store_txn_t *txn;
     uint64_t n;
     CHECK_OK(store_txn_begin(env, 1, &txn));
@@ -277,10 +280,19 @@ static void test_growth(void)
     CHECK_OK(store_env_info(env, &map, &used));
     CHECK(map > (size_t)(30 << 20));
     store_env_close(env);
+    /* and in the other mode: every record there */
+    store_env_opts_t other = {.map_size = 64 << 10, .nosync = !nosync};
+    CHECK_OK(store_env_open(dir, &other, &env));
+    CHECK_OK(store_env_write(env, create_db, &c.dbi)); /* opens it: it exists */
+    CHECK_OK(store_txn_begin(env, 1, &txn));
+    CHECK_OK(store_dbi_count(txn, c.dbi, &n));
+    CHECK_EQ(n, 10000);
+    store_txn_abort(txn);
+    store_env_close(env);
 
     /* A ceiling: growth stops with CAP_EMAPFULL and the earlier data stays. */
     check_rmtree(dir);
-    store_env_opts_t lim = {.map_size = 64 << 10, .max_map_size = 256 << 10};
+    store_env_opts_t lim = {.map_size = 64 << 10, .max_map_size = 256 << 10, .nosync = nosync};
     CHECK_OK(store_env_open(dir, &lim, &env));
     struct seq_ctx c2 = {.from = 1, .n = 10, .vlen = 3000};
     CHECK_OK(store_env_write(env, create_db, &c2.dbi));
@@ -353,7 +365,8 @@ int main(void)
     test_basic();
     test_seq_cursor();
     test_dupsort();
-    test_growth();
+    test_growth(0);
+    test_growth(1);
     fprintf(stderr, "store.env: ok\n");
     return 0;
 }
