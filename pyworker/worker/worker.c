@@ -43,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -74,10 +75,15 @@ static atomic_int g_is_worker;    /* 1 in a session worker (not the zygote, not 
 static atomic_int g_forked_child; /* 1 in a process forked by user code */
 static pthread_mutex_t g_send_mu = PTHREAD_MUTEX_INITIALIZER;
 
-/* fd capture: the reader thread sets busy while it holds bytes not yet sent */
+/* fd capture, under g_cap_mu: the bytes the reader thread has read from each capture pipe ([0]
+ * fd 1, [1] fd 2) and the bytes of those it has sent; whether the reader thread has stopped.
+ * g_out_id: the execution id output is sent under (set when a cell starts, cleared when its last
+ * output is out: see capture_end_exec) */
 static pthread_mutex_t g_cap_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_cap_cv = PTHREAD_COND_INITIALIZER;
-static int g_cap_busy;
+static uint64_t g_cap_read[2], g_cap_sent[2];
+static int g_cap_dead;
+static _Atomic uint64_t g_out_id;
 
 /* the job queue (main thread consumes) */
 typedef struct job {
@@ -202,13 +208,6 @@ static void send_empty(uint8_t type, uint64_t id)
 
 /* ---- fd 1 / fd 2 capture ---- */
 
-/* Whether fd-level output waits in a capture pipe (one poll, no wait). */
-static int pipes_pending(void)
-{
-    struct pollfd pf[2] = {{g_pipe_rd[1], POLLIN, 0}, {g_pipe_rd[2], POLLIN, 0}};
-    return poll(pf, 2, 0) > 0 && ((pf[0].revents | pf[1].revents) & POLLIN);
-}
-
 static void send_stream(uint64_t id, int stream, const void *data, size_t len)
 {
     pyw_buf_t b;
@@ -263,7 +262,7 @@ static void pend_flush_locked(void)
 {
     for (int i = 1; i <= 2; i++) {
         if (g_pend[i].len) {
-            send_stream(current_exec_id(), i, g_pend[i].p, g_pend[i].len);
+            send_stream(atomic_load(&g_out_id), i, g_pend[i].p, g_pend[i].len);
             g_pend[i].len = 0;
         }
     }
@@ -271,23 +270,29 @@ static void pend_flush_locked(void)
         flush_timer_set(0);
 }
 
-/* Waits (bounded, 20 ms) until the capture pipes are empty and forwarded, so fd-level output
- * written before a sys.stdout write or a result reaches the engine first. Holds g_cap_mu. */
+/* Waits until every byte written to fd 1/2 before this call has been sent, so fd-level output
+ * written before a sys.stdout write, an input request or a result reaches the engine first.
+ * Exact, no timing guess: the reader reads the pipes only under g_cap_mu and counts what it
+ * reads, so (held here) what it has read plus what the pipes hold (FIONREAD) is all that was
+ * written so far; the wait ends when it has sent that much. Bytes written after this call do not
+ * count, so a child writing all the time does not hold the cell up, and the wait is bounded by
+ * the bytes present now (at most the two pipes' capacity and the reader's 64 KiB buffer). With
+ * no fd-level output it costs one poll. Holds g_cap_mu. */
 static void drain_locked(void)
 {
     if (g_pipe_rd[1] < 0)
         return;
-    uint64_t deadline = cap_now_ns() + 20000000ull;
-    while ((g_cap_busy || pipes_pending()) && cap_now_ns() < deadline) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 200000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
+    uint64_t want[2] = {g_cap_read[0], g_cap_read[1]};
+    struct pollfd pf[2] = {{g_pipe_rd[1], POLLIN, 0}, {g_pipe_rd[2], POLLIN, 0}};
+    if (poll(pf, 2, 0) > 0) {
+        for (int i = 0; i < 2; i++) {
+            int n = 0;
+            if ((pf[i].revents & POLLIN) && ioctl(pf[i].fd, FIONREAD, &n) == 0 && n > 0)
+                want[i] += (uint64_t)n;
         }
-        pthread_cond_timedwait(&g_cap_cv, &g_cap_mu, &ts);
     }
+    while (!g_cap_dead && (g_cap_sent[0] < want[0] || g_cap_sent[1] < want[1]))
+        pthread_cond_wait(&g_cap_cv, &g_cap_mu);
 }
 
 /* Everything written so far (fds and sys.stdout/err) is sent: before input requests and
@@ -297,6 +302,18 @@ static void capture_drain(void)
     pthread_mutex_lock(&g_cap_mu);
     drain_locked();
     pend_flush_locked();
+    pthread_mutex_unlock(&g_cap_mu);
+}
+
+/* The end of a cell: everything it wrote is sent under its id, then output is no execution's
+ * (id 0; the engine drops it). Clearing the id before this wait sent what the reader forwarded
+ * during it under id 0. */
+static void capture_end_exec(void)
+{
+    pthread_mutex_lock(&g_cap_mu);
+    drain_locked();
+    pend_flush_locked();
+    atomic_store(&g_out_id, 0);
     pthread_mutex_unlock(&g_cap_mu);
 }
 
@@ -330,6 +347,11 @@ static void *reader_main(void *arg)
         if (n < 0) {
             if (errno == EINTR)
                 continue;
+            if (errno == ENOMEM || errno == EAGAIN) { /* a memory limit: try again */
+                usleep(1000);
+                continue;
+            }
+            wlog("the fd capture stops: poll: %s", strerror(errno));
             break;
         }
         if (pf[2].revents & POLLIN) {
@@ -351,19 +373,31 @@ static void *reader_main(void *arg)
         for (int i = 0; i < 2; i++) {
             if (!(pf[i].revents & (POLLIN | POLLHUP)))
                 continue;
+            /* the read (non-blocking) and its count happen under g_cap_mu: see drain_locked */
             pthread_mutex_lock(&g_cap_mu);
             pend_flush_locked();
-            g_cap_busy = 1;
-            pthread_mutex_unlock(&g_cap_mu);
             ssize_t r = read(pf[i].fd, buf, sizeof buf);
             if (r > 0)
-                send_stream(current_exec_id(), i + 1, buf, (size_t)r);
+                g_cap_read[i] += (uint64_t)r;
+            uint64_t id = atomic_load(&g_out_id);
+            pthread_mutex_unlock(&g_cap_mu);
+            if (r == 0) {
+                pf[i].fd = -1; /* every write end is closed (user code closed fd 1/2): no more */
+                continue;
+            }
+            if (r < 0)
+                continue; /* EAGAIN, EINTR */
+            send_stream(id, i + 1, buf, (size_t)r);
             pthread_mutex_lock(&g_cap_mu);
-            g_cap_busy = 0;
+            g_cap_sent[i] += (uint64_t)r;
             pthread_cond_broadcast(&g_cap_cv);
             pthread_mutex_unlock(&g_cap_mu);
         }
     }
+    pthread_mutex_lock(&g_cap_mu);
+    g_cap_dead = 1;
+    pthread_cond_broadcast(&g_cap_cv);
+    pthread_mutex_unlock(&g_cap_mu);
     return NULL;
 }
 
@@ -397,6 +431,11 @@ static int capture_start(void)
         }
         close(p[1]);
         g_pipe_rd[i] = p[0];
+        /* the reader reads under g_cap_mu: a read must never block */
+        if (fcntl(p[0], F_SETFL, fcntl(p[0], F_GETFL) | O_NONBLOCK) < 0) {
+            rc = -errno;
+            goto out;
+        }
     }
 out:
     return rc;
@@ -1379,6 +1418,7 @@ static void put_delta(pyw_buf_t *b, PyObject *delta, PyObject *err)
 static void run_execute(job_t *j, uint32_t cell_no)
 {
     pyw_buf_t b;
+    atomic_store(&g_out_id, j->id); /* output from here on is this cell's */
     uint64_t t0 = cap_now_ns();
     PyObject *res = PyObject_CallMethod(g_rt, "run_cell", "Iss", cell_no, j->cell_id, j->data);
     uint64_t dt = cap_now_ns() - t0;
@@ -1396,7 +1436,7 @@ static void run_execute(job_t *j, uint32_t cell_no)
     fflush(stdout);
     fflush(stderr);
     Py_BEGIN_ALLOW_THREADS;
-    capture_drain();
+    capture_end_exec();
     Py_END_ALLOW_THREADS;
     pyw__buf_init(&b);
     if (!res || !PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 8) {
