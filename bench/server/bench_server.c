@@ -7,6 +7,10 @@
  *     the WebSocket's, so the ratio is what the HTTP/WebSocket layer and the process hop cost. And
  * Jupyter: ipykernel driven by jupyter_client (bench/server/jupyter_peer.py), timed to
  * execute_reply; goal: capsule at least 6x faster at p50 while durable.
+ *     The same pair once more with nosync durability, on a server of its own (and an in-process
+ *     engine of its own): without the journal's write the server's own share (HTTP/WebSocket,
+ *     JSON, the process hop) is a larger part of the whole and shows in the ratio.
+ *     --only ws: just the two pairs, sync then nosync, each on a fresh server (for A/B runs).
  *   - session create over REST (POST /v1/sessions, served from the warm pool): p50 / p99.
  * The server is started as a child process (bin/capsule-engine next to this executable) on a
  * fresh data directory; the client is a minimal blocking HTTP/WebSocket client written here.
@@ -662,7 +666,7 @@ static ckpt_split_t ckpt_split(const soak_res_t *r, double warm_s, double end_s)
     return c;
 }
 
-static pid_t start_server(const char *data, int *port)
+static pid_t start_server(const char *data, const char *durability, int *port)
 {
     int pfd[2];
     if (pipe(pfd) != 0)
@@ -673,7 +677,7 @@ static pid_t start_server(const char *data, int *port)
         close(pfd[0]);
         char exe[PATH_MAX + 32];
         snprintf(exe, sizeof(exe), "%s/capsule-engine", bindir);
-        execl(exe, exe, "--listen", "127.0.0.1:0", "--data-dir", data, "--durability", "sync",
+        execl(exe, exe, "--listen", "127.0.0.1:0", "--data-dir", data, "--durability", durability,
               "--log-level", "warn", "--pool-idle", "4", (char *)NULL);
         _exit(127);
     }
@@ -698,9 +702,149 @@ static pid_t start_server(const char *data, int *port)
     return pid;
 }
 
+/* Starts a server on data with the given durability, connects c (a REST client) to it and creates
+ * the session "bench"; returns the server's pid. */
+static pid_t start_server_with_session(const char *data, const char *durability, int *port,
+                                       cli_t *c)
+{
+    pid_t pid = start_server(data, durability, port);
+    if (cli_connect(c, *port) != 0)
+        die("connect");
+    char body[8192];
+    if (http_do(c, "POST", "/v1/sessions", "{\"id\":\"bench\"}", body, sizeof(body)) != 201) {
+        fprintf(stderr, "bench_server: session create failed: %s\n", body);
+        exit(1);
+    }
+    return pid;
+}
+
+/* The p50 / p99 (ms) of 2+2 over a WebSocket and through the in-process C API, measured side by
+ * side. */
+typedef struct pair_res {
+    double w50, w99, p50, p99;
+} pair_res_t;
+
+/*
+ * 2+2 over the WebSocket of session "bench" on the server at port, interleaved with the peer: the
+ * engine's C API in this process (same cell, same durability, its own data directory edata), in
+ * alternating blocks of 1/10th, so both see the same moments of a shared machine and their ratio
+ * is the HTTP/WebSocket layer plus the process hop, not the load of the minute. The WebSocket's
+ * samples go to samples (ws_2plus2_ms) when that is not NULL.
+ */
+static pair_res_t ws_vs_inproc(int port, const char *edata, int nosync, size_t n_ws, size_t warm,
+                               const char *samples)
+{
+    eng_opts_t eo = {.dir = edata, .pool_idle = 4, .nosync = nosync};
+    eng_t *e;
+    if (eng_open(&eo, &e) != 0) {
+        fprintf(stderr, "bench_server: eng_open failed\n");
+        exit(1);
+    }
+    char *sid = NULL;
+    eng_session_open(e, "peer", NULL, &sid);
+    cli_t *w = cap_calloc(1, sizeof(*w));
+    if (cli_connect(w, port) != 0)
+        die("connect");
+    ws_upgrade(w, "/v1/sessions/bench/ws");
+    char msg[8192];
+    uint64_t *t = cap_calloc(n_ws, sizeof(uint64_t)), *tp = cap_calloc(n_ws, sizeof(uint64_t));
+    size_t nw = 0, np = 0, block = n_ws / 10;
+    for (size_t b = 0; b < 10; b++) {
+        for (int side = 0; side < 2; side++) {
+            int ws_side = (side == 0) == (b % 2 == 0);
+            size_t count = block + (b == 0 ? warm : 0);
+            for (size_t i = 0; i < count; i++) {
+                int timed = b > 0 || i >= warm;
+                uint64_t t0 = cap_now_ns();
+                if (ws_side) {
+                    ws_send_text(w, "{\"type\":\"execute\",\"code\":\"2+2\"}");
+                    do
+                        ws_recv_text(w, msg, sizeof(msg));
+                    while (!strstr(msg, "\"type\":\"result\""));
+                    if (timed)
+                        t[nw++] = cap_now_ns() - t0;
+                    if (!strstr(msg, "\"value\":4")) {
+                        fprintf(stderr, "bench_server: unexpected result %s\n", msg);
+                        exit(1);
+                    }
+                } else {
+                    eng_exec_req_t rq = {.sid = "peer", .code = "2+2"};
+                    eng_result_t *r = NULL;
+                    if (eng_execute_sync(e, &rq, NULL, 0, &r) != 0 || r->status != ENG_ST_OK) {
+                        fprintf(stderr, "bench_server: peer execution failed\n");
+                        exit(1);
+                    }
+                    if (timed)
+                        tp[np++] = cap_now_ns() - t0;
+                    eng_result_free(r);
+                }
+            }
+        }
+    }
+    if (samples && bench_samples_save(samples, t, nw, 1e6) != 0)
+        fprintf(stderr, "bench_server: could not write the samples file\n");
+    pair_res_t pr = {pct(t, nw, 0.5), pct(t, nw, 0.99), pct(tp, np, 0.5), pct(tp, np, 0.99)};
+    close(w->fd);
+    cap_free(w);
+    cap_free(t);
+    cap_free(tp);
+    cap_free(sid);
+    eng_close(e);
+    return pr;
+}
+
+/* A server of its own with the given durability and its session "bench": the pair above, then the
+ * server is stopped. */
+static pair_res_t ws_pair_own_server(const char *tmpl, int nosync, size_t n_ws, size_t warm)
+{
+    char sdata[PATH_MAX], edata[PATH_MAX];
+    snprintf(sdata, sizeof(sdata), "%s/server-%s", tmpl, nosync ? "nosync" : "sync");
+    snprintf(edata, sizeof(edata), "%s/engine-%s", tmpl, nosync ? "nosync" : "sync");
+    int port;
+    cli_t *c = cap_calloc(1, sizeof(*c));
+    pid_t pid = start_server_with_session(sdata, nosync ? "nosync" : "sync", &port, c);
+    pair_res_t pr = ws_vs_inproc(port, edata, nosync, n_ws, warm, NULL);
+    close(c->fd);
+    cap_free(c);
+    kill(pid, SIGTERM);
+    int status;
+    waitpid(pid, &status, 0);
+    return pr;
+}
+
+/* The pairs' figures: the WebSocket beside the in-process C API, sync and nosync. */
+static void ws_emit_pairs(const pair_res_t *sy, const pair_res_t *ns)
+{
+    bench_emit("ws_2plus2_vs_engine_inprocess_p50", sy->w50, "ms", "engine C API in-process (sync)",
+               sy->p50, 0, 1);
+    bench_emit("ws_2plus2_vs_engine_inprocess_p99", sy->w99, "ms", "engine C API in-process (sync)",
+               sy->p99, 0, 1);
+    bench_emit("ws_2plus2_nosync_vs_engine_inprocess_p50", ns->w50, "ms",
+               "engine C API in-process (nosync)", ns->p50, 0, 1);
+    bench_emit("ws_2plus2_nosync_vs_engine_inprocess_p99", ns->w99, "ms",
+               "engine C API in-process (nosync)", ns->p99, 0, 1);
+}
+
 int main(int argc, char **argv)
 {
-    int quick = bench_quick_arg(argc, argv);
+    int quick = 0, only_ws = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--quick") == 0) {
+            quick = 1;
+        } else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc &&
+                   strcmp(argv[i + 1], "ws") == 0) {
+            only_ws = 1;
+            i++;
+        } else {
+            int help = strcmp(argv[i], "--help") == 0;
+            fprintf(help ? stdout : stderr,
+                    "usage: %s [--quick] [--only ws]\n  --only ws: only 2+2 over the WebSocket "
+                    "beside the in-process C API, sync then nosync (each on a server of its own)"
+                    "%s%s\n",
+                    argv[0], help ? "" : "; unknown argument: ", help ? "" : argv[i]);
+            return help ? 0 : 64;
+        }
+    }
     bench_begin("server");
     size_t n_ws = quick ? 300 : 3000, n_create = quick ? 30 : 200, warm = quick ? 30 : 200;
     char exe[PATH_MAX];
@@ -713,21 +857,30 @@ int main(int argc, char **argv)
     char tmpl[] = "/tmp/capsule-bench-server-XXXXXX";
     if (!mkdtemp(tmpl))
         die("mkdtemp");
+    if (only_ws) {
+        pair_res_t sy = ws_pair_own_server(tmpl, 0, n_ws, warm);
+        pair_res_t ns = ws_pair_own_server(tmpl, 1, n_ws, warm);
+        fprintf(stderr,
+                "\nbench_server --only ws (%s; %zu executions each)\n  %-52s %10s %10s\n"
+                "  %-52s %10.3f %10.3f\n  %-52s %10.3f %10.3f\n  %-52s %10.3f %10.3f\n"
+                "  %-52s %10.3f %10.3f\n  WebSocket / in-process p50: sync %.3fx, nosync %.3fx\n",
+                quick ? "quick" : "full", n_ws, "", "p50 ms", "p99 ms", "2+2 over WebSocket, sync",
+                sy.w50, sy.w99, "2+2 in-process C API, sync", sy.p50, sy.p99,
+                "2+2 over WebSocket, nosync", ns.w50, ns.w99, "2+2 in-process C API, nosync",
+                ns.p50, ns.p99, sy.w50 / sy.p50, ns.w50 / ns.p50);
+        ws_emit_pairs(&sy, &ns);
+        bench_rmtree(tmpl);
+        return 0;
+    }
     char sdata[PATH_MAX], edata[PATH_MAX];
     snprintf(sdata, sizeof(sdata), "%s/server", tmpl);
     snprintf(edata, sizeof(edata), "%s/engine", tmpl);
 
     /* ---- the server ---- */
     int port;
-    pid_t pid = start_server(sdata, &port);
     cli_t *c = cap_calloc(1, sizeof(*c));
-    if (cli_connect(c, port) != 0)
-        die("connect");
+    pid_t pid = start_server_with_session(sdata, "sync", &port, c);
     char body[8192];
-    if (http_do(c, "POST", "/v1/sessions", "{\"id\":\"bench\"}", body, sizeof(body)) != 201) {
-        fprintf(stderr, "bench_server: session create failed: %s\n", body);
-        return 1;
-    }
     /* session create over REST, from the warm pool */
     uint64_t *t = cap_calloc(n_ws > n_create ? n_ws : n_create, sizeof(uint64_t));
     for (size_t i = 0; i < n_create; i++) {
@@ -749,61 +902,10 @@ int main(int argc, char **argv)
      * (same cell, same durability, its own data directory), in alternating blocks of 1/10th, so
      * both see the same moments of a shared machine and their ratio is the HTTP/WebSocket layer
      * plus the process hop, not the load of the minute */
-    eng_opts_t eo = {.dir = edata, .pool_idle = 4};
-    eng_t *e;
-    if (eng_open(&eo, &e) != 0) {
-        fprintf(stderr, "bench_server: eng_open failed\n");
-        return 1;
-    }
-    char *sid = NULL;
-    eng_session_open(e, "peer", NULL, &sid);
-    cli_t *w = cap_calloc(1, sizeof(*w));
-    if (cli_connect(w, port) != 0)
-        die("connect");
-    ws_upgrade(w, "/v1/sessions/bench/ws");
-    char msg[8192];
-    uint64_t *tp = cap_calloc(n_ws, sizeof(uint64_t)); /* the peer's */
-    size_t nw = 0, np = 0, block = n_ws / 10;
-    for (size_t b = 0; b < 10; b++) {
-        for (int side = 0; side < 2; side++) {
-            int ws_side = (side == 0) == (b % 2 == 0);
-            size_t count = block + (b == 0 ? warm : 0);
-            for (size_t i = 0; i < count; i++) {
-                int timed = b > 0 || i >= warm;
-                uint64_t t0 = cap_now_ns();
-                if (ws_side) {
-                    ws_send_text(w, "{\"type\":\"execute\",\"code\":\"2+2\"}");
-                    do
-                        ws_recv_text(w, msg, sizeof(msg));
-                    while (!strstr(msg, "\"type\":\"result\""));
-                    if (timed)
-                        t[nw++] = cap_now_ns() - t0;
-                    if (!strstr(msg, "\"value\":4")) {
-                        fprintf(stderr, "bench_server: unexpected result %s\n", msg);
-                        return 1;
-                    }
-                } else {
-                    eng_exec_req_t rq = {.sid = "peer", .code = "2+2"};
-                    eng_result_t *r = NULL;
-                    if (eng_execute_sync(e, &rq, NULL, 0, &r) != 0 || r->status != ENG_ST_OK) {
-                        fprintf(stderr, "bench_server: peer execution failed\n");
-                        return 1;
-                    }
-                    if (timed)
-                        tp[np++] = cap_now_ns() - t0;
-                    eng_result_free(r);
-                }
-            }
-        }
-    }
-    if (bench_samples_save("ws_2plus2_ms", t, nw, 1e6) != 0)
-        fprintf(stderr, "bench_server: could not write the samples file\n");
-    double w50 = pct(t, nw, 0.5), w99 = pct(t, nw, 0.99);
-    double p50 = pct(tp, np, 0.5), p99 = pct(tp, np, 0.99);
-    close(w->fd);
-    cap_free(tp);
-    cap_free(sid);
-    eng_close(e); /* its workers go before the soak */
+    pair_res_t sp = ws_vs_inproc(port, edata, 0, n_ws, warm, "ws_2plus2_ms");
+    double w50 = sp.w50, w99 = sp.w99, p50 = sp.p50, p99 = sp.p99; /* its workers went */
+    /* the server's own share shows best without the journal's write: the same pair, nosync */
+    pair_res_t np = ws_pair_own_server(tmpl, 1, n_ws, warm);
 
     /* many clients at once: each at a fixed rate (one cell every gap_ms), then back to back */
     size_t n_soak = quick ? 20 : 200;
@@ -944,7 +1046,12 @@ int main(int argc, char **argv)
             "throughput = %.1f ms)\n",
             cap_secs, (double)cp.n / cp.secs, "latency", k50, k99, cp.errors,
             cp.n ? 1000.0 * (double)n_soak / ((double)cp.n / cp.secs) : 0);
-    fprintf(stderr, "  WebSocket vs in-process engine p50: %.3fx; goal p50 <= 0.8 ms", w50 / p50);
+    fprintf(stderr, "  %-52s %10.3f %10.3f\n  %-52s %10.3f %10.3f\n",
+            "2+2 over WebSocket, nosync (a server of its own)", np.w50, np.w99,
+            "2+2 in-process C API, nosync (beside it)", np.p50, np.p99);
+    fprintf(stderr,
+            "  WebSocket vs in-process engine p50: %.3fx (nosync %.3fx); goal p50 <= 0.8 ms",
+            w50 / p50, np.w50 / np.p50);
     if (j50 > 0)
         fprintf(stderr, "; Jupyter / capsule p50: %.2fx (goal >= 6x)", j50 / w50);
     fprintf(stderr, "\n");
@@ -953,10 +1060,7 @@ int main(int argc, char **argv)
     bench_emit("ws_2plus2_sync_p99", w99, "ms", j50 > 0 ? jpeer : NULL, j99, 0, 1);
     if (j50 > 0)
         bench_emit("ws_2plus2_speedup_vs_jupyter_p50", j50 / w50, "x", NULL, 0, 6.0, 0);
-    bench_emit("ws_2plus2_vs_engine_inprocess_p50", w50, "ms", "engine C API in-process (sync)",
-               p50, 0, 1);
-    bench_emit("ws_2plus2_vs_engine_inprocess_p99", w99, "ms", "engine C API in-process (sync)",
-               p99, 0, 1);
+    ws_emit_pairs(&sp, &np);
     printf("{\"bench\":\"server\",\"metric\":\"soak_errors\",\"value\":%zu,\"unit\":\"count\","
            "\"peer\":null,\"peer_value\":null,\"ratio\":null,\"goal\":0,\"met\":%s,"
            "\"better\":\"lower\",\"goal_on\":\"value\"}\n",
@@ -1006,7 +1110,6 @@ int main(int argc, char **argv)
     }
     cap_free(t);
     cap_free(c);
-    cap_free(w);
     bench_rmtree(tmpl);
     return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
 }
