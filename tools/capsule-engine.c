@@ -321,12 +321,25 @@ static const char *strip_ns(const char *eid)
     return c ? c + 1 : eid;
 }
 
+/*
+ * A generated id: prefix + 16 hex digits. The 64 bits are a key drawn at random once per process
+ * plus a counter times an odd constant, mixed by splitmix64's finalizer: each step is a bijection
+ * of 64-bit words, so ids never repeat within a process, and across restarts they are as unlikely
+ * to meet as random ones. (It used to be a getrandom(2) per execution without an id.)
+ */
 static void gen_id(char prefix, char *out, size_t n)
 {
-    uint8_t r[8];
-    uv_random(NULL, NULL, r, sizeof(r), 0, NULL);
-    snprintf(out, n, "%c%02x%02x%02x%02x%02x%02x%02x%02x", prefix, r[0], r[1], r[2], r[3], r[4],
-             r[5], r[6], r[7]);
+    static uint64_t key, ctr;
+    static int keyed;
+    if (!keyed) {
+        uv_random(NULL, NULL, &key, sizeof(key), 0, NULL);
+        keyed = 1;
+    }
+    uint64_t z = key + 0x9e3779b97f4a7c15ull * ++ctr;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    snprintf(out, n, "%c%016llx", prefix, (unsigned long long)z);
 }
 
 /* JSON string from bytes that may not be valid UTF-8 (output): invalid bytes become U+FFFD. */
@@ -387,9 +400,9 @@ static const char *refuse_code(int err)
     }
 }
 
-static json_t *result_json(const eng_result_t *r)
+/* Sets r's fields in the object j (the REST answer, the "result" event). */
+static void result_fill(json_t *j, const eng_result_t *r)
 {
-    json_t *j = json_object();
     json_object_set_new(j, "id", json_string(strip_ns(r->eid)));
     if (r->sid)
         json_object_set_new(j, "session", json_string(strip_ns(r->sid)));
@@ -423,6 +436,12 @@ static json_t *result_json(const eng_result_t *r)
         json_object_set_new(j, "ordinal", json_integer((json_int_t)r->ordinal));
     if (r->restore_failed)
         json_object_set_new(j, "restore_failed", json_string(r->restore_failed));
+}
+
+static json_t *result_json(const eng_result_t *r)
+{
+    json_t *j = json_object();
+    result_fill(j, r);
     return j;
 }
 
@@ -520,13 +539,24 @@ static void reply_accepted(srv_req_t *req, xs_t *x)
         json_pack("{s:s,s:s,s:s}", "id", x->ceid, "session", x->csid, "status", "accepted"));
 }
 
-/* A WebSocket or stream subscriber's "accepted" event, once. */
+/* A WebSocket or stream subscriber's "accepted" event, once. It goes out while the engine is
+ * about to hand the cell to its worker, so on a WebSocket it is printed directly: both ids are
+ * client ids ([A-Za-z0-9._-], nothing to escape; checked again here), the same document as the
+ * json_pack below in a fraction of its time. */
 static void sub_send_accepted(sub_t *s)
 {
     xs_t *x = s->x;
     if (s->acked)
         return;
     s->acked = 1;
+    if (s->kind == SUB_WS && client_id_ok(x->ceid) && client_id_ok(x->csid)) {
+        char t[96 + 2 * WSMSG_ID_MAX];
+        int n = snprintf(t, sizeof(t),
+                         "{\"type\":\"accepted\",\"eid\":\"%s\",\"session\":\"%s\",\"seq\":%llu}",
+                         x->ceid, x->csid, (unsigned long long)x->seq);
+        srv_ws_send_text(s->wc->ws, t, (size_t)n);
+        return;
+    }
     json_t *ev = json_pack("{s:s,s:s,s:s,s:I}", "type", "accepted", "eid", x->ceid, "session",
                            x->csid, "seq", (json_int_t)x->seq);
     if (s->kind == SUB_WS)
@@ -579,11 +609,12 @@ static void on_done(void *arg, const eng_result_t *r)
     }
     if ((unsigned)r->status < 6)
         G.ex_status[r->status]++;
-    json_t *res = result_json(r);
-    json_t *ev = ev_new(x, "result");
-    json_object_update(ev, res);
-    json_object_set_new(ev, "type", json_string("result"));
-    json_object_set_new(ev, "eid", json_string(x->ceid));
+    /* the event: type, eid, session, seq, then the result's fields (the REST answer's), built
+     * once and, for WebSocket sessions, encoded once; the REST answer only when one waits */
+    json_t *ev = ev_new(x, "result"), *res = NULL;
+    result_fill(ev, r);
+    char *evtext = NULL;
+    size_t evlen = 0;
     char id[32];
     snprintf(id, sizeof(id), "%llu", (unsigned long long)x->seq);
     while (x->subs) {
@@ -592,7 +623,12 @@ static void on_done(void *arg, const eng_result_t *r)
         if (s->kind == SUB_WS) {
             if (r->status != ENG_ST_REFUSED)
                 sub_send_accepted(s); /* a finished id: its recorded result is there */
-            srv_ws_send(s->wc->ws, json_incref(ev));
+            if (!evtext) {
+                evtext = json_dumps(ev, JSON_COMPACT);
+                evlen = evtext ? strlen(evtext) : 0;
+            }
+            if (evtext)
+                srv_ws_send_text(s->wc->ws, evtext, evlen);
         } else if (s->kind == SUB_STREAM) {
             srv_req_on_abort(s->req, NULL, NULL);
             if (r->status != ENG_ST_REFUSED)
@@ -614,11 +650,15 @@ static void on_done(void *arg, const eng_result_t *r)
                 srv_reply_error(s->req, 404, "session_not_found", "no session \"%s\"", x->csid);
             else if (st != 200)
                 srv_reply_error(s->req, st, refuse_code(r->err), "%s", cap_strerror(r->err));
-            else
+            else {
+                if (!res)
+                    res = result_json(r);
                 srv_reply_json(s->req, 200, json_incref(res));
+            }
         }
         cap_free(s);
     }
+    free(evtext);
     json_decref(ev);
     json_decref(res);
     xs_free(x);

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -328,6 +329,24 @@ async def ws_main(e):
     got = await ws_until(ws, lambda m: m["type"] == "result")
     assert [m["type"] for m in got] == ["accepted", "output", "result"], got
     assert all(m["eid"] == "w1" for m in got) and got[-1]["value"] == 4
+    # the "accepted" message is printed without jansson: exactly these fields, in this order
+    assert list(got[0].items()) == [("type", "accepted"), ("eid", "w1"), ("session", "w"),
+                                    ("seq", 0)], got[0]
+    # the "result" event: the event's fields, then the REST answer's (encoded once per event)
+    assert list(got[-1])[:9] == ["type", "eid", "session", "seq", "id", "status", "repr",
+                                 "value", "output"], got[-1]
+    assert got[-1]["seq"] == 2 and got[-1]["id"] == "w1" and got[-1]["output"] == "a\n", got[-1]
+    assert got[-1] == {**wait_result(e.port, "w1"), "type": "result", "eid": "w1",
+                       "session": "w", "seq": 2}, got[-1]
+    # generated ids: "x" + 16 hex digits, a different one for every execution
+    seen = set()
+    for _ in range(20):
+        await ws.send(json.dumps({"type": "execute", "code": "1"}))
+        gen = await ws_until(ws, lambda m: m["type"] == "result")
+        eid = gen[0]["eid"]
+        assert re.fullmatch(r"x[0-9a-f]{16}", eid) and eid not in seen, (eid, seen)
+        assert all(m["eid"] == eid for m in gen), gen
+        seen.add(eid)
     # the same eid again over the socket: the recorded result, not a second run
     await ws.send(json.dumps({"type": "execute", "code": "print('a')\n2+2", "eid": "w1"}))
     again = await ws_until(ws, lambda m: m["type"] == "result")

@@ -231,6 +231,10 @@ int srv_ws_accept(srv_req_t *req, const srv_ws_callbacks_t *cb, void *arg, srv_w
 /* Sends `msg` (stolen) as one text message. Returns 0, CAP_ECLOSED if the session is closing,
  * CAP_ELIMIT if the client stopped reading (the session is dropped). */
 int srv_ws_send(srv_ws_t *ws, json_t *msg);
+/* The same for a message already serialized: text[0..len) (borrowed), sent as it is: it must be
+ * a JSON document in UTF-8 (what srv_ws_send would have made of it). Lets a caller encode a
+ * message once for several sessions, or build a small fixed one without a json_t. */
+int srv_ws_send_text(srv_ws_t *ws, const char *text, size_t len);
 /* Starts the closing handshake with `code` (1000 normal, 1001 going away, 1008 policy...). */
 void srv_ws_close(srv_ws_t *ws, uint16_t code, const char *reason);
 const char *srv_ws_principal(const srv_ws_t *ws);
