@@ -19,6 +19,7 @@
  *
  * Human table on stderr; one JSON object per figure on stdout (bench, metric, value, unit, peer,
  * peer_value, ratio, goal, met). Usage: bench_engine [--quick] [--dir DIR] [--only PART]
+ * (PART: lat, lat-sync, lat-nosync, tp, acq, mem, rec, cpu)
  * [--rec-execs N]; --rec-execs runs only 5. on a log of N executions (bench/run's recovery curve).
  */
 #include <dirent.h>
@@ -809,7 +810,8 @@ int main(int argc, char **argv)
             g_affinity = strcmp(argv[++i], "none") == 0 ? ENG_AFFINITY_NONE : ENG_AFFINITY_AUTO;
         else {
             fprintf(stderr,
-                    "usage: %s [--quick] [--dir DIR] [--only lat|tp|acq|mem|rec|cpu] "
+                    "usage: %s [--quick] [--dir DIR] [--only "
+                    "lat|lat-sync|lat-nosync|tp|acq|mem|rec|cpu] "
                     "[--rec-execs N] [--affinity auto|none]\n",
                     argv[0]);
             return 2;
@@ -825,10 +827,10 @@ int main(int argc, char **argv)
         bench_recovery(0, (int)((rec_execs + E - 1) / E), E, suffix);
         return 0;
     }
-    if (!only || strcmp(only, "lat") == 0) {
+    if (!only || strcmp(only, "lat") == 0 || strcmp(only, "lat-sync") == 0)
         bench_latency(0);
+    if (!only || strcmp(only, "lat") == 0 || strcmp(only, "lat-nosync") == 0)
         bench_latency(1);
-    }
     if (!only || strcmp(only, "tp") == 0)
         bench_throughput();
     if (!only || strcmp(only, "acq") == 0) {
