@@ -1019,9 +1019,16 @@ static void store__ckpt_flush(store_env_t *env)
 {
     int fd;
     struct stat st;
+    MDB_envinfo info;
+    MDB_stat ms;
     if (mdb_env_get_fd(env->env, &fd) != 0 || fstat(fd, &st) != 0)
         return;
-    for (off_t off = 0; off < st.st_size; off += STORE_CKPT_FLUSH_CHUNK)
+    /* up to the last page in use: a file that was opened nosync is sized to the map (sparse) */
+    off_t end = st.st_size;
+    if (mdb_env_info(env->env, &info) == 0 && mdb_env_stat(env->env, &ms) == 0 &&
+        (off_t)((info.me_last_pgno + 1) * ms.ms_psize) < end)
+        end = (off_t)((info.me_last_pgno + 1) * ms.ms_psize);
+    for (off_t off = 0; off < end; off += STORE_CKPT_FLUSH_CHUNK)
         if (sync_file_range(fd, off, STORE_CKPT_FLUSH_CHUNK,
                             SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
                                 SYNC_FILE_RANGE_WAIT_AFTER) != 0)
