@@ -267,9 +267,9 @@ static void on_write(uv_write_t *w, int status)
  * CAP_ELIMIT (and drops the connection) when the client has left more than max_out_bytes unread.
  * With nothing queued before them the bytes are first offered to the socket directly
  * (uv_try_write: one write(2)); only a remainder is copied into a write request. A uv_write that
- * the kernel takes at once still costs its request (malloc + copy), a callback from the next
- * loop turn (a turn that polls with a zero timeout) and an epoll_ctl re-arming the socket for
- * reading: measured as one extra epoll_ctl and epoll_wait per WebSocket message (strace). */
+ * the kernel takes at once still costs its request (malloc + copy), a callback run later from
+ * libuv's pending queue and an epoll_ctl re-arming the socket for reading only: strace counted
+ * one epoll_ctl per WebSocket message, now gone. */
 static int conn_write(conn_t *c, const void *data, size_t len)
 {
     if (c->closing || c->shutting)
