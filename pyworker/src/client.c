@@ -333,9 +333,25 @@ static int send_frame(pyw_worker_t *w, pyw_buf_t *b)
         rc = CAP_ETOOBIG;
         goto out;
     }
+    /* Nothing queued (uv_try_write refuses otherwise, so the order holds): the frame usually
+     * goes in one write now, with no request, no deferred callback and no poll re-arm. A
+     * failed write is left to show up as EOF / exit, like a failed uv_write. */
+    size_t done = 0;
+    uv_buf_t all = uv_buf_init((char *)b->p, (unsigned)b->len);
+    int n = uv_try_write((uv_stream_t *)&w->pipe, &all, 1);
+    if (n >= 0 && (size_t)n == b->len)
+        goto out;
+    if (n >= 0)
+        done = (size_t)n;
+    else if (n == UV_EPIPE || n == UV_ECONNRESET)
+        goto out;
+    else if (n != UV_EAGAIN) {
+        rc = CAP_ECLOSED;
+        goto out;
+    }
     wreq_t *r = cap_malloc(sizeof *r);
     r->p = b->p;
-    uv_buf_t ub = uv_buf_init((char *)b->p, (unsigned)b->len);
+    uv_buf_t ub = uv_buf_init((char *)b->p + done, (unsigned)(b->len - done));
     b->p = NULL;
     if ((rc = uv_write(&r->req, (uv_stream_t *)&w->pipe, &ub, 1, on_written)) < 0) {
         cap_free(r->p);
