@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <lmdb.h>
@@ -431,6 +432,46 @@ static void wait_pool_full(eng_t *e, uint32_t want)
     fprintf(stderr, "bench_engine: the pool did not refill to %u in 2 s\n", want);
 }
 
+/* The id of this process's thread named `comm` (0: none). */
+static int thread_named(const char *comm)
+{
+    char p[300], c[64];
+    DIR *d = opendir("/proc/self/task");
+    struct dirent *de;
+    int tid = 0;
+    while (d && (de = readdir(d)) && !tid) {
+        snprintf(p, sizeof(p), "/proc/self/task/%s/stat", de->d_name);
+        if (de->d_name[0] != '.' && stat_ticks(p, c, sizeof(c)) >= 0 && strcmp(c, comm) == 0)
+            tid = atoi(de->d_name);
+    }
+    if (d)
+        closedir(d);
+    return tid;
+}
+
+/* A thread's scheduler figures (/proc/self/task/TID/schedstat): ns on a CPU, ns runnable waiting
+ * for one. */
+typedef struct {
+    uint64_t run, wait;
+} sched_ns_t;
+static sched_ns_t sched_ns(int tid)
+{
+    char p[96];
+    unsigned long long a = 0, b = 0;
+    snprintf(p, sizeof(p), "/proc/self/task/%d/schedstat", tid);
+    FILE *f = fopen(p, "r");
+    if (f) {
+        if (fscanf(f, "%llu %llu", &a, &b) != 2)
+            a = b = 0;
+        fclose(f);
+    }
+    return (sched_ns_t){a, b};
+}
+
+/* Session acquire from the warm pool. For the acquires over 1 ms it also says where their time
+ * went, from the schedstat of the loop thread and of the calling thread read around each open:
+ * waiting in a run queue (runnable, no CPU: other processes, or the vCPU taken by the host) or
+ * running. */
 static void bench_acquire(int nosync)
 {
     char d[2][1100];
@@ -444,14 +485,20 @@ static void bench_acquire(int nosync)
     uint64_t *v = malloc(n * sizeof(uint64_t)), *l = malloc(n * sizeof(uint64_t));
     uint64_t *fx = malloc(n * sizeof(uint64_t));
     size_t over_1ms = 0;
+    int ltid = 0, ctid = (int)syscall(SYS_gettid);
+    uint64_t slow_ns = 0, slow_lwait = 0, slow_cwait = 0, slow_lrun = 0;
     for (size_t k = 0; k < warm + n; k++) {
         wait_pool_full(e, pool);
         usleep(20000);
         char sid[32];
         snprintf(sid, sizeof(sid), "acq%zu", k);
+        if (!ltid) /* named by the loop itself once it runs */
+            ltid = thread_named("capsule-loop");
+        sched_ns_t l0 = sched_ns(ltid), c0 = sched_ns(ctid);
         uint64_t t0 = cap_now_ns();
         int rc = eng_session_open(e, sid, NULL, NULL);
         uint64_t ta = cap_now_ns() - t0;
+        sched_ns_t l1 = sched_ns(ltid), c1 = sched_ns(ctid);
         if (rc)
             die("session open", rc);
         run_ok(e, sid, "2+2", NULL, 0);
@@ -465,7 +512,13 @@ static void bench_acquire(int nosync)
         v[i] = ta;
         fx[i] = tf;
         l[i] = tl;
-        over_1ms += ta > 1000000u;
+        if (ta > 1000000u) {
+            over_1ms++;
+            slow_ns += ta;
+            slow_lwait += l1.wait - l0.wait;
+            slow_cwait += c1.wait - c0.wait;
+            slow_lrun += l1.run - l0.run;
+        }
     }
     double p50 = bench_pct_u64(v, n, 0.5) / 1e3, p99 = bench_pct_u64(v, n, 0.99) / 1e3;
     double l50 = bench_pct_u64(l, n, 0.5) / 1e3, l99 = bench_pct_u64(l, n, 0.99) / 1e3;
@@ -480,6 +533,13 @@ static void bench_acquire(int nosync)
     fprintf(stderr, "%34s | %10.1f %10.1f\n", "open + first 2+2, durable", f50, f99);
     fprintf(stderr, "%34s | %10.1f %10.1f\n", "raw LMDB put+commit", l50, l99);
     fprintf(stderr, "%34s | %10zu of %zu\n", "acquires over 1 ms", over_1ms, n);
+    if (over_1ms && ltid)
+        fprintf(stderr,
+                "%34s | loop waiting for a CPU %.0f%%, caller waiting for a CPU %.0f%%, loop "
+                "running %.0f%%\n",
+                "their time (schedstat)", 100.0 * (double)slow_lwait / (double)slow_ns,
+                100.0 * (double)slow_cwait / (double)slow_ns,
+                100.0 * (double)slow_lrun / (double)slow_ns);
     char m[64];
     snprintf(m, sizeof(m), "session_open_first_exec_p50_us_%s", mode);
     bench_emit(m, f50, "us", nosync ? "raw_lmdb_commit_nosync_p50" : "raw_lmdb_commit_sync_p50",
