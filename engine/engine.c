@@ -38,6 +38,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <stdio.h>
@@ -2534,10 +2535,24 @@ void eng_wal_stats(eng_t *e, wal_stats_t *out)
 }
 
 /* ---------- open / close ---------- */
+/* The loop writes to workers' sockets (requests, input replies, cancels, pings) and the zygote
+ * thread to the zygote's: a peer that died meanwhile makes the write raise SIGPIPE, whose
+ * default action kills the whole process that embeds the engine. Blocked on the engine's own
+ * threads, the write fails with EPIPE instead (the death is handled when its exit is seen); the
+ * signal stays pending on the thread, and a fork from it starts with none pending. */
+static void block_sigpipe(void)
+{
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, NULL);
+}
+
 static void loop_main(void *arg)
 {
     eng_t *e = arg;
     prctl(PR_SET_NAME, "capsule-loop"); /* per-thread CPU figures (bench_engine), ps/top */
+    block_sigpipe();
     uv_run(e->loop, UV_RUN_DEFAULT);
 }
 
@@ -2687,6 +2702,14 @@ typedef struct zy_start {
     uint64_t ready_ns;
 } zy_start_t;
 
+static void *zygote_main(void *arg);
+
+static void *zygote_thread(void *arg)
+{
+    block_sigpipe();
+    return zygote_main(arg);
+}
+
 static void *zygote_main(void *arg)
 {
     zy_start_t *zs = arg;
@@ -2792,7 +2815,7 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     zs.zo.worker_path = e->worker_path;
     zs.zo.warmup = e->warmup;
     uint64_t t0 = cap_now_ns();
-    int zy_thread = pthread_create(&zs.thread, NULL, zygote_main, &zs) == 0;
+    int zy_thread = pthread_create(&zs.thread, NULL, zygote_thread, &zs) == 0;
     if (!zy_thread)
         zygote_main(&zs);
     store_env_opts_t so = {0};

@@ -187,7 +187,10 @@ typedef struct eng_exec_req {
 
 /* With a caller's loop (opts->loop): call eng_open on the thread that runs that loop, outside
  * uv_run or from one of its callbacks (it adds an async handle and four timers to the loop), then
- * keep running the loop; call the blocking functions from other threads. After eng_close the loop
+ * keep running the loop; call the blocking functions from other threads. The engine writes to
+ * its workers' sockets on that thread: ignore SIGPIPE in the process, or block it on that thread
+ * (a worker that dies as it is written to would otherwise kill the process; the engine's own
+ * loop thread blocks it). After eng_close the loop
  * holds no handle of the engine (uv_loop_close succeeds once the loop ran dry).
  *
  * Opens (creating if needed) the engine in opts->dir: opens the store and the log, starts the

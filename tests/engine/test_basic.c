@@ -2,9 +2,12 @@
  * test_basic.c - the engine through its public API with real workers and a real store: sessions,
  * executions and a persistent namespace, errors, streamed output, input(), ordered queueing and
  * the queue bound, cancel, list/close, idempotent execution ids, results fetched by id, the
- * output bound, and a reopen that restores a session lazily from the log.
+ * output bound, a reopen that restores a session lazily from the log, and SIGPIPE on the loop.
  */
+#include <errno.h>
 #include <pthread.h>
+#include <signal.h>
+#include <sys/socket.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -367,12 +370,66 @@ static void test_caller_loop(void)
     cap_free(dir);
 }
 
+/* A write on the engine's loop thread to a peer that is gone (a worker killed as it is written
+ * to) must fail with EPIPE, not kill the embedding process with SIGPIPE, whose action this
+ * program leaves at its default. The write is made from an on_done callback, which runs on that
+ * thread. */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done;
+    ssize_t n;
+    int err;
+} pipe_probe_t;
+
+static void probe_done(void *arg, const eng_result_t *r)
+{
+    pipe_probe_t *p = arg;
+    (void)r;
+    int sv[2];
+    CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    close(sv[1]);
+    ssize_t n = write(sv[0], "x", 1);
+    int err = errno;
+    close(sv[0]);
+    pthread_mutex_lock(&p->mu);
+    p->n = n;
+    p->err = err;
+    p->done = 1;
+    pthread_cond_signal(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+}
+
+static void test_sigpipe(eng_t *e)
+{
+    struct sigaction sa;
+    CHECK_EQ(sigaction(SIGPIPE, NULL, &sa), 0);
+    CHECK(sa.sa_handler == SIG_DFL); /* otherwise this proves nothing */
+    CHECK_OK(eng_session_open(e, "pipe", NULL, NULL));
+    pipe_probe_t p = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0};
+    eng_exec_req_t rq = {0};
+    rq.sid = "pipe";
+    rq.code = "1";
+    eng_exec_cb_t cb = {0};
+    cb.on_done = probe_done;
+    CHECK_OK(eng_execute(e, &rq, &cb, &p));
+    pthread_mutex_lock(&p.mu);
+    while (!p.done)
+        pthread_cond_wait(&p.cv, &p.mu);
+    pthread_mutex_unlock(&p.mu);
+    CHECK_EQ(p.n, -1);
+    CHECK_EQ(p.err, EPIPE);
+    etest_expect(e, "pipe", "'still here'", "'still here'");
+    CHECK_OK(eng_session_close(e, "pipe"));
+}
+
 int main(void)
 {
     char *dir = check_tmpdir("eng-basic");
     eng_t *e = etest_open(dir, 0);
     test_basics(e);
     test_queue(e);
+    test_sigpipe(e);
     eng_close(e);
     check_rmtree(dir);
     cap_free(dir);
