@@ -318,9 +318,9 @@ static void add_ticks(int pid, void *arg)
         *(long *)arg += t;
 }
 
-static void cpu_sample(cpu_ticks_t *c)
+/* Calls fn(tid, comm, CPU ticks, arg) for each thread of this process. */
+static void for_each_thread(void (*fn)(int tid, const char *comm, long ticks, void *arg), void *arg)
 {
-    memset(c, 0, sizeof(*c));
     char p[300], comm[64];
     DIR *d = opendir("/proc/self/task");
     struct dirent *de;
@@ -329,15 +329,27 @@ static void cpu_sample(cpu_ticks_t *c)
             continue;
         snprintf(p, sizeof(p), "/proc/self/task/%s/stat", de->d_name);
         long t = stat_ticks(p, comm, sizeof(comm));
-        if (t < 0)
-            continue;
-        if (strcmp(comm, "capsule-loop") == 0)
-            c->loop += t;
-        else
-            c->rest += t;
+        if (t >= 0)
+            fn(atoi(de->d_name), comm, t, arg);
     }
     if (d)
         closedir(d);
+}
+
+static void add_thread_ticks(int tid, const char *comm, long ticks, void *arg)
+{
+    cpu_ticks_t *c = arg;
+    (void)tid;
+    if (strcmp(comm, "capsule-loop") == 0)
+        c->loop += ticks;
+    else
+        c->rest += ticks;
+}
+
+static void cpu_sample(cpu_ticks_t *c)
+{
+    memset(c, 0, sizeof(*c));
+    for_each_thread(add_thread_ticks, c);
     for_each_worker(add_ticks, &c->workers);
 }
 
@@ -432,21 +444,11 @@ static void wait_pool_full(eng_t *e, uint32_t want)
     fprintf(stderr, "bench_engine: the pool did not refill to %u in 2 s\n", want);
 }
 
-/* The id of this process's thread named `comm` (0: none). */
-static int thread_named(const char *comm)
+static void find_loop_thread(int tid, const char *comm, long ticks, void *arg)
 {
-    char p[300], c[64];
-    DIR *d = opendir("/proc/self/task");
-    struct dirent *de;
-    int tid = 0;
-    while (d && (de = readdir(d)) && !tid) {
-        snprintf(p, sizeof(p), "/proc/self/task/%s/stat", de->d_name);
-        if (de->d_name[0] != '.' && stat_ticks(p, c, sizeof(c)) >= 0 && strcmp(c, comm) == 0)
-            tid = atoi(de->d_name);
-    }
-    if (d)
-        closedir(d);
-    return tid;
+    (void)ticks;
+    if (strcmp(comm, "capsule-loop") == 0)
+        *(int *)arg = tid;
 }
 
 /* A thread's scheduler figures (/proc/self/task/TID/schedstat): ns on a CPU, ns runnable waiting
@@ -493,7 +495,7 @@ static void bench_acquire(int nosync)
         char sid[32];
         snprintf(sid, sizeof(sid), "acq%zu", k);
         if (!ltid) /* named by the loop itself once it runs */
-            ltid = thread_named("capsule-loop");
+            for_each_thread(find_loop_thread, &ltid);
         sched_ns_t l0 = sched_ns(ltid), c0 = sched_ns(ctid);
         uint64_t t0 = cap_now_ns();
         int rc = eng_session_open(e, sid, NULL, NULL);
