@@ -2,7 +2,10 @@
  * bench_engine.c - the engine's speed goals, measured side by side with their peers in one run.
  *
  *   1. durable `2+2` through the C API (eng_execute_sync), p50/p99, WAL_SYNC and WAL_NOSYNC,
- *      beside one raw LMDB put+commit (sync / MDB_NOSYNC) measured interleaved in the same run.
+ *      beside one raw LMDB put+commit (sync / MDB_NOSYNC) measured interleaved in the same run;
+ *      and the same engine on the caller's own libuv loop (eng_execute from a loop callback to
+ *      on_done: what a pipeline embedding the library on its loop sees, without the two thread
+ *      hops of the blocking call), interleaved with them.
  *   2. executions/s across 64 busy sessions (durable, sync): each session resubmits from its
  *      done callback; peer: 1 / the raw LMDB commit p50 (what no group commit would allow).
  *   3. session acquire from the warm pool (eng_session_open: no commit waited for; the session's
@@ -133,11 +136,140 @@ static void run_ok(eng_t *e, const char *sid, const char *code, char *repr_out, 
 /* ---- 1. latency ---- */
 static double g_raw_sync_p50_us;
 
+/* The same engine API driven from the caller's own libuv loop (eng_opts_t.loop), as a pipeline
+ * that embeds the library on its loop would: eng_execute from a callback of that loop, the time
+ * from the call to on_done (both on the loop thread), without the two thread hops of
+ * eng_execute_sync (the caller's post to the engine's loop, the loop waking the caller). */
+typedef struct loop_peer {
+    uv_loop_t loop;
+    uv_async_t start, stop;
+    eng_t *e;
+    const char *dir;
+    int nosync;
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int ready, done, failed;
+    uint64_t t0, took;
+} loop_peer_t;
+
+static void loop_peer_done(void *arg, const eng_result_t *r)
+{
+    loop_peer_t *lp = arg;
+    uint64_t t1 = cap_now_ns();
+    pthread_mutex_lock(&lp->mu);
+    lp->took = t1 - lp->t0;
+    lp->failed = r->status != ENG_ST_OK || !r->repr || strcmp(r->repr, "4") != 0;
+    lp->done = 1;
+    pthread_cond_signal(&lp->cv);
+    pthread_mutex_unlock(&lp->mu);
+}
+
+static void loop_peer_start(uv_async_t *h)
+{
+    loop_peer_t *lp = h->data;
+    eng_exec_req_t rq = {0};
+    rq.sid = "lat";
+    rq.code = "2+2";
+    eng_exec_cb_t cb = {0};
+    cb.on_done = loop_peer_done;
+    lp->t0 = cap_now_ns();
+    int rc = eng_execute(lp->e, &rq, &cb, lp);
+    if (rc)
+        die("eng_execute on the caller's loop", rc);
+}
+
+static void loop_peer_close_cb(uv_handle_t *h)
+{
+    (void)h;
+}
+
+static void loop_peer_stop(uv_async_t *h)
+{
+    loop_peer_t *lp = h->data;
+    uv_close((uv_handle_t *)&lp->start, loop_peer_close_cb);
+    uv_close((uv_handle_t *)&lp->stop, loop_peer_close_cb);
+}
+
+static void *loop_peer_main(void *arg)
+{
+    loop_peer_t *lp = arg;
+    uv_loop_init(&lp->loop);
+    uv_async_init(&lp->loop, &lp->start, loop_peer_start);
+    uv_async_init(&lp->loop, &lp->stop, loop_peer_stop);
+    lp->start.data = lp->stop.data = lp;
+    eng_opts_t o = {0};
+    o.affinity = g_affinity;
+    o.checkpoint_every = g_checkpoint_every;
+    o.dir = lp->dir;
+    o.nosync = lp->nosync;
+    o.pool_idle = 2;
+    o.max_sessions = 16;
+    o.loop = &lp->loop;
+    int rc = eng_open(&o, &lp->e); /* on the loop's thread, before uv_run */
+    if (rc)
+        die("eng_open (caller's loop)", rc);
+    pthread_mutex_lock(&lp->mu);
+    lp->ready = 1;
+    pthread_cond_signal(&lp->cv);
+    pthread_mutex_unlock(&lp->mu);
+    uv_run(&lp->loop, UV_RUN_DEFAULT);
+    if (uv_loop_close(&lp->loop) != 0)
+        die("the caller's loop still holds handles after eng_close", -1);
+    return NULL;
+}
+
+static void loop_peer_open(loop_peer_t *lp, const char *dir, int nosync)
+{
+    memset(lp, 0, sizeof(*lp));
+    lp->dir = dir;
+    lp->nosync = nosync;
+    pthread_mutex_init(&lp->mu, NULL);
+    pthread_cond_init(&lp->cv, NULL);
+    if (pthread_create(&lp->th, NULL, loop_peer_main, lp) != 0)
+        die("pthread_create", -1);
+    pthread_mutex_lock(&lp->mu);
+    while (!lp->ready)
+        pthread_cond_wait(&lp->cv, &lp->mu);
+    pthread_mutex_unlock(&lp->mu);
+    int rc = eng_session_open(lp->e, "lat", NULL, NULL);
+    if (rc)
+        die("session (caller's loop)", rc);
+}
+
+/* One 2+2 started on the loop; returns its time on the loop (call to on_done). */
+static uint64_t loop_peer_exec(loop_peer_t *lp)
+{
+    pthread_mutex_lock(&lp->mu);
+    lp->done = 0;
+    pthread_mutex_unlock(&lp->mu);
+    uv_async_send(&lp->start);
+    pthread_mutex_lock(&lp->mu);
+    while (!lp->done)
+        pthread_cond_wait(&lp->cv, &lp->mu);
+    uint64_t took = lp->took;
+    int failed = lp->failed;
+    pthread_mutex_unlock(&lp->mu);
+    if (failed)
+        die("2+2 on the caller's loop did not give 4", -1);
+    return took;
+}
+
+static void loop_peer_close(loop_peer_t *lp)
+{
+    eng_close(lp->e); /* the loop keeps running meanwhile */
+    uv_async_send(&lp->stop);
+    pthread_join(lp->th, NULL);
+    pthread_mutex_destroy(&lp->mu);
+    pthread_cond_destroy(&lp->cv);
+}
+
 static void bench_latency(int nosync)
 {
     size_t n = quick ? 200 : 2000;
-    char d[3][1100];
+    char d[4][1100];
     fresh_dir(d[0], sizeof(d[0]), nosync ? "lat-ns" : "lat");
+    fresh_dir(d[3], sizeof(d[3]), nosync ? "lat-ns-loop" : "lat-loop");
     fresh_dir(d[1], sizeof(d[1]), nosync ? "lat-ns-lmdb" : "lat-lmdb");
     fresh_dir(d[2], sizeof(d[2]), nosync ? "lat-ns-sched" : "lat-sched");
     eng_t *e = open_engine(d[0], nosync, 2, 16);
@@ -146,15 +278,18 @@ static void bench_latency(int nosync)
     eng_t *eo = open_engine_aff(d[2], nosync, 2, 16, other);
     lmdb_peer_t lp;
     lmdb_open(&lp, d[1], nosync);
+    loop_peer_t lpe;
+    loop_peer_open(&lpe, d[3], nosync);
     int rc = eng_session_open(e, "lat", NULL, NULL);
     if (rc || (rc = eng_session_open(eo, "lat", NULL, NULL)))
         die("session", rc);
     for (int i = 0; i < 20; i++) {
         run_ok(e, "lat", "2+2", NULL, 0);
         run_ok(eo, "lat", "2+2", NULL, 0);
+        loop_peer_exec(&lpe);
     }
     uint64_t *le = malloc(n * sizeof(uint64_t)), *ll = malloc(n * sizeof(uint64_t));
-    uint64_t *lo = malloc(n * sizeof(uint64_t));
+    uint64_t *lo = malloc(n * sizeof(uint64_t)), *lc = malloc(n * sizeof(uint64_t));
     char repr[32];
     eng_stats_t s0, s1;
     eng_stats(e, &s0);
@@ -168,6 +303,7 @@ static void bench_latency(int nosync)
         t0 = cap_now_ns();
         run_ok(eo, "lat", "2+2", NULL, 0);
         lo[i] = cap_now_ns() - t0;
+        lc[i] = loop_peer_exec(&lpe);
     }
     eng_stats(e, &s1);
     double cpe = (double)(s1.wal_commits - s0.wal_commits) / (double)n;
@@ -216,15 +352,26 @@ static void bench_latency(int nosync)
     snprintf(m, sizeof(m), "exec_2plus2_p50_us_%s_%s", mode, oname);
     snprintf(peer, sizeof(peer), "exec_2plus2_p50_us_%s", mode);
     bench_emit(m, o50, "us", peer, e50, 0, 1);
+    double c50 = bench_pct_u64(lc, n, 0.5) / 1e3, c99 = bench_pct_u64(lc, n, 0.99) / 1e3;
+    fprintf(stderr, "%34s | %10.1f %10.1f   (goal p50 <= %s)\n", "eng_execute on the caller's loop",
+            c50, c99, nosync ? "150" : "700");
+    snprintf(m, sizeof(m), "exec_2plus2_p50_us_%s_caller_loop", mode);
+    bench_emit(m, c50, "us", peer, e50, nosync ? 150 : 700, BENCH_LOWER);
+    snprintf(m, sizeof(m), "exec_2plus2_p99_us_%s_caller_loop", mode);
+    snprintf(peer, sizeof(peer), "exec_2plus2_p99_us_%s", mode);
+    bench_emit(m, c99, "us", peer, e99, 0, 1);
     free(le);
     free(ll);
     free(lo);
+    free(lc);
     eng_close(e);
     eng_close(eo);
+    loop_peer_close(&lpe);
     mdb_env_close(lp.env);
     bench_rmtree(d[0]);
     bench_rmtree(d[1]);
     bench_rmtree(d[2]);
+    bench_rmtree(d[3]);
 }
 
 /* ---- 2. 64 busy sessions ---- */
