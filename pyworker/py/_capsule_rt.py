@@ -378,6 +378,13 @@ def _delta_tuple(blob, info):
     return _capsule_ns.delta_tuple(blob, info)
 
 
+def _defines_code(code):
+    """True when the cell's code makes code objects that outlive it (functions, classes, lambdas,
+    comprehensions, generators): their frames show the cell's lines later, and the namespace
+    recovers a bound function's source from linecache."""
+    return any(type(c) is type(code) for c in code.co_consts)
+
+
 def run_cell(cell_no, cell_id, source):
     """Runs one cell. Returns (status, repr|None, json|None, etype|None, emsg|None, tb|None,
     delta tuple|None, delta_error|None); status 0 ok, 1 error, 2 cancelled."""
@@ -386,10 +393,23 @@ def run_cell(cell_no, cell_id, source):
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
     linecache.cache[filename] = (len(source), None, lines, filename)
+    box = [None]
+    try:
+        return _run_cell(cell_no, cell_id, source, filename, box)
+    finally:
+        # A cell that defines no code of its own (or did not compile) needs its source only for
+        # its own traceback, formatted by now: without this, linecache would keep every cell a
+        # session ever ran.
+        if box[0] is None or not _defines_code(box[0]):
+            linecache.cache.pop(filename, None)
+
+
+def _run_cell(cell_no, cell_id, source, filename, box):
     status, rep, js, etype, emsg, tb = 0, None, None, None, None, None
     code = None
     try:
         code, has_last = _compile(source, filename)
+        box[0] = code
     except BaseException as e:  # SyntaxError and friends: nothing ran
         if isinstance(e, KeyboardInterrupt) and _capsule.cancel_requested():
             _capsule.cancel_ack()  # cancelled while compiling: a cancel, not an error

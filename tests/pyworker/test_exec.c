@@ -2,8 +2,10 @@
  * test_exec.c - execution modes through a real worker: plain cells, top-level await, async
  * for/with, blocking sleep in a thread while the protocol stays responsive, asyncio.run inside a
  * plain cell, the last expression's value (repr, JSON, `;`, _ / __ / ___), a persistent
- * namespace, exceptions with tracebacks that show the cell's source lines; the interpreter a
- * worker runs on (standalone, or /usr/bin/python3.11 with the host module) and what a cell sees.
+ * namespace, exceptions with tracebacks that show the cell's source lines; linecache keeps the
+ * source of cells that define code (functions, classes, lambdas) and not of the others; the
+ * interpreter a worker runs on (standalone, or /usr/bin/python3.11 with the host module) and
+ * what a cell sees.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -354,6 +356,34 @@ static void test_interpreter(void)
     free(hosted);
 }
 
+/* linecache does not grow with cells that define no code, and keeps the ones that do: a function
+ * defined many cells ago still shows its source line in a traceback and to inspect. */
+static void test_linecache(pyw_sync_t *s)
+{
+    expect_value(s, "import linecache\nv = 0\n_n0 = len(linecache.cache)", NULL, NULL);
+    expect_value(s, "def boom():\n    return 1 / 0\n", NULL, NULL);
+    for (int i = 0; i < 300; i++) {
+        char src[64];
+        snprintf(src, sizeof src, i % 3 ? "v = %d" : i % 2 ? "v + %d" : "print(v, %d)", i);
+        pyw_sync_run_t *r = run(s, src);
+        CHECK_EQ(r->status, PYW_STATUS_OK);
+        pyw_sync_run_free(r);
+    }
+    pyw_sync_run_t *r;
+    CHECK_OK(pyw_sync_execute(s, "v = (\n", NULL, 0, 0, 0, &r)); /* does not compile */
+    CHECK_STREQ(r->etype, "SyntaxError");
+    pyw_sync_run_free(r);
+    /* _n0 counted the first cell while it ran, as this count counts this cell; since then only
+     * the def cell was kept (+1), not the 300 others nor the syntax error */
+    expect_value(s, "len(linecache.cache) - _n0", "1", "1");
+    CHECK_OK(pyw_sync_execute(s, "boom()", NULL, 0, 0, 0, &r));
+    CHECK_STREQ(r->etype, "ZeroDivisionError");
+    CHECK(strstr(r->traceback, "return 1 / 0"));
+    pyw_sync_run_free(r);
+    expect_value(s, "import inspect\ninspect.getsource(boom).splitlines()[0]", "'def boom():'",
+                 "\"def boom():\"");
+}
+
 int main(void)
 {
     pyw_sync_t *s;
@@ -371,6 +401,7 @@ int main(void)
     test_modes(s);
     test_errors(s);
     test_same_items(s);
+    test_linecache(s);
     pyw_sync_close(s);
     test_responsive();
     test_interpreter();
