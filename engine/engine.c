@@ -35,6 +35,7 @@
  *   - an execution stays in the engine's map (and is attachable) until its FINISH is durable;
  *     from then on eng.results answers for it.
  */
+#include <stdatomic.h>
 #include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
@@ -71,6 +72,8 @@ typedef struct wref {
     pyw_worker_t *w;
     session_t *s;      /* NULL while in the pool or detached */
     struct wref *next; /* pool list */
+    int transit;       /* (pool_mu) popped by an opener's thread, not yet adopted by the loop */
+    int died;          /* (pool_mu) its exit was handled while in transit */
 } wref_t;
 
 typedef struct listener {
@@ -179,9 +182,13 @@ struct eng {
     /* loop-side */
     session_t *smap[NBUCKET];
     exec_t *xmap[NBUCKET];
-    uint32_t nsessions;
-    wref_t *pool;
-    uint32_t npool;
+    _Atomic uint32_t nsessions; /* sessions open or being opened (reserved: sess_reserve) */
+    wref_t *pool;               /* (pool_mu) idle workers: popped by the loop or by an opener */
+    _Atomic uint32_t npool;
+    pthread_mutex_t pool_mu;
+    pthread_cond_t pool_cv; /* ntransit reached 0 after pool_closed */
+    int pool_closed;        /* (pool_mu) shutting down: no more pops by openers */
+    int ntransit;           /* (pool_mu) openers between their pop and their post */
     uint64_t wid_next;
     uint64_t ord_next;
     uint64_t gen_ctr;
@@ -626,7 +633,8 @@ static void worker_drop(wref_t *r)
     cap_free(r);
 }
 
-static void pool_remove(eng_t *e, wref_t *r)
+/* Called with pool_mu held. */
+static void pool_remove_locked(eng_t *e, wref_t *r)
 {
     wref_t **pp = &e->pool;
     while (*pp && *pp != r)
@@ -639,9 +647,11 @@ static void pool_remove(eng_t *e, wref_t *r)
 
 static void pool_add(eng_t *e, wref_t *r)
 {
+    pthread_mutex_lock(&e->pool_mu);
     r->next = e->pool;
     e->pool = r;
     e->npool++;
+    pthread_mutex_unlock(&e->pool_mu);
     stats_add(e, (eng_stats_t){0});
 }
 
@@ -769,12 +779,16 @@ static int worker_acquire(eng_t *e, session_t *s, wref_t **out)
 {
     int rc = 0;
     wref_t *r = NULL;
-    while (!s->so.mem_bytes && !s->so.cpu_seconds && e->pool) {
+    while (!s->so.mem_bytes && !s->so.cpu_seconds) {
+        pthread_mutex_lock(&e->pool_mu);
         r = e->pool;
-        e->pool = r->next;
-        e->npool--;
-        r->next = NULL;
-        if (!pyw_worker_exited(r->w))
+        if (r) {
+            e->pool = r->next;
+            e->npool--;
+            r->next = NULL;
+        }
+        pthread_mutex_unlock(&e->pool_mu);
+        if (!r || !pyw_worker_exited(r->w))
             break;
         /* it died idle and the loop has not handled its exit yet: never hand it out */
         cap_log(CAP_LOG_INFO, "engine", "pool: worker %d died idle; taking another",
@@ -1657,7 +1671,15 @@ static void pcb_exit(pyw_worker_t *w, const pyw_exit_t *ex)
     session_t *s = r->s;
     if (!s) {
         /* a pooled (or detached) worker died: replace it */
-        pool_remove(e, r);
+        pthread_mutex_lock(&e->pool_mu);
+        if (r->transit) {
+            /* popped by an opener: the adoption drops it (and gives the session another) */
+            r->died = 1;
+            pthread_mutex_unlock(&e->pool_mu);
+            return;
+        }
+        pool_remove_locked(e, r);
+        pthread_mutex_unlock(&e->pool_mu);
         worker_drop(r);
         refill_schedule(e);
         return;
@@ -2017,9 +2039,20 @@ static session_t *session_new(eng_t *e, const char *sid, const eng_session_opts_
     uint32_t b = bucket(sid);
     s->hnext = e->smap[b];
     e->smap[b] = s;
-    e->nsessions++;
     stats_add(e, (eng_stats_t){.sessions = 1});
     return s;
+}
+
+/* Counts one more session (open or being opened) unless max_sessions are: 0, or CAP_ELIMIT. Any
+ * thread (openers reserve before their pop). */
+static int sess_reserve(eng_t *e)
+{
+    uint32_t n = atomic_load(&e->nsessions);
+    do {
+        if (n >= e->o.max_sessions)
+            return CAP_ELIMIT;
+    } while (!atomic_compare_exchange_weak(&e->nsessions, &n, n + 1));
+    return 0;
 }
 
 /* Takes s (not yet served) out of the engine again: its open failed. */
@@ -2086,25 +2119,32 @@ out:
  * session's executions, input or close, so whatever is acknowledged about the session later
  * implies its open is durable; a crash before that commit loses only the open itself (an empty
  * session nobody was told anything about but its id; nothing leaks, see ARCHITECTURE.md). */
-static void session_promise_create(eng_t *e, session_t *s, waiter_t *w, int durable)
+/* The create of session sid's promise "capsule/s/<sid>", with its options as headers. */
+static job_t *session_job(const char *sid, const eng_session_opts_t *so, eng_msg_fn done)
 {
-    size_t n = strlen(s->sid) + 16;
+    size_t n = strlen(sid) + 16;
     char *pid = cap_malloc(n);
-    snprintf(pid, n, "capsule/s/%s", s->sid);
-    job_t *j = job_new(J_CREATE, pid, session_created);
+    snprintf(pid, n, "capsule/s/%s", sid);
+    job_t *j = job_new(J_CREATE, pid, done);
     cap_free(pid);
     job_tag(j, "capsule:kind", "session");
     char b[32];
-    snprintf(b, sizeof(b), "%d", (int)s->so.tx);
+    snprintf(b, sizeof(b), "%d", (int)so->tx);
     job_hdr(j, "capsule:tx", b);
-    snprintf(b, sizeof(b), "%u", s->so.timeout_ms);
+    snprintf(b, sizeof(b), "%u", so->timeout_ms);
     job_hdr(j, "capsule:timeout_ms", b);
-    snprintf(b, sizeof(b), "%llu", (unsigned long long)s->so.mem_bytes);
+    snprintf(b, sizeof(b), "%llu", (unsigned long long)so->mem_bytes);
     job_hdr(j, "capsule:mem_bytes", b);
-    snprintf(b, sizeof(b), "%u", s->so.cpu_seconds);
+    snprintf(b, sizeof(b), "%u", so->cpu_seconds);
     job_hdr(j, "capsule:cpu_seconds", b);
-    snprintf(b, sizeof(b), "%d", s->so.retry_on_death);
+    snprintf(b, sizeof(b), "%d", so->retry_on_death);
     job_hdr(j, "capsule:retry", b);
+    return j;
+}
+
+static void session_promise_create(eng_t *e, session_t *s, waiter_t *w, int durable)
+{
+    job_t *j = session_job(s->sid, &s->so, session_created);
     j->s = s;
     s->refs++;
     j->w = w;
@@ -2151,7 +2191,7 @@ static void do_session_open(eng_t *e, eng_msg_t *m)
         waiter_wake(w, s->st == S_CLOSING ? CAP_ECLOSED : 0);
         goto out;
     }
-    if (e->nsessions >= e->o.max_sessions) {
+    if (sess_reserve(e)) {
         waiter_wake(w, CAP_ELIMIT);
         goto out;
     }
@@ -2296,7 +2336,7 @@ static void do_fork(eng_t *e, eng_msg_t *m)
         waiter_wake(w, CAP_EINVAL);
         goto out;
     }
-    if (e->nsessions >= e->o.max_sessions) {
+    if (sess_reserve(e)) {
         waiter_wake(w, CAP_ELIMIT);
         goto out;
     }
@@ -2468,13 +2508,20 @@ static void do_shutdown(eng_t *e, eng_msg_t *m)
     for (size_t b = 0; b < NBUCKET; b++)
         for (session_t *s = e->smap[b]; s; s = s->hnext)
             session_detach_worker(s);
-    while (e->pool) {
-        wref_t *r = e->pool;
-        e->pool = r->next;
+    pthread_mutex_lock(&e->pool_mu);
+    e->pool_closed = 1;
+    while (e->ntransit) /* an opener between its pop and its post (no I/O in between) */
+        pthread_cond_wait(&e->pool_cv, &e->pool_mu);
+    wref_t *pool = e->pool;
+    e->pool = NULL;
+    e->npool = 0;
+    pthread_mutex_unlock(&e->pool_mu);
+    while (pool) {
+        wref_t *r = pool;
+        pool = r->next;
         worker_drop(r);
     }
-    e->npool = 0;
-    drain(e);
+    drain(e); /* (adoptions posted before the pool closed drop their worker here) */
     e->open_handles = 5;
     if (e->zpoll) {
         e->open_handles++;
@@ -2613,6 +2660,7 @@ static int recover(eng_t *e)
             so.mem_bytes = (uint64_t)hdr_i64(&p->param, "capsule:mem_bytes");
             so.cpu_seconds = (uint32_t)hdr_i64(&p->param, "capsule:cpu_seconds");
             so.retry_on_death = (int)hdr_i64(&p->param, "capsule:retry");
+            e->nsessions++; /* recovered: not limited */
             session_t *s = session_new(e, sid, &so);
             s->st = S_COLD;
             rc = eng__last_ordinal(&e->tb, sid, &s->last_ord);
@@ -2802,6 +2850,8 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
     e->eng_cpu = -1;
     e->io_cpu = -1;
     pthread_mutex_init(&e->mu, NULL);
+    pthread_mutex_init(&e->pool_mu, NULL);
+    pthread_cond_init(&e->pool_cv, NULL);
     e->pcb.on_output = pcb_output;
     e->pcb.on_input = pcb_input;
     e->pcb.on_promise = pcb_promise;
@@ -2977,6 +3027,8 @@ void eng_close(eng_t *e)
     pyw_zygote_close(e->zy);
     store_env_close(e->env);
     pthread_mutex_destroy(&e->mu);
+    pthread_mutex_destroy(&e->pool_mu);
+    pthread_cond_destroy(&e->pool_cv);
     close(e->wake_fd); /* every poster is gone: the loop, the wal writer (store closed) */
     cap_free(e->dir);
     cap_free(e->worker_path);
@@ -2992,29 +3044,201 @@ static cmd_t *cmd_new(eng_msg_fn fn)
     return c;
 }
 
+/* ---------- the acquire on the opener's thread ----------
+ * eng_session_open of a new session with pooled workers does not wait for the loop: the opener's
+ * thread checks that the id is unknown, reserves a session (max_sessions), appends the session
+ * promise (prom_* may be called from any thread: the record precedes every record of the
+ * session's executions, which are appended on the loop after the opener posts them), pops an
+ * idle worker under pool_mu and posts the adoption; the loop builds the session from it before
+ * any later command of that thread. What the acquire waited for before (the loop thread getting
+ * a CPU, twice) moves into the first execution, which waits for the loop anyway. Anything else
+ * (an id already known, its own limits, the limit reached, a closing engine) goes to the loop as
+ * before. */
+typedef struct fastopen {
+    job_t *j;          /* the promise create: headers, tags, res (valid until durable) */
+    _Atomic int holds; /* the opener's and the completion's */
+} fastopen_t;
+
+static void fastopen_release(fastopen_t *f)
+{
+    if (atomic_fetch_sub(&f->holds, 1) == 1) {
+        job_free(f->j);
+        cap_free(f);
+    }
+}
+
+/* prom_done_fn (the wal writer, or the opener before the create returns) */
+static void fastopen_durable(void *arg, int rc)
+{
+    fastopen_t *f = arg;
+    if (rc) /* the log failed or closed after the append: the session's next records fail too */
+        cap_log(CAP_LOG_ERROR, "engine", "%s: record not durable: %s", f->j->id, cap_strerror(rc));
+    fastopen_release(f);
+}
+
+/* Loop: the session an opener created and popped a worker for (c->arg: the worker, or NULL
+ * when the pool was empty). */
+static void do_session_adopt(eng_t *e, eng_msg_t *m)
+{
+    cmd_t *c = (cmd_t *)m;
+    wref_t *r = c->arg;
+    if (r) {
+        pthread_mutex_lock(&e->pool_mu);
+        r->transit = 0;
+        int died = r->died;
+        pthread_mutex_unlock(&e->pool_mu);
+        if (died || pyw_worker_exited(r->w)) {
+            /* died after the pop: never handed out (an exit not handled yet drops it then) */
+            cap_log(CAP_LOG_INFO, "engine", "pool: worker %d died idle; taking another",
+                    pyw_worker_pid(r->w));
+            stats_add(e, (eng_stats_t){.pool_dead = 1});
+            if (died)
+                worker_drop(r);
+            r = NULL;
+        }
+    }
+    if (e->dead || e->closing) {
+        if (r && !e->dead)
+            worker_drop(r);
+        e->nsessions--;
+        goto out;
+    }
+    session_t *s = smap_get(e, c->sid);
+    if (s) {
+        /* another opener of the same id came first: it is that session */
+        if (r && e->npool < e->o.pool_idle)
+            pool_add(e, r);
+        else if (r)
+            worker_drop(r);
+        e->nsessions--;
+        goto out;
+    }
+    s = session_new(e, c->sid, &c->so);
+    s->st = S_COLD; /* new: no ordinal, nothing to restore */
+    if (r) {
+        r->s = s;
+        s->w = r;
+        s->st = S_RESTORING;
+        s->applies = 0;
+        restore_done(e, s);
+    } else {
+        session_start(e, s); /* the pool was empty: a worker from the zygote */
+    }
+    refill_schedule(e);
+out:
+    cmd_free(c);
+}
+
+/* Opener's thread. 0: opened (the loop adopts it); 1: for the loop to answer; or an error. */
+static int session_open_fast(eng_t *e, const char *sid, const eng_session_opts_t *o)
+{
+    eng_session_opts_t so = {0};
+    if (o)
+        so = *o;
+    so.warmup = NULL;
+    if (so.mem_bytes || so.cpu_seconds)
+        return 1; /* a worker with its own limits (spawned on the loop) */
+    pthread_mutex_lock(&e->pool_mu);
+    int closed = e->pool_closed;
+    pthread_mutex_unlock(&e->pool_mu);
+    if (closed)
+        return 1;
+    size_t n = strlen(sid) + 16;
+    char *pid = cap_malloc(n);
+    snprintf(pid, n, "capsule/s/%s", sid);
+    prom_result_t g = {0};
+    int rc = prom_promise_get(e->ps, pid, &g);
+    cap_free(pid);
+    int known = rc != 0 || g.status != PROM_S_NOTFOUND;
+    prom_result_clear(&g);
+    if (known)
+        return 1; /* open already, closed (its id is not reused), or unreadable */
+    if (sess_reserve(e))
+        return 1; /* at the limit (an open id would still be answered as open) */
+    fastopen_t *f = cap_calloc(1, sizeof(*f));
+    f->j = session_job(sid, &so, NULL);
+    atomic_init(&f->holds, 2);
+    prom_value_t v = {f->j->hdr, f->j->nhdr, NULL, 0};
+    prom_create_t cr = {f->j->id, PROM_FOREVER, &v, f->j->tags, f->j->ntags};
+    rc = prom_promise_create_async(e->ps, &cr, &f->j->res, fastopen_durable, f);
+    if (rc) {
+        /* nothing appended, no completion */
+        e->nsessions--;
+        job_free(f->j);
+        cap_free(f);
+        return rc;
+    }
+    rc = session_create_rc(f->j, 0); /* CAP_EEXIST: closed since the get */
+    fastopen_release(f);
+    if (rc) {
+        e->nsessions--;
+        return rc;
+    }
+    wref_t *r = NULL;
+    int dead = 0;
+    pthread_mutex_lock(&e->pool_mu);
+    closed = e->pool_closed;
+    for (wref_t **pp = &e->pool; !closed && *pp; pp = &(*pp)->next) {
+        if (pyw_worker_exited((*pp)->w)) {
+            dead++; /* left for the loop to drop when it handles the exit */
+            continue;
+        }
+        r = *pp;
+        *pp = r->next;
+        r->next = NULL;
+        e->npool--;
+        r->transit = 1;
+        e->ntransit++;
+        break;
+    }
+    pthread_mutex_unlock(&e->pool_mu);
+    if (dead)
+        stats_add(e, (eng_stats_t){.pool_dead = (uint64_t)dead});
+    if (closed) {
+        /* closing: the session's record stays (after a restart it is an empty open session) */
+        e->nsessions--;
+        return CAP_ECLOSED;
+    }
+    cmd_t *c = cmd_new(do_session_adopt);
+    c->sid = cap_strdup(sid);
+    c->so = so;
+    c->arg = r;
+    post(e, &c->m);
+    if (r) {
+        pthread_mutex_lock(&e->pool_mu);
+        if (--e->ntransit == 0 && e->pool_closed)
+            pthread_cond_broadcast(&e->pool_cv);
+        pthread_mutex_unlock(&e->pool_mu);
+    }
+    return 0;
+}
+
 int eng_session_open(eng_t *e, const char *sid, const eng_session_opts_t *o, char **sid_out)
 {
     if (!e || (sid && !eng__id_valid(sid)) ||
         (o && (o->tx < ENG_TX_DEFAULT || o->tx > ENG_TX_ROLLBACK_ALWAYS)))
         return CAP_EINVAL;
-    waiter_t w;
-    waiter_init(&w);
-    cmd_t *c = cmd_new(do_session_open);
-    pthread_mutex_lock(&e->mu);
-    c->sid = sid ? cap_strdup(sid) : NULL;
-    if (!c->sid) {
+    char *id = sid ? cap_strdup(sid) : NULL;
+    if (!id) {
         char b[64];
+        pthread_mutex_lock(&e->mu);
         snprintf(b, sizeof(b), "s%llx-%llx", (unsigned long long)cap_wall_ms(),
                  (unsigned long long)++e->gen_ctr);
-        c->sid = cap_strdup(b);
+        pthread_mutex_unlock(&e->mu);
+        id = cap_strdup(b);
     }
-    pthread_mutex_unlock(&e->mu);
-    char *id = cap_strdup(c->sid);
-    if (o)
-        c->so = *o;
-    c->w = &w;
-    post(e, &c->m);
-    int rc = waiter_wait(&w);
+    int rc = session_open_fast(e, id, o);
+    if (rc > 0) {
+        waiter_t w;
+        waiter_init(&w);
+        cmd_t *c = cmd_new(do_session_open);
+        c->sid = cap_strdup(id);
+        if (o)
+            c->so = *o;
+        c->w = &w;
+        post(e, &c->m);
+        rc = waiter_wait(&w);
+    }
     if (rc == 0 && o && o->warmup) {
         /* the session's warm-up is its first execution, recorded like any other (so a restore
          * brings its names back); its id makes it run once even if the open is repeated */

@@ -205,7 +205,10 @@ int eng_open(const eng_opts_t *opts, eng_t **out);
 void eng_close(eng_t *e);
 
 /* Opens session `sid` (NULL: a generated id); an already open sid is returned as is. The open
- * does not wait for a commit (a pop from the warm pool): the session's record is appended to the
+ * of a new id without limits of its own waits for neither a commit nor the loop thread: the
+ * calling thread appends the session's record, pops a worker from the warm pool and queues the
+ * session for the loop, which takes it over before any command posted after the call returns
+ * (from any thread). The session's record is appended to the
  * log before any record of its executions, so it is durable by the time anything about the
  * session is acknowledged (an execution's result, a close); a crash before that loses only the
  * empty session (after a restart the id is unknown and may be opened again). With o->warmup the

@@ -9,8 +9,14 @@
  *   - pooled workers that died (kill -9) while the loop could not yet handle their exit are never
  *     handed out: the acquire that finds them dead takes another (pool_dead counts them);
  *   - the zygote killed (kill -9) at random points after an acquire, with a refill in flight or
- *     not: a new zygote is started, sessions carry on, the pool fills again from it.
+ *     not: a new zygote is started, sessions carry on, the pool fills again from it;
+ *   - opening a new session does not wait for the loop: it returns while the loop is held, and
+ *     its worker (popped on the opener's thread) killed before the loop adopts it is never
+ *     handed to the session, which gets another;
+ *   - four threads opening the same ids at once all land in one session per id (each thread's
+ *     execution runs there), and no worker is left over.
  */
+#include <pthread.h>
 #include <dirent.h>
 #include <errno.h>
 #include <semaphore.h>
@@ -148,6 +154,25 @@ static void sem_wait_ok(sem_t *s)
         CHECK(errno == EINTR);
 }
 
+/* Runs a cell in session sid whose on_done holds the loop thread (h->held posted, the loop waits
+ * for h->release); returns the pid of sid's worker. */
+static pid_t hold_loop(eng_t *e, const char *sid, hold_t *h)
+{
+    CHECK_EQ(sem_init(&h->held, 0, 0), 0);
+    CHECK_EQ(sem_init(&h->release, 0, 0), 0);
+    eng_exec_req_t rq = {0};
+    rq.sid = sid;
+    rq.code = "import os\nos.getpid()";
+    eng_exec_cb_t hcb = {0};
+    hcb.on_done = hold_done;
+    CHECK_OK(eng_execute(e, &rq, &hcb, h));
+    sem_wait_ok(&h->held); /* the loop is held from here */
+    CHECK_EQ(h->status, ENG_ST_OK);
+    pid_t holder = (pid_t)atoi(h->repr);
+    CHECK(holder > 0);
+    return holder;
+}
+
 /* Kills (kill -9) every child but the zygote and `keep`, and waits until each has exited (a
  * zombie, or gone: every thread of it) but not for the engine to reap it. Returns how many were
  * killed. */
@@ -180,20 +205,10 @@ static void dead_in_pool(eng_t *e)
     pool_wait(e, POOL);
 
     hold_t h = {0}, c = {0};
-    CHECK_EQ(sem_init(&h.held, 0, 0), 0);
-    CHECK_EQ(sem_init(&h.release, 0, 0), 0);
     CHECK_EQ(sem_init(&c.done, 0, 0), 0);
-    eng_exec_req_t rq = {0};
-    rq.sid = "holder";
-    rq.code = "import os\nos.getpid()";
-    eng_exec_cb_t hcb = {0};
-    hcb.on_done = hold_done;
-    CHECK_OK(eng_execute(e, &rq, &hcb, &h));
-    sem_wait_ok(&h.held); /* the loop is held from here */
-    CHECK_EQ(h.status, ENG_ST_OK);
-    pid_t holder = (pid_t)atoi(h.repr);
-    CHECK(holder > 0);
+    pid_t holder = hold_loop(e, "holder", &h);
 
+    eng_exec_req_t rq = {0};
     rq.sid = "cold";
     rq.code = "40 + 2";
     eng_exec_cb_t ccb = {0};
@@ -228,6 +243,90 @@ static void dead_in_pool(eng_t *e)
         CHECK_OK(eng_session_close(e, sid));
     }
     CHECK_OK(eng_session_close(e, "holder"));
+    children_expect(e, 0);
+}
+
+/* A new session's open returns while the loop is held (the acquire pops on the opener's thread);
+ * the popped worker and the pool are then killed before the loop has adopted it: the session
+ * must get a live worker, and no session sees a worker death. */
+static void dead_after_pop(eng_t *e)
+{
+    eng_stats_t st;
+    CHECK_OK(eng_session_open(e, "holder2", NULL, NULL));
+    pool_wait(e, POOL);
+    eng_stats(e, &st);
+    uint64_t dead0 = st.pool_dead, deaths0 = st.worker_deaths;
+    int zpid = st.zygote_pid;
+    hold_t h = {0};
+    pid_t holder = hold_loop(e, "holder2", &h);
+    CHECK_OK(eng_session_open(e, "popped", NULL, NULL)); /* returns with the loop held */
+    CHECK(kill_idle_workers(zpid, holder) >= POOL);      /* the popped one among them */
+    sem_post(&h.release);
+    etest_expect(e, "popped", "6 * 7", "42");
+    eng_stats(e, &st);
+    CHECK(st.pool_dead > dead0);
+    CHECK_EQ(st.worker_deaths, deaths0);
+    sem_destroy(&h.held);
+    sem_destroy(&h.release);
+    CHECK_OK(eng_session_close(e, "popped"));
+    CHECK_OK(eng_session_close(e, "holder2"));
+    children_expect(e, 0);
+}
+
+#define RACERS   4
+#define RACE_IDS 12
+typedef struct {
+    eng_t *e;
+    int t;
+} racer_t;
+
+static void *racer(void *arg)
+{
+    racer_t *ra = arg;
+    int order[RACE_IDS];
+    for (int i = 0; i < RACE_IDS; i++)
+        order[i] = (i + ra->t * 5) % RACE_IDS; /* each thread in another order */
+    char sid[32];
+    for (int k = 0; k < RACE_IDS; k++) {
+        snprintf(sid, sizeof(sid), "race-%d", order[k]);
+        CHECK_OK(eng_session_open(ra->e, sid, NULL, NULL));
+        eng_result_t *r = etest_run(ra->e, sid, NULL, "hits = globals().get('hits', 0) + 1");
+        CHECK_EQ(r->status, ENG_ST_OK);
+        eng_result_free(r);
+    }
+    return NULL;
+}
+
+/* RACERS threads open the same ids at once: one session per id takes every thread's cell. */
+static void racing_opens(eng_t *e)
+{
+    pthread_t th[RACERS];
+    racer_t ra[RACERS];
+    for (int t = 0; t < RACERS; t++) {
+        ra[t] = (racer_t){e, t};
+        CHECK_EQ(pthread_create(&th[t], NULL, racer, &ra[t]), 0);
+    }
+    for (int t = 0; t < RACERS; t++)
+        CHECK_EQ(pthread_join(th[t], NULL), 0);
+    char **sids = NULL;
+    size_t n = 0;
+    CHECK_OK(eng_session_list(e, &sids, &n));
+    int listed[RACE_IDS] = {0};
+    for (size_t i = 0; i < n; i++) {
+        int k;
+        if (sscanf(sids[i], "race-%d", &k) == 1 && k >= 0 && k < RACE_IDS)
+            listed[k]++;
+        cap_free(sids[i]);
+    }
+    cap_free(sids);
+    char sid[32], want[16];
+    snprintf(want, sizeof(want), "%d", RACERS);
+    for (int k = 0; k < RACE_IDS; k++) {
+        CHECK_EQ(listed[k], 1);
+        snprintf(sid, sizeof(sid), "race-%d", k);
+        etest_expect(e, sid, "hits", want);
+        CHECK_OK(eng_session_close(e, sid));
+    }
     children_expect(e, 0);
 }
 
@@ -291,6 +390,8 @@ int main(void)
     etest_expect(e, "after-pool-kill", "'fine'", "'fine'");
     CHECK_OK(eng_session_close(e, "after-pool-kill"));
     dead_in_pool(e);
+    dead_after_pop(e);
+    racing_opens(e);
 
     /* the zygote killed at a random point after an acquire (its refill in flight or not) */
     for (int round = 0; round < 5; round++) {
