@@ -199,6 +199,7 @@ struct eng {
     pid_t eng_tids[ENG_MAX_OWN_TIDS];
     int neng_tids, eng_cpu;  /* eng_cpu: where they are pinned, -1 none */
     int io_cpu;              /* the data disk's interrupt CPU (eng__io_cpu), -1 none */
+    int pin_loop;            /* a caller's loop thread is pinned like the own one (opts) */
     uint64_t crowd_ns;       /* cap_now_ns() when two executions were last in flight at once */
     unsigned long mask0[16]; /* CPU mask at eng_open (1024 CPUs) */
     size_t mask0_len;
@@ -1096,7 +1097,7 @@ static void eng_threads_pin(eng_t *e, int cpu)
         one[cpu / 64] = 1ul << (cpu % 64);
     const unsigned long *m = cpu >= 0 ? one : e->mask0;
     size_t len = cpu >= 0 ? sizeof one : e->mask0_len;
-    if (e->own)
+    if (e->own || e->pin_loop) /* (always called on the loop thread) */
         (void)set_mask(0, m, len);
     for (int i = 0; i < e->neng_tids; i++)
         (void)set_mask(e->eng_tids[i], m, len);
@@ -2504,6 +2505,7 @@ static void do_shutdown(eng_t *e, eng_msg_t *m)
 {
     cap_free(m);
     e->closing = 1;
+    eng_threads_pin(e, -1); /* a caller's loop thread leaves with the mask it came with */
     /* kill every worker; running executions stay pending in the log and re-run at next open */
     for (size_t b = 0; b < NBUCKET; b++)
         for (session_t *s = e->smap[b]; s; s = s->hnext)
@@ -2911,6 +2913,7 @@ int eng_open(const eng_opts_t *opts, eng_t **out)
 
     if (opts->loop) {
         e->loop = opts->loop;
+        e->pin_loop = opts->pin_loop && opts->affinity == ENG_AFFINITY_AUTO;
     } else {
         rc = uv_loop_init(&e->own_loop);
         if (rc)

@@ -1934,7 +1934,8 @@ int main(int argc, char **argv)
                      .max_queue = maxq,
                      .max_output = maxout,
                      .idle_release_ms = idlerel,
-                     .affinity = strcmp(aff, "none") == 0 ? ENG_AFFINITY_NONE : ENG_AFFINITY_AUTO};
+                     .affinity = strcmp(aff, "none") == 0 ? ENG_AFFINITY_NONE : ENG_AFFINITY_AUTO,
+                     .pin_loop = 1}; /* the server's loop is the engine's */
     if ((rc = eng_open(&eo, &G.eng)) != 0) {
         fprintf(stderr, "capsule-engine: cannot open the engine in %s: %s\n", eo.dir,
                 cap_strerror(rc));

@@ -4,8 +4,9 @@
  *   1. durable `2+2` through the C API (eng_execute_sync), p50/p99, WAL_SYNC and WAL_NOSYNC,
  *      beside one raw LMDB put+commit (sync / MDB_NOSYNC) measured interleaved in the same run;
  *      and the same engine on the caller's own libuv loop (eng_execute from a loop callback to
- *      on_done: what a pipeline embedding the library on its loop sees, without the two thread
- *      hops of the blocking call), interleaved with them.
+ *      on_done, with eng_opts_t.pin_loop as capsule-engine sets it: what a pipeline embedding
+ *      the library on its loop sees, without the two thread hops of the blocking call),
+ *      interleaved with them.
  *   2. executions/s across 64 busy sessions (durable, sync): each session resubmits from its
  *      done callback; peer: 1 / the raw LMDB commit p50 (what no group commit would allow).
  *   3. session acquire from the warm pool (eng_session_open: no commit waited for; the session's
@@ -206,6 +207,7 @@ static void *loop_peer_main(void *arg)
     o.pool_idle = 2;
     o.max_sessions = 16;
     o.loop = &lp->loop;
+    o.pin_loop = 1;                /* as capsule-engine runs it */
     int rc = eng_open(&o, &lp->e); /* on the loop's thread, before uv_run */
     if (rc)
         die("eng_open (caller's loop)", rc);

@@ -63,11 +63,13 @@ typedef enum {
     ENG_TX_ROLLBACK_ALWAYS = 3,     /* never recorded: the namespace is restored afterwards */
 } eng_tx_t;
 
-/* CPU placement of workers. AUTO: while a single cell runs in the whole engine, its worker is
- * pinned to the CPU the loop thread is on (a request then goes loop -> worker -> loop without
- * waking another CPU: on a VM an idle vCPU's wake-up costs tens of microseconds); the pin is
- * dropped when a second cell starts or the cell runs longer than 2 ms, so busy sessions and
- * CPU-bound cells use every CPU. NONE: the scheduler places workers. */
+/* CPU placement of workers. AUTO: while a single cell runs in the whole engine, its worker, the
+ * engine's loop thread (its own; a caller's only with eng_opts_t.pin_loop) and the wal writer
+ * are pinned to one CPU, the one taking the data disk's interrupts if there is one, else the
+ * loop's (a request then goes loop -> worker -> loop without waking another CPU: on a VM an idle
+ * vCPU's wake-up costs tens of microseconds); the worker's pin is dropped when a second cell
+ * starts or the cell runs longer than 2 ms, the threads' when a second cell starts, so busy
+ * sessions and CPU-bound cells use every CPU. NONE: the scheduler places workers. */
 typedef enum { ENG_AFFINITY_AUTO = 0, ENG_AFFINITY_NONE = 1 } eng_affinity_t;
 
 typedef struct eng_opts {
@@ -90,6 +92,11 @@ typedef struct eng_opts {
                                   (restored from the log when next used); 0 = never */
     size_t map_size;           /* initial LMDB map; 0 = 1 GiB */
     eng_affinity_t affinity;   /* where workers run; default ENG_AFFINITY_AUTO */
+    int pin_loop;              /* with a caller's loop and ENG_AFFINITY_AUTO: 1 lets the engine
+                                  pin that loop's thread (the one that called eng_open) with a
+                                  lone execution, as it pins its own loop thread, and restore
+                                  the thread's mask from eng_open when it unpins and at eng_close;
+                                  0 (default): the caller's thread is never touched */
 } eng_opts_t;
 
 typedef struct eng_session_opts {

@@ -6,10 +6,13 @@
  * engine's threads, and a lone execution afterwards is pinned again.
  * ENG_AFFINITY_NONE pins nothing. The CPU of a lone execution is the one that takes the data
  * disk's interrupts when eng__io_cpu finds one (CAPSULE_IO_CPU overrides; its parsing and the
- * sysfs walk's answers are checked here too).
+ * sysfs walk's answers are checked here too). On a caller's loop, its thread is pinned with
+ * the lone execution only with eng_opts_t.pin_loop, and gets its own mask back at eng_close.
  */
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <sched.h>
+#include <sys/syscall.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <stdio.h>
@@ -126,6 +129,74 @@ static void lone_on(const char *dir, int cpu)
     CHECK_OK(unsetenv("CAPSULE_IO_CPU"));
 }
 
+/* An engine on a caller's loop, run by its own thread (the caller): pin_loop decides whether the
+ * engine may pin that thread. */
+typedef struct {
+    const char *dir;
+    int pin;
+    uv_loop_t loop;
+    uv_async_t stop;
+    eng_t *e;
+    _Atomic pid_t tid;
+} caller_t;
+
+static void caller_stop(uv_async_t *h)
+{
+    uv_close((uv_handle_t *)h, NULL);
+}
+
+static void *caller_main(void *arg)
+{
+    caller_t *c = arg;
+    CHECK_EQ(uv_loop_init(&c->loop), 0);
+    CHECK_EQ(uv_async_init(&c->loop, &c->stop, caller_stop), 0); /* keeps it running */
+    eng_opts_t o = {0};
+    o.dir = c->dir;
+    o.nosync = 1;
+    o.map_size = 64u << 20;
+    o.loop = &c->loop;
+    o.pin_loop = c->pin;
+    CHECK_OK(eng_open(&o, &c->e));
+    atomic_store(&c->tid, (pid_t)syscall(SYS_gettid));
+    uv_run(&c->loop, UV_RUN_DEFAULT);
+    CHECK_EQ(uv_loop_close(&c->loop), 0);
+    return NULL;
+}
+
+static int cpus_of(pid_t tid)
+{
+    cpu_set_t m;
+    CHECK_EQ(sched_getaffinity(tid, sizeof m, &m), 0);
+    return CPU_COUNT(&m);
+}
+
+static void caller_loop(const char *dir, int pin, long ncpu)
+{
+    caller_t c = {.dir = dir, .pin = pin};
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, caller_main, &c), 0);
+    while (!atomic_load(&c.tid))
+        usleep(1000);
+    CHECK_EQ(cpus_of(c.tid), (int)ncpu);
+    CHECK_OK(eng_session_open(c.e, "a", NULL, NULL));
+    int n = 0, k = 0, loop_cpus = 0;
+    for (int i = 0; i < 50; i++) { /* a lone cell (one past 2 ms on a loaded machine is not) */
+        char *v = place(c.e, "a", "");
+        CHECK_EQ(sscanf(v, "'%d/%d'", &n, &k), 2);
+        cap_free(v);
+        loop_cpus = cpus_of(c.tid);
+        if (n == 1 && (!pin || loop_cpus == 1))
+            break;
+    }
+    CHECK_EQ(n, 1);
+    CHECK_EQ(loop_cpus, pin ? 1 : (int)ncpu);
+    eng_close(c.e);                      /* the loop keeps running */
+    CHECK_EQ(cpus_of(c.tid), (int)ncpu); /* its own mask again */
+    uv_async_send(&c.stop);
+    CHECK_EQ(pthread_join(th, NULL), 0);
+    check_rmtree(dir);
+}
+
 int main(void)
 {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -139,6 +210,8 @@ int main(void)
     test_io_cpu(dir, ncpu);
     lone_on(dir, 0);
     lone_on(dir, 1);
+    caller_loop(dir, 0, ncpu);
+    caller_loop(dir, 1, ncpu);
     eng_t *e = etest_open(dir, 1); /* the default: ENG_AFFINITY_AUTO */
     CHECK_OK(eng_session_open(e, "a", NULL, NULL));
     CHECK_OK(eng_session_open(e, "b", NULL, NULL));
