@@ -3146,20 +3146,19 @@ static int session_open_fast(eng_t *e, const char *sid, const eng_session_opts_t
     pthread_mutex_unlock(&e->pool_mu);
     if (closed)
         return 1;
-    size_t n = strlen(sid) + 16;
-    char *pid = cap_malloc(n);
-    snprintf(pid, n, "capsule/s/%s", sid);
+    job_t *j = session_job(sid, &so, NULL);
     prom_result_t g = {0};
-    int rc = prom_promise_get(e->ps, pid, &g);
-    cap_free(pid);
+    int rc = prom_promise_get(e->ps, j->id, &g);
     int known = rc != 0 || g.status != PROM_S_NOTFOUND;
     prom_result_clear(&g);
-    if (known)
-        return 1; /* open already, closed (its id is not reused), or unreadable */
-    if (sess_reserve(e))
-        return 1; /* at the limit (an open id would still be answered as open) */
+    if (known || sess_reserve(e)) {
+        /* open already, closed (its id is not reused) or unreadable; or at the limit (an open
+         * id would still be answered as open): the loop answers */
+        job_free(j);
+        return 1;
+    }
     fastopen_t *f = cap_calloc(1, sizeof(*f));
-    f->j = session_job(sid, &so, NULL);
+    f->j = j;
     atomic_init(&f->holds, 2);
     prom_value_t v = {f->j->hdr, f->j->nhdr, NULL, 0};
     prom_create_t cr = {f->j->id, PROM_FOREVER, &v, f->j->tags, f->j->ntags};
