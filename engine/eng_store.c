@@ -280,6 +280,10 @@ eng_result_t *eng__result_dup(const eng_result_t *r)
     if (eng__result_decode(p, n, &c) != 0)
         cap_fatal("engine", "result codec failed its own round trip");
     cap_free(p);
+    /* the stage times are not recorded (they describe this run, not the result) */
+    c->t_request_ns = r->t_request_ns;
+    c->t_run_ns = r->t_run_ns;
+    c->t_finish_ns = r->t_finish_ns;
     return c;
 }
 

@@ -952,14 +952,14 @@ static void finish_done(eng_t *e, eng_msg_t *m)
     }
     x->st = X_DONE;
     xmap_del(e, x);
-    exec_notify_done(e, x, &x->r);
     eng_stats_t d = {.executions = 1, .running = s->cur == x ? (uint32_t)-1 : 0};
     if (x->t_sub && x->t_req >= x->t_sub && x->t_res >= x->t_req) {
         d.timed = 1;
-        d.t_request_ns = x->t_req - x->t_sub;
-        d.t_run_ns = x->t_res - x->t_req;
-        d.t_finish_ns = cap_now_ns() - x->t_res;
+        d.t_request_ns = x->r.t_request_ns = x->t_req - x->t_sub;
+        d.t_run_ns = x->r.t_run_ns = x->t_res - x->t_req;
+        d.t_finish_ns = x->r.t_finish_ns = cap_now_ns() - x->t_res;
     }
+    exec_notify_done(e, x, &x->r);
     stats_add(e, d);
     if (s->cur == x) {
         s->cur = NULL;

@@ -212,6 +212,9 @@ static struct {
     uint64_t hist[16];
     double hist_sum;
     uint64_t hist_n;
+    /* the same time by stage (request durable, worker's result, FINISH durable), see capsule.h */
+    uint64_t stage_hist[3][16];
+    double stage_sum[3];
     /* the loop's busy time per iteration (everything but the wait in epoll), see loop_watch */
     uv_prepare_t lw_prep;
     uint64_t lw_t, lw_idle, lw_cpu; /* at the previous prepare: hrtime, idle, thread CPU time */
@@ -606,6 +609,17 @@ static void on_done(void *arg, const eng_result_t *r)
         G.hist[b]++;
         G.hist_sum += secs;
         G.hist_n++;
+    }
+    if (r->t_request_ns || r->t_run_ns || r->t_finish_ns) {
+        const uint64_t st[3] = {r->t_request_ns, r->t_run_ns, r->t_finish_ns};
+        for (int i = 0; i < 3; i++) {
+            double v = (double)st[i] / 1e9;
+            size_t b = 0;
+            while (b < NHIST && v > hist_bounds[b])
+                b++;
+            G.stage_hist[i][b]++;
+            G.stage_sum[i] += v;
+        }
     }
     if ((unsigned)r->status < 6)
         G.ex_status[r->status]++;
@@ -1361,6 +1375,32 @@ static uint64_t prom_hist(char *b, size_t cap, size_t *n, const char *name, cons
     return cum;
 }
 
+/* capsule_execution_stage_seconds{stage}: one histogram with a label per stage. */
+static void prom_stage_hist(char *b, size_t cap, size_t *n)
+{
+    static const char *const names[3] = {"request", "run", "finish"};
+#define PH(...)                                                                                    \
+    *n += (size_t)snprintf(b + (*n < cap ? *n : cap), *n < cap ? cap - *n : 0, __VA_ARGS__)
+    PH("# HELP capsule_execution_stage_seconds Where executions' time went: request (submit to "
+       "the request durable), run (to the worker's result, waiting for its turn included), "
+       "finish (to the result durable).\n# TYPE capsule_execution_stage_seconds histogram\n");
+    for (int i = 0; i < 3; i++) {
+        uint64_t cum = 0;
+        for (size_t k = 0; k <= NHIST; k++) {
+            cum += G.stage_hist[i][k];
+            if (k < NHIST)
+                PH("capsule_execution_stage_seconds_bucket{stage=\"%s\",le=\"%g\"} %llu\n",
+                   names[i], hist_bounds[k], (unsigned long long)cum);
+        }
+        PH("capsule_execution_stage_seconds_bucket{stage=\"%s\",le=\"+Inf\"} %llu\n"
+           "capsule_execution_stage_seconds_sum{stage=\"%s\"} %.6f\n"
+           "capsule_execution_stage_seconds_count{stage=\"%s\"} %llu\n",
+           names[i], (unsigned long long)cum, names[i], G.stage_sum[i], names[i],
+           (unsigned long long)cum);
+    }
+#undef PH
+}
+
 static void h_metrics(srv_req_t *req, void *arg)
 {
     (void)arg;
@@ -1467,6 +1507,7 @@ static void h_metrics(srv_req_t *req, void *arg)
     prom_hist(b, cap, &n, "capsule_execution_seconds",
               "Submit to durable result, as seen by the server.", hist_bounds, NHIST, G.hist,
               G.hist_sum);
+    prom_stage_hist(b, cap, &n);
     prom_hist(b, cap, &n, "capsule_loop_busy_seconds",
               "Busy time of one iteration of the server's event loop (a stall delays every "
               "client).",

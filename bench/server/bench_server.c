@@ -281,6 +281,27 @@ static hist_snap_t hist_take(const char *m, const char *name, const char *const 
     return h;
 }
 
+/* The same for one stage of capsule_execution_stage_seconds (its sum in count's place is not
+ * needed: sum is kept apart). */
+static hist_snap_t stage_take(const char *m, const char *stage, const char *const le[HIST_LE],
+                              double *sum)
+{
+    hist_snap_t h;
+    char key[160];
+    for (int i = 0; i < HIST_LE; i++) {
+        snprintf(key, sizeof(key), "capsule_execution_stage_seconds_bucket{stage=\"%s\",le=\"%s\"}",
+                 stage, le[i]);
+        h.le[i] = metric_val(m, key);
+    }
+    snprintf(key, sizeof(key), "capsule_execution_stage_seconds_count{stage=\"%s\"}", stage);
+    h.count = metric_val(m, key);
+    snprintf(key, sizeof(key), "capsule_execution_stage_seconds_sum{stage=\"%s\"}", stage);
+    *sum = metric_val(m, key);
+    return h;
+}
+
+static const char *const stage_names[3] = {"request", "run", "finish"};
+
 typedef struct mem_sample {
     long rss, rss_file;       /* KiB: RssAnon (heap, stacks, LMDB's malloc'ed pages), RssFile */
     long heap_use, heap_free; /* KiB: malloc'ed, free inside malloc's arenas */
@@ -293,6 +314,8 @@ typedef struct mem_sample {
     double busy_sum, cpu_sum;           /* the loop's busy time and its thread's CPU time, totals */
     double ckpt_stall;                  /* the log writer's time on checkpoints */
     double records;                     /* the log's records (capsule_wal_records_total) */
+    hist_snap_t stage[3];               /* capsule_execution_stage_seconds, by stage_names */
+    double stage_sum[3];
 } mem_sample_t;
 
 static const char *const exec_le[HIST_LE] = {"0.005", "0.01", "0.05"};
@@ -317,7 +340,11 @@ static mem_sample_t mem_sample(cli_t *rest, pid_t pid)
                       metric_val(m, "capsule_loop_busy_seconds_sum"),
                       metric_val(m, "capsule_loop_cpu_seconds_total"),
                       metric_val(m, "capsule_wal_checkpoint_stall_seconds_total"),
-                      metric_val(m, "capsule_wal_records_total")};
+                      metric_val(m, "capsule_wal_records_total"),
+                      {{{0}, 0}},
+                      {0}};
+    for (int i = 0; i < 3; i++)
+        s.stage[i] = stage_take(m, stage_names[i], exec_le, &s.stage_sum[i]);
     return s;
 }
 
@@ -998,6 +1025,22 @@ int main(int argc, char **argv)
             "checkpoints %.0f (%.1f ms each on average, the writer held %.2f ms by them)\n",
             cm_over10, cm_over50, cm_n, sk.last.commit_sum - sk.warm.commit_sum, ck_n,
             ck_n > 0 ? 1e3 * ck_s / ck_n : 0, 1e3 * (sk.last.ckpt_stall - sk.warm.ckpt_stall));
+    /* the server's executions by stage: mean, and how many spent over 5 / 10 ms in it */
+    double st_n[3], st_o5[3];
+    fprintf(stderr, "    by stage (mean, over 5 ms, over 10 ms):");
+    for (int i = 0; i < 3; i++) {
+        double n = st_n[i] = sk.last.stage[i].count - sk.warm.stage[i].count;
+        double o5 = st_o5[i] = n - (sk.last.stage[i].le[0] - sk.warm.stage[i].le[0]);
+        double o10 = n - (sk.last.stage[i].le[1] - sk.warm.stage[i].le[1]);
+        double mean = n > 0 ? 1e3 * (sk.last.stage_sum[i] - sk.warm.stage_sum[i]) / n : 0;
+        fprintf(stderr, "%s %s %.3f ms, %.0f, %.0f", i ? ";" : "", stage_names[i], mean, o5, o10);
+    }
+    fprintf(stderr, "\n");
+    for (int i = 0; i < 3; i++) {
+        char met[64];
+        snprintf(met, sizeof(met), "soak_stage_%s_over_5ms", stage_names[i]);
+        bench_emit(met, st_n[i] > 0 ? 100.0 * st_o5[i] / st_n[i] : 0, "%", NULL, 0, 0, BENCH_LOWER);
+    }
     fprintf(stderr,
             "    this client's own lateness (a free client's send after its due time) p99 %.3f ms;"
             "\n    the server's view: %.0f of %.0f executions over 10 ms (%.2f%%, submit to "

@@ -133,6 +133,11 @@ typedef struct eng_result {
     int committed;        /* its namespace delta was recorded */
     uint64_t ordinal;     /* when committed: the session's delta ordinal (for fork/rewind) */
     char *restore_failed; /* after a rollback: "name:reason;..." that could not be restored */
+    /* Where this execution's time went, in ns (all 0 when it did not run here: a recorded result,
+     * a refusal, or one whose run began before a restart): submit to its request durable, then to
+     * the worker's result (waiting for its turn and a restore included), then to its FINISH
+     * durable. Filled before on_done. */
+    uint64_t t_request_ns, t_run_ns, t_finish_ns;
 } eng_result_t;
 
 void eng_result_free(eng_result_t *r); /* NULL is a no-op */

@@ -243,10 +243,14 @@ static void test_ids_and_reopen(const char *dir)
     eng_result_t *r = etest_run(e, "keep", "inc-1", "counter += 1\ncounter");
     CHECK_EQ(r->status, ENG_ST_OK);
     CHECK_STREQ(r->repr, "2");
+    /* where its time went: every stage took some, and none more than the whole call could */
+    CHECK(r->t_request_ns > 0 && r->t_run_ns > 0 && r->t_finish_ns > 0);
+    CHECK(r->t_request_ns + r->t_run_ns + r->t_finish_ns < 60ull * 1000000000ull);
     eng_result_free(r);
-    /* the same id again: the recorded result, not a second run */
+    /* the same id again: the recorded result, not a second run (so no stage times) */
     r = etest_run(e, "keep", "inc-1", "counter += 1\ncounter");
     CHECK_STREQ(r->repr, "2");
+    CHECK(r->t_request_ns == 0 && r->t_run_ns == 0 && r->t_finish_ns == 0);
     eng_result_free(r);
     etest_expect(e, "keep", "counter", "2");
     CHECK_ERR(eng_result_get(e, "nope", &r), CAP_ENOTFOUND);

@@ -536,6 +536,23 @@ def t_metrics(e):
     assert m1['capsule_executions_total{status="died"}'] == \
         m0['capsule_executions_total{status="died"}'] + 1
     check_histogram(m1, "capsule_execution_seconds")
+    # the same executions by stage: each stage counts every execution that ran here, and the
+    # stages' times add up to no more than the server's submit-to-result time
+    counts, sums = [], 0.0
+    for st in ("request", "run", "finish"):
+        name = "capsule_execution_stage_seconds"
+        lab = [(k, v) for k, v in m1.items() if k.startswith(f'{name}_bucket{{stage="{st}"')]
+        assert lab and lab[-1][0].endswith('le="+Inf"}'), lab
+        vals = [v for _, v in lab]
+        assert vals == sorted(vals), lab
+        assert vals[-1] == m1[f'{name}_count{{stage="{st}"}}']
+        before = m0.get(f'{name}_count{{stage="{st}"}}', 0)
+        counts.append(vals[-1] - before)
+        sums += m1[f'{name}_sum{{stage="{st}"}}'] - m0.get(f'{name}_sum{{stage="{st}"}}', 0)
+        assert m1[f'{name}_sum{{stage="{st}"}}'] > 0, st
+    assert counts[0] == counts[1] == counts[2] >= 5, counts
+    assert 0 < sums <= (m1["capsule_execution_seconds_sum"]
+                        - m0["capsule_execution_seconds_sum"]) + 1e-6
     # the loop's stall watch: iterations counted with their busy time, the thread's CPU time
     # beside it, the longest iteration since the previous scrape (reset by each scrape)
     assert check_histogram(m1, "capsule_loop_busy_seconds") > \
