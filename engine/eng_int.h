@@ -46,6 +46,8 @@ int eng__apply(void *arg, store_txn_t *txn, const wal_entry_t *e);
 int eng__id_valid(const char *id);
 /* The CPU that takes the completion interrupts of the disk holding dir, or -1 (eng_iocpu.c). */
 int eng__io_cpu(const char *dir);
+/* A haltpoll guest's guest_halt_poll_ns, or -1 (not that cpuidle driver) (eng_iocpu.c). */
+long eng__halt_poll_ns(void);
 
 /* Result TLV: repeated (u8 tag, u32 LE length, bytes). Encode: caller frees *out (cap_free). */
 void eng__result_encode(const eng_result_t *r, uint8_t **out, size_t *len);

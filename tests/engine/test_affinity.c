@@ -94,6 +94,22 @@ static void test_io_cpu(const char *dir, long ncpu)
     fprintf(stderr, "affinity: the interrupt CPU of %s's disk: %d\n", dir, c);
     CHECK_EQ(eng__io_cpu("/proc"), -1); /* no block device under it */
     CHECK_EQ(eng__io_cpu("/nonexistent/never"), -1);
+    /* the guest's halt polling: what the sysfs files say, or -1 without the haltpoll driver */
+    long hp = eng__halt_poll_ns(), want = -1;
+    FILE *f = fopen("/sys/devices/system/cpu/cpuidle/current_driver", "r");
+    char b[64] = "";
+    if (f) {
+        if (!fgets(b, sizeof b, f))
+            b[0] = '\0';
+        fclose(f);
+    }
+    if (strcmp(b, "haltpoll\n") == 0 &&
+        (f = fopen("/sys/module/haltpoll/parameters/guest_halt_poll_ns", "r"))) {
+        CHECK(fscanf(f, "%ld", &want) == 1);
+        fclose(f);
+    }
+    CHECK_EQ(hp, want);
+    fprintf(stderr, "affinity: guest_halt_poll_ns %ld (-1: not a haltpoll guest)\n", hp);
 }
 
 /* With CAPSULE_IO_CPU=cpu, a lone execution (and the engine's threads) run on that CPU. */
