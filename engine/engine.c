@@ -197,10 +197,15 @@ struct eng {
     /* the engine's own threads that a lone execution pins with its worker: the wal's (started
      * by prom_store_open) and, with its own loop, the loop thread; their mask at open */
     pid_t eng_tids[ENG_MAX_OWN_TIDS];
-    int neng_tids, eng_cpu;  /* eng_cpu: where they are pinned, -1 none */
-    int io_cpu;              /* the data disk's interrupt CPU (eng__io_cpu), -1 none */
-    int pin_loop;            /* a caller's loop thread is pinned like the own one (opts) */
-    uint64_t crowd_ns;       /* cap_now_ns() when two executions were last in flight at once */
+    int neng_tids, eng_cpu; /* eng_cpu: where they are pinned, -1 none */
+    int io_cpu;             /* the data disk's interrupt CPU (eng__io_cpu), -1 none */
+    int pin_loop;           /* a caller's loop thread is pinned like the own one (opts) */
+    uint64_t crowd_ns;      /* cap_now_ns() when two executions were last in flight at once */
+    /* a zygote restart in progress (zy_restart_start): its thread and, once joined, its result;
+     * zr_active is the loop's */
+    pthread_t zr_thread;
+    int zr_active, zr_rc;
+    pyw_zygote_t *zr_new;
     unsigned long mask0[16]; /* CPU mask at eng_open (1024 CPUs) */
     size_t mask0_len;
 
@@ -572,31 +577,99 @@ static void zy_unwatch(eng_t *e, uv_close_cb cb)
     e->zpoll = NULL;
 }
 
-/* The zygote is gone: start a new one (blocks the loop for its start-up; rare). 0 or an error. */
-static int zy_restart(eng_t *e)
+/*
+ * The zygote is gone: a new one starts on a thread of its own (a start takes tens of ms, the
+ * warm-up code's time included, and the loop goes on serving the sessions that have workers
+ * meanwhile); its completion is posted to the loop, which adopts it (zy_adopt). Whoever needs a
+ * worker before that (a session's restore with an empty pool, a blocking spawn) waits for the
+ * rest of the start in zy_restart. The thread takes the process's CPU mask from eng_open first,
+ * so neither the new zygote nor its workers inherit a lone execution's pin from the loop.
+ */
+static void zy_restart_done(eng_t *e, eng_msg_t *m);
+
+static void *zy_restart_main(void *arg)
 {
-    cap_log(CAP_LOG_WARN, "engine", "the zygote (pid %d) is gone: starting a new one",
-            pyw_zygote_pid(e->zy));
+    eng_t *e = arg;
+    if (e->mask0_len)
+        (void)syscall(SYS_sched_setaffinity, 0, e->mask0_len, e->mask0);
     pyw_zygote_options_t zo = {0};
     zo.worker_path = e->worker_path;
     zo.warmup = e->warmup;
-    pyw_zygote_t *nz = NULL;
-    eng_threads_pin(e, -1); /* the new zygote and its workers must not inherit a pin */
-    int rc = pyw_zygote_open(&zo, &nz);
+    e->zr_new = NULL;
+    e->zr_rc = pyw_zygote_open(&zo, &e->zr_new);
+    eng_msg_t *m = cap_calloc(1, sizeof(*m));
+    m->fn = zy_restart_done;
+    post(e, m);
+    return NULL;
+}
+
+/* Starts the replacement (once). 0, or an error when no thread could be started. */
+static int zy_restart_start(eng_t *e)
+{
+    if (e->zr_active)
+        return 0;
+    cap_log(CAP_LOG_WARN, "engine", "the zygote (pid %d) is gone: starting a new one",
+            pyw_zygote_pid(e->zy));
+    int rc = pthread_create(&e->zr_thread, NULL, zy_restart_main, e);
     if (rc) {
-        cap_log(CAP_LOG_ERROR, "engine", "zygote restart failed: %s", cap_strerror(rc));
-        return rc;
+        cap_log(CAP_LOG_ERROR, "engine", "cannot start the zygote restart: %s", strerror(rc));
+        return -rc;
+    }
+    e->zr_active = 1;
+    pthread_mutex_lock(&e->mu);
+    e->stats.zygote_restarting = 1;
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+/* Waits for the replacement and puts it in place of the dead zygote. 0 or its start's error. */
+static int zy_adopt(eng_t *e)
+{
+    if (!e->zr_active)
+        return CAP_EWORKER;
+    pthread_join(e->zr_thread, NULL);
+    e->zr_active = 0;
+    pthread_mutex_lock(&e->mu);
+    e->stats.zygote_restarting = 0;
+    pthread_mutex_unlock(&e->mu);
+    if (e->zr_rc) {
+        cap_log(CAP_LOG_ERROR, "engine", "zygote restart failed: %s", cap_strerror(e->zr_rc));
+        return e->zr_rc;
+    }
+    if (e->closing) { /* shutdown came first: nothing will use it */
+        pyw_zygote_close(e->zr_new);
+        e->zr_new = NULL;
+        return CAP_ECLOSED;
     }
     zy_unwatch(e, on_zpoll_closed);
     pyw_zygote_close(e->zy); /* also drops the refill request in flight */
     cap_free(e->refill);
     e->refill = NULL;
     pthread_mutex_lock(&e->mu);
-    e->zy = nz;
+    e->zy = e->zr_new;
     e->stats.zygote_restarts++;
     pthread_mutex_unlock(&e->mu);
+    e->zr_new = NULL;
     zy_watch(e);
     return 0;
+}
+
+static void refill_schedule(eng_t *e);
+
+/* The restart thread is done (run on the loop; nothing to do if a waiter adopted it already). */
+static void zy_restart_done(eng_t *e, eng_msg_t *m)
+{
+    cap_free(m);
+    if (e->zr_active && zy_adopt(e) == 0)
+        refill_schedule(e);
+}
+
+/* A worker is needed now and the zygote is gone: start its replacement if that has not begun,
+ * and wait for it. 0 or an error. */
+static int zy_restart(eng_t *e)
+{
+    int rc = zy_restart_start(e);
+    return rc ? rc : zy_adopt(e);
 }
 
 /* A worker now, blocking the loop until the zygote answers (a session with its own limits, or an
@@ -671,7 +744,7 @@ static void on_rtimer(uv_timer_t *t);
 
 static void refill_schedule(eng_t *e)
 {
-    if (e->closing || e->refill || e->npool >= e->o.pool_idle ||
+    if (e->closing || e->refill || e->zr_active || e->npool >= e->o.pool_idle ||
         uv_is_active((uv_handle_t *)&e->rtimer))
         return;
     e->refill_by = cap_now_ns() + (uint64_t)REFILL_MAX_DEFER_MS * 1000000u;
@@ -681,8 +754,8 @@ static void refill_schedule(eng_t *e)
 /* Sends one refill request (without a watched zygote socket: spawns, blocking). */
 static void pool_request(eng_t *e)
 {
-    if (e->closing || e->refill || e->npool >= e->o.pool_idle)
-        return;
+    if (e->closing || e->refill || e->zr_active || e->npool >= e->o.pool_idle)
+        return; /* (a restart in progress schedules the refill when its zygote is adopted) */
     if (pyw_zygote_fd(e->zy) < 0 && zy_restart(e))
         return; /* tried again at the next acquire or pool worker's death */
     wref_t *r;
@@ -743,7 +816,7 @@ static void zy_collect(eng_t *e)
     if (gone) {
         zy_unwatch(e, on_zpoll_closed); /* its socket stays readable (EOF) */
         if (!e->closing)
-            zy_restart(e);
+            (void)zy_restart_start(e); /* the refill goes on when it is adopted */
     }
     refill_schedule(e);
 }
@@ -2531,6 +2604,8 @@ static void do_shutdown(eng_t *e, eng_msg_t *m)
     }
     cap_free(e->refill); /* its request, if answered, is killed by pyw_zygote_close */
     e->refill = NULL;
+    if (e->zr_active) /* a replacement starting: wait for it, and close it */
+        (void)zy_adopt(e);
     uv_close((uv_handle_t *)&e->itimer, on_handle_closed);
     eng__marks_free(&e->marks);
     uv_close((uv_handle_t *)&e->mtimer, on_handle_closed);

@@ -285,6 +285,7 @@ typedef struct eng_stats {
     uint64_t wal_commits, wal_records; /* the shared log's, since open */
     uint64_t checkpoints;              /* checkpoints recorded since open */
     uint64_t zygote_restarts;          /* the fork server died and was started again */
+    uint32_t zygote_restarting;        /* 1 while its replacement starts (off the loop) */
     uint64_t pool_dead; /* pooled workers found dead (exited, not yet reaped) by an acquire */
     int zygote_pid;
     /* where an execution's time goes, summed over the `timed` executions finished since open

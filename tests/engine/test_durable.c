@@ -116,6 +116,68 @@ static void test_zygote_death(eng_t *e)
     CHECK(memcmp(zm, pm, sizeof zm) == 0);
 }
 
+/* A zygote whose start takes a while (its warm-up sleeps): while its replacement starts, the
+ * loop goes on serving the sessions that have workers (the restart runs off the loop); a new
+ * session then gets a worker from the new zygote. */
+static void test_zygote_restart_off_loop(const char *dir)
+{
+    eng_opts_t o = {0};
+    o.dir = dir;
+    o.nosync = 1;
+    o.map_size = 64u << 20;
+    o.pool_idle = 1;
+    o.warmup = "import time\ntime.sleep(1.5)\nwarm = 'yes'";
+    eng_t *e = NULL;
+    CHECK_OK(eng_open(&o, &e));
+    CHECK_OK(eng_session_open(e, "busy", NULL, NULL));
+    etest_expect(e, "busy", "warm", "'yes'");
+    eng_stats_t st;
+    eng_stats(e, &st);
+    CHECK_EQ(st.zygote_restarting, 0);
+    CHECK_EQ(kill(st.zygote_pid, SIGKILL), 0);
+    for (int i = 0; i < 500 && !st.zygote_restarting; i++) { /* its death seen by the loop */
+        usleep(10 * 1000);
+        eng_stats(e, &st);
+    }
+    CHECK_EQ(st.zygote_restarting, 1);
+    uint64_t t0 = cap_now_ns();
+    for (int i = 0; i < 5; i++) {
+        char code[32], want[32];
+        snprintf(code, sizeof code, "%d * 2", i);
+        snprintf(want, sizeof want, "%d", i * 2);
+        etest_expect(e, "busy", code, want);
+    }
+    eng_stats(e, &st);
+    /* the five ran while the new zygote still sat in its 1.5 s warm-up (the old code blocked the
+     * loop for all of it); only a very slow machine could have finished it meanwhile */
+    if (cap_now_ns() - t0 < 1000000000ull)
+        CHECK_EQ(st.zygote_restarting, 1);
+    /* the pooled worker (forked by the old zygote before it died), then the new zygote's */
+    for (int i = 0; i < 3; i++) {
+        char sid[16];
+        snprintf(sid, sizeof sid, "fresh%d", i);
+        CHECK_OK(eng_session_open(e, sid, NULL, NULL));
+        etest_expect(e, sid, "warm", "'yes'");
+    }
+    for (int i = 0; i < 1000 && st.zygote_restarting; i++) {
+        usleep(10 * 1000);
+        eng_stats(e, &st);
+    }
+    CHECK_EQ(st.zygote_restarts, 1);
+    CHECK_EQ(st.zygote_restarting, 0);
+    eng_close(e);
+    /* and a shutdown while a replacement starts waits for it and closes it */
+    CHECK_OK(eng_open(&o, &e));
+    eng_stats(e, &st);
+    CHECK_EQ(kill(st.zygote_pid, SIGKILL), 0);
+    for (int i = 0; i < 500 && !st.zygote_restarting; i++) {
+        usleep(10 * 1000);
+        eng_stats(e, &st);
+    }
+    CHECK_EQ(st.zygote_restarting, 1);
+    eng_close(e);
+}
+
 static void test_tx(eng_t *e)
 {
     eng_session_opts_t so = {0};
@@ -339,6 +401,10 @@ int main(void)
     cap_free(dir);
     dir = check_tmpdir("eng-autockpt");
     test_auto_checkpoint(dir);
+    check_rmtree(dir);
+    cap_free(dir);
+    dir = check_tmpdir("eng-zyrestart");
+    test_zygote_restart_off_loop(dir);
     check_rmtree(dir);
     cap_free(dir);
     dir = check_tmpdir("eng-inputs");
