@@ -203,9 +203,9 @@ static void zhandle(pyw_zygote_t *z, uint8_t type, uint64_t id, const uint8_t *b
 static int zparse(pyw_zygote_t *z)
 {
     for (;;) {
-        uint8_t type, *body;
-        uint64_t id;
-        size_t blen;
+        uint8_t type = 0, *body = NULL;
+        uint64_t id = 0;
+        size_t blen = 0; /* (set by znext; initialised for -O3's flow analysis) */
         int rc = znext(z, &type, &id, &body, &blen);
         if (rc <= 0)
             return rc ? CAP_EWORKER : 0;
@@ -494,9 +494,9 @@ void pyw_zygote_close(pyw_zygote_t *z)
         pyw__buf_free(&b);
         uint64_t deadline = cap_now_ns() + 2000000000ull;
         while (k > 0) {
-            uint8_t type, *body = NULL;
-            uint64_t id;
-            size_t blen;
+            uint8_t type = 0, *body = NULL;
+            uint64_t id = 0;
+            size_t blen = 0;
             if (zread(z, deadline, &type, &id, &body, &blen))
                 break;
             pyw_rd_t r;
