@@ -74,6 +74,7 @@ typedef struct wref {
     struct wref *next; /* pool list */
     int transit;       /* (pool_mu) popped by an opener's thread, not yet adopted by the loop */
     int died;          /* (pool_mu) its exit was handled while in transit */
+    int dead_seen;     /* (pool_mu) an acquire found it dead in the pool: counted in pool_dead */
 } wref_t;
 
 typedef struct listener {
@@ -854,12 +855,14 @@ static int worker_acquire(eng_t *e, session_t *s, wref_t **out)
     int rc = 0;
     wref_t *r = NULL;
     while (!s->so.mem_bytes && !s->so.cpu_seconds) {
+        int seen = 0;
         pthread_mutex_lock(&e->pool_mu);
         r = e->pool;
         if (r) {
             e->pool = r->next;
             e->npool--;
             r->next = NULL;
+            seen = r->dead_seen;
         }
         pthread_mutex_unlock(&e->pool_mu);
         if (!r || !pyw_worker_exited(r->w))
@@ -869,7 +872,8 @@ static int worker_acquire(eng_t *e, session_t *s, wref_t **out)
                 pyw_worker_pid(r->w));
         worker_drop(r);
         r = NULL;
-        stats_add(e, (eng_stats_t){.pool_dead = 1});
+        if (!seen) /* (an opener's acquire may have counted it already) */
+            stats_add(e, (eng_stats_t){.pool_dead = 1});
     }
     if (r)
         *out = r;
@@ -3262,7 +3266,12 @@ static int session_open_fast(eng_t *e, const char *sid, const eng_session_opts_t
     closed = e->pool_closed;
     for (wref_t **pp = &e->pool; !closed && *pp; pp = &(*pp)->next) {
         if (pyw_worker_exited((*pp)->w)) {
-            dead++; /* left for the loop to drop when it handles the exit */
+            /* left for the loop to drop when it handles the exit; counted once, however many
+             * openers pass it meanwhile */
+            if (!(*pp)->dead_seen) {
+                (*pp)->dead_seen = 1;
+                dead++;
+            }
             continue;
         }
         r = *pp;

@@ -260,15 +260,28 @@ static void dead_after_pop(eng_t *e)
     hold_t h = {0};
     pid_t holder = hold_loop(e, "holder2", &h);
     CHECK_OK(eng_session_open(e, "popped", NULL, NULL)); /* returns with the loop held */
-    CHECK(kill_idle_workers(zpid, holder) >= POOL);      /* the popped one among them */
+    int killed = kill_idle_workers(zpid, holder);
+    CHECK(killed >= POOL); /* the popped one among them */
+    /* two more opens while the dead still sit in the pool (the loop has not seen their exits):
+     * each passes them, and each dead worker is counted once, not once per open */
+    CHECK_OK(eng_session_open(e, "popped2", NULL, NULL));
+    CHECK_OK(eng_session_open(e, "popped3", NULL, NULL));
     sem_post(&h.release);
     etest_expect(e, "popped", "6 * 7", "42");
+    etest_expect(e, "popped2", "6 * 8", "48");
+    etest_expect(e, "popped3", "6 * 9", "54");
     eng_stats(e, &st);
     CHECK(st.pool_dead > dead0);
+    if (st.pool_dead - dead0 > (uint64_t)killed)
+        fprintf(stderr, "pool_dead +%llu for %d workers killed\n",
+                (unsigned long long)(st.pool_dead - dead0), killed);
+    CHECK(st.pool_dead - dead0 <= (uint64_t)killed);
     CHECK_EQ(st.worker_deaths, deaths0);
     sem_destroy(&h.held);
     sem_destroy(&h.release);
     CHECK_OK(eng_session_close(e, "popped"));
+    CHECK_OK(eng_session_close(e, "popped2"));
+    CHECK_OK(eng_session_close(e, "popped3"));
     CHECK_OK(eng_session_close(e, "holder2"));
     children_expect(e, 0);
 }
