@@ -1435,6 +1435,10 @@ static void h_metrics(srv_req_t *req, void *arg)
          "Workers that died (killed, crashed, over a limit).", (double)es.worker_deaths},
         {"capsule_checkpoints_total", "counter", "", (double)es.checkpoints},
         {"capsule_zygote_restarts_total", "counter", "", (double)es.zygote_restarts},
+        {"capsule_zygote_restarting", "gauge",
+         "1 while a dead fork server's replacement starts (sessions with workers run on; new "
+         "workers wait for it).",
+         (double)es.zygote_restarting},
         {"capsule_wal_commits_total", "counter", "Log transactions committed since start.",
          (double)ws.commits},
         {"capsule_wal_records_total", "counter", "", (double)ws.records},

@@ -493,7 +493,8 @@ def t_metrics(e):
                  "capsule_wal_commit_seconds_sum", "capsule_wal_fsyncs_total",
                  "capsule_wal_checkpoints_total", "capsule_wal_checkpoint_seconds_total",
                  "capsule_wal_checkpoint_stall_seconds_total", "capsule_wal_checkpoints_skipped_total",
-                 "capsule_checkpoints_total", "capsule_promise_resident_docs",
+                 "capsule_checkpoints_total", "capsule_zygote_restarting",
+                 "capsule_promise_resident_docs",
                  "capsule_promise_resident_bytes", "capsule_promise_evictions_total",
                  "capsule_promise_misses_total", "capsule_promise_records_total",
                  "capsule_promise_unflushed_docs", "capsule_promise_checkpoints_total",
@@ -530,6 +531,7 @@ def t_metrics(e):
     assert (m1["capsule_wal_checkpoint_stall_seconds_total"]
             >= m0["capsule_wal_checkpoint_stall_seconds_total"] >= 0)
     assert m1["capsule_worker_deaths_total"] == m0["capsule_worker_deaths_total"] + 1
+    assert m1["capsule_zygote_restarting"] == 0  # (a worker died, not the zygote)
     assert m1["capsule_checkpoints_total"] == m0["capsule_checkpoints_total"] + 1
     assert m1['capsule_executions_total{status="ok"}'] == \
         m0['capsule_executions_total{status="ok"}'] + 5
