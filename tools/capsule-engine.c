@@ -1355,51 +1355,54 @@ static void h_pool(srv_req_t *req, void *arg)
                   "worker_deaths", (json_int_t)st.worker_deaths));
 }
 
+#define PH(...)                                                                                    \
+    *n += (size_t)snprintf(b + (*n < cap ? *n : cap), *n < cap ? cap - *n : 0, __VA_ARGS__)
+
+/* One histogram series: cumulative buckets, +Inf, sum and count; label is "" or `key="value"`
+ * (one label, put before `le`). Returns the count. */
+static uint64_t prom_hist_series(char *b, size_t cap, size_t *n, const char *name,
+                                 const char *label, const double *le, size_t nb,
+                                 const uint64_t *counts, double sum)
+{
+    const char *sep = *label ? "," : "", *open = *label ? "{" : "", *close = *label ? "}" : "";
+    uint64_t cum = 0;
+    for (size_t i = 0; i <= nb; i++) {
+        cum += counts[i];
+        if (i < nb)
+            PH("%s_bucket{%s%sle=\"%g\"} %llu\n", name, label, sep, le[i], (unsigned long long)cum);
+    }
+    PH("%s_bucket{%s%sle=\"+Inf\"} %llu\n%s_sum%s%s%s %.6f\n%s_count%s%s%s %llu\n", name, label,
+       sep, (unsigned long long)cum, name, open, label, close, sum, name, open, label, close,
+       (unsigned long long)cum);
+    return cum;
+}
+
 /* One Prometheus histogram: nb bounds, nb + 1 per-bucket counts (the last: above every bound),
  * appended to b at *n (never past cap). Returns the count. */
 static uint64_t prom_hist(char *b, size_t cap, size_t *n, const char *name, const char *help,
                           const double *le, size_t nb, const uint64_t *counts, double sum)
 {
-#define PH(...)                                                                                    \
-    *n += (size_t)snprintf(b + (*n < cap ? *n : cap), *n < cap ? cap - *n : 0, __VA_ARGS__)
     PH("# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
-    uint64_t cum = 0;
-    for (size_t i = 0; i <= nb; i++) {
-        cum += counts[i];
-        if (i < nb)
-            PH("%s_bucket{le=\"%g\"} %llu\n", name, le[i], (unsigned long long)cum);
-    }
-    PH("%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name, (unsigned long long)cum,
-       name, sum, name, (unsigned long long)cum);
-#undef PH
-    return cum;
+    return prom_hist_series(b, cap, n, name, "", le, nb, counts, sum);
 }
 
-/* capsule_execution_stage_seconds{stage}: one histogram with a label per stage. */
+/* capsule_execution_stage_seconds{stage}: one histogram with a series per stage. */
 static void prom_stage_hist(char *b, size_t cap, size_t *n)
 {
     static const char *const names[3] = {"request", "run", "finish"};
-#define PH(...)                                                                                    \
-    *n += (size_t)snprintf(b + (*n < cap ? *n : cap), *n < cap ? cap - *n : 0, __VA_ARGS__)
-    PH("# HELP capsule_execution_stage_seconds Where executions' time went: request (submit to "
-       "the request durable), run (to the worker's result, waiting for its turn included), "
-       "finish (to the result durable).\n# TYPE capsule_execution_stage_seconds histogram\n");
+    const char *name = "capsule_execution_stage_seconds";
+    PH("# HELP %s Where executions' time went: request (submit to the request durable), run (to "
+       "the worker's result, waiting for its turn included), finish (to the result durable).\n"
+       "# TYPE %s histogram\n",
+       name, name);
     for (int i = 0; i < 3; i++) {
-        uint64_t cum = 0;
-        for (size_t k = 0; k <= NHIST; k++) {
-            cum += G.stage_hist[i][k];
-            if (k < NHIST)
-                PH("capsule_execution_stage_seconds_bucket{stage=\"%s\",le=\"%g\"} %llu\n",
-                   names[i], hist_bounds[k], (unsigned long long)cum);
-        }
-        PH("capsule_execution_stage_seconds_bucket{stage=\"%s\",le=\"+Inf\"} %llu\n"
-           "capsule_execution_stage_seconds_sum{stage=\"%s\"} %.6f\n"
-           "capsule_execution_stage_seconds_count{stage=\"%s\"} %llu\n",
-           names[i], (unsigned long long)cum, names[i], G.stage_sum[i], names[i],
-           (unsigned long long)cum);
+        char label[32];
+        snprintf(label, sizeof label, "stage=\"%s\"", names[i]);
+        prom_hist_series(b, cap, n, name, label, hist_bounds, NHIST, G.stage_hist[i],
+                         G.stage_sum[i]);
     }
-#undef PH
 }
+#undef PH
 
 static void h_metrics(srv_req_t *req, void *arg)
 {

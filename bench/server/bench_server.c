@@ -268,35 +268,22 @@ typedef struct hist_snap {
     double le[HIST_LE], count;
 } hist_snap_t;
 
-static hist_snap_t hist_take(const char *m, const char *name, const char *const le[HIST_LE])
+static hist_snap_t hist_take(const char *m, const char *name, const char *label,
+                             const char *const le[HIST_LE])
 {
+    /* label: "" or one `key="value"` of a labelled series */
     hist_snap_t h;
-    char key[160];
+    char key[200];
+    const char *sep = *label ? "," : "";
     for (int i = 0; i < HIST_LE; i++) {
-        snprintf(key, sizeof(key), "%s_bucket{le=\"%s\"}", name, le[i]);
+        snprintf(key, sizeof(key), "%s_bucket{%s%sle=\"%s\"}", name, label, sep, le[i]);
         h.le[i] = metric_val(m, key);
     }
-    snprintf(key, sizeof(key), "%s_count", name);
+    if (*label)
+        snprintf(key, sizeof(key), "%s_count{%s}", name, label);
+    else
+        snprintf(key, sizeof(key), "%s_count", name);
     h.count = metric_val(m, key);
-    return h;
-}
-
-/* The same for one stage of capsule_execution_stage_seconds (its sum in count's place is not
- * needed: sum is kept apart). */
-static hist_snap_t stage_take(const char *m, const char *stage, const char *const le[HIST_LE],
-                              double *sum)
-{
-    hist_snap_t h;
-    char key[160];
-    for (int i = 0; i < HIST_LE; i++) {
-        snprintf(key, sizeof(key), "capsule_execution_stage_seconds_bucket{stage=\"%s\",le=\"%s\"}",
-                 stage, le[i]);
-        h.le[i] = metric_val(m, key);
-    }
-    snprintf(key, sizeof(key), "capsule_execution_stage_seconds_count{stage=\"%s\"}", stage);
-    h.count = metric_val(m, key);
-    snprintf(key, sizeof(key), "capsule_execution_stage_seconds_sum{stage=\"%s\"}", stage);
-    *sum = metric_val(m, key);
     return h;
 }
 
@@ -329,9 +316,9 @@ static mem_sample_t mem_sample(cli_t *rest, pid_t pid)
                       rss_kib(pid, "RssFile:"),
                       (long)(metric_val(m, "capsule_heap_in_use_bytes") / 1024),
                       (long)(metric_val(m, "capsule_heap_free_bytes") / 1024),
-                      hist_take(m, "capsule_execution_seconds", exec_le),
-                      hist_take(m, "capsule_loop_busy_seconds", busy_le),
-                      hist_take(m, "capsule_wal_commit_seconds", commit_le),
+                      hist_take(m, "capsule_execution_seconds", "", exec_le),
+                      hist_take(m, "capsule_loop_busy_seconds", "", busy_le),
+                      hist_take(m, "capsule_wal_commit_seconds", "", commit_le),
                       metric_val(m, "capsule_wal_commit_seconds_sum"),
                       metric_val(m, "capsule_wal_checkpoints_total"),
                       metric_val(m, "capsule_wal_checkpoint_seconds_total"),
@@ -343,8 +330,13 @@ static mem_sample_t mem_sample(cli_t *rest, pid_t pid)
                       metric_val(m, "capsule_wal_records_total"),
                       {{{0}, 0}},
                       {0}};
-    for (int i = 0; i < 3; i++)
-        s.stage[i] = stage_take(m, stage_names[i], exec_le, &s.stage_sum[i]);
+    for (int i = 0; i < 3; i++) {
+        char label[32], key[96];
+        snprintf(label, sizeof(label), "stage=\"%s\"", stage_names[i]);
+        s.stage[i] = hist_take(m, "capsule_execution_stage_seconds", label, exec_le);
+        snprintf(key, sizeof(key), "capsule_execution_stage_seconds_sum{%s}", label);
+        s.stage_sum[i] = metric_val(m, key);
+    }
     return s;
 }
 
