@@ -720,6 +720,29 @@ static void pool_remove_locked(eng_t *e, wref_t *r)
     }
 }
 
+/* Called with pool_mu held. Unlinks and returns the first live idle worker, or NULL. A worker
+ * that died idle (exited, its exit not handled yet) is never handed out: it stays in the pool
+ * for the loop's exit handler to drop, and counts once in *dead (wref_t.dead_seen), however
+ * many acquires pass it meanwhile. Any thread. */
+static wref_t *pool_pop_live_locked(eng_t *e, int *dead)
+{
+    for (wref_t **pp = &e->pool; *pp; pp = &(*pp)->next) {
+        wref_t *r = *pp;
+        if (pyw_worker_exited(r->w)) {
+            if (!r->dead_seen) {
+                r->dead_seen = 1;
+                (*dead)++;
+            }
+            continue;
+        }
+        *pp = r->next;
+        r->next = NULL;
+        e->npool--;
+        return r;
+    }
+    return NULL;
+}
+
 static void pool_add(eng_t *e, wref_t *r)
 {
     pthread_mutex_lock(&e->pool_mu);
@@ -854,26 +877,13 @@ static int worker_acquire(eng_t *e, session_t *s, wref_t **out)
 {
     int rc = 0;
     wref_t *r = NULL;
-    while (!s->so.mem_bytes && !s->so.cpu_seconds) {
-        int seen = 0;
+    if (!s->so.mem_bytes && !s->so.cpu_seconds) {
+        int dead = 0;
         pthread_mutex_lock(&e->pool_mu);
-        r = e->pool;
-        if (r) {
-            e->pool = r->next;
-            e->npool--;
-            r->next = NULL;
-            seen = r->dead_seen;
-        }
+        r = pool_pop_live_locked(e, &dead);
         pthread_mutex_unlock(&e->pool_mu);
-        if (!r || !pyw_worker_exited(r->w))
-            break;
-        /* it died idle and the loop has not handled its exit yet: never hand it out */
-        cap_log(CAP_LOG_INFO, "engine", "pool: worker %d died idle; taking another",
-                pyw_worker_pid(r->w));
-        worker_drop(r);
-        r = NULL;
-        if (!seen) /* (an opener's acquire may have counted it already) */
-            stats_add(e, (eng_stats_t){.pool_dead = 1});
+        if (dead)
+            stats_add(e, (eng_stats_t){.pool_dead = (uint64_t)dead});
     }
     if (r)
         *out = r;
@@ -3264,23 +3274,9 @@ static int session_open_fast(eng_t *e, const char *sid, const eng_session_opts_t
     int dead = 0;
     pthread_mutex_lock(&e->pool_mu);
     closed = e->pool_closed;
-    for (wref_t **pp = &e->pool; !closed && *pp; pp = &(*pp)->next) {
-        if (pyw_worker_exited((*pp)->w)) {
-            /* left for the loop to drop when it handles the exit; counted once, however many
-             * openers pass it meanwhile */
-            if (!(*pp)->dead_seen) {
-                (*pp)->dead_seen = 1;
-                dead++;
-            }
-            continue;
-        }
-        r = *pp;
-        *pp = r->next;
-        r->next = NULL;
-        e->npool--;
+    if (!closed && (r = pool_pop_live_locked(e, &dead)) != NULL) {
         r->transit = 1;
         e->ntransit++;
-        break;
     }
     pthread_mutex_unlock(&e->pool_mu);
     if (dead)
