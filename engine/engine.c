@@ -3618,6 +3618,26 @@ int eng_tasks_list(eng_t *e, const char *eid, eng_task_info_t **out, size_t *n)
     return eng__tasks_list(e->ps, eid, out, n);
 }
 
+int eng_exec_session(eng_t *e, const char *eid, char **sid)
+{
+    if (!e || !eid || !eng__id_valid(eid) || !sid)
+        return CAP_EINVAL;
+    *sid = NULL;
+    char *pid = exec_pid(eid);
+    prom_result_t res;
+    int rc = prom_promise_get(e->ps, pid, &res);
+    cap_free(pid);
+    if (rc)
+        return rc;
+    const char *s = NULL;
+    if (res.status == PROM_S_OK && res.promise && res.promise->state == PROM_PENDING)
+        s = prom_promise_tag(res.promise, "capsule:session");
+    if (s)
+        *sid = cap_strdup(s);
+    prom_result_clear(&res);
+    return *sid ? 0 : CAP_ENOTFOUND;
+}
+
 int eng_result_get(eng_t *e, const char *eid, eng_result_t **out)
 {
     if (!e || !eid || !eng__id_valid(eid) || !out)

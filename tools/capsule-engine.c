@@ -153,15 +153,21 @@ static int opt_u32(int i, uint32_t *out)
 typedef struct xs xs_t;
 typedef struct wsc wsc_t;
 
-enum { SUB_WS, SUB_WAIT, SUB_STREAM, SUB_ACCEPT }; /* SUB_ACCEPT: wait=false, until taken */
+/* SUB_ACCEPT: wait=false, until taken. SUB_PEEK: a GET, input or cancel of an execution this
+ * process did not start (re-running after a restart), answered once attached (peek_*). */
+enum { SUB_WS, SUB_WAIT, SUB_STREAM, SUB_ACCEPT, SUB_PEEK };
+enum { PEEK_GET, PEEK_INPUT, PEEK_CANCEL };
 
 typedef struct sub {
     int kind;
     xs_t *x;
     wsc_t *wc;        /* SUB_WS */
     int acked;        /* SUB_WS / SUB_STREAM: the "accepted" event was sent */
-    srv_req_t *req;   /* SUB_WAIT / SUB_STREAM / SUB_ACCEPT */
-    struct sub *next; /* in x->subs */
+    srv_req_t *req;   /* SUB_WAIT / SUB_STREAM / SUB_ACCEPT / SUB_PEEK */
+    struct sub *next; /* in x->subs, or (SUB_PEEK, attached) in G.peeks */
+    int op;           /* SUB_PEEK: PEEK_* */
+    char *text;       /* PEEK_INPUT: the reply (NULL with eof) */
+    int eof;
 } sub_t;
 
 /* One execution known to this process: the engine's listener until on_done. */
@@ -217,6 +223,10 @@ static struct {
     double stage_sum[3];
     /* the loop's busy time per iteration (everything but the wait in epoll), see loop_watch */
     uv_prepare_t lw_prep;
+    /* SUB_PEEKs whose execution is attached: answered after the loop's I/O callbacks, once the
+     * attach has delivered what the run printed and the prompt it waits on */
+    uv_check_t peek_check;
+    sub_t *peeks;
     uint64_t lw_t, lw_idle, lw_cpu; /* at the previous prepare: hrtime, idle, thread CPU time */
     uint64_t lw_hist[16];
     double lw_sum, lw_cpu_sum;
@@ -293,12 +303,18 @@ static void xs_unlink(xs_t *x)
     }
 }
 
+static void sub_free(sub_t *s)
+{
+    cap_free(s->text);
+    cap_free(s);
+}
+
 static void xs_free(xs_t *x)
 {
     while (x->subs) {
         sub_t *s = x->subs;
         x->subs = s->next;
-        cap_free(s);
+        sub_free(s);
     }
     cap_free(x->eid);
     cap_free(x->ceid);
@@ -451,14 +467,21 @@ static json_t *result_json(const eng_result_t *r)
 /* ------------------------------------------------------------------------------------------ */
 /* events to subscribers                                                                       */
 
-static void sub_remove(xs_t *x, sub_t *s)
+/* Unlinks s from the list at *head; 1 if it was there. */
+static int sub_unlink(sub_t **head, sub_t *s)
 {
-    for (sub_t **p = &x->subs; *p; p = &(*p)->next)
+    for (sub_t **p = head; *p; p = &(*p)->next)
         if (*p == s) {
             *p = s->next;
-            cap_free(s);
-            return;
+            return 1;
         }
+    return 0;
+}
+
+static void sub_remove(xs_t *x, sub_t *s)
+{
+    if (sub_unlink(&x->subs, s))
+        sub_free(s);
 }
 
 static void req_abort_sub(srv_req_t *req, void *arg)
@@ -568,6 +591,104 @@ static void sub_send_accepted(sub_t *s)
         srv_stream_send(s->req, ev, "accepted", NULL);
 }
 
+/* ---- SUB_PEEK: GET, input and cancel of an execution this process did not start ----
+ * After a restart the engine re-runs an interrupted execution, but this process has no record of
+ * it until a client attaches. A GET, an input reply or a cancel by its id attaches then (the
+ * engine's listener, as a re-sent execute would) and is answered once the attach has delivered
+ * the run's state: the "accepted" comes first, then the output so far and the waiting prompt, in
+ * the same loop callback; so the answer waits for the loop's check phase. A result that comes
+ * first answers it instead. */
+
+/* A running execution as GET /executions/{eid} shows it. */
+static json_t *running_json(const xs_t *x)
+{
+    json_t *j = json_pack("{s:s,s:s,s:s,s:o}", "id", x->ceid, "session", x->csid, "status",
+                          "running", "output", jstr(x->out ? x->out : "", x->out_len));
+    if (x->in_wait)
+        json_object_set_new(j, "input_request",
+                            json_pack("{s:s,s:b}", "prompt", x->prompt, "password", x->password));
+    return j;
+}
+
+static void reply_input(srv_req_t *req, xs_t *x, const char *text, int eof)
+{
+    if (!x->in_wait || x->inputs) {
+        srv_reply_error(req, 409, "no_input_request", "execution \"%s\" is not waiting for input",
+                        x->ceid);
+        return;
+    }
+    x->in_wait = 0;
+    int rc = eng_input_reply(G.eng, x->eid, text ? text : "", text ? strlen(text) : 0, eof);
+    if (rc)
+        srv_reply_error(req, 503, "engine_error", "%s", cap_strerror(rc));
+    else
+        srv_reply_json(req, 202, json_pack("{s:s,s:s}", "id", x->ceid, "status", "accepted"));
+}
+
+static void reply_cancel(srv_req_t *req, xs_t *x)
+{
+    if (eng_cancel(G.eng, x->eid) != 0)
+        srv_reply_error(req, 503, "engine_error", "cancel failed");
+    else
+        srv_reply_json(req, 202, json_pack("{s:s,s:s}", "id", x->ceid, "status", "cancelling"));
+}
+
+static void peek_check_cb(uv_check_t *h)
+{
+    sub_t *list = G.peeks;
+    G.peeks = NULL;
+    uv_check_stop(h);
+    while (list) {
+        sub_t *s = list;
+        list = s->next;
+        srv_req_on_abort(s->req, NULL, NULL);
+        if (s->op == PEEK_GET)
+            srv_reply_json(s->req, 200, running_json(s->x));
+        else if (s->op == PEEK_INPUT)
+            reply_input(s->req, s->x, s->text, s->eof);
+        else
+            reply_cancel(s->req, s->x);
+        sub_free(s);
+    }
+}
+
+/* The execution is attached: s leaves x's subscribers for the check phase's answer. */
+static void peek_ready(sub_t *s)
+{
+    sub_unlink(&s->x->subs, s);
+    s->next = G.peeks;
+    G.peeks = s;
+    uv_check_start(&G.peek_check, peek_check_cb);
+}
+
+/* The execution finished (or the attach was refused) before s was answered: answers and frees
+ * s, which is in no list any more. */
+static void peek_done(sub_t *s, const eng_result_t *r)
+{
+    srv_req_on_abort(s->req, NULL, NULL);
+    if (r->status == ENG_ST_REFUSED)
+        srv_reply_error(s->req, 404, "execution_not_found", "no running execution \"%s\"",
+                        s->x->ceid);
+    else if (s->op == PEEK_GET)
+        srv_reply_json(s->req, 200, result_json(r));
+    else if (s->op == PEEK_INPUT)
+        srv_reply_error(s->req, 409, "no_input_request", "execution \"%s\" has finished",
+                        s->x->ceid);
+    else
+        srv_reply_error(s->req, 404, "execution_not_found", "no running execution \"%s\"",
+                        s->x->ceid);
+    sub_free(s);
+}
+
+/* The client left before the answer. */
+static void peek_abort(srv_req_t *req, void *arg)
+{
+    (void)req;
+    sub_t *s = arg;
+    if (sub_unlink(&s->x->subs, s) || sub_unlink(&G.peeks, s))
+        sub_free(s);
+}
+
 /* The engine recorded it durably (queued, or attached to the running one): a wait=false request
  * gets its 202 and WebSocket subscribers their "accepted" now. */
 static void on_accepted(void *arg, const char *eid)
@@ -583,6 +704,8 @@ static void on_accepted(void *arg, const char *eid)
             srv_req_on_abort(s->req, NULL, NULL);
             reply_accepted(s->req, x);
             sub_remove(x, s);
+        } else if (s->kind == SUB_PEEK) {
+            peek_ready(s);
         }
     }
 }
@@ -631,9 +754,22 @@ static void on_done(void *arg, const eng_result_t *r)
     size_t evlen = 0;
     char id[32];
     snprintf(id, sizeof(id), "%llu", (unsigned long long)x->seq);
+    for (sub_t **p = &G.peeks; *p;) { /* attached, not answered yet: the result answers them */
+        sub_t *s = *p;
+        if (s->x != x) {
+            p = &s->next;
+            continue;
+        }
+        *p = s->next;
+        peek_done(s, r);
+    }
     while (x->subs) {
         sub_t *s = x->subs;
         x->subs = s->next;
+        if (s->kind == SUB_PEEK) {
+            peek_done(s, r);
+            continue;
+        }
         if (s->kind == SUB_WS) {
             if (r->status != ENG_ST_REFUSED)
                 sub_send_accepted(s); /* a finished id: its recorded result is there */
@@ -749,7 +885,7 @@ static void xs_replay_ws(xs_t *x, wsc_t *wc, uint64_t offset)
 /* ------------------------------------------------------------------------------------------ */
 /* blocking engine calls on the thread pool                                                    */
 
-enum { B_OPEN, B_CLOSE, B_LIST, B_GET, B_CKPT, B_RESULT, B_WSCHECK, B_RESUME, B_RELEASE };
+enum { B_OPEN, B_CLOSE, B_LIST, B_GET, B_CKPT, B_RESULT, B_WSCHECK, B_RESUME, B_RELEASE, B_PEEK };
 
 typedef struct bjob {
     uv_work_t w;
@@ -770,6 +906,10 @@ typedef struct bjob {
     uint64_t wsid; /* B_RESUME: the WebSocket session, its execution id and output offset */
     char *ceid;
     uint64_t offset;
+    int peek;   /* B_RESULT from GET /executions/{eid}, B_PEEK: 1 + PEEK_*; b gets the session of
+                   a pending execution (eng_exec_session) */
+    char *text; /* B_PEEK, PEEK_INPUT: the reply (NULL with eof) */
+    int eof;
 } bjob_t;
 
 static void bjob_abort(srv_req_t *req, void *arg)
@@ -807,6 +947,11 @@ static void bjob_work(uv_work_t *w)
     case B_RESULT:
     case B_RESUME:
         j->rc = eng_result_get(G.eng, j->a, &j->res);
+        if (j->rc == CAP_EBUSY && j->peek)
+            (void)eng_exec_session(G.eng, j->a, &j->b); /* b stays NULL if it just finished */
+        break;
+    case B_PEEK:
+        j->rc = eng_exec_session(G.eng, j->a, &j->b);
         break;
     }
 }
@@ -832,6 +977,29 @@ static json_t *session_info_json(const char *esid, const eng_session_info_t *in)
 
 static void ws_open_accept(srv_req_t *req, bjob_t *j);
 static void ws_resume_done(bjob_t *j);
+
+/* A pending execution this process did not start (j->a, in session j->b): attach to it and
+ * answer req (j->peek - 1: PEEK_*) once attached (SUB_PEEK above). */
+static void peek_attach(srv_req_t *req, bjob_t *j)
+{
+    int rc = 0;
+    xs_t *x = xs_start(j->principal, strip_ns(j->b), strip_ns(j->a), "", ENG_TX_DEFAULT, NULL, &rc);
+    if (!x) {
+        srv_reply_error(req, rc == CAP_ECLOSED ? 503 : 400,
+                        rc == CAP_ECLOSED ? "shutting_down" : "invalid_request", "%s",
+                        cap_strerror(rc));
+        return;
+    }
+    sub_t *s = sub_add(x, SUB_PEEK);
+    s->op = j->peek - 1;
+    s->req = req;
+    s->text = j->text;
+    j->text = NULL;
+    s->eof = j->eof;
+    srv_req_on_abort(req, peek_abort, s);
+    if (x->accepted)
+        peek_ready(s);
+}
 
 static void bjob_done(uv_work_t *w, int status)
 {
@@ -929,11 +1097,22 @@ static void bjob_done(uv_work_t *w, int status)
     case B_RESULT:
         if (j->rc == 0)
             srv_reply_json(req, 200, result_json(j->res));
+        else if (j->rc == CAP_EBUSY && j->b)
+            peek_attach(req, j);
         else if (j->rc == CAP_EBUSY)
             srv_reply_json(req, 200,
                            json_pack("{s:s,s:s}", "id", strip_ns(j->a), "status", "pending"));
         else if (j->rc == CAP_ENOTFOUND)
             srv_reply_error(req, 404, "execution_not_found", "no execution \"%s\"", strip_ns(j->a));
+        else
+            srv_reply_error(req, 503, "engine_error", "%s", cap_strerror(j->rc));
+        break;
+    case B_PEEK:
+        if (j->rc == 0)
+            peek_attach(req, j);
+        else if (j->rc == CAP_ENOTFOUND)
+            srv_reply_error(req, 404, "execution_not_found", "no running execution \"%s\"",
+                            strip_ns(j->a));
         else
             srv_reply_error(req, 503, "engine_error", "%s", cap_strerror(j->rc));
         break;
@@ -946,6 +1125,7 @@ out:
     cap_free(j->principal);
     cap_free(j->warmup);
     cap_free(j->ceid);
+    cap_free(j->text);
     cap_free(j->a);
     cap_free(j->b);
     cap_free(j);
@@ -1275,18 +1455,13 @@ static void h_exec_get(srv_req_t *req, void *arg)
     char *e = eng_id(srv_req_principal(req), eid);
     xs_t *x = xs_get(e);
     if (x) {
-        json_t *j = json_pack("{s:s,s:s,s:s,s:o}", "id", x->ceid, "session", x->csid, "status",
-                              "running", "output", jstr(x->out ? x->out : "", x->out_len));
-        if (x->in_wait)
-            json_object_set_new(
-                j, "input_request",
-                json_pack("{s:s,s:b}", "prompt", x->prompt, "password", x->password));
-        srv_reply_json(req, 200, j);
+        srv_reply_json(req, 200, running_json(x));
         cap_free(e);
         return;
     }
     bjob_t *j = bjob_new(req, B_RESULT);
     j->a = e;
+    j->peek = 1 + PEEK_GET; /* pending (re-running after a restart): attach and show it */
     bjob_submit(j);
 }
 
@@ -1304,9 +1479,16 @@ static void h_exec_input(srv_req_t *req, void *arg)
     xs_t *x = xs_get(e);
     const char *text = json_string_value(json_object_get(b, "text"));
     int eof = json_is_true(json_object_get(b, "eof"));
-    if (!x) {
-        srv_reply_error(req, 404, "execution_not_found",
-                        "no running execution \"%s\" (attach to it first after a restart)", eid);
+    if (!x && !text && !eof) {
+        srv_reply_error(req, 400, "invalid_request", "give \"text\" or \"eof\": true");
+    } else if (!x) { /* not started here (a restart): attach if it is pending, then answer */
+        bjob_t *j = bjob_new(req, B_PEEK);
+        j->a = e;
+        e = NULL;
+        j->peek = 1 + PEEK_INPUT;
+        j->text = text ? cap_strdup(text) : NULL;
+        j->eof = eof;
+        bjob_submit(j);
     } else if (!x->in_wait) {
         srv_reply_error(req, 409, "no_input_request", "execution \"%s\" is not waiting for input",
                         eid);
@@ -1332,9 +1514,13 @@ static void h_exec_cancel(srv_req_t *req, void *arg)
         return;
     char *e = eng_id(srv_req_principal(req), eid);
     xs_t *x = xs_get(e);
-    if (!x)
-        srv_reply_error(req, 404, "execution_not_found", "no running execution \"%s\"", eid);
-    else if (eng_cancel(G.eng, e) != 0)
+    if (!x) { /* not started here (a restart): attach if it is pending, then cancel */
+        bjob_t *j = bjob_new(req, B_PEEK);
+        j->a = e;
+        e = NULL;
+        j->peek = 1 + PEEK_CANCEL;
+        bjob_submit(j);
+    } else if (eng_cancel(G.eng, e) != 0)
         srv_reply_error(req, 503, "engine_error", "cancel failed");
     else
         srv_reply_json(req, 202, json_pack("{s:s,s:s}", "id", eid, "status", "cancelling"));
@@ -1814,6 +2000,7 @@ static void finish_shutdown(void)
 {
     uv_timer_stop(&G.grace);
     uv_close((uv_handle_t *)&G.grace, NULL);
+    uv_close((uv_handle_t *)&G.peek_check, NULL);
     uv_close((uv_handle_t *)&G.lw_prep, NULL);
     for (wsc_t *wc = G.wscs; wc; wc = wc->next)
         srv_ws_close(wc->ws, 1001, "server shutting down");
@@ -2022,6 +2209,7 @@ int main(int argc, char **argv)
     /* ---- end resonate */
 
     uv_timer_init(G.loop, &G.grace);
+    uv_check_init(G.loop, &G.peek_check);
     uv_prepare_init(G.loop, &G.lw_prep);
     uv_prepare_start(&G.lw_prep, loop_watch);
     uv_unref((uv_handle_t *)&G.lw_prep); /* never what keeps the loop running */

@@ -278,6 +278,11 @@ int eng_execute_sync(eng_t *e, const eng_exec_req_t *req, const char *const *inp
 /* The recorded result of execution eid. Returns 0 and *out, CAP_ENOTFOUND (unknown id) or
  * CAP_EBUSY (known, not finished yet). Blocking (a read). */
 int eng_result_get(eng_t *e, const char *eid, eng_result_t **out);
+/* The session of execution eid while it has no result (queued, running, or re-running after a
+ * restart): 0 and *sid (the engine's session id; cap_free it), CAP_ENOTFOUND (unknown id, or
+ * finished: eng_result_get has it). With it a caller that did not start eid (a server after a
+ * restart) attaches to it: eng_execute with the same eid and session. Blocking (a read). */
+int eng_exec_session(eng_t *e, const char *eid, char **sid);
 
 typedef struct eng_stats {
     uint32_t sessions, restored, pool_idle, running, queued;

@@ -667,6 +667,69 @@ def t_kill9(server, data, tokfile):
     assert rc == 0, err
 
 
+def until_status(port, eid, pred, timeout=20):
+    end = time.time() + timeout
+    while True:
+        st, r = req(port, "GET", "/executions/" + eid)
+        if st == 200 and pred(r):
+            return r
+        assert time.time() < end, (st, r)
+        time.sleep(0.05)
+
+
+def t_kill9_rest(server, data, tokfile):
+    """After a restart, executions the engine re-runs are seen, answered and cancelled over REST
+    by their ids alone: the server attaches to them on the first GET, input reply or cancel."""
+    e = Engine(server, data, tokfile)
+    assert req(e.port, "POST", "/sessions", {"id": "kr"})[0] == 201
+    code = ("import time\nfor i in range(3):\n    print(i, flush=True)\n"
+            "a = input('a? ')\nb = input('b? ')\na + b")
+    st, r = req(e.port, "POST", "/sessions/kr/executions", {"code": code, "id": "kr-in",
+                                                              "wait": False})
+    assert st == 202, (st, r)
+    until_status(e.port, "kr-in", lambda r: r.get("input_request", {}).get("prompt") == "a? ")
+    st, r = req(e.port, "POST", "/executions/kr-in/input", {"text": "x"})
+    assert st == 202, (st, r)
+    until_status(e.port, "kr-in", lambda r: r.get("input_request", {}).get("prompt") == "b? ")
+    assert req(e.port, "POST", "/sessions", {"id": "kr2"})[0] == 201
+    st, r = req(e.port, "POST", "/sessions/kr2/executions",
+                {"code": "import time\nprint('z', flush=True)\ntime.sleep(60)", "id": "kr-sleep",
+                 "wait": False})
+    assert st == 202, (st, r)
+    until_status(e.port, "kr-sleep", lambda r: r.get("output") == "z\n")
+    e.kill9()
+    e = Engine(server, data, tokfile)
+    try:
+        # the re-run answered "a? " from the log and waits on "b? ": the first GET attaches
+        r = until_status(e.port, "kr-in", lambda r: "input_request" in r)
+        assert r["status"] == "running" and r["session"] == "kr", r
+        assert r["output"] == "0\n1\n2\n" and r["input_request"]["prompt"] == "b? ", r
+        st, r = req(e.port, "GET", "/executions/kr-in", headers=B)  # another token: not there
+        assert st == 404, (st, r)
+        st, r = req(e.port, "POST", "/executions/kr-in/input", {"text": "y"})
+        assert st == 202, (st, r)
+        r = until_status(e.port, "kr-in", lambda r: r["status"] != "running")
+        assert r["status"] == "ok" and r["value"] == "xy" and r["restarted"], r
+        # an input reply to a finished execution: 409; to an unknown one: 404
+        st, r = req(e.port, "POST", "/executions/kr-in/input", {"text": "again"})
+        assert st in (404, 409), (st, r)
+        st, r = req(e.port, "POST", "/executions/kr-nope/input", {"text": "y"})
+        assert st == 404 and r["error"]["code"] == "execution_not_found", (st, r)
+        # a cancel by id alone, with no GET before it: attaches, then interrupts the re-run
+        st, r = req(e.port, "POST", "/executions/kr-sleep/cancel")
+        assert st == 202 and r["status"] == "cancelling", (st, r)
+        r = until_status(e.port, "kr-sleep", lambda r: r["status"] != "running")
+        assert r["status"] == "cancelled" and r["restarted"], r
+        st, r = req(e.port, "POST", "/executions/kr-nope/cancel")
+        assert st == 404, (st, r)
+        # the session goes on
+        st, r = req(e.port, "POST", "/sessions/kr/executions", {"code": "a + b"})
+        assert st == 200 and r["value"] == "xy", (st, r)
+    finally:
+        rc, err = e.term()
+    assert rc == 0, err
+
+
 async def accepted_then_kill(e):
     """Executes queued behind a sleeping one; kill -9 the moment any "accepted" arrives."""
     socks = []
@@ -1015,7 +1078,8 @@ def main():
             if os.environ.get("VERBOSE"):
                 sys.stderr.write(err)
         assert rc == 0, err
-        for t in (t_limit_flags, t_kill9, t_accepted_durable, t_graceful, t_spec_statuses):
+        for t in (t_limit_flags, t_kill9, t_kill9_rest, t_accepted_durable, t_graceful,
+                  t_spec_statuses):
             if want(t.__name__):
                 t0 = time.time()
                 t(args.server, os.path.join(tmp, t.__name__), tokfile)
