@@ -658,7 +658,8 @@ static void peek_ready(sub_t *s)
     sub_unlink(&s->x->subs, s);
     s->next = G.peeks;
     G.peeks = s;
-    uv_check_start(&G.peek_check, peek_check_cb);
+    if (!uv_is_closing((uv_handle_t *)&G.peek_check)) /* shut down: the connection goes too */
+        uv_check_start(&G.peek_check, peek_check_cb);
 }
 
 /* The execution finished (or the attach was refused) before s was answered: answers and frees
