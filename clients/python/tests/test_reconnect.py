@@ -114,6 +114,34 @@ def test_execute_durable_across_kill9(fresh_engine: Engine) -> None:
     assert fresh_engine.marks_of("save") == ["done"]  # not run again
 
 
+def test_submitted_input_answered_by_id_across_kill9(fresh_engine: Engine) -> None:
+    """A submitted execution waits on its second prompt; the server is killed -9 and restarted.
+    By its id alone the client sees the re-run waiting on that prompt (the first answer replayed
+    from the log) and answers it: no execute is sent again."""
+    async def prompt(s: Session, eid: str, want: str) -> None:
+        for _ in range(400):
+            r = await s.get_execution(eid)
+            if (r.input_request or {}).get("prompt") == want:
+                assert r.status == "running", r
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no prompt {want!r}: {r}")
+
+    async def go() -> None:
+        async with Session(fresh_engine.url, session_id="byid") as s:
+            eid = await s.submit("a = input('a? ')\nb = input('b? ')\na + b",
+                                 execution_id="ask-1")
+            await prompt(s, eid, "a? ")
+            await s.respond_input(eid, "x")
+            await prompt(s, eid, "b? ")
+            await asyncio.to_thread(fresh_engine.restart)  # kill -9, start again
+            await prompt(s, eid, "b? ")
+            await s.respond_input(eid, "y")
+            r = await s.wait(eid)
+            assert r.value == "xy" and r.restarted, r
+    arun(go())
+
+
 def test_input_prompt_not_doubled_after_reconnect(proxy: Proxy, fresh_engine: Engine) -> None:
     async def go() -> None:
         async with Session(proxy.url) as s:
