@@ -5,8 +5,9 @@
  *   (a) a second listener attaches in the middle of a run in the same process;
  *   (b) the process is killed -9 in the middle of a run; a new process opens the directory
  *       (recovery re-runs the execution at once) and attaches only after the re-run has printed
- *       some lines: the case of a client re-attaching after a server restart (issues 5-7: the
- *       server's offsets were shifted by the output printed before the attach).
+ *       some lines, by its id alone (the session from eng_exec_session, no code): the case of a
+ *       client re-attaching after a server restart (issues 5-7: the server's offsets were
+ *       shifted by the output printed before the attach).
  * In both, the listener's bytes must equal the durable result's output. Also: on_accepted comes
  * first and once for a taken execution, never for a refused one; eng_session_info gives the
  * recovered session's options back.
@@ -265,12 +266,23 @@ static void test_attach_after_restart(const char *dir, const char *self)
     for (int i = 0; i < 60000 && rerun_marks() < 2; i++)
         usleep(1000);
     CHECK(rerun_marks() >= 2);
+    /* a caller that did not start b-1 learns its session from the log, and attaches with no
+     * code (a known id runs nothing new) */
+    char *sid = NULL;
+    CHECK_OK(eng_exec_session(e, "b-1", &sid));
+    CHECK_STREQ(sid, "b");
     lis_t l;
     lis_init(&l);
-    eng_exec_req_t rq = {.sid = "b", .eid = "b-1", .code = code_b};
+    eng_exec_req_t rq = {.sid = sid, .eid = "b-1", .code = ""};
     CHECK_OK(eng_execute(e, &rq, &lcb, &l));
+    cap_free(sid);
     lis_wait_done(&l);
     want_all(&l);
+    /* finished: the result has it, eng_exec_session not; unknown and invalid ids */
+    CHECK_ERR(eng_exec_session(e, "b-1", &sid), CAP_ENOTFOUND);
+    CHECK(sid == NULL);
+    CHECK_ERR(eng_exec_session(e, "nosuch", &sid), CAP_ENOTFOUND);
+    CHECK_ERR(eng_exec_session(e, "bad id", &sid), CAP_EINVAL);
     CHECK(l.r_restarted);
     CHECK_EQ(l.restarted, 1);
     CHECK_EQ(l.replays, 1); /* the re-run had printed before the attach */
