@@ -610,9 +610,10 @@ static json_t *running_json(const xs_t *x)
     return j;
 }
 
+/* An input reply for x: given to its waiting prompt (202), or 409 when none waits. */
 static void reply_input(srv_req_t *req, xs_t *x, const char *text, int eof)
 {
-    if (!x->in_wait || x->inputs) {
+    if (!x->in_wait) {
         srv_reply_error(req, 409, "no_input_request", "execution \"%s\" is not waiting for input",
                         x->ceid);
         return;
@@ -625,6 +626,7 @@ static void reply_input(srv_req_t *req, xs_t *x, const char *text, int eof)
         srv_reply_json(req, 202, json_pack("{s:s,s:s}", "id", x->ceid, "status", "accepted"));
 }
 
+/* A cancel of x (queued: refused; running: interrupted). */
 static void reply_cancel(srv_req_t *req, xs_t *x)
 {
     if (eng_cancel(G.eng, x->eid) != 0)
@@ -1490,18 +1492,10 @@ static void h_exec_input(srv_req_t *req, void *arg)
         j->text = text ? cap_strdup(text) : NULL;
         j->eof = eof;
         bjob_submit(j);
-    } else if (!x->in_wait) {
-        srv_reply_error(req, 409, "no_input_request", "execution \"%s\" is not waiting for input",
-                        eid);
-    } else if (!text && !eof) {
+    } else if (x->in_wait && !text && !eof) {
         srv_reply_error(req, 400, "invalid_request", "give \"text\" or \"eof\": true");
     } else {
-        x->in_wait = 0;
-        int rc = eng_input_reply(G.eng, e, text ? text : "", text ? strlen(text) : 0, eof);
-        if (rc)
-            srv_reply_error(req, 503, "engine_error", "%s", cap_strerror(rc));
-        else
-            srv_reply_json(req, 202, json_pack("{s:s,s:s}", "id", eid, "status", "accepted"));
+        reply_input(req, x, text, eof);
     }
     cap_free(e);
     json_decref(b);
@@ -1521,10 +1515,9 @@ static void h_exec_cancel(srv_req_t *req, void *arg)
         e = NULL;
         j->peek = 1 + PEEK_CANCEL;
         bjob_submit(j);
-    } else if (eng_cancel(G.eng, e) != 0)
-        srv_reply_error(req, 503, "engine_error", "cancel failed");
-    else
-        srv_reply_json(req, 202, json_pack("{s:s,s:s}", "id", eid, "status", "cancelling"));
+    } else {
+        reply_cancel(req, x);
+    }
     cap_free(e);
 }
 
