@@ -94,6 +94,7 @@ struct exec {
     char *code;
     size_t len;
     eng_tx_t tx;
+    uint32_t timeout_ms; /* 0: the session's */
     int st;
     int created;
     int cancel_req;
@@ -1280,7 +1281,8 @@ static void session_pump(eng_t *e, session_t *s)
     x->in_k = 0;
     stats_add(e, (eng_stats_t){.queued = (uint32_t)-1, .running = 1});
     busy_begin(e, s);
-    int rc = pyw_worker_execute(s->w->w, x->wid, x->eid, x->code, x->len, s->so.timeout_ms);
+    int rc = pyw_worker_execute(s->w->w, x->wid, x->eid, x->code, x->len,
+                                x->timeout_ms ? x->timeout_ms : s->so.timeout_ms);
     if (rc) {
         busy_end(e, s);
         /* the worker is gone: its exit callback restores the session and re-runs x */
@@ -2020,6 +2022,7 @@ static void do_execute(eng_t *e, eng_msg_t *m)
         goto out;
     }
     x = exec_new(e, s, c->eid, c->code, c->len, c->req.tx);
+    x->timeout_ms = c->req.timeout_ms;
     x->t_sub = cap_now_ns();
     exec_listen(x, &c->cb, c->arg);
     xmap_put(e, x);
@@ -2036,6 +2039,10 @@ static void do_execute(eng_t *e, eng_msg_t *m)
     job_hdr(j, "capsule:ord", b);
     snprintf(b, sizeof(b), "%d", (int)x->tx);
     job_hdr(j, "capsule:tx", b);
+    if (x->timeout_ms) { /* absent in records written before per-execution timeouts: 0 */
+        snprintf(b, sizeof(b), "%u", x->timeout_ms);
+        job_hdr(j, "capsule:timeout_ms", b);
+    }
     j->data = cap_memdup(x->code, x->len + 1);
     j->len = x->len;
     j->x = x;
@@ -2792,6 +2799,8 @@ static int recover(eng_t *e)
         }
         exec_t *x = exec_new(e, s, eid, p->param.data ? p->param.data : "", p->param.len,
                              (eng_tx_t)hdr_i64(&p->param, "capsule:tx"));
+        int64_t tmo = hdr_i64(&p->param, "capsule:timeout_ms");
+        x->timeout_ms = tmo > 0 && tmo <= UINT32_MAX ? (uint32_t)tmo : 0;
         x->created = 1;
         x->restarted = 1;
         x->st = X_QUEUED;

@@ -190,11 +190,13 @@ typedef struct eng_exec_cb {
 } eng_exec_cb_t;
 
 typedef struct eng_exec_req {
-    const char *sid;  /* required */
-    const char *eid;  /* NULL: generated. Existing id: the recorded result, or attach */
-    const char *code; /* required */
-    size_t len;       /* 0: strlen(code) */
-    eng_tx_t tx;      /* ENG_TX_DEFAULT: the session's */
+    const char *sid;     /* required */
+    const char *eid;     /* NULL: generated. Existing id: the recorded result, or attach */
+    const char *code;    /* required */
+    size_t len;          /* 0: strlen(code) */
+    eng_tx_t tx;         /* ENG_TX_DEFAULT: the session's */
+    uint32_t timeout_ms; /* this execution's timeout, recorded with its request (a re-run after
+                            a restart keeps it); 0: the session's timeout_ms */
 } eng_exec_req_t;
 
 /* With a caller's loop (opts->loop): call eng_open on the thread that runs that loop, outside

@@ -10,7 +10,8 @@
  *       shifted by the output printed before the attach).
  * In both, the listener's bytes must equal the durable result's output. Also: on_accepted comes
  * first and once for a taken execution, never for a refused one; eng_session_info gives the
- * recovered session's options back.
+ * recovered session's options back; an execution's own timeout survives the restart (its re-run
+ * times out).
  */
 #include <poll.h>
 #include <pthread.h>
@@ -223,6 +224,18 @@ static int child(const char *dir)
     eng_t *e = etest_open(dir, 0);
     eng_session_opts_t so = {.tx = ENG_TX_COMMIT_ALWAYS, .timeout_ms = 60000, .retry_on_death = 1};
     CHECK_OK(eng_session_open(e, "b", &so, NULL));
+    /* c-1's own timeout (its session has none) is recorded with its request: the re-run after
+     * the restart times out too instead of sleeping its minute */
+    CHECK_OK(eng_session_open(e, "c", NULL, NULL));
+    lis_t lc;
+    lis_init(&lc);
+    eng_exec_req_t rc = {.sid = "c",
+                         .eid = "c-1",
+                         .code = "import time\nprint('c', flush=True)\ntime.sleep(60)",
+                         .timeout_ms = 1500};
+    CHECK_OK(eng_execute(e, &rc, &lcb, &lc));
+    lis_wait_lines(&lc, 1);
+    CHECK(!lc.done);
     lis_t l;
     lis_init(&l);
     code_b_init(dir);
@@ -301,6 +314,15 @@ static void test_attach_after_restart(const char *dir, const char *self)
     CHECK_EQ(in.running, 0);
     CHECK_ERR(eng_session_info(e, "nosuch", &in), CAP_ENOTFOUND);
     CHECK_ERR(eng_session_info(e, "bad id", &in), CAP_EINVAL);
+    /* c-1 was re-run with its own 1.5 s timeout */
+    eng_result_t *r = NULL;
+    int rc;
+    for (int i = 0; i < 30000 && (rc = eng_result_get(e, "c-1", &r)) == CAP_EBUSY; i++)
+        usleep(1000);
+    CHECK_OK(rc);
+    CHECK_EQ(r->status, ENG_ST_TIMEOUT);
+    CHECK(r->restarted);
+    eng_result_free(r);
     eng_close(e);
     unlink(mark_b);
 }

@@ -126,6 +126,38 @@ static void test_basics(eng_t *e)
     cap_free(sid);
 }
 
+/* A per-execution timeout overrides the session's, both ways; 0 keeps the session's. */
+static void test_exec_timeout(eng_t *e)
+{
+    char *sid = NULL;
+    CHECK_OK(eng_session_open(e, NULL, NULL, &sid)); /* no session timeout */
+    eng_result_t *r;
+    eng_exec_req_t rq = {
+        .sid = sid, .code = "x = 1\nimport time\ntime.sleep(30)", .timeout_ms = 200};
+    uint64_t t0 = cap_now_ns();
+    CHECK_OK(eng_execute_sync(e, &rq, NULL, 0, &r));
+    CHECK_EQ(r->status, ENG_ST_TIMEOUT);
+    CHECK(!r->committed);
+    CHECK(cap_now_ns() - t0 < 10000000000ull); /* not the cell's 30 s */
+    eng_result_free(r);
+    etest_expect(e, sid, "'x' in globals()", "False"); /* rolled back */
+    cap_free(sid);
+    eng_session_opts_t so = {.timeout_ms = 200};
+    CHECK_OK(eng_session_open(e, NULL, &so, &sid));
+    rq = (eng_exec_req_t){
+        .sid = sid, .code = "import time\ntime.sleep(0.5)\n'slept'", .timeout_ms = 20000};
+    CHECK_OK(eng_execute_sync(e, &rq, NULL, 0, &r)); /* raised above the session's 200 ms */
+    CHECK_EQ(r->status, ENG_ST_OK);
+    CHECK_STREQ(r->repr, "'slept'");
+    eng_result_free(r);
+    rq.timeout_ms = 0; /* the session's again */
+    CHECK_OK(eng_execute_sync(e, &rq, NULL, 0, &r));
+    CHECK_EQ(r->status, ENG_ST_TIMEOUT);
+    eng_result_free(r);
+    etest_expect(e, sid, "2+2", "4");
+    cap_free(sid);
+}
+
 static void test_queue(eng_t *e)
 {
     CHECK_OK(eng_session_open(e, "q1", NULL, NULL));
@@ -432,6 +464,7 @@ int main(void)
     char *dir = check_tmpdir("eng-basic");
     eng_t *e = etest_open(dir, 0);
     test_basics(e);
+    test_exec_timeout(e);
     test_queue(e);
     test_sigpipe(e);
     eng_close(e);
