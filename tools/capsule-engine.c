@@ -835,7 +835,7 @@ static sub_t *sub_add(xs_t *x, int kind)
  * recorded result). Returns the record, or NULL with *err (CAP_EINVAL, CAP_ECLOSED).
  */
 static xs_t *xs_start(const char *principal, const char *csid, const char *ceid, const char *code,
-                      eng_tx_t tx, json_t *inputs, int *err)
+                      eng_tx_t tx, uint32_t timeout_ms, json_t *inputs, int *err)
 {
     char *eid = eng_id(principal, ceid);
     xs_t *x = xs_get(eid);
@@ -855,7 +855,8 @@ static xs_t *xs_start(const char *principal, const char *csid, const char *ceid,
     G.xmap[b] = x;
     G.nlive++;
     char *esid = eng_id(principal, csid);
-    eng_exec_req_t rq = {.sid = esid, .eid = eid, .code = code ? code : "", .tx = tx};
+    eng_exec_req_t rq = {
+        .sid = esid, .eid = eid, .code = code ? code : "", .tx = tx, .timeout_ms = timeout_ms};
     int rc = eng_execute(G.eng, &rq, &exec_cb, x);
     cap_free(esid);
     if (rc) {
@@ -986,7 +987,8 @@ static void ws_resume_done(bjob_t *j);
 static void peek_attach(srv_req_t *req, bjob_t *j)
 {
     int rc = 0;
-    xs_t *x = xs_start(j->principal, strip_ns(j->b), strip_ns(j->a), "", ENG_TX_DEFAULT, NULL, &rc);
+    xs_t *x =
+        xs_start(j->principal, strip_ns(j->b), strip_ns(j->a), "", ENG_TX_DEFAULT, 0, NULL, &rc);
     if (!x) {
         srv_reply_error(req, rc == CAP_ECLOSED ? 503 : 400,
                         rc == CAP_ECLOSED ? "shutting_down" : "invalid_request", "%s",
@@ -1359,13 +1361,9 @@ static void h_checkpoint(srv_req_t *req, void *arg)
 }
 
 static const srv_field_t exec_fields[] = {
-    {"code", SRV_JSTRING, 1},
-    {"id", SRV_JSTRING, 0},
-    {"tx", SRV_JSTRING, 0},
-    {"wait", SRV_JBOOL, 0},
-    {"stream", SRV_JSTRING, 0},
-    {"inputs", SRV_JARRAY, 0},
-    {NULL, 0, 0},
+    {"code", SRV_JSTRING, 1},    {"id", SRV_JSTRING, 0}, {"tx", SRV_JSTRING, 0},
+    {"timeout_ms", SRV_JINT, 0}, {"wait", SRV_JBOOL, 0}, {"stream", SRV_JSTRING, 0},
+    {"inputs", SRV_JARRAY, 0},   {NULL, 0, 0},
 };
 
 static void h_execute(srv_req_t *req, void *arg)
@@ -1380,10 +1378,16 @@ static void h_execute(srv_req_t *req, void *arg)
     const char *stream = json_string_value(json_object_get(b, "stream"));
     json_t *inputs = json_object_get(b, "inputs");
     int wait = !json_is_false(json_object_get(b, "wait"));
+    json_int_t tmo = json_integer_value(json_object_get(b, "timeout_ms"));
     int kind = 0, err = 0;
     eng_tx_t tx;
     if (parse_tx(req, b, &tx) != 0)
         goto out;
+    if (tmo < 0 || tmo > UINT32_MAX) {
+        srv_reply_error(req, 400, "invalid_request",
+                        "timeout_ms must be 0..%u (0: the session's timeout)", UINT32_MAX);
+        goto out;
+    }
     if (eid && !client_id_ok(eid)) {
         srv_reply_error(req, 400, "invalid_request",
                         "id must be 1..%d characters of [A-Za-z0-9._-]", WSMSG_ID_MAX);
@@ -1411,8 +1415,9 @@ static void h_execute(srv_req_t *req, void *arg)
         gen_id('x', gen, sizeof(gen));
         eid = gen;
     }
-    xs_t *x = xs_start(srv_req_principal(req), sid, eid,
-                       json_string_value(json_object_get(b, "code")), tx, inputs, &err);
+    xs_t *x =
+        xs_start(srv_req_principal(req), sid, eid, json_string_value(json_object_get(b, "code")),
+                 tx, (uint32_t)tmo, inputs, &err);
     if (!x) {
         srv_reply_error(req, err == CAP_ECLOSED ? 503 : 400,
                         err == CAP_ECLOSED ? "shutting_down" : "invalid_request", "%s",
@@ -1789,7 +1794,8 @@ static void ws_message(srv_ws_t *ws, json_t *m, void *arg)
             eid = gen;
         }
         int rc = 0;
-        xs_t *x = xs_start(wc->principal, wc->csid, eid, q.code, (eng_tx_t)q.tx, NULL, &rc);
+        xs_t *x =
+            xs_start(wc->principal, wc->csid, eid, q.code, (eng_tx_t)q.tx, q.timeout_ms, NULL, &rc);
         if (!x) {
             ws_err(wc, eid, "refused", cap_strerror(rc));
             goto out;
@@ -1889,7 +1895,7 @@ static void ws_resume_done(bjob_t *j)
         int rc = 0;
         xs_t *x = xs_get(j->a);
         if (!x)
-            x = xs_start(wc->principal, wc->csid, j->ceid, "", ENG_TX_DEFAULT, NULL, &rc);
+            x = xs_start(wc->principal, wc->csid, j->ceid, "", ENG_TX_DEFAULT, 0, NULL, &rc);
         if (!x) {
             ws_err(wc, j->ceid, "refused", cap_strerror(rc));
             return;

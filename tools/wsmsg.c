@@ -48,11 +48,9 @@ static int fail(char *err, size_t errn, const char *why)
 
 int wsmsg_parse(json_t *m, wsmsg_t *out, char *err, size_t errn)
 {
-    static const srv_field_t f_exec[] = {{"type", SRV_JSTRING, 1},
-                                         {"eid", SRV_JSTRING, 0},
-                                         {"code", SRV_JSTRING, 1},
-                                         {"tx", SRV_JSTRING, 0},
-                                         {NULL, 0, 0}};
+    static const srv_field_t f_exec[] = {{"type", SRV_JSTRING, 1},    {"eid", SRV_JSTRING, 0},
+                                         {"code", SRV_JSTRING, 1},    {"tx", SRV_JSTRING, 0},
+                                         {"timeout_ms", SRV_JINT, 0}, {NULL, 0, 0}};
     static const srv_field_t f_resume[] = {{"type", SRV_JSTRING, 1},
                                            {"eid", SRV_JSTRING, 1},
                                            {"output_offset", SRV_JINT, 0},
@@ -97,6 +95,10 @@ int wsmsg_parse(json_t *m, wsmsg_t *out, char *err, size_t errn)
         out->tx = tx_from_name(json_string_value(json_object_get(m, "tx")));
         if (out->tx < 0)
             return fail(err, errn, "unknown tx policy");
+        json_int_t tmo = json_integer_value(json_object_get(m, "timeout_ms"));
+        if (tmo < 0 || tmo > UINT32_MAX)
+            return fail(err, errn, "timeout_ms must be 0..4294967295 (0: the session's timeout)");
+        out->timeout_ms = (uint32_t)tmo;
         break;
     case WSMSG_RESUME: {
         json_int_t off = json_integer_value(json_object_get(m, "output_offset"));

@@ -27,12 +27,13 @@ typedef enum { WSMSG_EXECUTE, WSMSG_RESUME, WSMSG_INPUT_REPLY, WSMSG_CANCEL } ws
 
 typedef struct wsmsg {
     wsmsg_type_t type;
-    const char *eid;  /* borrowed from the document; NULL when absent (execute only) */
-    const char *code; /* execute */
-    int tx;           /* execute: an eng_tx_t */
-    uint64_t offset;  /* resume: output offset (negative given: 0) */
-    const char *text; /* input_reply: NULL (absent) is end of input, as eof */
-    int eof;          /* input_reply */
+    const char *eid;     /* borrowed from the document; NULL when absent (execute only) */
+    const char *code;    /* execute */
+    int tx;              /* execute: an eng_tx_t */
+    uint32_t timeout_ms; /* execute: its own timeout (0 or absent: the session's) */
+    uint64_t offset;     /* resume: output offset (negative given: 0) */
+    const char *text;    /* input_reply: NULL (absent) is end of input, as eof */
+    int eof;             /* input_reply */
 } wsmsg_t;
 
 /*

@@ -240,10 +240,21 @@ def t_execute(e):
     st, run = req(e.port, "GET", "/executions/bg-1")
     assert st == 200 and run["status"] in ("running", "ok"), run
     assert wait_result(e.port, "bg-1")["value"] == "late"
+    # an execution's own timeout (the session has none), recorded with its request
+    t0 = time.monotonic()
+    st, r = req(e.port, "POST", "/sessions/ex/executions",
+                {"code": "import time\ntime.sleep(30)", "timeout_ms": 300})
+    assert st == 200 and r["status"] == "timeout" and not r["committed"], r
+    assert time.monotonic() - t0 < 10
+    st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": "'ok'", "timeout_ms": 0})
+    assert r["value"] == "ok", r
     # errors
     for body, code in [({"code": 5}, 400), ({}, 400), ({"code": "1", "stream": "xml"}, 400),
                        ({"code": "1", "extra": 1}, 400), ({"code": "1", "id": "a b"}, 400),
-                       ({"code": "1", "inputs": [1]}, 400)]:
+                       ({"code": "1", "inputs": [1]}, 400), ({"code": "1", "timeout_ms": -1}, 400),
+                       ({"code": "1", "timeout_ms": 2 ** 32}, 400),
+                       ({"code": "1", "timeout_ms": "5"}, 400),
+                       ({"code": "1", "timeout_ms": 1.5}, 400)]:
         st, d = req(e.port, "POST", "/sessions/ex/executions", body)
         assert st == code, (body, st, d)
     st, d = req(e.port, "POST", "/sessions/nope/executions", {"code": "1"})
@@ -367,6 +378,15 @@ async def ws_main(e):
     await ws.send(json.dumps({"type": "cancel", "eid": "w3"}))
     got = await ws_until(ws, lambda m: m["type"] == "result")
     assert got[-1]["status"] == "cancelled" and got[-1]["eid"] == "w3"
+    # an execution's own timeout over the socket
+    await ws.send(json.dumps({"type": "execute", "code": "import time\ntime.sleep(30)",
+                              "eid": "w3t", "timeout_ms": 300}))
+    got = await ws_until(ws, lambda m: m["type"] == "result", timeout=20)
+    assert got[-1]["status"] == "timeout" and got[-1]["eid"] == "w3t", got[-1]
+    for t in (-1, 2 ** 32, "1", 0.5):
+        await ws.send(json.dumps({"type": "execute", "code": "1", "timeout_ms": t}))
+        m = json.loads(await ws.recv())
+        assert m["type"] == "error" and m["error"]["code"] == "invalid_message", (t, m)
     # bad messages: an error, the session goes on
     for bad, code in [({"type": "frob"}, "invalid_message"), ({"code": "1"}, "invalid_message"),
                       ({"type": "execute"}, "invalid_message"),
@@ -383,7 +403,7 @@ async def ws_main(e):
     rnd = random.Random(int(os.environ.get("CAPSULE_FUZZ_SEED", "1234")))
     values = [None, True, 0, -1, 2 ** 63 - 1, 1.5, "", "x" * 300, "é\u2028", [], {}, ["a"],
               {"k": [1, {"z": None}]}, "a:b", "../x", "w1"]
-    keys = ["type", "eid", "code", "tx", "text", "eof", "output_offset", "zzz"]
+    keys = ["type", "eid", "code", "tx", "timeout_ms", "text", "eof", "output_offset", "zzz"]
     types = ["execute", "resume", "input_reply", "cancel", "EXECUTE", "", "x" * 100]
     for i in range(150):
         msg = {}
