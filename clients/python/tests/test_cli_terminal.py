@@ -35,6 +35,11 @@ def test_pipe_run_code_input_and_errors(engine: Engine, tmp_path: Path) -> None:
     assert cli(engine.url, str(f)).stdout == "120\n"
     assert cli(engine.url, "run", str(f)).stdout == "120\n"
     assert cli(engine.url, stdin="print('from stdin')\n").stdout == "from stdin\n"
+    p = cli(engine.url, "--timeout", "0.3", "-c", "print('o', flush=True)\nimport time\n"
+            "time.sleep(30)")
+    assert p.returncode == 124 and p.stdout == "o\n" and "[timeout]" in p.stderr, p
+    p = cli(engine.url, "--timeout", "20", "-c", "import time\ntime.sleep(0.2)\nprint('done')")
+    assert p.returncode == 0 and p.stdout == "done\n", p
     p = cli(engine.url, str(tmp_path / "missing.py"))
     assert p.returncode == 2 and "cannot read" in p.stderr
     p = cli("http://127.0.0.1:1", "-c", "1", env_extra={"CAPSULE_RECONNECT_TIMEOUT": "1"})

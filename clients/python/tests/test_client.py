@@ -4,6 +4,7 @@ idempotent ids, checkpoint/restore, the pool's limits, the error mapping of refu
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,25 @@ def test_timeout(url: str) -> None:
                 await s.execute("import time\ntime.sleep(10)")
             assert ei.value.result.status == "timeout"
             assert (await s.execute("1 + 1")).value == 2
+            # an execution's own timeout overrides the session's, both ways
+            r = await s.execute("import time\ntime.sleep(1)\n'slept'", timeout=20)
+            assert r.value == "slept"
+        async with Session() as s:  # no session timeout
+            t0 = time.monotonic()
+            with pytest.raises(ExecutionTimeout):  # over the WebSocket
+                await s.execute("import time\ntime.sleep(30)", timeout=0.3)
+            with pytest.raises(ExecutionTimeout):  # over REST (inputs given up front)
+                await s.execute("input()\nimport time\ntime.sleep(30)", inputs=["a"],
+                                timeout=0.3)
+            got = [m async for m in s.stream_execute("import time\ntime.sleep(30)",
+                                                     timeout=0.3)]
+            assert got[-1].type == "error" and got[-1].result.status == "timeout", got[-1]
+            eid = await s.submit("import time\ntime.sleep(30)", timeout=0.3)
+            assert (await s.wait(eid, raise_on_error=False)).status == "timeout"
+            assert time.monotonic() - t0 < 30
+            with pytest.raises(ValueError):
+                await s.execute("1", timeout=-1)
+            assert (await s.execute("2 + 2", timeout=0)).value == 4
     arun(go())
 
 

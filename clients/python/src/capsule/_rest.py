@@ -228,13 +228,25 @@ class Rest:
             raise api_error(r.status, data)
 
 
+def timeout_ms(timeout: Optional[float]) -> Optional[int]:
+    """An execution's own timeout in seconds as the server takes it (None/0: the session's)."""
+    if timeout is None or timeout == 0:
+        return None
+    if timeout < 0:
+        raise ValueError("timeout must be > 0 seconds (None: the session's timeout)")
+    return max(1, round(timeout * 1000))
+
+
 def stream_run(rest: Rest, sid: str, code: str, eid: str, *, progress: bool = True,
-               show_value: bool = False) -> tuple[int, Optional[Result]]:
+               show_value: bool = False,
+               timeout_ms: Optional[int] = None) -> tuple[int, Optional[Result]]:
     """Runs ``code`` as execution ``eid`` of session ``sid`` with the CLI's behaviour; returns
-    (exit status, the final result or None)."""
+    (exit status, the final result or None). ``timeout_ms``: the execution's own timeout."""
     from .cli import _finish, _Progress, _read_reply  # shared with the async client
 
-    body = {"id": eid, "code": code, "stream": "ndjson"}
+    body: dict[str, Any] = {"id": eid, "code": code, "stream": "ndjson"}
+    if timeout_ms:
+        body["timeout_ms"] = timeout_ms
     prog = _Progress(progress and sys.stderr.isatty(), sys.stderr)
     st: dict[str, Any] = {"cancels": 0}
     offset = 0  # output bytes written so far

@@ -21,8 +21,8 @@ Invariants:
     is erased before any output is written.
   - Ctrl-C while code runs cancels that execution and keeps the session (the REPL goes on);
     at the REPL prompt it discards the line being typed; Ctrl-D leaves.
-  - exit status: 0 ok, 1 the code raised, 2 usage, 3 server unreachable or refused, 130
-    cancelled.
+  - exit status: 0 ok, 1 the code raised, 2 usage, 3 server unreachable or refused, 124
+    timed out (--timeout, or the session's), 130 cancelled.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def _finish(r: ExecutionResult | Result, show_value: bool) -> int:
     if r.status not in ("error",):
         tb = f"[{r.status}] " + tb
     sys.stderr.write(tb if tb.endswith("\n") else tb + "\n")
-    return 1
+    return 124 if r.status == "timeout" else 1  # as timeout(1)
 
 
 def _retry() -> float:
@@ -231,7 +231,7 @@ def _session(args: argparse.Namespace) -> Session:
 def _cmd_exec(args: argparse.Namespace, code: str) -> int:
     """``capsule -c CODE | FILE``: synchronous over plain HTTP (capsule._rest), like ``capsule
     run``; a fresh session is closed afterwards, a named one (-s) is kept."""
-    from ._rest import Rest, new_id, prepare_code, resolve_url_sync, stream_run
+    from ._rest import Rest, new_id, prepare_code, resolve_url_sync, stream_run, timeout_ms
 
     rest = Rest(resolve_url_sync(args.url), _token(args),
                 float(os.environ.get("CAPSULE_RECONNECT_TIMEOUT", "30")))
@@ -239,7 +239,8 @@ def _cmd_exec(args: argparse.Namespace, code: str) -> int:
     rest.call("POST", "/sessions", {"id": sid})
     try:
         status, _ = stream_run(rest, sid, prepare_code(code), args.id or new_id(),
-                               progress=not args.no_progress)
+                               progress=not args.no_progress,
+                               timeout_ms=timeout_ms(args.timeout))
         return status
     finally:
         if not args.session:
@@ -459,6 +460,8 @@ def _exec_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("-c", dest="code", metavar="CODE", help="the code to run")
     p.add_argument("--id", default=None, metavar="EID",
                    help="execution id (idempotent: a known id returns its recorded result)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the code after this long (exit status 124)")
     p.add_argument("file", nargs="?", help="a Python file ('-': stdin)")
     p.add_argument("--version", action="version", version=f"capsule {__version__}")
     return p

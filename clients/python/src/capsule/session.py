@@ -33,7 +33,7 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from ._rest import new_id, prepare_code, resolve_url_sync
+from ._rest import new_id, prepare_code, resolve_url_sync, timeout_ms as _timeout_ms
 from .errors import (
     CapsuleConnectionError,
     CapsuleError,
@@ -114,15 +114,26 @@ class _Api:
 class _Stream:
     """The client's view of one streamed execution."""
 
-    def __init__(self, eid: str, code: str, tx: Optional[str]) -> None:
+    def __init__(self, eid: str, code: str, tx: Optional[str],
+                 timeout_ms: Optional[int] = None) -> None:
         self.eid = eid
         self.code = code
         self.tx = tx
+        self.timeout_ms = timeout_ms
         self.queue: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
         self.offset = 0  # output bytes yielded
         self.awaiting_input = False  # a prompt was yielded and not answered yet
         self.last_input_seq: Optional[int] = None  # the event seq of the last prompt yielded
         self.max_seq = 0
+
+    def execute_msg(self) -> dict[str, Any]:
+        """The WebSocket message that starts (or, by its id, re-attaches to) this execution."""
+        msg: dict[str, Any] = {"type": "execute", "eid": self.eid, "code": self.code}
+        if self.tx:
+            msg["tx"] = self.tx
+        if self.timeout_ms:
+            msg["timeout_ms"] = self.timeout_ms
+        return msg
 
 
 # a client-side execution id as the server accepts it
@@ -204,10 +215,7 @@ class _Socket:
 
     async def start(self, st: _Stream) -> None:
         self.streams[st.eid] = st
-        msg: dict[str, Any] = {"type": "execute", "eid": st.eid, "code": st.code}
-        if st.tx:
-            msg["tx"] = st.tx
-        await self.send(msg)
+        await self.send(st.execute_msg())
 
     async def _read(self) -> None:
         while not self.closing:
@@ -223,11 +231,7 @@ class _Socket:
                             "execution_not_found", "shutting_down"):
                         # never recorded (or refused while draining): start it again, by its id
                         if (m.get("error") or {}).get("code") == "execution_not_found":
-                            msg: dict[str, Any] = {"type": "execute", "eid": st.eid,
-                                                   "code": st.code}
-                            if st.tx:
-                                msg["tx"] = st.tx
-                            await ws.send(json.dumps(msg))
+                            await ws.send(json.dumps(st.execute_msg()))
                         continue
                     st.queue.put_nowait(m)
             except (websockets.ConnectionClosed, OSError):
@@ -382,26 +386,32 @@ class Session:
 
     async def execute(self, code: str, *, execution_id: Optional[str] = None,
                       inputs: Optional[list[str]] = None, tx: Optional[str] = None,
+                      timeout: Optional[float] = None,
                       raise_on_error: bool = True) -> ExecutionResult:
         """Runs ``code`` and waits for its result.
 
         ``execution_id`` makes it idempotent (the same id returns the recorded result or
         attaches to the running execution; one is made up if not given). ``inputs`` answers
         ``input()`` calls in order (running out means EOFError); without it, a waiting
-        ``input()`` is answered with ``respond_input``. Raises ExecutionError (or
-        ExecutionCancelled, ExecutionTimeout, WorkerDied) if the code fails, unless
-        ``raise_on_error=False``; CapsuleConnectionError if the server stays unreachable."""
+        ``input()`` is answered with ``respond_input``. ``timeout`` (seconds):
+        this execution's own limit instead of the session's, recorded with it (a re-run after a
+        restart keeps it). Raises ExecutionError (or ExecutionCancelled, ExecutionTimeout,
+        WorkerDied) if the code fails, unless ``raise_on_error=False``; CapsuleConnectionError
+        if the server stays unreachable."""
         api = self._need()
         sock = self._sock
         eid = execution_id or new_id()
+        tmo = _timeout_ms(timeout)
         if inputs is None and sock is not None and sock.ws is not None and _ID_OK.match(eid):
             # the session's WebSocket is open: one message each way instead of an HTTP request
-            return await self._execute_ws(code, eid, tx, raise_on_error)
+            return await self._execute_ws(code, eid, tx, tmo, raise_on_error)
         body: dict[str, Any] = {"code": prepare_code(code, self._dedent), "id": eid}
         if inputs is not None:
             body["inputs"] = list(inputs)
         if tx:
             body["tx"] = tx
+        if tmo:
+            body["timeout_ms"] = tmo
         d = await api.call("POST", f"/sessions/{self.id}/executions", body)
         r = ExecutionResult.from_json(d)
         while not r.finished:  # "pending": recorded, being re-run after a restart
@@ -412,12 +422,12 @@ class Session:
             raise execution_error(r)
         return r
 
-    async def _execute_ws(self, code: str, eid: str, tx: Optional[str],
+    async def _execute_ws(self, code: str, eid: str, tx: Optional[str], tmo: Optional[int],
                           raise_on_error: bool) -> ExecutionResult:
         """``execute`` over the open WebSocket: the stream's final message carries the result
         (prompts are answered with ``respond_input`` as with REST; reconnects resume)."""
         r: Optional[ExecutionResult] = None
-        async for m in self.stream_execute(code, execution_id=eid, tx=tx):
+        async for m in self._stream(code, eid, tx, tmo):
             if m.type in ("result", "error"):
                 r = m.result
         if r is None:
@@ -430,16 +440,20 @@ class Session:
         return r
 
     async def submit(self, code: str, *, execution_id: Optional[str] = None,
-                     inputs: Optional[list[str]] = None, tx: Optional[str] = None) -> str:
+                     inputs: Optional[list[str]] = None, tx: Optional[str] = None,
+                     timeout: Optional[float] = None) -> str:
         """Starts ``code`` without waiting; returns its execution id (see ``wait``)."""
         api = self._need()
         eid = execution_id or new_id()
+        tmo = _timeout_ms(timeout)
         body: dict[str, Any] = {"code": prepare_code(code, self._dedent), "id": eid,
                                 "wait": False}
         if inputs is not None:
             body["inputs"] = list(inputs)
         if tx:
             body["tx"] = tx
+        if tmo:
+            body["timeout_ms"] = tmo
         await api.call("POST", f"/sessions/{self.id}/executions", body)
         return eid
 
@@ -456,16 +470,23 @@ class Session:
             await asyncio.sleep(poll)
 
     async def stream_execute(self, code: str, *, execution_id: Optional[str] = None,
-                             tx: Optional[str] = None) -> AsyncIterator[Message]:
+                             tx: Optional[str] = None,
+                             timeout: Optional[float] = None) -> AsyncIterator[Message]:
         """Runs ``code`` and yields its events as they happen: ``output`` (``data``), ``input``
         (``prompt``; answer with ``respond_input(msg.id, text)``), ``restarted``, and last one
         ``result`` or ``error``. A failed execution ends with an ``error`` message (no raise).
         Survives dropped connections and server restarts (resumes; no output lost or doubled).
-        Leaving the loop early leaves the execution running (``cancel`` stops it)."""
+        Leaving the loop early leaves the execution running (``cancel`` stops it).
+        ``timeout`` (seconds): this execution's own limit instead of the session's."""
         self._need()
+        async for m in self._stream(code, execution_id or new_id(), tx, _timeout_ms(timeout)):
+            yield m
+
+    async def _stream(self, code: str, eid: str, tx: Optional[str],
+                      tmo: Optional[int]) -> AsyncIterator[Message]:
         sock = self._sock
         assert sock is not None
-        st = _Stream(execution_id or new_id(), prepare_code(code, self._dedent), tx)
+        st = _Stream(eid, prepare_code(code, self._dedent), tx, tmo)
         if not _ID_OK.match(st.eid):  # the server's answer would name no execution
             raise api_error(400, {"error": {"code": "invalid_message", "message":
                                             "execution ids are 1..128 of [A-Za-z0-9._-]"}})
@@ -642,6 +663,7 @@ class DurableSession(Session):
     async def execute_durable(self, *, execution_id: str, code: str,
                               checkpoint_interval: Optional[float] = None,
                               inputs: Optional[list[str]] = None,
+                              timeout: Optional[float] = None,
                               raise_on_error: bool = True) -> ExecutionResult:
         """Runs ``code`` exactly once under ``execution_id``. Called again with the same id (from
         this or any later client, also after a server crash), it returns the recorded result, or
@@ -652,7 +674,7 @@ class DurableSession(Session):
         when the last one is older than this, bounding what a restart has to replay. The engine
         cannot snapshot in the middle of an execution: one cut short by a crash is re-run from
         its start."""
-        r = await self.execute(code, execution_id=execution_id, inputs=inputs,
+        r = await self.execute(code, execution_id=execution_id, inputs=inputs, timeout=timeout,
                                raise_on_error=False)
         if (checkpoint_interval is not None and r.committed
                 and time.monotonic() - self._last_checkpoint >= checkpoint_interval):
