@@ -429,7 +429,7 @@ static void result_fill(json_t *j, const eng_result_t *r)
     if (r->repr)
         json_object_set_new(j, "repr", jstr(r->repr, strlen(r->repr)));
     if (r->json) {
-        json_t *v = json_loads(r->json, JSON_DECODE_ANY, NULL);
+        json_t *v = json_loads(r->json, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
         if (v)
             json_object_set_new(j, "value", v);
     }

@@ -220,6 +220,15 @@ def t_execute(e):
     st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": "print('hi')\n2+2"})
     assert st == 200 and r["status"] == "ok" and r["repr"] == "4" and r["value"] == 4, r
     assert r["output"] == "hi\n" and r["committed"] and r["session"] == "ex"
+    # values: JSON when Python's json can say it (a NUL in a string too); repr always
+    for code, value in [("'a\\x00b'", "a\x00b"), ("{'k': [1, 2.5, None, True]}",
+                                                   {"k": [1, 2.5, None, True]}),
+                        ("-2 ** 63", -2 ** 63), ("'\u00e9\u2028'", "\u00e9\u2028")]:
+        st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": code})
+        assert st == 200 and r["value"] == value, (code, r)
+    for code in ["float('nan')", "b'x'", "{(1, 2): 3}", "object()"]:
+        st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": code})
+        assert st == 200 and "value" not in r and r["repr"], (code, r)
     st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": "1/0"})
     assert st == 200 and r["status"] == "error" and r["error"]["type"] == "ZeroDivisionError", r
     # idempotent client ids: the second call returns the recorded result, nothing runs twice
