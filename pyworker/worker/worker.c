@@ -258,11 +258,59 @@ static void flush_timer_set(uint64_t ns)
     g_timer_armed = ns != 0;
 }
 
+/* Output written while no cell runs (a thread that a cell started, printing after the cell
+ * ended) is held here in order and sent under the next cell's id, before anything of that cell:
+ * the engine drops output of no execution, and an execution's recorded output does not change
+ * once it finished. At most BETWEEN_MAX bytes are held; the rest is counted, and a line on
+ * stderr says how much was dropped. Chunks are [stream u8][length u32 LE][bytes]. g_cap_mu. */
+#define BETWEEN_MAX 65536u
+static pyw_buf_t g_between;
+static size_t g_between_bytes;
+static uint64_t g_between_dropped;
+
+static void between_put_locked(int stream, const void *p, size_t n)
+{
+    if (n > BETWEEN_MAX - g_between_bytes) {
+        g_between_dropped += n - (BETWEEN_MAX - g_between_bytes);
+        n = BETWEEN_MAX - g_between_bytes;
+    }
+    if (n == 0)
+        return;
+    uint8_t h[5] = {(uint8_t)stream};
+    cap_put_le32(h + 1, (uint32_t)n);
+    pyw__put_raw(&g_between, h, sizeof h);
+    pyw__put_raw(&g_between, p, n);
+    g_between_bytes += n;
+}
+
+static void between_send_locked(uint64_t id)
+{
+    for (size_t off = 0; off + 5 <= g_between.len;) {
+        uint32_t n = cap_get_le32(g_between.p + off + 1);
+        send_stream(id, g_between.p[off], (const char *)g_between.p + off + 5, n);
+        off += 5 + (size_t)n;
+    }
+    if (g_between_dropped) {
+        char m[160];
+        int k = snprintf(m, sizeof m,
+                         "[capsule: %llu more bytes written between executions were dropped]\n",
+                         (unsigned long long)g_between_dropped);
+        send_stream(id, 2, m, (size_t)k);
+    }
+    g_between.len = 0;
+    g_between_bytes = 0;
+    g_between_dropped = 0;
+}
+
 static void pend_flush_locked(void)
 {
+    uint64_t id = atomic_load(&g_out_id);
     for (int i = 1; i <= 2; i++) {
         if (g_pend[i].len) {
-            send_stream(atomic_load(&g_out_id), i, g_pend[i].p, g_pend[i].len);
+            if (id)
+                send_stream(id, i, g_pend[i].p, g_pend[i].len);
+            else
+                between_put_locked(i, g_pend[i].p, g_pend[i].len);
             g_pend[i].len = 0;
         }
     }
@@ -306,8 +354,8 @@ static void capture_drain(void)
 }
 
 /* The end of a cell: everything it wrote is sent under its id, then output is no execution's
- * (id 0; the engine drops it). Clearing the id before this wait sent what the reader forwarded
- * during it under id 0. */
+ * (id 0: held for the next cell, see g_between). Clearing the id before this wait sent what the
+ * reader forwarded during it under id 0. */
 static void capture_end_exec(void)
 {
     pthread_mutex_lock(&g_cap_mu);
@@ -380,6 +428,13 @@ static void *reader_main(void *arg)
             if (r > 0)
                 g_cap_read[i] += (uint64_t)r;
             uint64_t id = atomic_load(&g_out_id);
+            if (r > 0 && id == 0) { /* no cell runs: held for the next one */
+                between_put_locked(i + 1, buf, (size_t)r);
+                g_cap_sent[i] += (uint64_t)r;
+                pthread_cond_broadcast(&g_cap_cv);
+                pthread_mutex_unlock(&g_cap_mu);
+                continue;
+            }
             pthread_mutex_unlock(&g_cap_mu);
             if (r == 0) {
                 pf[i].fd = -1; /* every write end is closed (user code closed fd 1/2): no more */
@@ -405,6 +460,8 @@ static void *reader_main(void *arg)
 static int capture_start(void)
 {
     int rc = 0;
+    g_between.len = g_between_bytes = 0; /* nothing of the process this one was forked from */
+    g_between_dropped = 0;
     g_logfd = fcntl(2, F_DUPFD_CLOEXEC, 10);
     if (g_logfd < 0)
         g_logfd = 2;
@@ -1418,7 +1475,11 @@ static void put_delta(pyw_buf_t *b, PyObject *delta, PyObject *err)
 static void run_execute(job_t *j, uint32_t cell_no)
 {
     pyw_buf_t b;
+    pthread_mutex_lock(&g_cap_mu);
     atomic_store(&g_out_id, j->id); /* output from here on is this cell's */
+    if (g_between.len || g_between_dropped)
+        between_send_locked(j->id); /* first what was written since the last cell ended */
+    pthread_mutex_unlock(&g_cap_mu);
     uint64_t t0 = cap_now_ns();
     PyObject *res = PyObject_CallMethod(g_rt, "run_cell", "Iss", cell_no, j->cell_id, j->data);
     uint64_t dt = cap_now_ns() - t0;
