@@ -956,6 +956,9 @@ static void bjob_work(uv_work_t *w)
         break;
     case B_PEEK:
         j->rc = eng_exec_session(G.eng, j->a, &j->b);
+        if (j->rc == CAP_ENOTFOUND && j->peek == 1 + PEEK_INPUT &&
+            eng_result_get(G.eng, j->a, &j->res) == 0)
+            j->rc = CAP_EEXIST; /* finished: it waits for no input (409, as while it runs) */
         break;
     }
 }
@@ -1115,6 +1118,9 @@ static void bjob_done(uv_work_t *w, int status)
     case B_PEEK:
         if (j->rc == 0)
             peek_attach(req, j);
+        else if (j->rc == CAP_EEXIST)
+            srv_reply_error(req, 409, "no_input_request", "execution \"%s\" has finished",
+                            strip_ns(j->a));
         else if (j->rc == CAP_ENOTFOUND)
             srv_reply_error(req, 404, "execution_not_found", "no running execution \"%s\"",
                             strip_ns(j->a));

@@ -313,8 +313,9 @@ def t_stream_and_input(e):
             assert g["status"] == "running" and g["input_request"]["prompt"] == "who? "
             assert req(e.port, "POST", "/executions/in-1/input", {"text": "bo"}, headers=B)[0] == 404
             assert req(e.port, "POST", "/executions/in-1/input", {"text": "bob"})[0] == 202
-            # answered: a second reply is refused (409 while it runs, 404 once it finished)
-            assert req(e.port, "POST", "/executions/in-1/input", {"text": "again"})[0] in (404, 409)
+            # answered: a second reply is refused (409, while it runs and once it finished)
+            st, d = req(e.port, "POST", "/executions/in-1/input", {"text": "again"})
+            assert st == 409 and d["error"]["code"] == "no_input_request", d
         if ev["type"] == "result":
             assert ev["value"] == "hello bob", ev
             break
@@ -338,6 +339,11 @@ def t_stream_and_input(e):
     assert req(e.port, "POST", "/executions/long-1/input", {"text": "x"}, headers=B)[0] == 404
     assert req(e.port, "POST", "/executions/long-1/cancel", headers=B)[0] == 404
     assert req(e.port, "POST", "/executions/long-1/cancel")[0] == 202
+    wait_result(e.port, "long-1")
+    # finished: an input reply is 409 (the same as while it ran), another token's still 404
+    st, d = req(e.port, "POST", "/executions/long-1/input", {"text": "x"})
+    assert st == 409 and d["error"]["code"] == "no_input_request", d
+    assert req(e.port, "POST", "/executions/long-1/input", {"text": "x"}, headers=B)[0] == 404
     assert wait_result(e.port, "long-1")["status"] == "cancelled"
     assert req(e.port, "POST", "/executions/long-1/cancel")[0] == 404
 
@@ -741,7 +747,7 @@ def t_kill9_rest(server, data, tokfile):
         assert r["status"] == "ok" and r["value"] == "xy" and r["restarted"], r
         # an input reply to a finished execution: 409; to an unknown one: 404
         st, r = req(e.port, "POST", "/executions/kr-in/input", {"text": "again"})
-        assert st in (404, 409), (st, r)
+        assert st == 409 and r["error"]["code"] == "no_input_request", (st, r)
         st, r = req(e.port, "POST", "/executions/kr-nope/input", {"text": "y"})
         assert st == 404 and r["error"]["code"] == "execution_not_found", (st, r)
         # a cancel by id alone, with no GET before it: attaches, then interrupts the re-run
