@@ -501,7 +501,13 @@ class Namespace:
                         if self._fp_of(rec) != self._fp[n]:
                             cls_mutated.add(n)
                 continue
-            rec = self._pickle1(g[n], pickles, n)
+            v = g[n]
+            if n in self._bad and type(v) is types.FunctionType and self._vals.get(n) is v:
+                # A function with no source to re-create it, unchanged: recording it again could
+                # only name it unpicklable again (its by-name pickle made it look changed at
+                # every cell that named it). Its attributes are not fingerprinted (Limits).
+                continue
+            rec = self._pickle1(v, pickles, n)
             old_fp = self._fp.get(n)
             if rec[0] is None:
                 if old_fp is not None:

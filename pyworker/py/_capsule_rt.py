@@ -484,8 +484,13 @@ def apply(blob):
 
 
 def warmup(source):
-    """Zygote warm-up code: run in __main__ before gc.freeze()."""
+    """Zygote warm-up code: run in __main__ before gc.freeze(). What it binds is every worker's
+    from the start (each is forked from here, after a restart too), so it is the namespace
+    tracker's baseline: it is in no session's delta, and is never named as not recorded."""
+    global _ns
     exec(compile(source, "<warmup>", "exec"), _main)
+    if _ns is not None:
+        _ns = type(_ns)(_main, _capsule.hash64, same_items=_capsule.same_items)
 
 
 def rehearse():

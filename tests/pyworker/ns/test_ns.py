@@ -451,12 +451,17 @@ class TestSource(Base):
         i = self.run_cell("exec('def nosrc():\\n    return 1')\nok = 1")
         self.assertIn("nosrc", i["unpicklable"])
         self.assertIn("no tracked source", i["unpicklable"]["nosrc"])
+        # named again (called) by later cells: not re-recorded, not reported again
+        i = self.run_cell("y = nosrc()")
+        self.assertEqual(i["unpicklable"], {})
+        self.assertEqual(i["mutated"], [])
+        i = self.run_cell("exec('def nosrc():\\n    return 2')")  # rebound: reported again
+        self.assertIn("nosrc", i["unpicklable"])
         i = self.run_cell("fs = [lambda: 1]")
         self.assertIn("fs", i["unpicklable"])
         r, res = self.restore()
-        self.assertEqual(set(res[0]["failed"]), {"nosrc"})
-        self.assertEqual(set(res[1]["failed"]), {"fs"})
-        self.assertEqual(r.g["ok"], 1)
+        self.assertEqual([set(x["failed"]) for x in res], [{"nosrc"}, set(), {"nosrc"}, {"fs"}])
+        self.assertEqual((r.g["ok"], r.g["y"]), (1, 1))
 
 
 class TestClassState(Base):
