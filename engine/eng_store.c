@@ -114,7 +114,8 @@ enum {
     T_FLAGS,
     T_ORDINAL,
     T_RFAILED,
-    T_LAST = T_RFAILED
+    T_UNREC,
+    T_LAST = T_UNREC
 };
 
 typedef struct buf {
@@ -166,6 +167,7 @@ void eng__result_encode(const eng_result_t *r, uint8_t **out, size_t *len)
             (uint64_t)((r->truncated ? 1 : 0) | (r->restarted ? 2 : 0) | (r->committed ? 4 : 0)));
     buf_u64(&b, T_ORDINAL, r->ordinal);
     buf_str(&b, T_RFAILED, r->restore_failed);
+    buf_str(&b, T_UNREC, r->unrecorded);
     *out = b.p;
     *len = b.n;
 }
@@ -258,6 +260,9 @@ int eng__result_decode(const void *data, size_t len, eng_result_t **out)
         case T_RFAILED:
             r->restore_failed = dupn(v, n);
             break;
+        case T_UNREC:
+            r->unrecorded = dupn(v, n);
+            break;
         }
     }
     if (!(seen & (1u << T_EID)) || !(seen & (1u << T_STATUS)))
@@ -298,6 +303,7 @@ void eng__result_clear(eng_result_t *r)
     cap_free(r->traceback);
     cap_free(r->output);
     cap_free(r->restore_failed);
+    cap_free(r->unrecorded);
     memset(r, 0, sizeof(*r));
 }
 

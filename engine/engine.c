@@ -1705,6 +1705,22 @@ static void session_detach_worker(session_t *s)
     }
 }
 
+/* Appends "name:reason;" to *dst ("name:reason;..." lists: restore_failed, unrecorded), with
+ * any ':' or ';' in the name and ';' in the reason made '_' and ',' so the list splits back. */
+static void strcat_alloc(char **dst, const char *name, const char *reason)
+{
+    size_t n0 = *dst ? strlen(*dst) : 0, na = strlen(name), nb = strlen(reason);
+    *dst = cap_realloc(*dst, n0 + na + nb + 3);
+    char *p = *dst + n0;
+    for (size_t i = 0; i < na; i++)
+        *p++ = name[i] == ':' || name[i] == ';' ? '_' : name[i];
+    *p++ = ':';
+    for (size_t i = 0; i < nb; i++)
+        *p++ = reason[i] == ';' ? ',' : reason[i];
+    *p++ = ';';
+    *p = 0;
+}
+
 static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
 {
     wref_t *r = pyw_worker_data(w);
@@ -1735,6 +1751,9 @@ static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
     }
     if (commit) {
         res->committed = 1;
+        for (size_t i = 0; i < pr->delta->n_unpicklable; i++)
+            strcat_alloc(&res->unrecorded, pr->delta->unpicklable[i].name,
+                         pr->delta->unpicklable[i].reason);
         x->delta = cap_memdup(pr->delta->blob, pr->delta->blob_len ? pr->delta->blob_len : 1);
         x->delta_len = pr->delta->blob_len;
         finish_append(e, x);
@@ -1743,9 +1762,12 @@ static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
     /* not recorded: the namespace goes back to the recorded state before the result is told */
     if (ok && pr->delta_error) {
         cap_free(s->rfailed);
-        size_t n = strlen(pr->delta_error) + 32;
-        s->rfailed = cap_malloc(n);
-        snprintf(s->rfailed, n, "*:no delta (%s);", pr->delta_error);
+        s->rfailed = NULL;
+        size_t n = strlen(pr->delta_error) + 16;
+        char *why = cap_malloc(n);
+        snprintf(why, n, "no delta (%s)", pr->delta_error);
+        strcat_alloc(&s->rfailed, "*", why);
+        cap_free(why);
     }
     x->st = X_FINISHING;
     s->finish_after = x;
@@ -1875,13 +1897,6 @@ static void session_restore(eng_t *e, session_t *s)
     eng__blobs_free(b, n);
     if (s->applies == 0)
         restore_done(e, s);
-}
-
-static void strcat_alloc(char **dst, const char *a, const char *b)
-{
-    size_t n0 = *dst ? strlen(*dst) : 0, n = n0 + strlen(a) + strlen(b) + 3;
-    *dst = cap_realloc(*dst, n);
-    snprintf(*dst + n0, n - n0, "%s:%s;", a, b);
 }
 
 static void pcb_applied(pyw_worker_t *w, const pyw_apply_result_t *ar)

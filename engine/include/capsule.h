@@ -132,7 +132,12 @@ typedef struct eng_result {
     int restarted;        /* the execution was interrupted by a crash and re-run */
     int committed;        /* its namespace delta was recorded */
     uint64_t ordinal;     /* when committed: the session's delta ordinal (for fork/rewind) */
-    char *restore_failed; /* after a rollback: "name:reason;..." that could not be restored */
+    char *restore_failed; /* after a rollback or a worker's death: the names that could not be
+                             restored, "name:reason;..." (a name holds no ':' or ';', a reason no
+                             ';') */
+    char *unrecorded;     /* committed: names the execution bound that the log cannot hold (they
+                             cannot be pickled: locks, generators, open files...), in the same
+                             form; they are lost when the session is restored */
     /* Where this execution's time went, in ns (all 0 when it did not run here: a recorded result,
      * a refusal, or one whose run began before a restart): submit to its request durable, then to
      * the worker's result (waiting for its turn and a restore included), then to its FINISH

@@ -14,6 +14,16 @@
 #include "capsule.h"
 #include "check.h"
 
+/* The small engine of a test that sets options of its own: dir, 64 MiB map, one warm worker. */
+static inline eng_opts_t etest_opts(const char *dir)
+{
+    eng_opts_t o = {0};
+    o.dir = dir;
+    o.map_size = 64u << 20;
+    o.pool_idle = 1;
+    return o;
+}
+
 static inline eng_t *etest_open(const char *dir, int nosync)
 {
     eng_opts_t o = {0};

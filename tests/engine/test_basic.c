@@ -445,6 +445,33 @@ static void test_idle_and_warmup(void)
     cap_free(dir);
 }
 
+/* What the engine-wide warm-up binds (in the zygote) is every worker's: no session's delta
+ * records it, none names it as not recorded (a function defined there has no cell source, a lock
+ * cannot be pickled), and a restored worker has it from the zygote again. */
+static void test_engine_warmup_names(void)
+{
+    char *dir = check_tmpdir("eng-warm");
+    eng_opts_t o = etest_opts(dir);
+    o.warmup = "import threading\nLK = threading.Lock()\ndef helper(x):\n    return x + 1\n";
+    eng_t *e = NULL;
+    CHECK_OK(eng_open(&o, &e));
+    CHECK_OK(eng_session_open(e, "ew", NULL, NULL));
+    eng_result_t *r = etest_run(e, "ew", NULL, "y = helper(1)");
+    CHECK(r->committed);
+    if (r->unrecorded)
+        fprintf(stderr, "unrecorded: %s\n", r->unrecorded);
+    CHECK(r->unrecorded == NULL);
+    eng_result_free(r);
+    r = etest_run(e, "ew", NULL, "import os\nos._exit(1)"); /* restored from the log */
+    CHECK_EQ(r->status, ENG_ST_DIED);
+    CHECK(r->restore_failed == NULL);
+    eng_result_free(r);
+    etest_expect(e, "ew", "(y, helper(y), LK.locked())", "(2, 3, False)");
+    eng_close(e);
+    check_rmtree(dir);
+    cap_free(dir);
+}
+
 static void loop_thread(void *arg)
 {
     uv_run(arg, UV_RUN_DEFAULT);
@@ -542,6 +569,7 @@ int main(void)
     cap_free(dir);
     test_queue_limit();
     test_idle_and_warmup();
+    test_engine_warmup_names();
     test_caller_loop();
     dir = check_tmpdir("eng-reopen");
     test_ids_and_reopen(dir);

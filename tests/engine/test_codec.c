@@ -46,6 +46,7 @@ static void test_result_codec(void)
     r.committed = 1;
     r.ordinal = 77;
     r.restore_failed = "f:unpicklable;";
+    r.unrecorded = "lk:_thread.lock (thread primitive);g:generator, re-create it;";
     uint8_t *p;
     size_t n;
     eng__result_encode(&r, &p, &n);
@@ -62,6 +63,7 @@ static void test_result_codec(void)
     CHECK(d->truncated && d->committed && !d->restarted);
     CHECK_EQ(d->ordinal, 77);
     CHECK_STREQ(d->restore_failed, "f:unpicklable;");
+    CHECK_STREQ(d->unrecorded, "lk:_thread.lock (thread primitive);g:generator, re-create it;");
     eng_result_free(d);
     /* every truncation is rejected or (at a field boundary) still a complete, valid result */
     for (size_t cut = 0; cut < n; cut++) {

@@ -215,10 +215,25 @@ static void test_tx(eng_t *e)
     eng_result_free(r);
     etest_expect(e, "txf", "L", "[1]");
 
-    /* a rollback restores from the log: names that cannot be restored are reported, with why */
-    etest_expect(e, "txf",
-                 "g = (i for i in range(3))\nimport threading\nlk = threading.Lock()\nkept = 5",
-                 NULL);
+    /* a rollback restores from the log: names that cannot be restored are reported, with why;
+     * the execution that bound them said they were not recorded (its result, live and stored) */
+    r = etest_run(e, "txf", "txf-unrec",
+                  "g = (i for i in range(3))\nimport threading\nlk = threading.Lock()\nkept = 5");
+    CHECK(r->committed && r->unrecorded);
+    CHECK(strstr(r->unrecorded, "g:generator"));
+    CHECK(strstr(r->unrecorded, "lk:_thread.lock"));
+    CHECK(!strstr(r->unrecorded, "kept"));
+    int semis = 0; /* one per name: the reasons' own ';' ("...saved; re-create...") became ',' */
+    for (const char *q = r->unrecorded; *q; q++)
+        semis += *q == ';';
+    CHECK_EQ(semis, 2);
+    eng_result_free(r);
+    CHECK_OK(eng_result_get(e, "txf-unrec", &r));
+    CHECK(r->unrecorded && strstr(r->unrecorded, "lk:") && strstr(r->unrecorded, "g:"));
+    eng_result_free(r);
+    r = etest_run(e, "txf", NULL, "kept2 = 7");
+    CHECK(r->committed && r->unrecorded == NULL);
+    eng_result_free(r);
     r = etest_run(e, "txf", NULL, "kept = 6\nraise OSError('x')");
     CHECK_EQ(r->status, ENG_ST_ERROR);
     CHECK(r->restore_failed);
