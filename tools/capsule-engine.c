@@ -419,6 +419,26 @@ static const char *refuse_code(int err)
     }
 }
 
+/* A "name:reason;..." list of the engine's (restore_failed, unrecorded) as {"name": "reason"}. */
+static json_t *names_json(const char *s)
+{
+    json_t *o = json_object();
+    while (*s) {
+        const char *end = strchr(s, ';');
+        size_t n = end ? (size_t)(end - s) : strlen(s);
+        const char *colon = memchr(s, ':', n);
+        if (colon) {
+            char *k = cap_malloc((size_t)(colon - s) + 1);
+            memcpy(k, s, (size_t)(colon - s));
+            k[colon - s] = 0;
+            json_object_set_new(o, k, jstr(colon + 1, n - (size_t)(colon - s) - 1));
+            cap_free(k);
+        }
+        s += n + (end ? 1 : 0);
+    }
+    return o;
+}
+
 /* Sets r's fields in the object j (the REST answer, the "result" event). */
 static void result_fill(json_t *j, const eng_result_t *r)
 {
@@ -454,7 +474,9 @@ static void result_fill(json_t *j, const eng_result_t *r)
     if (r->committed)
         json_object_set_new(j, "ordinal", json_integer((json_int_t)r->ordinal));
     if (r->restore_failed)
-        json_object_set_new(j, "restore_failed", json_string(r->restore_failed));
+        json_object_set_new(j, "restore_failed", names_json(r->restore_failed));
+    if (r->unrecorded)
+        json_object_set_new(j, "not_recorded", names_json(r->unrecorded));
 }
 
 static json_t *result_json(const eng_result_t *r)

@@ -229,6 +229,19 @@ def t_execute(e):
     for code in ["float('nan')", "b'x'", "{(1, 2): 3}", "object()"]:
         st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": code})
         assert st == 200 and "value" not in r and r["repr"], (code, r)
+    # names the log cannot hold are named, with why, in the result and by id later
+    st, r = req(e.port, "POST", "/sessions/ex/executions",
+                {"code": "import threading\nlk = threading.Lock()\ng = (i for i in [1])\nok = 1",
+                 "id": "unrec-1"})
+    assert st == 200 and r["committed"] and set(r["not_recorded"]) == {"lk", "g"}, r
+    assert "lock" in r["not_recorded"]["lk"] and ";" not in r["not_recorded"]["g"], r
+    assert req(e.port, "GET", "/executions/unrec-1")[1]["not_recorded"] == r["not_recorded"]
+    st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": "ok2 = 2"})
+    assert "not_recorded" not in r, r
+    # and a rollback (restored from the log) names what it could not restore
+    st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": "ok = 3\n1/0"})
+    assert r["status"] == "error" and set(r["restore_failed"]) == {"lk", "g"}, r
+    assert req(e.port, "POST", "/sessions/ex/executions", {"code": "ok"})[1]["value"] == 1
     st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": "1/0"})
     assert st == 200 and r["status"] == "error" and r["error"]["type"] == "ZeroDivisionError", r
     # idempotent client ids: the second call returns the recorded result, nothing runs twice
