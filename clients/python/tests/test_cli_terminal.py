@@ -40,6 +40,9 @@ def test_pipe_run_code_input_and_errors(engine: Engine, tmp_path: Path) -> None:
     assert p.returncode == 124 and p.stdout == "o\n" and "[timeout]" in p.stderr, p
     p = cli(engine.url, "--timeout", "20", "-c", "import time\ntime.sleep(0.2)\nprint('done')")
     assert p.returncode == 0 and p.stdout == "done\n", p
+    p = cli(engine.url, "-c", "import threading\nlk = threading.Lock()")
+    assert p.returncode == 0 and "capsule: not recorded, lost when the session is restored: " \
+        "lk (" in p.stderr, p
     p = cli(engine.url, str(tmp_path / "missing.py"))
     assert p.returncode == 2 and "cannot read" in p.stderr
     p = cli("http://127.0.0.1:1", "-c", "1", env_extra={"CAPSULE_RECONNECT_TIMEOUT": "1"})

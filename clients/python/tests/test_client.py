@@ -21,6 +21,7 @@ from capsule import (
     PoolConfig,
     Session,
     SessionPool,
+    WorkerDied,
 )
 from capsule.session import prepare_code
 from conftest import Engine
@@ -193,6 +194,22 @@ def test_timeout(url: str) -> None:
             with pytest.raises(ValueError):
                 await s.execute("1", timeout=-1)
             assert (await s.execute("2 + 2", timeout=0)).value == 4
+    arun(go())
+
+
+def test_not_recorded_names(url: str) -> None:
+    async def go() -> None:
+        async with Session() as s:
+            r = await s.execute("import threading\nlk = threading.Lock()\nn = 1")
+            assert set(r.not_recorded) == {"lk"} and "lock" in r.not_recorded["lk"], r
+            assert (await s.get_execution(r.id)).not_recorded == r.not_recorded
+            assert (await s.execute("m = 2")).not_recorded == {}
+            # the worker dies: the session comes back from the log, without lk, and says so
+            with pytest.raises(WorkerDied) as ei:
+                await s.execute("import os\nos._exit(1)")
+            assert set(ei.value.result.restore_failed) == {"lk"}, ei.value.result
+            assert "not restored: lk" in str(ei.value)
+            assert (await s.execute("(n, m, 'lk' in globals())")).value == [1, 2, False]
     arun(go())
 
 

@@ -37,6 +37,16 @@ _OK = (200, 201, 202, 204)
 FINISHED = frozenset({"ok", "error", "cancelled", "timeout", "died", "refused"})  # types.FINISHED
 
 
+def names(v: Any) -> dict[str, str]:
+    """A result's {"name": "reason"} lists (not_recorded, restore_failed); older servers sent
+    restore_failed as "name:reason;..."."""
+    if isinstance(v, dict):
+        return {str(k): str(r) for k, r in v.items()}
+    if isinstance(v, str):
+        return dict(p.split(":", 1) for p in v.split(";") if ":" in p)
+    return {}
+
+
 class Result:
     """The fields of a Result (tools/openapi.json) the command line uses: those of
     capsule.types.ExecutionResult, without importing dataclasses (~12 ms of a ~100 ms run)."""
@@ -47,6 +57,8 @@ class Result:
         self.repr: Optional[str] = d.get("repr")
         self.output = str(d.get("output") or "")
         self.error: Optional[dict[str, Any]] = d.get("error")
+        self.not_recorded = names(d.get("not_recorded"))
+        self.restore_failed = names(d.get("restore_failed"))
 
     @property
     def ok(self) -> bool:

@@ -195,8 +195,17 @@ async def run_code(session: Session, code: str, *, execution_id: Optional[str] =
     return status
 
 
+def _names_note(what: str, d: dict[str, str]) -> None:
+    sys.stderr.write(f"capsule: {what}: " + "; ".join(f"{k} ({v})" for k, v in sorted(d.items()))
+                     + "\n")
+
+
 def _finish(r: ExecutionResult | Result, show_value: bool) -> int:
     """Prints the end of an execution like the CLI; returns the exit status."""
+    if r.not_recorded:
+        _names_note("not recorded, lost when the session is restored", r.not_recorded)
+    if r.restore_failed:
+        _names_note("the session was restored from the log without", r.restore_failed)
     if r.ok:
         if show_value and r.repr is not None and r.repr != "None":
             sys.stdout.write(r.repr + "\n")

@@ -83,7 +83,10 @@ class ExecutionError(CapsuleError):
         self.message: str = str(err.get("message") or "")
         self.traceback: str = str(err.get("traceback") or "")
         self.execution_id: str = result.id
-        super().__init__(f"{self.type}: {self.message}" if self.message else self.type)
+        text = f"{self.type}: {self.message}" if self.message else self.type
+        if result.restore_failed:  # the session was restored from the log: say what is gone
+            text += "; not restored: " + ", ".join(sorted(result.restore_failed))
+        super().__init__(text)
 
 
 class ExecutionCancelled(ExecutionError):

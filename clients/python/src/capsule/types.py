@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from ._rest import names
+
 #: statuses of a finished execution
 FINISHED = frozenset({"ok", "error", "cancelled", "timeout", "died", "refused"})
 
@@ -21,6 +23,9 @@ class ExecutionResult:
     has its repr), ``output`` is stdout and stderr in order, ``error`` the remote exception
     (``{"type", "message", "traceback"}``) when ``status`` is not ``ok``. ``restarted`` says the
     engine re-ran it after a crash; ``committed`` that its namespace changes were kept.
+    ``not_recorded`` names what it bound that the log cannot hold (locks, generators, open
+    files: they cannot be pickled), with why; they are gone after a restore (a crash, a worker's
+    death, a rollback). ``restore_failed`` names what such a restore could not bring back.
     """
 
     id: str
@@ -35,6 +40,8 @@ class ExecutionResult:
     committed: bool = False
     ordinal: Optional[int] = None
     input_request: Optional[dict[str, Any]] = None
+    not_recorded: dict[str, str] = field(default_factory=dict)
+    restore_failed: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -60,6 +67,8 @@ class ExecutionResult:
             committed=bool(d.get("committed", False)),
             ordinal=d.get("ordinal"),
             input_request=d.get("input_request"),
+            not_recorded=names(d.get("not_recorded")),
+            restore_failed=names(d.get("restore_failed")),
             raw=d,
         )
 
