@@ -76,6 +76,11 @@ static void commands(const char *dir)
     CHECK(strstr(rt_out, "value: 'hello Ada'"));
     CHECK_EQ(RT_RUN("show", "--json", dir, "a3"), 0);
     CHECK(strstr(rt_out, "\"etype\":\"ZeroDivisionError\"") && rt_lines(rt_out) == 1);
+    /* what the log could not hold, as the execution's result said */
+    CHECK_EQ(RT_RUN("show", dir, "a4"), 0);
+    CHECK(strstr(rt_out, "\nnot recorded: lk:_thread.lock"));
+    CHECK_EQ(RT_RUN("show", "--json", dir, "a4"), 0);
+    CHECK(strstr(rt_out, "\"unrecorded\":\"lk:_thread.lock"));
     /* show SESSION: the timeline with its checkpoint and the worker's death */
     CHECK_EQ(RT_RUN("show", dir, "alpha"), 0);
     char *p1 = strstr(rt_out, " a2 "), *pc = strstr(rt_out, "checkpoint "),
@@ -126,7 +131,8 @@ int main(void)
     size_t bytes = 0;
     CHECK_OK(eng_checkpoint(e, "alpha", 0, &bytes));
     exec_ok(e, "alpha", "a3", "1 / 0", NULL, ENG_ST_ERROR);
-    exec_ok(e, "alpha", "a4", "y = x + 1", NULL, ENG_ST_OK);
+    exec_ok(e, "alpha", "a4", "y = x + 1\nimport threading\nlk = threading.Lock()", NULL,
+            ENG_ST_OK);
     exec_ok(e, "alpha", "a5", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", NULL,
             ENG_ST_DIED);
     exec_ok(e, "beta", "b1", "z = w", NULL, ENG_ST_OK);

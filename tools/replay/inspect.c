@@ -92,8 +92,13 @@ static json_t *j_result(const eng_result_t *r)
         json_object_set_new(o, "err", json_string(cap_errname(r->err)));
     const struct {
         const char *k, *v;
-    } f[] = {{"repr", r->repr}, {"json", r->json},           {"etype", r->etype},
-             {"emsg", r->emsg}, {"traceback", r->traceback}, {"restore_failed", r->restore_failed}};
+    } f[] = {{"repr", r->repr},
+             {"json", r->json},
+             {"etype", r->etype},
+             {"emsg", r->emsg},
+             {"traceback", r->traceback},
+             {"restore_failed", r->restore_failed},
+             {"unrecorded", r->unrecorded}};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
         if (f[i].v)
             json_object_set_new(o, f[i].k, j_str(f[i].v));
@@ -942,6 +947,8 @@ static int show_exec(rp_ctx_t *c, const lopt_t *o, const char *eid, prom__doc_t 
                 printf("%s", r->traceback);
             if (r->restore_failed)
                 printf("restore failed: %s\n", r->restore_failed);
+            if (r->unrecorded)
+                printf("not recorded: %s\n", r->unrecorded);
         }
     }
     for (size_t i = 0; i < in.n; i++)
