@@ -450,8 +450,11 @@ static void result_fill(json_t *j, const eng_result_t *r)
         json_object_set_new(j, "repr", jstr(r->repr, strlen(r->repr)));
     if (r->json) {
         json_t *v = json_loads(r->json, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
-        if (v)
+        if (v) /* else JSON that jansson cannot hold (an integer beyond 64 bits, a lone
+                * surrogate): the text itself, for the client's own parser */
             json_object_set_new(j, "value", v);
+        else
+            json_object_set_new(j, "value_json", jstr(r->json, strlen(r->json)));
     }
     if (r->status == ENG_ST_REFUSED) {
         json_object_set_new(

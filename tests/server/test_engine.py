@@ -228,7 +228,12 @@ def t_execute(e):
         assert st == 200 and r["value"] == value, (code, r)
     for code in ["float('nan')", "b'x'", "{(1, 2): 3}", "object()"]:
         st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": code})
-        assert st == 200 and "value" not in r and r["repr"], (code, r)
+        assert st == 200 and "value" not in r and "value_json" not in r and r["repr"], (code, r)
+    # JSON the server's parser cannot hold comes as its text
+    for code, value in [("10 ** 30", 10 ** 30), ("[-2 ** 70, 1]", [-2 ** 70, 1]),
+                        ("'\\ud800'", "\ud800")]:
+        st, r = req(e.port, "POST", "/sessions/ex/executions", {"code": code})
+        assert st == 200 and "value" not in r and json.loads(r["value_json"]) == value, (code, r)
     # names the log cannot hold are named, with why, in the result and by id later
     st, r = req(e.port, "POST", "/sessions/ex/executions",
                 {"code": "import threading\nlk = threading.Lock()\ng = (i for i in [1])\nok = 1",

@@ -197,6 +197,16 @@ def test_timeout(url: str) -> None:
     arun(go())
 
 
+def test_values(url: str) -> None:
+    async def go() -> None:
+        async with Session() as s:
+            for code, want in [("2 ** 100", 2 ** 100), ("'a\\x00b'", "a\x00b"),
+                               ("{'k': [1.5, None]}", {"k": [1.5, None]}), ("object()", None)]:
+                r = await s.execute(code)
+                assert r.value == want and r.repr, (code, r)
+    arun(go())
+
+
 def test_not_recorded_names(url: str) -> None:
     async def go() -> None:
         async with Session() as s:

@@ -6,6 +6,7 @@ tools/openapi.json); ``raw`` keeps the JSON object as received.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -58,7 +59,7 @@ class ExecutionResult:
             id=str(d.get("id") or d.get("eid") or ""),
             session=str(d.get("session") or ""),
             status=str(d.get("status") or ""),
-            value=d.get("value"),
+            value=_value(d),
             repr=d.get("repr"),
             output=str(d.get("output") or ""),
             error=d.get("error"),
@@ -71,6 +72,17 @@ class ExecutionResult:
             restore_failed=names(d.get("restore_failed")),
             raw=d,
         )
+
+
+def _value(d: dict[str, Any]) -> Any:
+    """The value, also when the server could only pass its JSON text on (an integer beyond 64
+    bits)."""
+    if "value" not in d and isinstance(d.get("value_json"), str):
+        try:
+            return json.loads(d["value_json"])
+        except ValueError:
+            return None
+    return d.get("value")
 
 
 MessageType = Literal["output", "input", "result", "error", "restarted"]
