@@ -130,7 +130,10 @@ struct session {
     uint32_t qlen;
     exec_t *cur;
     uint32_t applies;           /* apply requests outstanding during a restore */
-    char *rfailed;              /* names that failed to restore ("name:reason;...") */
+    char *rfailed;              /* names a restore lost, not told yet ("name:reason;...") */
+    char *rall;                 /* during a restore: the names it could not bring back so far */
+    char *gone;                 /* the names the live worker lacks since its restore could not
+                                   bring them back (a later restore's loss is only what it had) */
     exec_t *finish_after;       /* execution whose FINISH waits for the restore */
     uint64_t last_used;         /* cap_now_ns() of the last finish or restore */
     struct waiter *snap_waiter; /* eng_checkpoint's caller (NULL for an automatic one) */
@@ -307,6 +310,8 @@ static void session_unref(session_t *s)
         return;
     cap_free(s->sid);
     cap_free(s->rfailed);
+    cap_free(s->rall);
+    cap_free(s->gone);
     cap_free(s);
 }
 
@@ -980,7 +985,7 @@ static void finish_append(eng_t *e, exec_t *x)
     r->output_len = x->out_len;
     if (r->committed)
         r->ordinal = ++s->last_ord;
-    if (s->rfailed && !r->committed && r->status != ENG_ST_REFUSED) {
+    if (s->rfailed && r->status != ENG_ST_REFUSED) {
         cap_free(r->restore_failed);
         r->restore_failed = s->rfailed;
         s->rfailed = NULL;
@@ -1721,6 +1726,34 @@ static void strcat_alloc(char **dst, const char *name, const char *reason)
     *p = 0;
 }
 
+/* The entry of `name` in a "name:reason;..." list (its start), or NULL. */
+static char *list_find(char *list, const char *name)
+{
+    size_t n = strlen(name);
+    for (char *p = list; p && *p;) {
+        char *end = strchr(p, ';');
+        if (!end)
+            return NULL;
+        size_t k = 0;
+        while (k < n && p + k < end &&
+               (p[k] == name[k] || ((name[k] == ':' || name[k] == ';') && p[k] == '_')))
+            k++;
+        if (k == n && p[k] == ':')
+            return p;
+        p = end + 1;
+    }
+    return NULL;
+}
+
+static void list_remove(char **list, const char *name)
+{
+    char *p = list_find(*list, name);
+    if (p) {
+        char *end = strchr(p, ';') + 1;
+        memmove(p, end, strlen(end) + 1);
+    }
+}
+
 static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
 {
     wref_t *r = pyw_worker_data(w);
@@ -1751,9 +1784,11 @@ static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
     }
     if (commit) {
         res->committed = 1;
-        for (size_t i = 0; i < pr->delta->n_unpicklable; i++)
+        for (size_t i = 0; i < pr->delta->n_unpicklable; i++) {
             strcat_alloc(&res->unrecorded, pr->delta->unpicklable[i].name,
                          pr->delta->unpicklable[i].reason);
+            list_remove(&s->gone, pr->delta->unpicklable[i].name); /* the worker has it again */
+        }
         x->delta = cap_memdup(pr->delta->blob, pr->delta->blob_len ? pr->delta->blob_len : 1);
         x->delta_len = pr->delta->blob_len;
         finish_append(e, x);
@@ -1761,8 +1796,6 @@ static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
     }
     /* not recorded: the namespace goes back to the recorded state before the result is told */
     if (ok && pr->delta_error) {
-        cap_free(s->rfailed);
-        s->rfailed = NULL;
         size_t n = strlen(pr->delta_error) + 16;
         char *why = cap_malloc(n);
         snprintf(why, n, "no delta (%s)", pr->delta_error);
@@ -1841,14 +1874,26 @@ static void restore_done(eng_t *e, session_t *s)
     s->st = S_READY;
     s->last_used = cap_now_ns();
     stats_add(e, (eng_stats_t){.restored = 1});
+    /* told: what this restore could not bring back of what the worker had (not what an earlier
+     * restore had lost already); the next result to finish carries it */
+    for (char *p = s->rall; p && *p;) {
+        char *colon = strchr(p, ':'), *end = strchr(colon, ';');
+        *colon = *end = 0;
+        if ((strcmp(p, "*") == 0 || !list_find(s->gone, p)) && !list_find(s->rfailed, p))
+            strcat_alloc(&s->rfailed, p, colon + 1);
+        *colon = ':';
+        *end = ';';
+        p = end + 1;
+    }
+    cap_free(s->gone);
+    s->gone = s->rall;
+    s->rall = NULL;
     exec_t *x = s->finish_after;
     if (x) {
         s->finish_after = NULL;
         finish_append(e, x);
         return;
     }
-    cap_free(s->rfailed);
-    s->rfailed = NULL;
     session_pump(e, s);
 }
 
@@ -1890,6 +1935,8 @@ static void session_restore(eng_t *e, session_t *s)
     s->w = r;
     s->st = S_RESTORING;
     s->applies = 0;
+    cap_free(s->rall);
+    s->rall = NULL;
     for (size_t i = 0; i < n; i++) {
         if (pyw_worker_apply(r->w, i + 1, b[i].p, b[i].n) == 0)
             s->applies++;
@@ -1905,10 +1952,17 @@ static void pcb_applied(pyw_worker_t *w, const pyw_apply_result_t *ar)
     session_t *s = r->s;
     if (!s || s->st != S_RESTORING || s->w != r)
         return;
+    /* in chain order: a name a later delta restored or deleted is not lost */
+    for (size_t i = 0; i < ar->n_restored; i++)
+        list_remove(&s->rall, ar->restored[i]);
+    for (size_t i = 0; i < ar->n_deleted; i++)
+        list_remove(&s->rall, ar->deleted[i]);
     if (ar->rc)
-        strcat_alloc(&s->rfailed, "*", ar->error ? ar->error : "apply rejected");
-    for (size_t i = 0; i < ar->n_failed; i++)
-        strcat_alloc(&s->rfailed, ar->failed[i].name, ar->failed[i].reason);
+        strcat_alloc(&s->rall, "*", ar->error ? ar->error : "apply rejected");
+    for (size_t i = 0; i < ar->n_failed; i++) {
+        list_remove(&s->rall, ar->failed[i].name);
+        strcat_alloc(&s->rall, ar->failed[i].name, ar->failed[i].reason);
+    }
     if (--s->applies == 0)
         restore_done(r->e, s);
 }

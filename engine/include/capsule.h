@@ -132,9 +132,11 @@ typedef struct eng_result {
     int restarted;        /* the execution was interrupted by a crash and re-run */
     int committed;        /* its namespace delta was recorded */
     uint64_t ordinal;     /* when committed: the session's delta ordinal (for fork/rewind) */
-    char *restore_failed; /* after a rollback or a worker's death: the names that could not be
-                             restored, "name:reason;..." (a name holds no ':' or ';', a reason no
-                             ';') */
+    char *restore_failed; /* the session was restored from the log (a rollback, a worker's death,
+                             a lazy restore after idle release or a restart) before this result,
+                             and these names it had could not be brought back: "name:reason;..."
+                             (a name holds no ':' or ';', a reason no ';'). Told once: a later
+                             restore names only what the worker had again since. */
     char *unrecorded;     /* committed: names the execution bound that the log cannot hold (they
                              cannot be pickled: locks, generators, open files...), in the same
                              form; they are lost when the session is restored */

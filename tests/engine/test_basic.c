@@ -432,10 +432,21 @@ static void test_idle_and_warmup(void)
     CHECK_OK(eng_session_open(e, "w", &so, NULL));
     CHECK_OK(eng_session_open(e, "w", &so, NULL)); /* the warm-up ran once */
     etest_expect(e, "w", "(WC, json.dumps([1]))", "(1, '[1]')");
+    eng_result_t *r = etest_run(e, "w", NULL, "import threading\nlk = threading.Lock()");
+    CHECK(r->unrecorded && strncmp(r->unrecorded, "lk:", 3) == 0);
+    eng_result_free(r);
     eng_stats_t st0, st1;
     eng_stats(e, &st0);
     usleep(500 * 1000); /* idle expiry releases the worker */
-    etest_expect(e, "w", "WC", "1");
+    /* the first result after the lazy restore says what it could not bring back, once */
+    r = etest_run(e, "w", NULL, "WC");
+    CHECK_STREQ(r->repr, "1");
+    CHECK(r->committed && r->restore_failed && strncmp(r->restore_failed, "lk:", 3) == 0);
+    eng_result_free(r);
+    r = etest_run(e, "w", NULL, "'lk' in globals()");
+    CHECK_STREQ(r->repr, "False");
+    CHECK(r->restore_failed == NULL);
+    eng_result_free(r);
     eng_stats(e, &st1);
     CHECK(st1.restored > st0.restored);
     so.warmup = "raise RuntimeError('bad warm-up')";

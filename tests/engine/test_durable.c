@@ -242,6 +242,20 @@ static void test_tx(eng_t *e)
     CHECK(!strstr(r->restore_failed, "kept"));
     eng_result_free(r);
     etest_expect(e, "txf", "(kept, 'g' in globals(), L)", "(5, False, [1])");
+    /* the next rollback loses nothing the worker had: g and lk were gone already */
+    r = etest_run(e, "txf", NULL, "kept = 7\nraise OSError('y')");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK(r->restore_failed == NULL);
+    eng_result_free(r);
+    /* bound again, lost again: told again; a name whose unpicklable value a later delta replaced
+     * (f0) came back, so it is not named */
+    etest_expect(e, "txf", "lk = threading.Lock()\nexec('def f0(): pass')", NULL);
+    etest_expect(e, "txf", "f0 = 5", NULL);
+    r = etest_run(e, "txf", NULL, "raise OSError('z')");
+    CHECK(r->restore_failed && strncmp(r->restore_failed, "lk:", 3) == 0);
+    CHECK_EQ(strchr(r->restore_failed, ';')[1], '\0'); /* lk alone */
+    eng_result_free(r);
+    etest_expect(e, "txf", "(f0, 'lk' in globals())", "(5, False)");
 }
 
 static void test_checkpoint_fork(const char *dir)
