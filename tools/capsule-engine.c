@@ -1059,8 +1059,13 @@ static void bjob_done(uv_work_t *w, int status)
         else if (j->rc == CAP_ENOTFOUND)
             srv_reply_error(req, 404, "session_not_found", "no session \"%s\" to fork",
                             strip_ns(j->b));
-        else if (j->rc == CAP_EEXIST)
+        else if (j->rc == CAP_EEXIST && j->b)
             srv_reply_error(req, 409, "session_exists", "session \"%s\" already exists",
+                            strip_ns(j->a));
+        else if (j->rc == CAP_EEXIST) /* an open one would have been answered as is */
+            srv_reply_error(req, 409, "session_exists",
+                            "session \"%s\" was closed, and a closed session's id is not used "
+                            "again (its executions stay readable by id): choose another id",
                             strip_ns(j->a));
         else if (j->rc == CAP_ELIMIT)
             srv_reply_error(req, 429, "too_many_sessions", "the server's session limit is reached");

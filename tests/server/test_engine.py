@@ -213,6 +213,12 @@ def t_sessions(e):
     assert req(e.port, "DELETE", f"/sessions/{g['id']}")[0] == 204
     assert req(e.port, "GET", f"/sessions/{g['id']}")[0] == 404
     assert req(e.port, "DELETE", f"/sessions/{g['id']}")[0] == 404
+    # a closed session's id is not used again, and the answer says so
+    st, d = req(e.port, "POST", "/sessions", {"id": g["id"]})
+    assert st == 409 and d["error"]["code"] == "session_exists", d
+    assert "was closed" in d["error"]["message"], d
+    st, d = req(e.port, "POST", "/sessions", {"id": "warm", "fork_of": "sa"})  # open: exists
+    assert st == 409 and "already exists" in d["error"]["message"], d
 
 
 def t_execute(e):
