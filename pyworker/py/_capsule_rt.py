@@ -304,8 +304,9 @@ def _limit_message(e):
 
 def _format_tb(e):
     tb = e.__traceback__
-    # drop the runtime's own frames so the traceback starts at the cell
-    while tb is not None and tb.tb_frame.f_code.co_filename == _RT_FILE:
+    # drop the runtime's own frames so the traceback starts at the cell (and ast.parse's, which
+    # the runtime calls to compile a cell: a cell's SyntaxError shows the cell's line alone)
+    while tb is not None and tb.tb_frame.f_code.co_filename in (_RT_FILE, ast.__file__):
         tb = tb.tb_next
     try:
         return "".join(traceback.format_exception(type(e), e, tb))

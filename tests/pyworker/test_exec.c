@@ -274,6 +274,14 @@ static void test_errors(pyw_sync_t *s)
     CHECK_OK(pyw_sync_execute(s, "def (:\n", NULL, 0, 0, 0, &r));
     CHECK_EQ(r->status, PYW_STATUS_ERROR);
     CHECK_STREQ(r->etype, "SyntaxError");
+    /* the cell's line alone: no frame of the compiler the runtime called */
+    CHECK(strncmp(r->traceback, "  File \"<cell", 13) == 0);
+    CHECK(!strstr(r->traceback, "ast.py") && !strstr(r->traceback, "Traceback"));
+    pyw_sync_run_free(r);
+    /* a SyntaxError the cell's own code raises keeps the cell's frame */
+    CHECK_OK(pyw_sync_execute(s, "import ast\nast.parse('x x')", NULL, 0, 0, 0, &r));
+    CHECK_STREQ(r->etype, "SyntaxError");
+    CHECK(strstr(r->traceback, "Traceback") && strstr(r->traceback, "ast.parse('x x')"));
     pyw_sync_run_free(r);
     /* an exception inside an async cell */
     CHECK_OK(pyw_sync_execute(s, "await asyncio.sleep(0)\nraise ValueError('bad value')", NULL, 0,
