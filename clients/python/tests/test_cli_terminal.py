@@ -56,6 +56,11 @@ def test_pipe_named_sessions_show_close(engine: Engine) -> None:
     assert "cli-named-t\topen" in cli(engine.url, "sessions").stdout
     p = cli(engine.url, "show", "cli-show-1")
     assert "status ok" in p.stdout and "42" in p.stdout and "41" in p.stdout
+    assert "not recorded" not in p.stdout
+    cli(engine.url, "-s", "cli-named-t", "--id", "cli-show-2", "-c",
+        "import threading\nlk = threading.Lock()")
+    p = cli(engine.url, "show", "cli-show-2")
+    assert "--- not recorded (lost when the session is restored)\nlk: _thread.lock" in p.stdout, p
     # the same id again: the recorded result, not a second run
     p = cli(engine.url, "-s", "cli-named-t", "--id", "cli-show-1", "-c", "print('again')")
     assert p.stdout == "42\n"

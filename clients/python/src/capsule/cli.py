@@ -432,6 +432,14 @@ async def _cmd_show(args: argparse.Namespace) -> int:
     elif d.get("repr") is not None:
         print("--- value")
         print(d["repr"])
+    from ._rest import names
+
+    for key, title in (("not_recorded", "not recorded (lost when the session is restored)"),
+                       ("restore_failed", "not restored (the session was restored without)")):
+        if names(d.get(key)):
+            print(f"--- {title}")
+            for k, v in sorted(names(d.get(key)).items()):
+                print(f"{k}: {v}")
     return 0
 
 
