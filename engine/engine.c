@@ -1794,6 +1794,12 @@ static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
         finish_append(e, x);
         return;
     }
+    if (pr->not_run) {
+        /* its code never started (a SyntaxError, a cancel first): the worker's namespace is the
+         * recorded one, so no restore (which would also lose what the log cannot hold) */
+        finish_append(e, x);
+        return;
+    }
     /* not recorded: the namespace goes back to the recorded state before the result is told */
     if (ok && pr->delta_error) {
         size_t n = strlen(pr->delta_error) + 16;

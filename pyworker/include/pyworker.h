@@ -103,6 +103,8 @@ typedef struct pyw_result {
     uint64_t duration_ns;     /* time the cell ran inside the worker */
     const pyw_delta_t *delta; /* namespace delta after the cell; NULL if none was produced */
     const char *delta_error;  /* why no delta was produced (NULL if delta is set or n/a) */
+    int not_run; /* the cell's code never ran (it did not compile, or was cancelled before it
+                    started): the namespace is exactly as it was before it */
 } pyw_result_t;
 
 /* Result of pyw_worker_apply. */
@@ -319,6 +321,7 @@ typedef struct pyw_sync_run {
     pyw_status_t status;
     uint32_t cell_no;
     char *repr, *json, *etype, *emsg, *traceback, *delta_error; /* NULL when absent */
+    int not_run;                                                /* pyw_result_t.not_run */
     /* The transcript of output and input events in arrival order: "[1]text" for stdout chunks,
      * "[2]text" for stderr chunks, "[in:prompt]" for input requests (one per chunk/request,
      * concatenated). Also the plain concatenations of each stream. */

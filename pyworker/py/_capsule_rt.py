@@ -388,7 +388,8 @@ def _defines_code(code):
 
 def run_cell(cell_no, cell_id, source):
     """Runs one cell. Returns (status, repr|None, json|None, etype|None, emsg|None, tb|None,
-    delta tuple|None, delta_error|None); status 0 ok, 1 error, 2 cancelled."""
+    delta tuple|None, delta_error|None, ran); status 0 ok, 1 error, 2 cancelled; ran False: the
+    cell's code never started (it did not compile, or was cancelled first)."""
     filename = f"<cell {cell_no}>"
     lines = source.splitlines(True)
     if lines and not lines[-1].endswith("\n"):
@@ -415,9 +416,9 @@ def _run_cell(cell_no, cell_id, source, filename, box):
         if isinstance(e, KeyboardInterrupt) and _capsule.cancel_requested():
             _capsule.cancel_ack()  # cancelled while compiling: a cancel, not an error
             return (2, None, None, type(e).__name__, "", _format_tb(e), None,
-                    "the cell was cancelled before it ran")
+                    "the cell was cancelled before it ran", False)
         return (1, None, None, type(e).__name__, str(e), _format_tb(e), None,
-                "the cell did not compile")
+                "the cell did not compile", False)
     if _ns is not None:
         try:
             _ns.before_cell(cell_id or str(cell_no), source, code)
@@ -458,7 +459,7 @@ def _run_cell(cell_no, cell_id, source, filename, box):
         tb = _bounded(_format_tb(e))
         e = None
     delta, derr = _delta(code)
-    return (status, rep, js, etype, emsg, tb, delta, derr)
+    return (status, rep, js, etype, emsg, tb, delta, derr, True)
 
 
 def snapshot():

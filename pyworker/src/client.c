@@ -502,6 +502,7 @@ static int handle_result(pyw_worker_t *w, uint64_t id, pyw_rd_t *r)
     res.emsg = s[2][0] ? s[3] : NULL;
     res.traceback = s[4][0] ? s[4] : NULL;
     res.delta_error = derr[0] ? derr : NULL;
+    res.not_run = (flags & PYW_RF_NOT_RUN) != 0;
     deliver_result(w, e, &res);
 out:
     for (int i = 0; i < 5; i++)

@@ -100,6 +100,8 @@ enum { PYW_PS_PENDING = 0, PYW_PS_RESOLVED = 1, PYW_PS_REJECTED = 2, PYW_PS_FAIL
 
 /* Result status on the wire (same values as pyw_status_t OK/ERROR/CANCELLED). */
 enum { PYW_RS_OK = 0, PYW_RS_ERROR = 1, PYW_RS_CANCELLED = 2 };
+/* RESULT flags: which strings are present, and whether the cell's code ran at all */
+enum { PYW_RF_REPR = 1, PYW_RF_JSON = 2, PYW_RF_ERROR = 4, PYW_RF_NOT_RUN = 8 };
 
 /* A growable output buffer. */
 typedef struct pyw_buf {

@@ -154,6 +154,7 @@ static void s_on_result(pyw_worker_t *w, const pyw_result_t *res)
     r->emsg = dup_or_null(res->emsg);
     r->traceback = dup_or_null(res->traceback);
     r->delta_error = dup_or_null(res->delta_error);
+    r->not_run = res->not_run;
     if (res->delta)
         fill_delta(r, res->delta);
     s->done = 1;

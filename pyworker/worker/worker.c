@@ -1118,7 +1118,7 @@ static void send_result_simple(uint64_t id, int status, const char *etype, const
     pyw__put_cstr(&b, etype);
     pyw__put_cstr(&b, emsg);
     pyw__put_cstr(&b, NULL);
-    pyw__put_u8(&b, 4);
+    pyw__put_u8(&b, PYW_RF_ERROR | PYW_RF_NOT_RUN);
     pyw__put_cstr(&b, "the cell did not run");
     pyw__frame_end(&b, 0);
     send_buf(&b);
@@ -1500,7 +1500,7 @@ static void run_execute(job_t *j, uint32_t cell_no)
     capture_end_exec();
     Py_END_ALLOW_THREADS;
     pyw__buf_init(&b);
-    if (!res || !PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 8) {
+    if (!res || !PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 9) {
         PyObject *et, *ev, *etb;
         /* a re-delivered interrupt that hit the runtime's own error path: still a cancel */
         int interrupted = was_cancelled && PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
@@ -1559,13 +1559,15 @@ static void run_execute(job_t *j, uint32_t cell_no)
     for (int i = 1; i <= 5; i++) {
         s = opt_str(PyTuple_GET_ITEM(res, i), &n);
         if (s && i == 1)
-            flags |= 1;
+            flags |= PYW_RF_REPR;
         if (s && i == 2)
-            flags |= 2;
+            flags |= PYW_RF_JSON;
         if (s && i == 3)
-            flags |= 4;
+            flags |= PYW_RF_ERROR;
         pyw__put_str(&b, s ? s : "", s ? (size_t)n : 0);
     }
+    if (PyTuple_GET_ITEM(res, 8) == Py_False)
+        flags |= PYW_RF_NOT_RUN;
     pyw__put_u8(&b, flags);
     s = too_big[0] ? too_big : opt_str(derr, &n);
     if (too_big[0])

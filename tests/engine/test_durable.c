@@ -256,6 +256,19 @@ static void test_tx(eng_t *e)
     CHECK_EQ(strchr(r->restore_failed, ';')[1], '\0'); /* lk alone */
     eng_result_free(r);
     etest_expect(e, "txf", "(f0, 'lk' in globals())", "(5, False)");
+    /* a cell that never ran (it does not compile) rolls nothing back: no restore, so what the
+     * log cannot hold stays */
+    etest_expect(e, "txf", "lk = threading.Lock()", NULL);
+    eng_stats_t st0, st1;
+    eng_stats(e, &st0);
+    r = etest_run(e, "txf", NULL, "lk = None\ndef (:");
+    CHECK_EQ(r->status, ENG_ST_ERROR);
+    CHECK_STREQ(r->etype, "SyntaxError");
+    CHECK(!r->committed && r->restore_failed == NULL);
+    eng_result_free(r);
+    eng_stats(e, &st1);
+    CHECK_EQ(st1.restored, st0.restored);
+    etest_expect(e, "txf", "type(lk).__name__", "'lock'");
 }
 
 static void test_checkpoint_fork(const char *dir)

@@ -277,6 +277,10 @@ static void test_errors(pyw_sync_t *s)
     /* the cell's line alone: no frame of the compiler the runtime called */
     CHECK(strncmp(r->traceback, "  File \"<cell", 13) == 0);
     CHECK(!strstr(r->traceback, "ast.py") && !strstr(r->traceback, "Traceback"));
+    CHECK(r->not_run); /* its code never started */
+    pyw_sync_run_free(r);
+    CHECK_OK(pyw_sync_execute(s, "1 / 0", NULL, 0, 0, 0, &r));
+    CHECK(!r->not_run); /* it ran, and raised */
     pyw_sync_run_free(r);
     /* a SyntaxError the cell's own code raises keeps the cell's frame */
     CHECK_OK(pyw_sync_execute(s, "import ast\nast.parse('x x')", NULL, 0, 0, 0, &r));
