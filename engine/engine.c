@@ -1794,9 +1794,14 @@ static void pcb_result(pyw_worker_t *w, const pyw_result_t *pr)
         finish_append(e, x);
         return;
     }
-    if (pr->not_run) {
-        /* its code never started (a SyntaxError, a cancel first): the worker's namespace is the
-         * recorded one, so no restore (which would also lose what the log cannot hold) */
+    const pyw_delta_t *d = pr->delta;
+    if (pr->not_run || (tx == ENG_TX_ROLLBACK_ON_FAILURE && d && !d->n_added && !d->n_changed &&
+                        !d->n_mutated && !d->n_deleted && !d->n_unpicklable)) {
+        /* its code never started (a SyntaxError, a cancel first), or it failed having changed
+         * nothing the namespace tracker sees (a NameError, a failed computation): the worker's
+         * namespace is the recorded one, as far as the tracker that records every commit can
+         * tell, so no restore (which would cost a fresh worker and lose what the log cannot
+         * hold: an open file, a connection, a lock) */
         finish_append(e, x);
         return;
     }

@@ -251,24 +251,33 @@ static void test_tx(eng_t *e)
      * (f0) came back, so it is not named */
     etest_expect(e, "txf", "lk = threading.Lock()\nexec('def f0(): pass')", NULL);
     etest_expect(e, "txf", "f0 = 5", NULL);
-    r = etest_run(e, "txf", NULL, "raise OSError('z')");
+    r = etest_run(e, "txf", NULL, "zz = 1\nraise OSError('z')");
     CHECK(r->restore_failed && strncmp(r->restore_failed, "lk:", 3) == 0);
     CHECK_EQ(strchr(r->restore_failed, ';')[1], '\0'); /* lk alone */
     eng_result_free(r);
     etest_expect(e, "txf", "(f0, 'lk' in globals())", "(5, False)");
-    /* a cell that never ran (it does not compile) rolls nothing back: no restore, so what the
-     * log cannot hold stays */
+    /* a cell that never ran (it does not compile), or failed having changed nothing, rolls
+     * nothing back: no restore, so what the log cannot hold stays; one that changed something
+     * is restored */
     etest_expect(e, "txf", "lk = threading.Lock()", NULL);
-    eng_stats_t st0, st1;
-    eng_stats(e, &st0);
-    r = etest_run(e, "txf", NULL, "lk = None\ndef (:");
-    CHECK_EQ(r->status, ENG_ST_ERROR);
-    CHECK_STREQ(r->etype, "SyntaxError");
-    CHECK(!r->committed && r->restore_failed == NULL);
+    const char *nothing[] = {"lk = None\ndef (:", "prnt(kept)", "kept + 'x'",
+                             "__import__('time').sleep(5)"};
+    for (int i = 0; i < 4; i++) {
+        eng_stats_t st0, st1;
+        eng_stats(e, &st0);
+        eng_exec_req_t q = {.sid = "txf", .code = nothing[i], .timeout_ms = 200};
+        CHECK_OK(eng_execute_sync(e, &q, NULL, 0, &r));
+        CHECK(r->status == (i == 3 ? ENG_ST_TIMEOUT : ENG_ST_ERROR));
+        CHECK(!r->committed && r->restore_failed == NULL);
+        eng_result_free(r);
+        eng_stats(e, &st1);
+        CHECK_EQ(st1.restored, st0.restored);
+        etest_expect(e, "txf", "type(lk).__name__", "'lock'");
+    }
+    r = etest_run(e, "txf", NULL, "L.append(3)\nprnt(kept)");
+    CHECK(!r->committed && r->restore_failed && strncmp(r->restore_failed, "lk:", 3) == 0);
     eng_result_free(r);
-    eng_stats(e, &st1);
-    CHECK_EQ(st1.restored, st0.restored);
-    etest_expect(e, "txf", "type(lk).__name__", "'lock'");
+    etest_expect(e, "txf", "(L, 'lk' in globals())", "([1], False)");
 }
 
 static void test_checkpoint_fork(const char *dir)
