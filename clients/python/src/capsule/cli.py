@@ -464,8 +464,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "embedded local engine)")
     p.add_argument("--token", default=None, help="bearer token (default CAPSULE_TOKEN)")
     p.add_argument("-s", "--session", default=None, metavar="NAME",
-                   help="a named session (created or attached; kept afterwards; once closed, its name "
-                   "is not used again)")
+                   help="a named session (created or attached; kept afterwards; once closed, "
+                   "its name is not used again)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
