@@ -1414,14 +1414,13 @@ static void h_execute(srv_req_t *req, void *arg)
     const char *stream = json_string_value(json_object_get(b, "stream"));
     json_t *inputs = json_object_get(b, "inputs");
     int wait = !json_is_false(json_object_get(b, "wait"));
-    json_int_t tmo = json_integer_value(json_object_get(b, "timeout_ms"));
+    uint32_t tmo = 0;
     int kind = 0, err = 0;
     eng_tx_t tx;
     if (parse_tx(req, b, &tx) != 0)
         goto out;
-    if (tmo < 0 || tmo > UINT32_MAX) {
-        srv_reply_error(req, 400, "invalid_request",
-                        "timeout_ms must be 0..%u (0: the session's timeout)", UINT32_MAX);
+    if (exec_timeout_ms(b, &tmo) != 0) {
+        srv_reply_error(req, 400, "invalid_request", EXEC_TIMEOUT_ERR);
         goto out;
     }
     if (eid && !client_id_ok(eid)) {
@@ -1451,9 +1450,8 @@ static void h_execute(srv_req_t *req, void *arg)
         gen_id('x', gen, sizeof(gen));
         eid = gen;
     }
-    xs_t *x =
-        xs_start(srv_req_principal(req), sid, eid, json_string_value(json_object_get(b, "code")),
-                 tx, (uint32_t)tmo, inputs, &err);
+    xs_t *x = xs_start(srv_req_principal(req), sid, eid,
+                       json_string_value(json_object_get(b, "code")), tx, tmo, inputs, &err);
     if (!x) {
         srv_reply_error(req, err == CAP_ECLOSED ? 503 : 400,
                         err == CAP_ECLOSED ? "shutting_down" : "invalid_request", "%s",

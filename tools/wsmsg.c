@@ -46,6 +46,15 @@ static int fail(char *err, size_t errn, const char *why)
     return -1;
 }
 
+int exec_timeout_ms(json_t *m, uint32_t *out)
+{
+    json_int_t t = json_integer_value(json_object_get(m, "timeout_ms"));
+    if (t < 0 || t > UINT32_MAX)
+        return -1;
+    *out = (uint32_t)t;
+    return 0;
+}
+
 int wsmsg_parse(json_t *m, wsmsg_t *out, char *err, size_t errn)
 {
     static const srv_field_t f_exec[] = {{"type", SRV_JSTRING, 1},    {"eid", SRV_JSTRING, 0},
@@ -95,10 +104,8 @@ int wsmsg_parse(json_t *m, wsmsg_t *out, char *err, size_t errn)
         out->tx = tx_from_name(json_string_value(json_object_get(m, "tx")));
         if (out->tx < 0)
             return fail(err, errn, "unknown tx policy");
-        json_int_t tmo = json_integer_value(json_object_get(m, "timeout_ms"));
-        if (tmo < 0 || tmo > UINT32_MAX)
-            return fail(err, errn, "timeout_ms must be 0..4294967295 (0: the session's timeout)");
-        out->timeout_ms = (uint32_t)tmo;
+        if (exec_timeout_ms(m, &out->timeout_ms) != 0)
+            return fail(err, errn, EXEC_TIMEOUT_ERR);
         break;
     case WSMSG_RESUME: {
         json_int_t off = json_integer_value(json_object_get(m, "output_offset"));

@@ -23,6 +23,11 @@ int tx_from_name(const char *t);
 /* ... and its name (tx in eng_tx_t's range). */
 const char *tx_name(int tx);
 
+/* An execution's "timeout_ms" (REST body or WebSocket message; absent: 0, the session's): 0 and
+ * *out, or -1 when it is not 0..UINT32_MAX (type-checked as an integer before: srv_json_check). */
+int exec_timeout_ms(json_t *m, uint32_t *out);
+#define EXEC_TIMEOUT_ERR "timeout_ms must be 0..4294967295 (0: the session's timeout)"
+
 typedef enum { WSMSG_EXECUTE, WSMSG_RESUME, WSMSG_INPUT_REPLY, WSMSG_CANCEL } wsmsg_type_t;
 
 typedef struct wsmsg {
