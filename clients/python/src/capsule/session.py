@@ -479,8 +479,12 @@ class Session:
         Leaving the loop early leaves the execution running (``cancel`` stops it).
         ``timeout`` (seconds): this execution's own limit instead of the session's."""
         self._need()
-        async for m in self._stream(code, execution_id or new_id(), tx, _timeout_ms(timeout)):
-            yield m
+        inner = self._stream(code, execution_id or new_id(), tx, _timeout_ms(timeout))
+        try:
+            async for m in inner:
+                yield m
+        finally:  # a caller leaving early closes this one: close the inner stream now too
+            await inner.aclose()
 
     async def _stream(self, code: str, eid: str, tx: Optional[str],
                       tmo: Optional[int]) -> AsyncIterator[Message]:
