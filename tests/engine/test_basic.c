@@ -180,6 +180,7 @@ static void test_output_between(eng_t *e)
                                 "def flood():\n"
                                 "    go.wait()\n"
                                 "    done.wait()\n"
+                                "    time.sleep(0.1)\n"
                                 "    os.write(1, b'a' * 100000)\n"
                                 "    flooded.set()\n"
                                 "flooded = threading.Event()\n"
@@ -193,7 +194,7 @@ static void test_output_between(eng_t *e)
     char both[1024];
     snprintf(both, sizeof both, "%s", r->output ? r->output : "");
     eng_result_free(r);
-    usleep(400000);
+    usleep(600000);
     r = etest_run(e, sid, NULL, "done.wait(30)\nprint('cell-3')");
     snprintf(both + strlen(both), sizeof both - strlen(both), "%s", r->output);
     if (strcmp(both, "late-1\nlate-2\nlate-3\npartialcell-3\n") != 0)
@@ -208,7 +209,7 @@ static void test_output_between(eng_t *e)
                   "done.set()");
     size_t in1 = r->output_len;
     eng_result_free(r);
-    usleep(400000);
+    usleep(600000);
     r = etest_run(e, sid, NULL, "flooded.wait(30)\nprint('end')");
     size_t a = strspn(r->output, "a");
     unsigned long long dropped = 0;
