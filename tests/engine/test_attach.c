@@ -232,7 +232,7 @@ static int child(const char *dir)
     eng_exec_req_t rc = {.sid = "c",
                          .eid = "c-1",
                          .code = "import time\nprint('c', flush=True)\ntime.sleep(60)",
-                         .timeout_ms = 1500};
+                         .timeout_ms = 4000};
     CHECK_OK(eng_execute(e, &rc, &lcb, &lc));
     lis_wait_lines(&lc, 1);
     CHECK(!lc.done);
@@ -314,7 +314,7 @@ static void test_attach_after_restart(const char *dir, const char *self)
     CHECK_EQ(in.running, 0);
     CHECK_ERR(eng_session_info(e, "nosuch", &in), CAP_ENOTFOUND);
     CHECK_ERR(eng_session_info(e, "bad id", &in), CAP_EINVAL);
-    /* c-1 was re-run with its own 1.5 s timeout */
+    /* c-1 was re-run with its own 4 s timeout */
     eng_result_t *r = NULL;
     int rc;
     for (int i = 0; i < 30000 && (rc = eng_result_get(e, "c-1", &r)) == CAP_EBUSY; i++)
