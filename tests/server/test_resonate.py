@@ -669,12 +669,15 @@ def replay(eng, path):
         elif o["dir"] == "sse":
             want = shift_times(o["msg"], delta)
             addr = o["address"]
+            # a message addressed to one poller is looked for among that poller's only: the same
+            # unblock sent to w1 and to w2 may arrive in either order
+            to = addr.rsplit("/", 1)[1] if addr.startswith("poll://uni@") else None
             end = time.monotonic() + SSE_WAIT_S
             found = None
             while found is None and time.monotonic() < end:
                 gather(0.05)
                 for i, (p, m) in enumerate(msgs):
-                    if m["kind"] == want["kind"] and (
+                    if (to is None or p.pid == to) and m["kind"] == want["kind"] and (
                             m["data"].get("task") == want["data"].get("task")
                             if m["kind"] == "execute" else
                             m["data"]["promise"]["id"] == want["data"]["promise"]["id"]):
