@@ -161,8 +161,10 @@ enum { PEEK_GET, PEEK_INPUT, PEEK_CANCEL };
 typedef struct sub {
     int kind;
     xs_t *x;
-    wsc_t *wc;        /* SUB_WS */
-    int acked;        /* SUB_WS / SUB_STREAM: the "accepted" event was sent */
+    wsc_t *wc;       /* SUB_WS */
+    int acked;       /* SUB_WS / SUB_STREAM: the "accepted" event was sent */
+    int acc_pending; /* SUB_WS: accepted, its event deferred (acc_defer); acc_seq its seq */
+    uint64_t acc_seq;
     srv_req_t *req;   /* SUB_WAIT / SUB_STREAM / SUB_ACCEPT / SUB_PEEK */
     struct sub *next; /* in x->subs, or (SUB_PEEK, attached) in G.peeks */
     int op;           /* SUB_PEEK: PEEK_* */
@@ -227,6 +229,10 @@ static struct {
      * attach has delivered what the run printed and the prompt it waits on */
     uv_check_t peek_check;
     sub_t *peeks;
+    /* executions whose WebSocket "accepted" waits (engine ids), see acc_defer */
+    uv_timer_t acc_timer;
+    char **acc_eids;
+    size_t acc_n, acc_cap;
     uint64_t lw_t, lw_idle, lw_cpu; /* at the previous prepare: hrtime, idle, thread CPU time */
     uint64_t lw_hist[16];
     double lw_sum, lw_cpu_sum;
@@ -517,9 +523,48 @@ static void req_abort_sub(srv_req_t *req, void *arg)
 }
 
 /* Sends an event (borrowed) to every subscriber that follows events (WS, streams). */
+static void sub_send_accepted(sub_t *s);
+
+/* A WebSocket subscriber's "accepted" waits (on_accepted) until another event of the execution
+ * is sent, which it precedes, or ACC_DEFER_MS: written at once, it cost a write(2) and the
+ * client's wake-up between the request's commit and the cell's start on its worker, which a
+ * lone execution shares a CPU with; a short cell's "accepted" now leaves with its result. */
+#define ACC_DEFER_MS 5
+
+static void acc_flush_x(xs_t *x)
+{
+    for (sub_t *s = x->subs; s; s = s->next)
+        if (s->acc_pending)
+            sub_send_accepted(s);
+}
+
+static void acc_timer_cb(uv_timer_t *t)
+{
+    (void)t;
+    for (size_t i = 0; i < G.acc_n; i++) {
+        xs_t *x = xs_get(G.acc_eids[i]);
+        if (x)
+            acc_flush_x(x);
+        cap_free(G.acc_eids[i]);
+    }
+    G.acc_n = 0;
+}
+
+static void acc_defer(xs_t *x)
+{
+    if (G.acc_n == G.acc_cap) {
+        G.acc_cap = G.acc_cap ? 2 * G.acc_cap : 64;
+        G.acc_eids = cap_realloc(G.acc_eids, G.acc_cap * sizeof(*G.acc_eids));
+    }
+    G.acc_eids[G.acc_n++] = cap_strdup(x->eid);
+    if (!uv_is_active((uv_handle_t *)&G.acc_timer) && !uv_is_closing((uv_handle_t *)&G.acc_timer))
+        uv_timer_start(&G.acc_timer, acc_timer_cb, ACC_DEFER_MS, 0);
+}
+
 static void xs_broadcast(xs_t *x, json_t *ev, const char *sse_event)
 {
     char id[32];
+    acc_flush_x(x);
     snprintf(id, sizeof(id), "%llu", (unsigned long long)x->seq);
     for (sub_t *s = x->subs, *next; s; s = next) {
         next = s->next;
@@ -600,16 +645,18 @@ static void sub_send_accepted(sub_t *s)
     if (s->acked)
         return;
     s->acked = 1;
+    uint64_t seq = s->acc_pending ? s->acc_seq : x->seq;
+    s->acc_pending = 0;
     if (s->kind == SUB_WS && client_id_ok(x->ceid) && client_id_ok(x->csid)) {
         char t[96 + 2 * WSMSG_ID_MAX];
         int n = snprintf(t, sizeof(t),
                          "{\"type\":\"accepted\",\"eid\":\"%s\",\"session\":\"%s\",\"seq\":%llu}",
-                         x->ceid, x->csid, (unsigned long long)x->seq);
+                         x->ceid, x->csid, (unsigned long long)seq);
         srv_ws_send_text(s->wc->ws, t, (size_t)n);
         return;
     }
     json_t *ev = json_pack("{s:s,s:s,s:s,s:I}", "type", "accepted", "eid", x->ceid, "session",
-                           x->csid, "seq", (json_int_t)x->seq);
+                           x->csid, "seq", (json_int_t)seq);
     if (s->kind == SUB_WS)
         srv_ws_send(s->wc->ws, ev);
     else
@@ -724,9 +771,14 @@ static void on_accepted(void *arg, const char *eid)
     (void)eid;
     xs_t *x = arg;
     x->accepted = 1;
+    int deferred = 0;
     for (sub_t *s = x->subs, *next; s; s = next) {
         next = s->next;
-        if (s->kind == SUB_WS || s->kind == SUB_STREAM) {
+        if (s->kind == SUB_WS && !s->acked) {
+            s->acc_pending = 1; /* see acc_defer */
+            s->acc_seq = x->seq;
+            deferred = 1;
+        } else if (s->kind == SUB_WS || s->kind == SUB_STREAM) {
             sub_send_accepted(s);
         } else if (s->kind == SUB_ACCEPT) {
             srv_req_on_abort(s->req, NULL, NULL);
@@ -736,6 +788,8 @@ static void on_accepted(void *arg, const char *eid)
             peek_ready(s);
         }
     }
+    if (deferred)
+        acc_defer(x);
 }
 
 static void on_restarted(void *arg, const char *eid)
@@ -896,6 +950,7 @@ static xs_t *xs_start(const char *principal, const char *csid, const char *ceid,
 /* Replays what a (re)subscriber missed: output from `offset`, a waiting prompt. */
 static void xs_replay_ws(xs_t *x, wsc_t *wc, uint64_t offset)
 {
+    acc_flush_x(x);
     if (offset < x->out_len) {
         json_t *ev =
             json_pack("{s:s,s:s,s:s,s:I,s:s,s:I,s:o}", "type", "output", "eid", x->ceid, "session",
@@ -2035,6 +2090,11 @@ static void finish_shutdown(void)
     uv_timer_stop(&G.grace);
     uv_close((uv_handle_t *)&G.grace, NULL);
     uv_close((uv_handle_t *)&G.peek_check, NULL);
+    uv_close((uv_handle_t *)&G.acc_timer, NULL);
+    acc_timer_cb(&G.acc_timer); /* what still waits goes out before the sockets close */
+    cap_free(G.acc_eids);
+    G.acc_eids = NULL;
+    G.acc_cap = 0;
     uv_close((uv_handle_t *)&G.lw_prep, NULL);
     for (wsc_t *wc = G.wscs; wc; wc = wc->next)
         srv_ws_close(wc->ws, 1001, "server shutting down");
@@ -2244,6 +2304,7 @@ int main(int argc, char **argv)
 
     uv_timer_init(G.loop, &G.grace);
     uv_check_init(G.loop, &G.peek_check);
+    uv_timer_init(G.loop, &G.acc_timer);
     uv_prepare_init(G.loop, &G.lw_prep);
     uv_prepare_start(&G.lw_prep, loop_watch);
     uv_unref((uv_handle_t *)&G.lw_prep); /* never what keeps the loop running */

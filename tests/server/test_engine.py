@@ -402,6 +402,19 @@ async def ws_main(e):
     again = await ws_until(ws, lambda m: m["type"] == "result")
     assert [m["type"] for m in again] == ["accepted", "result"], again
     assert again[-1]["value"] == 4 and again[-1]["output"] == "a\n"
+    # "accepted" comes first, before the cell's output, with a lower seq; a short cell's may
+    # leave with its result, a long silent one's within a few ms anyway
+    await ws.send(json.dumps({"type": "execute", "code": "print('p')\n7", "eid": "w-acc1"}))
+    got = await ws_until(ws, lambda m: m["type"] == "result")
+    assert [m["type"] for m in got] == ["accepted", "output", "result"], got
+    assert got[0]["seq"] < got[1]["seq"] < got[2]["seq"], got
+    t0 = time.monotonic()
+    await ws.send(json.dumps({"type": "execute", "code": "import time\ntime.sleep(3)",
+                              "eid": "w-acc2"}))
+    got = await ws_until(ws, lambda m: m["type"] == "accepted")
+    assert got[-1]["eid"] == "w-acc2" and time.monotonic() - t0 < 2, got
+    got = await ws_until(ws, lambda m: m["type"] == "result", timeout=30)
+    assert got[-1]["status"] == "ok", got
     # input over the socket
     await ws.send(json.dumps({"type": "execute", "code": "input('q? ') * 2", "eid": "w2"}))
     got = await ws_until(ws, lambda m: m["type"] == "input_request")
