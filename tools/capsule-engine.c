@@ -522,7 +522,6 @@ static void req_abort_sub(srv_req_t *req, void *arg)
     sub_remove(s->x, s);
 }
 
-/* Sends an event (borrowed) to every subscriber that follows events (WS, streams). */
 static void sub_send_accepted(sub_t *s);
 
 /* A WebSocket subscriber's "accepted" waits (on_accepted) until another event of the execution
@@ -561,6 +560,8 @@ static void acc_defer(xs_t *x)
         uv_timer_start(&G.acc_timer, acc_timer_cb, ACC_DEFER_MS, 0);
 }
 
+/* Sends an event (borrowed) to every subscriber that follows events (WS, streams), after any
+ * "accepted" that waits. */
 static void xs_broadcast(xs_t *x, json_t *ev, const char *sse_event)
 {
     char id[32];
